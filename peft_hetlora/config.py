@@ -1,0 +1,132 @@
+"""`HetLoRAConfig`: a `LoraConfig` whose `r` is the federation's maximum rank r_max."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import LoraConfig
+
+RANK_SCALINGS = ("fixed", "rslora")
+
+
+def _check_int(name: str, value: object, low: int, high: int | None, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{name}` must be an integer {hint}, got {value!r} ({type(value).__name__}).")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"`{name}` must be {hint}, got {value}.")
+
+
+@dataclass
+class HetLoRAConfig(LoraConfig):
+    """Configuration of a HetLoRA adapter (Cho et al., 2024).
+
+    `r` is the federation's maximum rank r_max: the global adapter lives at that rank and the scale
+    `lora_alpha / r` (or `lora_alpha / sqrt(r)` with `rank_scaling="rslora"`) is the same for every
+    client whatever its own rank, so truncating an adapter keeps exactly its first components.
+    `rank` is this client's rank r_k: its parameters (and optimizer state) are allocated at `rank`,
+    not `r`.
+
+    Example:
+        ```py
+        >>> import peft_hetlora  # registers the HETLORA type with PEFT
+        >>> from peft import get_peft_model
+        >>> config = peft_hetlora.HetLoRAConfig(r=16, rank=4, r_min=2, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+        >>> model = get_peft_model(base_model, config)  # doctest: +SKIP
+        >>> model.get_rank()  # doctest: +SKIP
+        4
+        ```
+    """
+
+    rank: int | None = field(
+        default=None,
+        metadata={"help": "This client's LoRA rank r_k (r_min <= rank <= r). Defaults to `r` (full rank)."},
+    )
+    r_min: int = field(
+        default=1,
+        metadata={"help": "Smallest rank of the federation: self-pruning never goes below it."},
+    )
+    rank_scaling: Literal["fixed", "rslora"] = field(
+        default="fixed",
+        metadata={
+            "help": "Scale rule shared by all clients: 'fixed' uses lora_alpha / r_max, 'rslora' lora_alpha / "
+            "sqrt(r_max). Rank-independent so truncation keeps exactly the first components."
+        },
+    )
+    prune_gamma: float = field(
+        default=0.99,
+        metadata={"help": "Rank decay gamma in (0, 1): the regularised tail starts at floor(gamma * rank)."},
+    )
+    prune_lambda: float = field(
+        default=0.0,
+        metadata={"help": "Weight lambda >= 0 of the self-pruning regulariser sum_m ||B tail|| ||A tail||."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .registration import HETLORA_PEFT_TYPE
+
+        self.peft_type = HETLORA_PEFT_TYPE
+        _check_int("r", self.r, 1, None, "a positive integer (the federation's maximum rank r_max)")
+        if self.rank is None:
+            self.rank = self.r
+        _check_int("rank", self.rank, 1, self.r, f"between 1 and r={self.r} (the client's rank <= r_max)")
+        _check_int("r_min", self.r_min, 1, self.r, f"between 1 and r={self.r}")
+        if self.rank < self.r_min:
+            raise ValueError(f"`rank` ({self.rank}) must be >= `r_min` ({self.r_min}); lower r_min or raise rank.")
+        if self.rank_scaling not in RANK_SCALINGS:
+            raise ValueError(f"`rank_scaling` must be one of {RANK_SCALINGS}, got {self.rank_scaling!r}.")
+        if self.use_rslora:
+            raise ValueError("Use `rank_scaling='rslora'` instead of `use_rslora=True` for HetLoRA.")
+        if isinstance(self.prune_gamma, bool) or not isinstance(self.prune_gamma, (int, float)) or not (
+            0.0 < self.prune_gamma < 1.0
+        ):
+            raise ValueError(f"`prune_gamma` must be a float in the open interval (0, 1), got {self.prune_gamma!r}.")
+        if isinstance(self.prune_lambda, bool) or not isinstance(self.prune_lambda, (int, float)) or not (
+            self.prune_lambda >= 0.0 and math.isfinite(self.prune_lambda)
+        ):
+            raise ValueError(f"`prune_lambda` must be a finite float >= 0, got {self.prune_lambda!r}.")
+        unsupported = {
+            "use_dora": self.use_dora,
+            "lora_bias": self.lora_bias,
+            "rank_pattern": bool(self.rank_pattern),
+            "alpha_pattern": bool(self.alpha_pattern),
+        }
+        bad = [name for name, value in unsupported.items() if value]
+        if bad:
+            raise ValueError(
+                f"HetLoRA does not support {', '.join(bad)}: one r_max and one lora_alpha per adapter keep every "
+                "client on the same scale. Remove these options (use `export_lora` for a plain LoRA with patterns)."
+            )
+
+    @property
+    def scaling(self) -> float:
+        """The rank-independent scale s every client and the server use."""
+        return scaling_for(self.lora_alpha, self.r, self.rank_scaling)
+
+
+def scaling_for(lora_alpha: float, r_max: int, rank_scaling: str = "fixed") -> float:
+    """Scale s of the HetLoRA update delta W = s * B A.
+
+    Example:
+        ```py
+        >>> scaling_for(32, 16)
+        2.0
+        ```
+    """
+    if rank_scaling == "rslora":
+        return lora_alpha / math.sqrt(r_max)
+    return lora_alpha / r_max
+
+
+def tail_start(rank: int, gamma: float) -> int:
+    """First index of the regularised tail: t = min(floor(gamma * rank), rank - 1).
+
+    Example:
+        ```py
+        >>> tail_start(16, 0.99), tail_start(1, 0.5)
+        (15, 0)
+        ```
+    """
+    return min(math.floor(gamma * rank), rank - 1)

