@@ -160,17 +160,27 @@ class HetLoRAModel(LoraModel):
             return None
         return lam * self.tail_norm(adapter_name)
 
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(model, config, adapter_name, **kwargs)
+        # PeftModel calls the base model directly (no task_type) while PeftModelForCausalLM goes
+        # through this tuner; a hook on the base model sees both routes exactly once.
+        self.model.register_forward_hook(self._add_regularizer, with_kwargs=True)
+
     def forward(self, *args: Any, **kwargs: Any):
-        outputs = self.model.forward(*args, **kwargs)
+        return self.model(*args, **kwargs)
+
+    def _add_regularizer(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
         loss = getattr(outputs, "loss", None)
-        if self.training and isinstance(loss, torch.Tensor):
-            term = self.regularizer()
-            if term is not None:
-                # With `num_items_in_batch` the Trainer does not divide micro-batch losses by the
-                # accumulation steps, so do it here to count the term once per optimizer step.
-                if kwargs.get("num_items_in_batch") is not None:
-                    term = term / max(1, int(self.gradient_accumulation_steps))
-                outputs.loss = loss + term.to(loss.dtype)
+        if not (self.training and isinstance(loss, torch.Tensor)):
+            return outputs
+        term = self.regularizer()
+        if term is None:
+            return outputs
+        # With `num_items_in_batch` the Trainer does not divide micro-batch losses by the
+        # accumulation steps, so do it here to count the term once per optimizer step.
+        if kwargs.get("num_items_in_batch") is not None:
+            term = term / max(1, int(self.gradient_accumulation_steps))
+        outputs.loss = loss + term.to(loss.dtype)
         return outputs
 
     # ----------------------------------------------------------------- save / load

@@ -1,0 +1,249 @@
+"""Trainer callbacks: regulariser in the optimised loss, pruning, gradient accumulation, federated round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainingArguments
+
+import peft_hetlora
+from peft_hetlora.federated.aggregation import ClientUpdate, aggregate
+from peft_hetlora.federated.local_store import LocalStore
+from tests.tiny_models import VOCAB_SIZE, tiny_llama
+from trainer_callbacks import FederatedClientCallback, HetLoRACallback, run_client_rounds
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def make_model(rank=4, r=8, lam=0.0, gamma=0.99, seed=0, r_min=1):
+    torch.manual_seed(seed)
+    config = peft_hetlora.HetLoRAConfig(
+        r=r, rank=rank, r_min=r_min, lora_alpha=16, target_modules=TARGETS, prune_lambda=lam, prune_gamma=gamma
+    )
+    model = get_peft_model(tiny_llama(seed=seed), config)
+    # B starts at zero; give the adapter a non-trivial starting point so tail norms move
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=gen) * 0.05
+    return model
+
+
+def make_dataset(n=16, length=12, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB_SIZE, (n, length), generator=gen)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def make_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def hand_tail_norm(model, gamma):
+    total = torch.zeros(())
+    for layer in [m for m in model.modules() if isinstance(m, peft_hetlora.HetLoRALinear)]:
+        k = layer.get_active_rank("default")
+        t = min(math.floor(gamma * k), k - 1)
+        a = layer.lora_A["default"].weight[t:k]
+        b = layer.lora_B["default"].weight[:, t:k]
+        total = total + torch.sqrt((b**2).sum()) * torch.sqrt((a**2).sum())
+    return total
+
+
+def test_regularizer_in_model_loss_matches_hand_term():
+    model = make_model(lam=0.7)
+    model.train()
+    batch = torch.randint(0, VOCAB_SIZE, (2, 8), generator=torch.Generator().manual_seed(0))
+    with_term = model(input_ids=batch, labels=batch).loss
+    model.base_model.peft_config["default"].prune_lambda = 0.0
+    without = model(input_ids=batch, labels=batch).loss
+    expected = 0.7 * hand_tail_norm(model, 0.99)
+    torch.testing.assert_close(with_term - without, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_regularizer_gradient_matches_autograd_of_hand_term():
+    model = make_model(lam=0.5)
+    model.train()
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    term = model.base_model.regularizer()
+    grads = torch.autograd.grad(term, params, allow_unused=True)
+    hand = 0.5 * hand_tail_norm(model, 0.99)
+    hand_grads = torch.autograd.grad(hand, params, allow_unused=True)
+    nonzero = 0
+    for g, h in zip(grads, hand_grads):
+        g = torch.zeros(()) if g is None else g
+        h = torch.zeros(()) if h is None else h
+        torch.testing.assert_close(g, h)
+        nonzero += int(torch.count_nonzero(g) > 0)
+    assert nonzero > 0
+
+
+def _train(tmp_path, model, callbacks, **args):
+    trainer = Trainer(model=model, args=make_args(tmp_path, **args), train_dataset=make_dataset(), callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def test_lambda_shrinks_the_tail_faster(tmp_path):
+    ends = {}
+    for lam in (0.0, 5.0):
+        model = make_model(lam=lam)
+        callback = HetLoRACallback(prune=False)
+        _train(tmp_path / str(lam), model, [callback], max_steps=5)
+        ends[lam] = callback.last_round["tail_norm_end"] / callback.last_round["tail_norm_start"]
+    assert ends[5.0] < ends[0.0]
+
+
+def test_pruning_fires_exactly_when_tail_shrinks(tmp_path):
+    model = make_model(rank=8, lam=50.0, gamma=0.75)
+    callback = HetLoRACallback()
+    _train(tmp_path, model, [callback])
+    info = callback.last_round
+    assert info["tail_norm_end"] < info["tail_norm_start"]
+    assert info["rank_out"] == max(1, min(math.floor(0.75 * 8), 7)) == model.get_rank()
+    # a growing tail (lambda = 0, large learning rate on zero-init-free B) must not prune
+    model = make_model(rank=8, lam=0.0)
+    callback = HetLoRACallback()
+    start = float(model.base_model.tail_norm())
+    _train(tmp_path / "b", model, [callback], learning_rate=0.0)
+    assert callback.last_round["tail_norm_end"] == pytest.approx(start)
+    assert callback.last_round["rank_out"] == 8
+
+
+def test_logs_carry_hetlora_values(tmp_path):
+    model = make_model(lam=0.3)
+    trainer = _train(tmp_path, model, [HetLoRACallback(prune=False)])
+    logged = [entry for entry in trainer.state.log_history if "hetlora/rank" in entry]
+    assert logged and logged[-1]["hetlora/rank"] == 4.0
+    assert logged[-1]["hetlora/regularizer"] == pytest.approx(0.3 * logged[-1]["hetlora/tail_norm"])
+
+
+def test_gradient_accumulation_equivalence(tmp_path):
+    finals = []
+    for batch, accum in ((8, 1), (2, 4)):
+        model = make_model(lam=2.0)
+        _train(
+            tmp_path / f"{batch}x{accum}",
+            model,
+            [HetLoRACallback(prune=False)],
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum,
+            max_steps=2,
+            learning_rate=1e-3,
+        )
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+    for name in finals[0]:
+        torch.testing.assert_close(finals[0][name], finals[1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_rejects_non_hetlora_model(tmp_path):
+    with pytest.raises(TypeError, match="HetLoRA PeftModel"):
+        _train(tmp_path, tiny_llama(), [HetLoRACallback()])
+
+
+def _publish(store, round_idx, state, participants, ranks, r_max=8):
+    folder = store.path / f"_staging_{round_idx}"
+    folder.mkdir()
+    config = peft_hetlora.HetLoRAConfig(r=r_max, lora_alpha=16, target_modules=TARGETS)
+    config.save_pretrained(str(folder))
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    (folder / "round.json").write_text(json.dumps({"round": round_idx, "participants": participants, "ranks": ranks}))
+    store.publish_global(round_idx, folder)
+
+
+def test_two_clients_two_rounds_through_local_store(tmp_path):
+    store = LocalStore(tmp_path / "fed", create=True)
+    init = make_model(rank=8)
+    from peft import get_peft_model_state_dict
+
+    global0 = {k: v.detach().clone() for k, v in get_peft_model_state_dict(init).items()}
+    ranks = {"alice": 2, "bob": 6}
+    _publish(store, 0, global0, ["alice", "bob"], ranks)
+
+    clients = {cid: make_model(rank=rank, seed=i + 10) for i, (cid, rank) in enumerate(ranks.items())}
+    for round_idx in range(2):
+        for cid, model in clients.items():
+            callback = FederatedClientCallback(store, cid)
+            trainer = Trainer(
+                model=model, args=make_args(tmp_path / cid), train_dataset=make_dataset(seed=len(cid)), callbacks=[callback]
+            )
+            # the model starts each round from the published global, truncated to its rank
+            trained = run_client_rounds(trainer, callback, max_rounds=1, sleep=lambda s: None)
+            assert trained == [round_idx]
+            uploaded = store.download_client(round_idx, cid)
+            info = json.loads((uploaded / "client.json").read_text())
+            weights = load_file(str(uploaded / "adapter_model.safetensors"))
+            assert info["round"] == round_idx and info["rank_in"] == ranks[cid]
+            assert info["global_revision"] == store.get_global(round_idx).revision
+            assert info["num_examples"] == 16 and info["train_loss"] is not None
+            assert {w.shape[0] for k, w in weights.items() if k.endswith("lora_A.weight")} == {info["rank_out"]}
+        updates = []
+        for cid in ranks:
+            folder = store.download_client(round_idx, cid)
+            info = json.loads((folder / "client.json").read_text())
+            updates.append(
+                ClientUpdate(cid, load_file(str(folder / "adapter_model.safetensors")), info["rank_out"], info["num_examples"])
+            )
+        result = aggregate(updates, method="hetlora", r_max=8)
+        _publish(store, round_idx + 1, result.state_dict, list(ranks), ranks)
+        # a client re-running the round it already uploaded does nothing
+        callback = FederatedClientCallback(store, "alice")
+        assert callback.already_uploaded(round_idx)
+
+    # round 1 started from the round-1 global: alice's rank-2 model after pull equals its truncation
+    model = make_model(rank=2, seed=99)
+    callback = FederatedClientCallback(store, "alice")
+    trainer = Trainer(model=model, args=make_args(tmp_path / "check", max_steps=1, learning_rate=0.0),
+                      train_dataset=make_dataset(), callbacks=[callback])
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
+    global2 = load_file(str(store.latest_global().path / "adapter_model.safetensors"))
+    from peft import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(model)
+    for key, value in loaded.items():
+        expected = global2[key][:2] if key.endswith("lora_A.weight") else global2[key][:, :2]
+        torch.testing.assert_close(value, expected)
+
+
+def test_client_errors_before_training(tmp_path):
+    store = LocalStore(tmp_path / "fed", create=True)
+    model = make_model(rank=4)
+    with pytest.raises(RuntimeError, match="no global adapter yet"):
+        _train(tmp_path, model, [FederatedClientCallback(store, "alice")])
+    with pytest.raises(ValueError, match="Invalid client id"):
+        FederatedClientCallback(store, "../evil")
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(make_model(rank=8))
+    _publish(store, 0, state, ["alice"], {"alice": 6})
+    with pytest.raises(ValueError, match="created at rank 4"):
+        _train(tmp_path, model, [FederatedClientCallback(store, "alice")])
+    with pytest.raises(RuntimeError, match="not a participant"):
+        _train(tmp_path, model, [FederatedClientCallback(store, "carol")])
+    other = {k.replace("q_proj", "k_proj"): v for k, v in state.items()}
+    store2 = LocalStore(tmp_path / "fed2", create=True)
+    _publish(store2, 0, other, ["alice"], {"alice": 2})
+    with pytest.raises(ValueError, match="does not fit this model"):
+        _train(tmp_path, model, [FederatedClientCallback(store2, "alice")])

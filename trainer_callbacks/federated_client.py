@@ -1,0 +1,218 @@
+"""`FederatedClientCallback`: turn a Trainer script into a HetLoRA federated client."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+import peft_hetlora
+from peft_hetlora.federated.aggregation import lora_module_names, truncate
+from peft_hetlora.federated.store import AdapterStore, GlobalAdapter, validate_client_id
+
+from .hetlora_callback import HetLoRACallback, hetlora_peft_model, hetlora_tuner
+
+logger = logging.getLogger(__name__)
+
+
+class FederatedClientCallback(HetLoRACallback):
+    """One client of a HetLoRA federation inside any `transformers.Trainer` script.
+
+    At `train()` begin it pulls the current global adapter from `store`, checks that it fits the model
+    (same target modules and shapes, rank <= r_max), truncates it to this client's rank and loads it.
+    During the round it does everything `HetLoRACallback` does (regulariser, logging). At the end it
+    applies the pruning rule and uploads only the active components with `client.json` (rank in / out,
+    num_examples, train loss, tail norms, the global revision it started from). Add this callback
+    *instead of* `HetLoRACallback`, not beside it.
+
+    A client restarted mid-round simply calls `train()` again: it redoes the round and its upload
+    replaces the earlier one atomically; a client whose upload for the open round already landed
+    skips training (nothing is uploaded twice).
+
+    Args:
+        store: any `AdapterStore` (`LocalStore`, `HubStore`, ...).
+        client_id: this client's id (letters, digits, `_.-`).
+        rank: force this client's rank; by default the rank the coordinator assigned in `round.json`.
+        num_examples: examples this client trains on (weights the data-size methods); default: the size
+            of the Trainer's training dataset.
+        require_participant: refuse to train when the coordinator did not select this client.
+
+    Example:
+        ```py
+        >>> store = LocalStore("runs/fed")  # doctest: +SKIP
+        >>> client = FederatedClientCallback(store, "alice")  # doctest: +SKIP
+        >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[client])  # doctest: +SKIP
+        >>> trainer.train()  # pull global -> local round -> prune -> upload  # doctest: +SKIP
+        ```
+    """
+
+    def __init__(
+        self,
+        store: AdapterStore,
+        client_id: str,
+        *,
+        rank: int | None = None,
+        num_examples: int | None = None,
+        require_participant: bool = True,
+        prune: bool = True,
+        reset_optimizer: bool = True,
+    ) -> None:
+        super().__init__(prune=prune, reset_optimizer=reset_optimizer)
+        self.store = store
+        self.client_id = validate_client_id(client_id)
+        self.forced_rank = rank
+        self.num_examples = num_examples
+        self.require_participant = require_participant
+        self.current: GlobalAdapter | None = None
+        self.round_info: dict[str, Any] = {}
+        self.skipped = False
+        self.uploaded_rounds: list[int] = []
+
+    # ------------------------------------------------------------------ round discovery
+    def current_round(self) -> int | None:
+        """The round the store has open (the latest published global), or None before the first."""
+        latest = self.store.latest_global()
+        return None if latest is None else latest.round
+
+    def is_participant(self, round_info: dict[str, Any] | None = None) -> bool:
+        """Whether the coordinator selected this client in the round (all clients when unspecified)."""
+        info = self.round_info if round_info is None else round_info
+        participants = info.get("participants")
+        return participants is None or self.client_id in participants
+
+    def already_uploaded(self, round_idx: int) -> bool:
+        """Whether this client's upload for `round_idx` has landed in the store."""
+        return self.client_id in self.store.list_client_uploads(round_idx)
+
+    def assigned_rank(self, round_info: dict[str, Any], r_max: int) -> int:
+        """This client's rank for the round: forced > coordinator's assignment > the model's current rank."""
+        rank = self.forced_rank if self.forced_rank is not None else round_info.get("ranks", {}).get(self.client_id)
+        if rank is None:
+            return r_max
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
+            raise ValueError(
+                f"Client {self.client_id}: rank {rank!r} is not an integer in [1, r_max={r_max}]; fix the rank "
+                "policy of the coordinator or the `rank=` argument."
+            )
+        return rank
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        peft_model = hetlora_peft_model(kwargs.get("model"))
+        self.skipped = False
+        latest = self.store.latest_global()
+        if latest is None:
+            raise RuntimeError(
+                "The store has no global adapter yet: the coordinator must publish round 0 first "
+                "(`hetlora coordinate ... --init` or Coordinator.init)."
+            )
+        self.current = latest
+        self.round_info = self._read_round_info(latest)
+        if self.require_participant and not self.is_participant():
+            raise RuntimeError(
+                f"Client {self.client_id} is not a participant of round {latest.round} "
+                f"(participants: {self.round_info.get('participants')}); check `is_participant()` before training."
+            )
+        if self.already_uploaded(latest.round):
+            logger.info("Client %s already uploaded round %d; skipping.", self.client_id, latest.round)
+            self.skipped = True
+            control.should_training_stop = True
+            return
+        self._load_global(peft_model, latest)
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self.skipped or self.current is None:
+            return
+        super().on_train_end(args, state, control, **kwargs)
+        model = kwargs.get("model")
+        num_examples = self.num_examples
+        if num_examples is None:
+            loader = kwargs.get("train_dataloader")
+            dataset = getattr(loader, "dataset", None)
+            num_examples = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+        if not num_examples:
+            raise ValueError(
+                f"Client {self.client_id}: cannot tell how many examples were trained on; pass num_examples=."
+            )
+        train_loss = next((log["train_loss"] for log in reversed(state.log_history) if "train_loss" in log), None)
+        self.upload(model, num_examples=int(num_examples), train_loss=train_loss)
+
+    # ------------------------------------------------------------------ pull / push
+    @staticmethod
+    def _read_round_info(latest: GlobalAdapter) -> dict[str, Any]:
+        path = Path(latest.path) / "round.json"
+        return json.loads(path.read_text()) if path.is_file() else {"round": latest.round}
+
+    def _load_global(self, peft_model: Any, latest: GlobalAdapter) -> None:
+        tuner = peft_model.base_model
+        adapter = tuner.active_adapters[0]
+        config = tuner.peft_config[adapter]
+        global_config = json.loads((Path(latest.path) / "adapter_config.json").read_text())
+        if global_config.get("peft_type") != "HETLORA":
+            raise ValueError(f"The published global of round {latest.round} is not a HETLORA adapter.")
+        if int(global_config.get("r", -1)) != config.r:
+            raise ValueError(
+                f"The federation's r_max is {global_config.get('r')} but this model's HetLoRAConfig has r={config.r}; "
+                "create the client model with the federation's r (see federation.json)."
+            )
+        ours = set(lora_module_names(get_peft_model_state_dict(peft_model, adapter_name=adapter)))
+        weights = load_file(str(Path(latest.path) / "adapter_model.safetensors"))
+        theirs = set(lora_module_names(weights))
+        if ours != theirs:
+            missing, extra = sorted(theirs - ours)[:3], sorted(ours - theirs)[:3]
+            raise ValueError(
+                f"The global adapter does not fit this model: modules only in the global {missing}, only in the "
+                f"model {extra}. Use the same base model and target_modules as federation.json."
+            )
+        for name, layer in tuner.hetlora_layers(adapter):
+            key = next(k for k in (f"base_model.model.{name}", name) if f"{k}.lora_A.weight" in weights)
+            a, b = weights[f"{key}.lora_A.weight"], weights[f"{key}.lora_B.weight"]
+            if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+                raise ValueError(
+                    f"The global adapter's {name} expects a {a.shape[1]} -> {b.shape[0]} layer but the model has "
+                    f"{layer.in_features} -> {layer.out_features}: a different base model?"
+                )
+        rank = self.assigned_rank(self.round_info, config.r)
+        allocated = min(layer.r[adapter] for _, layer in tuner.hetlora_layers(adapter))
+        if rank > allocated:
+            raise ValueError(
+                f"Client {self.client_id} is assigned rank {rank} but its model was created at rank {allocated}; "
+                f"create it with HetLoRAConfig(rank={rank}) (the Trainer's optimizer already holds the parameters)."
+            )
+        tuner.set_rank(rank, adapter)
+        set_peft_model_state_dict(peft_model, truncate(weights, rank), adapter_name=adapter)
+        logger.info("Client %s loaded global round %d at rank %d", self.client_id, latest.round, rank)
+
+    def upload(self, model: Any, *, num_examples: int, train_loss: float | None) -> None:
+        """Save the active components and `client.json`, then upload them as one all-or-nothing unit."""
+        peft_model = hetlora_peft_model(model)
+        tuner = peft_model.base_model
+        adapter = tuner.active_adapters[0]
+        state = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        info = {
+            "client_id": self.client_id,
+            "round": self.current.round,
+            "rank_in": self.last_round.get("rank_in", self.rank_in),
+            "rank_out": self.last_round.get("rank_out", self._rank(tuner)),
+            "num_examples": num_examples,
+            "train_loss": train_loss,
+            "tail_norm_start": self.last_round.get("tail_norm_start"),
+            "tail_norm_end": self.last_round.get("tail_norm_end"),
+            "global_revision": self.current.revision,
+            "peft_hetlora_version": peft_hetlora.__version__,
+        }
+        with tempfile.TemporaryDirectory(prefix=f"hetlora-{self.client_id}-") as tmp:
+            save_file(state, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (Path(tmp) / "client.json").write_text(json.dumps(info, indent=2) + "\n")
+            self.store.upload_client(self.current.round, self.client_id, tmp)
+        self.uploaded_rounds.append(self.current.round)
+        logger.info("Client %s uploaded round %d at rank %d", self.client_id, self.current.round, info["rank_out"])

@@ -1,0 +1,157 @@
+"""`HetLoRACallback`: the local side of one HetLoRA round inside any `transformers.Trainer`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from peft_hetlora.model import HetLoRAModel
+
+logger = logging.getLogger(__name__)
+
+
+def hetlora_peft_model(model: Any) -> Any:
+    """The HetLoRA `PeftModel` inside `model` (possibly wrapped by accelerate, DDP or torch.compile).
+
+    Raises a `TypeError` naming what was found when `model` is not a HetLoRA PeftModel.
+
+    Example:
+        ```py
+        >>> peft_model = hetlora_peft_model(trainer.model_wrapped)  # doctest: +SKIP
+        ```
+    """
+    seen = model
+    for _ in range(4):  # DDP / accelerate / torch.compile wrappers
+        if isinstance(getattr(seen, "base_model", None), HetLoRAModel):
+            return seen
+        seen = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
+        if seen is None:
+            break
+    raise TypeError(
+        f"HetLoRA callbacks need a HetLoRA PeftModel, got {type(model).__name__}. Build it with "
+        "`get_peft_model(base_model, peft_hetlora.HetLoRAConfig(...))` (after `import peft_hetlora`)."
+    )
+
+
+def hetlora_tuner(model: Any) -> HetLoRAModel:
+    """The `HetLoRAModel` tuner of a HetLoRA PeftModel (see `hetlora_peft_model`)."""
+    return hetlora_peft_model(model).base_model
+
+
+def reset_optimizer_state(optimizer: Any) -> None:
+    """Drop optimizer moments so each round starts fresh (FL practice) while keeping the param groups."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    state = getattr(inner, "state", None)
+    if state is not None:
+        state.clear()
+
+
+class HetLoRACallback(TrainerCallback):
+    """Runs HetLoRA's local round inside a Trainer: regulariser bookkeeping, self-pruning, logging.
+
+    The self-pruning regulariser lambda * sum_m ||B_m tail|| ||A_m tail|| is added to the loss by the
+    HetLoRA tuner's own forward (a callback cannot change the loss the Trainer back-propagates, and
+    the forward route needs no Trainer subclass, works under autocast, `accelerate launch` and any
+    loss the model computes). The callback tells the tuner the gradient-accumulation steps so the term
+    is counted once per optimizer step, records the tail norm at the start of the round, applies the
+    pruning rule at its end, and logs `hetlora/rank`, `hetlora/tail_norm` and `hetlora/regularizer`.
+
+    Args:
+        prune: apply the pruning rule at the end of the round (DESIGN 1.3).
+        reset_optimizer: clear optimizer moments at the start of each `train()` call (fresh local round).
+
+    Example:
+        ```py
+        >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[HetLoRACallback()])  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+        >>> trainer.callback_handler.callbacks[-2].last_round  # doctest: +SKIP
+        {'rank_in': 8, 'rank_out': 7, 'tail_norm_start': 0.0123, 'tail_norm_end': 0.0101, 'pruned': True}
+        ```
+    """
+
+    def __init__(self, prune: bool = True, reset_optimizer: bool = True) -> None:
+        self.prune = prune
+        self.reset_optimizer = reset_optimizer
+        self.reference_tail_norm: float | None = None
+        self.rank_in: int | None = None
+        self.last_round: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        tuner = hetlora_tuner(kwargs.get("model"))
+        tuner.gradient_accumulation_steps = args.gradient_accumulation_steps
+        if self.reset_optimizer and kwargs.get("optimizer") is not None and state.global_step == 0:
+            reset_optimizer_state(kwargs["optimizer"])
+        with torch.no_grad():
+            self.reference_tail_norm = float(tuner.tail_norm())
+        self.rank_in = self._rank(tuner)
+        self.last_round = {}
+        logger.info("HetLoRA local round: rank %d, tail norm %.6g", self.rank_in, self.reference_tail_norm)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if logs is None or kwargs.get("model") is None:
+            return
+        tuner = hetlora_tuner(kwargs["model"])
+        values = self.metrics(tuner)
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        tuner = hetlora_tuner(kwargs.get("model"))
+        if self.reference_tail_norm is None:
+            return
+        with torch.no_grad():
+            tail_end = float(tuner.tail_norm())
+        rank_before = self._rank(tuner)
+        rank_out = tuner.prune(self.reference_tail_norm) if self.prune else rank_before
+        self.last_round = {
+            "rank_in": self.rank_in,
+            "rank_out": rank_out,
+            "tail_norm_start": self.reference_tail_norm,
+            "tail_norm_end": tail_end,
+            "pruned": rank_out < rank_before,
+        }
+        logger.info(
+            "HetLoRA round end: tail norm %.6g -> %.6g, rank %d -> %d",
+            self.reference_tail_norm,
+            tail_end,
+            rank_before,
+            rank_out,
+        )
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _rank(tuner: HetLoRAModel) -> int:
+        rank = tuner.get_rank()
+        return rank if isinstance(rank, int) else max(rank.values())
+
+    def metrics(self, tuner: HetLoRAModel) -> dict[str, float]:
+        """The values logged at each logging step."""
+        config = tuner.peft_config[tuner.active_adapters[0]]
+        with torch.no_grad():
+            tail = float(tuner.tail_norm())
+        return {
+            "hetlora/rank": float(self._rank(tuner)),
+            "hetlora/tail_norm": tail,
+            "hetlora/regularizer": float(config.prune_lambda) * tail,
+        }
+
+
+def add_callbacks_first(trainer: Any, *callbacks: TrainerCallback) -> None:
+    """Insert `callbacks` ahead of the reporting integrations so tensorboard / wandb see `hetlora/*`.
+
+    `Trainer(callbacks=[...])` appends user callbacks after the `report_to` integrations, which then
+    log before HetLoRA adds its values; the progress bar and `state.log_history` see them either way.
+
+    Example:
+        ```py
+        >>> add_callbacks_first(trainer, HetLoRACallback())  # doctest: +SKIP
+        ```
+    """
+    handler = trainer.callback_handler
+    for callback in reversed(callbacks):
+        handler.callbacks.insert(0, callback)

@@ -1,0 +1,64 @@
+"""Several federated rounds from one Trainer script."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .federated_client import FederatedClientCallback
+
+logger = logging.getLogger(__name__)
+
+
+def run_client_rounds(
+    trainer: Any,
+    client: FederatedClientCallback,
+    *,
+    max_rounds: int,
+    poll_interval: float = 5.0,
+    timeout: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[int]:
+    """Run up to `max_rounds` local rounds: wait for each new global, train if selected, upload.
+
+    Each round re-enters `trainer.train()` (fresh optimizer moments and LR schedule, as in FL
+    practice). Rounds this client already uploaded (say, before a crash) are not redone. Returns the
+    rounds this client trained.
+
+    Example:
+        ```py
+        >>> client = FederatedClientCallback(LocalStore("runs/fed"), "alice")  # doctest: +SKIP
+        >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[client])  # doctest: +SKIP
+        >>> run_client_rounds(trainer, client, max_rounds=10)  # doctest: +SKIP
+        [0, 1, 3, 6]
+        ```
+    """
+    if client not in trainer.callback_handler.callbacks:
+        raise ValueError("Add the FederatedClientCallback to the trainer (callbacks=[client]) before running rounds.")
+    trained: list[int] = []
+    seen: set[int] = set()
+    deadline = None if timeout is None else clock() + timeout
+    while len(seen) < max_rounds:
+        latest = client.store.latest_global()
+        if latest is None or latest.round in seen:
+            if deadline is not None and clock() > deadline:
+                logger.warning("No new global adapter within %.0f s; stopping after rounds %s.", timeout, trained)
+                break
+            sleep(poll_interval)
+            continue
+        seen.add(latest.round)
+        info = client._read_round_info(latest)
+        if not client.is_participant(info):
+            logger.info("Client %s not selected in round %d.", client.client_id, latest.round)
+            continue
+        if client.already_uploaded(latest.round):
+            logger.info("Client %s already uploaded round %d.", client.client_id, latest.round)
+            continue
+        trainer.train()
+        trained.append(latest.round)
+        if deadline is not None:
+            deadline = clock() + timeout
+    return trained
