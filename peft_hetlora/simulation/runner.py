@@ -9,6 +9,7 @@ continues with the clients that have not uploaded yet.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -24,8 +25,10 @@ import torch
 from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
+
+from trainer_callbacks import FederatedClientCallback
 
 from ..config import HetLoRAConfig, scaling_for
 from ..federated.aggregation import truncate
@@ -250,8 +253,6 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                    "download_bytes": 0, "ranks": dict(ranks), "wall_s": 0.0}
             _append_row(rows_path, row)
             rows.append(row)
-        from trainer_callbacks import FederatedClientCallback
-
         hf_logging.set_verbosity_error()
         bar = tqdm(total=config.rounds, initial=len(rows) - 1, desc=f"{arm} (seed {wb.seed})", unit="round")
         while len(rows) - 1 < config.rounds:
@@ -270,6 +271,7 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                     data_collator=wb.collator,
                     callbacks=[callback],
                 )
+                trainer.remove_callback(PrinterCallback)
                 trainer.train()
             global_t = load_file(str(store.get_global(t).path / "adapter_model.safetensors"))
             downloads = sum(_float32_bytes(truncate(global_t, plan.ranks[cid])) for cid in plan.participants)
@@ -334,6 +336,7 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path) -> dict[str, Any]:
             shard = pooled.select([(offset + i) % len(pooled) for i in range(steps * config.batch_size)])
             trainer = Trainer(model=model, args=_training_args(config, arm_dir / "trainer", wb.seed + t, steps),
                               train_dataset=shard, data_collator=wb.collator)
+            trainer.remove_callback(PrinterCallback)
             trainer.train()
             model.save_pretrained(str(checkpoint))
             heldout = _ppl(model, wb.heldout, config)
@@ -382,6 +385,9 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
     for seed in config.seeds:
         random.seed(seed)
         wb = prepare(config, seed)
+        # the Trainer runs gc.collect() at every train(); freezing the long-lived setup objects keeps it cheap
+        gc.collect()
+        gc.freeze()
         ranks0 = initial_client_ranks(config, wb.corpus.client_ids, seed)
         metrics: dict[str, Any] = {}
         if config.engine == "flower":
