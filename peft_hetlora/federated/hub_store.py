@@ -1,0 +1,568 @@
+"""`HubStore`: a federation in a Hugging Face Hub model repo (one repo per federation).
+
+The federation repo's `main` holds `federation.json`, the model card, the latest global adapter at the root (so
+`PeftModel.from_pretrained(repo_id)` loads it), `rounds/<t>/global/` and `rounds/<t>/summary.json`; every
+published round is tagged `round-<t>`. Only the coordinator writes `main`, one round per commit, each commit made
+with `parent_commit` (optimistic concurrency: a 412 answer re-reads the head and rebuilds the commit), and 429
+answers are retried after `Retry-After` with bounded exponential backoff.
+
+Clients never write the federation repo's `main`. Two upload modes:
+
+- `client_mode="client_repo"` (default, scales): each client commits `rounds/<t>/clients/<id>/` to its own repo
+  (`client_repo_id`, by default `"{repo_id}-client-{client_id}"`), one commit per client per round, so a
+  federation is not bound by the Hub's per-repo commit rate. The coordinator finds uploads by checking the repo of
+  every participant listed in `rounds/<t>/global/round.json`.
+- `client_mode="pr"` (small federations): each client opens a pull request on the federation repo
+  (`create_pr=True`) titled `hetlora upload: round <t> client <id>`; the coordinator reads the open pull requests
+  and downloads from their `refs/pr/<n>` revisions (the newest pull request of a client wins).
+
+Example:
+    ```python
+    from peft_hetlora.federated import HubStore
+
+    coordinator = HubStore("my-org/hetlora-fed", token=coordinator_token)
+    coordinator.write_federation({"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "r_min": 2, "r_max": 16})
+    coordinator.publish_global(0, "out/global-0")      # one commit + tag round-0
+
+    alice = HubStore("my-org/hetlora-fed", token=alice_token)
+    alice.upload_client(0, "alice", "out/alice")       # commits to my-org/hetlora-fed-client-alice
+    ```
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.hf_api import RepoSibling
+from huggingface_hub.utils import validate_repo_id
+
+from .store import (
+    ADAPTER_WEIGHTS,
+    CLIENT_FILES,
+    CLIENT_JSON,
+    FEDERATION_JSON,
+    MODEL_CARD,
+    ROUND_JSON,
+    SUMMARY_JSON,
+    ClientUploadNotFoundError,
+    GlobalAdapter,
+    GlobalNotPublishedError,
+    check_round,
+    client_files,
+    dump_json,
+    file_sha256,
+    global_files,
+    render_model_card,
+    validate_client_id,
+)
+
+__all__ = ["HubStore", "UploadTooLargeError"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_PR_TITLE = "hetlora upload: round {round} client {client_id}"
+_PR_TITLE_RE = re.compile(r"hetlora upload: round (\d+) client (\S+)")
+_SUMMARY_RE = re.compile(r"rounds/(\d+)/summary\.json")
+_GLOBAL_RE = re.compile(r"rounds/(\d+)/global/adapter_model\.safetensors")
+
+
+class UploadTooLargeError(ValueError):
+    """A client upload holds a file larger than `max_client_file_bytes` (it is not downloaded)."""
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The files of one commit of a repo: path -> RepoSibling (size, blob id, LFS sha256)."""
+
+    sha: str
+    files: dict[str, RepoSibling]
+
+
+class HubStore:
+    """A federation store on the Hugging Face Hub (or a Hub-compatible endpoint). Implements `AdapterStore`.
+
+    Args:
+        repo_id: the federation's model repo, `"namespace/name"`.
+        endpoint: the Hub endpoint (default: `HF_ENDPOINT` or https://huggingface.co).
+        token: a Hub token (default: the locally saved one). The coordinator's token writes the federation repo;
+            a client's token needs read access to it and, in `client_repo` mode, write access to its own repo.
+        client_mode: `"client_repo"` (each client writes its own repo) or `"pr"` (pull requests).
+        client_repo_id: maps a client id to its repo: a template with `{repo_id}`, `{namespace}`, `{name}` and
+            `{client_id}`, or a callable `client_id -> repo_id`. Coordinator and clients must use the same one.
+        private: create repos private.
+        max_retries: retries of one operation on 429 / 5xx / 412 answers.
+        backoff_s: first wait of the exponential backoff when the Hub gives no `Retry-After`.
+        max_wait_s: longest wait; a `Retry-After` longer than this fails at once with a clear message.
+        cache_dir: where downloads go (default: the Hugging Face cache).
+        max_client_file_bytes: refuse to download a client file larger than this (None: no limit).
+        max_workers: parallel requests when checking many client repos.
+
+    Example:
+        ```python
+        store = HubStore("my-org/hetlora-fed", token=token, client_mode="pr")
+        store.publish_global(0, "out/global-0")
+        for client_id in store.list_client_uploads(0):
+            folder = store.download_client(0, client_id)
+        ```
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        endpoint: str | None = None,
+        token: str | bool | None = None,
+        *,
+        client_mode: Literal["client_repo", "pr"] = "client_repo",
+        client_repo_id: str | Callable[[str], str] = "{repo_id}-client-{client_id}",
+        private: bool = True,
+        max_retries: int = 5,
+        backoff_s: float = 1.0,
+        max_wait_s: float = 60.0,
+        cache_dir: str | Path | None = None,
+        max_client_file_bytes: int | None = 1 << 30,
+        max_workers: int = 8,
+    ) -> None:
+        if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+            raise ValueError(f"repo_id must be 'namespace/name', got {repo_id!r}.")
+        validate_repo_id(repo_id)
+        if client_mode not in ("client_repo", "pr"):
+            raise ValueError(f"client_mode must be 'client_repo' or 'pr', got {client_mode!r}.")
+        self.repo_id = repo_id
+        self.api = HfApi(endpoint=endpoint, token=token)
+        self.endpoint = self.api.endpoint
+        self.client_mode = client_mode
+        self._client_repo_id = client_repo_id
+        self.private = private
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_wait_s = max_wait_s
+        self.cache_dir = str(cache_dir) if cache_dir is not None else None
+        self.max_client_file_bytes = max_client_file_bytes
+        self.max_workers = max_workers
+        self._sleep = time.sleep  # tests record the waits here
+        self._ready_repos: set[str] = set()
+        self._json_cache: dict[tuple[str, str, str], Any] = {}
+
+    def __repr__(self) -> str:
+        return f"HubStore({self.repo_id!r}, endpoint={self.endpoint!r}, client_mode={self.client_mode!r})"
+
+    def client_repo_for(self, client_id: str) -> str:
+        """The repo a client uploads to in `client_repo` mode.
+
+        Example:
+            ```python
+            HubStore("org/fed").client_repo_for("alice")   # "org/fed-client-alice"
+            ```
+        """
+        client_id = validate_client_id(client_id)
+        if callable(self._client_repo_id):
+            repo = self._client_repo_id(client_id)
+        else:
+            namespace, name = self.repo_id.split("/")
+            repo = self._client_repo_id.format(
+                repo_id=self.repo_id, namespace=namespace, name=name, client_id=client_id
+            )
+        try:
+            if not isinstance(repo, str) or repo.count("/") != 1:
+                raise HFValidationError("a repo id is 'namespace/name'")
+            validate_repo_id(repo)
+        except HFValidationError as e:
+            raise ValueError(
+                f"Client repo id {repo!r} for client {client_id!r} is not a valid Hub repo id ({e}). Pass "
+                "client_repo_id=... (a template or a callable) that maps client ids to valid repo ids."
+            ) from e
+        return repo
+
+    # ----------------------------------------------------------------------------------------- federation
+    def read_federation(self) -> dict | None:
+        return self._read_json(self.repo_id, FEDERATION_JSON)
+
+    def write_federation(self, federation: dict) -> None:
+        data = dump_json(federation)
+        self._commit(self.repo_id, lambda snap: ({FEDERATION_JSON: data}, []), "hetlora: federation settings")
+
+    # --------------------------------------------------------------------------------------------- global
+    def publish_global(self, round_idx: int, folder: str | Path) -> str:
+        """Publish global `round_idx` in one commit (round folder, root copy, model card), then tag `round-<t>`."""
+        round_idx = check_round(round_idx)
+        files = global_files(folder, round_idx)
+        revision = file_sha256(files[ADAPTER_WEIGHTS])
+        prefix = f"rounds/{round_idx}/global/"
+
+        def build(snap: _Snapshot) -> tuple[dict[str, Any], list[str]]:
+            existing = snap.files.get(prefix + ADAPTER_WEIGHTS)
+            adds: dict[str, Any] = {}
+            if existing is None:
+                adds = {prefix + name: path for name, path in files.items()}
+                published = dict(files)
+            elif not _same_blob(existing, files[ADAPTER_WEIGHTS]):
+                raise ValueError(
+                    f"Round {round_idx} is already published in {self.repo_id} with another adapter. A published "
+                    "round is immutable: publish the next round instead."
+                )
+            else:  # published before: keep the first publication's files (as LocalStore does)
+                published = {
+                    p[len(prefix):]: p for p in snap.files if p.startswith(prefix) and "/" not in p[len(prefix):]
+                }
+            if round_idx >= max(_published_rounds(snap.files), default=round_idx):
+                for name, source in published.items():
+                    if name == MODEL_CARD:
+                        continue
+                    if existing is None:
+                        adds[name] = source
+                    elif name not in snap.files or snap.files[name].blob_id != snap.files[source].blob_id:
+                        adds[name] = self._download(self.repo_id, source, snap.sha)
+            return adds, []
+
+        oid = self._commit(self.repo_id, build, f"hetlora: publish global adapter of round {round_idx}")
+        self._retry(
+            lambda: self.api.create_tag(self.repo_id, tag=f"round-{round_idx}", revision=oid, exist_ok=True),
+            f"tag round-{round_idx}",
+        )
+        return revision
+
+    def latest_global(self) -> GlobalAdapter | None:
+        snap = self._snapshot_or_none(self.repo_id)
+        rounds = _published_rounds(snap.files) if snap else []
+        return self._download_global(snap, max(rounds)) if rounds else None
+
+    def get_global(self, round_idx: int) -> GlobalAdapter:
+        round_idx = check_round(round_idx)
+        snap = self._snapshot_or_none(self.repo_id)
+        if snap is None or f"rounds/{round_idx}/global/{ADAPTER_WEIGHTS}" not in snap.files:
+            raise GlobalNotPublishedError(
+                f"Round {round_idx} has no global adapter in {self.repo_id} on {self.endpoint}: the coordinator "
+                "must publish it first (or the repo does not exist / your token cannot read it)."
+            )
+        return self._download_global(snap, round_idx)
+
+    # -------------------------------------------------------------------------------------------- clients
+    def upload_client(self, round_idx: int, client_id: str, folder: str | Path) -> None:
+        """Upload a client's result: one commit to the client's repo, or one pull request (`client_mode`)."""
+        round_idx, client_id = check_round(round_idx), validate_client_id(client_id)
+        files = client_files(folder)
+        if not self._file_exists(self.repo_id, f"rounds/{round_idx}/global/{ADAPTER_WEIGHTS}", "main"):
+            raise GlobalNotPublishedError(
+                f"Round {round_idx} has no published global adapter in {self.repo_id} on {self.endpoint}: the "
+                f"coordinator must publish round {round_idx} before clients upload to it (or your token cannot "
+                "read the federation repo)."
+            )
+        prefix = f"rounds/{round_idx}/clients/{client_id}/"
+        adds = {prefix + name: path for name, path in files.items()}
+        title = _PR_TITLE.format(round=round_idx, client_id=client_id)
+        if self.client_mode == "pr":
+            self._retry(
+                lambda: self.api.create_commit(
+                    self.repo_id,
+                    _operations(adds, []),
+                    commit_message=title,
+                    commit_description=f"Client update of federation round {round_idx} (peft-hetlora).",
+                    create_pr=True,
+                ),
+                f"open the upload pull request of client {client_id!r}",
+            )
+            return
+
+        def build(snap: _Snapshot) -> tuple[dict[str, Any], list[str]]:
+            stale = [p for p in snap.files if p.startswith(prefix) and p not in adds]
+            return adds, stale
+
+        self._commit(self.client_repo_for(client_id), build, title, card=False)
+
+    def list_client_uploads(self, round_idx: int) -> list[str]:
+        """Client ids with a complete upload: participants' repos (`client_repo`) or open pull requests (`pr`)."""
+        round_idx = check_round(round_idx)
+        if self.client_mode == "pr":
+            candidates = [(cid, self.repo_id, f"refs/pr/{num}") for cid, num in self._upload_prs(round_idx).items()]
+        else:
+            candidates = [(cid, self.client_repo_for(cid), "main") for cid in self._participants(round_idx)]
+
+        def complete(candidate: tuple[str, str, str]) -> bool:
+            client_id, repo, revision = candidate
+            return self._file_exists(repo, f"rounds/{round_idx}/clients/{client_id}/{CLIENT_JSON}", revision)
+
+        if not candidates:
+            return []
+        with ThreadPoolExecutor(max_workers=max(1, min(self.max_workers, len(candidates)))) as pool:
+            found = list(pool.map(complete, candidates))
+        return sorted(c[0] for c, ok in zip(candidates, found) if ok)
+
+    def download_client(self, round_idx: int, client_id: str) -> Path:
+        """Download a client's upload (only CLIENT_FILES, each within `max_client_file_bytes`); return the folder."""
+        round_idx, client_id = check_round(round_idx), validate_client_id(client_id)
+        missing = ClientUploadNotFoundError(f"No complete upload from client {client_id!r} for round {round_idx}.")
+        if self.client_mode == "pr":
+            num = self._upload_prs(round_idx).get(client_id)
+            if num is None:
+                raise missing
+            repo, revision = self.repo_id, f"refs/pr/{num}"
+        else:
+            repo, revision = self.client_repo_for(client_id), "main"
+        snap = self._snapshot_or_none(repo, revision)
+        prefix = f"rounds/{round_idx}/clients/{client_id}/"
+        entries = {name: snap.files[prefix + name] for name in CLIENT_FILES if snap and prefix + name in snap.files}
+        if CLIENT_JSON not in entries:
+            raise missing
+        limit = self.max_client_file_bytes
+        for name, entry in entries.items():
+            if limit is not None and entry.size is not None and entry.size > limit:
+                raise UploadTooLargeError(
+                    f"Client {client_id!r} uploaded {name} of {entry.size} bytes for round {round_idx}, over the "
+                    f"limit of {limit} bytes (max_client_file_bytes); it was not downloaded."
+                )
+        paths = [self._download(repo, prefix + name, snap.sha) for name in entries]
+        return paths[0].parent
+
+    # ------------------------------------------------------------------------------------------ summaries
+    def write_summary(self, round_idx: int, summary: dict) -> None:
+        round_idx = check_round(round_idx)
+        data = dump_json(summary)
+        path = f"rounds/{round_idx}/{SUMMARY_JSON}"
+        self._commit(self.repo_id, lambda snap: ({path: data}, []), f"hetlora: summary of round {round_idx}")
+
+    def read_summary(self, round_idx: int) -> dict | None:
+        return self._read_json(self.repo_id, f"rounds/{check_round(round_idx)}/{SUMMARY_JSON}")
+
+    # ----------------------------------------------------------------------------------------- the commit
+    def _commit(
+        self,
+        repo: str,
+        build: Callable[[_Snapshot], tuple[dict[str, Any], list[str]]],
+        message: str,
+        *,
+        card: bool = True,
+    ) -> str:
+        """Commit `build(head)` on `main` with `parent_commit=head`; on 412 re-read the head and rebuild.
+
+        `build` returns (additions path -> bytes | local Path, deletions). Files whose content is unchanged are
+        skipped by huggingface_hub, so a commit that changes nothing returns the head without committing.
+        Returns the commit oid.
+        """
+        self._ensure_repo(repo)
+        attempt = 0
+        while True:
+            snap = self._snapshot(repo)
+            adds, deletes = build(snap)
+            if card:
+                adds = {**adds, MODEL_CARD: self._card(snap, adds).encode()}
+            try:
+                info = self.api.create_commit(
+                    repo, _operations(adds, deletes), commit_message=message, parent_commit=snap.sha
+                )
+                return info.oid
+            except HfHubHTTPError as e:
+                status = e.response.status_code if e.response is not None else None
+                if status == 412 and attempt < self.max_retries:
+                    logger.info("%s moved while committing %r (412): re-reading the head and retrying.", repo, message)
+                elif status in _RETRY_STATUSES and attempt < self.max_retries:
+                    self._wait(e, attempt, f"commit {message!r}")
+                else:
+                    raise
+            attempt += 1
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        """Call `fn`, retrying 429 (after Retry-After) and 5xx answers with bounded exponential backoff."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                return fn()
+            except HfHubHTTPError as e:
+                status = e.response.status_code if e.response is not None else None
+                if status not in _RETRY_STATUSES or attempt >= self.max_retries:
+                    raise
+                self._wait(e, attempt, what)
+        raise AssertionError("unreachable")
+
+    def _wait(self, error: HfHubHTTPError, attempt: int, what: str) -> None:
+        retry_after = _retry_after_s(error.response.headers)
+        wait = retry_after if retry_after is not None else min(self.max_wait_s, self.backoff_s * 2**attempt)
+        if wait > self.max_wait_s:
+            error.append_to_message(
+                f"\nThe Hub asks to wait {wait:.0f} s before retrying ({what}); that is over max_wait_s="
+                f"{self.max_wait_s}. The Hub caps commits per repo per hour: retry later, or raise max_wait_s."
+            )
+            raise error
+        logger.warning(
+            "%s answered %s to %s; retrying in %.2f s (%d/%d).",
+            self.endpoint, error.response.status_code, what, wait, attempt + 1, self.max_retries,
+        )
+        self._sleep(wait)
+
+    def _ensure_repo(self, repo: str) -> None:
+        if repo not in self._ready_repos:
+            self._retry(lambda: self.api.create_repo(repo, private=self.private, exist_ok=True), f"create {repo}")
+            self._ready_repos.add(repo)
+
+    def _card(self, snap: _Snapshot, adds: dict[str, Any]) -> str:
+        """The model card for the state `snap` + `adds`: federation settings and the summaries of all rounds."""
+
+        def load(path: str) -> Any:
+            if path in adds:
+                return json.loads(_as_bytes(adds[path]))
+            return self._json_at(self.repo_id, snap, path)
+
+        paths = set(snap.files) | set(adds)
+        federation = load(FEDERATION_JSON) if FEDERATION_JSON in paths else None
+        summaries = {int(m[1]): load(p) for p in paths if (m := _SUMMARY_RE.fullmatch(p))}
+        latest = max(_published_rounds(paths), default=None)
+        return render_model_card(self.repo_id, federation, latest, summaries)
+
+    # -------------------------------------------------------------------------------------------- reading
+    def _snapshot(self, repo: str, revision: str = "main") -> _Snapshot:
+        info = self._retry(
+            lambda: self.api.repo_info(repo, revision=revision, files_metadata=True), f"read {repo}@{revision}"
+        )
+        return _Snapshot(sha=info.sha, files={s.rfilename: s for s in info.siblings or []})
+
+    def _snapshot_or_none(self, repo: str, revision: str = "main") -> _Snapshot | None:
+        try:
+            return self._snapshot(repo, revision)
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+
+    def _file_exists(self, repo: str, path: str, revision: str) -> bool:
+        return self._retry(
+            lambda: self.api.file_exists(repo, path, revision=revision), f"look for {path} in {repo}@{revision}"
+        )
+
+    def _download(self, repo: str, path: str, revision: str) -> Path:
+        return Path(
+            self._retry(
+                lambda: hf_hub_download(
+                    repo,
+                    path,
+                    revision=revision,
+                    cache_dir=self.cache_dir,
+                    endpoint=self.endpoint,
+                    token=self.api.token,
+                ),
+                f"download {path} from {repo}@{revision}",
+            )
+        )
+
+    def _json_at(self, repo: str, snap: _Snapshot, path: str) -> Any:
+        entry = snap.files[path]
+        key = (repo, path, entry.blob_id or snap.sha)
+        if key not in self._json_cache:
+            self._json_cache[key] = json.loads(self._download(repo, path, snap.sha).read_text())
+        return self._json_cache[key]
+
+    def _read_json(self, repo: str, path: str) -> Any:
+        snap = self._snapshot_or_none(repo)
+        return self._json_at(repo, snap, path) if snap and path in snap.files else None
+
+    def _download_global(self, snap: _Snapshot, round_idx: int) -> GlobalAdapter:
+        prefix = f"rounds/{round_idx}/global/"
+        names = [p for p in snap.files if p.startswith(prefix) and "/" not in p[len(prefix):]]
+        paths = {Path(p).name: self._download(self.repo_id, p, snap.sha) for p in names}
+        weights = paths[ADAPTER_WEIGHTS]
+        return GlobalAdapter(round=round_idx, revision=file_sha256(weights), path=weights.parent)
+
+    def _participants(self, round_idx: int) -> list[str]:
+        snap = self._snapshot_or_none(self.repo_id)
+        path = f"rounds/{round_idx}/global/{ROUND_JSON}"
+        if snap is None or path not in snap.files:
+            return []
+        participants = self._json_at(self.repo_id, snap, path).get("participants")
+        if not isinstance(participants, list):
+            raise ValueError(
+                f"{path} in {self.repo_id} has no 'participants' list: in client_repo mode the coordinator finds "
+                "uploads by checking each participant's repo, so write the participants into round.json."
+            )
+        return [validate_client_id(c) for c in participants]
+
+    def _upload_prs(self, round_idx: int) -> dict[str, int]:
+        """Open upload pull requests of the round: client id -> newest pull request number."""
+        try:
+            discussions = self._retry(
+                lambda: list(
+                    self.api.get_repo_discussions(
+                        self.repo_id, discussion_type="pull_request", discussion_status="open"
+                    )
+                ),
+                f"list the pull requests of {self.repo_id}",
+            )
+        except RepositoryNotFoundError:
+            return {}
+        prs: dict[str, int] = {}
+        for d in discussions:
+            m = _PR_TITLE_RE.fullmatch(d.title)
+            if m and int(m[1]) == round_idx:
+                try:
+                    client_id = validate_client_id(m[2])
+                except ValueError:
+                    continue
+                prs[client_id] = max(prs.get(client_id, -1), d.num)
+        return prs
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _published_rounds(paths: Iterable[str]) -> list[int]:
+    return [int(m[1]) for p in paths if (m := _GLOBAL_RE.fullmatch(p))]
+
+
+def _as_bytes(value: bytes | Path) -> bytes:
+    return value if isinstance(value, bytes) else Path(value).read_bytes()
+
+
+def _operations(adds: dict[str, bytes | Path], deletes: list[str]) -> list:
+    ops: list = [CommitOperationDelete(path_in_repo=p) for p in deletes]
+    for path, value in adds.items():
+        content = value if isinstance(value, bytes) else str(value)
+        ops.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=content))
+    return ops
+
+
+def _git_blob_oid(path: Path) -> str:
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _same_blob(entry: RepoSibling, local: Path) -> bool:
+    """Whether a file in the repo holds the same bytes as a local file (LFS sha256 or git blob oid)."""
+    if entry.lfs is not None:
+        return entry.lfs.sha256 == file_sha256(local)
+    return entry.blob_id == _git_blob_oid(local)
+
+
+def _retry_after_s(headers: Any) -> float | None:
+    """Seconds to wait from a `Retry-After` header (seconds or an HTTP date), else from a `RateLimit` header."""
+    value = headers.get("Retry-After") if headers is not None else None
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+                return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+            except (TypeError, ValueError):
+                pass
+    try:
+        from huggingface_hub.utils._http import parse_ratelimit_headers
+
+        info = parse_ratelimit_headers(headers)
+    except Exception:  # the private helper may move between huggingface_hub versions
+        return None
+    return float(info.reset_in_seconds) if info is not None and info.remaining == 0 else None

@@ -1,0 +1,316 @@
+"""Where a federation keeps its adapters: the `AdapterStore` protocol and what both backends share.
+
+Two backends implement the protocol and pass the same contract tests:
+
+- [`LocalStore`][peft_hetlora.federated.local_store.LocalStore]: a folder (the embedded default).
+- [`HubStore`][peft_hetlora.federated.hub_store.HubStore]: a Hugging Face Hub model repo per federation.
+
+Layout (both backends)::
+
+    federation.json                      base model, adapter config, r_min, r_max, method, round policy
+    README.md                            model card with the round history
+    adapter_model.safetensors, adapter_config.json, round.json     the latest global adapter
+    rounds/<t>/global/                   the global adapter clients of round t start from (+ round.json)
+    rounds/<t>/clients/<id>/             adapter_model.safetensors + client.json (+ adapter_config.json)
+    rounds/<t>/summary.json              the coordinator's decision record for round t
+
+Round protocol: the coordinator publishes global `t` (with `round.json` naming the participants), clients
+upload to `rounds/t/clients/<id>/`, the coordinator writes `summary.json` of round `t` first and then publishes
+global `t + 1`.
+
+Example:
+    ```python
+    from peft_hetlora.federated import LocalStore
+
+    store = LocalStore("runs/fed", create=True)
+    store.publish_global(0, "out/global-0")        # adapter_model.safetensors, adapter_config.json, round.json
+    latest = store.latest_global()                  # GlobalAdapter(round=0, revision="9f2c...", path=...)
+    store.upload_client(0, "alice", "out/alice")    # adapter_model.safetensors + client.json
+    store.list_client_uploads(0)                    # ["alice"]
+    ```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+__all__ = [
+    "ADAPTER_WEIGHTS",
+    "CLIENT_FILES",
+    "AdapterStore",
+    "ClientUploadNotFoundError",
+    "GlobalAdapter",
+    "GlobalNotPublishedError",
+    "HubStore",
+    "LocalStore",
+    "StoreNotFoundError",
+    "file_sha256",
+    "render_model_card",
+    "validate_client_id",
+]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ROUND_JSON = "round.json"
+CLIENT_JSON = "client.json"
+FEDERATION_JSON = "federation.json"
+SUMMARY_JSON = "summary.json"
+MODEL_CARD = "README.md"
+# The only files a client upload may carry (no pickle, nothing else travels).
+CLIENT_FILES = (ADAPTER_WEIGHTS, CLIENT_JSON, ADAPTER_CONFIG)
+
+_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class StoreNotFoundError(FileNotFoundError):
+    """The store (folder or Hub repo) does not exist yet."""
+
+
+class GlobalNotPublishedError(LookupError):
+    """No global adapter is published for the requested round (the coordinator publishes first)."""
+
+
+class ClientUploadNotFoundError(LookupError):
+    """No complete upload from this client for this round."""
+
+
+@dataclass(frozen=True)
+class GlobalAdapter:
+    """A published global adapter.
+
+    Attributes:
+        round: the round whose clients start from this adapter.
+        revision: sha256 (hex) of `adapter_model.safetensors`; clients report it as `global_revision`.
+        path: a local folder with `adapter_model.safetensors`, `adapter_config.json` and `round.json`.
+
+    Example:
+        ```python
+        g = store.latest_global()
+        model = PeftModel.from_pretrained(base, g.path)
+        ```
+    """
+
+    round: int
+    revision: str
+    path: Path
+
+
+@runtime_checkable
+class AdapterStore(Protocol):
+    """What the coordinator and the clients need from a store. See the module docstring for the layout."""
+
+    def read_federation(self) -> dict | None:
+        """The federation's `federation.json`, or None before the coordinator wrote it."""
+
+    def write_federation(self, federation: dict) -> None:
+        """Write (or replace) `federation.json`."""
+
+    def publish_global(self, round_idx: int, folder: str | Path) -> str:
+        """Publish the global adapter clients of round `round_idx` start from; return its revision (sha256).
+
+        Writes `rounds/<t>/global/` and, when `t` is the highest published round, refreshes the copy at the root.
+        Idempotent: publishing the same adapter again returns the same revision; a different adapter for an
+        already published round raises ValueError.
+        """
+
+    def latest_global(self) -> GlobalAdapter | None:
+        """The highest published round, or None when nothing is published yet."""
+
+    def get_global(self, round_idx: int) -> GlobalAdapter:
+        """The global adapter of round `round_idx`; raises GlobalNotPublishedError if there is none."""
+
+    def upload_client(self, round_idx: int, client_id: str, folder: str | Path) -> None:
+        """Upload a client's result (all-or-nothing; a re-upload replaces the previous one)."""
+
+    def list_client_uploads(self, round_idx: int) -> list[str]:
+        """Sorted ids of the clients with a complete upload for the round."""
+
+    def download_client(self, round_idx: int, client_id: str) -> Path:
+        """A local folder with the client's (untrusted) files; raises ClientUploadNotFoundError if absent."""
+
+    def write_summary(self, round_idx: int, summary: dict) -> None:
+        """Write `rounds/<t>/summary.json` (the coordinator's decision record of round t)."""
+
+    def read_summary(self, round_idx: int) -> dict | None:
+        """The summary of round t, or None."""
+
+
+def validate_client_id(client_id: str) -> str:
+    """Check that a client id is safe to use as a path component and a repo-name part; return it.
+
+    Allowed: 1 to 64 characters from letters, digits, `_`, `.`, `-`, starting with a letter or a digit, no `..`.
+
+    Example:
+        ```python
+        validate_client_id("alice-01")   # "alice-01"
+        validate_client_id("../etc")     # ValueError
+        ```
+    """
+    if not isinstance(client_id, str) or not _CLIENT_ID_RE.fullmatch(client_id) or ".." in client_id:
+        raise ValueError(
+            f"Invalid client id {client_id!r}: use 1 to 64 characters from letters, digits, '_', '.' and '-', "
+            "starting with a letter or a digit, without '..'."
+        )
+    return client_id
+
+
+def check_round(round_idx: int) -> int:
+    """Check that a round index is a non-negative int; return it."""
+    if isinstance(round_idx, bool) or not isinstance(round_idx, int) or round_idx < 0:
+        raise ValueError(f"Invalid round index {round_idx!r}: rounds are numbered 0, 1, 2, ...")
+    return round_idx
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dump_json(obj: Any) -> bytes:
+    """The bytes the stores write for a JSON document (indented, key order kept, trailing newline)."""
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def global_files(folder: str | Path, round_idx: int) -> dict[str, Path]:
+    """The files of a global adapter folder to publish (top-level regular files, no hidden ones), checked.
+
+    Requires `adapter_model.safetensors` and `adapter_config.json`; a `round.json`, if present, must be a JSON
+    object whose "round" (if given) equals `round_idx`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Global adapter folder {folder} does not exist.")
+    files = {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    missing = [name for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) if name not in files]
+    if missing:
+        raise FileNotFoundError(
+            f"Global adapter folder {folder} lacks {', '.join(missing)}: save the adapter there with "
+            "`save_pretrained` (safetensors) before publishing."
+        )
+    if ROUND_JSON in files:
+        info = json.loads(files[ROUND_JSON].read_text())
+        if not isinstance(info, dict) or info.get("round", round_idx) != round_idx:
+            raise ValueError(
+                f"{files[ROUND_JSON]} says round {info.get('round')!r}, but round {round_idx} is being published."
+            )
+    return files
+
+
+def client_files(folder: str | Path) -> dict[str, Path]:
+    """The files of a client upload folder (only the names in CLIENT_FILES travel), checked."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Client upload folder {folder} does not exist.")
+    files = {name: folder / name for name in CLIENT_FILES if (folder / name).is_file()}
+    missing = [name for name in (ADAPTER_WEIGHTS, CLIENT_JSON) if name not in files]
+    if missing:
+        raise FileNotFoundError(
+            f"Client upload folder {folder} lacks {', '.join(missing)}: save the adapter with `save_pretrained` "
+            "and write client.json (see FederatedClientCallback) before uploading."
+        )
+    try:
+        info = json.loads(files[CLIENT_JSON].read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{files[CLIENT_JSON]} is not valid JSON: {e}") from e
+    if not isinstance(info, dict):
+        raise ValueError(f"{files[CLIENT_JSON]} must hold a JSON object.")
+    return files
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _summary_row(round_idx: int, summary: dict) -> str:
+    accepted = summary.get("accepted") or []
+    rejected = summary.get("rejected") or {}
+    accepted_txt = f"{len(accepted)}: {', '.join(map(str, accepted))}" if accepted else "0"
+    if isinstance(rejected, dict):
+        rejected_txt = "; ".join(f"{k} ({_cell(v)})" for k, v in rejected.items())
+    else:
+        rejected_txt = ", ".join(map(str, rejected))
+    metrics = summary.get("metrics") or {}
+    metrics_txt = ", ".join(
+        f"{k}={_cell(v)}" for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+    ) if isinstance(metrics, dict) else _cell(metrics)
+    return f"| {round_idx} | {_cell(accepted_txt)} | {_cell(rejected_txt) or '-'} | {metrics_txt or '-'} |"
+
+
+def render_model_card(
+    name: str, federation: dict | None, latest_round: int | None, summaries: dict[int, dict]
+) -> str:
+    """The federation's model card: metadata, how to load the latest global adapter, the round history.
+
+    Example:
+        ```python
+        text = render_model_card("org/fed", {"r_max": 16}, 3, {0: {"accepted": ["a"], "metrics": {"loss": 1.2}}})
+        ```
+    """
+    from huggingface_hub import ModelCardData
+
+    federation = federation or {}
+    base_model = federation.get("base_model")
+    data = ModelCardData(library_name="peft", tags=["peft", "lora", "hetlora", "federated-learning"])
+    if isinstance(base_model, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", base_model):
+        data.base_model = base_model
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {name}: a HetLoRA federation",
+        "",
+        "Federated fine-tuning with heterogeneous LoRA ranks ([HetLoRA](https://arxiv.org/abs/2401.06432)), "
+        "run with `peft-hetlora`. The files at the root are the latest global adapter; "
+        "`rounds/<t>/global/` keeps every round's.",
+        "",
+        f"Latest published round: **{latest_round if latest_round is not None else 'none yet'}**.",
+        "",
+        "```python",
+        "import peft_hetlora  # registers the HETLORA adapter type",
+        "from peft import PeftModel",
+        "",
+        f'model = PeftModel.from_pretrained(base_model, "{name}")',
+        "```",
+        "",
+    ]
+    settings = {k: federation[k] for k in ("base_model", "method", "r_min", "r_max") if k in federation}
+    if settings:
+        lines += ["## Federation", ""] + [f"- {k}: `{v}`" for k, v in settings.items()] + [""]
+    lines += ["## Rounds", ""]
+    if summaries:
+        lines += ["| Round | Accepted | Rejected | Metrics |", "|---|---|---|---|"]
+        lines += [_summary_row(t, summaries[t]) for t in sorted(summaries)]
+    else:
+        lines.append("No round closed yet.")
+    return "\n".join(lines) + "\n"
+
+
+# The backends are re-exported lazily: they import the helpers above, and either module may be imported first.
+if TYPE_CHECKING:
+    from .hub_store import HubStore
+    from .local_store import LocalStore
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LocalStore":
+        from .local_store import LocalStore
+
+        return LocalStore
+    if name == "HubStore":
+        from .hub_store import HubStore
+
+        return HubStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,259 @@
+"""HubStore on the Hub test double: repo layout, tags, upload modes, retries (429, 412) and permissions."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+
+import httpx2
+import numpy as np
+import pytest
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import HfHubHTTPError
+from safetensors.numpy import load, load_file
+
+from peft_hetlora.federated.hub_store import HubStore, UploadTooLargeError, _retry_after_s
+
+try:  # tests/ as a package or as a rootdir-relative folder
+    from tests.test_store_contract import KEY_A, make_client, make_global
+except ImportError:  # pragma: no cover
+    from test_store_contract import KEY_A, make_client, make_global
+
+
+@pytest.fixture
+def fed(hub_double, tmp_path) -> HubStore:
+    """The coordinator's HubStore (client_repo mode) on a fresh federation repo."""
+    return HubStore("hetlora/fed", endpoint=hub_double.endpoint, token=hub_double.token, cache_dir=tmp_path / "c")
+
+
+def as_client(fed: HubStore, double, client_id: str, tmp_path, **kwargs) -> HubStore:
+    """The federation as `client_id` sees it: a token that can write only its own repo (client_repo mode)."""
+    write = [fed.client_repo_for(client_id)] if fed.client_mode == "client_repo" else []
+    double.add_token(f"tok-{client_id}", f"user-{client_id}", write=write)
+    return HubStore(fed.repo_id, endpoint=fed.endpoint, token=f"tok-{client_id}", client_mode=fed.client_mode,
+                    cache_dir=tmp_path / f"c-{client_id}", **kwargs)
+
+
+def main_commits(double, repo_id: str) -> list[str]:
+    api = HfApi(endpoint=double.endpoint, token=double.token)
+    return [c.title for c in api.list_repo_commits(repo_id)]
+
+
+def test_publish_is_one_commit_with_root_card_and_round_tag(fed, hub_double, tmp_path):
+    fed.write_federation({"base_model": "org/base", "r_min": 1, "r_max": 4})
+    g0, g1 = make_global(tmp_path, 0, seed=0), make_global(tmp_path, 1, seed=1)
+    before = len(main_commits(hub_double, fed.repo_id))
+    fed.publish_global(0, g0)
+    fed.write_summary(0, {"accepted": ["alice"], "rejected": {}, "metrics": {"loss": 2.0}})
+    fed.publish_global(1, g1)
+    titles = main_commits(hub_double, fed.repo_id)
+    assert len(titles) == before + 3  # publish 0, summary 0, publish 1: one commit each
+    assert titles[0] == "hetlora: publish global adapter of round 1"
+
+    api = HfApi(endpoint=hub_double.endpoint, token=hub_double.token)
+    refs = api.list_repo_refs(fed.repo_id)
+    assert {t.name for t in refs.tags} == {"round-0", "round-1"}
+    tagged0 = hub_double.files(fed.repo_id, "round-0")
+    assert tagged0["adapter_model.safetensors"] == (g0 / "adapter_model.safetensors").read_bytes()
+    assert tagged0["rounds/0/global/round.json"] == (g0 / "round.json").read_bytes()
+    head = hub_double.files(fed.repo_id)
+    assert head["adapter_model.safetensors"] == (g1 / "adapter_model.safetensors").read_bytes()
+    assert head["rounds/1/global/adapter_model.safetensors"] == head["adapter_model.safetensors"]
+    assert b"| 0 | 1: alice | - | loss=2 |" in head["README.md"]
+
+    fed.publish_global(1, g1)  # idempotent: no new commit, the tag stays
+    assert len(main_commits(hub_double, fed.repo_id)) == before + 3
+
+
+def test_root_of_main_loads_with_plain_safetensors_from_a_resolve_url(fed, hub_double, tmp_path):
+    g0 = make_global(tmp_path, 0, seed=0)
+    fed.publish_global(0, g0)
+    url = f"{hub_double.endpoint}/{fed.repo_id}/resolve/main/adapter_model.safetensors"
+    response = httpx2.get(url, headers={"Authorization": f"Bearer {hub_double.token}"})
+    assert response.status_code == 200 and response.headers["X-Repo-Commit"]
+    np.testing.assert_array_equal(load(response.content)[KEY_A],
+                                  load_file(str(g0 / "adapter_model.safetensors"))[KEY_A])
+    assert httpx2.get(url).status_code == 401  # private repo, anonymous
+
+
+def test_peft_loads_the_global_from_the_repo_id(fed, hub_double, tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import huggingface_hub.constants as constants
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    model.save_pretrained(tmp_path / "g")
+    fed.publish_global(0, tmp_path / "g")
+
+    # What HF_ENDPOINT=<double> does in a fresh process (huggingface_hub reads it at import).
+    import huggingface_hub.hf_api
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub_double.endpoint)
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", hub_double.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub_double.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "peft-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "peft-cache"))
+    torch.manual_seed(0)
+    loaded = peft.PeftModel.from_pretrained(LlamaForCausalLM(config), fed.repo_id, token=hub_double.token)
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_client_repo_mode(fed, hub_double, tmp_path):
+    fed.publish_global(0, make_global(tmp_path, 0, seed=0, participants=["alice", "bob"]))
+    head = hub_double.files(fed.repo_id)
+    alice = as_client(fed, hub_double, "alice", tmp_path)
+    alice.upload_client(0, "alice", make_client(tmp_path, 0, "alice", seed=1))
+    assert hub_double.files(fed.repo_id) == head  # the federation repo is untouched
+    assert "rounds/0/clients/alice/client.json" in hub_double.files("hetlora/fed-client-alice")
+    assert hub_double.repos[("model", "hetlora/fed-client-alice")].private
+
+    eve = as_client(fed, hub_double, "eve", tmp_path)  # not a participant of round 0
+    eve.upload_client(0, "eve", make_client(tmp_path, 0, "eve", seed=2))
+    assert fed.list_client_uploads(0) == ["alice"]
+
+    with pytest.raises(HfHubHTTPError, match="403"):  # alice's token cannot write bob's repo
+        HubStore(fed.repo_id, endpoint=fed.endpoint, token="tok-alice", cache_dir=tmp_path / "x").upload_client(
+            0, "bob", make_client(tmp_path, 0, "bob", seed=3))
+    assert fed.list_client_uploads(0) == ["alice"]
+
+
+def test_client_repo_ids_and_participants(fed, hub_double, tmp_path):
+    assert fed.client_repo_for("alice") == "hetlora/fed-client-alice"
+    custom = HubStore("hetlora/fed", endpoint=fed.endpoint, client_repo_id="{namespace}-{client_id}/{name}")
+    assert custom.client_repo_for("alice") == "hetlora-alice/fed"
+    assert HubStore("hetlora/fed", client_repo_id=lambda c: f"users/{c}").client_repo_for("bo") == "users/bo"
+    with pytest.raises(ValueError, match="not a valid Hub repo id"):
+        fed.client_repo_for("a--b")
+    g = make_global(tmp_path, 0, seed=0)
+    (g / "round.json").write_text(json.dumps({"round": 0}))
+    fed.publish_global(0, g)
+    with pytest.raises(ValueError, match="participants"):
+        fed.list_client_uploads(0)
+
+
+def test_pr_mode(hub_double, tmp_path):
+    fed = HubStore("hetlora/fed", endpoint=hub_double.endpoint, token=hub_double.token, client_mode="pr",
+                   cache_dir=tmp_path / "c")
+    fed.publish_global(0, make_global(tmp_path, 0, seed=0))
+    head = hub_double.files(fed.repo_id)
+    alice = as_client(fed, hub_double, "alice", tmp_path)
+    bob = as_client(fed, hub_double, "bob", tmp_path)
+    alice.upload_client(0, "alice", make_client(tmp_path, 0, "alice", seed=1))
+    bob.upload_client(0, "bob", make_client(tmp_path, 0, "bob", seed=2))
+    second = make_client(tmp_path, 0, "alice", seed=3)
+    alice.upload_client(0, "alice", second)
+    assert hub_double.files(fed.repo_id) == head  # main untouched: uploads live in refs/pr/1..3
+    assert sorted(hub_double.repos[("model", fed.repo_id)].refs) == [
+        "refs/heads/main", "refs/pr/1", "refs/pr/2", "refs/pr/3", "refs/tags/round-0"]
+    assert fed.list_client_uploads(0) == ["alice", "bob"]
+    assert fed.list_client_uploads(1) == []
+    folder = fed.download_client(0, "alice")  # the newest pull request wins
+    assert (folder / "adapter_model.safetensors").read_bytes() == (second / "adapter_model.safetensors").read_bytes()
+    for d in hub_double.repos[("model", fed.repo_id)].discussions:  # closed pull requests are ignored
+        d["status"] = "closed" if d["num"] == 2 else d["status"]
+    assert fed.list_client_uploads(0) == ["alice"]
+
+
+def test_429_is_retried_after_retry_after(fed, hub_double, tmp_path):
+    waits = []
+    fed._sleep = waits.append
+    hub_double.inject("commit", 429, times=2, headers={"Retry-After": "0.05"})
+    fed.publish_global(0, make_global(tmp_path, 0, seed=0))
+    assert waits == [0.05, 0.05]
+    assert hub_double.count("commit", 429) == 2 and hub_double.count("commit", 200) == 1
+    assert fed.latest_global().round == 0
+
+    waits.clear()
+    hub_double.inject("commit", 503, times=2)  # no Retry-After: exponential backoff
+    fed.write_summary(0, {"accepted": []})
+    assert waits == [fed.backoff_s, 2 * fed.backoff_s]
+
+
+def test_429_gives_up_when_asked_to_wait_too_long_or_too_often(fed, hub_double, tmp_path):
+    fed._sleep = lambda s: None
+    hub_double.inject("commit", 429, headers={"Retry-After": "3600"})
+    with pytest.raises(HfHubHTTPError, match="max_wait_s"):
+        fed.write_federation({"r_max": 4})
+    fed.max_retries = 2
+    hub_double.inject("commit", 429, times=3, headers={"Retry-After": "0"})
+    with pytest.raises(HfHubHTTPError, match="429"):
+        fed.write_federation({"r_max": 4})
+    assert hub_double.count("commit", 429) == 4
+
+
+def test_412_stale_parent_is_retried(fed, hub_double, tmp_path):
+    fed.write_federation({"r_max": 4})
+    # Another writer commits between our read of the head and our commit: our parent_commit is stale.
+    hub_double.before("commit", lambda d: d.commit(fed.repo_id, {"notes.txt": b"someone else"}))
+    fed.publish_global(0, make_global(tmp_path, 0, seed=0))
+    assert hub_double.count("commit", 412) == 1
+    head = hub_double.files(fed.repo_id)
+    assert head["notes.txt"] == b"someone else" and "rounds/0/global/adapter_model.safetensors" in head
+
+    fed.max_retries = 1
+    hub_double.before("commit", lambda d: d.commit(fed.repo_id, {"notes.txt": b"again"}), times=2)
+    with pytest.raises(HfHubHTTPError, match="412"):
+        fed.write_summary(0, {"accepted": []})
+
+
+def test_client_token_cannot_write_the_federation_repo(fed, hub_double, tmp_path):
+    fed.publish_global(0, make_global(tmp_path, 0, seed=0))
+    alice = as_client(fed, hub_double, "alice", tmp_path)
+    api = HfApi(endpoint=hub_double.endpoint, token="tok-alice")
+    with pytest.raises(HfHubHTTPError, match="403"):
+        api.create_commit(fed.repo_id, [CommitOperationAdd("x.txt", b"x")], commit_message="sneak")
+    with pytest.raises(HfHubHTTPError, match="403"):
+        alice.write_summary(0, {"accepted": ["alice"]})
+    with pytest.raises(HfHubHTTPError, match="403"):
+        alice.publish_global(1, make_global(tmp_path, 1, seed=1))
+    assert fed.read_summary(0) is None and fed.latest_global().round == 0
+
+
+def test_wrong_token_is_rejected(fed, hub_double, tmp_path):
+    fed.publish_global(0, make_global(tmp_path, 0, seed=0))
+    stranger = HubStore(fed.repo_id, endpoint=fed.endpoint, token="hf_wrong", cache_dir=tmp_path / "s")
+    with pytest.raises(HfHubHTTPError, match="401"):
+        stranger.latest_global()
+
+
+def test_download_refuses_files_over_the_limit(fed, hub_double, tmp_path):
+    fed.publish_global(0, make_global(tmp_path, 0, seed=0))
+    as_client(fed, hub_double, "alice", tmp_path).upload_client(0, "alice", make_client(tmp_path, 0, "alice", seed=1))
+    fed.max_client_file_bytes = 100
+    with pytest.raises(UploadTooLargeError, match="adapter_model.safetensors of \\d+ bytes"):
+        fed.download_client(0, "alice")
+
+
+def test_retry_after_parsing():
+    assert _retry_after_s({"Retry-After": "0.05"}) == 0.05
+    assert _retry_after_s({"Retry-After": "7"}) == 7.0
+    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 25 < _retry_after_s({"Retry-After": when}) <= 30
+    assert _retry_after_s({}) is None
+
+
+def test_double_speaks_like_the_hub(hub_double):
+    api = HfApi(endpoint=hub_double.endpoint, token=hub_double.token)
+    api.create_repo("org/r", private=True)
+    with pytest.raises(HfHubHTTPError, match="409"):
+        api.create_repo("org/r")
+    assert api.create_repo("org/r", exist_ok=True).repo_id == "org/r"
+    pr = api.create_commit("org/r", [CommitOperationAdd("a/b.txt", b"hi")], commit_message="m", create_pr=True)
+    assert pr.pr_revision == "refs/pr/1"
+    assert api.list_repo_files("org/r", revision="refs/pr/1") == [".gitattributes", "a/b.txt"]
+    assert [f.path for f in api.list_repo_tree("org/r", "a", revision="refs/pr/1")] == ["a/b.txt"]
+    assert api.list_repo_commits("org/r", revision="refs/pr/1")[0].created_at.tzinfo is not None
+    assert api.whoami()["name"] == "federation"
+    with pytest.raises(HfHubHTTPError, match="Invalid user token") as info:
+        HfApi(endpoint=hub_double.endpoint, token="nope").whoami()
+    assert info.value.response.status_code == 401

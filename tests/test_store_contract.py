@@ -1,0 +1,372 @@
+"""The AdapterStore contract, run against LocalStore, HubStore (client repos) and HubStore (pull requests).
+
+The `store` fixture (conftest.py) is the coordinator's store; `client_store(id)` is the same store as a client
+sees it (its own token on the Hub). LocalStore-only behaviour (disk errors, processes) is at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from peft_hetlora.federated.store import (
+    AdapterStore,
+    ClientUploadNotFoundError,
+    GlobalNotPublishedError,
+    HubStore,
+    LocalStore,
+    StoreNotFoundError,
+    validate_client_id,
+)
+
+KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def make_adapter(folder: Path, seed: int, rank: int = 4, *, round_info: dict | None = None,
+                 client_info: dict | None = None, config: bool = True) -> Path:
+    """A tiny adapter folder: safetensors weights (+ adapter_config.json, round.json / client.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    save_file({KEY_A: rng.standard_normal((rank, 8)).astype(np.float32),
+               KEY_B: rng.standard_normal((8, rank)).astype(np.float32)}, str(folder / "adapter_model.safetensors"))
+    if config:
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 8}))
+    if round_info is not None:
+        (folder / "round.json").write_text(json.dumps(round_info))
+    if client_info is not None:
+        (folder / "client.json").write_text(json.dumps(client_info))
+    return folder
+
+
+def make_global(tmp_path: Path, round_idx: int, seed: int, participants=("alice", "bob", "carol", "dave")) -> Path:
+    info = {"round": round_idx, "participants": list(participants), "ranks": {c: 4 for c in participants},
+            "r_max": 4, "r_min": 1, "method": "hetlora"}
+    return make_adapter(tmp_path / f"global-{round_idx}-{seed}", seed, round_info=info)
+
+
+def make_client(tmp_path: Path, round_idx: int, client_id: str, seed: int, **kwargs) -> Path:
+    info = {"client_id": client_id, "round": round_idx, "rank_in": 4, "rank_out": 4, "num_examples": 10}
+    return make_adapter(tmp_path / f"client-{client_id}-{round_idx}-{seed}", seed, client_info=info, **kwargs)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Killed(BaseException):
+    """A process killed in the middle of a write (not an Exception: nothing may catch it on the way)."""
+
+
+def root_file(store, name: str, request) -> bytes:
+    """A file at the store's root (the latest-global copy, the model card)."""
+    if isinstance(store, LocalStore):
+        return (store.path / name).read_bytes()
+    return request.getfixturevalue("hub_double").files(store.repo_id)[name]
+
+
+# ------------------------------------------------------------------------------------------------- contract
+def test_is_an_adapter_store(store):
+    assert isinstance(store, AdapterStore)
+
+
+def test_empty_store(store):
+    assert store.read_federation() is None
+    assert store.latest_global() is None
+    assert store.read_summary(0) is None
+    assert store.list_client_uploads(0) == []
+    with pytest.raises(GlobalNotPublishedError, match="must publish"):
+        store.get_global(0)
+
+
+def test_federation_roundtrip(store):
+    store.write_federation({"base_model": "org/base", "r_min": 2, "r_max": 16, "method": "hetlora"})
+    assert store.read_federation()["r_max"] == 16
+    store.write_federation({"base_model": "org/base", "r_min": 2, "r_max": 8})
+    assert store.read_federation() == {"base_model": "org/base", "r_min": 2, "r_max": 8}
+
+
+def test_publish_latest_and_get_global(store, tmp_path, request):
+    g0, g1 = make_global(tmp_path, 0, seed=0), make_global(tmp_path, 1, seed=1)
+    rev0 = store.publish_global(0, g0)
+    assert rev0 == sha256(g0 / "adapter_model.safetensors")
+    latest = store.latest_global()
+    assert (latest.round, latest.revision) == (0, rev0)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "round.json"):
+        assert (latest.path / name).read_bytes() == (g0 / name).read_bytes()
+    assert root_file(store, "adapter_model.safetensors", request) == (g0 / "adapter_model.safetensors").read_bytes()
+
+    rev1 = store.publish_global(1, g1)
+    assert rev1 != rev0 and store.latest_global().round == 1
+    assert store.get_global(0).revision == rev0
+    np.testing.assert_array_equal(load_file(str(store.get_global(1).path / "adapter_model.safetensors"))[KEY_A],
+                                  load_file(str(g1 / "adapter_model.safetensors"))[KEY_A])
+    assert root_file(store, "adapter_model.safetensors", request) == (g1 / "adapter_model.safetensors").read_bytes()
+    assert json.loads(root_file(store, "round.json", request))["round"] == 1
+
+
+def test_republish_is_idempotent_and_rounds_are_immutable(store, tmp_path, request):
+    g0, g1 = make_global(tmp_path, 0, seed=0), make_global(tmp_path, 1, seed=1)
+    rev0 = store.publish_global(0, g0)
+    store.publish_global(1, g1)
+    assert store.publish_global(0, g0) == rev0  # again: same revision, no error
+    again = make_global(tmp_path, 0, seed=0, participants=["zoe"])  # same weights, other round.json
+    assert store.publish_global(0, again) == rev0
+    assert json.loads((store.get_global(0).path / "round.json").read_text())["participants"][0] == "alice"
+    assert store.latest_global().round == 1  # an older round never takes the root back
+    assert root_file(store, "adapter_model.safetensors", request) == (g1 / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="immutable"):
+        store.publish_global(0, make_global(tmp_path, 0, seed=7))
+    assert store.get_global(0).revision == rev0
+
+
+def test_publish_checks_the_folder(store, tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        store.publish_global(0, make_adapter(tmp_path / "noconfig", 0, config=False))
+    with pytest.raises(ValueError, match="round 3"):
+        store.publish_global(0, make_adapter(tmp_path / "wrong", 0, round_info={"round": 3}))
+
+
+def test_upload_list_download(store, client_store, tmp_path):
+    store.publish_global(0, make_global(tmp_path, 0, seed=0))
+    up = make_client(tmp_path, 0, "alice", seed=10)
+    (up / "extra.pkl").write_bytes(b"never uploaded")
+    client_store("alice").upload_client(0, "alice", up)
+    assert store.list_client_uploads(0) == ["alice"]
+    assert store.list_client_uploads(1) == []
+    folder = store.download_client(0, "alice")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["adapter_config.json", "adapter_model.safetensors", "client.json"]
+    for name in ("adapter_model.safetensors", "client.json", "adapter_config.json"):
+        assert (folder / name).read_bytes() == (up / name).read_bytes()
+    with pytest.raises(ClientUploadNotFoundError):
+        store.download_client(0, "bob")
+
+
+def test_reupload_replaces(store, client_store, tmp_path):
+    store.publish_global(0, make_global(tmp_path, 0, seed=0))
+    alice = client_store("alice")
+    alice.upload_client(0, "alice", make_client(tmp_path, 0, "alice", seed=10))
+    second = make_client(tmp_path, 0, "alice", seed=11, config=False)
+    alice.upload_client(0, "alice", second)
+    assert store.list_client_uploads(0) == ["alice"]
+    folder = store.download_client(0, "alice")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_model.safetensors", "client.json"]
+    assert sha256(folder / "adapter_model.safetensors") == sha256(second / "adapter_model.safetensors")
+
+
+def test_upload_needs_a_published_round(store, client_store, tmp_path):
+    with pytest.raises(GlobalNotPublishedError, match="must publish"):
+        client_store("alice").upload_client(0, "alice", make_client(tmp_path, 0, "alice", seed=1))
+    with pytest.raises(FileNotFoundError, match="client.json"):
+        client_store("alice").upload_client(0, "alice", make_adapter(tmp_path / "nojson", 1))
+
+
+def test_half_written_upload_is_never_listed(store, client_store, tmp_path, monkeypatch, request):
+    store.publish_global(0, make_global(tmp_path, 0, seed=0))
+    up = make_client(tmp_path, 0, "alice", seed=10)
+    if isinstance(store, LocalStore):
+        from peft_hetlora.federated import local_store
+
+        real_copy = local_store._copy_file
+
+        def copy_then_die(src, dst):
+            real_copy(src, dst)
+            raise Killed  # the process dies after the first file
+
+        monkeypatch.setattr(local_store, "_copy_file", copy_then_die)
+        with pytest.raises(Killed):
+            client_store("alice").upload_client(0, "alice", up)
+        clients = store.path / "rounds" / "0" / "clients"
+        assert list(clients.iterdir()) == []  # the staging folder is gone too
+        (clients / ".tmp-bob-x1").mkdir()  # what a SIGKILLed upload leaves behind
+        (clients / ".tmp-bob-x1" / "adapter_model.safetensors").write_bytes(b"partial")
+        (clients / "carol").mkdir()  # a folder without client.json is not an upload
+        monkeypatch.undo()
+    else:
+        alice = client_store("alice")
+        alice.max_retries = 0
+        request.getfixturevalue("hub_double").inject("commit", 500)
+        with pytest.raises(Exception, match="500"):
+            alice.upload_client(0, "alice", up)
+    assert store.list_client_uploads(0) == []
+    client_store("alice").upload_client(0, "alice", up)
+    assert store.list_client_uploads(0) == ["alice"]
+    if isinstance(store, LocalStore):  # what a killed client left behind goes once it is old
+        os.utime(clients / ".tmp-bob-x1", (0, 0))
+        client_store("bob").upload_client(0, "bob", make_client(tmp_path, 0, "bob", seed=2))
+        assert sorted(p.name for p in clients.iterdir()) == ["alice", "bob", "carol"]
+
+
+def test_clients_upload_at_once_from_threads(store, client_store, tmp_path):
+    ids = ["alice", "bob", "carol", "dave"]
+    store.publish_global(0, make_global(tmp_path, 0, seed=0, participants=ids))
+    folders = {cid: make_client(tmp_path, 0, cid, seed=i) for i, cid in enumerate(ids)}
+    clients = {cid: client_store(cid) for cid in ids}
+    barrier, errors = threading.Barrier(len(ids)), []
+
+    def upload(cid):
+        try:
+            barrier.wait()
+            clients[cid].upload_client(0, cid, folders[cid])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=upload, args=(cid,)) for cid in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.list_client_uploads(0) == ids
+    for cid in ids:
+        assert sha256(store.download_client(0, cid) / "adapter_model.safetensors") == sha256(
+            folders[cid] / "adapter_model.safetensors")
+
+
+BAD_IDS = ["", "../x", "a/b", "..", "a..b", ".hidden", "-a", "a b", "x" * 65, "é", "a\\b", None, 3]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
+def test_bad_client_ids_are_rejected(bad):
+    with pytest.raises(ValueError, match="Invalid client id"):
+        validate_client_id(bad)
+
+
+def test_bad_client_ids_are_rejected_by_the_store(store, tmp_path):
+    store.publish_global(0, make_global(tmp_path, 0, seed=0))
+    up = make_client(tmp_path, 0, "alice", seed=1)
+    for bad in ("../alice", "a/b", ".."):
+        with pytest.raises(ValueError, match="Invalid client id"):
+            store.upload_client(0, bad, up)
+        with pytest.raises(ValueError, match="Invalid client id"):
+            store.download_client(0, bad)
+    assert validate_client_id("Client_07.v2-x") == "Client_07.v2-x"
+
+
+def test_bad_round_indices_are_rejected(store):
+    for bad in (-1, True, "0", 1.0):
+        with pytest.raises(ValueError, match="round"):
+            store.read_summary(bad)
+
+
+def test_summaries_and_model_card(store, tmp_path, request):
+    store.write_federation({"base_model": "org/base", "r_min": 2, "r_max": 4, "method": "hetlora"})
+    store.publish_global(0, make_global(tmp_path, 0, seed=0))
+    summary = {"accepted": ["alice", "bob"], "rejected": {"carol": "non-finite values"},
+               "weights": {"alice": 0.25, "bob": 0.75}, "metrics": {"train_loss": 1.2345}}
+    store.write_summary(0, summary)
+    assert store.read_summary(0) == summary
+    assert store.read_summary(1) is None
+    store.publish_global(1, make_global(tmp_path, 1, seed=1))
+    card = root_file(store, "README.md", request).decode()
+    assert "library_name: peft" in card and "base_model: org/base" in card
+    assert "| 0 | 2: alice, bob | carol (non-finite values) | train_loss=1.234 |" in card
+    assert "Latest published round: **1**" in card
+
+
+# ---------------------------------------------------------------------------------------- LocalStore only
+def test_local_missing_folder_says_how_to_create(tmp_path):
+    with pytest.raises(StoreNotFoundError, match=r"create=True"):
+        LocalStore(tmp_path / "nope")
+    assert LocalStore(tmp_path / "nope", create=True).path.is_dir()
+
+
+def test_local_full_disk_names_the_path_and_leaves_nothing(tmp_path, monkeypatch):
+    from peft_hetlora.federated import local_store
+
+    store = LocalStore(tmp_path / "store", create=True)
+    store.publish_global(0, make_global(tmp_path, 0, seed=0))
+    real_copy = local_store._copy_file
+
+    def copy_until_full(src, dst):
+        if Path(src).name == "client.json":
+            Path(dst).write_bytes(b'{"half')
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_copy(src, dst)
+
+    monkeypatch.setattr(local_store, "_copy_file", copy_until_full)
+    with pytest.raises(OSError, match=r"No space left.*rounds/0/clients/alice") as info:
+        store.upload_client(0, "alice", make_client(tmp_path, 0, "alice", seed=1))
+    assert info.value.errno == errno.ENOSPC
+    assert list((store.path / "rounds" / "0" / "clients").iterdir()) == []
+    assert store.list_client_uploads(0) == []
+
+    def write_until_full(fd, data):
+        os.write(fd, data[:3])
+        os.close(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local_store, "_write_fd", write_until_full)
+    with pytest.raises(OSError, match=r"No space left.*summary.json"):
+        store.write_summary(0, {"accepted": []})
+    assert store.read_summary(0) is None
+    assert not [p for p in (store.path / "rounds" / "0").iterdir() if p.name.startswith(".tmp")]
+
+
+def _upload_repeatedly(store_path: str, client_id: str, folder: str, start) -> None:
+    store = LocalStore(store_path)
+    start.wait()
+    for _ in range(5):  # each client uploads (and re-uploads) at the same time as the others
+        store.upload_client(0, client_id, folder)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forks the test process (a spawned one re-imports torch)")
+def test_local_clients_upload_at_once_from_processes(tmp_path):
+    import multiprocessing
+
+    store = LocalStore(tmp_path / "store", create=True)
+    ids = [f"c{i}" for i in range(4)]
+    store.publish_global(0, make_global(tmp_path, 0, seed=0, participants=ids))
+    folders = {cid: make_client(tmp_path, 0, cid, seed=i) for i, cid in enumerate(ids)}
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_upload_repeatedly, args=(str(store.path), cid, str(folders[cid]), start))
+             for cid in ids]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0] * len(ids)
+    assert store.list_client_uploads(0) == ids
+    leftovers = [p.name for p in (store.path / "rounds" / "0" / "clients").iterdir() if p.name not in ids]
+    assert leftovers == []
+    for cid in ids:
+        assert sha256(store.download_client(0, cid) / "client.json") == sha256(folders[cid] / "client.json")
+
+
+def test_local_root_loads_with_peft(tmp_path):
+    """PeftModel.from_pretrained(store_path) loads the latest global adapter from the store's root."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    model.save_pretrained(tmp_path / "g")
+    (tmp_path / "g" / "round.json").write_text(json.dumps({"round": 0, "participants": []}))
+    store = LocalStore(tmp_path / "store", create=True)
+    store.publish_global(0, tmp_path / "g")
+    torch.manual_seed(0)
+    loaded = peft.PeftModel.from_pretrained(LlamaForCausalLM(config), str(store.path))
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_hub_store_is_reexported():
+    assert HubStore.__module__ == "peft_hetlora.federated.hub_store"
