@@ -163,13 +163,16 @@ def test_rejects_non_hetlora_model(tmp_path):
         _train(tmp_path, tiny_llama(), [HetLoRACallback()])
 
 
-def _publish(store, round_idx, state, participants, ranks, r_max=8):
+def _publish(store, round_idx, state, participants, ranks, r_max=8, r_min=None):
     folder = store.path / f"_staging_{round_idx}"
     folder.mkdir()
     config = peft_hetlora.HetLoRAConfig(r=r_max, lora_alpha=16, target_modules=TARGETS)
     config.save_pretrained(str(folder))
     save_file(state, str(folder / "adapter_model.safetensors"))
-    (folder / "round.json").write_text(json.dumps({"round": round_idx, "participants": participants, "ranks": ranks}))
+    info = {"round": round_idx, "participants": participants, "ranks": ranks}
+    if r_min is not None:
+        info["r_min"] = r_min
+    (folder / "round.json").write_text(json.dumps(info))
     store.publish_global(round_idx, folder)
 
 
@@ -247,3 +250,16 @@ def test_client_errors_before_training(tmp_path):
     _publish(store2, 0, other, ["alice"], {"alice": 2})
     with pytest.raises(ValueError, match="does not fit this model"):
         _train(tmp_path, model, [FederatedClientCallback(store2, "alice")])
+
+
+def test_client_prunes_no_lower_than_the_federation_r_min(tmp_path):
+    from peft import get_peft_model_state_dict
+
+    store = LocalStore(tmp_path / "fed", create=True)
+    state = {k: v + 0.05 for k, v in get_peft_model_state_dict(make_model(rank=8)).items()}
+    _publish(store, 0, state, ["alice"], {"alice": 3}, r_min=3)
+    model = make_model(rank=3, lam=50.0, gamma=0.5)  # local default r_min=1 would allow 3 -> 1
+    callback = FederatedClientCallback(store, "alice")
+    _train(tmp_path, model, [callback])
+    assert callback.last_round["tail_norm_end"] < callback.last_round["tail_norm_start"]
+    assert callback.last_round["rank_out"] == 3

@@ -187,6 +187,9 @@ class FederatedClientCallback(HetLoRACallback):
                 f"Client {self.client_id} is assigned rank {rank} but its model was created at rank {allocated}; "
                 f"create it with HetLoRAConfig(rank={rank}) (the Trainer's optimizer already holds the parameters)."
             )
+        federation_r_min = self.round_info.get("r_min")
+        if isinstance(federation_r_min, int) and 1 <= federation_r_min <= rank:
+            config.r_min = federation_r_min  # pruning must respect the federation's r_min, not a local default
         tuner.set_rank(rank, adapter)
         set_peft_model_state_dict(peft_model, truncate(weights, rank), adapter_name=adapter)
         logger.info("Client %s loaded global round %d at rank %d", self.client_id, latest.round, rank)
