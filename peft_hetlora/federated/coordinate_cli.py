@@ -1,0 +1,273 @@
+"""`hetlora coordinate`: run (or resume) a federation's coordinator against a folder or a Hub repo.
+
+Example:
+    ```sh
+    # start: publish global 0 from an r_max adapter, then wait for uploads round after round
+    hetlora coordinate --store runs/fed --init-adapter out/init --rounds 10 --method hetlora \\
+        --num-clients 20 --clients-per-round 4 --r-min 2 --wait
+    # resume after a crash (settings come from federation.json)
+    hetlora coordinate --store runs/fed --wait
+    # a Hub repo as the store
+    hetlora coordinate --store hf://my-org/my-federation --init-adapter out/init --clients a,b,c --rounds 5
+    ```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .aggregation import AGGREGATION_METHODS
+from .coordinator import NEXT_RANK_RULES, Coordinator, CoordinatorError
+from .rank_policy import BUDGET_KINDS, RANK_POLICIES, RankPolicy, parse_bytes
+
+HF_PREFIX = "hf://"
+
+
+def _pairs(text: str, what: str) -> dict[str, str]:
+    """`a=1,b=2` (or a JSON file holding an object) -> {"a": "1", "b": "2"}."""
+    path = Path(text)
+    if path.suffix == ".json" and path.is_file():
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise argparse.ArgumentTypeError(f"{path} must hold a JSON object for {what}.")
+        return {str(k): str(v) for k, v in data.items()}
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise argparse.ArgumentTypeError(f"Cannot read {what} from {item!r}; write name=value,name=value.")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _int_pairs(text: str) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in _pairs(text, "ranks").items()}
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"Ranks must be integers: {err}") from None
+
+
+def _byte_pairs(text: str) -> dict[str, int]:
+    try:
+        return {k: parse_bytes(v) for k, v in _pairs(text, "budgets").items()}
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _float_pairs(text: str) -> dict[str, float]:
+    try:
+        return {k: float(v) for k, v in _pairs(text, "tier fractions").items()}
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"Tier fractions must be numbers: {err}") from None
+
+
+def _client_list(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _byte_size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_coordinate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the `coordinate` options to `parser` (used by `add_coordinate_parser`)."""
+    store = parser.add_argument_group("store")
+    store.add_argument("--store", required=True,
+                       help="A folder (created with --init-adapter if missing) or hf://namespace/repo.")
+    store.add_argument("--hub-endpoint", default=None, help="Hub endpoint URL (hf:// stores).")
+    store.add_argument("--hub-token", default=None, help="Hub token (hf:// stores; default: the logged-in token).")
+    store.add_argument("--hub-client-mode", choices=("client_repo", "pr"), default="client_repo",
+                       help="How clients upload to an hf:// store: each to its own repo, or by pull request.")
+    store.add_argument("--init-adapter", default=None, help="Folder of the initial adapter at r_max "
+                       "(adapter_model.safetensors + adapter_config.json); publishes global 0. Safe to repeat.")
+
+    fed = parser.add_argument_group("federation (defaults come from federation.json when resuming)")
+    fed.add_argument("--method", choices=AGGREGATION_METHODS, default=None, help="Aggregation (default hetlora).")
+    fed.add_argument("--rounds", type=int, default=None, help="Number of rounds (default 1).")
+    fed.add_argument("--r-max", type=int, default=None, help="Maximum rank (default: the initial adapter's r).")
+    fed.add_argument("--r-min", type=int, default=None, help="Minimum rank (default 1).")
+    clients = fed.add_mutually_exclusive_group()
+    clients.add_argument("--clients", type=_client_list, default=None, help="Comma-separated client ids.")
+    clients.add_argument("--num-clients", type=int, default=None, help="N clients named client-000 ... (or "
+                         "--client-prefix).")
+    fed.add_argument("--client-prefix", default="client-", help="Prefix of generated client ids.")
+    fed.add_argument("--clients-per-round", type=int, default=None, help="Participants per round (default all).")
+    fed.add_argument("--min-clients", type=int, default=None,
+                     help="Uploads needed to close a round (default clients-per-round; with --deadline-s, what "
+                     "suffices once the deadline passed).")
+    fed.add_argument("--seed", type=int, default=None, help="Seed of rank draws and client sampling (default 0).")
+    fed.add_argument("--clip-norm", type=float, default=None, help="Clip each client's ||s B A||_F to this.")
+    fed.add_argument("--max-upload-bytes", type=_byte_size, default=None,
+                     help="Size limit of an uploaded adapter, e.g. 64MB (default 2x an r_max adapter).")
+    fed.add_argument("--deadline-s", type=float, default=None, help="Seconds after a round opens after which "
+                     "min-clients uploads close it.")
+    fed.add_argument("--next-rank", choices=NEXT_RANK_RULES, default=None,
+                     help="A client's next rank: its reported rank_out (default) or its initial rank.")
+
+    ranks = parser.add_argument_group("initial ranks")
+    ranks.add_argument("--rank-policy", choices=RANK_POLICIES, default=None,
+                       help="uniform (default), explicit (--ranks), constant (--rank), budget (--budgets), tiers.")
+    ranks.add_argument("--ranks", type=_int_pairs, default=None, help="Explicit ranks: a=4,b=8 or a JSON file.")
+    ranks.add_argument("--rank", type=int, default=None, help="The rank of every client (constant policy).")
+    ranks.add_argument("--budgets", type=_byte_pairs, default=None,
+                       help="Device budgets: a=64MB,b=1GiB or a JSON file (budget policy).")
+    ranks.add_argument("--budget-kind", choices=BUDGET_KINDS, default="memory",
+                       help="memory: Adam training state (4 copies x 4 bytes per parameter); params: the weights.")
+    ranks.add_argument("--tiers", type=_float_pairs, default=None, help="Tier fractions: small=0.5,medium=0.3,...")
+    ranks.add_argument("--tier-ranks", type=_int_pairs, default=None, help="Tier ranks: small=2,medium=8,...")
+
+    run = parser.add_argument_group("running")
+    run.add_argument("--wait", action="store_true",
+                     help="Keep polling for uploads until the last round closes (default: close what is ready, "
+                     "then exit).")
+    run.add_argument("--poll-interval", type=float, default=5.0, help="Seconds between polls of the store.")
+    run.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    run.add_argument("--log-level", default="INFO", help="Logging level (DEBUG, INFO, WARNING).")
+    return parser
+
+
+def add_coordinate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `coordinate` on an argparse subparsers object; the lead's `hetlora` CLI calls this.
+
+    Example:
+        ```py
+        >>> parser = argparse.ArgumentParser(prog="hetlora")
+        >>> sub = parser.add_subparsers(dest="command")
+        >>> _ = add_coordinate_parser(sub)
+        >>> parser.parse_args(["coordinate", "--store", "fed"]).store
+        'fed'
+        ```
+    """
+    parser = subparsers.add_parser(
+        "coordinate",
+        help="Run or resume a federation's coordinator (publish, collect, validate, aggregate).",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_coordinate_arguments(parser)
+    parser.set_defaults(func=run_coordinate)
+    return parser
+
+
+def open_store(
+    spec: str,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    client_mode: str = "client_repo",
+    create: bool = True,
+) -> Any:
+    """`hf://namespace/repo` -> HubStore, anything else -> LocalStore (folder created if missing and `create`).
+
+    Example:
+        ```py
+        >>> open_store("runs/fed")  # doctest: +SKIP
+        LocalStore('runs/fed')
+        ```
+    """
+    if spec.startswith(HF_PREFIX):
+        from .hub_store import HubStore
+
+        return HubStore(spec[len(HF_PREFIX):], endpoint=endpoint, token=token, client_mode=client_mode)
+    from .local_store import LocalStore
+
+    return LocalStore(spec, create=create)
+
+
+def _rank_policy(args: argparse.Namespace) -> RankPolicy | None:
+    kind = args.rank_policy
+    if kind is None:
+        if args.ranks is not None:
+            kind = "explicit"
+        elif args.budgets is not None:
+            kind = "budget"
+        elif args.tiers is not None or args.tier_ranks is not None:
+            kind = "tiers"
+        elif args.rank is not None:
+            kind = "constant"
+        else:
+            return None
+    return RankPolicy(kind=kind, ranks=args.ranks, rank=args.rank, budgets=args.budgets, budget_kind=args.budget_kind,
+                      tiers=args.tiers, tier_ranks=args.tier_ranks)
+
+
+def build_coordinator(args: argparse.Namespace) -> Coordinator:
+    """A `Coordinator` from parsed `coordinate` arguments."""
+    if not args.store.startswith(HF_PREFIX) and args.init_adapter is None and not Path(args.store).is_dir():
+        raise CoordinatorError(f"{args.store} does not exist, so it holds no federation: pass --init-adapter DIR "
+                               "and --clients/--num-clients to start one there.")
+    clients = args.clients
+    if args.num_clients is not None:
+        if args.num_clients < 1:
+            raise ValueError("--num-clients must be >= 1.")
+        width = max(3, len(str(args.num_clients - 1)))
+        clients = [f"{args.client_prefix}{i:0{width}d}" for i in range(args.num_clients)]
+    return Coordinator(
+        open_store(args.store, endpoint=args.hub_endpoint, token=args.hub_token, client_mode=args.hub_client_mode,
+                   create=args.init_adapter is not None),
+        method=args.method,
+        r_max=args.r_max,
+        r_min=args.r_min,
+        clients=clients,
+        rank_policy=_rank_policy(args),
+        clients_per_round=args.clients_per_round,
+        min_clients=args.min_clients,
+        rounds=args.rounds,
+        seed=args.seed,
+        clip_norm=args.clip_norm,
+        max_upload_bytes=args.max_upload_bytes,
+        deadline_s=args.deadline_s,
+        next_rank=args.next_rank,
+        poll_interval_s=args.poll_interval,
+        progress=not args.no_progress,
+    )
+
+
+def run_coordinate(args: argparse.Namespace) -> int:
+    """Run the coordinator loop for parsed `coordinate` arguments; returns the exit code.
+
+    0: the federation is done, or (without `--wait`) every ready round was closed and it now waits
+    for uploads; 1: an error (message on stderr, saying what to do).
+    """
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        coordinator = build_coordinator(args)
+        if args.init_adapter is not None:
+            coordinator.init(args.init_adapter)
+        final = coordinator.run(wait=args.wait)
+        if final is not None:
+            print(f"Federation done: global {final.round} (revision {final.revision[:12]}) at {final.path}")
+            return 0
+        latest = coordinator.store.latest_global()
+        status = coordinator.collect(latest.round, wait=False)
+        print(f"Round {status.round} waits for uploads: {len(status.uploaded)}/{len(status.participants)} "
+              f"({', '.join(sorted(set(status.participants) - set(status.uploaded)))} missing). Run again, or "
+              "pass --wait.")
+        return 0
+    except (CoordinatorError, ValueError, FileNotFoundError, LookupError) as err:
+        print(f"hetlora coordinate: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hetlora coordinate: interrupted; the store keeps every decision, run the same command to resume.",
+              file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m peft_hetlora.federated.coordinate_cli` (same options as `hetlora coordinate`)."""
+    parser = argparse.ArgumentParser(prog="hetlora coordinate", description=__doc__.split("\n\n")[0])
+    add_coordinate_arguments(parser)
+    return run_coordinate(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

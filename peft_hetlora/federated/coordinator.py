@@ -1,0 +1,780 @@
+"""The federation's round state machine: publish a global adapter, collect client uploads, validate, aggregate.
+
+All state lives in the store (`AdapterStore`), so a coordinator killed at any point resumes from it:
+
+* `federation.json` holds the federation's identity (method, r_max, r_min, base model, adapter shapes,
+  clients, initial ranks, round policy);
+* global t published (with `round.json`: participants and their ranks) means round t is open;
+* `rounds/t/summary.json` is the decision record of round t (accepted ids, rejected {id: reason},
+  weights, per-client ranks, metrics); it is written *before* global t+1 is published, and a summary
+  without global t+1 is finished by re-aggregating exactly the summary's accepted uploads (their
+  sha256 is checked), so no upload is lost or counted twice.
+
+Example:
+    ```py
+    >>> from peft_hetlora.federated import LocalStore, Coordinator  # doctest: +SKIP
+    >>> coord = Coordinator(LocalStore("fed"), r_max=16, r_min=2, clients=["a", "b", "c"],
+    ...                     clients_per_round=2, rounds=10)  # doctest: +SKIP
+    >>> coord.init("initial_adapter")  # publishes global 0 with round.json  # doctest: +SKIP
+    >>> coord.run()  # waits for uploads, closes rounds, publishes globals 1..10  # doctest: +SKIP
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .aggregation import AGGREGATION_METHODS, AggregationResult, ClientUpdate, StreamingAggregator, update_norm
+from .rank_policy import RankPolicy, sample_clients
+from .store import AdapterStore, GlobalAdapter, validate_client_id
+from .validation import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    DEFAULT_MAX_EXAMPLES,
+    RejectedUpload,
+    UploadSpec,
+    validate_upload,
+)
+
+logger = logging.getLogger(__name__)
+
+FEDERATION_FORMAT = 1
+ROUND_FILE = "round.json"
+NEXT_RANK_RULES = ("rank_out", "initial")
+# Settings a resumed coordinator must share with the store's federation.json.
+IDENTITY_FIELDS = ("method", "r_max", "r_min", "base_model")
+
+
+class CoordinatorError(RuntimeError):
+    """The store's state does not allow the requested step; the message says what to do."""
+
+
+class FederationMismatch(CoordinatorError):
+    """The store holds a federation with other identity settings than this coordinator."""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What global t announces for round t: who trains, at which rank, from which revision."""
+
+    round: int
+    participants: list[str]
+    ranks: dict[str, int]
+    revision: str
+    opened_at: float | None = None
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class CollectStatus:
+    """Uploads seen for a round: `ready` says the round can close."""
+
+    round: int
+    participants: list[str]
+    uploaded: list[str]
+    others: list[str] = field(default_factory=list)
+    ready: bool = False
+    deadline_passed: bool = False
+
+
+def scaling_from_config(adapter_config: Mapping[str, Any], r_max: int) -> float:
+    """s = lora_alpha / r_max (`rank_scaling="fixed"`) or lora_alpha / sqrt(r_max) (`"rslora"`).
+
+    Example:
+        ```py
+        >>> scaling_from_config({"lora_alpha": 32, "rank_scaling": "fixed"}, 16)
+        2.0
+        ```
+    """
+    alpha = float(adapter_config.get("lora_alpha", 8))
+    if adapter_config.get("rank_scaling", "fixed") == "rslora":
+        return alpha / math.sqrt(r_max)
+    return alpha / r_max
+
+
+def global_adapter_config(adapter_config: Mapping[str, Any], *, r_max: int, r_min: int) -> dict:
+    """The HETLORA `adapter_config.json` of the global adapter (full rank r_max).
+
+    A plain PEFT LoRA config (`"peft_type": "LORA"`) is converted: `use_rslora` becomes
+    `rank_scaling="rslora"`; per-module patterns are refused (one r_max, one alpha).
+
+    Example:
+        ```py
+        >>> cfg = global_adapter_config({"peft_type": "LORA", "r": 8, "lora_alpha": 16}, r_max=8, r_min=2)
+        >>> cfg["peft_type"], cfg["rank"], cfg["r_min"], cfg["rank_scaling"]
+        ('HETLORA', 8, 2, 'fixed')
+        ```
+    """
+    config = dict(adapter_config)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "LORA":
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise ValueError("The initial LoRA adapter uses rank_pattern/alpha_pattern; HetLoRA needs one r and one "
+                             "lora_alpha for all modules. Start from an adapter without patterns.")
+        config["rank_scaling"] = "rslora" if config.get("use_rslora") else "fixed"
+        config["use_rslora"] = False
+        config["peft_type"] = "HETLORA"
+    elif peft_type != "HETLORA":
+        raise ValueError(f"The initial adapter's peft_type is {config.get('peft_type')!r}; expected HETLORA or LORA.")
+    if config.get("r") != r_max:
+        raise ValueError(f"The initial adapter has r={config.get('r')} but the federation's r_max is {r_max}; "
+                         "save the initial adapter at r_max (HetLoRAConfig(r=r_max)).")
+    config["rank"] = r_max
+    config["r_min"] = r_min
+    config.setdefault("rank_scaling", "fixed")
+    return config
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _write_json(path: Path, data: Mapping) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _lora_module_dims(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    spec = UploadSpec.from_state_dict(state_dict, r_min=1, r_max=1 << 30)
+    return dict(spec.modules)
+
+
+class Coordinator:
+    """Runs a HetLoRA federation round by round against an `AdapterStore`.
+
+    Settings left as `None` come from the store's `federation.json` when it exists (so
+    `Coordinator(store).run()` resumes a federation), else from the defaults: method "hetlora",
+    r_min 1, rank policy "uniform", all clients every round, `min_clients = clients_per_round`,
+    seed 0, scale from the adapter config. `r_max` defaults to the initial adapter's `r`.
+
+    Args:
+        store: where everything lives (`LocalStore`, `HubStore`).
+        method: an aggregation method (`AGGREGATION_METHODS`).
+        clients: the federation's client ids.
+        rank_policy: `RankPolicy`, a policy name, or {client_id: rank}.
+        clients_per_round: participants sampled (seeded, without replacement) per round.
+        min_clients: uploads needed to close a round (all participants if no `deadline_s`).
+        rounds: number of rounds; global `rounds` is the final adapter.
+        scaling: override of s used for norms and clipping (default from the adapter config).
+        clip_norm: passed to the aggregator.
+        max_upload_bytes: size limit of an uploaded safetensors file (default 2x an r_max adapter).
+        deadline_s: seconds after a round opens after which `min_clients` uploads suffice.
+        next_rank: "rank_out" (a client's next rank is what it reported after pruning) or "initial".
+        clock, sleep: injectable time source and sleep (tests never sleep).
+
+    Example:
+        ```py
+        >>> coord = Coordinator(LocalStore("fed"), method="hetlora", r_max=16, r_min=2,
+        ...                     clients=["a", "b"], rounds=3)  # doctest: +SKIP
+        >>> coord.init("init_adapter_dir")  # doctest: +SKIP
+        >>> coord.step()  # one transition: e.g. 'waiting', 'closed round 0', 'done'  # doctest: +SKIP
+        ```
+    """
+
+    def __init__(
+        self,
+        store: AdapterStore,
+        *,
+        method: str | None = None,
+        r_max: int | None = None,
+        r_min: int | None = None,
+        clients: Sequence[str] | None = None,
+        rank_policy: RankPolicy | str | Mapping[str, int] | None = None,
+        clients_per_round: int | None = None,
+        min_clients: int | None = None,
+        rounds: int | None = None,
+        seed: int | None = None,
+        scaling: float | None = None,
+        clip_norm: float | None = None,
+        max_upload_bytes: int | None = None,
+        deadline_s: float | None = None,
+        next_rank: str | None = None,
+        max_examples: int = DEFAULT_MAX_EXAMPLES,
+        allow_per_module_ranks: bool = False,
+        require_global_revision: bool = False,
+        poll_interval_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        progress: bool = True,
+    ):
+        if method is not None and method not in AGGREGATION_METHODS:
+            raise ValueError(f"Unknown method {method!r}; use one of {tuple(AGGREGATION_METHODS)}.")
+        if next_rank is not None and next_rank not in NEXT_RANK_RULES:
+            raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
+        if clients is not None:
+            clients = [validate_client_id(c) for c in clients]
+            if len(set(clients)) != len(clients):
+                raise ValueError("Client ids must be unique.")
+        for name, value in (("clip_norm", clip_norm), ("deadline_s", deadline_s), ("scaling", scaling)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}.")
+        self.store = store
+        self._requested = {
+            "method": method, "r_max": r_max, "r_min": r_min, "clients": list(clients) if clients else None,
+            "clients_per_round": clients_per_round, "min_clients": min_clients, "rounds": rounds, "seed": seed,
+            "scaling": scaling, "clip_norm": clip_norm, "max_upload_bytes": max_upload_bytes,
+            "deadline_s": deadline_s, "next_rank": next_rank,
+        }
+        self.rank_policy = RankPolicy.coerce(rank_policy) if rank_policy is not None else None
+        self.max_examples = max_examples
+        self.allow_per_module_ranks = allow_per_module_ranks
+        self.require_global_revision = require_global_revision
+        self.poll_interval_s = poll_interval_s
+        self.clock = clock
+        self.sleep = sleep
+        self.progress = progress
+        self._federation: dict | None = None
+        self._spec: UploadSpec | None = None
+
+    # ------------------------------------------------------------------ settings
+    def _setting(self, name: str, default: Any = None) -> Any:
+        value = self._requested.get(name)
+        if value is None:
+            federation = self._stored_federation()
+            if federation is not None:
+                value = federation.get(name)
+        return default if value is None else value
+
+    def _stored_federation(self) -> dict | None:
+        """federation.json if the store has one (checked against this coordinator), else None."""
+        if self._federation is None and self.store.read_federation() is not None:
+            return self.federation
+        return self._federation
+
+    @property
+    def federation(self) -> dict:
+        """The store's federation.json (checked against this coordinator's settings)."""
+        if self._federation is None:
+            stored = self.store.read_federation()
+            if stored is None:
+                raise CoordinatorError("The store holds no federation yet: call `init(initial_adapter_dir)` first "
+                                       "(CLI: `hetlora coordinate --init-adapter DIR ...`).")
+            self._check_identity(stored)
+            self._federation = stored
+        return self._federation
+
+    def _check_identity(self, stored: Mapping[str, Any], incoming: Mapping[str, Any] | None = None) -> None:
+        wanted = dict(incoming or {})
+        for name in ("method", "r_max", "r_min"):
+            if self._requested.get(name) is not None:
+                wanted.setdefault(name, self._requested[name])
+        if self._requested.get("clients") is not None:
+            wanted.setdefault("clients", self._requested["clients"])
+        diffs = []
+        for name, value in wanted.items():
+            if name not in stored:
+                continue
+            same = sorted(stored[name]) == sorted(value) if name == "clients" else stored[name] == value
+            if not same:
+                diffs.append(f"{name}: store has {stored[name]!r}, this coordinator {value!r}")
+        if diffs:
+            raise FederationMismatch(
+                "The store already holds a different federation (" + "; ".join(diffs) + "). Resume it with the "
+                "same settings (or leave them out to take them from federation.json), or use a new store path."
+            )
+        for name in ("clients_per_round", "min_clients", "rounds", "seed", "clip_norm", "deadline_s", "next_rank"):
+            if self._requested.get(name) is not None and stored.get(name) != self._requested[name]:
+                logger.warning("Using %s=%r instead of federation.json's %r.", name, self._requested[name],
+                               stored.get(name))
+
+    @property
+    def method(self) -> str:
+        return self._setting("method", "hetlora")
+
+    @property
+    def r_max(self) -> int:
+        return int(self._setting("r_max"))
+
+    @property
+    def r_min(self) -> int:
+        return int(self._setting("r_min", 1))
+
+    @property
+    def clients(self) -> list[str]:
+        return list(self._setting("clients"))
+
+    @property
+    def clients_per_round(self) -> int:
+        return int(self._setting("clients_per_round", len(self.clients)))
+
+    @property
+    def min_clients(self) -> int:
+        return int(self._setting("min_clients", self.clients_per_round))
+
+    @property
+    def rounds(self) -> int:
+        return int(self._setting("rounds", 1))
+
+    @property
+    def seed(self) -> int:
+        return int(self._setting("seed", 0))
+
+    @property
+    def scaling(self) -> float:
+        return float(self._setting("scaling"))
+
+    @property
+    def next_rank(self) -> str:
+        return self._setting("next_rank", "rank_out")
+
+    # ------------------------------------------------------------------ init
+    def init(
+        self,
+        initial_adapter_dir: str | Path | None = None,
+        *,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        adapter_config: Mapping[str, Any] | None = None,
+    ) -> GlobalAdapter:
+        """Write federation.json and publish global 0 (with round 0's participants and ranks).
+
+        Idempotent: against a store that already holds this federation it checks the identity
+        (method, r_max, r_min, base model, adapter shapes, clients) and publishes global 0 only if
+        it is missing. The initial adapter must be at rank r_max (`adapter_model.safetensors` +
+        `adapter_config.json`, HETLORA or plain LORA).
+
+        Example:
+            ```py
+            >>> coord.init("initial_adapter")  # doctest: +SKIP
+            GlobalAdapter(round=0, revision='...', path=...)
+            ```
+        """
+        if initial_adapter_dir is not None:
+            folder = Path(initial_adapter_dir)
+            if not (folder / ADAPTER_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+                raise FileNotFoundError(f"{folder} must hold {ADAPTER_FILE} and {CONFIG_FILE} (a saved adapter).")
+            state_dict = load_file(str(folder / ADAPTER_FILE))
+            adapter_config = _read_json(folder / CONFIG_FILE)
+        if state_dict is None or adapter_config is None:
+            raise ValueError("init() needs an adapter folder, or both `state_dict` and `adapter_config`.")
+        state_dict = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+        stored = self.store.read_federation()
+        r_max = self._requested["r_max"] or (stored or {}).get("r_max") or adapter_config.get("r")
+        r_min = self._requested["r_min"] or (stored or {}).get("r_min") or 1
+        if isinstance(r_max, bool) or not isinstance(r_max, int) or not 1 <= r_min <= r_max:
+            raise ValueError(f"Need integers 1 <= r_min <= r_max, got r_min={r_min!r}, r_max={r_max!r} (r_max "
+                             "defaults to the initial adapter's `r`).")
+        module_dims = _lora_module_dims(state_dict)
+        ranks_found = {v.shape[0] for k, v in state_dict.items() if k.endswith(".lora_A.weight")}
+        if ranks_found != {r_max}:
+            raise ValueError(f"The initial adapter has rank(s) {sorted(ranks_found)} but r_max is {r_max}: save it at "
+                             "full rank (set_rank(r_max) before save_pretrained).")
+        config = global_adapter_config(adapter_config, r_max=r_max, r_min=r_min)
+        identity = {
+            "r_max": r_max,
+            "base_model": config.get("base_model_name_or_path"),
+            "modules": {name: list(dims) for name, dims in module_dims.items()},
+        }
+        if stored is None:
+            identity = {"method": self._requested["method"] or "hetlora", "r_min": r_min, **identity}
+            self._federation = self._new_federation(identity, config, module_dims)
+            self.store.write_federation(self._federation)
+            logger.info("Created federation: method=%s r_max=%d r_min=%d, %d clients.", self.method, r_max, r_min,
+                        len(self.clients))
+        else:
+            self._check_identity(stored, identity)
+            self._federation = stored
+            existing = self.store.latest_global()
+            if existing is not None:
+                logger.info("Federation already initialised (latest global: round %d); nothing to do.",
+                            existing.round)
+                return self.store.get_global(0)
+        client_ranks = dict(self.federation["initial_ranks"])
+        self._publish(0, state_dict, client_ranks)
+        return self.store.get_global(0)
+
+    def _new_federation(self, identity: dict, config: dict, module_dims: Mapping[str, tuple[int, int]]) -> dict:
+        clients = self._requested["clients"]
+        if not clients:
+            raise ValueError("A new federation needs its client ids (clients=[...]).")
+        method = identity["method"]
+        r_min, r_max = identity["r_min"], identity["r_max"]
+        policy = self.rank_policy or RankPolicy("constant" if method == "fedavg" else "uniform")
+        seed = self._requested["seed"] if self._requested["seed"] is not None else 0
+        initial_ranks = policy.assign(clients, r_min=r_min, r_max=r_max, module_dims=module_dims, seed=seed)
+        if method == "fedavg" and len(set(initial_ranks.values())) > 1:
+            raise ValueError("fedavg is homogeneous LoRA: every client needs the same rank; use "
+                             "RankPolicy('constant', rank=r) (or a heterogeneous method such as hetlora).")
+        clients_per_round = self._requested["clients_per_round"] or len(clients)
+        min_clients = self._requested["min_clients"] or clients_per_round
+        if not 1 <= min_clients <= clients_per_round <= len(clients):
+            raise ValueError(f"Need 1 <= min_clients ({min_clients}) <= clients_per_round ({clients_per_round}) "
+                             f"<= number of clients ({len(clients)}).")
+        scaling = self._requested["scaling"] or scaling_from_config(config, r_max)
+        return {
+            "format": FEDERATION_FORMAT,
+            **identity,
+            "adapter_config": config,
+            "scaling": scaling,
+            "clients": list(clients),
+            "rank_policy": policy.to_dict(),
+            "initial_ranks": initial_ranks,
+            "clients_per_round": clients_per_round,
+            "min_clients": min_clients,
+            "rounds": self._requested["rounds"] or 1,
+            "seed": seed,
+            "clip_norm": self._requested["clip_norm"],
+            "max_upload_bytes": self._requested["max_upload_bytes"],
+            "deadline_s": self._requested["deadline_s"],
+            "next_rank": self._requested["next_rank"] or "rank_out",
+            "created_at": self.clock(),
+        }
+
+    # ------------------------------------------------------------------ publishing
+    def _publish(self, round_idx: int, state_dict: Mapping[str, torch.Tensor], client_ranks: Mapping[str, int]) -> str:
+        """Write global `round_idx` (adapter at r_max + adapter_config.json + round.json) to the store."""
+        participants = sample_clients(self.clients, self.clients_per_round, seed=self.seed, round_idx=round_idx)
+        round_info = {
+            "round": round_idx,
+            "participants": participants,
+            "ranks": {cid: int(client_ranks[cid]) for cid in participants},
+            "r_max": self.r_max,
+            "r_min": self.r_min,
+            "method": self.method,
+            "scaling": self.scaling,
+            "opened_at": self.clock(),
+            "deadline_s": self._setting("deadline_s"),
+            "final": round_idx >= self.rounds,
+        }
+        with tempfile.TemporaryDirectory(prefix=f"hetlora-global-{round_idx}-") as tmp:
+            folder = Path(tmp)
+            tensors = {k: state_dict[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(state_dict)}
+            save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+            _write_json(folder / CONFIG_FILE, self.federation["adapter_config"])
+            _write_json(folder / ROUND_FILE, round_info)
+            revision = self.store.publish_global(round_idx, folder)
+        logger.info("Published global %d (revision %s); participants: %s", round_idx, revision,
+                    ", ".join(f"{c}@r{round_info['ranks'][c]}" for c in participants))
+        return revision
+
+    # ------------------------------------------------------------------ rounds
+    def open_round(self, round_idx: int) -> RoundPlan:
+        """The plan of round `round_idx` as published with global `round_idx` (participants, ranks).
+
+        Example:
+            ```py
+            >>> coord.open_round(0).participants  # doctest: +SKIP
+            ['a', 'b']
+            ```
+        """
+        self.federation  # noqa: B018 - loads and checks federation.json
+        try:
+            adapter = self.store.get_global(round_idx)
+        except (FileNotFoundError, KeyError, LookupError) as err:
+            raise CoordinatorError(f"Global {round_idx} is not published, so round {round_idx} is not open "
+                                   f"({err}).") from None
+        info = _read_json(Path(adapter.path) / ROUND_FILE)
+        return RoundPlan(
+            round=round_idx,
+            participants=list(info.get("participants", [])),
+            ranks={k: int(v) for k, v in info.get("ranks", {}).items()},
+            revision=adapter.revision,
+            opened_at=info.get("opened_at"),
+            final=bool(info.get("final", False)),
+        )
+
+    def _status(self, plan: RoundPlan, listed: Sequence[str], now: float, start: float) -> CollectStatus:
+        participants = set(plan.participants)
+        uploaded = sorted(set(listed) & participants)
+        others = sorted(set(listed) - participants)
+        deadline_s = self._setting("deadline_s")
+        opened = plan.opened_at if plan.opened_at is not None else start
+        deadline_passed = deadline_s is not None and now >= opened + float(deadline_s)
+        need = min(self.min_clients, len(participants))
+        ready = len(uploaded) == len(participants) or (
+            len(uploaded) >= need and (deadline_s is None or deadline_passed)
+        )
+        return CollectStatus(plan.round, sorted(participants), uploaded, others, ready, deadline_passed)
+
+    def collect(self, round_idx: int, *, wait: bool = True, timeout_s: float | None = None) -> CollectStatus:
+        """Poll the store for round `round_idx`'s uploads until the round can close.
+
+        Ready when every participant has uploaded, or when `min_clients` have and either there is no
+        deadline or it has passed. `wait=False` looks once; `timeout_s` bounds the wait of this call.
+
+        Example:
+            ```py
+            >>> coord.collect(0, wait=False).uploaded  # doctest: +SKIP
+            ['a']
+            ```
+        """
+        plan = self.open_round(round_idx)
+        start = self.clock()
+        warned = False
+        bar = None
+        try:
+            while True:
+                status = self._status(plan, self.store.list_client_uploads(round_idx), self.clock(), start)
+                if bar is None and wait and self.progress and not status.ready:
+                    bar = tqdm(total=len(plan.participants), desc=f"round {round_idx} uploads", unit="client")
+                if bar is not None:
+                    bar.n = len(status.uploaded)
+                    bar.refresh()
+                if status.ready or not wait:
+                    return status
+                if timeout_s is not None and self.clock() - start >= timeout_s:
+                    return status
+                if status.deadline_passed and not warned:
+                    logger.warning("Round %d: deadline passed with %d/%d uploads (min_clients=%d); still waiting.",
+                                   round_idx, len(status.uploaded), len(plan.participants), self.min_clients)
+                    warned = True
+                self.sleep(self.poll_interval_s)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def upload_spec(self, round_idx: int) -> UploadSpec:
+        """The validation spec of uploads, from the header of global `round_idx`'s adapter."""
+        if self._spec is None:
+            path = Path(self.store.get_global(round_idx).path) / ADAPTER_FILE
+            self._spec = UploadSpec.from_safetensors(
+                path, r_min=self.r_min, r_max=self.r_max, max_upload_bytes=self._setting("max_upload_bytes"),
+                max_examples=self.max_examples, allow_per_module_ranks=self.allow_per_module_ranks,
+            )
+        return self._spec
+
+    def _load_update(self, plan: RoundPlan, client_id: str, spec: UploadSpec) -> ClientUpdate:
+        try:
+            folder = self.store.download_client(plan.round, client_id)
+        except (LookupError, FileNotFoundError, ValueError) as err:
+            # gone since listed, or refused by the store (e.g. a file over its size limit); transient network
+            # errors propagate instead, so a resumed coordinator tries again
+            raise RejectedUpload(f"upload could not be downloaded ({err})") from None
+        update = validate_upload(
+            folder, spec, client_id=client_id, round_idx=plan.round, assigned_rank=plan.ranks.get(client_id),
+            required_rank=plan.ranks.get(client_id) if self.method == "fedavg" else None,
+        )
+        revision = update.metadata.get("global_revision")
+        if self.require_global_revision and revision != plan.revision:
+            raise RejectedUpload(f"trained from global revision {revision!r}, not round {plan.round}'s "
+                                 f"{plan.revision!r}")
+        return update
+
+    def _previous_client_ranks(self, round_idx: int) -> dict[str, int]:
+        ranks = dict(self.federation["initial_ranks"])
+        if round_idx > 0:
+            previous = self.store.read_summary(round_idx - 1)
+            if previous is not None and "client_ranks" in previous:
+                ranks.update(previous["client_ranks"])
+            else:
+                logger.warning("Round %d has no summary with client ranks; using the initial ranks.", round_idx - 1)
+        return {cid: int(r) for cid, r in ranks.items()}
+
+    def _aggregate(
+        self, plan: RoundPlan, client_ids: Sequence[str], *, expect_sha: Mapping[str, str] | None = None
+    ) -> tuple[AggregationResult | None, dict | None, list[str], dict[str, str], dict[str, dict]]:
+        """Download, validate and stream the uploads of `client_ids` (one at a time) into the aggregator."""
+        spec = self.upload_spec(plan.round)
+        global_path = Path(self.store.get_global(plan.round).path) / ADAPTER_FILE
+        previous = load_file(str(global_path)) if self.method == "rankwise" else None
+        aggregator = StreamingAggregator(
+            self.method, r_max=self.r_max, scaling=self.scaling, previous=previous,
+            clip_norm=self._setting("clip_norm"),
+        )
+        accepted: list[str] = []
+        rejected: dict[str, str] = {}
+        details: dict[str, dict] = {}
+        ids = sorted(client_ids)
+        for cid in tqdm(ids, desc=f"round {plan.round} aggregate", unit="client", disable=not self.progress,
+                        leave=False):
+            try:
+                update = self._load_update(plan, cid, spec)
+                try:
+                    aggregator.add(update)  # validates before it changes anything: a refusal leaves the sums as-is
+                except ValueError as err:
+                    raise RejectedUpload(f"aggregation refused it: {err}") from None
+            except RejectedUpload as err:
+                if expect_sha is not None:
+                    raise CoordinatorError(
+                        f"Round {plan.round}'s summary accepted {cid!r}, but its upload is now rejected "
+                        f"({err.reason}). Restore that upload, or delete rounds/{plan.round}/summary.json to "
+                        "close the round again."
+                    ) from None
+                logger.warning("Round %d: rejected %s: %s", plan.round, cid, err.reason)
+                rejected[cid] = err.reason
+                continue
+            meta = update.metadata
+            if expect_sha is not None and expect_sha.get(cid) not in (None, meta["sha256"]):
+                raise CoordinatorError(
+                    f"Round {plan.round}'s summary accepted {cid!r} with sha256 {expect_sha[cid]}, but the upload "
+                    f"now has {meta['sha256']} (re-uploaded after the decision). Restore it, or delete "
+                    f"rounds/{plan.round}/summary.json to close the round again."
+                )
+            accepted.append(cid)
+            details[cid] = {
+                "rank_in": meta["rank_in"],
+                "rank_out": meta["rank_out"],
+                "num_examples": meta["num_examples"],
+                "train_loss": meta.get("train_loss"),
+                "tail_norm_start": meta.get("tail_norm_start"),
+                "tail_norm_end": meta.get("tail_norm_end"),
+                "global_revision": meta.get("global_revision"),
+                "from_round_global": meta.get("global_revision") in (None, plan.revision),
+                "upload_bytes": meta["upload_bytes"],
+                "sha256": meta["sha256"],
+            }
+            del update
+        result = aggregator.result() if accepted else None
+        if result is None:
+            previous = previous if previous is not None else load_file(str(global_path))
+        return result, previous, accepted, rejected, details
+
+    def close_round(self, round_idx: int, *, uploads: Sequence[str] | None = None) -> dict:
+        """Validate and aggregate round `round_idx`'s uploads, write its summary, then publish global t+1.
+
+        `uploads` restricts the ids considered (default: every complete upload in the store). If the
+        round already has a summary (a coordinator killed after writing it), exactly its accepted ids
+        are re-aggregated and global t+1 is published; if global t+1 exists too, nothing is done.
+        Returns the summary.
+
+        Example:
+            ```py
+            >>> summary = coord.close_round(0)  # doctest: +SKIP
+            >>> summary["accepted"], summary["rejected"]  # doctest: +SKIP
+            (['a', 'b'], {'c': 'tensor ... has 3 non-finite value(s) (NaN or Inf)'})
+            ```
+        """
+        plan = self.open_round(round_idx)
+        summary = self.store.read_summary(round_idx)
+        if summary is not None:
+            latest = self.store.latest_global()
+            if latest is None or latest.round <= round_idx:
+                self._publish_from_summary(plan, summary)
+            return summary
+        started = self.clock()
+        listed = set(self.store.list_client_uploads(round_idx) if uploads is None else uploads)
+        participants = set(plan.participants)
+        result, previous, accepted, rejected, details = self._aggregate(plan, sorted(listed & participants))
+        for cid in sorted(listed - participants):
+            rejected[cid] = f"not a participant of round {round_idx}"
+        client_ranks = self._previous_client_ranks(round_idx)
+        if self.next_rank == "rank_out":
+            for cid in accepted:
+                client_ranks[cid] = int(details[cid]["rank_out"])
+        summary = self._summary(plan, result, accepted, rejected, details, client_ranks, started)
+        self.store.write_summary(round_idx, summary)
+        logger.info("Round %d: accepted %d, rejected %d.", round_idx, len(accepted), len(rejected))
+        state = result.state_dict if result is not None else previous
+        self._publish(round_idx + 1, state, client_ranks)
+        return summary
+
+    def _publish_from_summary(self, plan: RoundPlan, summary: Mapping[str, Any]) -> None:
+        accepted = list(summary.get("accepted", []))
+        logger.info("Round %d has a summary but no global %d: re-aggregating its %d accepted upload(s).",
+                    plan.round, plan.round + 1, len(accepted))
+        expect = {cid: info.get("sha256") for cid, info in summary.get("clients", {}).items()}
+        result, previous, _, _, _ = self._aggregate(plan, accepted, expect_sha=expect)
+        state = result.state_dict if result is not None else previous
+        self._publish(plan.round + 1, state, {k: int(v) for k, v in summary["client_ranks"].items()})
+
+    def _summary(
+        self,
+        plan: RoundPlan,
+        result: AggregationResult | None,
+        accepted: list[str],
+        rejected: dict[str, str],
+        details: dict[str, dict],
+        client_ranks: dict[str, int],
+        started: float,
+    ) -> dict:
+        """The decision record of a round (JSON-ready)."""
+        weights = {cid: float(w) for cid, w in (result.weights.items() if result is not None else ())}
+        total_examples = sum(details[c]["num_examples"] for c in accepted)
+        losses = [(details[c]["train_loss"], details[c]["num_examples"]) for c in accepted
+                  if details[c]["train_loss"] is not None]
+        metrics: dict[str, Any] = {
+            "num_participants": len(plan.participants),
+            "num_accepted": len(accepted),
+            "num_rejected": len(rejected),
+            "num_examples": total_examples,
+            "bytes_uploaded": sum(details[c]["upload_bytes"] for c in accepted),
+            "mean_rank_in": (sum(details[c]["rank_in"] for c in accepted) / len(accepted)) if accepted else None,
+            "mean_rank_out": (sum(details[c]["rank_out"] for c in accepted) / len(accepted)) if accepted else None,
+            "train_loss": (sum(loss * n for loss, n in losses) / sum(n for _, n in losses)) if losses else None,
+            "global_update_norm": float(update_norm(result.state_dict, self.scaling)) if result is not None else None,
+            "seconds": self.clock() - started,
+        }
+        norms = getattr(result, "norms", None)
+        if norms:
+            for cid, value in norms.items():
+                if cid in details:
+                    details[cid]["norm"] = float(value)
+        summary = {
+            "round": plan.round,
+            "method": self.method,
+            "global_revision": plan.revision,
+            "participants": list(plan.participants),
+            "assigned_ranks": dict(plan.ranks),
+            "accepted": list(accepted),
+            "rejected": dict(rejected),
+            "weights": weights,
+            "clients": details,
+            "client_ranks": dict(client_ranks),
+            "metrics": metrics,
+            "aggregation": result.summary() if result is not None else None,
+            "closed_at": self.clock(),
+        }
+        if not accepted:
+            summary["note"] = "no accepted upload: the global adapter is carried over unchanged"
+        return summary
+
+    # ------------------------------------------------------------------ driving
+    def step(self, *, wait: bool = True) -> str:
+        """Advance the federation by one transition from whatever state the store holds.
+
+        Returns "done" (global `rounds` is published), "waiting" (round open, not ready, `wait=False`),
+        or "closed round t" (summary t written and global t+1 published).
+
+        Example:
+            ```py
+            >>> coord.step(wait=False)  # doctest: +SKIP
+            'waiting'
+            ```
+        """
+        self.federation  # noqa: B018 - loads and checks federation.json
+        latest = self.store.latest_global()
+        if latest is None:
+            raise CoordinatorError("federation.json exists but global 0 was never published: run `init()` again "
+                                   "with the same initial adapter (it is idempotent).")
+        t = latest.round
+        if t >= self.rounds:
+            return "done"
+        if self.store.read_summary(t) is None:
+            status = self.collect(t, wait=wait)
+            if not status.ready:
+                return "waiting"
+        self.close_round(t)
+        return f"closed round {t}"
+
+    def run(self, *, wait: bool = True) -> GlobalAdapter | None:
+        """Step until global `rounds` is published (or, with `wait=False`, until a round waits on uploads).
+
+        Returns the final global adapter, or None when it stopped at a waiting round.
+
+        Example:
+            ```py
+            >>> final = coord.run()  # doctest: +SKIP
+            >>> PeftModel.from_pretrained(base_model, final.path)  # doctest: +SKIP
+            ```
+        """
+        latest = self.store.latest_global()
+        start = latest.round if latest is not None else 0
+        with tqdm(total=self.rounds, initial=min(start, self.rounds), desc="rounds", unit="round",
+                  disable=not self.progress) as bar:
+            while True:
+                outcome = self.step(wait=wait)
+                if outcome == "done":
+                    return self.store.latest_global()
+                if outcome == "waiting":
+                    return None
+                bar.update(1)

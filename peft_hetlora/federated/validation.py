@@ -1,0 +1,514 @@
+"""Validation of one untrusted client upload before anything of it is loaded into memory as tensors.
+
+A client upload folder holds `adapter_model.safetensors` and `client.json` (and optionally
+`adapter_config.json`, which is only checked to be small, valid JSON). Everything else, pickle
+files above all, is refused: nothing here ever calls `torch.load`. The safetensors header is parsed
+by hand (8-byte little-endian length, bounded JSON header) and checked against the global adapter's
+key set, the dtype whitelist, the shapes implied by the declared rank and consistent data offsets;
+only then are the tensors decoded (from the bytes already read, so the file cannot change between
+check and load) and checked to be finite.
+
+Example:
+    ```py
+    >>> spec = UploadSpec.from_state_dict(global_state_dict, r_min=2, r_max=16)  # doctest: +SKIP
+    >>> try:
+    ...     update = validate_upload(folder, spec, client_id="alice", round_idx=3)  # doctest: +SKIP
+    ... except RejectedUpload as err:
+    ...     print(err.reason)
+    ```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import stat
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+
+from .aggregation import ClientUpdate
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CLIENT_FILE = "client.json"
+CONFIG_FILE = "adapter_config.json"
+ALLOWED_FILES = (ADAPTER_FILE, CLIENT_FILE, CONFIG_FILE)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".h5", ".msgpack")
+
+DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2}
+ALLOWED_DTYPES = frozenset(DTYPE_SIZES)
+
+LORA_A_SUFFIX = ".lora_A.weight"
+LORA_B_SUFFIX = ".lora_B.weight"
+
+DEFAULT_MAX_EXAMPLES = 10**9
+DEFAULT_MAX_JSON_BYTES = 64 * 1024
+_HEADER_BASE_BYTES = 4096
+_HEADER_BYTES_PER_KEY = 512
+
+
+class RejectedUpload(Exception):
+    """A client upload that failed validation; `reason` says why in words fit for the round summary.
+
+    Example:
+        ```py
+        >>> RejectedUpload("rank 32 above r_max=16").reason
+        'rank 32 above r_max=16'
+        ```
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of a safetensors header."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _split_module_keys(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, tuple[int, int]], dict]:
+    """(modules {name: (d_in, d_out)}, extras {key: shape}) from the shapes of a saved-format adapter."""
+    modules: dict[str, tuple[int, int]] = {}
+    extras: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        if key.endswith(LORA_A_SUFFIX):
+            name = key[: -len(LORA_A_SUFFIX)]
+            b_key = name + LORA_B_SUFFIX
+            if b_key not in shapes:
+                raise ValueError(f"Adapter has {key} but no {b_key}.")
+            a_shape, b_shape = tuple(shape), tuple(shapes[b_key])
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+                raise ValueError(f"Module {name}: A {a_shape} and B {b_shape} are not (r, d_in) and (d_out, r).")
+            modules[name] = (int(a_shape[1]), int(b_shape[0]))
+        elif key.endswith(LORA_B_SUFFIX):
+            if key[: -len(LORA_B_SUFFIX)] + LORA_A_SUFFIX not in shapes:
+                raise ValueError(f"Adapter has {key} but no matching lora_A weight.")
+        else:
+            extras[key] = tuple(int(d) for d in shape)
+    if not modules:
+        raise ValueError("Adapter has no `*.lora_A.weight` / `*.lora_B.weight` pairs.")
+    return modules, extras
+
+
+@dataclass(frozen=True)
+class UploadSpec:
+    """What a valid upload of this federation looks like.
+
+    `modules` maps each LoRA module (key prefix before `.lora_A.weight`) to (d_in, d_out); `extras`
+    maps dense extra keys to their exact shapes. `max_upload_bytes=None` means twice the size of an
+    r_max adapter stored as F32 (plus header room). Build it from the global adapter with
+    `from_state_dict` or `from_safetensors`.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> sd = {"m.lora_A.weight": torch.zeros(8, 32), "m.lora_B.weight": torch.zeros(16, 8)}
+        >>> spec = UploadSpec.from_state_dict(sd, r_min=1, r_max=8)
+        >>> spec.modules, spec.max_upload_bytes
+        ({'m': (32, 16)}, 8200)
+        ```
+    """
+
+    modules: Mapping[str, tuple[int, int]]
+    r_min: int
+    r_max: int
+    extras: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    max_upload_bytes: int | None = None
+    max_header_bytes: int | None = None
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
+    max_examples: int = DEFAULT_MAX_EXAMPLES
+    allow_per_module_ranks: bool = False
+    dtypes: frozenset = ALLOWED_DTYPES
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.r_min <= self.r_max:
+            raise ValueError(f"Need 1 <= r_min <= r_max, got r_min={self.r_min}, r_max={self.r_max}.")
+        unknown = set(self.dtypes) - ALLOWED_DTYPES
+        if unknown:
+            raise ValueError(f"Unsupported dtypes {sorted(unknown)}; choose among {sorted(ALLOWED_DTYPES)}.")
+        if self.max_header_bytes is None:
+            n_keys = 2 * len(self.modules) + len(self.extras)
+            object.__setattr__(self, "max_header_bytes", _HEADER_BASE_BYTES + _HEADER_BYTES_PER_KEY * n_keys)
+        if self.max_upload_bytes is None:
+            object.__setattr__(self, "max_upload_bytes", 2 * self.r_max_adapter_bytes() + 8 + self.max_header_bytes)
+
+    @classmethod
+    def from_shapes(
+        cls, shapes: Mapping[str, tuple[int, ...]], *, r_min: int, r_max: int, **kwargs: Any
+    ) -> UploadSpec:
+        """Spec from {key: shape} of the global adapter (saved key format)."""
+        modules, extras = _split_module_keys(shapes)
+        return cls(modules=modules, extras=extras, r_min=r_min, r_max=r_max, **kwargs)
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: Mapping[str, torch.Tensor], *, r_min: int, r_max: int, **kwargs: Any
+    ) -> UploadSpec:
+        """Spec from the global adapter's state dict."""
+        return cls.from_shapes({k: tuple(v.shape) for k, v in state_dict.items()}, r_min=r_min, r_max=r_max, **kwargs)
+
+    @classmethod
+    def from_safetensors(cls, path: str | Path, *, r_min: int, r_max: int, **kwargs: Any) -> UploadSpec:
+        """Spec from the header of the global adapter's safetensors file (no tensor is loaded)."""
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes).")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 * 2**20:
+                raise ValueError(f"{path}: safetensors header of {n} bytes is implausibly large.")
+            header = f.read(n)
+        entries = _parse_header_json(header)
+        return cls.from_shapes({k: v.shape for k, v in entries.items()}, r_min=r_min, r_max=r_max, **kwargs)
+
+    @property
+    def expected_keys(self) -> set[str]:
+        """Every key a valid upload holds: A and B of each module plus the dense extras."""
+        keys = set(self.extras)
+        for name in self.modules:
+            keys.add(name + LORA_A_SUFFIX)
+            keys.add(name + LORA_B_SUFFIX)
+        return keys
+
+    def r_max_adapter_bytes(self) -> int:
+        """Bytes of the tensors of an r_max adapter in F32."""
+        lora = self.r_max * sum(d_in + d_out for d_in, d_out in self.modules.values())
+        extra = sum(math.prod(shape) for shape in self.extras.values())
+        return 4 * (lora + extra)
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise RejectedUpload(f"duplicate JSON key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> None:
+    raise RejectedUpload(f"non-finite JSON number {name}")
+
+
+def _loads_strict(raw: bytes, what: str) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RejectedUpload(f"{what} is not UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
+    except RejectedUpload as err:
+        raise RejectedUpload(f"{what}: {err.reason}") from None
+    except RecursionError:
+        raise RejectedUpload(f"{what} is nested too deeply") from None
+    except ValueError as err:
+        raise RejectedUpload(f"{what} is not valid JSON ({err})") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_header_json(header: bytes) -> dict[str, TensorInfo]:
+    """Parse and type-check the JSON header of a safetensors file (without checking it against a spec)."""
+    parsed = _loads_strict(header, "safetensors header")
+    if not isinstance(parsed, dict):
+        raise RejectedUpload("safetensors header is not a JSON object")
+    entries: dict[str, TensorInfo] = {}
+    for key, info in parsed.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise RejectedUpload("safetensors __metadata__ must map strings to strings")
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise RejectedUpload(f"safetensors entry {key!r} must hold exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str):
+            raise RejectedUpload(f"tensor {key!r}: dtype must be a string")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise RejectedUpload(f"tensor {key!r}: shape must be a list of non-negative integers, got {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise RejectedUpload(f"tensor {key!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
+        entries[key] = TensorInfo(dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
+    return entries
+
+
+def read_safetensors_header(data: bytes, *, max_header_bytes: int) -> dict[str, TensorInfo]:
+    """Parse the header of safetensors `data` and check its offsets tile the data region exactly.
+
+    Checks: the 8-byte little-endian length is within `max_header_bytes` and the file; the header is a
+    JSON object of {key: {dtype, shape, data_offsets}}; every tensor's byte length matches its dtype and
+    shape; the tensors lie back to back from the start of the data region to the end of the file.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from safetensors.torch import save
+        >>> read_safetensors_header(save({"x": torch.zeros(2, 3)}), max_header_bytes=1024)["x"].shape
+        (2, 3)
+        ```
+    """
+    if len(data) < 8:
+        raise RejectedUpload(f"{ADAPTER_FILE} is truncated ({len(data)} bytes, no header length)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > max_header_bytes:
+        raise RejectedUpload(f"{ADAPTER_FILE} declares a {n}-byte header, above the {max_header_bytes}-byte limit")
+    if 8 + n > len(data):
+        raise RejectedUpload(f"{ADAPTER_FILE} declares a {n}-byte header but the file has {len(data)} bytes")
+    entries = _parse_header_json(data[8 : 8 + n])
+    data_len = len(data) - 8 - n
+    cursor = 0
+    for key, info in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if info.dtype in DTYPE_SIZES:
+            expected = math.prod(info.shape) * DTYPE_SIZES[info.dtype]
+            if info.end - info.begin != expected:
+                raise RejectedUpload(
+                    f"tensor {key!r}: data_offsets span {info.end - info.begin} bytes but {info.dtype} "
+                    f"{list(info.shape)} needs {expected}"
+                )
+        if info.begin != cursor:
+            raise RejectedUpload(f"tensor {key!r}: data_offsets overlap or leave a gap (starts at {info.begin}, "
+                                 f"expected {cursor})")
+        if info.end > data_len:
+            raise RejectedUpload(f"tensor {key!r}: data_offsets end at {info.end}, past the end of the file "
+                                 f"(data region is {data_len} bytes)")
+        cursor = info.end
+    if cursor != data_len:
+        raise RejectedUpload(f"{ADAPTER_FILE} has {data_len - cursor} trailing bytes after its tensors")
+    return entries
+
+
+def _check_tensors_against_spec(
+    entries: Mapping[str, TensorInfo], spec: UploadSpec, *, rank_in: int, rank_out: int
+) -> dict[str, int]:
+    """Keys, dtypes and shapes against the spec; returns {module: rank}."""
+    keys = set(entries)
+    expected = spec.expected_keys
+    missing, extra = sorted(expected - keys), sorted(keys - expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
+        if extra:
+            parts.append(f"unexpected {len(extra)} key(s) e.g. {extra[:3]}")
+        raise RejectedUpload("adapter keys do not match the global adapter: " + "; ".join(parts))
+    for key, info in entries.items():
+        if info.dtype not in spec.dtypes:
+            raise RejectedUpload(f"tensor {key!r} has dtype {info.dtype}; allowed: {sorted(spec.dtypes)}")
+    for key, shape in spec.extras.items():
+        if entries[key].shape != tuple(shape):
+            raise RejectedUpload(f"tensor {key!r} has shape {list(entries[key].shape)}, expected {list(shape)}")
+    ranks: dict[str, int] = {}
+    for name, (d_in, d_out) in spec.modules.items():
+        a, b = entries[name + LORA_A_SUFFIX].shape, entries[name + LORA_B_SUFFIX].shape
+        if len(a) != 2 or len(b) != 2 or a[1] != d_in or b[0] != d_out or a[0] != b[1]:
+            raise RejectedUpload(
+                f"module {name}: lora_A {list(a)} / lora_B {list(b)} are not (k, {d_in}) / ({d_out}, k)"
+            )
+        k = a[0]
+        if not 1 <= k <= spec.r_max:
+            raise RejectedUpload(f"module {name}: rank {k} outside [1, r_max={spec.r_max}]")
+        if spec.allow_per_module_ranks:
+            if k > rank_in:
+                raise RejectedUpload(f"module {name}: rank {k} above the declared rank_in={rank_in}")
+        elif k != rank_out:
+            raise RejectedUpload(f"module {name}: rank {k} differs from the declared rank_out={rank_out}")
+        ranks[name] = k
+    return ranks
+
+
+def _check_number(meta: Mapping, name: str, *, non_negative: bool = False) -> None:
+    value = meta.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not math.isfinite(value)
+    ):
+        raise RejectedUpload(f"client.json {name} must be a finite number or null, got {value!r}")
+    if non_negative and value < 0:
+        raise RejectedUpload(f"client.json {name} must be >= 0, got {value!r}")
+
+
+def validate_client_json(
+    meta: Any,
+    spec: UploadSpec,
+    *,
+    client_id: str,
+    round_idx: int,
+    assigned_rank: int | None = None,
+) -> dict:
+    """Check the fields of a parsed client.json; returns it (a dict) or raises `RejectedUpload`.
+
+    Example:
+        ```py
+        >>> spec = UploadSpec(modules={"m": (4, 4)}, r_min=1, r_max=8)
+        >>> meta = {"client_id": "a", "round": 0, "rank_in": 4, "rank_out": 3, "num_examples": 10}
+        >>> validate_client_json(meta, spec, client_id="a", round_idx=0)["rank_out"]
+        3
+        ```
+    """
+    if not isinstance(meta, dict):
+        raise RejectedUpload("client.json is not a JSON object")
+    if meta.get("client_id") != client_id:
+        raise RejectedUpload(
+            f"client.json client_id {meta.get('client_id')!r} does not match the upload's {client_id!r}"
+        )
+    if not _is_int(meta.get("round")) or meta["round"] != round_idx:
+        raise RejectedUpload(f"client.json round {meta.get('round')!r} does not match round {round_idx}")
+    num = meta.get("num_examples")
+    if not _is_int(num) or not 1 <= num <= spec.max_examples:
+        raise RejectedUpload(f"client.json num_examples must be an integer in [1, {spec.max_examples}], got {num!r}")
+    for name in ("rank_in", "rank_out"):
+        value = meta.get(name)
+        if not _is_int(value) or not spec.r_min <= value <= spec.r_max:
+            raise RejectedUpload(
+                f"client.json {name} must be an integer in [r_min={spec.r_min}, r_max={spec.r_max}], got {value!r}"
+            )
+    if meta["rank_out"] > meta["rank_in"]:
+        raise RejectedUpload(f"client.json rank_out {meta['rank_out']} is above rank_in {meta['rank_in']}")
+    if assigned_rank is not None and meta["rank_in"] > assigned_rank:
+        raise RejectedUpload(f"client.json rank_in {meta['rank_in']} is above the rank {assigned_rank} assigned "
+                             "to this client for the round")
+    _check_number(meta, "train_loss")
+    _check_number(meta, "tail_norm_start", non_negative=True)
+    _check_number(meta, "tail_norm_end", non_negative=True)
+    for name in ("global_revision", "peft_hetlora_version"):
+        value = meta.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > 256):
+            raise RejectedUpload(f"client.json {name} must be a string of at most 256 characters or null")
+    return meta
+
+
+def _read_regular_file(path: Path, limit: int, what: str) -> bytes:
+    """Read a regular file of at most `limit` bytes (size checked on the open descriptor, then bounded read).
+
+    Symlinks are followed (the Hub cache hands out snapshot symlinks to blobs) but the target must be a
+    regular file: a link to a device, a FIFO or a folder is refused, and the size limit applies to the target.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise RejectedUpload(f"cannot open {what}: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise RejectedUpload(f"{what} is not a regular file")
+        if st.st_size > limit:
+            raise RejectedUpload(f"{what} is {st.st_size:,} bytes, above the {limit:,}-byte limit")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise RejectedUpload(f"{what} grew past the {limit:,}-byte limit while being read")
+    return data
+
+
+def _check_folder_entries(folder: Path, ignore: frozenset[str]) -> None:
+    if not folder.is_dir():
+        raise RejectedUpload(f"upload {folder} is not a folder")
+    names = set()
+    for entry in os.scandir(folder):
+        if entry.name in ignore:
+            continue
+        lower = entry.name.lower()
+        if lower.endswith(PICKLE_SUFFIXES):
+            raise RejectedUpload(
+                f"file {entry.name!r} is a pickle-based format that is never loaded; upload {ADAPTER_FILE} instead"
+            )
+        if entry.name not in ALLOWED_FILES:
+            raise RejectedUpload(
+                f"unexpected file {entry.name!r}; an upload holds only {ADAPTER_FILE}, {CLIENT_FILE} "
+                f"and optionally {CONFIG_FILE}"
+            )
+        if not entry.is_file():
+            raise RejectedUpload(f"{entry.name!r} is not a regular file")
+        names.add(entry.name)
+    for required in (ADAPTER_FILE, CLIENT_FILE):
+        if required not in names:
+            raise RejectedUpload(f"upload has no {required}")
+
+
+def validate_upload(
+    folder: str | Path,
+    spec: UploadSpec,
+    *,
+    client_id: str,
+    round_idx: int,
+    assigned_rank: int | None = None,
+    required_rank: int | None = None,
+    ignore_files: frozenset[str] = frozenset(),
+) -> ClientUpdate:
+    """Validate one client upload folder and return it as a `ClientUpdate` (float32 tensors on CPU).
+
+    Raises `RejectedUpload(reason)` on the first problem. `assigned_rank` (the rank the coordinator
+    gave this client for the round) bounds the declared rank_in; `required_rank` forces rank_out
+    (homogeneous methods such as fedavg). `ignore_files` names files a store keeps beside the upload.
+    `ClientUpdate.rank` is the declared rank_out; `metadata` is client.json plus `upload_bytes`
+    (bytes of the files read) and `sha256` (of the safetensors file).
+
+    Example:
+        ```py
+        >>> update = validate_upload("rounds/3/clients/alice", spec, client_id="alice", round_idx=3)  # doctest: +SKIP
+        >>> update.rank, update.num_examples  # doctest: +SKIP
+        (4, 120)
+        ```
+    """
+    folder = Path(folder)
+    _check_folder_entries(folder, frozenset(ignore_files))
+    raw_meta = _read_regular_file(folder / CLIENT_FILE, spec.max_json_bytes, CLIENT_FILE)
+    meta = validate_client_json(
+        _loads_strict(raw_meta, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
+        assigned_rank=assigned_rank,
+    )
+    if required_rank is not None and meta["rank_out"] != required_rank:
+        raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method requires")
+    upload_bytes = len(raw_meta)
+    if (folder / CONFIG_FILE).exists():
+        raw_config = _read_regular_file(folder / CONFIG_FILE, spec.max_json_bytes, CONFIG_FILE)
+        if not isinstance(_loads_strict(raw_config, CONFIG_FILE), dict):
+            raise RejectedUpload(f"{CONFIG_FILE} is not a JSON object")
+        upload_bytes += len(raw_config)
+    data = _read_regular_file(folder / ADAPTER_FILE, int(spec.max_upload_bytes), ADAPTER_FILE)
+    upload_bytes += len(data)
+    entries = read_safetensors_header(data, max_header_bytes=int(spec.max_header_bytes))
+    _check_tensors_against_spec(entries, spec, rank_in=meta["rank_in"], rank_out=meta["rank_out"])
+    try:
+        tensors = load_safetensors_bytes(data)
+    except Exception as err:  # noqa: BLE001 - any decoding failure is a rejection, never a crash
+        raise RejectedUpload(f"{ADAPTER_FILE} could not be decoded: {err}") from None
+    if set(tensors) != set(entries):
+        raise RejectedUpload(f"{ADAPTER_FILE} decoded to other keys than its header lists")
+    state_dict: dict[str, torch.Tensor] = {}
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise RejectedUpload(f"tensor {key!r} has {bad} non-finite value(s) (NaN or Inf)")
+        state_dict[key] = tensor.to(torch.float32)
+    metadata = dict(meta)
+    metadata["upload_bytes"] = upload_bytes
+    metadata["sha256"] = hashlib.sha256(data).hexdigest()
+    return ClientUpdate(
+        client_id=client_id,
+        state_dict=state_dict,
+        rank=int(meta["rank_out"]),
+        num_examples=int(meta["num_examples"]),
+        metadata=metadata,
+    )

@@ -1,0 +1,381 @@
+"""Validation of untrusted client uploads (peft_hetlora.federated.validation)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save, save_file
+
+from peft_hetlora.federated.validation import (
+    RejectedUpload,
+    UploadSpec,
+    read_safetensors_header,
+    validate_client_json,
+    validate_upload,
+)
+
+R_MIN, R_MAX = 1, 4
+MODULES = {"base_model.model.l0.q_proj": (6, 5), "base_model.model.l0.v_proj": (6, 3)}
+EXTRA = "base_model.model.score.weight"
+
+
+def global_state() -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, (d_in, d_out) in MODULES.items():
+        sd[f"{name}.lora_A.weight"] = torch.randn(R_MAX, d_in)
+        sd[f"{name}.lora_B.weight"] = torch.zeros(d_out, R_MAX)
+    sd[EXTRA] = torch.zeros(2, 6)
+    return sd
+
+
+@pytest.fixture
+def spec() -> UploadSpec:
+    return UploadSpec.from_state_dict(global_state(), r_min=R_MIN, r_max=R_MAX, max_examples=10_000)
+
+
+def client_state(rank: int, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, (d_in, d_out) in MODULES.items():
+        sd[f"{name}.lora_A.weight"] = torch.randn(rank, d_in, generator=g).to(dtype)
+        sd[f"{name}.lora_B.weight"] = torch.randn(d_out, rank, generator=g).to(dtype)
+    sd[EXTRA] = torch.randn(2, 6, generator=g).to(dtype)
+    return sd
+
+
+def client_meta(**overrides) -> dict:
+    meta = {
+        "client_id": "alice", "round": 3, "rank_in": 3, "rank_out": 2, "num_examples": 120, "train_loss": 1.25,
+        "tail_norm_start": 0.5, "tail_norm_end": 0.25, "global_revision": "abc", "peft_hetlora_version": "0.1.0",
+    }
+    meta.update(overrides)
+    return meta
+
+
+def write_upload(folder, state=None, meta=None, *, raw_adapter: bytes | None = None):
+    folder.mkdir(parents=True, exist_ok=True)
+    if raw_adapter is not None:
+        (folder / "adapter_model.safetensors").write_bytes(raw_adapter)
+    else:
+        save_file(client_state(2) if state is None else state, str(folder / "adapter_model.safetensors"))
+    (folder / "client.json").write_text(json.dumps(client_meta() if meta is None else meta))
+    return folder
+
+
+def raw_safetensors(header: dict, data: bytes, *, length: int | None = None) -> bytes:
+    blob = json.dumps(header).encode()
+    return struct.pack("<Q", len(blob) if length is None else length) + blob + data
+
+
+def check(folder, spec, **kwargs):
+    return validate_upload(folder, spec, client_id="alice", round_idx=3, **kwargs)
+
+
+def rejected(folder, spec, **kwargs) -> str:
+    with pytest.raises(RejectedUpload) as err:
+        check(folder, spec, **kwargs)
+    return err.value.reason
+
+
+# ------------------------------------------------------------------------------------------- valid uploads
+def test_valid_upload_becomes_a_client_update(tmp_path, spec):
+    state = client_state(2, seed=5)
+    update = check(write_upload(tmp_path / "u", state), spec)
+    assert update.client_id == "alice" and update.rank == 2 and update.num_examples == 120
+    assert set(update.state_dict) == set(state)
+    for key, value in state.items():
+        assert update.state_dict[key].dtype == torch.float32
+        np.testing.assert_array_equal(update.state_dict[key].numpy(), value.numpy())
+    assert update.metadata["train_loss"] == 1.25
+    data = (tmp_path / "u" / "adapter_model.safetensors").read_bytes()
+    assert update.metadata["sha256"] == hashlib.sha256(data).hexdigest()
+    assert update.metadata["upload_bytes"] == len(data) + len((tmp_path / "u" / "client.json").read_bytes())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_accepted_as_float32(tmp_path, spec, dtype):
+    update = check(write_upload(tmp_path / "u", client_state(2, dtype=dtype)), spec)
+    assert all(t.dtype == torch.float32 for t in update.state_dict.values())
+
+
+def test_optional_adapter_config_is_allowed_but_must_be_json(tmp_path, spec):
+    folder = write_upload(tmp_path / "u")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "HETLORA", "r": 4}))
+    check(folder, spec)
+    (folder / "adapter_config.json").write_text("{not json")
+    assert "adapter_config.json is not valid JSON" in rejected(folder, spec)
+
+
+def test_spec_from_safetensors_header_matches_state_dict(tmp_path):
+    sd = global_state()
+    save_file(sd, str(tmp_path / "g.safetensors"))
+    a = UploadSpec.from_safetensors(tmp_path / "g.safetensors", r_min=1, r_max=4)
+    b = UploadSpec.from_state_dict(sd, r_min=1, r_max=4)
+    assert a == b
+    assert dict(a.modules) == MODULES and dict(a.extras) == {EXTRA: (2, 6)}
+    # default size limit: twice an r_max adapter in F32 plus header room
+    r_max_bytes = 4 * (4 * sum(d_in + d_out for d_in, d_out in MODULES.values()) + 12)
+    assert a.max_upload_bytes == 2 * r_max_bytes + 8 + a.max_header_bytes
+
+
+def test_read_header_accepts_real_safetensors_with_metadata():
+    data = save({"x": torch.zeros(2, 3), "y": torch.ones(4, dtype=torch.float16)}, metadata={"format": "pt"})
+    entries = read_safetensors_header(data, max_header_bytes=4096)
+    assert entries["x"].shape == (2, 3) and entries["y"].dtype == "F16"
+
+
+# ------------------------------------------------------------------------------------------------ files
+def test_pickle_file_is_rejected_without_loading(tmp_path, spec, monkeypatch):
+    def boom(*args, **kwargs):  # pragma: no cover - must never run
+        raise AssertionError("torch.load must never be called on an upload")
+
+    monkeypatch.setattr(torch, "load", boom)
+    folder = tmp_path / "u"
+    folder.mkdir()
+    torch.save(client_state(2), folder / "adapter_model.bin")
+    (folder / "client.json").write_text(json.dumps(client_meta()))
+    assert "pickle-based" in rejected(folder, spec)
+    # also beside a valid safetensors file, and under other pickle names
+    write_upload(folder)
+    assert "adapter_model.bin" in rejected(folder, spec)
+    os.remove(folder / "adapter_model.bin")
+    (folder / "evil.pkl").write_bytes(pickle.dumps({"a": 1}))
+    assert "pickle-based" in rejected(folder, spec)
+
+
+def test_unexpected_files_and_missing_files(tmp_path, spec):
+    folder = write_upload(tmp_path / "u")
+    (folder / "notes.txt").write_text("hi")
+    assert "unexpected file 'notes.txt'" in rejected(folder, spec)
+    os.remove(folder / "notes.txt")
+    (folder / "sub").mkdir()
+    assert "unexpected file 'sub'" in rejected(folder, spec)
+    os.rmdir(folder / "sub")
+    os.remove(folder / "client.json")
+    assert "no client.json" in rejected(folder, spec)
+    only_meta = tmp_path / "m"
+    only_meta.mkdir()
+    (only_meta / "client.json").write_text(json.dumps(client_meta()))
+    assert "no adapter_model.safetensors" in rejected(only_meta, spec)
+
+
+def test_symlinks_must_point_to_regular_files(tmp_path, spec):
+    # the Hub cache hands out snapshot symlinks to blobs: a link to a regular file is read like the file
+    real = write_upload(tmp_path / "real")
+    folder = tmp_path / "u"
+    folder.mkdir()
+    (folder / "client.json").write_text(json.dumps(client_meta()))
+    os.symlink(real / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    assert check(folder, spec).rank == 2
+    # a link to a device (endless zeros) or a folder is refused without reading it
+    os.remove(folder / "adapter_model.safetensors")
+    os.symlink("/dev/zero", folder / "adapter_model.safetensors")
+    assert "not a regular file" in rejected(folder, spec)
+    os.remove(folder / "adapter_model.safetensors")
+    os.symlink(tmp_path, folder / "adapter_model.safetensors")
+    assert "not a regular file" in rejected(folder, spec)
+    # the size limit applies to the link's target
+    small = UploadSpec.from_state_dict(global_state(), r_min=R_MIN, r_max=R_MAX, max_upload_bytes=100)
+    os.remove(folder / "adapter_model.safetensors")
+    os.symlink(real / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    assert "above the 100-byte limit" in rejected(folder, small)
+
+
+def test_oversized_file_is_rejected_before_reading(tmp_path):
+    small = UploadSpec.from_state_dict(global_state(), r_min=R_MIN, r_max=R_MAX, max_upload_bytes=100)
+    assert "above the 100-byte limit" in rejected(write_upload(tmp_path / "u"), small)
+    # the default limit rejects an adapter far larger than r_max would be, even with valid content
+    spec = UploadSpec.from_state_dict(global_state(), r_min=R_MIN, r_max=R_MAX)
+    folder = write_upload(tmp_path / "big", raw_adapter=b"\0" * (spec.max_upload_bytes + 1))
+    assert "limit" in rejected(folder, spec)
+
+
+# ------------------------------------------------------------------------------------------- header attacks
+def test_corrupt_and_truncated_files(tmp_path, spec):
+    rng = np.random.default_rng(0)
+    assert "safetensors" in rejected(write_upload(tmp_path / "a", raw_adapter=rng.bytes(500)), spec)
+    assert "truncated" in rejected(write_upload(tmp_path / "b", raw_adapter=b"\x01\x02"), spec)
+    good = save(client_state(2))
+    reason = rejected(write_upload(tmp_path / "c", raw_adapter=good[:-10]), spec)
+    assert "past the end" in reason or "data_offsets" in reason
+    reason = rejected(write_upload(tmp_path / "d", raw_adapter=good[:40]), spec)
+    assert "header" in reason
+    assert "not UTF-8" in rejected(write_upload(tmp_path / "e", raw_adapter=struct.pack("<Q", 4) + b"\xff\xfe{}"),
+                                   spec)
+
+
+def test_huge_header_length_is_rejected(tmp_path, spec):
+    blob = raw_safetensors({}, b"", length=2**62)
+    assert "header" in rejected(write_upload(tmp_path / "a", raw_adapter=blob), spec)
+    # within the file but above the header limit
+    padded = raw_safetensors({"__metadata__": {"x": "y" * 50_000}}, b"")
+    assert "above the" in rejected(write_upload(tmp_path / "b", raw_adapter=padded), spec)
+
+
+def test_lying_header_offsets_past_eof(tmp_path, spec):
+    state = client_state(2)
+    header, data, cursor = {}, b"", 0
+    for key, tensor in state.items():
+        raw = tensor.numpy().tobytes()
+        header[key] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [cursor, cursor + len(raw)]}
+        data += raw
+        cursor += len(raw)
+    # sanity: the hand-built file is valid
+    check(write_upload(tmp_path / "ok", raw_adapter=raw_safetensors(header, data)), spec)
+    last = max(header, key=lambda k: header[k]["data_offsets"][0])
+    lying = json.loads(json.dumps(header))
+    lying[last]["data_offsets"][1] += 4096
+    lying[last]["shape"] = [lying[last]["shape"][0] * lying[last]["shape"][1] + 1024]  # byte count stays consistent
+    assert "past the end" in rejected(write_upload(tmp_path / "a", raw_adapter=raw_safetensors(lying, data)), spec)
+    overlap = json.loads(json.dumps(header))
+    first = sorted(header, key=lambda k: header[k]["data_offsets"][0])[1]
+    overlap[first]["data_offsets"] = [x - 4 for x in overlap[first]["data_offsets"]]
+    assert "overlap" in rejected(write_upload(tmp_path / "b", raw_adapter=raw_safetensors(overlap, data)), spec)
+    wrong_len = json.loads(json.dumps(header))
+    wrong_len[last]["shape"] = [1, 1]
+    assert "needs 4" in rejected(write_upload(tmp_path / "c", raw_adapter=raw_safetensors(wrong_len, data)), spec)
+    trailing = raw_safetensors(header, data + b"\0" * 8)
+    assert "trailing" in rejected(write_upload(tmp_path / "d", raw_adapter=trailing), spec)
+    dup = b'{"a": 1, "a": 2}'
+    assert "duplicate" in rejected(write_upload(tmp_path / "e", raw_adapter=struct.pack("<Q", len(dup)) + dup), spec)
+    bad_entry = {"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}
+    assert "non-negative" in rejected(write_upload(tmp_path / "f", raw_adapter=raw_safetensors(bad_entry, b"")), spec)
+
+
+def test_dtype_whitelist(tmp_path, spec):
+    state = client_state(2)
+    state[EXTRA] = state[EXTRA].to(torch.float64)
+    assert "dtype F64" in rejected(write_upload(tmp_path / "a", state), spec)
+    state[EXTRA] = torch.zeros(2, 6, dtype=torch.int64)
+    assert "dtype I64" in rejected(write_upload(tmp_path / "b", state), spec)
+
+
+# ------------------------------------------------------------------------------------------- content checks
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_rejected(tmp_path, spec, bad):
+    state = client_state(2)
+    key = next(iter(MODULES)) + ".lora_B.weight"
+    state[key][1, 0] = bad
+    reason = rejected(write_upload(tmp_path / "u", state), spec)
+    assert key in reason and "non-finite" in reason
+
+
+def test_nan_in_half_precision_is_rejected(tmp_path, spec):
+    state = client_state(2, dtype=torch.bfloat16)
+    state[EXTRA][0, 0] = float("nan")
+    assert "non-finite" in rejected(write_upload(tmp_path / "u", state), spec)
+
+
+def test_wrong_keys(tmp_path, spec):
+    state = client_state(2)
+    del state[EXTRA]
+    assert "missing 1 key" in rejected(write_upload(tmp_path / "a", state), spec)
+    state = client_state(2)
+    state["base_model.model.l0.k_proj.lora_A.weight"] = torch.zeros(2, 6)
+    assert "unexpected 1 key" in rejected(write_upload(tmp_path / "b", state), spec)
+
+
+def test_wrong_shapes(tmp_path, spec):
+    name = next(iter(MODULES))
+    state = client_state(2)
+    state[f"{name}.lora_A.weight"] = torch.zeros(2, 7)  # d_in 7 instead of 6
+    assert "are not (k, 6) / (5, k)" in rejected(write_upload(tmp_path / "a", state), spec)
+    state = client_state(2)
+    state[f"{name}.lora_B.weight"] = torch.zeros(5, 3)  # B rank differs from A rank
+    assert "are not (k, 6) / (5, k)" in rejected(write_upload(tmp_path / "b", state), spec)
+    state = client_state(2)
+    state[EXTRA] = torch.zeros(3, 6)
+    assert "expected [2, 6]" in rejected(write_upload(tmp_path / "c", state), spec)
+    # tensors at rank 3 while client.json declares rank_out 2
+    assert "differs from the declared rank_out=2" in rejected(write_upload(tmp_path / "d", client_state(3)), spec)
+
+
+def test_rank_above_r_max(tmp_path, spec):
+    meta = client_meta(rank_in=5, rank_out=5)
+    assert "rank_in must be an integer in [r_min=1, r_max=4]" in rejected(
+        write_upload(tmp_path / "a", client_state(5), meta), spec
+    )
+    # tensors above r_max even if the per-module check were relaxed
+    relaxed = UploadSpec.from_state_dict(global_state(), r_min=1, r_max=4, allow_per_module_ranks=True)
+    assert "outside [1, r_max=4]" in rejected(write_upload(tmp_path / "b", client_state(5), client_meta(rank_in=4,
+                                                                                                          rank_out=4)),
+                                              relaxed)
+
+
+def test_per_module_ranks_when_allowed(tmp_path):
+    spec = UploadSpec.from_state_dict(global_state(), r_min=1, r_max=4, allow_per_module_ranks=True)
+    state = client_state(3)
+    name = next(iter(MODULES))
+    state[f"{name}.lora_A.weight"] = state[f"{name}.lora_A.weight"][:1].clone()
+    state[f"{name}.lora_B.weight"] = state[f"{name}.lora_B.weight"][:, :1].clone()
+    update = check(write_upload(tmp_path / "a", state, client_meta(rank_in=3, rank_out=3)), spec)
+    assert update.state_dict[f"{name}.lora_A.weight"].shape == (1, 6)
+    assert "above the declared rank_in=2" in rejected(
+        write_upload(tmp_path / "b", client_state(3), client_meta(rank_in=2, rank_out=2)), spec
+    )
+
+
+def test_assigned_and_required_rank(tmp_path, spec):
+    folder = write_upload(tmp_path / "a", client_state(2), client_meta(rank_in=3, rank_out=2))
+    check(folder, spec, assigned_rank=3)
+    assert "above the rank 2 assigned" in rejected(folder, spec, assigned_rank=2)
+    assert "differs from the rank 3 this method requires" in rejected(folder, spec, required_rank=3)
+
+
+# ------------------------------------------------------------------------------------------------ client.json
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ({"client_id": "bob"}, "does not match the upload's 'alice'"),
+        ({"round": 2}, "round 2 does not match round 3"),
+        ({"round": True}, "does not match round 3"),
+        ({"num_examples": -5}, "num_examples must be an integer in [1, 10000]"),
+        ({"num_examples": 0}, "num_examples"),
+        ({"num_examples": 10.0}, "num_examples"),
+        ({"num_examples": 10**6}, "num_examples"),
+        ({"num_examples": True}, "num_examples"),
+        ({"rank_in": 0}, "rank_in must be an integer"),
+        ({"rank_out": "2"}, "rank_out must be an integer"),
+        ({"rank_in": 2, "rank_out": 3}, "rank_out 3 is above rank_in 2"),
+        ({"train_loss": "low"}, "train_loss must be a finite number"),
+        ({"tail_norm_end": -1.0}, "tail_norm_end must be >= 0"),
+        ({"global_revision": 7}, "global_revision must be a string"),
+    ],
+)
+def test_bad_client_json_fields(tmp_path, spec, overrides, needle):
+    meta = client_meta(**overrides)
+    assert needle in rejected(write_upload(tmp_path / "u", meta=meta), spec)
+
+
+@pytest.mark.parametrize(
+    "raw,needle",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"client_id": "alice", "train_loss": NaN}', "non-finite JSON number NaN"),
+        (b'{"client_id": "alice", "client_id": "bob"}', "duplicate JSON key"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "limit"),
+        (b"[" * 20_000 + b"]" * 20_000, "nested too deeply"),
+    ],
+)
+def test_bad_client_json_documents(tmp_path, spec, raw, needle):
+    folder = write_upload(tmp_path / "u")
+    (folder / "client.json").write_bytes(raw)
+    assert needle in rejected(folder, spec)
+
+
+def test_validate_client_json_directly(spec):
+    meta = validate_client_json(client_meta(), spec, client_id="alice", round_idx=3)
+    assert meta["rank_out"] == 2
+    # extra fields are kept (forward compatibility)
+    assert validate_client_json(client_meta(extra_field=1), spec, client_id="alice", round_idx=3)["extra_field"] == 1
+    with pytest.raises(RejectedUpload, match="r_max=4"):
+        validate_client_json(client_meta(rank_in=9, rank_out=9), spec, client_id="alice", round_idx=3)
