@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         from .federated.coordinate_cli import run_coordinate
 
         return run_coordinate(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
-        print(f"hetlora {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"hetlora {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -93,14 +93,14 @@ class SimulationConfig:
     num_clients: int = 20
     min_examples: int = 20
     max_examples_per_client: int | None = 64
-    max_eval_examples: int = 128
-    client_val_max_examples: int = 16
-    block_size: int = 96
+    max_eval_examples: int = 48
+    client_val_max_examples: int = 4
+    block_size: int = 64
     # federation
     methods: list[str] = field(default_factory=lambda: list(ARMS))
-    rounds: int = 6
+    rounds: int = 5
     clients_per_round: int = 4
-    local_steps: int = 5
+    local_steps: int = 4
     batch_size: int = 4
     learning_rate: float = 3e-4
     r_min: int = 2
@@ -180,5 +180,6 @@ class SimulationConfig:
 
     def fingerprint(self) -> str:
         """Hash of the settings that change results (a run folder belongs to exactly one)."""
-        relevant = {k: v for k, v in self.to_dict().items() if k not in ("methods", "seeds", "engine")}
+        # rounds, methods and seeds may grow on a rerun: finished rounds stay valid
+        relevant = {k: v for k, v in self.to_dict().items() if k not in ("methods", "seeds", "engine", "rounds")}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -62,6 +62,13 @@ class Workbench:
     base_model: Any
     collator: CausalLMCollator
     target_layers: list[int] | None
+    base_heldout_ppl: float | None = None
+
+    def initial_heldout_ppl(self, model: Any) -> float:
+        """Held-out perplexity before training: every arm starts from B = 0, i.e. the base model."""
+        if self.base_heldout_ppl is None:
+            self.base_heldout_ppl = _ppl(model, self.heldout, self.config)
+        return self.base_heldout_ppl
 
 
 # ----------------------------------------------------------------------------- setup
@@ -249,7 +256,7 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                 coordinator.init(tmp)
         if not rows:
             _load_global(model, store.get_global(0).path, r_arm)
-            row = {"round": 0, "heldout_ppl": _ppl(model, wb.heldout, config), "upload_bytes": 0,
+            row = {"round": 0, "heldout_ppl": wb.initial_heldout_ppl(model), "upload_bytes": 0,
                    "download_bytes": 0, "ranks": dict(ranks), "wall_s": 0.0}
             _append_row(rows_path, row)
             rows.append(row)
@@ -324,7 +331,7 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path) -> dict[str, Any]:
             rows = []
             rows_path.unlink()
         if not rows:
-            row = {"round": 0, "heldout_ppl": _ppl(model, wb.heldout, config), "upload_bytes": 0, "wall_s": 0.0}
+            row = {"round": 0, "heldout_ppl": wb.initial_heldout_ppl(model), "upload_bytes": 0, "wall_s": 0.0}
             _append_row(rows_path, row)
             rows.append(row)
         hf_logging.set_verbosity_error()

