@@ -1,0 +1,480 @@
+"""Run a HetLoRA federation as a Flower simulation (Ray virtual clients), or the same experiment in-process.
+
+`run_flower_simulation` is what ``hetlora simulate --engine flower`` calls: one `HetLoRAStrategy` ServerApp, one
+HetLoRA `ClientApp` per virtual SuperNode (partition ``i`` is client ``client_ids[i]``),
+`flwr.simulation.run_simulation` with bounded Ray resources. `run_inprocess_simulation` runs the same experiment
+without Flower: the same rank policy, client sampling, local training function, seeds and `aggregate` call, so the
+two give the same global adapter up to float rounding (what the tests check) and their wall times compare the
+engines (the benchmark).
+
+Example:
+    ```py
+    from peft_hetlora import HetLoRAConfig
+    from peft_hetlora.flower import run_flower_simulation
+    from peft_hetlora.flower.toy import ToyTask
+
+    result = run_flower_simulation(
+        ToyTask(num_examples=16), num_clients=10,
+        adapter_config=HetLoRAConfig(r=8, r_min=2, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        ranks="uniform", method="hetlora", rounds=2, local_steps=2, seed=0,
+    )
+    result.rounds[-1]["metrics"]["train_loss"], result.final_state_dict.keys()
+    ```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_hetlora.federated.aggregation import ClientUpdate, aggregate, truncate, update_norm
+from peft_hetlora.federated.coordinator import scaling_from_config
+from peft_hetlora.federated.rank_policy import RankPolicy, sample_clients
+from peft_hetlora.federated.store import AdapterStore
+from peft_hetlora.federated.validation import UploadSpec
+
+from . import records as rec
+from .local_round import ClientTask, LocalTrainingConfig, TaskFn, evaluate_global, hetlora_config, train_local_round
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FederationRun:
+    """The outcome of a simulated federation (Flower or in-process).
+
+    Attributes:
+        engine: ``"flower"`` or ``"inprocess"``.
+        rounds: one summary per round (the coordinator's ``summary.json`` fields: accepted, rejected, failed,
+            weights, clients, client_ranks, metrics with ``train_loss``, ``mean_rank_out``, ``seconds``, ...).
+        final_state_dict: the final global adapter (r_max, float32).
+        initial_state_dict: the global adapter of round 0.
+        evaluation: ``server_round -> metrics`` (``central/eval-loss`` after each round, 0 = before training;
+            ``federated/eval-loss`` when clients evaluate).
+        client_ranks: every client's rank after the last round.
+        client_ids: client id of each partition.
+        wall_seconds: the whole run, engine start-up included.
+        updates: ``round -> accepted ClientUpdates`` when ``keep_updates=True``.
+    """
+
+    engine: str
+    rounds: list[dict[str, Any]]
+    final_state_dict: dict[str, torch.Tensor]
+    initial_state_dict: dict[str, torch.Tensor]
+    evaluation: dict[int, dict[str, Any]]
+    client_ranks: dict[str, int]
+    client_ids: list[str]
+    wall_seconds: float
+    updates: dict[int, list[ClientUpdate]] = field(default_factory=dict)
+
+    def round_seconds(self) -> list[float]:
+        """Wall time of each round (configure -> aggregate)."""
+        return [float(r["metrics"]["seconds"]) for r in self.rounds]
+
+
+@dataclass
+class DatasetTask:
+    """``task_fn`` over a list of client datasets: partition ``i`` trains on ``datasets[i]`` with ``model_fn()``.
+
+    Example:
+        ```py
+        >>> task_fn = DatasetTask(model_fn=tiny_llama, datasets=[ds_a, ds_b])  # doctest: +SKIP
+        ```
+    """
+
+    model_fn: Callable[[], nn.Module]
+    datasets: Sequence[Any]
+    data_collator: Callable | None = None
+    eval_datasets: Sequence[Any] | None = None
+
+    def __call__(self, partition_id: int, node_config: Mapping[str, Any]) -> ClientTask:
+        if not 0 <= partition_id < len(self.datasets):
+            raise ValueError(f"partition-id {partition_id} outside [0, {len(self.datasets)}): start the node with a "
+                             "partition-id of this simulation.")
+        return ClientTask(
+            model=self.model_fn(),
+            train_dataset=self.datasets[partition_id],
+            eval_dataset=self.eval_datasets[partition_id] if self.eval_datasets is not None else None,
+            data_collator=self.data_collator,
+        )
+
+
+@dataclass
+class PartitionClientIds:
+    """``client_id_fn`` mapping a node's ``partition-id`` to ``client_ids[partition-id]``."""
+
+    client_ids: Sequence[str]
+
+    def __call__(self, node_config: Mapping[str, Any]) -> str:
+        if node_config.get(rec.CLIENT_ID):
+            return str(node_config[rec.CLIENT_ID])
+        return str(self.client_ids[int(node_config[rec.PARTITION_ID])])
+
+
+def initial_global_state(model: nn.Module, adapter_config: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A fresh global adapter at r_max (PEFT's init: A random, B zero), seeded; PEFT saved keys, float32.
+
+    Example:
+        ```py
+        >>> sd = initial_global_state(tiny_llama(), HetLoRAConfig(r=8, target_modules=["q_proj"]))  # doctest: +SKIP
+        ```
+    """
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    config = rec.federation_adapter_config(adapter_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, hetlora_config(config, int(config["r"])))
+    state = get_peft_model_state_dict(peft_model)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def central_evaluate(
+    model_fn: Callable[[], nn.Module],
+    dataset: Any,
+    adapter_config: Any,
+    *,
+    batch_size: int = 8,
+    data_collator: Callable | None = None,
+) -> Callable[[int, Mapping[str, torch.Tensor]], dict[str, float]]:
+    """``evaluate(round, global_state) -> {"eval-loss", "eval-perplexity"}`` of the global adapter at r_max.
+
+    Example:
+        ```py
+        >>> evaluate = central_evaluate(tiny_llama, held_out, config)  # doctest: +SKIP
+        >>> evaluate(0, initial_state)["eval-loss"]  # doctest: +SKIP
+        4.56
+        ```
+    """
+    config = rec.federation_adapter_config(adapter_config)
+
+    def evaluate(server_round: int, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        task = ClientTask(model=model_fn(), data_collator=data_collator)
+        loss, _ = evaluate_global(task, state, adapter_config=config, rank=int(config["r"]), batch_size=batch_size,
+                                  dataset=dataset)
+        return {"eval-loss": float(loss), "eval-perplexity": math.exp(min(loss, 700.0))}
+
+    return evaluate
+
+
+@dataclass
+class _Setup:
+    task_fn: TaskFn
+    client_ids: list[str]
+    config: dict[str, Any]
+    training: LocalTrainingConfig
+    initial: dict[str, torch.Tensor]
+    evaluate: Callable[[int, Mapping[str, torch.Tensor]], dict[str, float]] | None
+
+
+def _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, r_min, training, local_steps,
+           seed, initial_state_dict, eval_dataset, data_collator, eval_batch_size) -> _Setup:
+    if task_fn is None:
+        if model_fn is None or client_datasets is None:
+            raise ValueError("Pass task_fn=..., or model_fn=... together with client_datasets=...")
+        if isinstance(client_datasets, Mapping):
+            client_ids = list(client_ids or client_datasets)
+            datasets = [client_datasets[c] for c in client_ids]
+        else:
+            datasets = list(client_datasets)
+        task_fn = DatasetTask(model_fn, datasets, data_collator)
+        num_clients = len(datasets)
+    if client_ids is None:
+        if num_clients is None:
+            raise ValueError("With task_fn=..., pass num_clients=... or client_ids=[...] (one per partition).")
+        client_ids = [f"client-{i}" for i in range(num_clients)]
+    client_ids = [str(c) for c in client_ids]
+    if len(set(client_ids)) != len(client_ids):
+        raise ValueError("client_ids must be unique.")
+    config = rec.federation_adapter_config(adapter_config, r_min)
+    training = training or LocalTrainingConfig()
+    if local_steps is not None:
+        training = dataclasses.replace(training, local_steps=int(local_steps))
+    base_fn = model_fn if model_fn is not None else (lambda: task_fn(0, {rec.PARTITION_ID: 0}).model)
+    initial = dict(initial_state_dict) if initial_state_dict is not None else initial_global_state(base_fn(), config,
+                                                                                                  seed)
+    evaluate = None
+    if eval_dataset is not None:
+        evaluate = central_evaluate(base_fn, eval_dataset, config, batch_size=eval_batch_size,
+                                    data_collator=data_collator)
+    return _Setup(task_fn, client_ids, config, training, initial, evaluate)
+
+
+def run_flower_simulation(
+    task_fn: TaskFn | None = None,
+    *,
+    adapter_config: Any,
+    model_fn: Callable[[], nn.Module] | None = None,
+    client_datasets: Mapping[str, Any] | Sequence[Any] | None = None,
+    client_ids: Sequence[str] | None = None,
+    num_clients: int | None = None,
+    ranks: RankPolicy | str | Mapping[str, int] | None = None,
+    r_min: int | None = None,
+    method: str = "hetlora",
+    rounds: int = 1,
+    clients_per_round: int | None = None,
+    local_steps: int | None = None,
+    training: LocalTrainingConfig | None = None,
+    seed: int = 0,
+    initial_state_dict: Mapping[str, torch.Tensor] | None = None,
+    eval_dataset: Any = None,
+    eval_batch_size: int = 8,
+    data_collator: Callable | None = None,
+    fraction_evaluate: float = 0.0,
+    min_replies: int = 1,
+    clip_norm: float | None = None,
+    store: AdapterStore | None = None,
+    num_cpus: int | None = None,
+    cpus_per_client: float = 1.0,
+    gpus_per_client: float = 0.0,
+    round_timeout: float = 3600.0,
+    keep_updates: bool = False,
+    verbose: bool = False,
+) -> FederationRun:
+    """Simulate a HetLoRA federation with Flower: one virtual SuperNode per client, Ray actors doing the training.
+
+    Args:
+        task_fn: ``task_fn(partition_id, node_config) -> ClientTask`` (with ``num_clients`` or ``client_ids``); or
+            pass ``model_fn`` and ``client_datasets`` (``{client_id: dataset}`` or a list) instead.
+        adapter_config: the federation's `HetLoRAConfig` (``r`` = r_max, ``lora_alpha``, ``target_modules``, ...).
+        ranks: initial rank policy (`RankPolicy`, a name, or ``{client_id: rank}``; default uniform, fedavg constant).
+        method: aggregation method (``hetlora``, ``zero_pad``, ``fedavg``, ``flexlora``, ``rankwise``).
+        rounds, clients_per_round (default: all), local_steps / training, seed: the experiment settings.
+        initial_state_dict: global adapter of round 0 at r_max (default: `initial_global_state` with ``seed``).
+        eval_dataset: held-out data for a central evaluation of the global adapter before and after every round.
+        fraction_evaluate: fraction of clients evaluating the global adapter on their ``eval_dataset`` each round.
+        store: mirror every round to a `LocalStore` / `HubStore` (coordinator layout).
+        num_cpus: CPUs Ray may use (default: all); cpus_per_client / gpus_per_client: resources of one virtual
+            client, so ``num_cpus / cpus_per_client`` clients train at once.
+        keep_updates: return each round's validated client updates (``FederationRun.updates``).
+
+    Returns:
+        `FederationRun` with per-round summaries and the final global state dict.
+
+    Example:
+        ```py
+        >>> run = run_flower_simulation(ToyTask(), num_clients=10, adapter_config=config, rounds=2)  # doctest: +SKIP
+        >>> [r["metrics"]["num_accepted"] for r in run.rounds]  # doctest: +SKIP
+        [10, 10]
+        ```
+    """
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    try:
+        from flwr.serverapp import ServerApp
+        from flwr.simulation import run_simulation
+    except ImportError as err:
+        raise ImportError('run_flower_simulation needs Flower with Ray: pip install "peft-hetlora[flower]" '
+                          "(or use run_inprocess_simulation, which needs no Flower).") from err
+
+    from .client_app import make_client_app
+    from .strategy import HetLoRAStrategy
+
+    setup = _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, r_min, training,
+                   local_steps, seed, initial_state_dict, eval_dataset, data_collator, eval_batch_size)
+    n_clients = len(setup.client_ids)
+    strategy = HetLoRAStrategy(
+        setup.config, method=method, rank_policy=ranks, clients=setup.client_ids,
+        clients_per_round=clients_per_round or n_clients, min_train_nodes=1, min_available_nodes=n_clients,
+        fraction_evaluate=fraction_evaluate, min_evaluate_nodes=1 if fraction_evaluate else 0,
+        min_replies=min_replies, seed=seed, clip_norm=clip_norm, training=setup.training, store=store,
+        keep_updates=keep_updates,
+    )
+    evaluate_fn = None
+    if setup.evaluate is not None:
+        from flwr.app import MetricRecord
+
+        def evaluate_fn(server_round, arrays):
+            return MetricRecord(setup.evaluate(server_round, rec.arrays_to_state_dict(arrays)))
+
+    holder: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context) -> None:
+        holder["result"] = strategy.start(
+            grid=grid, initial_arrays=rec.state_dict_to_arrays(setup.initial), num_rounds=rounds,
+            timeout=round_timeout, evaluate_fn=evaluate_fn,
+        )
+
+    client_app = make_client_app(setup.task_fn, client_id_fn=PartitionClientIds(setup.client_ids),
+                                 training_defaults=setup.training)
+    total_cpus = num_cpus or os.cpu_count() or 1
+    init_args: dict[str, Any] = {"num_cpus": total_cpus, "include_dashboard": False}
+    if gpus_per_client > 0:
+        init_args["num_gpus"] = torch.cuda.device_count()
+    backend_config = {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+        "init_args": init_args,
+    }
+    started = time.perf_counter()
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_clients,
+                   backend_config=backend_config, verbose_logging=verbose)
+    wall = time.perf_counter() - started
+    if "result" not in holder:
+        raise RuntimeError("The Flower simulation ended without a result; see the Flower log above for the error.")
+    return FederationRun(
+        engine="flower",
+        rounds=list(strategy.history),
+        final_state_dict=dict(strategy.global_state),
+        initial_state_dict=setup.initial,
+        evaluation=dict(strategy.evaluation),
+        client_ranks=dict(strategy.client_ranks),
+        client_ids=setup.client_ids,
+        wall_seconds=wall,
+        updates=dict(strategy.round_updates),
+    )
+
+
+def run_inprocess_simulation(
+    task_fn: TaskFn | None = None,
+    *,
+    adapter_config: Any,
+    model_fn: Callable[[], nn.Module] | None = None,
+    client_datasets: Mapping[str, Any] | Sequence[Any] | None = None,
+    client_ids: Sequence[str] | None = None,
+    num_clients: int | None = None,
+    ranks: RankPolicy | str | Mapping[str, int] | None = None,
+    r_min: int | None = None,
+    method: str = "hetlora",
+    rounds: int = 1,
+    clients_per_round: int | None = None,
+    local_steps: int | None = None,
+    training: LocalTrainingConfig | None = None,
+    seed: int = 0,
+    initial_state_dict: Mapping[str, torch.Tensor] | None = None,
+    eval_dataset: Any = None,
+    eval_batch_size: int = 8,
+    data_collator: Callable | None = None,
+    clip_norm: float | None = None,
+    keep_updates: bool = False,
+    num_threads: int | None = None,
+) -> FederationRun:
+    """The same experiment as `run_flower_simulation`, in this process, one client after another, without Flower.
+
+    Same rank policy, seeded client sampling, local training function and seeds, and `aggregate` on the clients'
+    updates; a client whose task raises is reported in ``failed`` and left out. The reference for the Flower
+    engine's results and speed. ``num_threads`` sets torch's intra-op threads for the run (1 matches a Flower virtual
+    client with one CPU, bit for bit on CPU).
+
+    Example:
+        ```py
+        ref = run_inprocess_simulation(ToyTask(), num_clients=10, adapter_config=config, rounds=2)
+        ```
+    """
+    setup = _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, r_min, training,
+                   local_steps, seed, initial_state_dict, eval_dataset, data_collator, eval_batch_size)
+    config = setup.config
+    if method == "fedavg" and setup.training.prune:  # as HetLoRAStrategy: homogeneous clients never prune
+        setup.training = dataclasses.replace(setup.training, prune=False)
+    r_max, r_min_ = int(config["r"]), int(config["r_min"])
+    scaling = scaling_from_config(config, r_max)
+    spec = UploadSpec.from_state_dict(setup.initial, r_min=r_min_, r_max=r_max)
+    policy = RankPolicy.coerce(ranks) if ranks is not None else RankPolicy("constant" if method == "fedavg" else
+                                                                           "uniform")
+    client_ranks = policy.assign(setup.client_ids, r_min=r_min_, r_max=r_max, module_dims=dict(spec.modules),
+                                 seed=seed)
+    n = min(clients_per_round or len(setup.client_ids), len(setup.client_ids))
+    state = dict(setup.initial)
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    # The Trainer runs gc.collect() after every local round; freezing the objects that exist now keeps those
+    # collections proportional to the round's garbage rather than to this whole process's heap (the Flower
+    # ClientApp does the same in its process).
+    gc.collect()
+    gc.freeze()
+    try:
+        history, evaluation, kept, state, client_ranks = _inprocess_rounds(
+            setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates)
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(threads)
+    return FederationRun(
+        engine="inprocess",
+        rounds=history,
+        final_state_dict=state,
+        initial_state_dict=setup.initial,
+        evaluation=evaluation,
+        client_ranks=client_ranks,
+        client_ids=setup.client_ids,
+        wall_seconds=time.perf_counter() - started,
+        updates=kept,
+    )
+
+
+def _inprocess_rounds(setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates):
+    history: list[dict[str, Any]] = []
+    evaluation: dict[int, dict[str, Any]] = {}
+    kept: dict[int, list[ClientUpdate]] = {}
+    config = setup.config
+    if setup.evaluate is not None:
+        evaluation[0] = {f"central/{k}": v for k, v in setup.evaluate(0, state).items()}
+    for t in range(rounds):
+        round_start = time.perf_counter()
+        participants = sample_clients(setup.client_ids, n, seed=seed, round_idx=t)
+        assigned = {cid: client_ranks[cid] for cid in participants}
+        updates: list[ClientUpdate] = []
+        failed: dict[str, str] = {}
+        for cid in participants:
+            pid = setup.client_ids.index(cid)
+            node_config = {rec.PARTITION_ID: pid, "num-partitions": len(setup.client_ids)}
+            try:
+                task = setup.task_fn(pid, node_config)
+                out = train_local_round(task, truncate(state, assigned[cid]), adapter_config=config,
+                                        rank=assigned[cid], training=setup.training, seed=rec.local_seed(seed, cid, t))
+            except Exception as err:  # noqa: BLE001 - a failing client is reported, the round goes on
+                failed[cid] = f"{type(err).__name__}: {err}"
+                logger.warning("Round %d: client %s failed: %s", t, cid, failed[cid])
+                continue
+            meta = {"rank_in": out.rank_in, "rank_out": out.rank_out, "num_examples": out.num_examples,
+                    "train_loss": out.train_loss, "tail_norm_start": out.tail_norm_start,
+                    "tail_norm_end": out.tail_norm_end}
+            updates.append(ClientUpdate(cid, out.state_dict, out.rank_out, out.num_examples, meta))
+        result = None
+        if updates:
+            result = aggregate(updates, method=method, r_max=r_max, scaling=scaling,
+                               previous=state if method == "rankwise" else None, clip_norm=clip_norm)
+            state = {k: v.contiguous() for k, v in result.state_dict.items()}
+            for update in updates:
+                client_ranks[update.client_id] = update.rank
+        if keep_updates:
+            kept[t] = updates
+        losses = [(u.metadata["train_loss"], u.num_examples) for u in updates if u.metadata["train_loss"] is not None]
+        history.append({
+            "round": t,
+            "engine": "inprocess",
+            "method": method,
+            "participants": participants,
+            "assigned_ranks": assigned,
+            "accepted": [u.client_id for u in updates],
+            "rejected": {},
+            "failed": failed,
+            "weights": dict(result.weights) if result is not None else {},
+            "clients": {u.client_id: dict(u.metadata) for u in updates},
+            "client_ranks": dict(client_ranks),
+            "metrics": {
+                "num_participants": len(participants),
+                "num_accepted": len(updates),
+                "num_failed": len(failed),
+                "num_examples": sum(u.num_examples for u in updates),
+                "mean_rank_out": sum(u.rank for u in updates) / len(updates) if updates else None,
+                "train_loss": sum(x * k for x, k in losses) / sum(k for _, k in losses) if losses else None,
+                "global_update_norm": float(update_norm(state, scaling)) if result is not None else None,
+                "seconds": time.perf_counter() - round_start,
+            },
+            "aggregation": result.summary() if result is not None else None,
+        })
+        if setup.evaluate is not None:
+            evaluation[t + 1] = {f"central/{k}": v for k, v in setup.evaluate(t + 1, state).items()}
+    return history, evaluation, kept, state, client_ranks

@@ -1,0 +1,357 @@
+"""HetLoRA on Flower: the strategy, the client app and the Ray simulation.
+
+Most tests drive the real `HetLoRAStrategy` and the real `ClientApp` through `InlineGrid`, a grid that hands each
+message to the ClientApp in this process (no Ray, fast). One module-scoped Ray simulation (11 virtual SuperNodes:
+10 clients of mixed ranks and one failing device, 2 rounds) checks the engine end to end against the in-process run
+and against `aggregate()` on the very updates the strategy received.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from tiny_models import tiny_llama  # noqa: E402
+
+from peft_hetlora import HetLoRAConfig  # noqa: E402
+from peft_hetlora.federated import aggregate  # noqa: E402
+from peft_hetlora.federated.local_store import LocalStore  # noqa: E402
+from peft_hetlora.flower import (  # noqa: E402
+    HetLoRAStrategy,
+    LocalTrainingConfig,
+    initial_global_state,
+    make_client_app,
+    run_flower_simulation,
+    run_inprocess_simulation,
+)
+from peft_hetlora.flower import records as rec  # noqa: E402
+from peft_hetlora.flower.simulation import PartitionClientIds  # noqa: E402
+from peft_hetlora.flower.toy import ToyTask  # noqa: E402
+
+pytestmark = [
+    pytest.mark.flower,
+    pytest.mark.filterwarnings("ignore:Tip. In future versions of Ray:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:.*run_simulation.*deprecated"),
+]
+
+R_MAX = 8
+CONFIG = HetLoRAConfig(r=R_MAX, r_min=2, lora_alpha=16, target_modules=["q_proj", "v_proj"], prune_lambda=0.01)
+TRAINING = LocalTrainingConfig(local_steps=1, batch_size=4)
+TASK = ToyTask(num_examples=8, seq_len=16, model_fn=functools.partial(tiny_llama, 0))
+
+
+def client_ids(n: int) -> list[str]:
+    return [f"client-{i}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def initial() -> dict[str, torch.Tensor]:
+    state = initial_global_state(tiny_llama(0), CONFIG, seed=0)
+    generator = torch.Generator().manual_seed(5)  # B is zero at init; give it values so truncation/weights show
+    return {k: (torch.randn(v.shape, generator=generator) * 0.1 if ".lora_B." in k else v) for k, v in state.items()}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages built outside a Flower runtime need the process's task identity (the ServerApp runtime sets it)."""
+    try:
+        from flwr.supercore.task_identity import TaskIdentity
+    except ImportError:  # older Flower: messages need no process identity
+        yield
+        return
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class InlineGrid:
+    """A Flower grid that runs the ClientApp in this process: node ids -> node configs, optional faults.
+
+    `drop`: client ids whose replies never arrive; `tamper`: client id -> function(reply content) -> content.
+    """
+
+    def __init__(self, app, node_configs: dict[int, dict], drop=(), tamper=None):
+        self.app = app
+        self.node_configs = node_configs
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config=dict(c), state=RecordDict(), run_config={})
+                         for n, c in node_configs.items()}
+        self.drop = set(drop)
+        self.tamper = tamper or {}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.node_configs)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            cid = PartitionClientIds(client_ids(100))(self.node_configs[node])
+            if cid in self.drop and msg.metadata.message_type == "train":
+                continue
+            try:
+                reply = self.app(msg, self.contexts[node])
+            except Exception as err:  # what the SuperNode reports when the ClientApp raises
+                reply = Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            if cid in self.tamper and reply.has_content() and msg.metadata.message_type == "train":
+                reply = Message(self.tamper[cid](reply.content), reply_to=msg)
+            replies.append(reply)
+        return replies
+
+
+def stub_client_app(n: int, fail=(), prune=()) -> ClientApp:
+    """A ClientApp that answers like the HetLoRA one without training: received factors + seeded noise.
+
+    Partitions in `fail` raise; those in `prune` drop their last component (rank_out = rank_in - 1).
+    """
+    app = ClientApp()
+    ids = PartitionClientIds(client_ids(n))
+
+    @app.query()
+    def query(msg, context):
+        return Message(RecordDict({"hetlora": ConfigRecord({"client-id": ids(context.node_config)})}), reply_to=msg)
+
+    @app.train()
+    def train(msg, context):
+        pid = int(context.node_config["partition-id"])
+        if pid in fail:
+            raise RuntimeError(f"simulated device failure on partition {pid}")
+        config = msg.content["config"]
+        rank = int(config["rank"])
+        out_rank = rank - 1 if pid in prune else rank
+        generator = torch.Generator().manual_seed(1000 * int(config["round"]) + pid)
+        state = {}
+        for key, value in rec.arrays_to_state_dict(msg.content["arrays"]).items():
+            value = value[:out_rank] if ".lora_A." in key else value[:, :out_rank]
+            state[key] = value + 0.05 * torch.randn(value.shape, generator=generator)
+        metrics = MetricRecord({"num-examples": 10 + pid, "rank-in": rank, "rank-out": out_rank, "train-loss": 1.5})
+        return Message(RecordDict({"arrays": rec.state_dict_to_arrays(state), "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def inline_grid(n: int, node_offset: int = 100, task=TASK, app=None, **kwargs) -> InlineGrid:
+    app = app or make_client_app(task, client_id_fn=PartitionClientIds(client_ids(n)), training_defaults=TRAINING)
+    configs = {node_offset + 7 * i: {"partition-id": i, "num-partitions": n} for i in range(n)}
+    return InlineGrid(app, configs, **kwargs)
+
+
+def strategy_for(n: int, ranks: dict[str, int], **kwargs) -> HetLoRAStrategy:
+    return HetLoRAStrategy(CONFIG, rank_policy=ranks, clients=client_ids(n), min_available_nodes=n,
+                           training=TRAINING, keep_updates=True, **kwargs)
+
+
+def assert_state_close(a, b, atol=1e-6):
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), atol=atol, rtol=1e-5, msg=key)
+
+
+# --------------------------------------------------------------------------------------------------- in-process grid
+def test_configure_train_sends_each_client_the_global_truncated_to_its_rank(initial):
+    ranks = {"client-0": 2, "client-1": 8, "client-2": 5}
+    strategy = strategy_for(3, ranks)
+    grid = inline_grid(3)
+    messages = list(strategy.configure_train(1, ArrayRecord(initial), ConfigRecord(), grid))
+    assert len(messages) == 3
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    for node, node_config in grid.node_configs.items():
+        cid = f"client-{node_config['partition-id']}"
+        config = by_node[node].content["config"]
+        sent = rec.arrays_to_state_dict(by_node[node].content["arrays"])
+        k = ranks[cid]
+        assert config["client-id"] == cid and config["rank"] == k and config["r-max"] == R_MAX
+        assert json.loads(config["adapter-config"])["peft_type"] == "HETLORA"
+        for key, value in initial.items():
+            expected = value[:k] if ".lora_A." in key else value[:, :k]  # A: first k rows, B: first k columns
+            assert torch.equal(sent[key], expected), key
+    assert strategy.node_clients == {n: f"client-{c['partition-id']}" for n, c in grid.node_configs.items()}
+
+
+def test_round_aggregates_with_aggregate_and_ranks_follow_clients_to_new_nodes(initial):
+    ranks = {"client-0": 2, "client-1": 4, "client-2": 8}
+    strategy = strategy_for(3, ranks, method="hetlora", fraction_evaluate=1.0, min_evaluate_nodes=3)
+    task = ToyTask(num_examples=8, eval_examples=4, seq_len=16, model_fn=functools.partial(tiny_llama, 0))
+    strategy.start(grid=inline_grid(3, task=task), initial_arrays=ArrayRecord(initial), num_rounds=1)
+    summary = strategy.history[0]
+    assert summary["accepted"] == ["client-0", "client-1", "client-2"] and not summary["failed"]
+    updates = strategy.round_updates[0]
+    assert {u.client_id: u.state_dict["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0]
+            for u in updates} == {cid: summary["clients"][cid]["rank_out"] for cid in ranks}
+    expected = aggregate(updates, method="hetlora", r_max=R_MAX, scaling=16 / R_MAX)
+    assert_state_close(strategy.global_state, expected.state_dict)
+    assert summary["weights"] == pytest.approx(expected.weights)
+    # Federated evaluation of the new global on the three clients (4 held-out sequences each, at their ranks).
+    assert math.isfinite(strategy.evaluation[1]["federated/eval-loss"])
+    assert strategy.evaluation[1]["federated/num-examples"] == 12
+
+    # The same clients come back as new Flower nodes (new node ids, other order): each keeps its own rank.
+    moved = inline_grid(3, node_offset=900)
+    moved.node_configs = dict(reversed(list(moved.node_configs.items())))
+    messages = strategy.configure_train(2, ArrayRecord(strategy.global_state), ConfigRecord(), moved)
+    sent = {m.content["config"]["client-id"]: m.content["config"]["rank"] for m in messages}
+    assert sent == {cid: summary["clients"][cid]["rank_out"] for cid in ranks}
+    assert set(strategy.node_clients) >= set(moved.node_configs)
+
+
+@pytest.mark.parametrize("method", ["hetlora", "zero_pad", "flexlora", "rankwise", "fedavg"])
+def test_every_method_goes_through_aggregate(initial, method):
+    ranks = {"client-0": 4, "client-1": 4, "client-2": 4} if method == "fedavg" else {
+        "client-0": 2, "client-1": 6, "client-2": 8}
+    strategy = strategy_for(3, ranks, method=method)
+    prune = () if method == "fedavg" else (2,)
+    strategy.start(grid=inline_grid(3, app=stub_client_app(3, prune=prune)), initial_arrays=ArrayRecord(initial),
+                   num_rounds=1)
+    assert strategy.history[0]["accepted"] == ["client-0", "client-1", "client-2"]
+    previous = initial if method == "rankwise" else None
+    expected = aggregate(strategy.round_updates[0], method=method, r_max=R_MAX, scaling=16 / R_MAX,
+                         previous=previous)
+    assert_state_close(strategy.global_state, expected.state_dict)
+
+
+def test_failed_dropped_and_invalid_replies_are_reported_and_the_round_completes(initial):
+    def nan_arrays(content):
+        state = rec.arrays_to_state_dict(content["arrays"])
+        first = next(iter(state))
+        state[first] = torch.full_like(state[first], float("nan"))
+        return RecordDict({"arrays": rec.state_dict_to_arrays(state), "metrics": content["metrics"]})
+
+    def wrong_rank(content):
+        metrics = dict(content["metrics"])
+        metrics["rank-out"] = 3  # declares rank 3 but uploads its real rank 4
+        return RecordDict({"arrays": content["arrays"], "metrics": MetricRecord(metrics)})
+
+    ranks = {f"client-{i}": r for i, r in enumerate([2, 4, 8, 6, 4])}
+    strategy = strategy_for(5, ranks)
+    grid = inline_grid(5, app=stub_client_app(5, fail=(1,)), drop={"client-2"},
+                       tamper={"client-3": nan_arrays, "client-4": wrong_rank})
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=1)
+
+    summary = strategy.history[0]
+    assert summary["accepted"] == ["client-0"]
+    assert "simulated device failure on partition 1" in summary["failed"]["client-1"]
+    assert summary["failed"]["client-2"] == "no reply before the round timeout"
+    assert "non-finite" in summary["rejected"]["client-3"]
+    assert "rank" in summary["rejected"]["client-4"]
+    metrics = result.train_metrics_clientapp[1]
+    assert metrics["num-failed"] == 2 and metrics["num-rejected"] == 2 and metrics["num-accepted"] == 1
+    assert metrics["failed/client-1"] == 1 and metrics["failed/client-2"] == 1 and metrics["rejected/client-3"] == 1
+    expected = aggregate(strategy.round_updates[0], method="hetlora", r_max=R_MAX, scaling=16 / R_MAX)
+    assert_state_close(strategy.global_state, expected.state_dict)
+    # Clients that did not deliver keep their rank.
+    assert {c: strategy.client_ranks[c] for c in ("client-1", "client-2", "client-3")} == {
+        "client-1": 4, "client-2": 8, "client-3": 6}
+
+
+def test_min_replies_carries_the_global_over(initial):
+    strategy = strategy_for(2, {"client-0": 2, "client-1": 4}, min_replies=2)
+    strategy.start(grid=inline_grid(2, app=stub_client_app(2, fail=(0,))), initial_arrays=ArrayRecord(initial),
+                   num_rounds=1)
+    assert "min_replies=2" in strategy.history[0]["note"]
+    assert_state_close(strategy.global_state, initial, atol=0)
+
+
+def test_max_rank_reported_by_a_node_caps_its_rank(initial):
+    strategy = HetLoRAStrategy(CONFIG, rank_policy="constant", min_available_nodes=2, training=TRAINING)
+    app = make_client_app(TASK, training_defaults=TRAINING)
+    grid = InlineGrid(app, {1: {"partition-id": 0}, 2: {"partition-id": 1, "max-rank": 3}})
+    messages = strategy.configure_train(1, ArrayRecord(initial), ConfigRecord(), grid)
+    assert {m.content["config"]["client-id"]: m.content["config"]["rank"] for m in messages} == {
+        "client-0": R_MAX, "client-1": 3}
+
+
+def test_store_mirrors_rounds_in_the_coordinator_layout(initial, tmp_path):
+    store = LocalStore(tmp_path / "fed", create=True)
+    ranks = {"client-0": 2, "client-1": 8}
+    strategy = strategy_for(2, ranks, store=store)
+    strategy.start(grid=inline_grid(2, app=stub_client_app(2, prune=(1,))), initial_arrays=ArrayRecord(initial),
+                   num_rounds=2)
+
+    federation = store.read_federation()
+    assert federation["engine"] == "flower" and federation["r_max"] == R_MAX and federation["method"] == "hetlora"
+    assert federation["initial_ranks"] == ranks
+    assert [store.latest_global().round] == [2]
+    for t in range(3):
+        folder = store.get_global(t).path
+        info = json.loads((folder / "round.json").read_text())
+        assert info["round"] == t and info["final"] == (t == 2)
+        assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "HETLORA"
+        if t < 2:
+            assert info["participants"] == ["client-0", "client-1"]
+            assert info["ranks"] == strategy.history[t]["assigned_ranks"]
+            summary = store.read_summary(t)
+            coordinator_keys = {"round", "method", "global_revision", "participants", "assigned_ranks", "accepted",
+                                "rejected", "weights", "clients", "client_ranks", "metrics", "aggregation"}
+            assert coordinator_keys <= set(summary)
+            assert summary["global_revision"] == store.get_global(t).revision
+    final = load_file(str(store.latest_global().path / "adapter_model.safetensors"))
+    assert_state_close(final, strategy.global_state, atol=0)
+    # The pruned client's next rank is the rank it reported.
+    assert store.get_global(1).path.joinpath("round.json").read_text().count('"client-1": 7') == 1
+
+
+# --------------------------------------------------------------------------------------------------- Ray simulation
+N_GOOD = 10
+SIM_RANKS = {f"client-{i}": [2, 4, 8, 6, 3][i % 5] for i in range(N_GOOD + 1)}
+SIM_TASK = ToyTask(num_examples=8, seq_len=16, model_fn=functools.partial(tiny_llama, 0), fail_partitions=(N_GOOD,))
+SIM_SETTINGS = dict(num_clients=N_GOOD + 1, adapter_config=CONFIG, ranks=SIM_RANKS, method="hetlora", rounds=2,
+                    training=TRAINING, seed=3, keep_updates=True)
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory):
+    """One Flower simulation (Ray, 2 CPUs, 1 CPU per virtual client) and the same experiment in-process."""
+    store = LocalStore(tmp_path_factory.mktemp("flower-store"), create=True)
+    flower = run_flower_simulation(SIM_TASK, store=store, num_cpus=2, cpus_per_client=1.0, **SIM_SETTINGS)
+    reference = run_inprocess_simulation(SIM_TASK, num_threads=1, **SIM_SETTINGS)
+    return flower, reference, store
+
+
+def test_simulation_of_eleven_nodes_completes_two_rounds_with_mixed_ranks(simulation):
+    flower, _, _ = simulation
+    assert len(flower.rounds) == 2
+    for summary in flower.rounds:
+        assert summary["accepted"] == sorted(f"client-{i}" for i in range(N_GOOD))
+        assert len(set(summary["assigned_ranks"].values())) >= 4
+    assert flower.rounds[0]["assigned_ranks"] == SIM_RANKS
+
+
+def test_simulation_global_equals_in_process_aggregation_of_the_same_updates(simulation):
+    flower, reference, store = simulation
+    # Round by round: the global the strategy published is aggregate() of the updates it received.
+    for t in range(2):
+        expected = aggregate(flower.updates[t], method="hetlora", r_max=R_MAX, scaling=16 / R_MAX)
+        published = load_file(str(store.get_global(t + 1).path / "adapter_model.safetensors"))
+        assert_state_close(published, expected.state_dict)
+        assert flower.rounds[t]["weights"] == pytest.approx(expected.weights)
+    assert_state_close(flower.final_state_dict, published, atol=0)
+    # And the whole Flower run equals the same experiment run in-process (same seeds, same local training).
+    for t in range(2):
+        assert flower.rounds[t]["accepted"] == reference.rounds[t]["accepted"]
+        assert flower.rounds[t]["client_ranks"] == reference.rounds[t]["client_ranks"]
+        for a, b in zip(flower.updates[t], reference.updates[t]):
+            assert a.client_id == b.client_id and a.rank == b.rank and a.num_examples == b.num_examples
+            assert_state_close(a.state_dict, b.state_dict, atol=1e-5)
+    assert_state_close(flower.final_state_dict, reference.final_state_dict, atol=1e-5)
+
+
+def test_simulation_failing_node_is_reported_and_rounds_complete(simulation):
+    flower, reference, store = simulation
+    bad = f"client-{N_GOOD}"
+    for t, summary in enumerate(flower.rounds):
+        assert list(summary["failed"]) == [bad]
+        assert "simulated device failure" in summary["failed"][bad]
+        assert summary["metrics"]["num_failed"] == 1 and summary["metrics"]["num_accepted"] == N_GOOD
+        assert store.read_summary(t)["failed"] == summary["failed"]
+        assert list(reference.rounds[t]["failed"]) == [bad]
