@@ -45,9 +45,18 @@ def dataset(n: int, length: int, vocab: int) -> Dataset:
 
 def time_training(model, data, steps: int, callbacks, out: Path) -> float:
     args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-4,
-        lr_scheduler_type="constant", report_to=[], disable_tqdm=True, save_strategy="no", logging_steps=steps,
-        use_cpu=not torch.cuda.is_available(), seed=0, dataloader_num_workers=0,
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=steps,
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+        dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)
@@ -66,8 +75,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=None, help="random-init model with this many layers (default: "
-                        "the real SmolLM2-135M, 30 layers)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="random-init model with this many layers (default: the real SmolLM2-135M, 30 layers)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
@@ -85,17 +98,26 @@ def main() -> None:
                 config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets)
                 callbacks = []
             else:
-                config = peft_hetlora.HetLoRAConfig(r=args.r_max, rank=args.rank, lora_alpha=2 * args.r_max,
-                                                    target_modules=targets, prune_lambda=0.05)
+                config = peft_hetlora.HetLoRAConfig(
+                    r=args.r_max, rank=args.rank, lora_alpha=2 * args.r_max, target_modules=targets, prune_lambda=0.05
+                )
                 callbacks = [HetLoRACallback()]
             model = get_peft_model(base, config)
             times[kind].append(time_training(model, data, args.steps, callbacks, args.out / "trainer"))
             base = model.unload()
     lora, het = statistics.median(times["lora"]), statistics.median(times["hetlora"])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    result = {"device": device, "rank": args.rank, "r_max": args.r_max, "tokens_per_step": 4 * args.length,
-              "layers": base.config.num_hidden_layers, "lora_s_per_step": lora, "hetlora_s_per_step": het,
-              "ratio": het / lora, "samples": times}
+    result = {
+        "device": device,
+        "rank": args.rank,
+        "r_max": args.r_max,
+        "tokens_per_step": 4 * args.length,
+        "layers": base.config.num_hidden_layers,
+        "lora_s_per_step": lora,
+        "hetlora_s_per_step": het,
+        "ratio": het / lora,
+        "samples": times,
+    }
     table = (
         "| device | model layers | rank (r_max) | LoRA s/step | HetLoRA + callback s/step | ratio (target <= 1.03) |\n"
         "|---|---:|---:|---:|---:|---:|\n"

@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PrinterCallback,
+    Trainer,
+    TrainingArguments,
+)
 
 import peft_hetlora
 from peft_hetlora.federated import Coordinator, LocalStore
@@ -28,8 +35,14 @@ def base_model(path: str | None):
     if path:
         return AutoModelForCausalLM.from_pretrained(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -54,8 +67,16 @@ def main() -> None:
     ranks = {cid: [2, 4, 8][i % 3] for i, cid in enumerate(clients)}  # three device tiers
     config = peft_hetlora.HetLoRAConfig(r=R_MAX, lora_alpha=16, target_modules=["q_proj", "v_proj"], prune_lambda=0.05)
     model = get_peft_model(base_model(args.model), config)  # one model object, re-ranked per client
-    coordinator = Coordinator(store, method=args.method, r_max=R_MAX, r_min=2, clients=clients,
-                              rank_policy=ranks, rounds=args.rounds, progress=False)
+    coordinator = Coordinator(
+        store,
+        method=args.method,
+        r_max=R_MAX,
+        r_min=2,
+        clients=clients,
+        rank_policy=ranks,
+        rounds=args.rounds,
+        progress=False,
+    )
     if store.latest_global() is None:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
@@ -67,15 +88,24 @@ def main() -> None:
             callback = FederatedClientCallback(store, cid)
             trainer = Trainer(
                 model=model,
-                args=TrainingArguments(output_dir=str(store_dir / "trainer"), max_steps=3, per_device_train_batch_size=4,
-                                       learning_rate=1e-3, report_to=[], disable_tqdm=True, save_strategy="no",
-                                       use_cpu=not torch.cuda.is_available()),
+                args=TrainingArguments(
+                    output_dir=str(store_dir / "trainer"),
+                    max_steps=3,
+                    per_device_train_batch_size=4,
+                    learning_rate=1e-3,
+                    report_to=[],
+                    disable_tqdm=True,
+                    save_strategy="no",
+                    use_cpu=not torch.cuda.is_available(),
+                ),
                 train_dataset=client_data(i, model.config.vocab_size),
                 callbacks=[callback],
             )
             trainer.remove_callback(PrinterCallback)
             trainer.train()  # pull global (truncated to this client's rank) -> local round -> prune -> upload
-            print(f"round {round_idx}: {cid} rank {callback.last_round['rank_in']} -> {callback.last_round['rank_out']}")
+            print(
+                f"round {round_idx}: {cid} rank {callback.last_round['rank_in']} -> {callback.last_round['rank_out']}"
+            )
         print(coordinator.step(wait=False), "| weights:", store.read_summary(round_idx)["weights"])
     print(f"Final global adapter: {store.latest_global().path} (PeftModel.from_pretrained(base, '{store_dir}'))")
 

@@ -75,7 +75,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _add_export(subparsers) -> None:
     p = subparsers.add_parser("export", help="convert a HetLoRA adapter folder into a plain PEFT LoRA adapter")
-    p.add_argument("adapter", type=Path, help="saved HetLoRA adapter folder (or a LocalStore folder: its latest global)")
+    p.add_argument(
+        "adapter", type=Path, help="saved HetLoRA adapter folder (or a LocalStore folder: its latest global)"
+    )
     p.add_argument("out", type=Path, help="output folder for the plain LoRA adapter")
 
 
@@ -91,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The `hetlora` argument parser."""
     from .federated.coordinate_cli import add_coordinate_parser
 
-    parser = argparse.ArgumentParser(prog="hetlora", description="Federated fine-tuning with heterogeneous LoRA ranks.")
+    parser = argparse.ArgumentParser(
+        prog="hetlora", description="Federated fine-tuning with heterogeneous LoRA ranks."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
@@ -111,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -9,6 +9,15 @@ from typing import Literal
 from peft import LoraConfig
 
 RANK_SCALINGS = ("fixed", "rslora")
+_LORA_VARIANT_FIELDS = (
+    "velora_config",
+    "alora_invocation_tokens",
+    "monteclora_config",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+)
+_SUPPORTED_STRING_INITS = ("gaussian", "orthogonal")
 
 
 def _check_int(name: str, value: object, low: int, high: int | None, hint: str) -> None:
@@ -32,7 +41,9 @@ class HetLoRAConfig(LoraConfig):
         ```py
         >>> import peft_hetlora  # registers the HETLORA type with PEFT
         >>> from peft import get_peft_model
-        >>> config = peft_hetlora.HetLoRAConfig(r=16, rank=4, r_min=2, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+        >>> config = peft_hetlora.HetLoRAConfig(
+        ...     r=16, rank=4, r_min=2, lora_alpha=32, target_modules=["q_proj", "v_proj"]
+        ... )
         >>> model = get_peft_model(base_model, config)  # doctest: +SKIP
         >>> model.get_rank()  # doctest: +SKIP
         4
@@ -79,12 +90,16 @@ class HetLoRAConfig(LoraConfig):
             raise ValueError(f"`rank_scaling` must be one of {RANK_SCALINGS}, got {self.rank_scaling!r}.")
         if self.use_rslora:
             raise ValueError("Use `rank_scaling='rslora'` instead of `use_rslora=True` for HetLoRA.")
-        if isinstance(self.prune_gamma, bool) or not isinstance(self.prune_gamma, (int, float)) or not (
-            0.0 < self.prune_gamma < 1.0
+        if (
+            isinstance(self.prune_gamma, bool)
+            or not isinstance(self.prune_gamma, (int, float))
+            or not (0.0 < self.prune_gamma < 1.0)
         ):
             raise ValueError(f"`prune_gamma` must be a float in the open interval (0, 1), got {self.prune_gamma!r}.")
-        if isinstance(self.prune_lambda, bool) or not isinstance(self.prune_lambda, (int, float)) or not (
-            self.prune_lambda >= 0.0 and math.isfinite(self.prune_lambda)
+        if (
+            isinstance(self.prune_lambda, bool)
+            or not isinstance(self.prune_lambda, (int, float))
+            or not (self.prune_lambda >= 0.0 and math.isfinite(self.prune_lambda))
         ):
             raise ValueError(f"`prune_lambda` must be a finite float >= 0, got {self.prune_lambda!r}.")
         unsupported = {
@@ -92,6 +107,11 @@ class HetLoRAConfig(LoraConfig):
             "lora_bias": self.lora_bias,
             "rank_pattern": bool(self.rank_pattern),
             "alpha_pattern": bool(self.alpha_pattern),
+            # LoRA variants: HetLoRA's forward is plain LoRA and would silently ignore them
+            **{name: bool(getattr(self, name, None)) for name in _LORA_VARIANT_FIELDS},
+            # data-/weight-driven inits rewrite the base weight with scale alpha / rank, not alpha / r_max
+            f"init_lora_weights={self.init_lora_weights!r}": isinstance(self.init_lora_weights, str)
+            and self.init_lora_weights.lower() not in _SUPPORTED_STRING_INITS,
         }
         bad = [name for name, value in unsupported.items() if value]
         if bad:

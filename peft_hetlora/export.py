@@ -14,7 +14,9 @@ _SAVED_PREFIX = "base_model.model."
 
 
 def _module_ranks(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
-    return {key[: -len(".lora_A.weight")]: t.shape[0] for key, t in state_dict.items() if key.endswith(".lora_A.weight")}
+    return {
+        key[: -len(".lora_A.weight")]: t.shape[0] for key, t in state_dict.items() if key.endswith(".lora_A.weight")
+    }
 
 
 def _load_hetlora(source) -> tuple[dict[str, torch.Tensor], HetLoRAConfig]:
@@ -37,7 +39,10 @@ def _load_hetlora(source) -> tuple[dict[str, torch.Tensor], HetLoRAConfig]:
     config = source.peft_config[adapter]
     if not isinstance(config, HetLoRAConfig):
         raise ValueError(f"export_lora needs a HetLoRA PeftModel, got an adapter of type {config.peft_type}.")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(source, adapter_name=adapter).items()}
+    state = {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in get_peft_model_state_dict(source, adapter_name=adapter).items()
+    }
     return state, config
 
 
@@ -62,9 +67,7 @@ def export_lora(source, out_dir: str | Path) -> Path:
         raise ValueError("The adapter holds no LoRA factors (no '*.lora_A.weight' keys); nothing to export.")
     scale = scaling_for(config.lora_alpha, config.r, config.rank_scaling)
     base_rank = max(ranks.values())
-    patterns = {
-        name.removeprefix(_SAVED_PREFIX): rank for name, rank in ranks.items() if rank != base_rank
-    }
+    patterns = {name.removeprefix(_SAVED_PREFIX): rank for name, rank in ranks.items() if rank != base_rank}
     fields = {
         name: getattr(config, name)
         for name in (
@@ -92,5 +95,9 @@ def export_lora(source, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lora_config.save_pretrained(str(out))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(out / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return out

@@ -20,6 +20,12 @@ from torch import nn
 from .config import scaling_for, tail_start
 
 
+def _sync_active_rank_from_mask(module: HetLoRALinear, incompatible_keys: Any) -> None:
+    """Load-state-dict post hook: the mask is the persistent record of the active rank."""
+    for adapter_name, mask in module.lora_rank_mask.items():
+        module._active_rank[adapter_name] = int(mask.sum().item())
+
+
 class HetLoRALinear(LoraLinear):
     """A LoRA `Linear` (also for transformers `Conv1D`) with HetLoRA's rank state.
 
@@ -42,6 +48,8 @@ class HetLoRALinear(LoraLinear):
             self.lora_rank_mask = BufferDict({}, persistent=True)
             self.r_max: dict[str, int] = {}
             self._active_rank: dict[str, int] = {}
+            # children (the mask's BufferDict) load after `_load_from_state_dict`: re-derive the rank once all loaded
+            self.register_load_state_dict_post_hook(_sync_active_rank_from_mask)
         r_max = int(r)
         rank = int(getattr(config, "rank", None) or r_max)
         if rank > r_max:
@@ -50,6 +58,8 @@ class HetLoRALinear(LoraLinear):
         self.r_max[adapter_name] = r_max
         self.scaling[adapter_name] = scaling_for(lora_alpha, r_max, getattr(config, "rank_scaling", "fixed"))
         device = self.lora_A[adapter_name].weight.device
+        if device.type == "meta":  # low_cpu_mem_usage: PEFT moves non-meta "lora_" modules, so the mask needs data
+            device = self.get_base_layer().weight.device
         self.lora_rank_mask[adapter_name] = torch.ones(rank, dtype=torch.bool, device=device)
         self._active_rank[adapter_name] = rank
 
@@ -68,6 +78,12 @@ class HetLoRALinear(LoraLinear):
         r_max = self.r_max[adapter_name]
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
             raise ValueError(f"rank must be an integer between 1 and r_max={r_max}, got {rank!r}.")
+        if adapter_name in self.merged_adapters and rank != self._active_rank[adapter_name]:
+            # unmerge subtracts the delta of the *current* rank: changing it while merged corrupts the base weight
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before changing "
+                "its rank, then merge again."
+            )
         allocated = self.r[adapter_name]
         if rank > allocated:
             self._grow(adapter_name, rank)
@@ -103,12 +119,6 @@ class HetLoRALinear(LoraLinear):
             nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
             a[start:stop] = fresh
             b[:, start:stop] = 0
-
-    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # the mask is the persistent record of the active rank: re-derive the cached length from it
-        for adapter_name, mask in self.lora_rank_mask.items():
-            self._active_rank[adapter_name] = int(mask.sum().item())
 
     def active_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """`(A[:k], B[:, :k])` for the active rank k, as views that carry gradient."""

@@ -37,7 +37,8 @@ class HetLoRAModel(LoraModel):
         ```py
         >>> import peft_hetlora
         >>> from peft import get_peft_model
-        >>> model = get_peft_model(base, peft_hetlora.HetLoRAConfig(r=8, rank=4, target_modules=["q_proj"]))  # doctest: +SKIP
+        >>> config = peft_hetlora.HetLoRAConfig(r=8, rank=4, target_modules=["q_proj"])
+        >>> model = get_peft_model(base, config)  # doctest: +SKIP
         >>> ref = model.tail_norm().item()  # doctest: +SKIP
         >>> # ... train one local round ...
         >>> new_rank = model.prune(ref)  # doctest: +SKIP
@@ -49,6 +50,14 @@ class HetLoRAModel(LoraModel):
     gradient_accumulation_steps: int = 1
 
     # ----------------------------------------------------------------- injection
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported: LoRA's weighted combination assumes every adapter uses all `r` components."""
+        raise NotImplementedError(
+            "HetLoRA does not support add_weighted_adapter: LoRA's implementation assumes each adapter holds all r "
+            "components with scale lora_alpha / r. Combine HetLoRA adapters with peft_hetlora.federated.aggregate, "
+            "or convert them with peft_hetlora.export_lora and combine the plain LoRA adapters."
+        )
+
     def _check_new_adapter_config(self, config: HetLoRAConfig) -> None:
         if not isinstance(config, HetLoRAConfig):
             raise ValueError(f"HetLoRAModel needs a HetLoRAConfig, got {type(config).__name__}.")
@@ -60,7 +69,9 @@ class HetLoRAModel(LoraModel):
         kwargs.pop("parameter_name", None)
         for unsupported in ("loaded_in_8bit", "loaded_in_4bit"):
             if kwargs.pop(unsupported, False):
-                raise ValueError("HetLoRA does not support 8-bit / 4-bit quantized base layers yet; load in 16/32 bit.")
+                raise ValueError(
+                    "HetLoRA does not support 8-bit / 4-bit quantized base layers yet; load in 16/32 bit."
+                )
         if isinstance(base, nn.Linear):
             lora_config.fan_in_fan_out = False
             return HetLoRALinear(target, adapter_name, config=lora_config, **kwargs)
@@ -216,6 +227,7 @@ class HetLoRAModel(LoraModel):
         """Fit a saved adapter of any rank <= r_max to the allocated factors and set the active rank."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         layers = cls._layer_lookup(model)
+        loaded_ranks: list[int] = []
         for key in list(remapped):
             if not key.endswith(f".lora_A.{adapter_name}.weight"):
                 continue
@@ -239,4 +251,10 @@ class HetLoRAModel(LoraModel):
             mask = torch.zeros(allocated, dtype=torch.bool)
             mask[:active] = True
             remapped[f"{module_name}.lora_rank_mask.{adapter_name}"] = mask
+            loaded_ranks.append(active)
+        # keep `rank` in the config true to the loaded weights, so the next save_pretrained describes them
+        if loaded_ranks:
+            for target in (config, getattr(model, "peft_config", {}).get(adapter_name)):
+                if isinstance(target, HetLoRAConfig):
+                    target.rank = max(loaded_ranks)
         return remapped

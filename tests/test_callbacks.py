@@ -190,7 +190,10 @@ def test_two_clients_two_rounds_through_local_store(tmp_path):
         for cid, model in clients.items():
             callback = FederatedClientCallback(store, cid)
             trainer = Trainer(
-                model=model, args=make_args(tmp_path / cid), train_dataset=make_dataset(seed=len(cid)), callbacks=[callback]
+                model=model,
+                args=make_args(tmp_path / cid),
+                train_dataset=make_dataset(seed=len(cid)),
+                callbacks=[callback],
             )
             # the model starts each round from the published global, truncated to its rank
             trained = run_client_rounds(trainer, callback, max_rounds=1, sleep=lambda s: None)
@@ -207,7 +210,9 @@ def test_two_clients_two_rounds_through_local_store(tmp_path):
             folder = store.download_client(round_idx, cid)
             info = json.loads((folder / "client.json").read_text())
             updates.append(
-                ClientUpdate(cid, load_file(str(folder / "adapter_model.safetensors")), info["rank_out"], info["num_examples"])
+                ClientUpdate(
+                    cid, load_file(str(folder / "adapter_model.safetensors")), info["rank_out"], info["num_examples"]
+                )
             )
         result = aggregate(updates, method="hetlora", r_max=8)
         _publish(store, round_idx + 1, result.state_dict, list(ranks), ranks)
@@ -218,8 +223,12 @@ def test_two_clients_two_rounds_through_local_store(tmp_path):
     # round 1 started from the round-1 global: alice's rank-2 model after pull equals its truncation
     model = make_model(rank=2, seed=99)
     callback = FederatedClientCallback(store, "alice")
-    trainer = Trainer(model=model, args=make_args(tmp_path / "check", max_steps=1, learning_rate=0.0),
-                      train_dataset=make_dataset(), callbacks=[callback])
+    trainer = Trainer(
+        model=model,
+        args=make_args(tmp_path / "check", max_steps=1, learning_rate=0.0),
+        train_dataset=make_dataset(),
+        callbacks=[callback],
+    )
     callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
     global2 = load_file(str(store.latest_global().path / "adapter_model.safetensors"))
     from peft import get_peft_model_state_dict
@@ -263,3 +272,16 @@ def test_client_prunes_no_lower_than_the_federation_r_min(tmp_path):
     _train(tmp_path, model, [callback])
     assert callback.last_round["tail_norm_end"] < callback.last_round["tail_norm_start"]
     assert callback.last_round["rank_out"] == 3
+
+
+def test_config_rank_follows_a_loaded_adapter(tmp_path):
+    model = make_model(rank=8)
+    model.set_rank(3)
+    model.save_pretrained(str(tmp_path / "pruned"))
+    fresh = make_model(rank=8, seed=5)
+    fresh.load_adapter(str(tmp_path / "pruned"), adapter_name="default", is_trainable=True)
+    assert fresh.get_rank() == 3
+    assert fresh.peft_config["default"].rank == 3
+    fresh.save_pretrained(str(tmp_path / "again"))
+    saved = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert saved["rank"] == 3

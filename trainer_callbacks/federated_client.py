@@ -17,7 +17,7 @@ import peft_hetlora
 from peft_hetlora.federated.aggregation import lora_module_names, truncate
 from peft_hetlora.federated.store import AdapterStore, GlobalAdapter, validate_client_id
 
-from .hetlora_callback import HetLoRACallback, hetlora_peft_model, hetlora_tuner
+from .hetlora_callback import HetLoRACallback, hetlora_peft_model
 
 logger = logging.getLogger(__name__)
 

@@ -104,8 +104,9 @@ def prepare(config: SimulationConfig, seed: int) -> Workbench:
         cid: tokenize_for_clm(ds, tokenizer, block, pad_to_block_size=False) for cid, ds in corpus.clients.items()
     }
     validation = {
-        cid: tokenize_for_clm(ds.select(range(min(len(ds), config.client_val_max_examples))), tokenizer, block,
-                              pad_to_block_size=False)
+        cid: tokenize_for_clm(
+            ds.select(range(min(len(ds), config.client_val_max_examples))), tokenizer, block, pad_to_block_size=False
+        )
         for cid, ds in corpus.validation.items()
     }
     heldout = tokenize_for_clm(corpus.eval, tokenizer, block, pad_to_block_size=False)
@@ -119,8 +120,17 @@ def prepare(config: SimulationConfig, seed: int) -> Workbench:
     if config.top_layers and layers:
         target_layers = list(range(max(0, layers - config.top_layers), layers))
     return Workbench(
-        config, seed, model_dir, tokenizer, corpus, train, validation, heldout, base,
-        CausalLMCollator(pad_token_id=pad_token_id(tokenizer)), target_layers,
+        config,
+        seed,
+        model_dir,
+        tokenizer,
+        corpus,
+        train,
+        validation,
+        heldout,
+        base,
+        CausalLMCollator(pad_token_id=pad_token_id(tokenizer)),
+        target_layers,
     )
 
 
@@ -256,8 +266,14 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                 coordinator.init(tmp)
         if not rows:
             _load_global(model, store.get_global(0).path, r_arm)
-            row = {"round": 0, "heldout_ppl": wb.initial_heldout_ppl(model), "upload_bytes": 0,
-                   "download_bytes": 0, "ranks": dict(ranks), "wall_s": 0.0}
+            row = {
+                "round": 0,
+                "heldout_ppl": wb.initial_heldout_ppl(model),
+                "upload_bytes": 0,
+                "download_bytes": 0,
+                "ranks": dict(ranks),
+                "wall_s": 0.0,
+            }
             _append_row(rows_path, row)
             rows.append(row)
         hf_logging.set_verbosity_error()
@@ -310,8 +326,11 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
             bar.update(1)
             bar.set_postfix(ppl=f"{heldout:.2f}")
         bar.close()
-    return {"rounds": rows, "homogeneous_rank": None if spec["ranks"] == "heterogeneous" else r_arm,
-            "clients": len(clients)}
+    return {
+        "rounds": rows,
+        "homogeneous_rank": None if spec["ranks"] == "heterogeneous" else r_arm,
+        "clients": len(clients),
+    }
 
 
 def run_centralized_arm(wb: Workbench, arm_dir: Path) -> dict[str, Any]:
@@ -341,8 +360,12 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path) -> dict[str, Any]:
             t = len(rows) - 1
             offset = (t * steps * config.batch_size) % max(1, len(pooled))
             shard = pooled.select([(offset + i) % len(pooled) for i in range(steps * config.batch_size)])
-            trainer = Trainer(model=model, args=_training_args(config, arm_dir / "trainer", wb.seed + t, steps),
-                              train_dataset=shard, data_collator=wb.collator)
+            trainer = Trainer(
+                model=model,
+                args=_training_args(config, arm_dir / "trainer", wb.seed + t, steps),
+                train_dataset=shard,
+                data_collator=wb.collator,
+            )
             trainer.remove_callback(PrinterCallback)
             trainer.train()
             model.save_pretrained(str(checkpoint))
@@ -361,16 +384,20 @@ def _check_run_folder(out: Path, config: SimulationConfig) -> None:
     if marker.is_file():
         stored = json.loads(marker.read_text())
         if stored.get("fingerprint") != config.fingerprint():
-            changed = sorted(k for k, v in config.to_dict().items() if stored.get("settings", {}).get(k) != v
-                             and k not in ("methods", "seeds", "engine"))
+            changed = sorted(
+                k
+                for k, v in config.to_dict().items()
+                if stored.get("settings", {}).get(k) != v and k not in ("methods", "seeds", "engine")
+            )
             raise RunFolderMismatch(
                 f"{out} holds a run with different settings ({', '.join(changed) or 'fingerprint'}); use another "
                 "--out folder or delete this one to start over."
             )
     else:
         out.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"fingerprint": config.fingerprint(), "settings": config.to_dict()}, indent=2,
-                                     default=str))
+        marker.write_text(
+            json.dumps({"fingerprint": config.fingerprint(), "settings": config.to_dict()}, indent=2, default=str)
+        )
 
 
 def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
@@ -397,27 +424,24 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
         gc.freeze()
         ranks0 = initial_client_ranks(config, wb.corpus.client_ids, seed)
         metrics: dict[str, Any] = {}
-        if config.engine == "flower":
-            from ..flower.simulation import run_flower_simulation
+        for arm in config.methods:
+            arm_dir = out / f"seed-{seed}" / arm
+            arm_dir.mkdir(parents=True, exist_ok=True)
+            if arm == "centralized":
+                metrics[arm] = run_centralized_arm(wb, arm_dir)
+            elif config.engine == "flower":
+                from .flower_engine import run_flower_arm
 
-            metrics = run_flower_simulation(wb, ranks0, out / f"seed-{seed}")
-        else:
-            for arm in config.methods:
-                arm_dir = out / f"seed-{seed}" / arm
-                arm_dir.mkdir(parents=True, exist_ok=True)
-                if arm == "centralized":
-                    metrics[arm] = run_centralized_arm(wb, arm_dir)
-                else:
-                    metrics[arm] = run_federated_arm(wb, arm, arm_dir, ranks0)
+                metrics[arm] = run_flower_arm(wb, arm, arm_dir / "flower", ranks0)
+            else:
+                metrics[arm] = run_federated_arm(wb, arm, arm_dir, ranks0)
         per_seed.append(metrics)
     notes = _notes(config, per_seed, time.perf_counter() - started)
     return write_report(per_seed, out, notes=notes, seeds=config.seeds)
 
 
 def _notes(config: SimulationConfig, per_seed: list[dict[str, Any]], seconds: float) -> str:
-    settings = ", ".join(
-        f"{k}={v}" for k, v in config.to_dict().items() if k not in ("methods",) and v is not None
-    )
+    settings = ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if k not in ("methods",) and v is not None)
     return (
         f"Settings: {settings}.\n\nAll arms use the same scale s = lora_alpha / r_max, the same client sampling "
         f"and seeds. This invocation ran for {seconds:.0f} s (resumed rounds are not re-run)."
