@@ -285,3 +285,23 @@ def test_config_rank_follows_a_loaded_adapter(tmp_path):
     fresh.save_pretrained(str(tmp_path / "again"))
     saved = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     assert saved["rank"] == 3
+
+
+def test_final_global_ends_the_client_loop(tmp_path):
+    from peft import get_peft_model_state_dict
+
+    store = LocalStore(tmp_path / "fed", create=True)
+    state = get_peft_model_state_dict(make_model(rank=8))
+    _publish(store, 0, state, ["alice"], {"alice": 4})
+    folder = store.path / "_final"
+    folder.mkdir()
+    peft_hetlora.HetLoRAConfig(r=8, lora_alpha=16, target_modules=TARGETS).save_pretrained(str(folder))
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    (folder / "round.json").write_text(json.dumps({"round": 1, "participants": ["alice"], "final": True}))
+    store.publish_global(1, folder)
+    model = make_model(rank=4)
+    callback = FederatedClientCallback(store, "alice")
+    trainer = Trainer(model=model, args=make_args(tmp_path), train_dataset=make_dataset(), callbacks=[callback])
+    assert run_client_rounds(trainer, callback, max_rounds=5, sleep=lambda s: None) == []
+    trainer.train()  # a direct train() on a final global does nothing and uploads nothing
+    assert store.list_client_uploads(1) == []

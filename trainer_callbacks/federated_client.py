@@ -115,6 +115,11 @@ class FederatedClientCallback(HetLoRACallback):
             )
         self.current = latest
         self.round_info = self._read_round_info(latest)
+        if self.round_info.get("final"):
+            logger.info("The federation is finished (global %d is final); nothing to train.", latest.round)
+            self.skipped = True
+            control.should_training_stop = True
+            return
         if self.require_participant and not self.is_participant():
             raise RuntimeError(
                 f"Client {self.client_id} is not a participant of round {latest.round} "

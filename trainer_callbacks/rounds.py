@@ -51,6 +51,11 @@ def run_client_rounds(
             continue
         seen.add(latest.round)
         info = client._read_round_info(latest)
+        if info.get("final"):
+            logger.info(
+                "Global %d is the federation's final adapter; client %s is done.", latest.round, client.client_id
+            )
+            break
         if not client.is_participant(info):
             logger.info("Client %s not selected in round %d.", client.client_id, latest.round)
             continue
