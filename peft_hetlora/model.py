@@ -175,7 +175,12 @@ class HetLoRAModel(LoraModel):
         super().__init__(model, config, adapter_name, **kwargs)
         # PeftModel calls the base model directly (no task_type) while PeftModelForCausalLM goes
         # through this tuner; a hook on the base model sees both routes exactly once.
-        self.model.register_forward_hook(self._add_regularizer, with_kwargs=True)
+        self._regularizer_hook = self.model.register_forward_hook(self._add_regularizer, with_kwargs=True)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
+        # the base model outlives the tuner after unload(): it must not keep calling this regulariser
+        self._regularizer_hook.remove()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any):
         return self.model(*args, **kwargs)

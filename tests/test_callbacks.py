@@ -305,3 +305,13 @@ def test_final_global_ends_the_client_loop(tmp_path):
     assert run_client_rounds(trainer, callback, max_rounds=5, sleep=lambda s: None) == []
     trainer.train()  # a direct train() on a final global does nothing and uploads nothing
     assert store.list_client_uploads(1) == []
+
+
+def test_unloaded_base_model_keeps_no_regulariser_hook():
+    model = make_model(lam=1.0)
+    base = model.unload()
+    batch = torch.randint(0, VOCAB_SIZE, (2, 8), generator=torch.Generator().manual_seed(0))
+    base.train()
+    plain = tiny_llama(seed=0)
+    plain.train()
+    torch.testing.assert_close(base(input_ids=batch, labels=batch).loss, plain(input_ids=batch, labels=batch).loss)

@@ -378,8 +378,10 @@ def load_client_corpus(
         if split_column is not None:
             raise ValueError("split_column applies to generic datasets; chitchat makes its own validation split.")
     else:
-        name = str(spec.get("path", "dataset")) if isinstance(spec, Mapping) else (
-            "dataset" if isinstance(spec, (datasets.Dataset, datasets.DatasetDict)) else str(spec)
+        name = (
+            str(spec.get("path", "dataset"))
+            if isinstance(spec, Mapping)
+            else ("dataset" if isinstance(spec, (datasets.Dataset, datasets.DatasetDict)) else str(spec))
         )
         dataset = _load_generic(spec)
         per_owner, preset_validation = _generic_examples(dataset, client_column, text_column, split_column)
@@ -392,8 +394,10 @@ def load_client_corpus(
     eligible = [o for o in owners if size(o) >= min_examples and per_owner.get(o)]
     rng = random.Random(f"peft_hetlora-corpus-{seed}")
     rng.shuffle(eligible)
-    n_heldout = num_heldout if num_heldout is not None else (
-        max(1, round(heldout_fraction * len(eligible))) if heldout_fraction > 0 else 0
+    n_heldout = (
+        num_heldout
+        if num_heldout is not None
+        else (max(1, round(heldout_fraction * len(eligible))) if heldout_fraction > 0 else 0)
     )
     if n_heldout < 0:
         raise ValueError(f"num_heldout must be >= 0, got {n_heldout}.")
@@ -431,9 +435,9 @@ def load_client_corpus(
         else:
             train_texts, val_texts = _split_validation(texts, val_fraction, client_rng)
         clients[cid] = datasets.Dataset.from_dict({"text": train_texts})
-        validation[cid] = datasets.Dataset.from_dict({"text": val_texts}, features=datasets.Features(
-            {"text": datasets.Value("string")}
-        ))
+        validation[cid] = datasets.Dataset.from_dict(
+            {"text": val_texts}, features=datasets.Features({"text": datasets.Value("string")})
+        )
 
     groups = []
     for owner in heldout:

@@ -37,7 +37,7 @@ def run_flower_arm(wb: Any, arm: str, arm_dir: Path, ranks0: dict[str, int]) -> 
     r_arm, ranks = arm_ranks(config, arm, ranks0)
     clients = sorted(ranks)
     run = run_flower_simulation(
-        adapter_config=_adapter_config(config, r_arm, wb),
+        adapter_config=_adapter_config(config, r_arm, wb, prune=spec["prune"]),
         model_fn=functools.partial(load_base_model, str(wb.model_dir)),
         client_datasets={cid: wb.train[cid] for cid in clients},
         data_collator=wb.collator,

@@ -422,8 +422,12 @@ def plot_ranks(seeds, out_dir: Path) -> Path | None:
     from matplotlib.ticker import MaxNLocator
 
     metrics = seeds[0]
-    hetero = [m for m in metrics if homogeneous_rank(metrics[m]) is None and any(
-        _rank_values(r.get("ranks")) for r in metrics[m].get("rounds", []))]
+    hetero = [
+        m
+        for m in metrics
+        if homogeneous_rank(metrics[m]) is None
+        and any(_rank_values(r.get("ranks")) for r in metrics[m].get("rounds", []))
+    ]
     if not hetero:
         return None
     fig, axes = _figure(ncols=min(3, len(hetero)), nrows=math.ceil(len(hetero) / 3), width=5.0, height=3.6)
@@ -436,14 +440,15 @@ def plot_ranks(seeds, out_dir: Path) -> Path | None:
             jitter = np.linspace(-0.15, 0.15, len(v)) if len(v) > 1 else np.zeros(1)
             ax.scatter(np.full(len(v), x, dtype=float) + jitter, v, s=8, alpha=0.4, color="tab:blue")
         ax.plot(xs, [np.mean(v) for v in values], color="tab:red", label="mean")
-        ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color="tab:red",
-                        label="min–max")
+        ax.fill_between(
+            xs, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color="tab:red", label="min–max"
+        )
         ax.set(xlabel="round", ylabel="client rank", title=metrics[method].get("label", method))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in flat[len(hetero):]:
+    for ax in flat[len(hetero) :]:
         ax.set_axis_off()
     path = out_dir / "ranks.png"
     fig.savefig(path, dpi=120)
@@ -555,10 +560,18 @@ def write_report(
             summaries=summaries,
             aggregate={
                 method: {
-                    key: dict(zip(("mean", "std", "n"), _mean_std(
-                        [_NAN if s["methods"][method].get(key) is None else float(s["methods"][method][key])
-                         for s in summaries if method in s["methods"]]
-                    )))
+                    key: dict(
+                        zip(
+                            ("mean", "std", "n"),
+                            _mean_std(
+                                [
+                                    _NAN if s["methods"][method].get(key) is None else float(s["methods"][method][key])
+                                    for s in summaries
+                                    if method in s["methods"]
+                                ]
+                            ),
+                        )
+                    )
                     for key in _NUMERIC_FIELDS
                 }
                 for method in first["methods"]

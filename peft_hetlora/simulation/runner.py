@@ -157,7 +157,7 @@ def initial_client_ranks(config: SimulationConfig, clients: list[str], seed: int
     return RankPolicy.coerce(config.rank_policy).assign(clients, r_min=config.r_min, r_max=config.r_max, seed=seed)
 
 
-def _adapter_config(config: SimulationConfig, r: int, wb: Workbench) -> HetLoRAConfig:
+def _adapter_config(config: SimulationConfig, r: int, wb: Workbench, prune: bool = True) -> HetLoRAConfig:
     # every arm uses the same scale s = alpha / r_max of the heterogeneous federation
     scale = scaling_for(config.lora_alpha, config.r_max, config.rank_scaling)
     alpha = scale * r if config.rank_scaling == "fixed" else scale * math.sqrt(r)
@@ -169,7 +169,8 @@ def _adapter_config(config: SimulationConfig, r: int, wb: Workbench) -> HetLoRAC
         rank_scaling=config.rank_scaling,
         target_modules=list(config.target_modules),
         layers_to_transform=wb.target_layers,
-        prune_lambda=config.prune_lambda,
+        # arms without self-pruning train plain LoRA: no regulariser either (the paper's "w/o self-pruning")
+        prune_lambda=config.prune_lambda if prune else 0.0,
         prune_gamma=config.prune_gamma,
         base_model_name_or_path=str(wb.model_dir),
         task_type="CAUSAL_LM",
@@ -245,7 +246,7 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
     store = LocalStore(arm_dir / "store", create=True)
     rows_path = arm_dir / "rounds.jsonl"
     rows = _read_rows(rows_path)
-    adapter_config = _adapter_config(config, r_arm, wb)
+    adapter_config = _adapter_config(config, r_arm, wb, prune=spec["prune"])
     coordinator = Coordinator(
         store,
         method=spec["aggregation"],
@@ -342,7 +343,7 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path) -> dict[str, Any]:
     rows = _read_rows(rows_path)
     pooled = concatenate_datasets([wb.train[cid] for cid in sorted(wb.train)]).shuffle(seed=wb.seed)
     steps = config.local_steps * config.clients_per_round
-    with _peft_model(wb, _adapter_config(config, config.r_max, wb), wb.seed) as model:
+    with _peft_model(wb, _adapter_config(config, config.r_max, wb, prune=False), wb.seed) as model:
         checkpoint = arm_dir / "adapter"
         if rows and (checkpoint / "adapter_model.safetensors").is_file():
             set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
