@@ -87,6 +87,13 @@ class FederatedClientCallback(HetLoRACallback):
         participants = info.get("participants")
         return participants is None or self.client_id in participants
 
+    def federation_finished(self, round_idx: int, round_info: dict[str, Any]) -> bool:
+        """Whether global `round_idx` is the federation's last (a federation extended later is not finished)."""
+        if not round_info.get("final"):
+            return False
+        federation = self.store.read_federation() or {}
+        return int(federation.get("rounds", round_idx)) <= round_idx
+
     def already_uploaded(self, round_idx: int) -> bool:
         """Whether this client's upload for `round_idx` has landed in the store."""
         return self.client_id in self.store.list_client_uploads(round_idx)
@@ -115,7 +122,7 @@ class FederatedClientCallback(HetLoRACallback):
             )
         self.current = latest
         self.round_info = self._read_round_info(latest)
-        if self.round_info.get("final"):
+        if self.federation_finished(latest.round, self.round_info):
             logger.info("The federation is finished (global %d is final); nothing to train.", latest.round)
             self.skipped = True
             control.should_training_stop = True

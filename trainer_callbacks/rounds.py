@@ -51,7 +51,7 @@ def run_client_rounds(
             continue
         seen.add(latest.round)
         info = client._read_round_info(latest)
-        if info.get("final"):
+        if client.federation_finished(latest.round, info):
             logger.info(
                 "Global %d is the federation's final adapter; client %s is done.", latest.round, client.client_id
             )

@@ -283,6 +283,12 @@ class Coordinator:
                 "The store already holds a different federation (" + "; ".join(diffs) + "). Resume it with the "
                 "same settings (or leave them out to take them from federation.json), or use a new store path."
             )
+        requested_rounds = self._requested.get("rounds")
+        if isinstance(stored, dict) and requested_rounds is not None and requested_rounds > stored.get("rounds", 0):
+            # extending a federation: record it, so clients do not stop at the formerly final global
+            logger.info("Extending the federation from %s to %d rounds.", stored.get("rounds"), requested_rounds)
+            stored["rounds"] = requested_rounds
+            self.store.write_federation(stored)
         for name in ("clients_per_round", "min_clients", "rounds", "seed", "clip_norm", "deadline_s", "next_rank"):
             if self._requested.get(name) is not None and stored.get(name) != self._requested[name]:
                 logger.warning("Using %s=%r instead of federation.json's %r.", name, self._requested[name],
