@@ -214,8 +214,8 @@ def _ppl(model: Any, dataset: Any, config: SimulationConfig) -> float:
     return evaluate_perplexity(model, dataset, batch_size=config.eval_batch_size, progress=False)["perplexity"]
 
 
-def _load_global(model: Any, folder: Path, rank: int) -> None:
-    weights = load_file(str(folder / "adapter_model.safetensors"))
+def _load_global(model: Any, weights: dict[str, torch.Tensor], rank: int) -> None:
+    """Load a global adapter's first `rank` components into the simulation's model."""
     model.base_model.set_rank(rank)
     set_peft_model_state_dict(model, truncate(weights, rank))
 
@@ -266,7 +266,7 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                 model.save_pretrained(tmp)
                 coordinator.init(tmp)
         if not rows:
-            _load_global(model, store.get_global(0).path, r_arm)
+            _load_global(model, load_file(str(store.get_global(0).path / "adapter_model.safetensors")), r_arm)
             row = {
                 "round": 0,
                 "heldout_ppl": wb.initial_heldout_ppl(model),
@@ -304,12 +304,13 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                 raise RuntimeError(f"Round {t} of {arm} did not close ({outcome}); see {store.path}.")
             summary = store.read_summary(t)
             latest = store.latest_global()
-            _load_global(model, latest.path, r_arm)
+            latest_weights = load_file(str(latest.path / "adapter_model.safetensors"))
+            _load_global(model, latest_weights, r_arm)
             heldout = _ppl(model, wb.heldout, config)
             client_ranks = summary.get("client_ranks", {})
             val = []
             for cid in summary["accepted"]:
-                _load_global(model, latest.path, int(client_ranks.get(cid, plan.ranks[cid])))
+                _load_global(model, latest_weights, int(client_ranks.get(cid, plan.ranks[cid])))
                 val.append(_ppl(model, wb.validation[cid], config))
             row = {
                 "round": t + 1,
