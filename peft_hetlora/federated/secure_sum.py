@@ -129,6 +129,7 @@ def client_share(
     components: Mapping[str, Sequence[int]] | None = None,
     weighting: str = "per_client",
     levels: Sequence[str] | None = None,
+    weight_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The vectors one client hands to the secure-sum protocol (computed on the client, from its own update only).
 
@@ -142,6 +143,9 @@ def client_share(
         weighting: ``"per_client"`` (one ``S_k``) or ``"per_module"`` (``S_km`` per module; sparsity methods).
         levels: the weighting levels to send (default all the method can use; fewer levels shrink the share, and a
             client whose level is not sent contributes weight 0).
+        weight_scale: a public constant every weight is divided by, to keep shares inside a fixed-point protocol's
+            range (Flower SecAgg+ clips values to ``[-clipping_range, clipping_range]``): e.g. a public upper bound on
+            ``S_k`` or ``n_k``. :func:`combine` is unchanged by it.
 
     Returns:
         ``dict[str, Tensor]`` (float64, CPU) with the same keys and shapes for every client of the round.
@@ -154,6 +158,8 @@ def client_share(
         ([[3.0, 3.0], [0.0, 0.0]], [3.0])
     """
     chosen = _levels_for(method, levels)
+    if isinstance(weight_scale, bool) or not isinstance(weight_scale, (int, float)) or not weight_scale > 0:
+        raise SecureSumError(f"weight_scale must be a number > 0, got {weight_scale!r}")
     if weighting not in ("per_client", "per_module") or (weighting == "per_module" and method not in _SPARSE):
         raise SecureSumError(
             f"weighting must be 'per_client' or, for {list(_SPARSE)}, 'per_module'; got {weighting!r}"
@@ -165,6 +171,7 @@ def client_share(
     ranks = module_ranks(items[0], layout)
     sparse = method in _SPARSE
     client_level, client_w = _level_and_weight(update_norm(sd, scaling) if sparse else None, update.num_examples)
+    client_w /= float(weight_scale)
     share: dict[str, torch.Tensor] = {}
     for level in chosen:
         share[f"{level}/{_WEIGHT}"] = torch.tensor([client_w if level == client_level else 0.0], dtype=torch.float64)
@@ -176,6 +183,7 @@ def client_share(
         if weighting == "per_module":
             module_sd = {spec.a_key: sd[spec.a_key], spec.b_key: sd[spec.b_key]}
             level, w = _level_and_weight(update_norm(module_sd, scaling), update.num_examples)
+            w /= float(weight_scale)
         idx = _indices(name, ranks[name], r_max, components) if method in _PER_COMPONENT else list(range(ranks[name]))
         idx_t = torch.tensor(idx, dtype=torch.long)
         for lv in chosen:
