@@ -287,3 +287,13 @@ def test_refusals_say_what_to_do():
         dp_aggregate(ups, config=bad, r_max=R_MAX, previous=previous)
     with pytest.raises(DPConfigError, match="model='local'"):
         privatize_update(ups[0].state_dict, previous, config=cfg)
+
+
+def test_round_summary_records_spent_budget_and_overrun():
+    ups, previous = mixed_round(8)
+    cfg = DPConfig(clip=1.0, target_epsilon=4.0, rounds=2, sampling_rate=0.5, delta=1e-5, expected_clients=5)
+    on_plan = dp_aggregate(ups, config=cfg, r_max=R_MAX, previous=previous, rounds_so_far=2)
+    past = dp_aggregate(ups, config=cfg, r_max=R_MAX, previous=previous, rounds_so_far=3)
+    assert on_plan.privacy["epsilon"] <= 4.0 < past.privacy["epsilon"]
+    assert any("past the planned" in m for m in past.messages)
+    assert json.loads(json.dumps(past.summary(), allow_nan=False))["privacy"]["rounds"] == 3

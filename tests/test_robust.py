@@ -94,9 +94,15 @@ def honest_bound(honest, previous, name) -> float:
 
 @pytest.mark.parametrize("rule,trim", [("median", 0.2), ("trimmed_mean", 0.2), ("trimmed_mean", 0.0)])
 @pytest.mark.parametrize("use_previous", [False, True])
-def test_matches_numpy_reference_with_mixed_ranks(rule, trim, use_previous):
+@pytest.mark.parametrize(
+    "ranks",
+    [
+        [R_MAX, 1, 3, 3, 5, 1, 6],  # r_k = r_max and r_k = 1; component 7 covered by one client
+        [2, 1, 5, 5, 3, 1],  # components 5..7 covered by nobody: previous (or zeros)
+    ],
+)
+def test_matches_numpy_reference_with_mixed_ranks(rule, trim, use_previous, ranks):
     rng = np.random.default_rng(3)
-    ranks = [R_MAX, 1, 3, 3, 5, 1, 6]  # r_k = r_max, r_k = 1; component 7 covered once; none beyond max
     ups = [ClientUpdate(f"c{k}", random_sd(rng, r), r, 10) for k, r in enumerate(ranks)]
     previous = random_sd(rng, R_MAX) if use_previous else None
     res = robust_aggregate(ups, rule=rule, r_max=R_MAX, previous=previous, trim=trim, scaling=SCALE)

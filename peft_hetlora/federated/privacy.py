@@ -427,6 +427,10 @@ def dp_aggregate(
         f"DP-{config.model} {method}: clip {config.clip}, noise multiplier {config.noise_multiplier}, "
         f"epsilon {eps if eps is None else round(eps, 4)} at delta {config.delta:.3g} after {rounds_so_far} round(s)"
     ]
+    if config.rounds is not None and rounds_so_far > config.rounds:
+        messages.append(
+            f"round {rounds_so_far} is past the planned {config.rounds} DP rounds: epsilon now exceeds the target"
+        )
     return DPAggregationResult(
         state_dict=to_state_dict(layout, out_factors, out_extras),
         weights={u.client_id: float(public[u.client_id]) for u in items},
