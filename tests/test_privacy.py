@@ -297,3 +297,39 @@ def test_round_summary_records_spent_budget_and_overrun():
     assert on_plan.privacy["epsilon"] <= 4.0 < past.privacy["epsilon"]
     assert any("past the planned" in m for m in past.messages)
     assert json.loads(json.dumps(past.summary(), allow_nan=False))["privacy"]["rounds"] == 3
+
+
+def test_capped_sparsity_weights_keep_the_sensitivity_and_match_numpy():
+    ups, previous = mixed_round(12)
+    norms = [
+        math.sqrt(
+            sum(np.linalg.norm(SCALE * np_(u.state_dict[bk(n)]) @ np_(u.state_dict[ak(n)])) ** 2 for n in SHAPES)
+        )
+        for u in ups
+    ]
+    cap, d = float(np.median(norms)), 4.0  # any constant works; the median makes half the clients reach it
+    cfg = DPConfig(clip=1e9, noise_multiplier=0.0, delta=1e-5, expected_clients=d)
+    res = dp_aggregate(
+        ups, config=cfg, r_max=R_MAX, previous=previous, weights="sparsity", sparsity_cap=cap, scaling=SCALE
+    )
+    w = [min(1.0, s / cap) for s in norms]
+    assert min(w) < 1.0 < max(norms) / cap  # some weights are capped, some are not
+    for name in SHAPES:  # theta + sum_k w_k (theta_k - theta[:r_k]) / D on each client's components
+        a, b = np_(previous[ak(name)]).copy(), np_(previous[bk(name)]).copy()
+        for wk, u in zip(w, ups):
+            r = u.state_dict[ak(name)].shape[0]
+            a[:r] += wk * (np_(u.state_dict[ak(name)]) - np_(previous[ak(name)][:r])) / d
+            b[:, :r] += wk * (np_(u.state_dict[bk(name)]) - np_(previous[bk(name)][:, :r])) / d
+        np.testing.assert_allclose(np_(res.state_dict[ak(name)]), a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np_(res.state_dict[bk(name)]), b, rtol=1e-5, atol=1e-6)
+    assert res.weights == {}  # data-dependent: never published
+    # one client's influence is still at most C / D whatever its S_k
+    clip = 0.5
+    tight = DPConfig(clip=clip, noise_multiplier=0.0, delta=1e-5, expected_clients=d)
+    kw = dict(config=tight, r_max=R_MAX, previous=previous, weights="sparsity", sparsity_cap=cap, scaling=SCALE)
+    without = dp_aggregate(ups[1:], **kw).state_dict
+    with_all = dp_aggregate(ups, **kw).state_dict
+    moved = math.sqrt(sum(float(((with_all[k].double() - without[k].double()) ** 2).sum()) for k in without))
+    assert moved <= clip / d * (1 + 1e-5)
+    with pytest.raises(DPConfigError, match="sparsity_cap"):
+        dp_aggregate(ups, config=tight, r_max=R_MAX, previous=previous, weights="sparsity")

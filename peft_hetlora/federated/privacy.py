@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from ._components import Layout, flat_a, flat_b, module_ranks, previous_factors, to_state_dict, validate_round
-from .aggregation import AggregationResult, ClientUpdate
+from .aggregation import AggregationResult, ClientUpdate, update_norm
 from .errors import HetLoRAError
 
 __all__ = [
@@ -333,8 +333,10 @@ def dp_aggregate(
     previous: Mapping[str, torch.Tensor],
     generator: torch.Generator | None = None,
     method: str = "component",
-    weights: Mapping[str, float] | None = None,
+    weights: Mapping[str, float] | str | None = None,
     rounds_so_far: int = 1,
+    sparsity_cap: float | None = None,
+    scaling: float = 1.0,
 ) -> DPAggregationResult:
     """One DP round: clip each client's change per component set, sum with public weights, add Gaussian noise
     (central model), divide by public denominators (see the module docstring for the formulas).
@@ -349,7 +351,14 @@ def dp_aggregate(
             noise from a cryptographic source.
         method: ``"component"`` (component rule / rankwise with public weights) or ``"zero_pad"`` (zero_pad / fedavg);
             ``"hetlora"``'s sparsity weights are data-dependent and refused.
-        weights: public per-client weights in ``[0, 1]`` fixed before the round (default 1 for everyone).
+        weights: public per-client weights in ``[0, 1]`` fixed before the round (default 1 for everyone), or
+            ``"sparsity"``: HetLoRA-like *capped* sparsity weights ``w_k = min(1, S_k / sparsity_cap)`` with
+            ``S_k = ||s B_k A_k||_F`` of the client's own upload. They depend on the client's data, but only on its
+            own and are at most 1, so the contribution ``w_k clip(Delta_k)`` still has norm ``<= C`` and the
+            sensitivity is unchanged; the denominators stay public (no ``sum_j S_j``), so choose ``expected_clients``
+            as the expected weight sum. These weights are not reported in the result.
+        sparsity_cap: the public cap ``S_cap`` for ``weights="sparsity"``.
+        scaling: the LoRA scale ``s`` (enters ``S_k`` only).
         rounds_so_far: DP rounds spent including this one, for the accounting record.
 
     Returns:
@@ -384,7 +393,17 @@ def dp_aggregate(
     items, layout = validate_round(updates, r_max)
     prev, prev_extras = previous_factors(previous, layout)
     den = _denominators(config, method, r_max)
-    public = {u.client_id: 1.0 for u in items} if weights is None else dict(weights)
+    sparse_weights = weights == "sparsity"
+    if sparse_weights:
+        if sparsity_cap is None or not _positive("sparsity_cap", sparsity_cap):
+            raise DPConfigError(
+                "weights='sparsity' needs a public sparsity_cap > 0 (a bound on S_k = ||s B_k A_k||_F)"
+            )
+        public = {u.client_id: min(1.0, update_norm(u.state_dict, scaling) / float(sparsity_cap)) for u in items}
+    elif isinstance(weights, str):
+        raise DPConfigError(f"weights must be a mapping of public weights, None or 'sparsity', got {weights!r}")
+    else:
+        public = {u.client_id: 1.0 for u in items} if weights is None else dict(weights)
     for u in items:
         w = public.get(u.client_id)
         if w is None or isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
@@ -433,7 +452,7 @@ def dp_aggregate(
         )
     return DPAggregationResult(
         state_dict=to_state_dict(layout, out_factors, out_extras),
-        weights={u.client_id: float(public[u.client_id]) for u in items},
+        weights={} if sparse_weights else {u.client_id: float(public[u.client_id]) for u in items},
         ranks={u.client_id: int(u.rank) for u in items},
         method=f"dp_{method}",
         messages=messages,
