@@ -18,8 +18,9 @@ sent (``previous``) and public weights ``w_k in [0, 1]`` (uniform ``1`` by defau
 4. Divide by **fixed, public** denominators: ``D_j = expected_clients * coverage_j`` (component rule; ``coverage_j``
    is the expected fraction of clients that train component ``j``, from the rank policy) or ``D = expected_clients``
    (zero_pad). New global: ``theta + S / D``. A data-dependent denominator (the actual count or HetLoRA's
-   ``sum_j S_j``) would leak; that is also why HetLoRA's sparsity weights ``p_k = S_k / sum_j S_j`` are not offered
-   under DP: ``S_k = ||delta W_k||`` is a function of the client's data.
+   ``sum_j S_j``) would leak; that is also why HetLoRA's normalised sparsity weights ``p_k = S_k / sum_j S_j`` are
+   not offered under DP. Capped sparsity weights ``w_k = min(1, S_k / S_cap)`` (``weights="sparsity"``) are: they
+   depend only on client ``k``'s own upload and are at most 1.
 
 Sensitivity of the released global per component ``j``: ``||theta'_j - theta_j|| <= w_max C / D_j`` (and jointly
 over all components ``<= w_max C / min_j D_j``); on the published ``delta W_m = s B_m A_m`` one client moves it by at
