@@ -34,6 +34,8 @@ setup(
         "data": ["gguf>=0.10", "chitchat-dataset>=0.9"],
         "flower": ["flwr[simulation]>=1.20"],
         "docs": ["mkdocs>=1.6"],
+        # client-level DP accounting (RDP / PRV accountants) for peft_hetlora.federated.privacy
+        "privacy": ["opacus>=1.5,<2"],
         "dev": ["pytest>=8", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["hetlora=peft_hetlora.cli:main"]},

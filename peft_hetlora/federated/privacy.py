@@ -1,0 +1,517 @@
+"""Client-level differential privacy for heterogeneous-rank LoRA: clip per component set, Gaussian noise, accounting.
+
+DP-FedAvg (McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models", ICLR 2018,
+arXiv 1710.06963) adapted to components (DESIGN.md 1.7, 1.8). Per round, with ``theta`` the global the clients were
+sent (``previous``) and public weights ``w_k in [0, 1]`` (uniform ``1`` by default):
+
+1. Each client's *contribution* is its change relative to that global, over the components it trained:
+   ``method="component"`` (the component rule / ``rankwise`` / RBLA): ``Delta_k = theta_k - theta[I_k]`` on its
+   ``r_km`` rows of ``A_m`` and columns of ``B_m`` (plus dense extras); ``method="zero_pad"`` (``zero_pad`` /
+   ``fedavg``): ``Delta_k = pad(theta_k) - theta`` over all ``r_max`` components (zero-padding pulls the components
+   a client did not train towards zero, and that pull counts against its clip).
+2. Clip the whole contribution, factors *and* extras together, to L2 norm ``C``:
+   ``Delta_k <- Delta_k * min(1, C / ||Delta_k||_2)``. The clip is on the factors themselves, so unbalanced factors
+   (``A x 1e-6``, ``B x 1e6``) are clipped where they are big: nothing bypasses it (DESIGN.md 1.8).
+3. Sum ``S = sum_k w_k Delta_k`` per component; one client changes ``S`` by at most ``C`` in L2 (add/remove
+   adjacency), so central DP adds ``N(0, (sigma C)^2)`` to every coordinate of every component (covered or not:
+   coverage is private too) and of every extra.
+4. Divide by **fixed, public** denominators: ``D_j = expected_clients * coverage_j`` (component rule; ``coverage_j``
+   is the expected fraction of clients that train component ``j``, from the rank policy) or ``D = expected_clients``
+   (zero_pad). New global: ``theta + S / D``. A data-dependent denominator (the actual count or HetLoRA's
+   ``sum_j S_j``) would leak; that is also why HetLoRA's normalised sparsity weights ``p_k = S_k / sum_j S_j`` are
+   not offered under DP. Capped sparsity weights ``w_k = min(1, S_k / S_cap)`` (``weights="sparsity"``) are: they
+   depend only on client ``k``'s own upload and are at most 1.
+
+Sensitivity of the released global per component ``j``: ``||theta'_j - theta_j|| <= w_max C / D_j`` (and jointly
+over all components ``<= w_max C / min_j D_j``); on the published ``delta W_m = s B_m A_m`` one client moves it by at
+most ``s (e ||A_m||_F + e ||B_m||_2 + e^2)`` with ``e = w_max C / min_j D_j`` (docs/privacy.md proves both).
+
+The local model (``DPConfig(model="local")``) moves steps 2-3 to the client (:func:`privatize_update`): the client
+clips and adds ``N(0, (sigma C)^2)`` to its own components before upload, so the server need not be trusted; each
+upload is then a Gaussian mechanism of sensitivity ``2 C`` (replace-one) and is accounted without sampling
+amplification.
+
+The ``(epsilon, delta)`` spent over the rounds comes from Opacus's accountants (``opacus.accountants``, RDP by
+default, PRV optional), never a hand-written one; install with ``pip install peft-hetlora[privacy]``.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._components import Layout, flat_a, flat_b, module_ranks, previous_factors, to_state_dict, validate_round
+from .aggregation import AggregationResult, ClientUpdate, update_norm
+from .errors import HetLoRAError
+
+__all__ = [
+    "DP_METHODS",
+    "DPAggregationResult",
+    "DPConfig",
+    "DPConfigError",
+    "dp_aggregate",
+    "privacy_spent",
+    "privatize_update",
+]
+
+DP_METHODS: tuple[str, ...] = ("component", "zero_pad")
+"""``component``: the component rule (``rankwise`` with public weights); ``zero_pad``: zero_pad / fedavg."""
+
+
+class DPConfigError(HetLoRAError, ValueError):
+    """An invalid differential-privacy setting; the message says which value to change."""
+
+
+def _positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DPConfigError(f"DPConfig.{name} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise DPConfigError(f"DPConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Settings of client-level DP; resolved and validated on construction.
+
+    Args:
+        clip: L2 bound ``C`` on one client's contribution (all its components and extras together).
+        noise_multiplier: ``sigma``; the noise std is ``sigma * C`` per coordinate. Give this or ``target_epsilon``.
+        target_epsilon: the ``epsilon`` to reach after ``rounds`` rounds; ``sigma`` is then found by Opacus's
+            ``get_noise_multiplier`` for this accountant, sampling rate and delta.
+        rounds: the planned number of DP rounds (needed with ``target_epsilon``).
+        sampling_rate: ``q``, the probability that a client takes part in a round (Poisson sampling assumed by the
+            accountant's amplification; ``1.0`` when every client takes part).
+        population: ``N``, the number of clients in the federation; default ``delta = 1 / N**1.1`` and default
+            ``expected_clients = q * N``.
+        delta: the ``delta`` of ``(epsilon, delta)``; default ``1 / N**1.1``.
+        expected_clients: the public denominator ``q * N`` (expected weight sum of a round).
+        expected_coverage: per component ``j < r_max``, the public expected fraction of clients that train it
+            (from the rank policy; e.g. ranks uniform in ``[1, 8]`` give ``(1, 7/8, ..., 1/8)``); the component rule
+            divides component ``j`` by ``expected_clients * coverage_j``. Default all ``1``.
+        model: ``"central"`` (the aggregator is trusted and adds the noise) or ``"local"`` (each client adds it).
+        accountant: ``"rdp"`` (Opacus ``RDPAccountant``, default) or ``"prv"`` (``PRVAccountant``).
+
+    Example:
+        >>> cfg = DPConfig(clip=1.0, noise_multiplier=1.1, sampling_rate=0.1, population=100)
+        >>> round(cfg.delta, 8), cfg.expected_clients
+        (0.00630957, 10.0)
+    """
+
+    clip: float
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    rounds: int | None = None
+    sampling_rate: float = 1.0
+    population: int | None = None
+    delta: float | None = None
+    expected_clients: float | None = None
+    expected_coverage: tuple[float, ...] | None = None
+    model: str = "central"
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        _positive("clip", self.clip)
+        if self.model not in ("central", "local"):
+            raise DPConfigError(f"DPConfig.model must be 'central' or 'local', got {self.model!r}")
+        if self.accountant not in ("rdp", "prv"):
+            raise DPConfigError(f"DPConfig.accountant must be 'rdp' or 'prv', got {self.accountant!r}")
+        q = _positive("sampling_rate", self.sampling_rate)
+        if q > 1:
+            raise DPConfigError(f"DPConfig.sampling_rate is a probability in (0, 1], got {q}")
+        if self.population is not None and (
+            isinstance(self.population, bool) or not isinstance(self.population, int) or self.population < 1
+        ):
+            raise DPConfigError(f"DPConfig.population must be an int >= 1, got {self.population!r}")
+        if self.rounds is not None and (
+            isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1
+        ):
+            raise DPConfigError(f"DPConfig.rounds must be an int >= 1, got {self.rounds!r}")
+        delta = self.delta
+        if delta is None:
+            if self.population is None:
+                raise DPConfigError("DPConfig needs delta=... or population=N (then delta = 1 / N**1.1)")
+            delta = 1.0 / self.population**1.1
+        if not 0 < _positive("delta", delta) < 1:
+            raise DPConfigError(f"DPConfig.delta must be in (0, 1), got {delta}")
+        object.__setattr__(self, "delta", float(delta))
+        if self.expected_clients is None and self.population is not None:
+            object.__setattr__(self, "expected_clients", q * self.population)
+        if self.expected_clients is not None:
+            object.__setattr__(self, "expected_clients", _positive("expected_clients", self.expected_clients))
+        if self.expected_coverage is not None:
+            cov = tuple(float(c) for c in self.expected_coverage)
+            if any(not 0.0 <= c <= 1.0 for c in cov):
+                raise DPConfigError(f"DPConfig.expected_coverage holds fractions in [0, 1], got {cov}")
+            object.__setattr__(self, "expected_coverage", cov)
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise DPConfigError("DPConfig needs exactly one of noise_multiplier=... or target_epsilon=...")
+        if self.noise_multiplier is not None:
+            object.__setattr__(
+                self, "noise_multiplier", _positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
+            )
+            return
+        _positive("target_epsilon", self.target_epsilon)
+        if self.rounds is None:
+            raise DPConfigError("DPConfig(target_epsilon=...) needs rounds=... (the planned number of DP rounds)")
+        get_noise_multiplier = _opacus().accountants.utils.get_noise_multiplier
+        sigma = get_noise_multiplier(
+            target_epsilon=float(self.target_epsilon),
+            target_delta=float(delta),
+            sample_rate=self._accounted_rate(),
+            steps=self.rounds,
+            accountant=self.accountant,
+        )
+        object.__setattr__(self, "noise_multiplier", float(sigma) * self._sensitivity_factor())
+
+    def _accounted_rate(self) -> float:
+        # Local DP: the server sees every upload, so there is no amplification by sampling.
+        return 1.0 if self.model == "local" else float(self.sampling_rate)
+
+    def _sensitivity_factor(self) -> float:
+        # Local DP: replace-one neighbours are up to 2C apart, so the effective multiplier is sigma / 2.
+        return 2.0 if self.model == "local" else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (for a federation's config and the model card)."""
+        return {
+            "clip": self.clip,
+            "noise_multiplier": self.noise_multiplier,
+            "target_epsilon": self.target_epsilon,
+            "rounds": self.rounds,
+            "sampling_rate": self.sampling_rate,
+            "population": self.population,
+            "delta": self.delta,
+            "expected_clients": self.expected_clients,
+            "expected_coverage": None if self.expected_coverage is None else list(self.expected_coverage),
+            "model": self.model,
+            "accountant": self.accountant,
+        }
+
+
+def _opacus() -> Any:
+    try:
+        import opacus
+        import opacus.accountants.utils  # noqa: F401
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise DPConfigError(
+            "differential-privacy accounting needs Opacus: pip install 'peft-hetlora[privacy]' (opacus==1.6.0)"
+        ) from err
+    return opacus
+
+
+def privacy_spent(config: DPConfig, rounds: int) -> dict[str, Any]:
+    """The ``(epsilon, delta)`` spent after ``rounds`` DP rounds, from Opacus's accountant; JSON-ready.
+
+    ``epsilon`` is ``None`` when the noise multiplier is 0 (no privacy) and ``0.0`` for zero rounds.
+
+    Example:
+        >>> rec = privacy_spent(DPConfig(clip=1.0, noise_multiplier=1.5, sampling_rate=0.04, delta=1e-5), 2250)
+        >>> round(rec["epsilon"], 4), rec["accountant"]
+        (7.3291, 'rdp')
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise DPConfigError(f"rounds must be an int >= 0, got {rounds!r}")
+    opacus = _opacus()
+    sigma = float(config.noise_multiplier) / config._sensitivity_factor()  # type: ignore[arg-type]
+    rate = config._accounted_rate()
+    if rounds == 0:
+        epsilon: float | None = 0.0
+    elif sigma == 0.0:
+        epsilon = None
+    else:
+        from opacus.accountants import PRVAccountant, RDPAccountant
+
+        accountant = RDPAccountant() if config.accountant == "rdp" else PRVAccountant()
+        for _ in range(rounds):  # Opacus merges identical consecutive steps into one history entry
+            accountant.step(noise_multiplier=sigma, sample_rate=rate)
+        epsilon = float(accountant.get_epsilon(delta=float(config.delta)))  # type: ignore[arg-type]
+    return {
+        "epsilon": epsilon,
+        "delta": config.delta,
+        "rounds": rounds,
+        "noise_multiplier": config.noise_multiplier,
+        "clip": config.clip,
+        "sampling_rate": rate,
+        "model": config.model,
+        "accountant": config.accountant,
+        "library": f"opacus {opacus.__version__}",
+        "adjacency": "replace-one client (local)" if config.model == "local" else "add/remove one client",
+    }
+
+
+@dataclass
+class DPAggregationResult(AggregationResult):
+    """An :class:`AggregationResult` of a DP round plus its accounting record.
+
+    ``weights`` holds the public weights ``w_k`` (divided by a fixed denominator, so they need not sum to 1);
+    ``norms`` and ``clip_scales`` stay empty: they are per-client, data-dependent values a DP round must not publish.
+    """
+
+    privacy: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The base summary plus ``"privacy"`` (the accounting record of :func:`privacy_spent`)."""
+        out = super().summary()
+        out["privacy"] = dict(self.privacy)
+        return out
+
+
+def _denominators(config: DPConfig, method: str, r_max: int) -> torch.Tensor:
+    if config.expected_clients is None:
+        raise DPConfigError(
+            "DP aggregation needs a public denominator: DPConfig(expected_clients=q*N) or population=N"
+        )
+    cov = torch.ones(r_max, dtype=torch.float64)
+    if method == "component" and config.expected_coverage is not None:
+        if len(config.expected_coverage) != r_max:
+            raise DPConfigError(
+                f"DPConfig.expected_coverage has {len(config.expected_coverage)} entries, r_max is {r_max}: give one "
+                "fraction per component of the global adapter"
+            )
+        cov = torch.tensor(config.expected_coverage, dtype=torch.float64)
+    return cov * float(config.expected_clients)
+
+
+def _contribution(
+    update: ClientUpdate,
+    layout: Layout,
+    prev: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    prev_extras: Mapping[str, torch.Tensor],
+    method: str,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``Delta_k`` relative to the global: per module ``(dA, dB)`` over ``r_k`` (component) or ``r_max`` (zero_pad)."""
+    ranks = module_ranks(update, layout)
+    sd = update.state_dict
+    factors = {}
+    for name, spec in layout.modules.items():
+        a, b = flat_a(sd[spec.a_key]), flat_b(sd[spec.b_key])
+        pa, pb = prev[name]
+        r = ranks[name]
+        if method == "component":
+            factors[name] = (a - pa[:r], b - pb[:, :r])
+        else:
+            da, db = -pa.clone(), -pb.clone()
+            da[:r] += a
+            db[:, :r] += b
+            factors[name] = (da, db)
+    extras = {key: sd[key].detach().to("cpu", torch.float64) - prev_extras[key] for key in layout.extras}
+    return factors, extras
+
+
+def _l2(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], extras: Mapping[str, torch.Tensor]) -> float:
+    sq = sum(float((a * a).sum() + (b * b).sum()) for a, b in factors.values())
+    sq += sum(float((e * e).sum()) for e in extras.values())
+    return math.sqrt(sq)
+
+
+def _default_generator(generator: torch.Generator | None) -> torch.Generator:
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        return generator
+    gen = torch.Generator()
+    gen.manual_seed(secrets.randbits(63))
+    return gen
+
+
+def _noise(shape: Sequence[int], std: float, generator: torch.Generator) -> torch.Tensor:
+    if std == 0.0:
+        return torch.zeros(tuple(shape), dtype=torch.float64)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float64) * std
+
+
+def dp_aggregate(
+    updates: Iterable[ClientUpdate],
+    *,
+    config: DPConfig,
+    r_max: int,
+    previous: Mapping[str, torch.Tensor],
+    generator: torch.Generator | None = None,
+    method: str = "component",
+    weights: Mapping[str, float] | str | None = None,
+    rounds_so_far: int = 1,
+    sparsity_cap: float | None = None,
+    scaling: float = 1.0,
+) -> DPAggregationResult:
+    """One DP round: clip each client's change per component set, sum with public weights, add Gaussian noise
+    (central model), divide by public denominators (see the module docstring for the formulas).
+
+    Args:
+        updates: the round's client updates (absolute factors at the client's rank, as uploaded).
+        config: the :class:`DPConfig`.
+        r_max: the global adapter's rank.
+        previous: the global adapter these clients were sent (contributions are measured against it).
+        generator: the noise source (a seeded ``torch.Generator`` for reproducible tests; default seeded from
+            ``secrets``). Torch's generator is not a CSPRNG: a deployment facing a strong adversary should draw the
+            noise from a cryptographic source.
+        method: ``"component"`` (component rule / rankwise with public weights) or ``"zero_pad"`` (zero_pad / fedavg);
+            ``"hetlora"``'s sparsity weights are data-dependent and refused.
+        weights: public per-client weights in ``[0, 1]`` fixed before the round (default 1 for everyone), or
+            ``"sparsity"``: HetLoRA-like *capped* sparsity weights ``w_k = min(1, S_k / sparsity_cap)`` with
+            ``S_k = ||s B_k A_k||_F`` of the client's own upload. They depend on the client's data, but only on its
+            own and are at most 1, so the contribution ``w_k clip(Delta_k)`` still has norm ``<= C`` and the
+            sensitivity is unchanged; the denominators stay public (no ``sum_j S_j``), so choose ``expected_clients``
+            as the expected weight sum. These weights are not reported in the result.
+        sparsity_cap: the public cap ``S_cap`` for ``weights="sparsity"``.
+        scaling: the LoRA scale ``s`` (enters ``S_k`` only).
+        rounds_so_far: DP rounds spent including this one, for the accounting record.
+
+    Returns:
+        A :class:`DPAggregationResult`; ``privacy`` is :func:`privacy_spent` after ``rounds_so_far`` rounds.
+
+    Example:
+        >>> import torch
+        >>> prev = {"m.lora_A.weight": torch.zeros(2, 3), "m.lora_B.weight": torch.zeros(4, 2)}
+        >>> ups = [ClientUpdate(f"c{k}", {"m.lora_A.weight": torch.ones(r, 3), "m.lora_B.weight": torch.ones(4, r)},
+        ...                     r, 1) for k, r in enumerate([1, 2])]
+        >>> cfg = DPConfig(clip=100.0, noise_multiplier=0.0, delta=1e-5, expected_clients=2,
+        ...                expected_coverage=(1.0, 0.5))
+        >>> dp_aggregate(ups, config=cfg, r_max=2, previous=prev).state_dict["m.lora_A.weight"][:, 0].tolist()
+        [1.0, 1.0]
+    """
+    if method not in DP_METHODS:
+        hint = (
+            " HetLoRA's sparsity weights S_k = ||delta W_k|| depend on the client's data and would leak; use "
+            "'zero_pad' (same padding, public weights) or 'component'."
+            if method == "hetlora"
+            else ""
+        )
+        raise DPConfigError(f"unknown DP method {method!r}; choose one of {list(DP_METHODS)}.{hint}")
+    if not isinstance(config, DPConfig):
+        raise TypeError(f"config must be a DPConfig, got {type(config).__name__}")
+    if config.model == "local" and method != "component":
+        raise DPConfigError("local DP noises only the components a client uploads: use method='component'")
+    if previous is None:
+        raise DPConfigError(
+            "dp_aggregate clips each client's change relative to the global it was sent: pass previous=that global"
+        )
+    items, layout = validate_round(updates, r_max)
+    prev, prev_extras = previous_factors(previous, layout)
+    den = _denominators(config, method, r_max)
+    sparse_weights = weights == "sparsity"
+    if sparse_weights:
+        if sparsity_cap is None or not _positive("sparsity_cap", sparsity_cap):
+            raise DPConfigError(
+                "weights='sparsity' needs a public sparsity_cap > 0 (a bound on S_k = ||s B_k A_k||_F)"
+            )
+        public = {u.client_id: min(1.0, update_norm(u.state_dict, scaling) / float(sparsity_cap)) for u in items}
+    elif isinstance(weights, str):
+        raise DPConfigError(f"weights must be a mapping of public weights, None or 'sparsity', got {weights!r}")
+    else:
+        public = {u.client_id: 1.0 for u in items} if weights is None else dict(weights)
+    for u in items:
+        w = public.get(u.client_id)
+        if w is None or isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+            raise DPConfigError(
+                f"client {u.client_id!r} has public weight {w!r}; weights must be fixed numbers in [0, 1] for every "
+                "client (the sensitivity is C times the largest weight)"
+            )
+    gen = _default_generator(generator)
+    sum_a = {n: torch.zeros_like(p[0]) for n, p in prev.items()}
+    sum_b = {n: torch.zeros_like(p[1]) for n, p in prev.items()}
+    sum_x = {k: torch.zeros_like(v) for k, v in prev_extras.items()}
+    central = config.model == "central"
+    for u in items:
+        factors, extras = _contribution(u, layout, prev, prev_extras, method)
+        scale = float(public[u.client_id])
+        if central:
+            norm = _l2(factors, extras)
+            if norm > config.clip:
+                scale *= config.clip / norm
+        for name, (da, db) in factors.items():
+            r = da.shape[0]
+            sum_a[name][:r] += scale * da
+            sum_b[name][:, :r] += scale * db
+        for key, dx in extras.items():
+            sum_x[key] += scale * dx
+    std = float(config.noise_multiplier) * config.clip if central else 0.0  # type: ignore[arg-type]
+    dead = den <= 0
+    safe = torch.where(dead, torch.ones_like(den), den)
+    out_factors = {}
+    for name, (pa, pb) in prev.items():
+        na = (sum_a[name] + _noise(pa.shape, std, gen)) / safe.view(-1, 1)
+        nb = (sum_b[name] + _noise(pb.shape, std, gen)) / safe.view(1, -1)
+        na[dead], nb[:, dead] = 0.0, 0.0
+        out_factors[name] = (pa + na, pb + nb)
+    denom_x = float(config.expected_clients)  # type: ignore[arg-type]
+    out_extras = {k: prev_extras[k] + (sum_x[k] + _noise(v.shape, std, gen)) / denom_x for k, v in sum_x.items()}
+    record = privacy_spent(config, rounds_so_far)
+    eps = record["epsilon"]
+    messages = [
+        f"DP-{config.model} {method}: clip {config.clip}, noise multiplier {config.noise_multiplier}, "
+        f"epsilon {eps if eps is None else round(eps, 4)} at delta {config.delta:.3g} after {rounds_so_far} round(s)"
+    ]
+    if config.rounds is not None and rounds_so_far > config.rounds:
+        messages.append(
+            f"round {rounds_so_far} is past the planned {config.rounds} DP rounds: epsilon now exceeds the target"
+        )
+    return DPAggregationResult(
+        state_dict=to_state_dict(layout, out_factors, out_extras),
+        weights={} if sparse_weights else {u.client_id: float(public[u.client_id]) for u in items},
+        ranks={u.client_id: int(u.rank) for u in items},
+        method=f"dp_{method}",
+        messages=messages,
+        privacy=record,
+    )
+
+
+def privatize_update(
+    state_dict: Mapping[str, torch.Tensor],
+    global_state_dict: Mapping[str, torch.Tensor],
+    *,
+    config: DPConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Local DP on the client: clip its change over its own components to ``C`` and add ``N(0, (sigma C)^2)``.
+
+    Args:
+        state_dict: the client's trained adapter at its rank ``r_k`` (what it would upload).
+        global_state_dict: the global adapter it was sent (rank ``>= r_k``; only its first ``r_k`` components count).
+        config: a ``DPConfig(model="local", ...)``.
+        generator: the noise source (see :func:`dp_aggregate`).
+
+    Returns:
+        A new float32 state dict at rank ``r_k``: ``global[:r_k] + clip(Delta) + noise``; upload it instead.
+        Keep self-pruning off under local DP: the uploaded rank is visible and pruning depends on the data.
+
+    Example:
+        >>> import torch
+        >>> g = {"m.lora_A.weight": torch.zeros(4, 3), "m.lora_B.weight": torch.zeros(2, 4)}
+        >>> mine = {"m.lora_A.weight": torch.full((2, 3), 10.0), "m.lora_B.weight": torch.zeros(2, 2)}
+        >>> cfg = DPConfig(clip=1.0, noise_multiplier=0.0, delta=1e-5, model="local")
+        >>> out = privatize_update(mine, g, config=cfg)
+        >>> round(float(out["m.lora_A.weight"].norm()), 6), tuple(out["m.lora_A.weight"].shape)
+        (1.0, (2, 3))
+    """
+    if not isinstance(config, DPConfig) or config.model != "local":
+        raise DPConfigError("privatize_update is the local-DP client step: pass DPConfig(model='local', ...)")
+    rank = max(int(state_dict[k].shape[0]) for k in state_dict if k.endswith(("lora_A.weight", "lora_embedding_A")))
+    update = ClientUpdate("local", state_dict, rank=rank, num_examples=0)
+    r_global = max(
+        int(v.shape[0]) for k, v in global_state_dict.items() if k.endswith(("lora_A.weight", "lora_embedding_A"))
+    )
+    items, layout = validate_round([update], max(rank, r_global))
+    prev, prev_extras = previous_factors(global_state_dict, layout)
+    factors, extras = _contribution(items[0], layout, prev, prev_extras, "component")
+    norm = _l2(factors, extras)
+    scale = min(1.0, config.clip / norm) if norm > 0 else 1.0
+    std = float(config.noise_multiplier) * config.clip  # type: ignore[arg-type]
+    gen = _default_generator(generator)
+    out: dict[str, torch.Tensor] = {}
+    for name, spec in layout.modules.items():
+        da, db = factors[name]
+        r = da.shape[0]
+        pa, pb = prev[name]
+        a = pa[:r] + scale * da + _noise(da.shape, std, gen)
+        b = pb[:, :r] + scale * db + _noise(db.shape, std, gen)
+        out[spec.a_key] = a.to(torch.float32).reshape(r, *spec.a_shape[1:])
+        out[spec.b_key] = b.to(torch.float32).reshape(spec.d_out, r, *spec.b_shape[2:])
+    for key, dx in extras.items():
+        out[key] = (prev_extras[key] + scale * dx + _noise(dx.shape, std, gen)).to(torch.float32)
+    return {key: out[key] for key in state_dict}
