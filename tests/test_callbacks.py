@@ -250,8 +250,6 @@ def test_client_errors_before_training(tmp_path):
 
     state = get_peft_model_state_dict(make_model(rank=8))
     _publish(store, 0, state, ["alice"], {"alice": 6})
-    with pytest.raises(ValueError, match="created at rank 4"):
-        _train(tmp_path, model, [FederatedClientCallback(store, "alice")])
     with pytest.raises(RuntimeError, match="not a participant"):
         _train(tmp_path, model, [FederatedClientCallback(store, "carol")])
     other = {k.replace("q_proj", "k_proj"): v for k, v in state.items()}
