@@ -148,6 +148,7 @@ def config_from_federation(source: Any, *, rank: int | None = None, **client_set
             )
     known = set(HetLoRAConfig.__dataclass_fields__)
     settings = {k: v for k, v in federation.items() if k in known and k not in ("peft_type", "rank")}
+    settings["inference_mode"] = False  # saved adapters say True; a client trains
     settings.update(client_settings)
     r_max = int(settings["r"])
     settings["rank"] = r_max if rank is None else rank
