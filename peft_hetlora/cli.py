@@ -64,12 +64,25 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
+    """`err` as one line for `hetlora: error: ...` (a full disk says what to do).
+
+    Example:
+        ```py
+        >>> error_line(OSError(28, "No space left on device", "fed/rounds/3"))
+        'no space left on device while writing fed/rounds/3: free some space and rerun the same command (it resumes).'
+        ```
+    """
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         where = f" while writing {err.filename}" if err.filename else ""
         return f"no space left on device{where}: free some space and rerun the same command (it resumes)."
     message = err.args[0] if isinstance(err, KeyError) and err.args else err
     return " ".join(str(message).split()) or type(err).__name__
+
+
+def debug_requested(args: argparse.Namespace | None = None) -> bool:
+    """Whether tracebacks were asked for (`--debug` or `HETLORA_DEBUG=1`)."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("HETLORA_DEBUG", "") not in ("", "0")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,15 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    debug = args.debug or os.environ.get("HETLORA_DEBUG", "") not in ("", "0")
     try:
         return int(getattr(_command_module(args.command), COMMANDS[args.command][2])(args))
     except Exception as err:
         from .federated.errors import HetLoRAError
 
-        if debug or not isinstance(err, (HetLoRAError, *_HANDLED)):
+        if debug_requested(args) or not isinstance(err, (HetLoRAError, *_HANDLED)):
             raise
-        print(f"hetlora: error: {args.command}: {_one_line(err)}", file=sys.stderr)
+        print(f"hetlora: error: {args.command}: {error_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -29,8 +29,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..cli import debug_requested, error_line
 from ..federated.aggregation import AGGREGATION_METHODS
 from ..federated.coordinator import NEXT_RANK_RULES, Coordinator, CoordinatorError
+from ..federated.errors import HetLoRAError
 from ..federated.rank_policy import BUDGET_KINDS, RANK_POLICIES, RankPolicy, parse_bytes
 
 HF_PREFIX = "hf://"
@@ -273,8 +275,10 @@ def run_coordinate(args: argparse.Namespace) -> int:
               f"({', '.join(sorted(set(status.participants) - set(status.uploaded)))} missing). Run again, or "
               "pass --wait.")
         return 0
-    except (CoordinatorError, ValueError, FileNotFoundError, LookupError) as err:
-        print(f"hetlora coordinate: error: {err}", file=sys.stderr)
+    except (HetLoRAError, CoordinatorError, ValueError, LookupError, OSError) as err:
+        if debug_requested(args):
+            raise
+        print(f"hetlora: error: coordinate: {error_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("hetlora coordinate: interrupted; the store keeps every decision, run the same command to resume.",

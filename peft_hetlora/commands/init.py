@@ -67,6 +67,7 @@ def build_initial_adapter(args: argparse.Namespace, out_dir: str) -> None:
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
     from ..config import HetLoRAConfig
     from ..simulation.model_source import _is_builtin, resolve_model
@@ -75,6 +76,7 @@ def build_initial_adapter(args: argparse.Namespace, out_dir: str) -> None:
     folder = resolve_model(args.base_model)
     base_id = args.base_model_id or (BUILTIN_HUB_ID if _is_builtin(args.base_model) else str(args.base_model))
     torch.manual_seed(args.seed or 0)
+    transformers_logging.disable_progress_bar()  # a CLI's stderr is for errors
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     layers = args.layers
     if args.top_layers is not None:
