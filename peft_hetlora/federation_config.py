@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .federated.errors import ConfigMismatchError
+from .federated.errors import ConfigMismatchError, RankError
 
 # settings that change what a factor means; a client must match the federation on every one
 FEDERATION_FIELDS = (
@@ -150,10 +150,13 @@ def config_from_federation(source: Any, *, rank: int | None = None, **client_set
     settings = {k: v for k, v in federation.items() if k in known and k not in ("peft_type", "rank")}
     settings["inference_mode"] = False  # saved adapters say True; a client trains
     settings.update(client_settings)
-    r_max = int(settings["r"])
-    settings["rank"] = r_max if rank is None else rank
-    r_min = int(settings.get("r_min") or 1)
-    settings["r_min"] = min(r_min, settings["rank"]) if isinstance(settings["rank"], int) else r_min
+    settings["rank"] = int(settings["r"]) if rank is None else rank
+    r_min = settings.get("r_min") or 1
+    if isinstance(settings["rank"], int) and settings["rank"] < r_min:
+        raise RankError(
+            f"rank {settings['rank']} is below the federation's r_min={r_min}: this device cannot take part "
+            f"(its budget must be at least {r_min})."
+        )
     return HetLoRAConfig(**settings)
 
 

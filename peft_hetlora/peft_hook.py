@@ -26,10 +26,11 @@ _state = {"registered": False, "busy": False}
 
 
 def _loading(name: str, finished: str | None) -> bool:
-    if name == finished:
-        return False
+    """Whether module `name` is in sys.modules with its body still running (`finished` counts as done)."""
     module = sys.modules.get(name)
-    return module is None or bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+    if name == finished or module is None:
+        return False
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 def try_register(finished: str | None = None) -> bool:
@@ -40,7 +41,7 @@ def try_register(finished: str | None = None) -> bool:
     """
     if _state["registered"] or _state["busy"]:
         return _state["registered"]
-    if _loading("peft", finished):
+    if sys.modules.get("peft") is None or _loading("peft", finished):
         return False
     if any(name.startswith(_PACKAGE) and _loading(name, finished) for name in list(sys.modules)):
         return False  # the outermost peft_hetlora module registers when it finishes

@@ -421,3 +421,12 @@ def test_from_federation_builds_a_config_that_cannot_differ(tmp_path):
     _train(tmp_path, model, [FederatedClientCallback(store, "alice")])
     info = json.loads((store.download_client(0, "alice") / "client.json").read_text())
     assert info["rank_in"] == 2 and info["max_rank"] == 3
+
+
+def test_from_federation_refuses_a_budget_below_r_min(tmp_path):
+    from peft_hetlora.federated.errors import RankError
+
+    store = _published_store(tmp_path, {"alice": 4}, r_min=3)
+    assert peft_hetlora.HetLoRAConfig.from_federation(store, rank=3).r_min == 3
+    with pytest.raises(RankError, match="r_min=3"):
+        peft_hetlora.HetLoRAConfig.from_federation(store, rank=2)

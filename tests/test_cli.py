@@ -181,3 +181,27 @@ def test_init_on_a_hub_store(hub_double, tmp_path, base_dir, capsys):
     store = HubStore("hetlora/init-fed", endpoint=hub_double.endpoint, token=hub_double.token,
                      cache_dir=tmp_path / "c")
     assert store.read_federation()["r_max"] == 8 and store.latest_global().round == 0
+
+
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import peft_hetlora.config",  # a submodule that pulls PEFT in while the package is mid-import
+        "import peft; import peft_hetlora",  # PEFT first: registers at once
+        "import peft_hetlora.federated; from peft import PeftModel",  # PEFT imported later by the user
+    ],
+)
+def test_any_import_order_registers_hetlora_with_peft(imports):
+    script = (
+        f"{imports}\n"
+        "import sys\n"
+        "from peft import PeftType\n"
+        "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING\n"
+        "assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.HETLORA].__name__ == 'HetLoRAConfig'\n"
+        "assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.HETLORA].__name__ == 'HetLoRAModel'\n"
+        "assert not [f for f in sys.meta_path if 'RegisterAfter' in type(f).__name__], 'hook left installed'\n"
+        "assert type(sys.modules['peft'].__loader__).__name__ != '_RegisterAfterLoad'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
