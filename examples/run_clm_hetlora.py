@@ -6,7 +6,8 @@ is an ordinary LoRA fine-tuning script.
     python examples/run_clm_hetlora.py --model_name_or_path path/to/model --train_file my.txt \
         --store runs/fed --client_id alice --rounds 3 --output_dir out/alice --max_steps 20
 
-The coordinator (`hetlora coordinate --store runs/fed ...`) publishes the global adapter each round; this
+`hetlora init --store runs/fed --base-model path/to/model --clients alice,bob` creates the federation and
+the coordinator (`hetlora coordinate --store runs/fed --wait`) publishes the global adapter each round; this
 script trains one local round per global it sees and uploads its adapter.
 """
 
@@ -37,8 +38,7 @@ class ScriptArguments:
     block_size: int = 128
     store: str = field(default="runs/fed", metadata={"help": "[HetLoRA] the federation's LocalStore folder"})
     client_id: str = field(default="client-0", metadata={"help": "[HetLoRA] this client's id"})
-    rank: int = field(default=4, metadata={"help": "[HetLoRA] this device's LoRA rank (<= r)"})
-    r: int = field(default=16, metadata={"help": "[HetLoRA] the federation's r_max"})
+    rank: int = field(default=4, metadata={"help": "[HetLoRA] this device's budget: the largest rank it trains"})
     rounds: int = field(default=1, metadata={"help": "[HetLoRA] local rounds to run"})
 
 
@@ -55,16 +55,12 @@ def main() -> None:
 
     train = raw.map(tokenize, batched=True, remove_columns=raw.column_names)
     model = AutoModelForCausalLM.from_pretrained(script_args.model_name_or_path)
-    config = peft_hetlora.HetLoRAConfig(  # [HetLoRA] instead of LoraConfig: r is r_max, rank the device's rank
-        r=script_args.r,
-        rank=script_args.rank,
-        lora_alpha=2 * script_args.r,
-        prune_lambda=0.05,
-        target_modules=["q_proj", "v_proj"],
-        task_type="CAUSAL_LM",
-    )
+    store = LocalStore(script_args.store)  # [HetLoRA] or HubStore("org/federation") for hf://org/federation
+    # [HetLoRA] instead of LoraConfig: r_max, lora_alpha, target modules and layers come from the federation (so they
+    # cannot differ); `rank` is this device's budget, the largest rank it can train
+    config = peft_hetlora.HetLoRAConfig.from_federation(store, rank=script_args.rank, prune_lambda=0.05)
     model = get_peft_model(model, config)
-    client = FederatedClientCallback(LocalStore(script_args.store), script_args.client_id)  # [HetLoRA]
+    client = FederatedClientCallback(store, script_args.client_id)  # [HetLoRA] trains at min(assigned rank, rank)
     trainer = Trainer(
         model=model,
         args=training_args,

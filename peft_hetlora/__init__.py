@@ -1,7 +1,9 @@
 """peft-hetlora: heterogeneous-rank LoRA (HetLoRA) for federated fine-tuning, as a native PEFT method.
 
-Importing the package registers the `HETLORA` PEFT type, so `peft.get_peft_model`,
-`PeftModel.from_pretrained` and `AutoPeftModelForCausalLM` work with `HetLoRAConfig` adapters.
+Importing the package registers the `HETLORA` PEFT type (as soon as PEFT itself is imported), so
+`peft.get_peft_model`, `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM` work with
+`HetLoRAConfig` adapters. Public names load lazily: `import peft_hetlora` alone imports neither
+torch, transformers nor PEFT, which keeps `hetlora --help` and `peft_hetlora.federated` fast.
 
 Example:
     ```py
@@ -12,14 +14,36 @@ Example:
     ```
 """
 
-from .config import HetLoRAConfig
-from .export import export_lora
-from .layer import HetLoRALinear
-from .model import HetLoRAModel
-from .registration import HETLORA_PEFT_TYPE, register
+from __future__ import annotations
 
-register()
+import importlib
+from typing import Any
+
+from .peft_hook import install as _install_registration
 
 __version__ = "0.1.0"
 
-__all__ = ["HETLORA_PEFT_TYPE", "HetLoRAConfig", "HetLoRALinear", "HetLoRAModel", "__version__", "export_lora"]
+_LAZY = {
+    "HETLORA_PEFT_TYPE": ".registration",
+    "HetLoRAConfig": ".config",
+    "HetLoRALinear": ".layer",
+    "HetLoRAModel": ".model",
+    "export_lora": ".export",
+    "get_federated_model": ".federation_config",
+}
+
+__all__ = [*sorted(_LAZY), "__version__"]
+
+_install_registration()
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,110 +1,91 @@
-"""The `hetlora` command: simulate, coordinate, export."""
+"""The `hetlora` command: init, coordinate, simulate, export.
+
+Each subcommand lives in `peft_hetlora.commands.<name>` and is imported only when it runs, so
+`hetlora --help` imports neither torch, transformers nor PEFT. Errors the project raises on purpose
+(`HetLoRAError`), bad input and a full disk print one line `hetlora: error: ...` and exit non-zero;
+`--debug` (or `HETLORA_DEBUG=1`) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import errno
+import importlib
 import logging
+import os
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 
-from .simulation.config import ARMS, PROFILES, SimulationConfig
-
-_SIM_FLAGS = {
-    "model": str,
-    "num_clients": int,
-    "clients_per_round": int,
-    "rounds": int,
-    "local_steps": int,
-    "batch_size": int,
-    "block_size": int,
-    "learning_rate": float,
-    "r_min": int,
-    "r_max": int,
-    "lora_alpha": float,
-    "prune_lambda": float,
-    "prune_gamma": float,
-    "rank_policy": str,
-    "top_layers": int,
-    "min_examples": int,
-    "max_examples_per_client": int,
-    "engine": str,
+# name -> (module in peft_hetlora.commands, parser builder, runner, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "init": ("init", "add_parser", "run", "create a federation: a store with global 0 from a base model"),
+    "coordinate": (
+        "coordinate",
+        "add_coordinate_parser",
+        "run_coordinate",
+        "run or resume a federation's coordinator (publish, collect, validate, aggregate)",
+    ),
+    "simulate": ("simulate", "add_parser", "run", "run a federated experiment (all methods) in one process"),
+    "export": ("export", "add_parser", "run", "convert a HetLoRA adapter into a plain PEFT LoRA adapter"),
 }
+_HANDLED = (ValueError, LookupError, RuntimeError, OSError, ImportError)
 
 
-def _add_simulate(subparsers) -> None:
-    p = subparsers.add_parser(
-        "simulate",
-        help="run a federated HetLoRA experiment (all methods) in one process and write a report",
-        description="Coordinator + clients in one process through a LocalStore. Rerun the same command to resume.",
-    )
-    p.add_argument("--profile", choices=list(PROFILES), default="cpu", help="preset sizes (quick: tiny model, CI)")
-    p.add_argument("--config", type=Path, help="YAML/JSON file of settings (see SimulationConfig)")
-    p.add_argument("--out", type=Path, help="run folder (default runs/<profile>)")
-    p.add_argument("--methods", help=f"comma-separated subset of {','.join(ARMS)}")
-    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--dataset", help="'chitchat', a save_to_disk folder, or a JSON dict of load_dataset kwargs")
-    p.add_argument("--client-column", dest="client_column")
-    p.add_argument("--text-column", dest="text_column")
-    p.add_argument("--target-modules", dest="target_modules", help="comma-separated module names")
-    for name, kind in _SIM_FLAGS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    return next((arg for arg in argv if arg in COMMANDS), None)
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from .simulation.runner import run_simulation
-
-    overrides = {name: getattr(args, name) for name in _SIM_FLAGS}
-    if args.methods:
-        overrides["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.seeds:
-        overrides["seeds"] = [int(s) for s in args.seeds.split(",")]
-    if args.target_modules:
-        overrides["target_modules"] = [m.strip() for m in args.target_modules.split(",")]
-    if args.dataset:
-        overrides["dataset"] = json.loads(args.dataset) if args.dataset.strip().startswith("{") else args.dataset
-    overrides["client_column"] = args.client_column
-    overrides["text_column"] = args.text_column
-    config = SimulationConfig.from_sources(profile=args.profile, config_file=args.config, overrides=overrides)
-    out = args.out or Path("runs") / args.profile
-    report = run_simulation(config, out)
-    print(report.read_text())
-    print(f"Report: {report}")
-    return 0
+def _command_module(name: str):
+    return importlib.import_module(f"peft_hetlora.commands.{COMMANDS[name][0]}")
 
 
-def _add_export(subparsers) -> None:
-    p = subparsers.add_parser("export", help="convert a HetLoRA adapter folder into a plain PEFT LoRA adapter")
-    p.add_argument(
-        "adapter", type=Path, help="saved HetLoRA adapter folder (or a LocalStore folder: its latest global)"
-    )
-    p.add_argument("out", type=Path, help="output folder for the plain LoRA adapter")
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `hetlora` parser; only the subcommand named in `argv` gets its full options (and imports).
 
-
-def _export(args: argparse.Namespace) -> int:
-    from .export import export_lora
-
-    out = export_lora(args.adapter, args.out)
-    print(f"Plain LoRA adapter written to {out} (loads with `PeftModel.from_pretrained`, no peft_hetlora needed).")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The `hetlora` argument parser."""
-    from .federated.coordinate_cli import add_coordinate_parser
-
+    Example:
+        ```py
+        >>> build_parser(["export", "a", "b"]).parse_args(["export", "a", "b"]).command
+        'export'
+        ```
+    """
     parser = argparse.ArgumentParser(
-        prog="hetlora", description="Federated fine-tuning with heterogeneous LoRA ranks."
+        prog="hetlora", description="Federated fine-tuning with heterogeneous LoRA ranks (arXiv 2401.06432)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_simulate(sub)
-    add_coordinate_parser(sub)
-    _add_export(sub)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors (also HETLORA_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = _chosen_command(sys.argv[1:] if argv is None else argv)
+    for name, (_, builder, _, summary) in COMMANDS.items():
+        if name != chosen:
+            sub.add_parser(name, help=summary, add_help=False)
+            continue
+        build = getattr(_command_module(name), builder)
+        build(sub) if builder == "add_coordinate_parser" else build(sub, help=summary)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def error_line(err: BaseException) -> str:
+    """`err` as one line for `hetlora: error: ...` (a full disk says what to do).
+
+    Example:
+        ```py
+        >>> error_line(OSError(28, "No space left on device", "fed/rounds/3"))
+        'no space left on device while writing fed/rounds/3: free some space and rerun the same command (it resumes).'
+        ```
+    """
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        where = f" while writing {err.filename}" if err.filename else ""
+        return f"no space left on device{where}: free some space and rerun the same command (it resumes)."
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    return " ".join(str(message).split()) or type(err).__name__
+
+
+def debug_requested(args: argparse.Namespace | None = None) -> bool:
+    """Whether tracebacks were asked for (`--debug` or `HETLORA_DEBUG=1`)."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("HETLORA_DEBUG", "") not in ("", "0")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `hetlora`.
 
     Example:
@@ -113,24 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         0
         ```
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        if args.command == "simulate":
-            return _simulate(args)
-        if args.command == "export":
-            return _export(args)
-        from .federated.coordinate_cli import run_coordinate
+        return int(getattr(_command_module(args.command), COMMANDS[args.command][2])(args))
+    except Exception as err:
+        from .federated.errors import HetLoRAError
 
-        return run_coordinate(args)
-    except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"hetlora {args.command}: error: {message}", file=sys.stderr)
+        if debug_requested(args) or not isinstance(err, (HetLoRAError, *_HANDLED)):
+            raise
+        print(f"hetlora: error: {args.command}: {error_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from peft import LoraConfig
 
@@ -119,6 +119,27 @@ class HetLoRAConfig(LoraConfig):
                 f"HetLoRA does not support {', '.join(bad)}: one r_max and one lora_alpha per adapter keep every "
                 "client on the same scale. Remove these options (use `export_lora` for a plain LoRA with patterns)."
             )
+
+    @classmethod
+    def from_federation(cls, source: Any, *, rank: int | None = None, **client_settings: Any) -> HetLoRAConfig:
+        """This client's config built from its federation's settings, so it cannot differ from them.
+
+        `source` is an `AdapterStore` (`LocalStore`, `HubStore`) or a local folder (a store, or a saved
+        global adapter). r_max, lora_alpha, rank_scaling, target modules, layers, bias and fan_in_fan_out
+        come from the federation; `rank` is this client's budget (default r_max); `client_settings` sets
+        local choices such as `prune_lambda` (a contradiction of the federation raises `ConfigMismatchError`).
+
+        Example:
+            ```py
+            >>> store = LocalStore("runs/fed")  # doctest: +SKIP
+            >>> config = HetLoRAConfig.from_federation(store, rank=4, prune_lambda=0.05)  # doctest: +SKIP
+            >>> config.r, config.rank  # doctest: +SKIP
+            (16, 4)
+            ```
+        """
+        from .federation_config import config_from_federation
+
+        return config_from_federation(source, rank=rank, **client_settings)
 
     @property
     def scaling(self) -> float:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -11,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from .config import HetLoRAConfig, scaling_for
 
 _SAVED_PREFIX = "base_model.model."
+logger = logging.getLogger(__name__)
 
 
 def _module_ranks(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -19,7 +22,8 @@ def _module_ranks(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
     }
 
 
-def _load_hetlora(source) -> tuple[dict[str, torch.Tensor], HetLoRAConfig]:
+def _load_hetlora(source) -> tuple[dict[str, torch.Tensor], HetLoRAConfig, dict[str, str] | None]:
+    """(state dict, config, PEFT's `auto_mapping`: the base model class `AutoPeftModel` builds without a task_type)."""
     if isinstance(source, (str, Path)):
         folder = Path(source)
         weights = folder / "adapter_model.safetensors"
@@ -32,7 +36,8 @@ def _load_hetlora(source) -> tuple[dict[str, torch.Tensor], HetLoRAConfig]:
         raw = json.loads(config_file.read_text())
         if raw.get("peft_type") != "HETLORA":
             raise ValueError(f"{config_file} has peft_type {raw.get('peft_type')!r}, expected 'HETLORA'.")
-        return load_file(weights), HetLoRAConfig.from_pretrained(str(folder))
+        auto_mapping = raw.get("auto_mapping") if isinstance(raw.get("auto_mapping"), dict) else None
+        return load_file(weights), HetLoRAConfig.from_pretrained(str(folder)), auto_mapping
     from peft import get_peft_model_state_dict
 
     adapter = source.active_adapter
@@ -43,15 +48,28 @@ def _load_hetlora(source) -> tuple[dict[str, torch.Tensor], HetLoRAConfig]:
         k: v.detach().to("cpu").contiguous()
         for k, v in get_peft_model_state_dict(source, adapter_name=adapter).items()
     }
-    return state, config
+    base_class = type(source.get_base_model())
+    auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+    return state, config, auto_mapping
 
 
-def export_lora(source, out_dir: str | Path) -> Path:
+def export_lora(
+    source: Any,
+    out_dir: str | Path,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
     """Write `source` (a HetLoRA PeftModel or a saved HetLoRA folder) as a plain PEFT LoRA adapter.
 
     The result loads with plain `peft` in a process that never imports `peft_hetlora` and gives the
     same outputs: each module's rank k_m becomes a `rank_pattern` entry and its `alpha_pattern` is
     s * k_m, so LoRA's scale alpha_m / k_m equals HetLoRA's fixed scale s.
+
+    It also loads with `AutoPeftModelForCausalLM.from_pretrained(out_dir)`, which needs the base model
+    (`base_model_name_or_path`) and either a `task_type` or PEFT's `auto_mapping` (the base model's
+    class): both are carried over from the source; pass `base_model_name_or_path=` (a Hub id or a
+    folder) or `task_type="CAUSAL_LM"` to set or replace them.
 
     Example:
         ```py
@@ -61,7 +79,7 @@ def export_lora(source, out_dir: str | Path) -> Path:
     """
     from peft import LoraConfig
 
-    state, config = _load_hetlora(source)
+    state, config, auto_mapping = _load_hetlora(source)
     ranks = _module_ranks(state)
     if not ranks:
         raise ValueError("The adapter holds no LoRA factors (no '*.lora_A.weight' keys); nothing to export.")
@@ -85,6 +103,16 @@ def export_lora(source, out_dir: str | Path) -> Path:
             "inference_mode",
         )
     }
+    if base_model_name_or_path is not None:
+        fields["base_model_name_or_path"] = base_model_name_or_path
+    if task_type is not None:
+        fields["task_type"] = task_type
+    if not fields["base_model_name_or_path"] or (fields["task_type"] is None and auto_mapping is None):
+        logger.warning(
+            "The exported adapter lacks %s, so AutoPeftModelForCausalLM cannot load it (PeftModel.from_pretrained "
+            "can); pass base_model_name_or_path=... / task_type='CAUSAL_LM' to export_lora.",
+            "its base model" if not fields["base_model_name_or_path"] else "a task_type",
+        )
     lora_config = LoraConfig(
         r=base_rank,
         lora_alpha=scale * base_rank,
@@ -94,7 +122,7 @@ def export_lora(source, out_dir: str | Path) -> Path:
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lora_config.save_pretrained(str(out))
+    lora_config.save_pretrained(str(out), auto_mapping_dict=auto_mapping if fields["task_type"] is None else None)
     save_file(
         {k: v.contiguous() for k, v in state.items()},
         str(out / "adapter_model.safetensors"),

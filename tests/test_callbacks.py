@@ -250,8 +250,6 @@ def test_client_errors_before_training(tmp_path):
 
     state = get_peft_model_state_dict(make_model(rank=8))
     _publish(store, 0, state, ["alice"], {"alice": 6})
-    with pytest.raises(ValueError, match="created at rank 4"):
-        _train(tmp_path, model, [FederatedClientCallback(store, "alice")])
     with pytest.raises(RuntimeError, match="not a participant"):
         _train(tmp_path, model, [FederatedClientCallback(store, "carol")])
     other = {k.replace("q_proj", "k_proj"): v for k, v in state.items()}
@@ -315,3 +313,120 @@ def test_unloaded_base_model_keeps_no_regulariser_hook():
     plain = tiny_llama(seed=0)
     plain.train()
     torch.testing.assert_close(base(input_ids=batch, labels=batch).loss, plain(input_ids=batch, labels=batch).loss)
+
+
+# ----------------------------------------------------------------------------- the federation's settings
+def _published_store(tmp_path, ranks, **config):
+    """A store whose global 0 is an r=8, lora_alpha=16 adapter on TARGETS (plus `config` overrides)."""
+    from peft import get_peft_model_state_dict
+
+    store = LocalStore(tmp_path / "fed", create=True)
+    folder = tmp_path / "global0"
+    model = get_peft_model(
+        tiny_llama(), peft_hetlora.HetLoRAConfig(**{"r": 8, "lora_alpha": 16, "target_modules": TARGETS, **config})
+    )
+    model.save_pretrained(str(folder))
+    save_file(get_peft_model_state_dict(model), str(folder / "adapter_model.safetensors"))
+    (folder / "round.json").write_text(json.dumps({"round": 0, "participants": list(ranks), "ranks": ranks}))
+    store.publish_global(0, folder)
+    return store
+
+
+@pytest.mark.parametrize(
+    "field, client, shown",
+    [
+        ("lora_alpha", {"lora_alpha": 8}, ("8.0", "16.0")),  # the README's old snippet: scale 1.0 vs 2.0
+        ("r", {"r": 16}, ("16", "8")),
+        ("rank_scaling", {"rank_scaling": "rslora"}, ("'rslora'", "'fixed'")),
+        ("target_modules", {"target_modules": ["q_proj"]}, ("['q_proj']", "['q_proj', 'v_proj']")),
+        ("layers_to_transform", {"layers_to_transform": [1]}, ("[1]", "None")),
+    ],
+)
+def test_client_with_other_math_settings_is_refused_before_any_step(tmp_path, field, client, shown):
+    from peft_hetlora.federated.errors import ConfigMismatchError, HetLoRAError
+
+    store = _published_store(tmp_path, {"alice": 4})
+    settings = {"r": 8, "rank": 4, "lora_alpha": 16, "target_modules": TARGETS, **client}
+    model = get_peft_model(tiny_llama(), peft_hetlora.HetLoRAConfig(**settings))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    trainer = Trainer(model=model, args=make_args(tmp_path), train_dataset=make_dataset(),
+                      callbacks=[FederatedClientCallback(store, "alice")])
+    with pytest.raises(ConfigMismatchError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert isinstance(info.value, HetLoRAError)
+    assert f"{field}: this client has {shown[0]} but the federation has {shown[1]}" in message
+    assert "from_federation" in message  # the fix
+    assert trainer.state.global_step == 0 and store.list_client_uploads(0) == []
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_check_matches_federation_covers_layer_math_fields():
+    from peft_hetlora.federated.errors import ConfigMismatchError
+    from peft_hetlora.federation_config import check_matches_federation
+
+    ours = {"r": 8, "lora_alpha": 16, "target_modules": ["v_proj", "q_proj"], "layers_to_transform": 1}
+    # equal up to representation: list order, int vs [int], int vs float alpha, defaults spelled out
+    check_matches_federation(ours, {"r": 8, "lora_alpha": 16.0, "target_modules": ["q_proj", "v_proj"],
+                                    "layers_to_transform": [1], "bias": "none", "fan_in_fan_out": False})
+    for field, value in (("bias", "lora_only"), ("fan_in_fan_out", True), ("layers_pattern", "h")):
+        with pytest.raises(ConfigMismatchError, match=f"{field}: this client has"):
+            check_matches_federation(ours, {**ours, field: value})
+
+
+def test_rank_above_the_device_budget_trains_at_the_budget(tmp_path):
+
+    store = _published_store(tmp_path, {"alice": 7, "bob": 7})
+    for cid, rank, max_rank, expected in (("alice", 4, None, 4), ("bob", 6, 3, 3)):
+        model = make_model(rank=rank)
+        callback = FederatedClientCallback(store, cid, max_rank=max_rank)
+        _train(tmp_path / cid, model, [callback])  # assigned 7 > budget: no error
+        folder = store.download_client(0, cid)
+        info = json.loads((folder / "client.json").read_text())
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+        assert info["rank_in"] == expected and info["max_rank"] == expected
+        assert {w.shape[0] for k, w in weights.items() if k.endswith("lora_A.weight")} == {info["rank_out"]}
+        assert info["rank_out"] <= expected
+
+
+def test_budget_below_the_federation_r_min_is_refused(tmp_path):
+    from peft_hetlora.federated.errors import RankError
+
+    store = LocalStore(tmp_path / "fed", create=True)
+    from peft import get_peft_model_state_dict
+
+    _publish(store, 0, get_peft_model_state_dict(make_model(rank=8)), ["alice"], {"alice": 4}, r_min=3)
+    with pytest.raises(RankError, match="r_min=3"):
+        _train(tmp_path, make_model(rank=2), [FederatedClientCallback(store, "alice")])
+    with pytest.raises(RankError, match="positive integer"):
+        FederatedClientCallback(store, "alice", max_rank=0)
+
+
+def test_from_federation_builds_a_config_that_cannot_differ(tmp_path):
+    from peft_hetlora.federated.errors import ConfigMismatchError
+
+    store = _published_store(tmp_path, {"alice": 2}, lora_alpha=32, rank_scaling="rslora", layers_to_transform=[1])
+    config = peft_hetlora.HetLoRAConfig.from_federation(store, rank=3, prune_lambda=0.5)
+    assert (config.r, config.rank, config.lora_alpha, config.rank_scaling) == (8, 3, 32, "rslora")
+    assert sorted(config.target_modules) == sorted(TARGETS) and config.layers_to_transform == [1]
+    assert config.prune_lambda == 0.5 and config.scaling == pytest.approx(32 / math.sqrt(8))
+    # the same from the global's folder, and a contradiction is refused
+    assert peft_hetlora.HetLoRAConfig.from_federation(store.latest_global().path).lora_alpha == 32
+    with pytest.raises(ConfigMismatchError, match="lora_alpha"):
+        peft_hetlora.HetLoRAConfig.from_federation(store, lora_alpha=16)
+    # one call: the model fits, trains at min(assigned=2, budget=3) and uploads
+    model = peft_hetlora.get_federated_model(tiny_llama(), store, max_rank=3)
+    assert model.get_rank() == 3
+    _train(tmp_path, model, [FederatedClientCallback(store, "alice")])
+    info = json.loads((store.download_client(0, "alice") / "client.json").read_text())
+    assert info["rank_in"] == 2 and info["max_rank"] == 3
+
+
+def test_from_federation_refuses_a_budget_below_r_min(tmp_path):
+    from peft_hetlora.federated.errors import RankError
+
+    store = _published_store(tmp_path, {"alice": 4}, r_min=3)
+    assert peft_hetlora.HetLoRAConfig.from_federation(store, rank=3).r_min == 3
+    with pytest.raises(RankError, match="r_min=3"):
+        peft_hetlora.HetLoRAConfig.from_federation(store, rank=2)

@@ -22,7 +22,7 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.torch import load_file, save_file
 
-from peft_hetlora.federated.coordinate_cli import add_coordinate_parser, main
+from peft_hetlora.commands.coordinate import add_coordinate_parser, main
 from peft_hetlora.federated.coordinator import (
     Coordinator,
     CoordinatorError,

@@ -264,16 +264,19 @@ _PLAIN_PEFT_SCRIPT = textwrap.dedent(
                 raise ImportError("peft_hetlora must not be imported here")
     sys.meta_path.insert(0, Block())
     import torch
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
     base_dir, ids_file, out_file, *adapters = sys.argv[1:]
     ids = torch.load(ids_file)
     result = {}
     for folder in adapters:
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), folder).eval()
+        auto = AutoPeftModelForCausalLM.from_pretrained(folder).eval()  # finds the base model on its own
         with torch.no_grad():
             result[folder] = model(input_ids=ids).logits
+            result[folder + ":auto"] = auto(input_ids=ids).logits
         result[folder + ":type"] = type(model.peft_config["default"]).__name__
+        result[folder + ":auto_type"] = type(auto.peft_config["default"]).__name__
     assert not any(m.startswith("peft_hetlora") for m in sys.modules), "peft_hetlora was imported"
     torch.save(result, out_file)
     """
@@ -287,9 +290,16 @@ def test_export_lora_loads_with_plain_peft(tmp_path):
     # uniform: allocated at r_max, active 4, rslora scale
     model = adapted(16, 16, seed=1, rank_scaling="rslora")
     model.set_rank(4)
-    cases["uniform"] = (logits(model), export_lora(model, tmp_path / "uniform"))
+    # AutoPeftModelForCausalLM needs the base model's location: given here, carried over below
+    cases["uniform"] = (logits(model), export_lora(model, tmp_path / "uniform", base_model_name_or_path=str(base_dir)))
+    # a task_type instead of PEFT's auto_mapping (what `hetlora init` adapters carry)
+    cases["task-type"] = (
+        logits(model),
+        export_lora(model, tmp_path / "task-type", base_model_name_or_path=str(base_dir), task_type="CAUSAL_LM"),
+    )
     # mixed per-module ranks, exported from a saved folder
     model = adapted(16, 8, seed=2, lora_alpha=24)
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)  # as if loaded from base_dir
     names = [name for name, _ in model.base_model.hetlora_layers()]
     model.set_rank({name: 1 + (3 * i) % 8 for i, name in enumerate(names)})
     model.save_pretrained(tmp_path / "mixed-het")
@@ -317,8 +327,11 @@ def test_export_lora_loads_with_plain_peft(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(tmp_path / "out.pt")
     for name, (expected, folder) in cases.items():
-        assert result[str(folder) + ":type"] == "LoraConfig"
+        assert result[str(folder) + ":type"] == result[str(folder) + ":auto_type"] == "LoraConfig"
         torch.testing.assert_close(result[str(folder)].float(), expected, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(result[str(folder) + ":auto"].float(), expected, rtol=1e-4, atol=1e-5, msg=name)
+    saved = json.loads((tmp_path / "task-type" / "adapter_config.json").read_text())
+    assert saved["task_type"] == "CAUSAL_LM" and saved["base_model_name_or_path"] == str(base_dir)
 
 
 # ----------------------------------------------------------------------------- checkpoints

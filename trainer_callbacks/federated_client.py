@@ -15,7 +15,9 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import peft_hetlora
 from peft_hetlora.federated.aggregation import lora_module_names, truncate
+from peft_hetlora.federated.errors import RankError
 from peft_hetlora.federated.store import AdapterStore, GlobalAdapter, validate_client_id
+from peft_hetlora.federation_config import check_matches_federation
 
 from .hetlora_callback import HetLoRACallback, hetlora_peft_model
 
@@ -25,8 +27,16 @@ logger = logging.getLogger(__name__)
 class FederatedClientCallback(HetLoRACallback):
     """One client of a HetLoRA federation inside any `transformers.Trainer` script.
 
-    At `train()` begin it pulls the current global adapter from `store`, checks that it fits the model
-    (same target modules and shapes, rank <= r_max), truncates it to this client's rank and loads it.
+    At `train()` begin, before any step, it pulls the current global adapter from `store` and refuses
+    (`ConfigMismatchError`, naming the field, both values and the fix) a model whose HetLoRA settings
+    differ from the federation's in anything that changes the math: r (r_max), lora_alpha,
+    rank_scaling, target modules, layers, bias, fan_in_fan_out (see `FEDERATION_FIELDS`; build the
+    model with `HetLoRAConfig.from_federation` or `peft_hetlora.get_federated_model` so it cannot
+    differ). It checks the shapes, truncates the global to this round's rank and loads it.
+
+    The round's rank is min(assigned rank, `max_rank`): a device never trains above its budget, even
+    when the coordinator assigned more, and `client.json` reports `max_rank` so the coordinator does
+    not assign more again.
     During the round it does everything `HetLoRACallback` does (regulariser, logging). At the end it
     applies the pruning rule and uploads only the active components with `client.json` (rank in / out,
     num_examples, train loss, tail norms, the global revision it started from). Add this callback
@@ -40,6 +50,8 @@ class FederatedClientCallback(HetLoRACallback):
         store: any `AdapterStore` (`LocalStore`, `HubStore`, ...).
         client_id: this client's id (letters, digits, `_.-`).
         rank: force this client's rank; by default the rank the coordinator assigned in `round.json`.
+        max_rank: this device's budget, the largest rank it can train (default and upper bound: the rank
+            its model was created at, e.g. `HetLoRAConfig(rank=4)`). Reported in `client.json`.
         num_examples: examples this client trains on (weights the data-size methods); default: the size
             of the Trainer's training dataset.
         require_participant: refuse to train when the coordinator did not select this client.
@@ -59,6 +71,7 @@ class FederatedClientCallback(HetLoRACallback):
         client_id: str,
         *,
         rank: int | None = None,
+        max_rank: int | None = None,
         num_examples: int | None = None,
         require_participant: bool = True,
         prune: bool = True,
@@ -67,7 +80,11 @@ class FederatedClientCallback(HetLoRACallback):
         super().__init__(prune=prune, reset_optimizer=reset_optimizer)
         self.store = store
         self.client_id = validate_client_id(client_id)
+        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+            raise RankError(f"max_rank must be a positive integer (the most this device trains): {max_rank!r}.")
         self.forced_rank = rank
+        self.max_rank = max_rank
+        self.budget: int | None = None
         self.num_examples = num_examples
         self.require_participant = require_participant
         self.current: GlobalAdapter | None = None
@@ -170,11 +187,7 @@ class FederatedClientCallback(HetLoRACallback):
         global_config = json.loads((Path(latest.path) / "adapter_config.json").read_text())
         if global_config.get("peft_type") != "HETLORA":
             raise ValueError(f"The published global of round {latest.round} is not a HETLORA adapter.")
-        if int(global_config.get("r", -1)) != config.r:
-            raise ValueError(
-                f"The federation's r_max is {global_config.get('r')} but this model's HetLoRAConfig has r={config.r}; "
-                "create the client model with the federation's r (see federation.json)."
-            )
+        check_matches_federation(config, global_config)
         ours = set(lora_module_names(get_peft_model_state_dict(peft_model, adapter_name=adapter)))
         weights = load_file(str(Path(latest.path) / "adapter_model.safetensors"))
         theirs = set(lora_module_names(weights))
@@ -192,14 +205,18 @@ class FederatedClientCallback(HetLoRACallback):
                     f"The global adapter's {name} expects a {a.shape[1]} -> {b.shape[0]} layer but the model has "
                     f"{layer.in_features} -> {layer.out_features}: a different base model?"
                 )
-        rank = self.assigned_rank(self.round_info, config.r)
+        assigned = self.assigned_rank(self.round_info, config.r)
         allocated = min(layer.r[adapter] for _, layer in tuner.hetlora_layers(adapter))
-        if rank > allocated:
-            raise ValueError(
-                f"Client {self.client_id} is assigned rank {rank} but its model was created at rank {allocated}; "
-                f"create it with HetLoRAConfig(rank={rank}) (the Trainer's optimizer already holds the parameters)."
-            )
+        self.budget = allocated if self.max_rank is None else min(self.max_rank, allocated)
+        rank = min(assigned, self.budget)
+        if rank < assigned:
+            logger.info("Client %s: assigned rank %d, trains at its budget %d.", self.client_id, assigned, rank)
         federation_r_min = self.round_info.get("r_min")
+        if isinstance(federation_r_min, int) and rank < federation_r_min:
+            raise RankError(
+                f"Client {self.client_id}: its budget max_rank={self.budget} is below the federation's "
+                f"r_min={federation_r_min}; this device cannot take part (raise its rank to >= {federation_r_min})."
+            )
         if isinstance(federation_r_min, int) and 1 <= federation_r_min <= rank:
             config.r_min = federation_r_min  # pruning must respect the federation's r_min, not a local default
         tuner.set_rank(rank, adapter)
@@ -218,6 +235,7 @@ class FederatedClientCallback(HetLoRACallback):
             "round": self.current.round,
             "rank_in": self.last_round.get("rank_in", self.rank_in),
             "rank_out": self.last_round.get("rank_out", self._rank(tuner)),
+            "max_rank": self.budget if self.budget is not None else self._rank(tuner),
             "num_examples": num_examples,
             "train_loss": train_loss,
             "tail_norm_start": self.last_round.get("tail_norm_start"),

@@ -1,8 +1,15 @@
 """`hetlora coordinate`: run (or resume) a federation's coordinator against a folder or a Hub repo.
 
+Start a federation with `hetlora init` (a base model and settings -> global 0), then run this.
+`--init-adapter DIR` is the manual alternative: DIR is an adapter saved at r_max (`model.save_pretrained`
+of a `HetLoRAConfig(r=r_max)` model, or a plain PEFT LoRA folder), published as global 0.
+
 Example:
     ```sh
-    # start: publish global 0 from an r_max adapter, then wait for uploads round after round
+    hetlora init --store runs/fed --base-model my-model/ --r-max 16 --r-min 2 --lora-alpha 32 \\
+        --target-modules q_proj,v_proj --clients a,b,c --rounds 10
+    hetlora coordinate --store runs/fed --wait
+    # or: publish global 0 from an r_max adapter you saved yourself, then wait for uploads round after round
     hetlora coordinate --store runs/fed --init-adapter out/init --rounds 10 --method hetlora \\
         --num-clients 20 --clients-per-round 4 --r-min 2 --wait
     # resume after a crash (settings come from federation.json)
@@ -22,9 +29,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .aggregation import AGGREGATION_METHODS
-from .coordinator import NEXT_RANK_RULES, Coordinator, CoordinatorError
-from .rank_policy import BUDGET_KINDS, RANK_POLICIES, RankPolicy, parse_bytes
+from ..cli import debug_requested, error_line
+from ..federated.aggregation import AGGREGATION_METHODS
+from ..federated.coordinator import NEXT_RANK_RULES, Coordinator, CoordinatorError
+from ..federated.errors import HetLoRAError
+from ..federated.rank_policy import BUDGET_KINDS, RANK_POLICIES, RankPolicy, parse_bytes
 
 HF_PREFIX = "hf://"
 
@@ -78,18 +87,20 @@ def _byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def add_coordinate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the `coordinate` options to `parser` (used by `add_coordinate_parser`)."""
+def add_store_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add `--store` and the Hub options (shared by `coordinate` and `init`)."""
     store = parser.add_argument_group("store")
     store.add_argument("--store", required=True,
-                       help="A folder (created with --init-adapter if missing) or hf://namespace/repo.")
+                       help="A folder (created by `hetlora init` or --init-adapter) or hf://namespace/repo.")
     store.add_argument("--hub-endpoint", default=None, help="Hub endpoint URL (hf:// stores).")
     store.add_argument("--hub-token", default=None, help="Hub token (hf:// stores; default: the logged-in token).")
     store.add_argument("--hub-client-mode", choices=("client_repo", "pr"), default="client_repo",
                        help="How clients upload to an hf:// store: each to its own repo, or by pull request.")
-    store.add_argument("--init-adapter", default=None, help="Folder of the initial adapter at r_max "
-                       "(adapter_model.safetensors + adapter_config.json); publishes global 0. Safe to repeat.")
+    return store
 
+
+def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the federation and initial-rank options (shared by `coordinate` and `init`)."""
     fed = parser.add_argument_group("federation (defaults come from federation.json when resuming)")
     fed.add_argument("--method", choices=AGGREGATION_METHODS, default=None, help="Aggregation (default hetlora).")
     fed.add_argument("--rounds", type=int, default=None, help="Number of rounds (default 1).")
@@ -125,6 +136,15 @@ def add_coordinate_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     ranks.add_argument("--tiers", type=_float_pairs, default=None, help="Tier fractions: small=0.5,medium=0.3,...")
     ranks.add_argument("--tier-ranks", type=_int_pairs, default=None, help="Tier ranks: small=2,medium=8,...")
 
+
+def add_coordinate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the `coordinate` options to `parser` (used by `add_coordinate_parser`)."""
+    store = add_store_arguments(parser)
+    store.add_argument("--init-adapter", default=None, help="Folder of a ready initial adapter at r_max "
+                       "(adapter_model.safetensors + adapter_config.json, e.g. `model.save_pretrained` of a "
+                       "HetLoRAConfig(r=r_max) model); publishes global 0. Safe to repeat. `hetlora init` builds "
+                       "it from a base model instead.")
+    add_federation_arguments(parser)
     run = parser.add_argument_group("running")
     run.add_argument("--wait", action="store_true",
                      help="Keep polling for uploads until the last round closes (default: close what is ready, "
@@ -174,10 +194,10 @@ def open_store(
         ```
     """
     if spec.startswith(HF_PREFIX):
-        from .hub_store import HubStore
+        from ..federated.hub_store import HubStore
 
         return HubStore(spec[len(HF_PREFIX):], endpoint=endpoint, token=token, client_mode=client_mode)
-    from .local_store import LocalStore
+    from ..federated.local_store import LocalStore
 
     return LocalStore(spec, create=create)
 
@@ -199,11 +219,13 @@ def _rank_policy(args: argparse.Namespace) -> RankPolicy | None:
                       tiers=args.tiers, tier_ranks=args.tier_ranks)
 
 
-def build_coordinator(args: argparse.Namespace) -> Coordinator:
-    """A `Coordinator` from parsed `coordinate` arguments."""
-    if not args.store.startswith(HF_PREFIX) and args.init_adapter is None and not Path(args.store).is_dir():
-        raise CoordinatorError(f"{args.store} does not exist, so it holds no federation: pass --init-adapter DIR "
-                               "and --clients/--num-clients to start one there.")
+def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -> Coordinator:
+    """A `Coordinator` from parsed `coordinate` (or `init`) arguments; `create` makes a missing folder store."""
+    init_adapter = getattr(args, "init_adapter", None)
+    create = init_adapter is not None if create is None else create
+    if not args.store.startswith(HF_PREFIX) and not create and not Path(args.store).is_dir():
+        raise CoordinatorError(f"{args.store} does not exist, so it holds no federation: create one with `hetlora "
+                               "init --store ... --base-model ...` (or pass --init-adapter DIR and --clients).")
     clients = args.clients
     if args.num_clients is not None:
         if args.num_clients < 1:
@@ -212,7 +234,7 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
         clients = [f"{args.client_prefix}{i:0{width}d}" for i in range(args.num_clients)]
     return Coordinator(
         open_store(args.store, endpoint=args.hub_endpoint, token=args.hub_token, client_mode=args.hub_client_mode,
-                   create=args.init_adapter is not None),
+                   create=create),
         method=args.method,
         r_max=args.r_max,
         r_min=args.r_min,
@@ -226,8 +248,8 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
         max_upload_bytes=args.max_upload_bytes,
         deadline_s=args.deadline_s,
         next_rank=args.next_rank,
-        poll_interval_s=args.poll_interval,
-        progress=not args.no_progress,
+        poll_interval_s=getattr(args, "poll_interval", 5.0),
+        progress=not getattr(args, "no_progress", False),
     )
 
 
@@ -253,8 +275,10 @@ def run_coordinate(args: argparse.Namespace) -> int:
               f"({', '.join(sorted(set(status.participants) - set(status.uploaded)))} missing). Run again, or "
               "pass --wait.")
         return 0
-    except (CoordinatorError, ValueError, FileNotFoundError, LookupError) as err:
-        print(f"hetlora coordinate: error: {err}", file=sys.stderr)
+    except (HetLoRAError, CoordinatorError, ValueError, LookupError, OSError) as err:
+        if debug_requested(args):
+            raise
+        print(f"hetlora: error: coordinate: {error_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("hetlora coordinate: interrupted; the store keeps every decision, run the same command to resume.",
@@ -263,7 +287,7 @@ def run_coordinate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m peft_hetlora.federated.coordinate_cli` (same options as `hetlora coordinate`)."""
+    """Entry point of `python -m peft_hetlora.commands.coordinate` (same options as `hetlora coordinate`)."""
     parser = argparse.ArgumentParser(prog="hetlora coordinate", description=__doc__.split("\n\n")[0])
     add_coordinate_arguments(parser)
     return run_coordinate(parser.parse_args(argv))
