@@ -509,7 +509,8 @@ def test_summary_without_next_global_reaggregates_exactly_the_accepted_ids(store
 
 
 def test_reupload_after_the_decision_is_detected(store, init_dir, tmp_path):
-    coord = make_coordinator(store, None, clients_per_round=4, min_clients=2)
+    # a store without staging (a third-party AdapterStore) re-aggregates on resume and detects a changed upload
+    coord = make_coordinator(NoStaging(store), None, clients_per_round=4, min_clients=2)
     coord.init(init_dir)
     clients = FakeClients(store, tmp_path / "work")
     clients.upload(0, "a")
@@ -521,7 +522,49 @@ def test_reupload_after_the_decision_is_detected(store, init_dir, tmp_path):
     store.publish_global = real_publish
     clients.upload(0, "a", noise_seed=1)  # a replaces its upload after the summary was written
     with pytest.raises(CoordinatorError, match="sha256"):
-        make_coordinator(store, None, clients_per_round=4, min_clients=2).step()
+        make_coordinator(NoStaging(store), None, clients_per_round=4, min_clients=2).step()
+
+
+class NoStaging:
+    """A store that only has the AdapterStore protocol's methods (no staging, no cleaning)."""
+
+    _METHODS = ("read_federation", "write_federation", "publish_global", "latest_global", "get_global",
+                "upload_client", "list_client_uploads", "download_client", "write_summary", "read_summary")
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        if name not in self._METHODS:
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def test_reupload_after_the_decision_does_not_stop_the_coordinator(store, init_dir, tmp_path):
+    # issue 10 item 12: a crash between summary and publish, then a re-upload, stopped every restart. The
+    # aggregate is staged before the summary names it, so the restart publishes exactly the decided global.
+    coord = make_coordinator(store, None, clients_per_round=4, min_clients=2)
+    coord.init(init_dir)
+    clients = FakeClients(store, tmp_path / "work")
+    clients.upload(0, "a")
+    clients.upload(0, "b")
+    decided = {cid: np_upload(store, 0, cid) for cid in ["a", "b"]}
+    real_publish = store.publish_global
+    store.publish_global = lambda *a, **k: (_ for _ in ()).throw(Killed("publish"))
+    with pytest.raises(Killed):
+        coord.close_round(0)
+    store.publish_global = real_publish
+    assert store.latest_global().round == 0 and store.read_summary(0)["accepted"] == ["a", "b"]
+    clients.upload(0, "a", noise_seed=1)  # a replaces its upload after the summary was written
+    for _ in range(2):  # every restart works (and the second finds nothing left to do for round 0)
+        make_coordinator(store, None, clients_per_round=4, min_clients=2).step(wait=False)
+    assert store.latest_global().round == 1
+    expected, _ = expected_aggregate("hetlora", decided, {}, 4, ALPHA / 4)
+    got = np_load_file(str(Path(store.get_global(1).path) / "adapter_model.safetensors"))
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6)
+    summary = store.read_summary(0)
+    assert summary["next_global"] == {"round": 1, "sha256": store.get_global(1).revision}
 
 
 def test_refuses_a_different_federation(store, init_dir, tmp_path):

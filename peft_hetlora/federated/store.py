@@ -288,13 +288,17 @@ CARD_CELL_CHARS = 120
 CARD_LIST_ITEMS = 20
 
 
+_PLAIN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
 def _cell(value: Any, limit: int = CARD_CELL_CHARS) -> str:
-    if isinstance(value, bool) or value is None:
-        return markdown_text(value)
-    if isinstance(value, float):
+    """A value as inert Markdown: numbers formatted, plain words as they are, anything else escaped and capped."""
+    if isinstance(value, float) and not isinstance(value, bool):
         return f"{value:.4g}" if math.isfinite(value) else "n/a"
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, str) and len(value) <= limit and _PLAIN_RE.fullmatch(value):
+        return value  # letters, digits, "_" and "-" inside a word: nothing Markdown or HTML acts on
     return markdown_text(value, limit=limit)
 
 
