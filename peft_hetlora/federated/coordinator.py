@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .aggregation import AGGREGATION_METHODS, AggregationResult, ClientUpdate, StreamingAggregator, update_norm
 from .errors import CoordinatorError, FederationMismatch, StoreFullError
-from .rank_policy import RankPolicy, sample_clients
+from .rank_policy import RankPolicy, cap_ranks, sample_clients
 from .store import AdapterStore, GlobalAdapter, file_sha256, json_text, validate_client_id
 from .temp_files import remove_abandoned, temp_prefix
 from .validation import (
@@ -698,10 +698,7 @@ class Coordinator:
             if details[cid].get("max_rank") is not None:
                 max_ranks[cid] = int(details[cid]["max_rank"])
             client_ranks[cid] = int(details[cid]["rank_out"] if self.next_rank == "rank_out" else initial[cid])
-        for cid, cap in max_ranks.items():
-            if cid in client_ranks:
-                client_ranks[cid] = max(self.r_min, min(client_ranks[cid], cap))
-        return client_ranks, max_ranks
+        return cap_ranks(client_ranks, max_ranks, r_min=self.r_min), max_ranks
 
     def _aggregate(
         self, plan: RoundPlan, client_ids: Sequence[str], *, expect_sha: Mapping[str, str] | None = None
