@@ -795,6 +795,10 @@ def test_changed_settings_on_an_existing_store_are_refused_naming_each(store, in
         config = json.loads((other / "adapter_config.json").read_text())
         (other / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 32}))
         make_coordinator(store, None).init(other)
+    reordered = initial_adapter(tmp_path / "reordered", r_max=4)  # same set of target modules, other order
+    config = json.loads((reordered / "adapter_config.json").read_text())
+    (reordered / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["v_proj", "q_proj"]}))
+    make_coordinator(store, None).init(reordered)
     with pytest.raises(FederationMismatch, match="rounds can only be extended"):
         make_coordinator(store, None, rounds=2).step(wait=False)
     # extending rounds stays allowed and is recorded

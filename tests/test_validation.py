@@ -459,3 +459,17 @@ def test_validate_client_json_directly(spec):
     assert validate_client_json(client_meta(extra_field=1), spec, client_id="alice", round_idx=3)["extra_field"] == 1
     with pytest.raises(RejectedUpload, match="r_max=4"):
         validate_client_json(client_meta(rank_in=9, rank_out=9), spec, client_id="alice", round_idx=3)
+
+
+def test_errors_join_the_one_hierarchy():
+    from peft_hetlora.federated import coordinator, errors
+
+    assert issubclass(RejectedUpload, errors.HetLoRAError)
+    assert coordinator.CoordinatorError is errors.CoordinatorError
+    assert issubclass(errors.CoordinatorError, RuntimeError)
+    assert coordinator.FederationMismatch is errors.FederationMismatch
+    assert issubclass(errors.FederationMismatch, errors.CoordinatorError)
+
+
+def test_a_missing_upload_folder_is_a_clear_rejection(tmp_path, spec):
+    assert "does not exist" in rejected(tmp_path / "nowhere", spec)

@@ -191,6 +191,11 @@ def _finite_or_null(value: Any, path: str, found: dict[str, str]) -> Any:
     return value
 
 
+def _as_set_if_list(value: Any) -> Any:
+    # PEFT saves set-valued options (target_modules) as lists in hash order, which differs between processes
+    return frozenset(map(str, value)) if isinstance(value, (list, tuple, set, frozenset)) else value
+
+
 def _same_setting(name: str, stored: Any, given: Any) -> bool:
     if name == "clients" and isinstance(stored, list) and isinstance(given, list):
         return sorted(stored) == sorted(given)
@@ -339,7 +344,7 @@ class Coordinator:
         if isinstance(config, Mapping) and isinstance(stored.get("adapter_config"), Mapping):
             stored_config = stored["adapter_config"]
             for name in ADAPTER_MATH_FIELDS:
-                if stored_config.get(name) != config.get(name):
+                if _as_set_if_list(stored_config.get(name)) != _as_set_if_list(config.get(name)):
                     diffs.append(f"adapter_config.{name}: store has {stored_config.get(name)!r}, the initial "
                                  f"adapter {config.get(name)!r}")
         requested_rounds = self._requested.get("rounds")

@@ -540,6 +540,8 @@ def read_upload_snapshot(
     """
     folder = Path(folder)
     for _ in range(_SNAPSHOT_ATTEMPTS):
+        if not os.path.lexists(folder):
+            raise RejectedUpload("the upload folder does not exist (anymore)")
         try:
             dir_fd = _open_upload_dir(folder)
             try:
