@@ -323,5 +323,6 @@ def test_a_missing_round_tag_is_created_when_the_coordinator_resumes(hub_double,
     assert not [p for p in files if "staged-global" in p]  # the publish commit removed the staged copy
     assert json.loads(files["round.json"])["round"] == 1
     commits = main_commits(hub_double, "hetlora/fed")
+    assert not [c for c in commits if "stage" in c]  # the staged global travels in the summary's commit
     assert make_coordinator(store, None, rounds=1, clients_per_round=4).step() == "done"
     assert main_commits(hub_double, "hetlora/fed") == commits  # a restart with nothing to repair commits nothing

@@ -170,6 +170,7 @@ class HubStore:
         self._sleep = time.sleep  # tests record the waits here
         self._ready_repos: set[str] = set()
         self._json_cache: dict[tuple[str, str, str], Any] = {}
+        self._pending_stage: tuple[int, dict[str, bytes]] | None = None
 
     def __repr__(self) -> str:
         return f"HubStore({self.repo_id!r}, endpoint={self.endpoint!r}, client_mode={self.client_mode!r})"
@@ -251,20 +252,17 @@ class HubStore:
         return revision
 
     def stage_global(self, round_idx: int, folder: str | Path) -> str:
-        """Keep the global adapter of round `round_idx` in the repo (`rounds/<t>/staged-global/`), unpublished.
+        """Stage the global adapter of round `round_idx` (`rounds/<t>/staged-global/`) unpublished; return its sha256.
 
-        One commit; the publish commit of round `round_idx` removes it again. Returns its sha256. See
-        `LocalStore.stage_global` for why the coordinator stages before it writes a summary.
+        To spend no extra commit (the Hub caps commits per repo per hour), the staged files travel in the commit
+        of the next `write_summary(round_idx - 1, ...)`, which is what the coordinator writes right after
+        staging; the publish commit of round `round_idx` removes them again. See `LocalStore.stage_global` for
+        why the coordinator stages before it writes a summary.
         """
         round_idx = check_round(round_idx)
         files = global_files(folder, round_idx)
         prefix = f"rounds/{round_idx}/{STAGED_GLOBAL}/"
-
-        def build(snap: _Snapshot) -> tuple[dict[str, Any], list[str]]:
-            adds = {prefix + name: path for name, path in files.items()}
-            return adds, [p for p in snap.files if p.startswith(prefix) and p not in adds]
-
-        self._commit(self.repo_id, build, f"hetlora: stage the global adapter of round {round_idx}")
+        self._pending_stage = (round_idx, {prefix + name: Path(path).read_bytes() for name, path in files.items()})
         return file_sha256(files[ADAPTER_WEIGHTS])
 
     def staged_global(self, round_idx: int) -> Path | None:
@@ -407,10 +405,22 @@ class HubStore:
 
     # ------------------------------------------------------------------------------------------ summaries
     def write_summary(self, round_idx: int, summary: dict) -> None:
+        """Commit `rounds/<t>/summary.json` (with the global staged for round t + 1, if any: one commit)."""
         round_idx = check_round(round_idx)
         data = dump_json(summary)
         path = f"rounds/{round_idx}/{SUMMARY_JSON}"
-        self._commit(self.repo_id, lambda snap: ({path: data}, []), f"hetlora: summary of round {round_idx}")
+        adds: dict[str, Any] = {path: data}
+        pending = self._pending_stage
+        if pending is not None and pending[0] == round_idx + 1:
+            adds.update(pending[1])
+        prefix = f"rounds/{round_idx + 1}/{STAGED_GLOBAL}/"
+
+        def build(snap: _Snapshot) -> tuple[dict[str, Any], list[str]]:
+            return adds, [p for p in snap.files if p.startswith(prefix) and p not in adds] if len(adds) > 1 else []
+
+        self._commit(self.repo_id, build, f"hetlora: summary of round {round_idx}")
+        if pending is not None and pending[0] == round_idx + 1:
+            self._pending_stage = None
 
     def read_summary(self, round_idx: int) -> dict | None:
         return self._read_json(self.repo_id, f"rounds/{check_round(round_idx)}/{SUMMARY_JSON}")
