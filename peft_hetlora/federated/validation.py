@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -27,7 +28,7 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -520,22 +521,37 @@ def _read_regular_file(fd: int, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-def read_upload_snapshot(
-    folder: str | Path, limits: Mapping[str, int], *, ignore_files: frozenset[str] = frozenset()
-) -> dict[str, bytes]:
-    """The bytes of every file of one upload folder, all from the same upload (a consistent snapshot).
+class UploadSnapshot:
+    """The open files of one upload (see `open_upload_snapshot`): every read comes from the same upload."""
+
+    def __init__(self, fds: Mapping[str, int]) -> None:
+        self._fds = dict(fds)
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The files the upload holds."""
+        return frozenset(self._fds)
+
+    def read(self, name: str, limit: int) -> bytes:
+        """The bytes of file `name` (at most `limit`, else `RejectedUpload`)."""
+        return _read_regular_file(self._fds[name], limit, name)
+
+
+@contextlib.contextmanager
+def open_upload_snapshot(
+    folder: str | Path, *, ignore_files: frozenset[str] = frozenset()
+) -> Iterator[UploadSnapshot]:
+    """Open one upload folder as a consistent snapshot: whatever is read later comes from the same upload.
 
     The folder is opened once without following links and every file is opened relative to it before any is
     read; a folder replaced by a re-upload in the middle of the opening is opened again (up to a few times).
-    Links, FIFOs, devices and sub-folders are refused, and so are files not in `ALLOWED_FILES`. `limits`
-    bounds each file's size ({name: bytes}).
+    Links, FIFOs, devices and sub-folders are refused, and so are files not in `ALLOWED_FILES`.
 
     Example:
         ```py
-        >>> files = read_upload_snapshot("rounds/3/clients/alice", {"client.json": 65536,
-        ...     "adapter_model.safetensors": 10**8, "adapter_config.json": 65536})  # doctest: +SKIP
-        >>> sorted(files)  # doctest: +SKIP
-        ['adapter_model.safetensors', 'client.json']
+        >>> with open_upload_snapshot("rounds/3/clients/alice") as upload:  # doctest: +SKIP
+        ...     meta = upload.read("client.json", 65536)
+        ...     weights = upload.read("adapter_model.safetensors", 10**8)  # the same upload as meta
         ```
     """
     folder = Path(folder)
@@ -551,12 +567,11 @@ def read_upload_snapshot(
         except _UploadChanged:
             continue
         try:
-            # client.json first: what it declares is checked before the (large) weights are read
-            order = sorted(fds, key=lambda n: (n != CLIENT_FILE, n != CONFIG_FILE, n))
-            return {name: _read_regular_file(fds[name], limits[name], name) for name in order}
+            yield UploadSnapshot(fds)
         finally:
             for fd in fds.values():
                 os.close(fd)
+        return
     raise RejectedUpload("the upload kept changing while being read (re-uploaded repeatedly); it is read again "
                          "when the round is closed again")
 
@@ -586,22 +601,24 @@ def validate_upload(
         (4, 120)
         ```
     """
-    files = read_upload_snapshot(
-        folder,
-        {CLIENT_FILE: spec.max_json_bytes, CONFIG_FILE: spec.max_json_bytes, ADAPTER_FILE: int(spec.max_upload_bytes)},
-        ignore_files=frozenset(ignore_files),
-    )
-    raw_meta = files[CLIENT_FILE]
-    meta = validate_client_json(
-        _loads_strict(raw_meta, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
-        assigned_rank=assigned_rank,
-    )
-    if required_rank is not None and meta["rank_out"] != required_rank:
-        raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method requires")
-    if CONFIG_FILE in files and not isinstance(_loads_strict(files[CONFIG_FILE], CONFIG_FILE), dict):
-        raise RejectedUpload(f"{CONFIG_FILE} is not a JSON object")
-    data = files[ADAPTER_FILE]
-    upload_bytes = sum(len(raw) for raw in files.values())
+    with open_upload_snapshot(folder, ignore_files=frozenset(ignore_files)) as upload:
+        # client.json first: what it declares is checked before the (large) weights are read
+        raw_meta = upload.read(CLIENT_FILE, spec.max_json_bytes)
+        meta = validate_client_json(
+            _loads_strict(raw_meta, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
+            assigned_rank=assigned_rank,
+        )
+        if required_rank is not None and meta["rank_out"] != required_rank:
+            raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method "
+                                 "requires")
+        upload_bytes = len(raw_meta)
+        if CONFIG_FILE in upload.names:
+            raw_config = upload.read(CONFIG_FILE, spec.max_json_bytes)
+            if not isinstance(_loads_strict(raw_config, CONFIG_FILE), dict):
+                raise RejectedUpload(f"{CONFIG_FILE} is not a JSON object")
+            upload_bytes += len(raw_config)
+        data = upload.read(ADAPTER_FILE, int(spec.max_upload_bytes))
+        upload_bytes += len(data)
     entries = read_safetensors_header(data, max_header_bytes=int(spec.max_header_bytes))
     _check_tensors_against_spec(entries, spec, rank_in=meta["rank_in"], rank_out=meta["rank_out"])
     try:
