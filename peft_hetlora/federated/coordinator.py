@@ -6,9 +6,13 @@ All state lives in the store (`AdapterStore`), so a coordinator killed at any po
   clients, initial ranks, round policy);
 * global t published (with `round.json`: participants and their ranks) means round t is open;
 * `rounds/t/summary.json` is the decision record of round t (accepted ids, rejected {id: reason},
-  weights, per-client ranks, metrics); it is written *before* global t+1 is published, and a summary
-  without global t+1 is finished by re-aggregating exactly the summary's accepted uploads (their
-  sha256 is checked), so no upload is lost or counted twice.
+  weights, per-client ranks, metrics); the aggregate is staged in the store first (`stage_global`), the
+  summary names its sha256, and only then is global t+1 published. A summary without global t+1 is
+  finished by publishing the staged global it names, never by re-reading uploads (a store without
+  staging re-aggregates exactly the summary's accepted uploads, their sha256 checked), so no upload is
+  lost or counted twice;
+* on start, the latest global is published again (idempotent), which repairs a root left stale by a
+  kill between `rounds/T/global/` and the root, and temporary files of killed writers are removed.
 
 Example:
     ```py
@@ -77,6 +81,7 @@ __all__ = [
     "RoundPlan",
     "global_adapter_config",
     "scaling_from_config",
+    "weighted_mean",
 ]
 
 
