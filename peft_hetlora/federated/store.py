@@ -108,7 +108,13 @@ class GlobalAdapter:
 
 @runtime_checkable
 class AdapterStore(Protocol):
-    """What the coordinator and the clients need from a store. See the module docstring for the layout."""
+    """What the coordinator and the clients need from a store. See the module docstring for the layout.
+
+    Optional methods the coordinator uses when a store has them (both built-in stores do):
+    `stage_global(round_idx, folder) -> sha256` and `staged_global(round_idx) -> Path | None` (the aggregate is
+    staged before the summary names it, so a restart finishes the publish without re-reading uploads), and
+    `clean_temporary_files() -> list[Path]` (what killed writers left behind).
+    """
 
     def read_federation(self) -> dict | None:
         """The federation's `federation.json`, or None before the coordinator wrote it."""
