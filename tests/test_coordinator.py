@@ -86,8 +86,10 @@ class FakeClients:
     """
 
     def __init__(self, store: LocalStore, workdir: Path, *, prune=(), poison=None, r_min: int = 1,
-                 skip=(), store_for=None) -> None:
+                 skip=(), store_for=None, meta=None, rank_cap=None) -> None:
         self.store, self.workdir = store, workdir
+        self.meta = dict(meta or {})  # {client_id: client.json overrides}
+        self.rank_cap = dict(rank_cap or {})  # {client_id: max_rank}: trains at min(assigned, max_rank), reports it
         self.store_for = store_for or (lambda cid: store)  # the store as client `cid` sees it (its own token)
         self.prune, self.poison, self.r_min, self.skip = set(prune), dict(poison or {}), r_min, set(skip)
         self.sleeps = 0
@@ -96,6 +98,8 @@ class FakeClients:
         g_adapter = self.store.get_global(t)
         info = round_info(self.store, t)
         rank_in = info["ranks"].get(cid, 2) if rank_in is None else rank_in
+        if cid in self.rank_cap:
+            rank_in = min(rank_in, self.rank_cap[cid])
         rank_out = max(self.r_min, rank_in - 1) if cid in self.prune else rank_in
         sd = load_file(str(Path(g_adapter.path) / "adapter_model.safetensors"))
         gen = torch.Generator().manual_seed(zlib.crc32(f"{cid}:{t}:{noise_seed}".encode()))
@@ -113,6 +117,9 @@ class FakeClients:
                 "num_examples": 10 + zlib.crc32(cid.encode()) % 50, "train_loss": 2.0 - 0.1 * t,
                 "tail_norm_start": 1.0, "tail_norm_end": 0.5, "global_revision": g_adapter.revision,
                 "peft_hetlora_version": "0.1.0"}
+        if cid in self.rank_cap:
+            meta["max_rank"] = self.rank_cap[cid]
+        meta.update(self.meta.get(cid, {}))
         kind = self.poison.get(cid)
         if kind == "nan":
             first = next(k for k in out if k.endswith("lora_B.weight"))
@@ -509,7 +516,8 @@ def test_summary_without_next_global_reaggregates_exactly_the_accepted_ids(store
 
 
 def test_reupload_after_the_decision_is_detected(store, init_dir, tmp_path):
-    coord = make_coordinator(store, None, clients_per_round=4, min_clients=2)
+    # a store without staging (a third-party AdapterStore) re-aggregates on resume and detects a changed upload
+    coord = make_coordinator(NoStaging(store), None, clients_per_round=4, min_clients=2)
     coord.init(init_dir)
     clients = FakeClients(store, tmp_path / "work")
     clients.upload(0, "a")
@@ -521,7 +529,49 @@ def test_reupload_after_the_decision_is_detected(store, init_dir, tmp_path):
     store.publish_global = real_publish
     clients.upload(0, "a", noise_seed=1)  # a replaces its upload after the summary was written
     with pytest.raises(CoordinatorError, match="sha256"):
-        make_coordinator(store, None, clients_per_round=4, min_clients=2).step()
+        make_coordinator(NoStaging(store), None, clients_per_round=4, min_clients=2).step()
+
+
+class NoStaging:
+    """A store that only has the AdapterStore protocol's methods (no staging, no cleaning)."""
+
+    _METHODS = ("read_federation", "write_federation", "publish_global", "latest_global", "get_global",
+                "upload_client", "list_client_uploads", "download_client", "write_summary", "read_summary")
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        if name not in self._METHODS:
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def test_reupload_after_the_decision_does_not_stop_the_coordinator(store, init_dir, tmp_path):
+    # issue 10 item 12: a crash between summary and publish, then a re-upload, stopped every restart. The
+    # aggregate is staged before the summary names it, so the restart publishes exactly the decided global.
+    coord = make_coordinator(store, None, clients_per_round=4, min_clients=2)
+    coord.init(init_dir)
+    clients = FakeClients(store, tmp_path / "work")
+    clients.upload(0, "a")
+    clients.upload(0, "b")
+    decided = {cid: np_upload(store, 0, cid) for cid in ["a", "b"]}
+    real_publish = store.publish_global
+    store.publish_global = lambda *a, **k: (_ for _ in ()).throw(Killed("publish"))
+    with pytest.raises(Killed):
+        coord.close_round(0)
+    store.publish_global = real_publish
+    assert store.latest_global().round == 0 and store.read_summary(0)["accepted"] == ["a", "b"]
+    clients.upload(0, "a", noise_seed=1)  # a replaces its upload after the summary was written
+    for _ in range(2):  # every restart works (and the second finds nothing left to do for round 0)
+        make_coordinator(store, None, clients_per_round=4, min_clients=2).step(wait=False)
+    assert store.latest_global().round == 1
+    expected, _ = expected_aggregate("hetlora", decided, {}, 4, ALPHA / 4)
+    got = np_load_file(str(Path(store.get_global(1).path) / "adapter_model.safetensors"))
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6)
+    summary = store.read_summary(0)
+    assert summary["next_global"] == {"round": 1, "sha256": store.get_global(1).revision}
 
 
 def test_refuses_a_different_federation(store, init_dir, tmp_path):
@@ -716,3 +766,174 @@ def test_cli_on_a_hub_store(hub_double, tmp_path, init_dir, capsys):
     FakeClients(store, tmp_path / "work").upload_open_round()
     assert main(hub) == 0
     assert "Federation done: global 1" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ issue 10 defects
+def _strict_loads(text: str):
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_changed_settings_on_an_existing_store_are_refused_naming_each(store, init_dir, tmp_path, capsys):
+    # issue 10 item 3: rerunning with another --rank-policy printed "nothing to do"
+    make_coordinator(store, None).init(init_dir)
+    with pytest.raises(FederationMismatch) as err:
+        make_coordinator(store, None, rank_policy=RankPolicy("tiers"), r_min=2, clip_norm=5.0, seed=8,
+                         clients_per_round=2).init(init_dir)
+    message = str(err.value)
+    for name, stored, given in (("rank_policy", "'explicit'", "'tiers'"), ("r_min", "1", "2"),
+                                ("clip_norm", "None", "5.0"), ("seed", "7", "8"), ("clients_per_round", "3", "2")):
+        assert f"{name}: store has" in message, name
+        part = message.split(f"{name}: store has", 1)[1].split(";")[0]
+        assert stored in part.split("this coordinator")[0] and given in part.split("this coordinator")[1], name
+    with pytest.raises(FederationMismatch, match="next_rank"):
+        make_coordinator(store, None, next_rank="initial").step(wait=False)
+    with pytest.raises(FederationMismatch, match="lora_alpha"):
+        other = initial_adapter(tmp_path / "alpha", r_max=4)
+        config = json.loads((other / "adapter_config.json").read_text())
+        (other / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 32}))
+        make_coordinator(store, None).init(other)
+    reordered = initial_adapter(tmp_path / "reordered", r_max=4)  # same set of target modules, other order
+    config = json.loads((reordered / "adapter_config.json").read_text())
+    (reordered / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["v_proj", "q_proj"]}))
+    make_coordinator(store, None).init(reordered)
+    with pytest.raises(FederationMismatch, match="rounds can only be extended"):
+        make_coordinator(store, None, rounds=2).step(wait=False)
+    # extending rounds stays allowed and is recorded
+    assert make_coordinator(store, None, rounds=5).step(wait=False) == "waiting"
+    assert store.read_federation()["rounds"] == 5
+    if isinstance(store, LocalStore):  # the CLI says it in one line and exits 1
+        code = main(["--store", str(store.path), "--rank-policy", "uniform", "--no-progress"])
+        assert code == 1 and "rank_policy: store has" in capsys.readouterr().err
+
+
+def test_summary_is_strict_json_when_reported_losses_overflow(store, init_dir, tmp_path):
+    # issue 10 item 9: finite train_loss 1.7e308 x num_examples 1e9 overflowed the weighted mean to Infinity
+    losses = {"a": (1.7e308, 10**9), "b": (1.0e308, 10**9), "c": (1.5e308, 3)}
+    clients = FakeClients(store, tmp_path / "work",
+                          meta={c: {"train_loss": x, "num_examples": n} for c, (x, n) in losses.items()})
+    coord = make_coordinator(store, clients, rounds=1)
+    coord.init(init_dir)
+    info = round_info(store, 0)
+    for cid in info["participants"]:
+        clients.upload(0, cid)
+    summary = coord.close_round(0)
+    used = {c: losses[c] for c in summary["accepted"]}
+    total = sum(n for _, n in used.values())
+    expected = sum(x / total * n for x, n in used.values())  # each term <= max loss: no overflow here either
+    assert summary["metrics"]["train_loss"] == pytest.approx(expected, rel=1e-12)
+    if isinstance(store, LocalStore):
+        text = (store.path / "rounds" / "0" / "summary.json").read_text()
+        assert _strict_loads(text)["metrics"]["train_loss"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_weighted_mean_is_overflow_safe_and_non_finite_becomes_null_with_a_reason():
+    from peft_hetlora.federated.coordinator import _finite_or_null, weighted_mean
+
+    assert weighted_mean([(1.7e308, 10**9), (1.7e308, 1)]) == pytest.approx(1.7e308, rel=1e-15)
+    assert weighted_mean([(2.0, 1), (5.0, 3)]) == pytest.approx((2.0 + 15.0) / 4)
+    assert weighted_mean([]) is None
+    found = {}
+    out = _finite_or_null({"metrics": {"norm": float("inf"), "ok": 1.0}, "w": [float("nan")]}, "", found)
+    assert out == {"metrics": {"norm": None, "ok": 1.0}, "w": [None]}
+    assert set(found) == {"metrics.norm", "w[0]"} and all("null" in r for r in found.values())
+
+
+def _kill_root_refresh_of(monkeypatch, round_idx: int) -> None:
+    from peft_hetlora.federated import local_store
+
+    real = local_store.LocalStore._refresh_root
+
+    def dies(self, global_dir):
+        if global_dir.parent.name == str(round_idx):
+            raise Killed("refresh root")
+        return real(self, global_dir)
+
+    monkeypatch.setattr(local_store.LocalStore, "_refresh_root", dies)
+
+
+def test_final_publish_interrupted_before_the_root_is_finished_on_restart(tmp_path, init_dir, monkeypatch, capsys):
+    # issue 10 item 10: a kill between rounds/T/global and the root left the root at T-1 and the restart
+    # printed "Federation done" over it
+    fed = tmp_path / "fed"
+    assert main(["--store", str(fed), "--init-adapter", str(init_dir), "--rounds", "1", "--clients", "a,b",
+                 "--rank-policy", "explicit", "--ranks", "a=1,b=4", "--no-progress", "--log-level", "WARNING"]) == 0
+    store = LocalStore(fed)
+    FakeClients(store, tmp_path / "work").upload_open_round()
+    with monkeypatch.context() as patch:
+        _kill_root_refresh_of(patch, 1)
+        with pytest.raises(Killed):
+            main(["--store", str(fed), "--no-progress", "--log-level", "WARNING"])
+    assert store.latest_global().round == 1
+    assert json.loads((fed / "round.json").read_text())["round"] == 0  # the root is stale
+    capsys.readouterr()
+    assert main(["--store", str(fed), "--no-progress", "--log-level", "WARNING"]) == 0
+    assert "Federation done: global 1" in capsys.readouterr().out
+    assert json.loads((fed / "round.json").read_text())["round"] == 1
+    final = store.get_global(1)
+    assert (fed / "adapter_model.safetensors").read_bytes() == (final.path / "adapter_model.safetensors").read_bytes()
+    assert "Latest published round: **1**" in (fed / "README.md").read_text()
+
+
+def test_restart_removes_temp_files_of_killed_coordinators_only(store, init_dir, tmp_path, monkeypatch):
+    # issue 10 item 12: hetlora-global-* leaked in the temp folder (and .tmp-* in the store) after kill -9
+    import subprocess
+    import sys
+
+    from peft_hetlora.federated.temp_files import _HOST, temp_prefix
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = tmp / f"hetlora-global-p{proc.pid}@{_HOST}~r3-abc"
+    dead.mkdir()
+    (dead / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    live = tmp / (temp_prefix("hetlora-global-", "r4") + "def")
+    live.mkdir()
+    unrelated = tmp / "hetlora-globalish"
+    unrelated.mkdir()
+    coord = make_coordinator(store, None)
+    coord.init(init_dir)
+    assert coord.step(wait=False) == "waiting"
+    assert not dead.exists() and live.is_dir() and unrelated.is_dir()
+    assert not [p for p in tmp.iterdir() if p.name.startswith("hetlora-global-") and p != live]
+
+
+def test_ranks_never_exceed_a_clients_reported_max_rank(store, init_dir, tmp_path):
+    # issue 10 item 2 (server side): a client declares the largest rank it can train; every policy respects it
+    for policy in ("uniform", RankPolicy("constant", rank=4), RankPolicy("tiers"), {"a": 4, "b": 4, "c": 4, "d": 4}):
+        sub = tmp_path / f"p{abs(hash(str(policy)))}"
+        own = LocalStore(sub / "fed", create=True) if isinstance(store, LocalStore) else store
+        if own is store and store.read_federation() is not None:
+            continue  # the Hub store of this test holds one federation: the first policy is enough there
+        clients = FakeClients(own, sub / "work", rank_cap={"a": 2, "c": 1})
+        coord = make_coordinator(own, clients, rank_policy=policy, clients_per_round=4, rounds=3)
+        coord.init(init_dir)
+        coord.run()
+        for t in range(1, 4):
+            ranks = round_info(own, t)["ranks"]
+            assert ranks["a"] <= 2 and ranks["c"] == 1, (policy, t, ranks)
+        summary = own.read_summary(0)
+        assert sorted(summary["accepted"]) == ["a", "b", "c", "d"]  # rank below the assignment is accepted
+        assert summary["client_max_ranks"] == {"a": 2, "c": 1}
+        assert all(own.read_summary(t)["client_max_ranks"] == {"a": 2, "c": 1} for t in range(3))
+
+
+def test_hostile_client_text_reaches_neither_card_nor_logs_verbatim(tmp_path, init_dir, caplog):
+    # issue 10 item 8: a 60 kB client id in client.json made a 61 kB card
+    store = LocalStore(tmp_path / "fed", create=True)
+    hostile = "<img src=x onerror=alert(1)>\n[x](http://evil)" + "Z" * 60_000
+    clients = FakeClients(store, tmp_path / "work", meta={"a": {"client_id": hostile}})
+    coord = make_coordinator(store, clients, rounds=1, clients_per_round=4)
+    coord.init(init_dir)
+    with caplog.at_level("WARNING"):
+        coord.run()
+    reason = store.read_summary(0)["rejected"]["a"]
+    assert len(reason) <= 500 and "\n" not in reason
+    card = (store.path / "README.md").read_text()
+    assert len(card) < 4000 and "<img" not in card and "](http" not in card.split("## Rounds")[1]
+    assert all(len(r.getMessage()) < 1000 and "\n" not in r.getMessage() for r in caplog.records)

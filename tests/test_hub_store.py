@@ -257,3 +257,72 @@ def test_double_speaks_like_the_hub(hub_double):
     with pytest.raises(HfHubHTTPError, match="Invalid user token") as info:
         HfApi(endpoint=hub_double.endpoint, token="nope").whoami()
     assert info.value.response.status_code == 401
+
+
+# ------------------------------------------------------------------------------------------ issue 10 defects
+def test_download_is_one_commit_of_regular_files_even_under_a_reupload(fed, hub_double, tmp_path, monkeypatch):
+    # issue 10 items 7 and 11: the validator never follows links (the Hub cache hands out links to blobs), and
+    # client.json and the weights must come from the same upload even if the client re-uploads in between
+    import os
+    import stat as stat_mod
+
+    fed.publish_global(0, make_global(tmp_path, 0, seed=0, participants=["alice"]))
+    alice = as_client(fed, hub_double, "alice", tmp_path)
+    first = make_client(tmp_path, 0, "alice", seed=1)
+    second = make_client(tmp_path, 0, "alice", seed=2)
+    alice.upload_client(0, "alice", first)
+    real_download, fired = HubStore._download, []
+
+    def download_then_reupload(self, repo, path, revision):
+        out = real_download(self, repo, path, revision)
+        if not fired and self is fed:
+            fired.append(path)
+            alice.upload_client(0, "alice", second)  # a new commit lands between the two downloads
+        return out
+
+    monkeypatch.setattr(HubStore, "_download", download_then_reupload)
+    folder = fed.download_client(0, "alice")
+    assert fired
+    for name in ("client.json", "adapter_model.safetensors"):
+        assert stat_mod.S_ISREG(os.lstat(folder / name).st_mode), name  # a copy, not a link into the cache
+        assert (folder / name).read_bytes() == (first / name).read_bytes(), name
+    monkeypatch.setattr(HubStore, "_download", real_download)
+    again = fed.download_client(0, "alice")
+    assert (again / "adapter_model.safetensors").read_bytes() == (second / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_missing_round_tag_is_created_when_the_coordinator_resumes(hub_double, tmp_path, monkeypatch):
+    # issue 10 item 10 on the Hub: the round's files and root are one commit; only the tag can be left behind
+    try:
+        from tests.test_coordinator import FakeClients, Killed, initial_adapter, make_coordinator
+    except ImportError:  # pragma: no cover
+        from test_coordinator import FakeClients, Killed, initial_adapter, make_coordinator
+
+    store = HubStore("hetlora/fed", endpoint=hub_double.endpoint, token=hub_double.token, cache_dir=tmp_path / "c")
+    coord = make_coordinator(store, None, rounds=1, clients_per_round=4)
+    coord.init(initial_adapter(tmp_path / "init", r_max=4))
+    clients = FakeClients(store, tmp_path / "work")
+    clients.upload_open_round()
+    real_tag = store.api.create_tag
+
+    def dies_on_final_tag(repo_id, *, tag, **kwargs):
+        if tag == "round-1":
+            raise Killed("tag")
+        return real_tag(repo_id, tag=tag, **kwargs)
+
+    monkeypatch.setattr(store.api, "create_tag", dies_on_final_tag)
+    with pytest.raises(Killed):
+        coord.run()
+    monkeypatch.setattr(store.api, "create_tag", real_tag)
+    repo = hub_double.repos[("model", "hetlora/fed")]
+    assert "refs/tags/round-1" not in repo.refs and store.latest_global().round == 1
+    resumed = make_coordinator(store, None, rounds=1, clients_per_round=4)
+    assert resumed.step() == "done"
+    assert repo.refs["refs/tags/round-1"] == repo.refs["refs/heads/main"]
+    files = hub_double.files("hetlora/fed")
+    assert not [p for p in files if "staged-global" in p]  # the publish commit removed the staged copy
+    assert json.loads(files["round.json"])["round"] == 1
+    commits = main_commits(hub_double, "hetlora/fed")
+    assert not [c for c in commits if "stage" in c]  # the staged global travels in the summary's commit
+    assert make_coordinator(store, None, rounds=1, clients_per_round=4).step() == "done"
+    assert main_commits(hub_double, "hetlora/fed") == commits  # a restart with nothing to repair commits nothing

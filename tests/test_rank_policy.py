@@ -9,6 +9,7 @@ from peft_hetlora.federated.rank_policy import (
     RankPolicy,
     adapter_params,
     budget_ranks,
+    cap_ranks,
     default_tier_ranks,
     explicit_ranks,
     parse_bytes,
@@ -157,3 +158,14 @@ def test_parse_bytes():
     assert parse_bytes(" 1.5 kib ") == 1536
     with pytest.raises(ValueError, match="byte size"):
         parse_bytes("lots")
+
+
+def test_cap_ranks_never_exceeds_a_reported_max_rank():
+    ranks = {"phone": 8, "tablet": 3, "laptop": 16}
+    assert cap_ranks(ranks, {"phone": 4, "tablet": 6}, r_min=2) == {"phone": 4, "tablet": 3, "laptop": 16}
+    # every policy's ranks are capped the same way
+    for policy in (RankPolicy("uniform"), RankPolicy("constant"), RankPolicy("tiers")):
+        initial = policy.assign(["a", "b", "c", "d"], r_min=2, r_max=16, seed=3)
+        capped = cap_ranks(initial, {"a": 2, "c": 5}, r_min=2)
+        assert capped["a"] == 2 and capped["c"] == min(initial["c"], 5)
+        assert capped["b"] == initial["b"] and capped["d"] == initial["d"]

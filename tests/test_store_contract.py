@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from peft_hetlora.federated.errors import HetLoRAError, StoreFullError
 from peft_hetlora.federated.store import (
     AdapterStore,
     ClientUploadNotFoundError,
@@ -295,9 +296,10 @@ def test_local_full_disk_names_the_path_and_leaves_nothing(tmp_path, monkeypatch
         real_copy(src, dst)
 
     monkeypatch.setattr(local_store, "_copy_file", copy_until_full)
-    with pytest.raises(OSError, match=r"No space left.*rounds/0/clients/alice") as info:
+    with pytest.raises(StoreFullError, match=r"No space left.*rounds/0/clients/alice") as info:
         store.upload_client(0, "alice", make_client(tmp_path, 0, "alice", seed=1))
-    assert info.value.errno == errno.ENOSPC
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    assert "\n" not in str(info.value) and str(info.value).startswith("No space left")
     assert list((store.path / "rounds" / "0" / "clients").iterdir()) == []
     assert store.list_client_uploads(0) == []
 
@@ -370,3 +372,137 @@ def test_local_root_loads_with_peft(tmp_path):
 
 def test_hub_store_is_reexported():
     assert HubStore.__module__ == "peft_hetlora.federated.hub_store"
+
+
+# ------------------------------------------------------------------------------------------ issue 10 defects
+def test_store_errors_are_hetlora_errors_with_their_builtin_bases():
+    from peft_hetlora.federated.hub_store import UploadTooLargeError
+
+    for cls, base in ((StoreNotFoundError, FileNotFoundError), (GlobalNotPublishedError, LookupError),
+                      (ClientUploadNotFoundError, LookupError), (UploadTooLargeError, ValueError)):
+        assert issubclass(cls, HetLoRAError) and issubclass(cls, base)
+
+
+def test_every_json_the_stores_write_is_strict(store, tmp_path):
+    # issue 10 item 9: summary.json held Infinity; strict JSON has no NaN / Infinity
+    store.publish_global(0, make_global(tmp_path, 0, seed=0))
+    for bad in (float("inf"), float("nan"), -float("inf")):
+        with pytest.raises(ValueError, match="non-finite.*metrics.train_loss"):
+            store.write_summary(0, {"accepted": [], "metrics": {"train_loss": bad}})
+        with pytest.raises(ValueError, match="non-finite"):
+            store.write_federation({"r_max": 4, "scaling": bad})
+    assert store.read_summary(0) is None
+
+
+HOSTILE = ('<img src=x onerror="alert(1)"> [click](http://evil.example) ![p](http://evil.example/p.png) '
+           '**bold** `code` | cell | <script>x</script>\n# heading\n' + "A" * 60_000)
+
+
+def test_model_card_escapes_and_caps_untrusted_text(store, tmp_path, request):
+    # issue 10 item 8: client.json text went verbatim into the card (links, <img onerror>, a 61 kB card)
+    store.write_federation({"base_model": "org/base", "r_max": 4, "method": HOSTILE})
+    store.publish_global(0, make_global(tmp_path, 0, seed=0))
+    summary = {"accepted": ["alice", HOSTILE], "rejected": {f"c{i}": HOSTILE for i in range(100)},
+               "metrics": {"train_loss": 1.5, HOSTILE: 2.0}}
+    store.write_summary(0, summary)
+    card = root_file(store, "README.md", request).decode()
+    assert len(card.encode()) < 12_000
+    body = card.split("## Federation", 1)[1]  # what comes from the settings and the summaries
+    for needle in ("<img", "<script", "](http", "![", "**bold**", "`code`", "\n# heading"):
+        assert needle not in body, needle
+    assert "&lt;img" in body and "more)" in body and "A" * 200 not in body
+    rows = [line for line in body.splitlines() if line.startswith("| 0 |")]
+    assert len(rows) == 1 and rows[0].count(" | ") == 3  # one table row, its cells unbroken
+
+
+def test_local_client_folders_that_are_links_are_not_uploads(tmp_path):
+    # issue 10 item 7: the upload folder itself (or a folder above it) may be a link
+    store = LocalStore(tmp_path / "store", create=True)
+    store.publish_global(0, make_global(tmp_path, 0, seed=0))
+    store.upload_client(0, "alice", make_client(tmp_path, 0, "alice", seed=1))
+    outside = make_client(tmp_path, 0, "mallory", seed=2)
+    clients = store.path / "rounds" / "0" / "clients"
+    os.symlink(outside, clients / "mallory")
+    assert store.list_client_uploads(0) == ["alice"]
+    with pytest.raises(ClientUploadNotFoundError):
+        store.download_client(0, "mallory")
+    # a linked `clients` folder hides every upload behind it
+    os.rename(clients, store.path / "rounds" / "0" / "real-clients")
+    os.symlink(store.path / "rounds" / "0" / "real-clients", clients)
+    assert store.list_client_uploads(0) == []
+    with pytest.raises(ClientUploadNotFoundError):
+        store.download_client(0, "alice")
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_local_temporary_files_of_dead_writers_are_cleaned_live_ones_kept(tmp_path):
+    # issue 10 item 12: `.tmp-*` leaked after kill -9; the cleaner must never delete a live writer's file
+    from peft_hetlora.federated.temp_files import _HOST, temp_prefix
+
+    store = LocalStore(tmp_path / "store", create=True)
+    store.publish_global(0, make_global(tmp_path, 0, seed=0))
+    store.upload_client(0, "alice", make_client(tmp_path, 0, "alice", seed=1))
+    clients = store.path / "rounds" / "0" / "clients"
+    dead = f"p{_dead_pid()}@{_HOST}~"
+    leftovers = [store.path / f".tmp-{dead}README.md-x1", clients / f".tmp-{dead}alice-x2",
+                 store.path / "rounds" / "0" / f".tmp-{dead}global-x3"]
+    leftovers[0].write_text("half")
+    leftovers[1].mkdir()
+    (leftovers[1] / "client.json").write_text("{")
+    leftovers[2].mkdir()
+    live = clients / (temp_prefix(".tmp-", "bob") + "x4")  # this process: alive
+    live.mkdir()
+    foreign = clients / ".tmp-p1@otherhost~carol-x5"  # another host: kept until it is a day old
+    foreign.mkdir()
+    removed = store.clean_temporary_files()
+    assert sorted(removed) == sorted(leftovers)
+    assert not any(p.exists() for p in leftovers)
+    assert live.is_dir() and foreign.is_dir() and store.list_client_uploads(0) == ["alice"]
+    os.utime(foreign, (0, 0))
+    assert store.clean_temporary_files() == [foreign]
+
+
+def test_local_temporary_names_carry_the_writer(tmp_path, monkeypatch):
+    from peft_hetlora.federated import local_store
+
+    store = LocalStore(tmp_path / "store", create=True)
+    seen = []
+    real = local_store._copy_file
+
+    def spy(src, dst):
+        seen.append(Path(dst).parent.name if Path(dst).parent != store.path else Path(dst).name)
+        real(src, dst)
+
+    monkeypatch.setattr(local_store, "_copy_file", spy)
+    store.publish_global(0, make_global(tmp_path, 0, seed=0))
+    store.upload_client(0, "alice", make_client(tmp_path, 0, "alice", seed=1))
+    assert seen and all(name.startswith(f".tmp-p{os.getpid()}@") for name in seen)
+
+
+def test_local_root_left_stale_by_a_crash_is_repaired_by_publishing_again(tmp_path, monkeypatch):
+    # issue 10 item 10: a kill or ENOSPC between rounds/T/global and the root left the root at T-1
+    from peft_hetlora.federated import local_store
+
+    store = LocalStore(tmp_path / "store", create=True)
+    store.publish_global(0, make_global(tmp_path, 0, seed=0))
+    real = local_store._atomic_copy
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local_store, "_atomic_copy", full)
+    with pytest.raises(StoreFullError):
+        store.publish_global(1, make_global(tmp_path, 1, seed=1))
+    monkeypatch.setattr(local_store, "_atomic_copy", real)
+    latest = store.latest_global()
+    assert latest.round == 1 and json.loads((store.path / "round.json").read_text())["round"] == 0
+    assert store.publish_global(1, latest.path) == latest.revision
+    assert json.loads((store.path / "round.json").read_text())["round"] == 1
+    assert sha256(store.path / "adapter_model.safetensors") == latest.revision

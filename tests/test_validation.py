@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,26 +167,105 @@ def test_unexpected_files_and_missing_files(tmp_path, spec):
     assert "no adapter_model.safetensors" in rejected(only_meta, spec)
 
 
-def test_symlinks_must_point_to_regular_files(tmp_path, spec):
-    # the Hub cache hands out snapshot symlinks to blobs: a link to a regular file is read like the file
+SECRET = b"root:x:0:0:root:/root:/bin/bash\n"
+
+
+def test_symlinked_files_are_never_followed(tmp_path, spec):
+    # issue 10 item 7: a link to any file the coordinator can read was followed and its first 8 bytes came back
+    secret = tmp_path / "passwd"
+    secret.write_bytes(SECRET)
     real = write_upload(tmp_path / "real")
-    folder = tmp_path / "u"
-    folder.mkdir()
-    (folder / "client.json").write_text(json.dumps(client_meta()))
-    os.symlink(real / "adapter_model.safetensors", folder / "adapter_model.safetensors")
-    assert check(folder, spec).rank == 2
-    # a link to a device (endless zeros) or a folder is refused without reading it
+    for target in (secret, real / "adapter_model.safetensors", Path("/dev/zero"), tmp_path):
+        folder = tmp_path / f"u-{abs(hash(str(target)))}"
+        folder.mkdir()
+        (folder / "client.json").write_text(json.dumps(client_meta()))
+        os.symlink(target, folder / "adapter_model.safetensors")
+        reason = rejected(folder, spec)
+        assert "symbolic link" in reason and "never followed" in reason
+        assert not any(part in reason for part in ("root", "3472328296227680882", str(target)))
+    folder = write_upload(tmp_path / "meta-link")
+    os.remove(folder / "client.json")
+    os.symlink(secret, folder / "client.json")
+    assert "symbolic link" in rejected(folder, spec)
+
+
+def test_a_symlinked_upload_folder_is_refused(tmp_path, spec):
+    real = write_upload(tmp_path / "real")
+    assert check(real, spec).rank == 2
+    os.symlink(real, tmp_path / "link")
+    assert "upload folder is a symbolic link" in rejected(tmp_path / "link", spec)
+
+
+def test_fifos_and_folders_are_refused_without_opening_them(tmp_path, spec):
+    folder = write_upload(tmp_path / "u")
     os.remove(folder / "adapter_model.safetensors")
-    os.symlink("/dev/zero", folder / "adapter_model.safetensors")
+    os.mkfifo(folder / "adapter_model.safetensors")  # opening it for reading would block forever
     assert "not a regular file" in rejected(folder, spec)
     os.remove(folder / "adapter_model.safetensors")
-    os.symlink(tmp_path, folder / "adapter_model.safetensors")
+    (folder / "adapter_model.safetensors").mkdir()
     assert "not a regular file" in rejected(folder, spec)
-    # the size limit applies to the link's target
-    small = UploadSpec.from_state_dict(global_state(), r_min=R_MIN, r_max=R_MAX, max_upload_bytes=100)
-    os.remove(folder / "adapter_model.safetensors")
-    os.symlink(real / "adapter_model.safetensors", folder / "adapter_model.safetensors")
-    assert "above the 100-byte limit" in rejected(folder, small)
+
+
+def test_the_bytes_of_a_non_safetensors_file_are_never_echoed(tmp_path, spec):
+    # the header length is the first 8 bytes of the file: a reason must not print it
+    folder = write_upload(tmp_path / "u", raw_adapter=SECRET)
+    reason = rejected(folder, spec)
+    (n,) = struct.unpack("<Q", SECRET[:8])
+    assert str(n) not in reason and "root" not in reason
+    assert "header" in reason
+
+
+def test_one_upload_snapshot_even_if_re_uploaded_between_reads(tmp_path, spec, monkeypatch):
+    # issue 10 item 11: client.json and the weights were read by path at different moments; a re-upload in
+    # between paired one upload's client.json with the other's weights. The interleaving is injected, no sleeps.
+    from peft_hetlora.federated import validation
+    from peft_hetlora.federated.local_store import LocalStore
+
+    store = LocalStore(tmp_path / "store", create=True)
+    global_dir = tmp_path / "g"
+    global_dir.mkdir()
+    save_file(global_state(), str(global_dir / "adapter_model.safetensors"))
+    (global_dir / "adapter_config.json").write_text("{}")
+    store.publish_global(3, global_dir)
+    first = write_upload(tmp_path / "first", client_state(2, seed=1), client_meta(rank_in=2, rank_out=2))
+    second = write_upload(tmp_path / "second", client_state(3, seed=2), client_meta(rank_in=3, rank_out=3))
+    store.upload_client(3, "alice", first)
+    original, fired = validation._read_regular_file, []
+
+    def read_then_reupload(*args, **kwargs):
+        data = original(*args, **kwargs)
+        if not fired and args[-1] == "client.json":
+            fired.append(True)
+            store.upload_client(3, "alice", second)  # lands between the client.json read and the weights read
+        return data
+
+    monkeypatch.setattr(validation, "_read_regular_file", read_then_reupload)
+    update = check(store.download_client(3, "alice"), spec)
+    assert fired
+    assert update.rank == 2 and update.metadata["rank_out"] == 2
+    first_sha = hashlib.sha256((first / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert update.metadata["sha256"] == first_sha
+    assert update.state_dict[f"{next(iter(MODULES))}.lora_A.weight"].shape[0] == 2
+    # the next read sees the second upload, whole
+    monkeypatch.setattr(validation, "_read_regular_file", original)
+    assert check(store.download_client(3, "alice"), spec).rank == 3
+
+
+def test_max_rank_is_optional_and_strictly_typed(spec):
+    meta = client_meta(max_rank=3)
+    assert validate_client_json(meta, spec, client_id="alice", round_idx=3)["max_rank"] == 3
+    for bad in (0, 5, 2.0, True, "3", [3]):
+        with pytest.raises(RejectedUpload, match="max_rank"):
+            validate_client_json(client_meta(max_rank=bad), spec, client_id="alice", round_idx=3)
+    strict = UploadSpec.from_state_dict(global_state(), r_min=2, r_max=R_MAX)
+    with pytest.raises(RejectedUpload, match="below the federation's r_min=2"):
+        validate_client_json(client_meta(max_rank=1), strict, client_id="alice", round_idx=3)
+
+
+def test_reasons_are_short_single_lines(spec):
+    with pytest.raises(RejectedUpload) as err:
+        validate_client_json(client_meta(client_id="x" * 60_000 + "\nforged"), spec, client_id="alice", round_idx=3)
+    assert len(err.value.reason) < 300 and "\n" not in err.value.reason
 
 
 def test_oversized_file_is_rejected_before_reading(tmp_path):
@@ -379,3 +459,17 @@ def test_validate_client_json_directly(spec):
     assert validate_client_json(client_meta(extra_field=1), spec, client_id="alice", round_idx=3)["extra_field"] == 1
     with pytest.raises(RejectedUpload, match="r_max=4"):
         validate_client_json(client_meta(rank_in=9, rank_out=9), spec, client_id="alice", round_idx=3)
+
+
+def test_errors_join_the_one_hierarchy():
+    from peft_hetlora.federated import coordinator, errors
+
+    assert issubclass(RejectedUpload, errors.HetLoRAError)
+    assert coordinator.CoordinatorError is errors.CoordinatorError
+    assert issubclass(errors.CoordinatorError, RuntimeError)
+    assert coordinator.FederationMismatch is errors.FederationMismatch
+    assert issubclass(errors.FederationMismatch, errors.CoordinatorError)
+
+
+def test_a_missing_upload_folder_is_a_clear_rejection(tmp_path, spec):
+    assert "does not exist" in rejected(tmp_path / "nowhere", spec)

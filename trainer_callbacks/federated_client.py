@@ -16,7 +16,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 import peft_hetlora
 from peft_hetlora.federated.aggregation import lora_module_names, truncate
 from peft_hetlora.federated.errors import RankError
-from peft_hetlora.federated.store import AdapterStore, GlobalAdapter, validate_client_id
+from peft_hetlora.federated.store import AdapterStore, GlobalAdapter, json_text, validate_client_id
 from peft_hetlora.federation_config import check_matches_federation
 
 from .hetlora_callback import HetLoRACallback, hetlora_peft_model
@@ -245,7 +245,7 @@ class FederatedClientCallback(HetLoRACallback):
         }
         with tempfile.TemporaryDirectory(prefix=f"hetlora-{self.client_id}-") as tmp:
             save_file(state, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
-            (Path(tmp) / "client.json").write_text(json.dumps(info, indent=2) + "\n")
+            (Path(tmp) / "client.json").write_text(json_text(info, indent=2, nonfinite="null") + "\n")
             self.store.upload_client(self.current.round, self.client_id, tmp)
         self.uploaded_rounds.append(self.current.round)
         logger.info("Client %s uploaded round %d at rank %d", self.client_id, self.current.round, info["rank_out"])

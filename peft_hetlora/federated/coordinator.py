@@ -6,9 +6,13 @@ All state lives in the store (`AdapterStore`), so a coordinator killed at any po
   clients, initial ranks, round policy);
 * global t published (with `round.json`: participants and their ranks) means round t is open;
 * `rounds/t/summary.json` is the decision record of round t (accepted ids, rejected {id: reason},
-  weights, per-client ranks, metrics); it is written *before* global t+1 is published, and a summary
-  without global t+1 is finished by re-aggregating exactly the summary's accepted uploads (their
-  sha256 is checked), so no upload is lost or counted twice.
+  weights, per-client ranks, metrics); the aggregate is staged in the store first (`stage_global`), the
+  summary names its sha256, and only then is global t+1 published. A summary without global t+1 is
+  finished by publishing the staged global it names, never by re-reading uploads (a store without
+  staging re-aggregates exactly the summary's accepted uploads, their sha256 checked), so no upload is
+  lost or counted twice;
+* on start, the latest global is published again (idempotent), which repairs a root left stale by a
+  kill between `rounds/T/global/` and the root, and temporary files of killed writers are removed.
 
 Example:
     ```py
@@ -22,12 +26,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +43,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .aggregation import AGGREGATION_METHODS, AggregationResult, ClientUpdate, StreamingAggregator, update_norm
-from .rank_policy import RankPolicy, sample_clients
-from .store import AdapterStore, GlobalAdapter, validate_client_id
+from .errors import CoordinatorError, FederationMismatch, StoreFullError
+from .rank_policy import RankPolicy, cap_ranks, sample_clients
+from .store import AdapterStore, GlobalAdapter, file_sha256, json_text, validate_client_id
+from .temp_files import remove_abandoned, temp_prefix
 from .validation import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -55,14 +63,26 @@ ROUND_FILE = "round.json"
 NEXT_RANK_RULES = ("rank_out", "initial")
 # Settings a resumed coordinator must share with the store's federation.json.
 IDENTITY_FIELDS = ("method", "r_max", "r_min", "base_model")
+# Every setting federation.json records; a coordinator given another value than the stored one is refused
+# (FederationMismatch), except `rounds`, which may grow (extending a federation).
+SETTING_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "seed", "scaling",
+                  "clip_norm", "max_upload_bytes", "deadline_s", "next_rank")
+# Fields of the adapter config that change the math: an initial adapter that differs in one is another federation.
+ADAPTER_MATH_FIELDS = ("lora_alpha", "rank_scaling", "target_modules", "layers_to_transform", "layers_pattern",
+                       "bias", "fan_in_fan_out", "modules_to_save")
+GLOBAL_TEMP_KIND = "hetlora-global-"
+NON_FINITE_REASON = "not a finite number (overflowed); recorded as null"
 
-
-class CoordinatorError(RuntimeError):
-    """The store's state does not allow the requested step; the message says what to do."""
-
-
-class FederationMismatch(CoordinatorError):
-    """The store holds a federation with other identity settings than this coordinator."""
+__all__ = [
+    "CollectStatus",
+    "Coordinator",
+    "CoordinatorError",
+    "FederationMismatch",
+    "RoundPlan",
+    "global_adapter_config",
+    "scaling_from_config",
+    "weighted_mean",
+]
 
 
 @dataclass(frozen=True)
@@ -142,7 +162,49 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: Mapping) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    path.write_text(json_text(data, indent=2, sort_keys=True) + "\n")
+
+
+def weighted_mean(values: Sequence[tuple[float, int]]) -> float | None:
+    """sum_k n_k x_k / sum_k n_k without overflow: fsum of x_k times the normalised weight n_k / sum_j n_j.
+
+    Every term is at most max |x_k| in magnitude, so finite inputs cannot overflow the way x * n can
+    (1.7e308 x 1e9 examples). Returns None for no values, or when even the mean is not finite.
+
+    Example:
+        ```py
+        >>> weighted_mean([(1.7e308, 10**9), (1.7e308, 1)])
+        1.7e+308
+        ```
+    """
+    total = sum(int(n) for _, n in values)
+    if not values or total <= 0:
+        return None
+    mean = math.fsum(float(x) * (int(n) / total) for x, n in values)
+    return mean if math.isfinite(mean) else None
+
+
+def _finite_or_null(value: Any, path: str, found: dict[str, str]) -> Any:
+    """`value` with every non-finite float replaced by None; `found` collects {path: reason}."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found[path] = NON_FINITE_REASON
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def _as_set_if_list(value: Any) -> Any:
+    # PEFT saves set-valued options (target_modules) as lists in hash order, which differs between processes
+    return frozenset(map(str, value)) if isinstance(value, (list, tuple, set, frozenset)) else value
+
+
+def _same_setting(name: str, stored: Any, given: Any) -> bool:
+    if name == "clients" and isinstance(stored, list) and isinstance(given, list):
+        return sorted(stored) == sorted(given)
+    return stored == given
 
 
 def _lora_module_dims(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
@@ -236,6 +298,7 @@ class Coordinator:
         self.progress = progress
         self._federation: dict | None = None
         self._spec: UploadSpec | None = None
+        self._resumed = False
 
     # ------------------------------------------------------------------ settings
     def _setting(self, name: str, default: Any = None) -> Any:
@@ -265,34 +328,46 @@ class Coordinator:
         return self._federation
 
     def _check_identity(self, stored: Mapping[str, Any], incoming: Mapping[str, Any] | None = None) -> None:
-        wanted = dict(incoming or {})
-        for name in ("method", "r_max", "r_min"):
-            if self._requested.get(name) is not None:
-                wanted.setdefault(name, self._requested[name])
-        if self._requested.get("clients") is not None:
-            wanted.setdefault("clients", self._requested["clients"])
+        """Refuse (FederationMismatch) any given setting that differs from federation.json; record extended rounds.
+
+        `incoming` holds what `init()` derives from the initial adapter (r_max, base model, module shapes and
+        the adapter config's math fields).
+        """
+        wanted: dict[str, Any] = {name: self._requested[name] for name in SETTING_FIELDS
+                                  if self._requested.get(name) is not None}
+        if self.rank_policy is not None:
+            wanted["rank_policy"] = self.rank_policy.to_dict()
+        incoming = dict(incoming or {})
+        config = incoming.pop("adapter_config", None)
+        wanted.update(incoming)
         diffs = []
         for name, value in wanted.items():
             if name not in stored:
                 continue
-            same = sorted(stored[name]) == sorted(value) if name == "clients" else stored[name] == value
-            if not same:
+            if not _same_setting(name, stored[name], value):
                 diffs.append(f"{name}: store has {stored[name]!r}, this coordinator {value!r}")
+        if isinstance(config, Mapping) and isinstance(stored.get("adapter_config"), Mapping):
+            stored_config = stored["adapter_config"]
+            for name in ADAPTER_MATH_FIELDS:
+                if _as_set_if_list(stored_config.get(name)) != _as_set_if_list(config.get(name)):
+                    diffs.append(f"adapter_config.{name}: store has {stored_config.get(name)!r}, the initial "
+                                 f"adapter {config.get(name)!r}")
+        requested_rounds = self._requested.get("rounds")
+        stored_rounds = stored.get("rounds")
+        if requested_rounds is not None and isinstance(stored_rounds, int) and requested_rounds < stored_rounds:
+            diffs.append(f"rounds: store has {stored_rounds!r}, this coordinator {requested_rounds!r} (rounds can "
+                         "only be extended)")
         if diffs:
             raise FederationMismatch(
-                "The store already holds a different federation (" + "; ".join(diffs) + "). Resume it with the "
-                "same settings (or leave them out to take them from federation.json), or use a new store path."
+                "The store already holds a different federation (" + "; ".join(diffs) + "). Resume it "
+                "with the same settings (or leave them out to take them from federation.json), or start the new "
+                "federation in another store."
             )
-        requested_rounds = self._requested.get("rounds")
         if isinstance(stored, dict) and requested_rounds is not None and requested_rounds > stored.get("rounds", 0):
             # extending a federation: record it, so clients do not stop at the formerly final global
             logger.info("Extending the federation from %s to %d rounds.", stored.get("rounds"), requested_rounds)
             stored["rounds"] = requested_rounds
             self.store.write_federation(stored)
-        for name in ("clients_per_round", "min_clients", "rounds", "seed", "clip_norm", "deadline_s", "next_rank"):
-            if self._requested.get(name) is not None and stored.get(name) != self._requested[name]:
-                logger.warning("Using %s=%r instead of federation.json's %r.", name, self._requested[name],
-                               stored.get(name))
 
     @property
     def method(self) -> str:
@@ -388,7 +463,7 @@ class Coordinator:
             logger.info("Created federation: method=%s r_max=%d r_min=%d, %d clients.", self.method, r_max, r_min,
                         len(self.clients))
         else:
-            self._check_identity(stored, identity)
+            self._check_identity(stored, {**identity, "adapter_config": config})
             self._federation = stored
             existing = self.store.latest_global()
             if existing is not None:
@@ -439,6 +514,24 @@ class Coordinator:
     # ------------------------------------------------------------------ publishing
     def _publish(self, round_idx: int, state_dict: Mapping[str, torch.Tensor], client_ranks: Mapping[str, int]) -> str:
         """Write global `round_idx` (adapter at r_max + adapter_config.json + round.json) to the store."""
+        with self._global_folder(round_idx, state_dict, client_ranks) as folder:
+            return self._publish_folder(round_idx, folder)
+
+    def _publish_folder(self, round_idx: int, folder: Path) -> str:
+        info = _read_json(folder / ROUND_FILE)
+        revision = self.store.publish_global(round_idx, folder)
+        logger.info("Published global %d (revision %s); participants: %s", round_idx, revision,
+                    ", ".join(f"{c}@r{info['ranks'][c]}" for c in info["participants"]))
+        return revision
+
+    @contextlib.contextmanager
+    def _global_folder(
+        self, round_idx: int, state_dict: Mapping[str, torch.Tensor], client_ranks: Mapping[str, int]
+    ) -> Iterator[Path]:
+        """A temporary folder holding global `round_idx` as it will be published (removed afterwards).
+
+        Its name carries this process's id, so a restart after a kill removes it (`temp_files`).
+        """
         participants = sample_clients(self.clients, self.clients_per_round, seed=self.seed, round_idx=round_idx)
         round_info = {
             "round": round_idx,
@@ -452,16 +545,41 @@ class Coordinator:
             "deadline_s": self._setting("deadline_s"),
             "final": round_idx >= self.rounds,
         }
-        with tempfile.TemporaryDirectory(prefix=f"hetlora-global-{round_idx}-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=temp_prefix(GLOBAL_TEMP_KIND, f"r{round_idx}")) as tmp:
             folder = Path(tmp)
-            tensors = {k: state_dict[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(state_dict)}
-            save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
-            _write_json(folder / CONFIG_FILE, self.federation["adapter_config"])
-            _write_json(folder / ROUND_FILE, round_info)
-            revision = self.store.publish_global(round_idx, folder)
-        logger.info("Published global %d (revision %s); participants: %s", round_idx, revision,
-                    ", ".join(f"{c}@r{round_info['ranks'][c]}" for c in participants))
-        return revision
+            try:
+                tensors = {k: state_dict[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(state_dict)}
+                save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+                _write_json(folder / CONFIG_FILE, self.federation["adapter_config"])
+                _write_json(folder / ROUND_FILE, round_info)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                    raise
+                err = StoreFullError(
+                    f"The temporary folder {tempfile.gettempdir()} is full while writing global {round_idx}: free "
+                    "some space (or point TMPDIR at a larger disk) and run the same command again to resume."
+                )
+                err.errno = errno.ENOSPC
+                raise err from e
+            yield folder
+
+    def _resume(self) -> None:
+        """Once per coordinator: remove what killed writers left, and finish an interrupted publish.
+
+        A kill (or a full disk) between writing `rounds/<T>/global/` and refreshing the store's root leaves the
+        root at an older round; publishing the latest round again is idempotent and refreshes it.
+        """
+        if self._resumed:
+            return
+        cleaner = getattr(self.store, "clean_temporary_files", None)
+        removed = list(cleaner()) if callable(cleaner) else []
+        removed += remove_abandoned(tempfile.gettempdir(), (GLOBAL_TEMP_KIND,))
+        if removed:
+            logger.info("Removed %d temporary file(s) left by killed writers.", len(removed))
+        latest = self.store.latest_global()
+        if latest is not None:
+            self.store.publish_global(latest.round, latest.path)
+        self._resumed = True
 
     # ------------------------------------------------------------------ rounds
     def open_round(self, round_idx: int) -> RoundPlan:
@@ -576,6 +694,22 @@ class Coordinator:
                 logger.warning("Round %d has no summary with client ranks; using the initial ranks.", round_idx - 1)
         return {cid: int(r) for cid, r in ranks.items()}
 
+    def _previous_max_ranks(self, round_idx: int) -> dict[str, int]:
+        previous = self.store.read_summary(round_idx - 1) if round_idx > 0 else None
+        return {cid: int(r) for cid, r in ((previous or {}).get("client_max_ranks") or {}).items()}
+
+    def _next_client_ranks(self, round_idx: int, accepted: Sequence[str], details: Mapping[str, dict]
+                           ) -> tuple[dict[str, int], dict[str, int]]:
+        """Next round's {client: rank} and the clients' last reported `max_rank` (a rank is never above it)."""
+        client_ranks = self._previous_client_ranks(round_idx)
+        max_ranks = self._previous_max_ranks(round_idx)
+        initial = self.federation["initial_ranks"]
+        for cid in accepted:
+            if details[cid].get("max_rank") is not None:
+                max_ranks[cid] = int(details[cid]["max_rank"])
+            client_ranks[cid] = int(details[cid]["rank_out"] if self.next_rank == "rank_out" else initial[cid])
+        return cap_ranks(client_ranks, max_ranks, r_min=self.r_min), max_ranks
+
     def _aggregate(
         self, plan: RoundPlan, client_ids: Sequence[str], *, expect_sha: Mapping[str, str] | None = None
     ) -> tuple[AggregationResult | None, dict | None, list[str], dict[str, str], dict[str, dict]]:
@@ -629,6 +763,8 @@ class Coordinator:
                 "upload_bytes": meta["upload_bytes"],
                 "sha256": meta["sha256"],
             }
+            if meta.get("max_rank") is not None:
+                details[cid]["max_rank"] = int(meta["max_rank"])
             del update
         result = aggregator.result() if accepted else None
         if result is None:
@@ -663,18 +799,30 @@ class Coordinator:
         result, previous, accepted, rejected, details = self._aggregate(plan, sorted(listed & participants))
         for cid in sorted(listed - participants):
             rejected[cid] = f"not a participant of round {round_idx}"
-        client_ranks = self._previous_client_ranks(round_idx)
-        if self.next_rank == "rank_out":
-            for cid in accepted:
-                client_ranks[cid] = int(details[cid]["rank_out"])
+        client_ranks, max_ranks = self._next_client_ranks(round_idx, accepted, details)
         summary = self._summary(plan, result, accepted, rejected, details, client_ranks, started)
-        self.store.write_summary(round_idx, summary)
-        logger.info("Round %d: accepted %d, rejected %d.", round_idx, len(accepted), len(rejected))
+        if max_ranks:
+            summary["client_max_ranks"] = dict(sorted(max_ranks.items()))
         state = result.state_dict if result is not None else previous
-        self._publish(round_idx + 1, state, client_ranks)
+        with self._global_folder(round_idx + 1, state, client_ranks) as folder:
+            stage = getattr(self.store, "stage_global", None)
+            if callable(stage):
+                # staged before the summary names it: a restart publishes exactly this, never re-reading uploads
+                summary["next_global"] = {"round": round_idx + 1, "sha256": stage(round_idx + 1, folder)}
+            self.store.write_summary(round_idx, summary)
+            logger.info("Round %d: accepted %d, rejected %d.", round_idx, len(accepted), len(rejected))
+            self._publish_folder(round_idx + 1, folder)
         return summary
 
     def _publish_from_summary(self, plan: RoundPlan, summary: Mapping[str, Any]) -> None:
+        staged_of = getattr(self.store, "staged_global", None)
+        expected = (summary.get("next_global") or {}).get("sha256")
+        staged = staged_of(plan.round + 1) if callable(staged_of) and expected else None
+        if staged is not None and file_sha256(Path(staged) / ADAPTER_FILE) == expected:
+            logger.info("Round %d has a summary but no global %d: publishing the staged global it names.",
+                        plan.round, plan.round + 1)
+            self._publish_folder(plan.round + 1, Path(staged))
+            return
         accepted = list(summary.get("accepted", []))
         logger.info("Round %d has a summary but no global %d: re-aggregating its %d accepted upload(s).",
                     plan.round, plan.round + 1, len(accepted))
@@ -706,7 +854,7 @@ class Coordinator:
             "bytes_uploaded": sum(details[c]["upload_bytes"] for c in accepted),
             "mean_rank_in": (sum(details[c]["rank_in"] for c in accepted) / len(accepted)) if accepted else None,
             "mean_rank_out": (sum(details[c]["rank_out"] for c in accepted) / len(accepted)) if accepted else None,
-            "train_loss": (sum(loss * n for loss, n in losses) / sum(n for _, n in losses)) if losses else None,
+            "train_loss": weighted_mean(losses),
             "global_update_norm": float(update_norm(result.state_dict, self.scaling)) if result is not None else None,
             "seconds": self.clock() - started,
         }
@@ -732,6 +880,14 @@ class Coordinator:
         }
         if not accepted:
             summary["note"] = "no accepted upload: the global adapter is carried over unchanged"
+        if losses and metrics["train_loss"] is None:
+            non_finite = {"metrics.train_loss": "the example-weighted mean of the reported losses is not finite; "
+                                                "recorded as null"}
+        else:
+            non_finite = {}
+        summary = _finite_or_null(summary, "", non_finite)
+        if non_finite:
+            summary["non_finite"] = non_finite
         return summary
 
     # ------------------------------------------------------------------ driving
@@ -748,6 +904,7 @@ class Coordinator:
             ```
         """
         self.federation  # noqa: B018 - loads and checks federation.json
+        self._resume()
         latest = self.store.latest_global()
         if latest is None:
             raise CoordinatorError("federation.json exists but global 0 was never published: run `init()` again "

@@ -32,10 +32,14 @@ Example:
 from __future__ import annotations
 
 import email.utils
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +58,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import validate_repo_id
 
+from .errors import HetLoRAError, StoreFullError
 from .store import (
     ADAPTER_WEIGHTS,
     CLIENT_FILES,
@@ -73,6 +78,7 @@ from .store import (
     render_model_card,
     validate_client_id,
 )
+from .temp_files import remove_abandoned, temp_prefix
 
 __all__ = ["HubStore", "UploadTooLargeError"]
 
@@ -84,9 +90,11 @@ _PR_TITLE = "hetlora upload: round {round} client {client_id}"
 _PR_TITLE_RE = re.compile(r"hetlora upload: round (\d+) client (\S+)")
 _SUMMARY_RE = re.compile(r"rounds/(\d+)/summary\.json")
 _GLOBAL_RE = re.compile(r"rounds/(\d+)/global/adapter_model\.safetensors")
+STAGED_GLOBAL = "staged-global"
+_UPLOADS_DIR = ".hetlora-uploads"
 
 
-class UploadTooLargeError(ValueError):
+class UploadTooLargeError(HetLoRAError, ValueError):
     """A client upload holds a file larger than `max_client_file_bytes` (it is not downloaded)."""
 
 
@@ -162,6 +170,7 @@ class HubStore:
         self._sleep = time.sleep  # tests record the waits here
         self._ready_repos: set[str] = set()
         self._json_cache: dict[tuple[str, str, str], Any] = {}
+        self._pending_stage: tuple[int, dict[str, bytes]] | None = None
 
     def __repr__(self) -> str:
         return f"HubStore({self.repo_id!r}, endpoint={self.endpoint!r}, client_mode={self.client_mode!r})"
@@ -232,7 +241,8 @@ class HubStore:
                         adds[name] = source
                     elif name not in snap.files or snap.files[name].blob_id != snap.files[source].blob_id:
                         adds[name] = self._download(self.repo_id, source, snap.sha)
-            return adds, []
+            staged = f"rounds/{round_idx}/{STAGED_GLOBAL}/"
+            return adds, [p for p in snap.files if p.startswith(staged)]
 
         oid = self._commit(self.repo_id, build, f"hetlora: publish global adapter of round {round_idx}")
         self._retry(
@@ -240,6 +250,34 @@ class HubStore:
             f"tag round-{round_idx}",
         )
         return revision
+
+    def stage_global(self, round_idx: int, folder: str | Path) -> str:
+        """Stage the global adapter of round `round_idx` (`rounds/<t>/staged-global/`) unpublished; return its sha256.
+
+        To spend no extra commit (the Hub caps commits per repo per hour), the staged files travel in the commit
+        of the next `write_summary(round_idx - 1, ...)`, which is what the coordinator writes right after
+        staging; the publish commit of round `round_idx` removes them again. See `LocalStore.stage_global` for
+        why the coordinator stages before it writes a summary.
+        """
+        round_idx = check_round(round_idx)
+        files = global_files(folder, round_idx)
+        prefix = f"rounds/{round_idx}/{STAGED_GLOBAL}/"
+        self._pending_stage = (round_idx, {prefix + name: Path(path).read_bytes() for name, path in files.items()})
+        return file_sha256(files[ADAPTER_WEIGHTS])
+
+    def staged_global(self, round_idx: int) -> Path | None:
+        """A local folder with the staged global adapter of round `round_idx`, or None."""
+        prefix = f"rounds/{check_round(round_idx)}/{STAGED_GLOBAL}/"
+        snap = self._snapshot_or_none(self.repo_id)
+        if snap is None or prefix + ADAPTER_WEIGHTS not in snap.files:
+            return None
+        names = [p for p in snap.files if p.startswith(prefix) and "/" not in p[len(prefix):]]
+        paths = [self._download(self.repo_id, p, snap.sha) for p in names]
+        return paths[0].parent
+
+    def clean_temporary_files(self) -> list[Path]:
+        """Remove the half-copied upload folders killed coordinators left in the local cache; return them."""
+        return remove_abandoned(self._uploads_root(), (".tmp-",))
 
     def latest_global(self) -> GlobalAdapter | None:
         snap = self._snapshot_or_none(self.repo_id)
@@ -330,15 +368,59 @@ class HubStore:
                     f"Client {client_id!r} uploaded {name} of {entry.size} bytes for round {round_idx}, over the "
                     f"limit of {limit} bytes (max_client_file_bytes); it was not downloaded."
                 )
-        paths = [self._download(repo, prefix + name, snap.sha) for name in entries]
-        return paths[0].parent
+        return self._materialize(repo, snap.sha, prefix, {name: self._download(repo, prefix + name, snap.sha)
+                                                          for name in entries})
+
+    def _uploads_root(self) -> Path:
+        from huggingface_hub import constants
+
+        return Path(self.cache_dir or constants.HF_HUB_CACHE) / _UPLOADS_DIR
+
+    def _materialize(self, repo: str, sha: str, prefix: str, downloaded: dict[str, Path]) -> Path:
+        """Copy the files of one upload, all from commit `sha`, into a folder of regular files (no links).
+
+        The Hugging Face cache hands out links to blobs; the validator never follows links, so the coordinator
+        reads a private copy instead. The copy is keyed by the commit, so it never mixes two uploads.
+        """
+        target = self._uploads_root() / repo.replace("/", "--") / sha / prefix
+        if target.is_dir() and not target.is_symlink():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=temp_prefix(".tmp-", "upload"), dir=self._uploads_root()))
+        try:
+            for name, source in downloaded.items():
+                shutil.copyfile(source, staged / name)  # the cache is ours: its link to the blob is followed
+            try:
+                os.rename(staged, target)
+            except OSError as e:  # copied meanwhile by another process: same commit, same bytes
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise _cache_full(self._uploads_root()) from e
+            raise
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return target
 
     # ------------------------------------------------------------------------------------------ summaries
     def write_summary(self, round_idx: int, summary: dict) -> None:
+        """Commit `rounds/<t>/summary.json` (with the global staged for round t + 1, if any: one commit)."""
         round_idx = check_round(round_idx)
         data = dump_json(summary)
         path = f"rounds/{round_idx}/{SUMMARY_JSON}"
-        self._commit(self.repo_id, lambda snap: ({path: data}, []), f"hetlora: summary of round {round_idx}")
+        adds: dict[str, Any] = {path: data}
+        pending = self._pending_stage
+        if pending is not None and pending[0] == round_idx + 1:
+            adds.update(pending[1])
+        prefix = f"rounds/{round_idx + 1}/{STAGED_GLOBAL}/"
+
+        def build(snap: _Snapshot) -> tuple[dict[str, Any], list[str]]:
+            return adds, [p for p in snap.files if p.startswith(prefix) and p not in adds] if len(adds) > 1 else []
+
+        self._commit(self.repo_id, build, f"hetlora: summary of round {round_idx}")
+        if pending is not None and pending[0] == round_idx + 1:
+            self._pending_stage = None
 
     def read_summary(self, round_idx: int) -> dict | None:
         return self._read_json(self.repo_id, f"rounds/{check_round(round_idx)}/{SUMMARY_JSON}")
@@ -445,19 +527,24 @@ class HubStore:
         )
 
     def _download(self, repo: str, path: str, revision: str) -> Path:
-        return Path(
-            self._retry(
-                lambda: hf_hub_download(
-                    repo,
-                    path,
-                    revision=revision,
-                    cache_dir=self.cache_dir,
-                    endpoint=self.endpoint,
-                    token=self.api.token,
-                ),
-                f"download {path} from {repo}@{revision}",
+        try:
+            return Path(
+                self._retry(
+                    lambda: hf_hub_download(
+                        repo,
+                        path,
+                        revision=revision,
+                        cache_dir=self.cache_dir,
+                        endpoint=self.endpoint,
+                        token=self.api.token,
+                    ),
+                    f"download {path} from {repo}@{revision}",
+                )
             )
-        )
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise _cache_full(self.cache_dir or "the Hugging Face cache") from e
+            raise
 
     def _json_at(self, repo: str, snap: _Snapshot, path: str) -> Any:
         entry = snap.files[path]
@@ -516,6 +603,15 @@ class HubStore:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _cache_full(where: str | Path) -> StoreFullError:
+    err = StoreFullError(
+        f"The local disk holding {where} is full while downloading from the Hub: free some space there (or pass "
+        "another cache_dir) and run the same command again to resume."
+    )
+    err.errno = errno.ENOSPC
+    return err
+
+
 def _published_rounds(paths: Iterable[str]) -> list[int]:
     return [int(m[1]) for p in paths if (m := _GLOBAL_RE.fullmatch(p))]
 

@@ -20,16 +20,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
+from .errors import StoreFullError
 from .store import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -50,8 +53,43 @@ from .store import (
     render_model_card,
     validate_client_id,
 )
+from .temp_files import remove_abandoned, temp_prefix
 
 __all__ = ["LocalStore"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+STAGED_GLOBAL = "staged-global"
+_TEMP_KINDS = (".tmp-", ".trash-")
+_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _store_full(what: str) -> Callable[[F], F]:
+    """Turn a full disk (ENOSPC, EDQUOT) met anywhere in a write into one `StoreFullError` sentence."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(self: LocalStore, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(self, *args, **kwargs)
+            except StoreFullError:
+                raise
+            except OSError as e:
+                if e.errno not in _FULL_ERRNOS:
+                    raise
+                raise _full_error(self.path, what) from e
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _full_error(path: Path, what: str) -> StoreFullError:
+    err = StoreFullError(
+        f"The disk of store {path} is full while writing {what}: nothing was half-written (temporary files were "
+        "removed); free some space there and run the same command again to resume."
+    )
+    err.errno = errno.ENOSPC
+    return err
 
 
 class LocalStore:
@@ -93,11 +131,13 @@ class LocalStore:
     def read_federation(self) -> dict | None:
         return _read_json(self.path / FEDERATION_JSON)
 
+    @_store_full("federation.json")
     def write_federation(self, federation: dict) -> None:
         _atomic_write(self.path / FEDERATION_JSON, dump_json(federation))
         self._write_card()
 
     # --------------------------------------------------------------------------------------------- global
+    @_store_full("a global adapter")
     def publish_global(self, round_idx: int, folder: str | Path) -> str:
         round_idx = check_round(round_idx)
         files = global_files(folder, round_idx)
@@ -106,7 +146,7 @@ class LocalStore:
         target = round_dir / "global"
         if not target.is_dir():
             round_dir.mkdir(parents=True, exist_ok=True)
-            staged = Path(tempfile.mkdtemp(prefix=".tmp-global-", dir=round_dir))
+            staged = Path(tempfile.mkdtemp(prefix=temp_prefix(".tmp-", "global"), dir=round_dir))
             with _cleanup_on_error(target, staged):
                 for name, src in files.items():
                     _copy_file(src, staged / name)
@@ -127,7 +167,62 @@ class LocalStore:
             )
         if round_idx >= max(self._published_rounds()):
             self._refresh_root(target)
+        shutil.rmtree(round_dir / STAGED_GLOBAL, ignore_errors=True)
         return revision
+
+    @_store_full("a staged global adapter")
+    def stage_global(self, round_idx: int, folder: str | Path) -> str:
+        """Keep the global adapter of round `round_idx` in the store before it is published; return its sha256.
+
+        The coordinator stages the aggregate, then writes the summary that names its sha256, then publishes it:
+        a coordinator killed in between finishes the publish from the staged copy without re-reading uploads.
+        Staging again replaces the staged copy (a round closed again after its summary was deleted).
+
+        Example:
+            ```python
+            sha = store.stage_global(4, "out/global-4")
+            store.staged_global(4)   # Path to rounds/4/staged-global
+            ```
+        """
+        round_idx = check_round(round_idx)
+        files = global_files(folder, round_idx)
+        round_dir = self._round_dir(round_idx)
+        round_dir.mkdir(parents=True, exist_ok=True)
+        target = round_dir / STAGED_GLOBAL
+        staged = Path(tempfile.mkdtemp(prefix=temp_prefix(".tmp-", "staged"), dir=round_dir))
+        with _cleanup_on_error(target, staged):
+            for name, src in files.items():
+                _copy_file(src, staged / name)
+            _fsync_dir(staged)
+            _install_dir(staged, target)
+        _fsync_dir(round_dir)
+        return file_sha256(target / ADAPTER_WEIGHTS)
+
+    def staged_global(self, round_idx: int) -> Path | None:
+        """The folder of the staged (not yet published) global adapter of round `round_idx`, or None."""
+        folder = self._round_dir(check_round(round_idx)) / STAGED_GLOBAL
+        return folder if (folder / ADAPTER_WEIGHTS).is_file() else None
+
+    def clean_temporary_files(self) -> list[Path]:
+        """Remove the temporary files and folders that killed writers left in the store; return them.
+
+        Only entries whose writer is gone are removed (see `peft_hetlora.federated.temp_files`): a live
+        client's or coordinator's temporary file is never touched.
+
+        Example:
+            ```python
+            LocalStore("runs/fed").clean_temporary_files()   # [] when nothing was left behind
+            ```
+        """
+        folders = [self.path]
+        for t in self._rounds():
+            round_dir = self._round_dir(t)
+            folders += [round_dir, round_dir / "clients"]
+        removed: list[Path] = []
+        for folder in folders:
+            if _is_real_dir(folder):
+                removed += remove_abandoned(folder, _TEMP_KINDS)
+        return removed
 
     def latest_global(self) -> GlobalAdapter | None:
         rounds = self._published_rounds()
@@ -144,6 +239,7 @@ class LocalStore:
         return GlobalAdapter(round=round_idx, revision=self._revision(folder / ADAPTER_WEIGHTS), path=folder)
 
     # -------------------------------------------------------------------------------------------- clients
+    @_store_full("a client upload")
     def upload_client(self, round_idx: int, client_id: str, folder: str | Path) -> None:
         round_idx, client_id = check_round(round_idx), validate_client_id(client_id)
         files = client_files(folder)
@@ -156,32 +252,39 @@ class LocalStore:
         clients = round_dir / "clients"
         clients.mkdir(exist_ok=True)
         target = clients / client_id
-        staged = Path(tempfile.mkdtemp(prefix=f".tmp-{client_id}-", dir=clients))
+        staged = Path(tempfile.mkdtemp(prefix=temp_prefix(".tmp-", client_id), dir=clients))
         with _cleanup_on_error(target, staged):
             for name in sorted(files, key=lambda n: n == CLIENT_JSON):  # client.json last
                 _copy_file(files[name], staged / name)
             _fsync_dir(staged)
             _install_dir(staged, target)
         _fsync_dir(clients)
-        _remove_stale(clients, (f".tmp-{client_id}-", f".trash-{client_id}-"))
+        remove_abandoned(clients, _TEMP_KINDS)
 
     def list_client_uploads(self, round_idx: int) -> list[str]:
-        clients = self._round_dir(check_round(round_idx)) / "clients"
-        if not clients.is_dir():
+        """Ids with a complete upload: a real folder (not a link) holding a regular `client.json` (not a link)."""
+        clients = self._clients_dir(check_round(round_idx))
+        if clients is None:
             return []
-        return sorted(d.name for d in clients.iterdir() if _is_client_id(d.name) and (d / CLIENT_JSON).is_file())
+        return sorted(d.name for d in clients.iterdir() if _is_client_id(d.name) and _is_upload_dir(d))
 
     def download_client(self, round_idx: int, client_id: str) -> Path:
-        """The client's upload folder inside the store (untrusted files: validate before use)."""
+        """The client's upload folder inside the store (untrusted files: validate before use).
+
+        Nothing on the way is a link: `rounds/<t>/clients/<id>` and every folder above it (below the store root)
+        must be real folders, so a client cannot point the coordinator at a file outside the store.
+        """
         round_idx, client_id = check_round(round_idx), validate_client_id(client_id)
-        folder = self._round_dir(round_idx) / "clients" / client_id
-        if not (folder / CLIENT_JSON).is_file():
+        clients = self._clients_dir(round_idx)
+        folder = (clients if clients is not None else self._round_dir(round_idx) / "clients") / client_id
+        if clients is None or not _is_upload_dir(folder):
             raise ClientUploadNotFoundError(
                 f"No complete upload from client {client_id!r} for round {round_idx} in {self.path}."
             )
         return folder
 
     # ------------------------------------------------------------------------------------------ summaries
+    @_store_full("a round summary")
     def write_summary(self, round_idx: int, summary: dict) -> None:
         round_dir = self._round_dir(check_round(round_idx))
         round_dir.mkdir(parents=True, exist_ok=True)
@@ -194,6 +297,15 @@ class LocalStore:
     # ---------------------------------------------------------------------------------------------- inner
     def _round_dir(self, round_idx: int) -> Path:
         return self.path / "rounds" / str(round_idx)
+
+    def _clients_dir(self, round_idx: int) -> Path | None:
+        """`rounds/<t>/clients` if it and the folders above it (below the root) are real folders, else None."""
+        path = self.path
+        for part in ("rounds", str(round_idx), "clients"):
+            path = path / part
+            if not _is_real_dir(path):
+                return None
+        return path
 
     def _rounds(self) -> list[int]:
         rounds = self.path / "rounds"
@@ -243,6 +355,20 @@ def _is_client_id(name: str) -> bool:
     return True
 
 
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_upload_dir(folder: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(folder).st_mode) and stat.S_ISREG(os.lstat(folder / CLIENT_JSON).st_mode)
+    except OSError:
+        return False
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -261,22 +387,14 @@ def _cleanup_on_error(target: Path, temp: Path) -> Iterator[None]:
         else:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC,
-                f"No space left on the device while writing {target}. Nothing was changed there (the temporary "
-                "files were removed); free some space and retry.",
-            ) from e
+        if isinstance(e, OSError) and not isinstance(e, StoreFullError) and e.errno in _FULL_ERRNOS:
+            err = StoreFullError(
+                f"No space left on the device while writing {target}: nothing was changed there (the temporary "
+                "files were removed); free some space and run the same command again."
+            )
+            err.errno = errno.ENOSPC
+            raise err from e
         raise
-
-
-def _remove_stale(folder: Path, prefixes: tuple[str, ...], max_age_s: float = 3600.0) -> None:
-    """Remove what killed writers left behind (staging folders older than `max_age_s`)."""
-    now = time.time()
-    for p in folder.iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            if p.name.startswith(prefixes) and now - p.stat().st_mtime > max_age_s:
-                shutil.rmtree(p, ignore_errors=True)
 
 
 def _copy_file(src: Path, dst: Path) -> None:
@@ -286,7 +404,7 @@ def _copy_file(src: Path, dst: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(".tmp-", path.name), dir=path.parent)
     with _cleanup_on_error(path, Path(tmp)):
         _write_fd(fd, data)
         os.replace(tmp, path)
@@ -300,7 +418,7 @@ def _write_fd(fd: int, data: bytes) -> None:
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{dst.name}-", dir=dst.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(".tmp-", dst.name), dir=dst.parent)
     os.close(fd)
     with _cleanup_on_error(dst, Path(tmp)):
         _copy_file(src, Path(tmp))
@@ -363,7 +481,7 @@ def _install_dir(staged: Path, target: Path) -> None:
             if _exchange(staged, target):  # `staged` now holds the previous upload
                 shutil.rmtree(staged, ignore_errors=True)
                 return
-            trash = target.with_name(f".trash-{target.name}-{uuid.uuid4().hex[:8]}")
+            trash = target.with_name(temp_prefix(".trash-", target.name) + uuid.uuid4().hex[:8])
             os.rename(target, trash)  # fallback: `target` is absent until the next rename
             shutil.rmtree(trash, ignore_errors=True)
         except FileNotFoundError:

@@ -383,6 +383,22 @@ class RankPolicy:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def cap_ranks(ranks: Mapping[str, int], max_ranks: Mapping[str, int], *, r_min: int) -> dict[str, int]:
+    """Ranks no client can exceed: each rank lowered to the client's reported `max_rank` (never below r_min).
+
+    Whatever policy gave the initial ranks, a client that reported the largest rank its device can train
+    (`max_rank` in client.json) is never assigned more. Validation refuses a `max_rank` below r_min.
+
+    Example:
+        ```py
+        >>> cap_ranks({"phone": 8, "laptop": 16}, {"phone": 4}, r_min=2)
+        {'phone': 4, 'laptop': 16}
+        ```
+    """
+    return {cid: max(r_min, min(int(rank), int(max_ranks[cid]))) if cid in max_ranks else int(rank)
+            for cid, rank in ranks.items()}
+
+
 def sample_clients(client_ids: Sequence[str], clients_per_round: int, *, seed: int, round_idx: int) -> list[str]:
     """Seeded sample of `clients_per_round` distinct clients for round `round_idx` (sorted).
 

@@ -40,6 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from .errors import HetLoRAError
+from .untrusted_text import markdown_text, one_line
+
 __all__ = [
     "ADAPTER_WEIGHTS",
     "CLIENT_FILES",
@@ -50,7 +53,9 @@ __all__ = [
     "HubStore",
     "LocalStore",
     "StoreNotFoundError",
+    "dump_json",
     "file_sha256",
+    "json_text",
     "render_model_card",
     "validate_client_id",
 ]
@@ -68,15 +73,15 @@ CLIENT_FILES = (ADAPTER_WEIGHTS, CLIENT_JSON, ADAPTER_CONFIG)
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-class StoreNotFoundError(FileNotFoundError):
+class StoreNotFoundError(HetLoRAError, FileNotFoundError):
     """The store (folder or Hub repo) does not exist yet."""
 
 
-class GlobalNotPublishedError(LookupError):
+class GlobalNotPublishedError(HetLoRAError, LookupError):
     """No global adapter is published for the requested round (the coordinator publishes first)."""
 
 
-class ClientUploadNotFoundError(LookupError):
+class ClientUploadNotFoundError(HetLoRAError, LookupError):
     """No complete upload from this client for this round."""
 
 
@@ -103,7 +108,13 @@ class GlobalAdapter:
 
 @runtime_checkable
 class AdapterStore(Protocol):
-    """What the coordinator and the clients need from a store. See the module docstring for the layout."""
+    """What the coordinator and the clients need from a store. See the module docstring for the layout.
+
+    Optional methods the coordinator uses when a store has them (both built-in stores do):
+    `stage_global(round_idx, folder) -> sha256` and `staged_global(round_idx) -> Path | None` (the aggregate is
+    staged before the summary names it, so a restart finishes the publish without re-reading uploads), and
+    `clean_temporary_files() -> list[Path]` (what killed writers left behind).
+    """
 
     def read_federation(self) -> dict | None:
         """The federation's `federation.json`, or None before the coordinator wrote it."""
@@ -176,9 +187,60 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def dump_json(obj: Any) -> bytes:
-    """The bytes the stores write for a JSON document (indented, key order kept, trailing newline)."""
-    return (json.dumps(obj, indent=2) + "\n").encode()
+def json_text(
+    obj: Any, *, indent: int | None = None, sort_keys: bool = False, default: Any = None, nonfinite: str = "error"
+) -> str:
+    """The one JSON writer of the project: strict JSON (RFC 8259), never `NaN` / `Infinity`.
+
+    `nonfinite="error"` raises `ValueError` naming where a non-finite number sits (fix the producer);
+    `"null"` writes those numbers as `null` (for logs of measurements that may legitimately overflow).
+
+    Example:
+        ```py
+        >>> json_text({"loss": 1.5})
+        '{"loss": 1.5}'
+        >>> json_text({"ppl": float("inf")}, nonfinite="null")
+        '{"ppl": null}'
+        ```
+    """
+    if nonfinite not in ("error", "null"):
+        raise ValueError(f"nonfinite must be 'error' or 'null', got {nonfinite!r}.")
+    if nonfinite == "null":
+        obj = _nonfinite_to_null(obj)
+    try:
+        return json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default, allow_nan=False)
+    except ValueError as err:
+        where = _first_nonfinite(obj)
+        if where is None:
+            raise
+        raise ValueError(f"Refusing to write non-finite number {where[1]!r} at {where[0] or '<root>'} as JSON "
+                         "(strict JSON has no NaN/Infinity): compute it safely or record null with a reason.") from err
+
+
+def _nonfinite_to_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _nonfinite_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nonfinite_to_null(v) for v in obj]
+    return obj
+
+
+def _first_nonfinite(obj: Any, path: str = "") -> tuple[str, float] | None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return path, obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _first_nonfinite(v, f"{path}.{k}" if path else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def dump_json(obj: Any, *, sort_keys: bool = False) -> bytes:
+    """The bytes the stores write for a JSON document (strict, indented, trailing newline); see `json_text`."""
+    return (json_text(obj, indent=2, sort_keys=sort_keys) + "\n").encode()
 
 
 def global_files(folder: str | Path, round_idx: int) -> dict[str, Path]:
@@ -227,25 +289,48 @@ def client_files(folder: str | Path) -> dict[str, Path]:
     return files
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return str(value).replace("|", "\\|").replace("\n", " ")
+# Caps on what the model card shows of a round (everything in a summary may come from a client).
+CARD_CELL_CHARS = 120
+CARD_LIST_ITEMS = 20
+
+
+_PLAIN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def _cell(value: Any, limit: int = CARD_CELL_CHARS) -> str:
+    """A value as inert Markdown: numbers formatted, plain words as they are, anything else escaped and capped."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:.4g}" if math.isfinite(value) else "n/a"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and len(value) <= limit and _PLAIN_RE.fullmatch(value):
+        return value  # letters, digits, "_" and "-" inside a word: nothing Markdown or HTML acts on
+    return markdown_text(value, limit=limit)
+
+
+def _listed(items: list[str], total: int) -> str:
+    shown = ", ".join(items[:CARD_LIST_ITEMS])
+    return shown + (f", … ({total - CARD_LIST_ITEMS} more)" if total > CARD_LIST_ITEMS else "")
 
 
 def _summary_row(round_idx: int, summary: dict) -> str:
     accepted = summary.get("accepted") or []
     rejected = summary.get("rejected") or {}
-    accepted_txt = f"{len(accepted)}: {', '.join(map(str, accepted))}" if accepted else "0"
+    accepted = accepted if isinstance(accepted, list) else [accepted]
+    accepted_txt = f"{len(accepted)}: {_listed([_cell(c, 64) for c in accepted], len(accepted))}" if accepted else "0"
     if isinstance(rejected, dict):
-        rejected_txt = "; ".join(f"{k} ({_cell(v)})" for k, v in rejected.items())
+        parts = [f"{_cell(k, 64)} ({_cell(v)})" for k, v in rejected.items()]
     else:
-        rejected_txt = ", ".join(map(str, rejected))
+        parts = [_cell(v, 64) for v in (rejected if isinstance(rejected, list) else [rejected])]
+    rejected_txt = "; ".join(parts[:CARD_LIST_ITEMS]) + (
+        f"; … ({len(parts) - CARD_LIST_ITEMS} more)" if len(parts) > CARD_LIST_ITEMS else "")
     metrics = summary.get("metrics") or {}
-    metrics_txt = ", ".join(
-        f"{k}={_cell(v)}" for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
-    ) if isinstance(metrics, dict) else _cell(metrics)
-    return f"| {round_idx} | {_cell(accepted_txt)} | {_cell(rejected_txt) or '-'} | {metrics_txt or '-'} |"
+    if isinstance(metrics, dict):
+        shown = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        metrics_txt = ", ".join(f"{_cell(k, 40)}={_cell(v)}" for k, v in shown[:CARD_LIST_ITEMS])
+    else:
+        metrics_txt = _cell(metrics)
+    return f"| {_cell(round_idx)} | {accepted_txt} | {rejected_txt or '-'} | {metrics_txt or '-'} |"
 
 
 def render_model_card(
@@ -270,7 +355,7 @@ def render_model_card(
         data.to_yaml(),
         "---",
         "",
-        f"# {name}: a HetLoRA federation",
+        f"# {markdown_text(name, limit=200)}: a HetLoRA federation",
         "",
         "Federated fine-tuning with heterogeneous LoRA ranks ([HetLoRA](https://arxiv.org/abs/2401.06432)), "
         "run with `peft-hetlora`. The files at the root are the latest global adapter; "
@@ -282,13 +367,13 @@ def render_model_card(
         "import peft_hetlora  # registers the HETLORA adapter type",
         "from peft import PeftModel",
         "",
-        f'model = PeftModel.from_pretrained(base_model, "{name}")',
+        f"model = PeftModel.from_pretrained(base_model, {json_text(one_line(name, limit=200).replace('`', ''))})",
         "```",
         "",
     ]
     settings = {k: federation[k] for k in ("base_model", "method", "r_min", "r_max") if k in federation}
     if settings:
-        lines += ["## Federation", ""] + [f"- {k}: `{v}`" for k, v in settings.items()] + [""]
+        lines += ["## Federation", ""] + [f"- {k}: {_cell(v)}" for k, v in settings.items()] + [""]
     lines += ["## Rounds", ""]
     if summaries:
         lines += ["| Round | Accepted | Rejected | Metrics |", "|---|---|---|---|"]

@@ -20,13 +20,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 
 from .aggregation import ClientUpdate
+from .errors import HetLoRAError
+from .untrusted_text import brief, one_line
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CLIENT_FILE = "client.json"
@@ -50,12 +54,16 @@ LORA_B_SUFFIX = ".lora_B.weight"
 
 DEFAULT_MAX_EXAMPLES = 10**9
 DEFAULT_MAX_JSON_BYTES = 64 * 1024
+MAX_REASON_CHARS = 500
 _HEADER_BASE_BYTES = 4096
 _HEADER_BYTES_PER_KEY = 512
 
 
-class RejectedUpload(Exception):
+class RejectedUpload(HetLoRAError):
     """A client upload that failed validation; `reason` says why in words fit for the round summary.
+
+    The reason is one line of at most `MAX_REASON_CHARS` characters; it quotes untrusted values only in
+    short form (`brief`) and never the bytes of a file.
 
     Example:
         ```py
@@ -65,6 +73,7 @@ class RejectedUpload(Exception):
     """
 
     def __init__(self, reason: str):
+        reason = one_line(reason, limit=MAX_REASON_CHARS)
         super().__init__(reason)
         self.reason = reason
 
@@ -194,7 +203,7 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     out: dict = {}
     for key, value in pairs:
         if key in out:
-            raise RejectedUpload(f"duplicate JSON key {key!r}")
+            raise RejectedUpload(f"duplicate JSON key {brief(key)}")
         out[key] = value
     return out
 
@@ -207,7 +216,7 @@ def _loads_strict(raw: bytes, what: str) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise RejectedUpload(f"{what} is not UTF-8 ({err.reason} at byte {err.start})") from None
+        raise RejectedUpload(f"{what} is not UTF-8 (invalid byte at offset {err.start})") from None
     try:
         return json.loads(text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
     except RejectedUpload as err:
@@ -234,19 +243,20 @@ def _parse_header_json(header: bytes) -> dict[str, TensorInfo]:
                 raise RejectedUpload("safetensors __metadata__ must map strings to strings")
             continue
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise RejectedUpload(f"safetensors entry {key!r} must hold exactly dtype, shape and data_offsets")
+            raise RejectedUpload(f"safetensors entry {brief(key)} must hold exactly dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str):
-            raise RejectedUpload(f"tensor {key!r}: dtype must be a string")
+            raise RejectedUpload(f"tensor {brief(key)}: dtype must be a string")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise RejectedUpload(f"tensor {key!r}: shape must be a list of non-negative integers, got {shape!r}")
+            raise RejectedUpload(f"tensor {brief(key)}: shape must be a list of non-negative integers, got "
+                                 f"{brief(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(_is_int(o) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise RejectedUpload(f"tensor {key!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
+            raise RejectedUpload(f"tensor {brief(key)}: data_offsets must be [begin, end] with 0 <= begin <= end")
         entries[key] = TensorInfo(dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
     return entries
 
@@ -269,10 +279,12 @@ def read_safetensors_header(data: bytes, *, max_header_bytes: int) -> dict[str, 
     if len(data) < 8:
         raise RejectedUpload(f"{ADAPTER_FILE} is truncated ({len(data)} bytes, no header length)")
     (n,) = struct.unpack("<Q", data[:8])
+    # The declared length is file content: it is never echoed (a linked text file would leak its first bytes).
     if n > max_header_bytes:
-        raise RejectedUpload(f"{ADAPTER_FILE} declares a {n}-byte header, above the {max_header_bytes}-byte limit")
+        raise RejectedUpload(f"{ADAPTER_FILE} declares a header above the {max_header_bytes}-byte limit "
+                             "(not a safetensors file?)")
     if 8 + n > len(data):
-        raise RejectedUpload(f"{ADAPTER_FILE} declares a {n}-byte header but the file has {len(data)} bytes")
+        raise RejectedUpload(f"{ADAPTER_FILE} declares a header longer than the file ({len(data)} bytes)")
     entries = _parse_header_json(data[8 : 8 + n])
     data_len = len(data) - 8 - n
     cursor = 0
@@ -281,14 +293,14 @@ def read_safetensors_header(data: bytes, *, max_header_bytes: int) -> dict[str, 
             expected = math.prod(info.shape) * DTYPE_SIZES[info.dtype]
             if info.end - info.begin != expected:
                 raise RejectedUpload(
-                    f"tensor {key!r}: data_offsets span {info.end - info.begin} bytes but {info.dtype} "
+                    f"tensor {brief(key)}: data_offsets span {info.end - info.begin} bytes but {info.dtype} "
                     f"{list(info.shape)} needs {expected}"
                 )
         if info.begin != cursor:
-            raise RejectedUpload(f"tensor {key!r}: data_offsets overlap or leave a gap (starts at {info.begin}, "
+            raise RejectedUpload(f"tensor {brief(key)}: data_offsets overlap or leave a gap (starts at {info.begin}, "
                                  f"expected {cursor})")
         if info.end > data_len:
-            raise RejectedUpload(f"tensor {key!r}: data_offsets end at {info.end}, past the end of the file "
+            raise RejectedUpload(f"tensor {brief(key)}: data_offsets end at {info.end}, past the end of the file "
                                  f"(data region is {data_len} bytes)")
         cursor = info.end
     if cursor != data_len:
@@ -308,11 +320,13 @@ def _check_tensors_against_spec(
         if missing:
             parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
         if extra:
-            parts.append(f"unexpected {len(extra)} key(s) e.g. {extra[:3]}")
+            parts.append(f"unexpected {len(extra)} key(s) e.g. {', '.join(brief(k) for k in extra[:3])}")
         raise RejectedUpload("adapter keys do not match the global adapter: " + "; ".join(parts))
     for key, info in entries.items():
         if info.dtype not in spec.dtypes:
-            raise RejectedUpload(f"tensor {key!r} has dtype {info.dtype}; allowed: {sorted(spec.dtypes)}")
+            raise RejectedUpload(
+                f"tensor {brief(key)} has dtype {one_line(info.dtype, limit=16)}; allowed: {sorted(spec.dtypes)}"
+            )
     for key, shape in spec.extras.items():
         if entries[key].shape != tuple(shape):
             raise RejectedUpload(f"tensor {key!r} has shape {list(entries[key].shape)}, expected {list(shape)}")
@@ -342,9 +356,9 @@ def _check_number(meta: Mapping, name: str, *, non_negative: bool = False) -> No
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
         isinstance(value, float) and not math.isfinite(value)
     ):
-        raise RejectedUpload(f"client.json {name} must be a finite number or null, got {value!r}")
+        raise RejectedUpload(f"client.json {name} must be a finite number or null, got {brief(value)}")
     if non_negative and value < 0:
-        raise RejectedUpload(f"client.json {name} must be >= 0, got {value!r}")
+        raise RejectedUpload(f"client.json {name} must be >= 0, got {brief(value)}")
 
 
 def validate_client_json(
@@ -369,24 +383,34 @@ def validate_client_json(
         raise RejectedUpload("client.json is not a JSON object")
     if meta.get("client_id") != client_id:
         raise RejectedUpload(
-            f"client.json client_id {meta.get('client_id')!r} does not match the upload's {client_id!r}"
+            f"client.json client_id {brief(meta.get('client_id'))} does not match the upload's {brief(client_id)}"
         )
     if not _is_int(meta.get("round")) or meta["round"] != round_idx:
-        raise RejectedUpload(f"client.json round {meta.get('round')!r} does not match round {round_idx}")
+        raise RejectedUpload(f"client.json round {brief(meta.get('round'))} does not match round {round_idx}")
     num = meta.get("num_examples")
     if not _is_int(num) or not 1 <= num <= spec.max_examples:
-        raise RejectedUpload(f"client.json num_examples must be an integer in [1, {spec.max_examples}], got {num!r}")
+        raise RejectedUpload(f"client.json num_examples must be an integer in [1, {spec.max_examples}], got "
+                             f"{brief(num)}")
     for name in ("rank_in", "rank_out"):
         value = meta.get(name)
         if not _is_int(value) or not spec.r_min <= value <= spec.r_max:
             raise RejectedUpload(
-                f"client.json {name} must be an integer in [r_min={spec.r_min}, r_max={spec.r_max}], got {value!r}"
+                f"client.json {name} must be an integer in [r_min={spec.r_min}, r_max={spec.r_max}], "
+                f"got {brief(value)}"
             )
     if meta["rank_out"] > meta["rank_in"]:
         raise RejectedUpload(f"client.json rank_out {meta['rank_out']} is above rank_in {meta['rank_in']}")
     if assigned_rank is not None and meta["rank_in"] > assigned_rank:
         raise RejectedUpload(f"client.json rank_in {meta['rank_in']} is above the rank {assigned_rank} assigned "
                              "to this client for the round")
+    max_rank = meta.get("max_rank")
+    if max_rank is not None:
+        if not _is_int(max_rank) or not 1 <= max_rank <= spec.r_max:
+            raise RejectedUpload(f"client.json max_rank must be an integer in [1, r_max={spec.r_max}] or absent, got "
+                                 f"{brief(max_rank)}")
+        if max_rank < spec.r_min:
+            raise RejectedUpload(f"client.json max_rank {max_rank} is below the federation's r_min={spec.r_min}: this "
+                                 "device cannot train the smallest rank the federation allows")
     _check_number(meta, "train_loss")
     _check_number(meta, "tail_norm_start", non_negative=True)
     _check_number(meta, "tail_norm_end", non_negative=True)
@@ -397,52 +421,159 @@ def validate_client_json(
     return meta
 
 
-def _read_regular_file(path: Path, limit: int, what: str) -> bytes:
-    """Read a regular file of at most `limit` bytes (size checked on the open descriptor, then bounded read).
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_FILE_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | _NOFOLLOW | getattr(
+    os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_SNAPSHOT_ATTEMPTS = 5
 
-    Symlinks are followed (the Hub cache hands out snapshot symlinks to blobs) but the target must be a
-    regular file: a link to a device, a FIFO or a folder is refused, and the size limit applies to the target.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
+
+class _UploadChanged(Exception):
+    """The upload folder was replaced while its files were being opened (a re-upload): open it again."""
+
+
+def _link_refused(name: str) -> RejectedUpload:
+    return RejectedUpload(f"{name} is a symbolic link; links are never followed (upload the file itself)")
+
+
+def _open_upload_dir(folder: Path) -> int:
+    """Open the upload folder itself without following a link (O_DIRECTORY | O_NOFOLLOW)."""
     try:
-        fd = os.open(path, flags)
+        return os.open(folder, _DIR_FLAGS)
     except OSError as err:
-        raise RejectedUpload(f"cannot open {what}: {err.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise RejectedUpload(f"{what} is not a regular file")
-        if st.st_size > limit:
-            raise RejectedUpload(f"{what} is {st.st_size:,} bytes, above the {limit:,}-byte limit")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise RejectedUpload(f"{what} grew past the {limit:,}-byte limit while being read")
-    return data
+        if os.path.islink(folder) or err.errno == errno.ELOOP:
+            raise _link_refused("the upload folder") from None
+        if err.errno == errno.ENOTDIR:
+            raise RejectedUpload("the upload is not a folder") from None
+        if err.errno == errno.ENOENT:
+            raise _UploadChanged from None
+        raise RejectedUpload(f"cannot open the upload folder ({err.strerror})") from None
 
 
-def _check_folder_entries(folder: Path, ignore: frozenset[str]) -> None:
-    if not folder.is_dir():
-        raise RejectedUpload(f"upload {folder} is not a folder")
-    names = set()
-    for entry in os.scandir(folder):
-        if entry.name in ignore:
-            continue
-        lower = entry.name.lower()
-        if lower.endswith(PICKLE_SUFFIXES):
+def _open_snapshot(dir_fd: int, ignore: frozenset[str]) -> dict[str, int]:
+    """Open every file of the upload, relative to the folder's descriptor: {name: fd} of regular files.
+
+    All names are checked first (only ALLOWED_FILES, never pickle); each is lstat-ed (a link or anything but
+    a regular file is refused before it is opened, so opening a FIFO or a device never happens) and opened
+    with O_NOFOLLOW, and the opened inode must be the one lstat saw. Once every file is open, a re-upload
+    that replaces the folder can no longer change what is read: the bytes all come from this snapshot.
+    """
+    names = sorted(set(os.listdir(dir_fd)) - ignore)
+    for name in names:
+        if name.lower().endswith(PICKLE_SUFFIXES):
             raise RejectedUpload(
-                f"file {entry.name!r} is a pickle-based format that is never loaded; upload {ADAPTER_FILE} instead"
+                f"file {brief(name)} is a pickle-based format that is never loaded; upload {ADAPTER_FILE} instead"
             )
-        if entry.name not in ALLOWED_FILES:
+        if name not in ALLOWED_FILES:
             raise RejectedUpload(
-                f"unexpected file {entry.name!r}; an upload holds only {ADAPTER_FILE}, {CLIENT_FILE} "
+                f"unexpected file {brief(name)}; an upload holds only {ADAPTER_FILE}, {CLIENT_FILE} "
                 f"and optionally {CONFIG_FILE}"
             )
-        if not entry.is_file():
-            raise RejectedUpload(f"{entry.name!r} is not a regular file")
-        names.add(entry.name)
     for required in (ADAPTER_FILE, CLIENT_FILE):
         if required not in names:
             raise RejectedUpload(f"upload has no {required}")
+    fds: dict[str, int] = {}
+    try:
+        for name in names:
+            try:
+                seen = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise _UploadChanged from None
+            if stat.S_ISLNK(seen.st_mode):
+                raise _link_refused(name)
+            if not stat.S_ISREG(seen.st_mode):
+                raise RejectedUpload(f"{name} is not a regular file")
+            try:
+                fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                raise _UploadChanged from None
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise _link_refused(name) from None
+                raise RejectedUpload(f"cannot open {name} ({err.strerror})") from None
+            fds[name] = fd
+            opened = os.fstat(fd)
+            if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (seen.st_dev, seen.st_ino):
+                raise _UploadChanged
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
+def _read_regular_file(fd: int, limit: int, what: str) -> bytes:
+    """Read an open regular file of at most `limit` bytes (size checked on the descriptor, then a bounded read)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise RejectedUpload(f"{what} is not a regular file")
+    if st.st_size > limit:
+        raise RejectedUpload(f"{what} is {st.st_size:,} bytes, above the {limit:,}-byte limit")
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = os.pread(fd, min(1 << 20, limit + 1 - size), size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise RejectedUpload(f"{what} grew past the {limit:,}-byte limit while being read")
+    return b"".join(chunks)
+
+
+class UploadSnapshot:
+    """The open files of one upload (see `open_upload_snapshot`): every read comes from the same upload."""
+
+    def __init__(self, fds: Mapping[str, int]) -> None:
+        self._fds = dict(fds)
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The files the upload holds."""
+        return frozenset(self._fds)
+
+    def read(self, name: str, limit: int) -> bytes:
+        """The bytes of file `name` (at most `limit`, else `RejectedUpload`)."""
+        return _read_regular_file(self._fds[name], limit, name)
+
+
+@contextlib.contextmanager
+def open_upload_snapshot(
+    folder: str | Path, *, ignore_files: frozenset[str] = frozenset()
+) -> Iterator[UploadSnapshot]:
+    """Open one upload folder as a consistent snapshot: whatever is read later comes from the same upload.
+
+    The folder is opened once without following links and every file is opened relative to it before any is
+    read; a folder replaced by a re-upload in the middle of the opening is opened again (up to a few times).
+    Links, FIFOs, devices and sub-folders are refused, and so are files not in `ALLOWED_FILES`.
+
+    Example:
+        ```py
+        >>> with open_upload_snapshot("rounds/3/clients/alice") as upload:  # doctest: +SKIP
+        ...     meta = upload.read("client.json", 65536)
+        ...     weights = upload.read("adapter_model.safetensors", 10**8)  # the same upload as meta
+        ```
+    """
+    folder = Path(folder)
+    for _ in range(_SNAPSHOT_ATTEMPTS):
+        if not os.path.lexists(folder):
+            raise RejectedUpload("the upload folder does not exist (anymore)")
+        try:
+            dir_fd = _open_upload_dir(folder)
+            try:
+                fds = _open_snapshot(dir_fd, frozenset(ignore_files))
+            finally:
+                os.close(dir_fd)
+        except _UploadChanged:
+            continue
+        try:
+            yield UploadSnapshot(fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return
+    raise RejectedUpload("the upload kept changing while being read (re-uploaded repeatedly); it is read again "
+                         "when the round is closed again")
 
 
 def validate_upload(
@@ -470,23 +601,24 @@ def validate_upload(
         (4, 120)
         ```
     """
-    folder = Path(folder)
-    _check_folder_entries(folder, frozenset(ignore_files))
-    raw_meta = _read_regular_file(folder / CLIENT_FILE, spec.max_json_bytes, CLIENT_FILE)
-    meta = validate_client_json(
-        _loads_strict(raw_meta, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
-        assigned_rank=assigned_rank,
-    )
-    if required_rank is not None and meta["rank_out"] != required_rank:
-        raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method requires")
-    upload_bytes = len(raw_meta)
-    if (folder / CONFIG_FILE).exists():
-        raw_config = _read_regular_file(folder / CONFIG_FILE, spec.max_json_bytes, CONFIG_FILE)
-        if not isinstance(_loads_strict(raw_config, CONFIG_FILE), dict):
-            raise RejectedUpload(f"{CONFIG_FILE} is not a JSON object")
-        upload_bytes += len(raw_config)
-    data = _read_regular_file(folder / ADAPTER_FILE, int(spec.max_upload_bytes), ADAPTER_FILE)
-    upload_bytes += len(data)
+    with open_upload_snapshot(folder, ignore_files=frozenset(ignore_files)) as upload:
+        # client.json first: what it declares is checked before the (large) weights are read
+        raw_meta = upload.read(CLIENT_FILE, spec.max_json_bytes)
+        meta = validate_client_json(
+            _loads_strict(raw_meta, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
+            assigned_rank=assigned_rank,
+        )
+        if required_rank is not None and meta["rank_out"] != required_rank:
+            raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method "
+                                 "requires")
+        upload_bytes = len(raw_meta)
+        if CONFIG_FILE in upload.names:
+            raw_config = upload.read(CONFIG_FILE, spec.max_json_bytes)
+            if not isinstance(_loads_strict(raw_config, CONFIG_FILE), dict):
+                raise RejectedUpload(f"{CONFIG_FILE} is not a JSON object")
+            upload_bytes += len(raw_config)
+        data = upload.read(ADAPTER_FILE, int(spec.max_upload_bytes))
+        upload_bytes += len(data)
     entries = read_safetensors_header(data, max_header_bytes=int(spec.max_header_bytes))
     _check_tensors_against_spec(entries, spec, rank_in=meta["rank_in"], rank_out=meta["rank_out"])
     try:

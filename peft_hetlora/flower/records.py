@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..federated.store import json_text
+
 if TYPE_CHECKING:  # flwr is needed only by the functions that build or read Flower records
     from flwr.app import ArrayRecord
 
@@ -104,7 +106,7 @@ def adapter_config_json(config: Any) -> str:
             data[key] = sorted(value)
         elif hasattr(value, "value") and type(value).__module__.startswith("peft"):
             data[key] = value.value
-    return json.dumps(data, sort_keys=True, default=str)
+    return json_text(data, sort_keys=True, default=str)
 
 
 def federation_adapter_config(config: Any, r_min: int | None = None) -> dict[str, Any]:

@@ -56,9 +56,9 @@ from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import save_file
 
 from peft_hetlora.federated.aggregation import AGGREGATION_METHODS, ClientUpdate, aggregate, truncate, update_norm
-from peft_hetlora.federated.coordinator import FEDERATION_FORMAT, scaling_from_config
+from peft_hetlora.federated.coordinator import FEDERATION_FORMAT, scaling_from_config, weighted_mean
 from peft_hetlora.federated.rank_policy import RankPolicy, sample_clients
-from peft_hetlora.federated.store import AdapterStore, validate_client_id
+from peft_hetlora.federated.store import AdapterStore, json_text, validate_client_id
 from peft_hetlora.federated.validation import (
     ADAPTER_FILE,
     CLIENT_FILE,
@@ -275,7 +275,7 @@ class HetLoRAStrategy(FedAvg):
                     rec.R_MIN: self.r_min,
                     rec.METHOD: self.method,
                     rec.SEED: rec.local_seed(self.seed, cid, t),
-                    rec.ADAPTER_CONFIG: json.dumps(self.adapter_config, sort_keys=True),
+                    rec.ADAPTER_CONFIG: json_text(self.adapter_config, sort_keys=True),
                     "global-revision": revision,
                 }),
             })
@@ -388,7 +388,7 @@ class HetLoRAStrategy(FedAvg):
                     rec.ROUND: t,
                     rec.CLIENT_ID: cid,
                     rec.RANK: rank,
-                    rec.ADAPTER_CONFIG: json.dumps(self.adapter_config, sort_keys=True),
+                    rec.ADAPTER_CONFIG: json_text(self.adapter_config, sort_keys=True),
                 }),
             })
             messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=connected[cid]))
@@ -635,8 +635,8 @@ class HetLoRAStrategy(FedAvg):
             folder = Path(tmp)
             tensors = {k: self.global_state[k] for k in sorted(self.global_state)}
             save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
-            (folder / CONFIG_FILE).write_text(json.dumps(self.adapter_config, indent=2, sort_keys=True) + "\n")
-            (folder / ROUND_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            (folder / CONFIG_FILE).write_text(json_text(self.adapter_config, indent=2, sort_keys=True) + "\n")
+            (folder / ROUND_FILE).write_text(json_text(info, indent=2, sort_keys=True) + "\n")
             self._revisions[t] = self.store.publish_global(t, folder)
         return self._revisions[t]
 
@@ -665,7 +665,7 @@ class HetLoRAStrategy(FedAvg):
             "bytes_uploaded": sum(details[c]["upload_bytes"] for c in accepted),
             "mean_rank_in": sum(details[c]["rank_in"] for c in accepted) / len(accepted) if accepted else None,
             "mean_rank_out": sum(details[c]["rank_out"] for c in accepted) / len(accepted) if accepted else None,
-            "train_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses) if losses else None,
+            "train_loss": weighted_mean(losses),
             "global_update_norm": float(update_norm(result.state_dict, self.scaling)) if result is not None else None,
             "seconds": time.time() - self._round_started.get(t, time.time()),
         }

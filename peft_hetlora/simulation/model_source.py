@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..federated.store import json_text
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -129,7 +131,7 @@ def _atomic_build(final: Path, build, kind: str, extra_info: dict) -> Path:
     try:
         build(tmp)
         info = {"kind": kind, "format_version": _FORMAT_VERSION, **extra_info}
-        (tmp / _SOURCE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        (tmp / _SOURCE_FILE).write_text(json_text(info, indent=2, sort_keys=True))
         if final.exists() and not _is_complete(final, kind):
             shutil.rmtree(final, ignore_errors=True)  # a stale or foreign folder: replace it
         try:

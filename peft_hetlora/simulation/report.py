@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from ..federated.store import json_text
+
 _NAN = float("nan")
 
 
@@ -578,7 +580,7 @@ def write_report(
             },
             metrics=list(seed_metrics),
         )
-    (out / "metrics.json").write_text(json.dumps(_json_safe(payload), indent=2), encoding="utf-8")
+    (out / "metrics.json").write_text(json_text(_json_safe(payload), indent=2), encoding="utf-8")
     return out / "report.md"
 
 

@@ -34,6 +34,7 @@ from ..config import HetLoRAConfig, scaling_for
 from ..federated.aggregation import truncate
 from ..federated.coordinator import Coordinator
 from ..federated.local_store import LocalStore
+from ..federated.store import json_text
 from ..metrics.loss_eval import evaluate_perplexity
 from .config import ARMS, SimulationConfig
 from .data import CausalLMCollator, FederatedCorpus, load_client_corpus, pad_token_id, tokenize_for_clm
@@ -232,7 +233,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 def _append_row(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json_text(row, nonfinite="null") + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -398,7 +399,7 @@ def _check_run_folder(out: Path, config: SimulationConfig) -> None:
     else:
         out.mkdir(parents=True, exist_ok=True)
         marker.write_text(
-            json.dumps({"fingerprint": config.fingerprint(), "settings": config.to_dict()}, indent=2, default=str)
+            json_text({"fingerprint": config.fingerprint(), "settings": config.to_dict()}, indent=2, default=str)
         )
 
 
