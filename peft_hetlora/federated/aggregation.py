@@ -224,6 +224,35 @@ class _ModuleSpec:
     first_rank: int
 
 
+class _ExtraSum:
+    """Weighted running sums of the dense extras, at the best weighting level seen (like a module's components)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.sums = {key: torch.zeros(shape, dtype=torch.float32) for key, shape in shapes.items()}
+        self.level = NONE
+        self.den = 0.0
+
+    def add(self, level: int, weight: float, tensors: Mapping[str, torch.Tensor]) -> None:
+        if level < self.level:
+            return
+        if level > self.level:
+            for tensor in self.sums.values():
+                tensor.zero_()
+            self.level, self.den = level, 0.0
+        self.den += weight
+        for key, value in tensors.items():
+            self.sums[key].add_(value, alpha=weight)
+
+    def mean(self, key: str) -> torch.Tensor:
+        return self.sums[key] * (1.0 / self.den)
+
+    def clone(self) -> _ExtraSum:
+        copy = _ExtraSum({})
+        copy.sums = {key: value.clone() for key, value in self.sums.items()}
+        copy.level, copy.den = self.level, self.den
+        return copy
+
+
 @dataclass(order=True)
 class _Retained:
     """A data-weighted client's (clipped) factors and extras, kept so the weight cap can lower its weight."""
@@ -324,9 +353,12 @@ class StreamingAggregator:
         self._modules: dict[str, _ModuleSpec] = {}
         self._extras: dict[str, tuple[int, ...]] = {}
         self._accs: dict[str, ModuleAccumulator] = {}
-        self._extra_sums: dict[str, torch.Tensor] = {}
-        self._extra_level = NONE
-        self._extra_den = 0.0
+        self._extra_sums = _ExtraSum({})
+        # The weight cap: the heaviest data-weighted clients are also held out of a second set of sums (``_rest``),
+        # so a capped result adds them back at the capped weight instead of subtracting a huge weight in float32.
+        self._capping = self.max_weight_ratio is not None and impl.weights == "data"
+        self._rest_accs: dict[str, ModuleAccumulator] = {}
+        self._rest_extras = _ExtraSum({})
         self._clients: list[_ClientRecord] = []
         self._seen_ids: set[str] = set()
         self._retained: list[_Retained] = []  # min-heap by weight
@@ -430,7 +462,10 @@ class StreamingAggregator:
             self._accs[name] = self._impl.accumulator(tuple(a.shape), tuple(b.shape), self.r_max)
         for key in extras:
             self._extras[key] = tuple(sd[key].shape)
-            self._extra_sums[key] = torch.zeros(self._extras[key], dtype=torch.float32)
+        self._extra_sums = _ExtraSum(self._extras)
+        if self._capping:
+            self._rest_accs = {name: acc.clone() for name, acc in self._accs.items()}
+            self._rest_extras = self._extra_sums.clone()
 
     def _check_previous(self, modules: dict[str, tuple[str, str]], sd: Mapping[str, torch.Tensor]) -> None:
         prev = self.previous
@@ -539,24 +574,22 @@ class StreamingAggregator:
             if self.weighting == "per_module":
                 m_level, m_weight = _level_and_weight(math.sqrt(module_sq[name]), update.num_examples)
             self._accs[name].add(cid, a, b, m_level, m_weight)
-        if level >= self._extra_level:
-            if level > self._extra_level:
-                for tensor in self._extra_sums.values():
-                    tensor.zero_()
-                self._extra_level, self._extra_den = level, 0.0
-            self._extra_den += weight
-            for key in extras:
-                self._extra_sums[key].add_(sd[key].detach().to("cpu"), alpha=weight)
+        extra_values = {key: sd[key].detach().to("cpu") for key in extras}
+        self._extra_sums.add(level, weight, extra_values)
         self._clients.append(
             _ClientRecord(cid, int(update.rank), int(update.num_examples), norm, clip_scale, level, weight, module_sq)
         )
         self._seen_ids.add(cid)
-        if self.max_weight_ratio is not None and not sparse and level == DATA:
-            entry = _Retained(weight, cid, factors, {key: sd[key].detach().to("cpu") for key in extras})
-            if len(self._retained) < _CAP_RETAINED:
+        if self._capping:
+            entry = _Retained(weight, cid, factors, extra_values)
+            if level == DATA and len(self._retained) < _CAP_RETAINED:
                 heapq.heappush(self._retained, entry)
-            elif entry > self._retained[0]:
-                heapq.heapreplace(self._retained, entry)
+                return
+            if level == DATA and entry > self._retained[0]:
+                entry = heapq.heapreplace(self._retained, entry)
+            for name, (a, b) in entry.factors.items():  # the new client, or the retained one it displaced
+                self._rest_accs[name].add(entry.client_id, a, b, level, entry.weight)
+            self._rest_extras.add(level, entry.weight, entry.extras)
 
     # -- result ----------------------------------------------------------------------------------------------
 
@@ -627,17 +660,20 @@ class StreamingAggregator:
         method_top = SPARSITY if self._impl.weights == "sparsity" else DATA
         caps, cap_messages = self._caps()
         weights, client_level = self._client_weights(caps)
-        lowered = {e.client_id: e for e in self._retained if e.client_id in caps}
+        accs, extra_sums = self._accs, self._extra_sums
+        if caps:  # the held-out heaviest clients go back in at their capped weight
+            accs = {name: acc.clone() for name, acc in self._rest_accs.items()}
+            extra_sums = self._rest_extras.clone()
+            for entry in sorted(self._retained, key=lambda e: e.client_id):
+                weight = caps.get(entry.client_id, entry.weight)
+                for name, (a, b) in entry.factors.items():
+                    accs[name].add(entry.client_id, a, b, DATA, weight)
+                extra_sums.add(DATA, weight, entry.extras)
         out_factors: dict[str, torch.Tensor] = {}
         fallback_modules: list[str] = []
         worst = client_level
         for name, spec in self._modules.items():
-            acc = self._accs[name]
-            if lowered:
-                acc = acc.clone()
-                for cid, entry in lowered.items():
-                    a, b = entry.factors[name]
-                    acc.add(cid, a, b, DATA, caps[cid] - entry.weight)
+            acc = accs[name]
             prev = self._previous_factors(name) if self._impl.uses_previous else None
             a, b = acc.result(prev)
             used = acc.level_used()
@@ -646,19 +682,12 @@ class StreamingAggregator:
                 fallback_modules.append(name)
             worst = min(worst, used)
             out_factors[spec.a_key], out_factors[spec.b_key] = a, b
-        extra_sums, extra_den = self._extra_sums, self._extra_den
-        if lowered and self._extra_level == DATA and extra_sums:
-            extra_sums = {key: value.clone() for key, value in extra_sums.items()}
-            for cid, entry in lowered.items():
-                extra_den += caps[cid] - entry.weight
-                for key, value in entry.extras.items():
-                    extra_sums[key].add_(value, alpha=caps[cid] - entry.weight)
         state_dict: dict[str, torch.Tensor] = {}
         for key in self._key_order:
             if key in out_factors:
                 state_dict[key] = out_factors[key]
             else:
-                state_dict[key] = extra_sums[key] * (1.0 / extra_den)
+                state_dict[key] = extra_sums.mean(key)
 
         messages: list[str] = []
         fallback = _FALLBACK_NAMES.get(worst) if worst < method_top else None
