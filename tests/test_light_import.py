@@ -27,12 +27,12 @@ def run(code: str) -> str:
 
 def test_federated_core_imports_no_framework():
     out = run(
-        """
+        f"""
         import sys
         import peft_hetlora.federated
         from peft_hetlora.federated import aggregate, register_aggregation, LocalStore, Coordinator
-        print(sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r}))
-        """.format(heavy=HEAVY)
+        print(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r}))
+        """
     )
     assert out == "[]"
 
