@@ -102,6 +102,7 @@ class HetLoRAStrategy(FedAvg):
         store: mirror every round to this `AdapterStore` in the coordinator's layout.
         query_timeout: seconds to wait for nodes to report their client id.
         keep_updates: keep each round's validated `ClientUpdate`s in ``round_updates`` (tests, debugging).
+        clock, sleep: the wall clock (round timestamps) and the wait between node polls; tests inject fakes.
 
     Attributes:
         history: one summary dict per closed round (the coordinator's ``summary.json`` fields plus ``failed``).
@@ -142,6 +143,8 @@ class HetLoRAStrategy(FedAvg):
         query_timeout: float = 120.0,
         max_examples: int = DEFAULT_MAX_EXAMPLES,
         keep_updates: bool = False,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -180,6 +183,8 @@ class HetLoRAStrategy(FedAvg):
         self.query_timeout = query_timeout
         self.max_examples = max_examples
         self.keep_updates = keep_updates
+        self._clock = clock
+        self._sleep = sleep
 
         self.global_state: dict[str, torch.Tensor] | None = None
         self.spec: UploadSpec | None = None
@@ -246,16 +251,17 @@ class HetLoRAStrategy(FedAvg):
         connected = self._connected_clients(grid, self.min_available_nodes)
         pool = sorted(connected)
         if not pool:
-            logger.warning("Round %d: no identified client is connected; nothing to train.", t)
+            logger.warning("[ROUND %d/%s] no identified client is connected; nothing to train.", *self._tag(t))
             return []
         n = self.clients_per_round or max(int(len(pool) * self.fraction_train), self.min_train_nodes)
         if n > len(pool):
-            logger.warning("Round %d: %d clients wanted but %d connected; sampling all.", t, n, len(pool))
+            logger.warning("[ROUND %d/%s] %d clients wanted but %d connected; sampling all.", *self._tag(t), n,
+                           len(pool))
             n = len(pool)
         participants = sample_clients(pool, n, seed=self.seed, round_idx=t)
         ranks = {cid: self.client_ranks[cid] for cid in participants}
         self._plans[t] = {"participants": participants, "ranks": ranks}
-        self._round_started[t] = time.time()
+        self._round_started[t] = self._clock()
         revision = self._publish_round(t, participants, ranks)
         messages = []
         pending: dict[int, tuple[str, int]] = {}
@@ -282,7 +288,7 @@ class HetLoRAStrategy(FedAvg):
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
             pending[node] = (cid, rank)
         self._pending[t] = pending
-        logger.info("Round %d: training %s", t, ", ".join(f"{c}@r{ranks[c]}" for c in participants))
+        logger.info("[ROUND %d/%s] training %s", *self._tag(t), ", ".join(f"{c}@r{ranks[c]}" for c in participants))
         return messages
 
     def aggregate_train(
@@ -303,20 +309,21 @@ class HetLoRAStrategy(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if node not in pending:
-                logger.warning("Round %d: ignoring a reply from node %s, which was not asked to train.", t, node)
+                logger.warning("[ROUND %d/%s] ignoring a reply from node %s, which was not asked to train.",
+                               *self._tag(t), node)
                 continue
             answered.add(node)
             cid, rank = pending[node]
             if msg.has_error():
                 failed[cid] = f"node error: {short_reason(msg.error.reason)}"
-                logger.warning("Round %d: client %s (node %s) failed: %s", t, cid, node, failed[cid])
-                logger.debug("Round %d: client %s full error: %s", t, cid, msg.error.reason)
+                logger.warning("[ROUND %d/%s] client %s (node %s) failed: %s", *self._tag(t), cid, node, failed[cid])
+                logger.debug("[ROUND %d/%s] client %s full error: %s", *self._tag(t), cid, msg.error.reason)
             else:
                 valid.append((cid, rank, msg))
         for node, (cid, _) in pending.items():
             if node not in answered:
                 failed[cid] = "no reply before the round timeout"
-                logger.warning("Round %d: client %s (node %s) did not reply.", t, cid, node)
+                logger.warning("[ROUND %d/%s] client %s (node %s) did not reply.", *self._tag(t), cid, node)
 
         def updates() -> Iterator[ClientUpdate]:
             for cid, rank, msg in sorted(valid, key=lambda item: item[0]):
@@ -324,7 +331,7 @@ class HetLoRAStrategy(FedAvg):
                     update = self._validate_reply(t, cid, rank, msg.content)
                 except RejectedUpload as err:
                     rejected[cid] = err.reason
-                    logger.warning("Round %d: rejected %s: %s", t, cid, err.reason)
+                    logger.warning("[ROUND %d/%s] rejected %s: %s", *self._tag(t), cid, err.reason)
                     continue
                 accepted.append(cid)
                 details[cid] = _client_details(update)
@@ -332,7 +339,7 @@ class HetLoRAStrategy(FedAvg):
                     kept.append(update)
                 yield update
 
-        previous = self.global_state if self.method == "rankwise" else None
+        previous = self.global_state  # rankwise keeps uncovered components; clip_norm clips around it
         result = None
         try:
             result = aggregate(updates(), method=self.method, r_max=self.r_max, scaling=self.scaling,
@@ -348,7 +355,7 @@ class HetLoRAStrategy(FedAvg):
         elif result is None:
             note = "no accepted upload: the global adapter is carried over unchanged"
         if note:
-            logger.warning("Round %d: %s.", t, note)
+            logger.warning("[ROUND %d/%s] %s.", *self._tag(t), note)
         if result is not None:
             self._set_global(result.state_dict)
         if self.next_rank == "rank_out":
@@ -424,7 +431,7 @@ class HetLoRAStrategy(FedAvg):
             if node not in answered:
                 failed[cid] = "no reply before the round timeout"
         for cid, reason in failed.items():
-            logger.warning("Round %d evaluation: client %s failed: %s", t, cid, reason)
+            logger.warning("[ROUND %d/%s] evaluation client %s failed: %s", *self._tag(t), cid, reason)
         if not losses:
             return None
         total = sum(n for _, n in losses)
@@ -435,12 +442,16 @@ class HetLoRAStrategy(FedAvg):
         return MetricRecord(out)
 
     # ------------------------------------------------------------------------------------------------ clients
+    def _tag(self, t: int) -> tuple[int, str]:
+        """Flower's ``[ROUND n/N]`` numbers for store round ``t`` (store rounds count from 0, Flower's from 1)."""
+        return t + 1, str(self.num_rounds) if self.num_rounds is not None else "?"
+
     def _wait_for_nodes(self, grid: Grid, minimum: int) -> list[int]:
         waited = 0
         while len(nodes := list(grid.get_node_ids())) < minimum:
             if waited % 30 == 0:
                 logger.info("Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), minimum)
-            time.sleep(1)
+            self._sleep(1.0)
             waited += 1
         return nodes
 
@@ -602,7 +613,7 @@ class HetLoRAStrategy(FedAvg):
             "seed": self.seed,
             "clip_norm": self.clip_norm,
             "next_rank": self.next_rank,
-            "created_at": time.time(),
+            "created_at": self._clock(),
         }
 
     def _publish_round(self, t: int, participants: list[str], ranks: dict[str, int], final: bool = False) -> str:
@@ -626,7 +637,7 @@ class HetLoRAStrategy(FedAvg):
             "r_min": self.r_min,
             "method": self.method,
             "scaling": self.scaling,
-            "opened_at": time.time(),
+            "opened_at": self._clock(),
             "deadline_s": None,
             "final": final,
             "engine": "flower",
@@ -667,7 +678,7 @@ class HetLoRAStrategy(FedAvg):
             "mean_rank_out": sum(details[c]["rank_out"] for c in accepted) / len(accepted) if accepted else None,
             "train_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses) if losses else None,
             "global_update_norm": float(update_norm(result.state_dict, self.scaling)) if result is not None else None,
-            "seconds": time.time() - self._round_started.get(t, time.time()),
+            "seconds": self._clock() - self._round_started.get(t, self._clock()),
         }
         summary = {
             "round": t,
@@ -684,7 +695,7 @@ class HetLoRAStrategy(FedAvg):
             "client_ranks": dict(self.client_ranks),
             "metrics": metrics,
             "aggregation": result.summary() if result is not None else None,
-            "closed_at": time.time(),
+            "closed_at": self._clock(),
         }
         if note:
             summary["note"] = note
