@@ -265,3 +265,15 @@ def test_weight_cap_leaves_ordinary_rounds_unchanged():
         torch.testing.assert_close(capped.state_dict[key], value, rtol=0, atol=0)
     with pytest.raises(ValueError, match="max_weight_ratio"):
         aggregate(updates, method="zero_pad", r_max=R_MAX, max_weight_ratio=0.5)
+
+
+def test_aggregation_errors_share_the_project_base():
+    from peft_hetlora.federated.errors import AggregationError, HetLoRAError
+
+    rng = np.random.default_rng(10)
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        aggregate([], r_max=R_MAX)
+    with pytest.raises(AggregationError, match="declares rank 9 > r_max=8"):
+        aggregate([ClientUpdate("x", state(rng, 2), R_MAX + 1, 1)], r_max=R_MAX)
+    with pytest.raises(ValueError, match="unknown aggregation method"):  # still a ValueError for old callers
+        StreamingAggregator("fedprox", R_MAX)

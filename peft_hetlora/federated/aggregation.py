@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from .errors import AggregationError
 from .keys import (
     flat_b,
     is_int,
@@ -119,11 +120,11 @@ class ClientUpdate:
 
     def __post_init__(self) -> None:
         if not isinstance(self.client_id, str) or not self.client_id:
-            raise ValueError(f"ClientUpdate.client_id must be a non-empty string, got {self.client_id!r}")
+            raise AggregationError(f"ClientUpdate.client_id must be a non-empty string, got {self.client_id!r}")
         if not is_int(self.rank) or self.rank < 1:
-            raise ValueError(f"ClientUpdate {self.client_id!r}: rank must be an int >= 1, got {self.rank!r}")
+            raise AggregationError(f"ClientUpdate {self.client_id!r}: rank must be an int >= 1, got {self.rank!r}")
         if not is_int(self.num_examples) or self.num_examples < 0:
-            raise ValueError(
+            raise AggregationError(
                 f"ClientUpdate {self.client_id!r}: num_examples must be an int >= 0, got {self.num_examples!r}"
             )
         if not isinstance(self.state_dict, Mapping):
@@ -295,7 +296,7 @@ class StreamingAggregator:
     rejected update leaves the aggregator as it was.
 
     Raises:
-        ValueError: an unknown method or a bad setting (the message says which and what to pass).
+        AggregationError: an unknown method or a bad setting (the message says which and what to pass).
 
     Example:
         >>> import torch
@@ -321,20 +322,22 @@ class StreamingAggregator:
     ) -> None:
         impl = get_aggregation(method)
         if not is_int(r_max) or r_max < 1:
-            raise ValueError(f"r_max must be an int >= 1 (the global adapter's rank, HetLoRAConfig.r), got {r_max!r}")
+            raise AggregationError(
+                f"r_max must be an int >= 1 (the global adapter's rank, HetLoRAConfig.r), got {r_max!r}"
+            )
         if not is_real(scaling) or not math.isfinite(scaling) or scaling <= 0:
-            raise ValueError(f"scaling must be a finite number > 0 (lora_alpha / r_max), got {scaling!r}")
+            raise AggregationError(f"scaling must be a finite number > 0 (lora_alpha / r_max), got {scaling!r}")
         if clip_norm is not None and (not is_real(clip_norm) or not math.isfinite(clip_norm) or clip_norm <= 0):
-            raise ValueError(f"clip_norm must be None or a finite number > 0, got {clip_norm!r}")
+            raise AggregationError(f"clip_norm must be None or a finite number > 0, got {clip_norm!r}")
         if max_weight_ratio is not None and (
             not is_real(max_weight_ratio) or not math.isfinite(max_weight_ratio) or max_weight_ratio < 1
         ):
-            raise ValueError(f"max_weight_ratio must be None or a finite number >= 1, got {max_weight_ratio!r}")
+            raise AggregationError(f"max_weight_ratio must be None or a finite number >= 1, got {max_weight_ratio!r}")
         if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {weighting!r}; choose one of {list(WEIGHTINGS)}")
+            raise AggregationError(f"unknown weighting {weighting!r}; choose one of {list(WEIGHTINGS)}")
         sparsity_methods = [name for name in AGGREGATION_METHODS if get_aggregation(name).weights == "sparsity"]
         if weighting == "per_module" and impl.weights != "sparsity":
-            raise ValueError(
+            raise AggregationError(
                 f"weighting='per_module' applies to sparsity weights, i.e. methods {sparsity_methods}; "
                 f"method {method!r} uses data-size weights: drop the weighting argument"
             )
@@ -373,14 +376,14 @@ class StreamingAggregator:
     def _check_structure(self, update: ClientUpdate) -> tuple[dict[str, tuple[str, str]], list[str], dict[str, int]]:
         cid = update.client_id
         if cid in self._seen_ids:
-            raise ValueError(f"client {cid!r} was already added to this aggregation; each client counts once")
+            raise AggregationError(f"client {cid!r} was already added to this aggregation; each client counts once")
         sd = update.state_dict
         for key, value in sd.items():
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"client {cid!r}: state_dict[{key!r}] is a {type(value).__name__}, not a tensor")
         modules, extras = split_lora_keys(sd)
         if not modules:
-            raise ValueError(
+            raise AggregationError(
                 f"client {cid!r}: the state dict has no LoRA factors (keys ending in .lora_A.weight / "
                 ".lora_B.weight); pass the adapter state dict in PEFT's saved key format"
             )
@@ -389,24 +392,24 @@ class StreamingAggregator:
             rank = module_rank(name, sd[a_key], sd[b_key])
             flat_b(name, sd[b_key])
             if rank > self.r_max:
-                raise ValueError(
+                raise AggregationError(
                     f"client {cid!r}: module {name!r} has rank {rank} > r_max={self.r_max}; the client must "
                     f"truncate its adapter to rank <= {self.r_max} (or raise r_max for the federation)"
                 )
             if rank > update.rank:
-                raise ValueError(
+                raise AggregationError(
                     f"client {cid!r}: module {name!r} has rank {rank} but the update declares rank {update.rank}; "
                     "declare the rank actually uploaded"
                 )
             ranks[name] = rank
         if update.rank > self.r_max:
-            raise ValueError(
+            raise AggregationError(
                 f"client {cid!r} declares rank {update.rank} > r_max={self.r_max}; the client must truncate its "
                 f"adapter to rank <= {self.r_max} (or raise r_max for the federation)"
             )
         for key in extras:
             if not sd[key].is_floating_point():
-                raise ValueError(
+                raise AggregationError(
                     f"client {cid!r}: dense extra {key!r} has dtype {sd[key].dtype}; only floating-point extras can "
                     "be averaged"
                 )
@@ -416,7 +419,7 @@ class StreamingAggregator:
         missing = [k for k in self._key_order if k not in sd]
         unexpected = [k for k in sd if k not in self._modules_keys]
         if missing or unexpected:
-            raise ValueError(
+            raise AggregationError(
                 f"client {cid!r} has a different key set than client {first!r}: missing {missing[:3]}"
                 f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
                 f"{' ...' if len(unexpected) > 3 else ''}; all clients must train the same target modules"
@@ -429,21 +432,21 @@ class StreamingAggregator:
                 or b.shape[0] != spec.b_shape[0]
                 or (tuple(b.shape[2:]) != spec.b_shape[2:])
             ):
-                raise ValueError(
+                raise AggregationError(
                     f"client {cid!r}: module {name!r} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, but "
                     f"client {first!r} has d_in {spec.a_shape[1:]} / d_out {spec.b_shape[0]}; clients must share "
                     "the base model and target modules"
                 )
             if self._impl.homogeneous and ranks[name] != spec.first_rank:
                 others = [m for m in AGGREGATION_METHODS if not get_aggregation(m).homogeneous]
-                raise ValueError(
+                raise AggregationError(
                     f"{self.method} needs every client at the same rank: client {cid!r} has rank {ranks[name]} at "
                     f"module {name!r}, client {first!r} has {spec.first_rank}; use one of {others} for "
                     "heterogeneous ranks"
                 )
         for key in extras:
             if tuple(sd[key].shape) != self._extras[key]:
-                raise ValueError(
+                raise AggregationError(
                     f"client {cid!r}: dense extra {key!r} has shape {tuple(sd[key].shape)}, client {first!r} has "
                     f"{self._extras[key]}; clients must share the same modules_to_save"
                 )
@@ -472,7 +475,7 @@ class StreamingAggregator:
         assert prev is not None
         for name, (a_key, b_key) in modules.items():
             if a_key not in prev or b_key not in prev:
-                raise ValueError(
+                raise AggregationError(
                     f"previous global adapter lacks module {name!r}; pass the global adapter the clients started "
                     "from (or previous=None to fill uncovered components with zeros)"
                 )
@@ -480,7 +483,7 @@ class StreamingAggregator:
             rank = module_rank(name, a, b)
             fits = tuple(a.shape[1:]) == tuple(sd[a_key].shape[1:]) and b.shape[0] == sd[b_key].shape[0]
             if rank > self.r_max or not fits:
-                raise ValueError(
+                raise AggregationError(
                     f"previous global adapter: module {name!r} has lora_A {tuple(a.shape)} / lora_B "
                     f"{tuple(b.shape)}, which does not fit r_max={self.r_max} and the clients' shapes"
                 )
@@ -532,7 +535,7 @@ class StreamingAggregator:
         """Validate one client's update, clip it and fold it into the running sums.
 
         Raises:
-            ValueError: the update does not fit (rank > r_max, other keys or shapes than the first client,
+            AggregationError: the update does not fit (rank > r_max, other keys or shapes than the first client,
                 non-finite values, a homogeneous method with another rank, duplicate client id); the aggregator is
                 unchanged.
         """
@@ -547,13 +550,15 @@ class StreamingAggregator:
         for name, (a_key, b_key) in modules.items():
             sq = module_sq_norm(name, sd[a_key], sd[b_key])
             if not math.isfinite(sq):
-                raise ValueError(
+                raise AggregationError(
                     f"client {cid!r}: module {name!r} has non-finite (or overflowing) values; reject this upload"
                 )
             module_sq[name] = max(sq, 0.0) * self.scaling**2
         for key in extras:
             if not bool(torch.isfinite(sd[key]).all()):
-                raise ValueError(f"client {cid!r}: dense extra {key!r} has non-finite values; reject this upload")
+                raise AggregationError(
+                    f"client {cid!r}: dense extra {key!r} has non-finite values; reject this upload"
+                )
         norm = math.sqrt(sum(module_sq.values()))
         clip_scale = 1.0
         if self.clip_norm is None:
@@ -652,10 +657,10 @@ class StreamingAggregator:
         """The aggregated global adapter (float32, CPU, rank ``r_max``); the aggregator can keep adding after it.
 
         Raises:
-            ValueError: no update was added.
+            AggregationError: no update was added.
         """
         if not self._clients:
-            raise ValueError("no client updates were added; add at least one ClientUpdate before result()")
+            raise AggregationError("no client updates were added; add at least one ClientUpdate before result()")
         assert self._key_order is not None
         method_top = SPARSITY if self._impl.weights == "sparsity" else DATA
         caps, cap_messages = self._caps()
@@ -747,7 +752,8 @@ def aggregate(
         scaling, previous, clip_norm, weighting, max_weight_ratio: see :class:`StreamingAggregator`.
 
     Raises:
-        ValueError: no updates, unknown method, or an update that does not fit (see :meth:`StreamingAggregator.add`).
+        AggregationError: no updates, unknown method, or an update that does not fit
+            (see :meth:`StreamingAggregator.add`).
 
     Example:
         >>> import torch
@@ -759,12 +765,12 @@ def aggregate(
         {'a': 0.25, 'b': 0.75}
     """
     if r_max is None:
-        raise ValueError("aggregate() needs r_max=... (the global adapter's rank, HetLoRAConfig.r)")
+        raise AggregationError("aggregate() needs r_max=... (the global adapter's rank, HetLoRAConfig.r)")
     aggregator = StreamingAggregator(
         method, r_max, scaling, previous, clip_norm, weighting=weighting, max_weight_ratio=max_weight_ratio
     )
     for update in updates:
         aggregator.add(update)
     if aggregator.num_clients == 0:
-        raise ValueError("aggregate() got no client updates; pass at least one ClientUpdate")
+        raise AggregationError("aggregate() got no client updates; pass at least one ClientUpdate")
     return aggregator.result()

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import AggregationError
+
 __all__ = [
     "FACTOR_SUFFIXES",
     "lora_module_names",
@@ -63,7 +65,7 @@ def split_lora_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, tuple[str,
     """Module name -> (A key, B key) in order of first appearance, and the dense-extra keys.
 
     Raises:
-        ValueError: a module has only one of its two factors.
+        AggregationError: a module has only one of its two factors.
 
     Example:
         >>> split_lora_keys({"m.lora_B.weight": 0, "m.lora_A.weight": 0, "x.bias": 0})
@@ -85,7 +87,7 @@ def split_lora_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, tuple[str,
     for name, (a_key, b_key) in found.items():
         if a_key is None or b_key is None:
             have, lack = ("lora_B", "lora_A") if a_key is None else ("lora_A", "lora_B")
-            raise ValueError(
+            raise AggregationError(
                 f"module {name!r} has a {have} factor but no {lack} factor; pass the complete adapter state dict "
                 "(both factors of every LoRA module)"
             )
@@ -97,19 +99,19 @@ def module_rank(name: str, a: torch.Tensor, b: torch.Tensor) -> int:
     """The rank of one module, ``A.shape[0] == B.shape[1]``.
 
     Raises:
-        ValueError: a factor has fewer than 2 dimensions, or the two factors disagree on the rank.
+        AggregationError: a factor has fewer than 2 dimensions, or the two factors disagree on the rank.
 
     Example:
         >>> module_rank("m", torch.zeros(3, 5), torch.zeros(4, 3))
         3
     """
     if a.ndim < 2 or b.ndim < 2:
-        raise ValueError(
+        raise AggregationError(
             f"module {name!r}: lora_A and lora_B must have at least 2 dimensions, got shapes "
             f"{tuple(a.shape)} and {tuple(b.shape)}"
         )
     if a.shape[0] != b.shape[1]:
-        raise ValueError(
+        raise AggregationError(
             f"module {name!r}: lora_A has rank {a.shape[0]} (shape {tuple(a.shape)}) but lora_B has rank "
             f"{b.shape[1]} (shape {tuple(b.shape)}); both factors must have the same rank"
         )
@@ -150,7 +152,7 @@ def _rank_for(name: str, rank: int | Mapping[str, int]) -> int | None:
     else:
         value = rank
     if not is_int(value) or value < 1:
-        raise ValueError(f"rank for module {name!r} must be an int >= 1, got {value!r}")
+        raise AggregationError(f"rank for module {name!r} must be an int >= 1, got {value!r}")
     return int(value)
 
 
@@ -165,7 +167,7 @@ def truncate(state_dict: Mapping[str, torch.Tensor], rank: int | Mapping[str, in
         A new dict; the LoRA factors are new contiguous tensors, dense extras are passed through unchanged.
 
     Raises:
-        ValueError: a requested rank exceeds a module's current rank (use :func:`pad` to grow), or names an
+        AggregationError: a requested rank exceeds a module's current rank (use :func:`pad` to grow), or names an
             unknown module.
 
     Example:
@@ -178,7 +180,9 @@ def truncate(state_dict: Mapping[str, torch.Tensor], rank: int | Mapping[str, in
     if isinstance(rank, Mapping):
         unknown = sorted(set(rank) - set(modules))
         if unknown:
-            raise ValueError(f"truncate: rank mapping names modules that are not in the state dict: {unknown[:5]}")
+            raise AggregationError(
+                f"truncate: rank mapping names modules that are not in the state dict: {unknown[:5]}"
+            )
     out: dict[str, torch.Tensor] = {}
     factor_of = {a_key: (name, "A") for name, (a_key, _) in modules.items()}
     factor_of.update({b_key: (name, "B") for name, (_, b_key) in modules.items()})
@@ -193,7 +197,7 @@ def truncate(state_dict: Mapping[str, torch.Tensor], rank: int | Mapping[str, in
         if k is None:
             k = current
         if k > current:
-            raise ValueError(
+            raise AggregationError(
                 f"truncate: module {name!r} has rank {current}, cannot truncate it to rank {k}; use pad() to grow "
                 "an adapter"
             )
@@ -220,7 +224,7 @@ def pad(state_dict: Mapping[str, torch.Tensor], r_max: int) -> dict[str, torch.T
         through unchanged.
 
     Raises:
-        ValueError: a module's rank exceeds ``r_max`` (use :func:`truncate` to shrink).
+        AggregationError: a module's rank exceeds ``r_max`` (use :func:`truncate` to shrink).
 
     Example:
         >>> import torch
@@ -230,14 +234,14 @@ def pad(state_dict: Mapping[str, torch.Tensor], r_max: int) -> dict[str, torch.T
         ((4, 3), 0.0)
     """
     if not is_int(r_max) or r_max < 1:
-        raise ValueError(f"pad: r_max must be an int >= 1, got {r_max!r}")
+        raise AggregationError(f"pad: r_max must be an int >= 1, got {r_max!r}")
     modules, _ = split_lora_keys(state_dict)
     out: dict[str, torch.Tensor] = dict(state_dict)
     for name, (a_key, b_key) in modules.items():
         a, b = state_dict[a_key], state_dict[b_key]
         rank = module_rank(name, a, b)
         if rank > r_max:
-            raise ValueError(
+            raise AggregationError(
                 f"pad: module {name!r} has rank {rank} > r_max={r_max}; truncate() it first or raise r_max"
             )
         out[a_key], out[b_key] = pad_factors(a, b, r_max)
@@ -253,10 +257,10 @@ def flat_b(name: str, b: torch.Tensor) -> torch.Tensor:
     """``B`` as a ``d_out x r`` matrix.
 
     Raises:
-        ValueError: ``B`` has trailing dimensions other than 1 (only linear, embedding and 1x1-convolution B).
+        AggregationError: ``B`` has trailing dimensions other than 1 (only linear, embedding and 1x1-convolution B).
     """
     if b.ndim > 2 and math.prod(b.shape[2:]) != 1:
-        raise ValueError(
+        raise AggregationError(
             f"module {name!r}: lora_B has shape {tuple(b.shape)}; only factors whose trailing dimensions are 1 "
             "(linear, embedding, 1x1-convolution B) can be aggregated"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 
+from ..errors import AggregationError
 from .base import AggregationMethod
 
 __all__ = [
@@ -38,7 +39,7 @@ def register_aggregation(name: str, method: AggregationMethod | type[Aggregation
         The registered instance.
 
     Raises:
-        ValueError: a bad name, or the name is taken (pass ``overwrite=True`` for your own method).
+        AggregationError: a bad name, or the name is taken (pass ``overwrite=True`` for your own method).
         TypeError: ``method`` is not an :class:`AggregationMethod`.
 
     Example:
@@ -61,15 +62,21 @@ def register_aggregation(name: str, method: AggregationMethod | type[Aggregation
             f"register_aggregation: expected an AggregationMethod (subclass or instance), got {type(method).__name__}"
         )
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
+        raise AggregationError(
             f"register_aggregation: bad name {name!r}; use letters, digits, '_' or '-' (starting with a letter)"
         )
     if name in _BUILTIN and _REGISTRY.get(name) is not method:
-        raise ValueError(f"register_aggregation: {name!r} is a built-in method; register yours under another name")
+        raise AggregationError(
+            f"register_aggregation: {name!r} is a built-in method; register yours under another name"
+        )
     if name in _REGISTRY and not overwrite and _REGISTRY[name] is not method:
-        raise ValueError(f"register_aggregation: {name!r} is already registered; pass overwrite=True to replace it")
+        raise AggregationError(
+            f"register_aggregation: {name!r} is already registered; pass overwrite=True to replace it"
+        )
     if method.weights not in ("sparsity", "data"):
-        raise ValueError(f"register_aggregation: {name!r} has weights={method.weights!r}; use 'sparsity' or 'data'")
+        raise AggregationError(
+            f"register_aggregation: {name!r} has weights={method.weights!r}; use 'sparsity' or 'data'"
+        )
     method.name = name  # type: ignore[misc]  # the instance carries its registry name
     _REGISTRY[name] = method
     return method
@@ -79,12 +86,12 @@ def unregister_aggregation(name: str) -> None:
     """Remove a user-registered method (built-ins stay).
 
     Raises:
-        ValueError: ``name`` is a built-in or not registered.
+        AggregationError: ``name`` is a built-in or not registered.
     """
     if name in _BUILTIN:
-        raise ValueError(f"unregister_aggregation: {name!r} is a built-in method and cannot be removed")
+        raise AggregationError(f"unregister_aggregation: {name!r} is a built-in method and cannot be removed")
     if name not in _REGISTRY:
-        raise ValueError(f"unregister_aggregation: {name!r} is not registered")
+        raise AggregationError(f"unregister_aggregation: {name!r} is not registered")
     del _REGISTRY[name]
 
 
@@ -92,7 +99,7 @@ def get_aggregation(name: str) -> AggregationMethod:
     """The registered method called ``name``.
 
     Raises:
-        ValueError: no method has that name (the message lists the registered ones).
+        AggregationError: no method has that name (the message lists the registered ones).
 
     Example:
         >>> get_aggregation("hetlora").weights
@@ -100,7 +107,7 @@ def get_aggregation(name: str) -> AggregationMethod:
     """
     method = _REGISTRY.get(name) if isinstance(name, str) else None
     if method is None:
-        raise ValueError(
+        raise AggregationError(
             f"unknown aggregation method {name!r}; choose one of {list(_REGISTRY)} or add yours with "
             "peft_hetlora.federated.register_aggregation(name, method)"
         )
