@@ -277,3 +277,16 @@ def test_aggregation_errors_share_the_project_base():
         aggregate([ClientUpdate("x", state(rng, 2), R_MAX + 1, 1)], r_max=R_MAX)
     with pytest.raises(ValueError, match="unknown aggregation method"):  # still a ValueError for old callers
         StreamingAggregator("fedprox", R_MAX)
+
+
+def test_live_names_work_where_names_are_checked(median):
+    """`AGGREGATION_METHODS` is what the coordinator (`in`), argparse (`choices=`) and configs (`set(...)`) use."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", choices=AGGREGATION_METHODS)
+    assert parser.parse_args(["--method", "coord_median"]).method == "coord_median"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--method", "nope"])
+    assert {"hetlora", "coord_median"} <= set(AGGREGATION_METHODS) and len(AGGREGATION_METHODS) >= 6
+    assert AGGREGATION_METHODS[0] == "hetlora" and "coord_median" in repr(AGGREGATION_METHODS)
