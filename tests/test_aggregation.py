@@ -6,7 +6,6 @@ The reference below forms dense ``B @ A`` products and uses plain loops; the cod
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
