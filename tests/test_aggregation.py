@@ -6,10 +6,10 @@ The reference below forms dense ``B @ A`` products and uses plain loops; the cod
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
+import reference
 import torch
 
 from peft_hetlora.federated.aggregation import (
@@ -71,98 +71,36 @@ def make_updates(seed: int, ranks, num_examples=None, **kwargs) -> list[ClientUp
 
 
 def np_modules(sd) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {name: (sd[a_key(name)].double().numpy(), sd[b_key(name)].double().numpy()) for name in SHAPES}
+    return reference.np_modules(sd)
 
 
 def ref_module_norms(sd, s: float) -> dict[str, float]:
-    return {name: float(np.linalg.norm(s * (b @ a))) for name, (a, b) in np_modules(sd).items()}
+    return reference.module_norms(np_modules(sd), s)
 
 
 def ref_norm(sd, s: float) -> float:
-    return math.sqrt(sum(v**2 for v in ref_module_norms(sd, s).values()))
+    return reference.norm(np_modules(sd), s)
 
 
-def ref_pad(a: np.ndarray, b: np.ndarray, r_max: int) -> tuple[np.ndarray, np.ndarray]:
-    r = a.shape[0]
-    pa = np.zeros((r_max, a.shape[1]))
-    pb = np.zeros((b.shape[0], r_max))
-    pa[:r], pb[:, :r] = a, b
-    return pa, pb
-
-
-def ref_clip(updates, s: float, clip: float | None):
-    """Per client: (module factors scaled by sqrt(c_k), clipped norm c_k S_k)."""
-    out = []
-    for u in updates:
-        norm = ref_norm(u.state_dict, s)
-        c = 1.0 if clip is None or norm <= clip else clip / norm
-        mods = {name: (a * math.sqrt(c), b * math.sqrt(c)) for name, (a, b) in np_modules(u.state_dict).items()}
-        out.append((mods, c * norm, c))
-    return out
+ref_pad = reference.pad
 
 
 def ref_weighted(updates, weights: list[float], r_max: int):
     """sum_k w_k pad(A_k), sum_k w_k pad(B_k) with w normalised."""
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    out = {}
-    for name in SHAPES:
-        acc_a, acc_b = 0.0, 0.0
-        for wk, u in zip(w, updates):
-            a, b = np_modules(u.state_dict)[name]
-            pa, pb = ref_pad(a, b, r_max)
-            acc_a, acc_b = acc_a + wk * pa, acc_b + wk * pb
-        out[name] = (acc_a, acc_b)
-    extra = sum(wk * u.state_dict[EXTRA].double().numpy() for wk, u in zip(w, updates))
-    return out, extra, w
+    out, extras, w = reference.weighted(updates, weights, r_max)
+    return out, extras[EXTRA], w
 
 
-def ref_hetlora(updates, r_max, s, clip=None, per_module=False):
-    clipped = ref_clip(updates, s, clip)
-    client_w = np.array([sk for _, sk, _ in clipped])
-    out = {}
-    for name in SHAPES:
-        if per_module:
-            w = np.array([np.linalg.norm(s * (mods[name][1] @ mods[name][0])) for mods, _, _ in clipped])
-        else:
-            w = client_w
-        w = w / w.sum()
-        acc_a = sum(wk * ref_pad(*mods[name], r_max)[0] for wk, (mods, _, _) in zip(w, clipped))
-        acc_b = sum(wk * ref_pad(*mods[name], r_max)[1] for wk, (mods, _, _) in zip(w, clipped))
-        out[name] = (acc_a, acc_b)
-    p = client_w / client_w.sum()
-    extra = sum(pk * u.state_dict[EXTRA].double().numpy() for pk, u in zip(p, updates))
-    return out, extra, p
+def ref_hetlora(updates, r_max, s, clip=None, per_module=False, previous=None):
+    out, extras, p = reference.hetlora(updates, r_max, s, clip, per_module, previous)
+    return out, extras[EXTRA], p
 
 
-def ref_rankwise(updates, r_max, s, previous=None, per_module=False, data_weights=False):
-    clipped = ref_clip(updates, s, None)
-    out = {}
-    for name, (d_out, d_in) in SHAPES.items():
-        ga, gb = np.zeros((r_max, d_in)), np.zeros((d_out, r_max))
-        if previous is not None:
-            ga[:], gb[:] = np_modules(previous)[name]
-        for j in range(r_max):
-            num_a, num_b, den = 0.0, 0.0, 0.0
-            for u, (mods, sk, _) in zip(updates, clipped):
-                a, b = mods[name]
-                if a.shape[0] > j:  # this client covers component j
-                    w = np.linalg.norm(s * (b @ a)) if per_module else sk
-                    w = u.num_examples if data_weights else w
-                    num_a, num_b, den = num_a + w * a[j], num_b + w * b[:, j], den + w
-            if den > 0:
-                ga[j], gb[:, j] = num_a / den, num_b / den
-        out[name] = (ga, gb)
-    return out
+ref_rankwise = reference.rankwise
 
 
 def ref_flexlora_dense(updates) -> dict[str, np.ndarray]:
-    n = np.array([u.num_examples for u in updates], dtype=np.float64)
-    w = n / n.sum()
-    return {
-        name: sum(wk * (b @ a) for wk, u in zip(w, updates) for a, b in [np_modules(u.state_dict)[name]])
-        for name in SHAPES
-    }
+    return reference.flexlora_dense(updates)
 
 
 def assert_factors_close(result: AggregationResult, ref: dict, atol: float = 1e-5) -> None:
@@ -304,14 +242,14 @@ def test_clipping_bounds_a_huge_client():
     ref, _, p = ref_hetlora(updates, R_MAX, SCALE, clip=clip)
     assert_factors_close(res, ref)
     np.testing.assert_allclose([res.weights[u.client_id] for u in updates], p, rtol=1e-6)
-    clipped_norms = [min(ref_norm(u.state_dict, SCALE), clip) for u in updates]
-    assert res.weights["huge"] == pytest.approx(clip / sum(clipped_norms), rel=1e-5)
     assert res.clip_scales["huge"] < 1e-3 and any("clipped" in m for m in res.messages)
     unclipped = aggregate(updates, method="hetlora", r_max=R_MAX, scaling=SCALE)
     assert unclipped.weights["huge"] > 0.999  # what clipping prevents
-    # the clipped update has norm clip_norm: ||s (sqrt(c) B)(sqrt(c) A)|| = c S
-    mods = {k: v * math.sqrt(res.clip_scales["huge"]) for k, v in huge.state_dict.items() if "lora" in k}
-    assert update_norm(mods, SCALE) == pytest.approx(clip, rel=1e-4)
+    # without `previous` each factor is clipped into the sqrt(C / s) ball around 0, so ||s B A|| <= C
+    clipped_mods = reference.clip(updates, SCALE, clip)[-1][0]
+    assert reference.norm(clipped_mods, SCALE) <= clip * (1 + 1e-9)
+    assert res.weights["huge"] == pytest.approx(reference.norm(clipped_mods, SCALE) / sum(
+        reference.norm(mods, SCALE) for mods, _, _ in reference.clip(updates, SCALE, clip)), rel=1e-5)
 
 
 def test_rankwise_matches_reference_and_keeps_previous():
@@ -392,9 +330,8 @@ def test_flexlora_dense_extras_use_data_weights_and_clipping():
     for name in SHAPES:
         got = res.state_dict[b_key(name)].double() @ res.state_dict[a_key(name)].double()
         want = sum(
-            wk * res.clip_scales[u.client_id] * (b @ a)
-            for wk, u in zip([0.25, 0.75], updates)
-            for a, b in [np_modules(u.state_dict)[name]]
+            wk * (mods[name][1] @ mods[name][0])
+            for wk, (mods, _, _) in zip([0.25, 0.75], reference.clip(updates, 1.0, 1e-2))
         )
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-9)
 

@@ -3,7 +3,7 @@
 Most tests drive the real `HetLoRAStrategy` and the real `ClientApp` through `InlineGrid`, a grid that hands each
 message to the ClientApp in this process (no Ray, fast). One module-scoped Ray simulation (11 virtual SuperNodes:
 10 clients of mixed ranks and one failing device, 2 rounds) checks the engine end to end against the in-process run
-and against `aggregate()` on the very updates the strategy received.
+and against the numpy reference (tests/reference.py) on the very updates the strategy received.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import functools
 import json
 import math
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
 
+import reference as np_ref  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -23,7 +25,6 @@ from safetensors.torch import load_file  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
 from peft_hetlora import HetLoRAConfig  # noqa: E402
-from peft_hetlora.federated import aggregate  # noqa: E402
 from peft_hetlora.federated.local_store import LocalStore  # noqa: E402
 from peft_hetlora.flower import (  # noqa: E402
     HetLoRAStrategy,
@@ -152,6 +153,44 @@ def strategy_for(n: int, ranks: dict[str, int], **kwargs) -> HetLoRAStrategy:
                            training=TRAINING, keep_updates=True, **kwargs)
 
 
+def numpy_global(updates, method: str, previous=None):
+    """The new global and the client weights from the independent numpy reference (DESIGN.md 1.4, baselines)."""
+    s = 16 / R_MAX
+    sizes = np.array([u.num_examples for u in updates], dtype=np.float64)
+    if method == "hetlora":
+        factors, extras, p = np_ref.hetlora(updates, R_MAX, s)
+    elif method in ("zero_pad", "fedavg"):
+        factors, extras, p = np_ref.zero_pad(updates, R_MAX, s)
+    elif method == "rankwise":
+        factors, extras = np_ref.rankwise(updates, R_MAX, s, previous=previous), {}
+        p = np.array([np_ref.norm(np_ref.np_modules(u.state_dict), s) for u in updates])
+        p = p / p.sum()
+    else:  # flexlora: compared through the product B A (singular vectors have a sign freedom)
+        dense = np_ref.flexlora_dense(updates)
+        capped = np_ref.capped_sizes(sizes, 10.0)
+        p = capped / capped.sum()
+        return {name: np_ref.best_rank_k(w, R_MAX) for name, w in dense.items()}, dict(
+            zip([u.client_id for u in updates], p))
+    state = dict(extras)
+    for name, (a, b) in factors.items():
+        state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
+    return state, dict(zip([u.client_id for u in updates], p))
+
+
+def assert_matches_reference(published, updates, method: str = "hetlora", previous=None, weights=None):
+    expected, expected_weights = numpy_global(updates, method, previous)
+    if method == "flexlora":
+        for name, product in expected.items():
+            got = published[f"{name}.lora_B.weight"].double() @ published[f"{name}.lora_A.weight"].double()
+            np.testing.assert_allclose(got.numpy(), product, rtol=1e-4, atol=1e-6, err_msg=name)
+    else:
+        assert set(published) == set(expected)
+        for key, value in expected.items():
+            np.testing.assert_allclose(published[key].double().numpy(), value, rtol=1e-5, atol=1e-6, err_msg=key)
+    if weights is not None:
+        assert weights == pytest.approx(expected_weights, rel=1e-5)
+
+
 def assert_state_close(a, b, atol=1e-6):
     assert set(a) == set(b)
     for key in a:
@@ -189,9 +228,7 @@ def test_round_aggregates_with_aggregate_and_ranks_follow_clients_to_new_nodes(i
     updates = strategy.round_updates[0]
     assert {u.client_id: u.state_dict["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0]
             for u in updates} == {cid: summary["clients"][cid]["rank_out"] for cid in ranks}
-    expected = aggregate(updates, method="hetlora", r_max=R_MAX, scaling=16 / R_MAX)
-    assert_state_close(strategy.global_state, expected.state_dict)
-    assert summary["weights"] == pytest.approx(expected.weights)
+    assert_matches_reference(strategy.global_state, updates, "hetlora", weights=summary["weights"])
     # Federated evaluation of the new global on the three clients (4 held-out sequences each, at their ranks).
     assert math.isfinite(strategy.evaluation[1]["federated/eval-loss"])
     assert strategy.evaluation[1]["federated/num-examples"] == 12
@@ -206,7 +243,7 @@ def test_round_aggregates_with_aggregate_and_ranks_follow_clients_to_new_nodes(i
 
 
 @pytest.mark.parametrize("method", ["hetlora", "zero_pad", "flexlora", "rankwise", "fedavg"])
-def test_every_method_goes_through_aggregate(initial, method):
+def test_every_method_matches_the_numpy_reference(initial, method):
     ranks = {"client-0": 4, "client-1": 4, "client-2": 4} if method == "fedavg" else {
         "client-0": 2, "client-1": 6, "client-2": 8}
     strategy = strategy_for(3, ranks, method=method)
@@ -214,10 +251,8 @@ def test_every_method_goes_through_aggregate(initial, method):
     strategy.start(grid=inline_grid(3, app=stub_client_app(3, prune=prune)), initial_arrays=ArrayRecord(initial),
                    num_rounds=1)
     assert strategy.history[0]["accepted"] == ["client-0", "client-1", "client-2"]
-    previous = initial if method == "rankwise" else None
-    expected = aggregate(strategy.round_updates[0], method=method, r_max=R_MAX, scaling=16 / R_MAX,
-                         previous=previous)
-    assert_state_close(strategy.global_state, expected.state_dict)
+    assert_matches_reference(strategy.global_state, strategy.round_updates[0], method, previous=initial,
+                             weights=strategy.history[0]["weights"])
 
 
 def test_failed_dropped_and_invalid_replies_are_reported_and_the_round_completes(initial):
@@ -247,11 +282,46 @@ def test_failed_dropped_and_invalid_replies_are_reported_and_the_round_completes
     metrics = result.train_metrics_clientapp[1]
     assert metrics["num-failed"] == 2 and metrics["num-rejected"] == 2 and metrics["num-accepted"] == 1
     assert metrics["failed/client-1"] == 1 and metrics["failed/client-2"] == 1 and metrics["rejected/client-3"] == 1
-    expected = aggregate(strategy.round_updates[0], method="hetlora", r_max=R_MAX, scaling=16 / R_MAX)
-    assert_state_close(strategy.global_state, expected.state_dict)
+    assert_matches_reference(strategy.global_state, strategy.round_updates[0], "hetlora")
     # Clients that did not deliver keep their rank.
     assert {c: strategy.client_ranks[c] for c in ("client-1", "client-2", "client-3")} == {
         "client-1": 4, "client-2": 8, "client-3": 6}
+
+
+class LateGrid(InlineGrid):
+    """An inline grid whose nodes connect only after `polls` polls."""
+
+    def __init__(self, grid: InlineGrid, polls: int):
+        super().__init__(grid.app, grid.node_configs)
+        self.polls = polls
+
+    def get_node_ids(self):
+        if self.polls > 0:
+            self.polls -= 1
+            return []
+        return super().get_node_ids()
+
+
+def test_node_wait_uses_the_injected_clock_and_logs_flower_round_numbers(initial, caplog):
+    waits: list[float] = []
+    ticks = iter(range(1000, 2000))
+    strategy = strategy_for(2, {"client-0": 2, "client-1": 4}, sleep=waits.append, clock=lambda: float(next(ticks)))
+    grid = LateGrid(inline_grid(2, app=stub_client_app(2)), polls=3)
+    with caplog.at_level("INFO", logger="peft_hetlora.flower.strategy"):
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=1)
+    assert waits == [1.0, 1.0, 1.0]  # three empty polls, no real sleep
+    assert strategy.history[0]["accepted"] == ["client-0", "client-1"]
+    assert "[ROUND 1/1] training client-0@r2, client-1@r4" in caplog.text and "Round 0" not in caplog.text
+
+
+@pytest.mark.parametrize("next_rank", ["rank_out", "initial"])
+def test_next_rank_rule_is_honoured(initial, next_rank):
+    ranks = {"client-0": 4, "client-1": 6}
+    strategy = strategy_for(2, ranks, next_rank=next_rank)
+    strategy.start(grid=inline_grid(2, app=stub_client_app(2, prune=(0, 1))), initial_arrays=ArrayRecord(initial),
+                   num_rounds=1)
+    expected = {"client-0": 3, "client-1": 5} if next_rank == "rank_out" else ranks
+    assert {c: strategy.client_ranks[c] for c in ranks} == expected
 
 
 def test_min_replies_carries_the_global_over(initial):
@@ -329,12 +399,10 @@ def test_simulation_of_eleven_nodes_completes_two_rounds_with_mixed_ranks(simula
 
 def test_simulation_global_equals_in_process_aggregation_of_the_same_updates(simulation):
     flower, reference, store = simulation
-    # Round by round: the global the strategy published is aggregate() of the updates it received.
+    # Round by round: the global the strategy published is the numpy reference of the updates it received.
     for t in range(2):
-        expected = aggregate(flower.updates[t], method="hetlora", r_max=R_MAX, scaling=16 / R_MAX)
         published = load_file(str(store.get_global(t + 1).path / "adapter_model.safetensors"))
-        assert_state_close(published, expected.state_dict)
-        assert flower.rounds[t]["weights"] == pytest.approx(expected.weights)
+        assert_matches_reference(published, flower.updates[t], "hetlora", weights=flower.rounds[t]["weights"])
     assert_state_close(flower.final_state_dict, published, atol=0)
     # And the whole Flower run equals the same experiment run in-process (same seeds, same local training).
     for t in range(2):

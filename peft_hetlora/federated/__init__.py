@@ -10,19 +10,18 @@ Example:
     ```
 """
 
-from .aggregation import (
-    AGGREGATION_METHODS,
-    AggregationResult,
-    ClientUpdate,
-    StreamingAggregator,
-    aggregate,
-    lora_module_names,
-    pad,
-    truncate,
-    update_norm,
-)
+from .aggregation import AggregationResult, ClientUpdate, StreamingAggregator, aggregate
 from .coordinator import Coordinator
+from .keys import lora_module_names, pad, truncate, update_norm
 from .local_store import LocalStore
+from .methods import (
+    AGGREGATION_METHODS,
+    AggregationMethod,
+    aggregation_methods,
+    get_aggregation,
+    register_aggregation,
+    unregister_aggregation,
+)
 from .rank_policy import RankPolicy, sample_clients
 from .store import AdapterStore, GlobalAdapter, HubStore, validate_client_id
 from .validation import RejectedUpload, validate_upload
@@ -30,6 +29,7 @@ from .validation import RejectedUpload, validate_upload
 __all__ = [
     "AGGREGATION_METHODS",
     "AdapterStore",
+    "AggregationMethod",
     "AggregationResult",
     "ClientUpdate",
     "Coordinator",
@@ -40,10 +40,14 @@ __all__ = [
     "RejectedUpload",
     "StreamingAggregator",
     "aggregate",
+    "aggregation_methods",
+    "get_aggregation",
     "lora_module_names",
     "pad",
+    "register_aggregation",
     "sample_clients",
     "truncate",
+    "unregister_aggregation",
     "update_norm",
     "validate_client_id",
     "validate_upload",

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "AggregationError",
     "ConfigMismatchError",
     "CoordinatorError",
     "FederationMismatch",
@@ -54,3 +55,8 @@ class CoordinatorError(HetLoRAError, RuntimeError):
 
 class FederationMismatch(CoordinatorError):
     """The store holds a federation created with other settings than the ones given."""
+
+
+class AggregationError(HetLoRAError, ValueError):
+    """Client updates that cannot be aggregated together, an adapter state dict in the wrong key format, or a bad
+    aggregation setting (unknown method, bad ``r_max`` / ``clip_norm`` / weight cap)."""

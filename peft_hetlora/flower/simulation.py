@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from peft_hetlora.federated.aggregation import ClientUpdate, aggregate, truncate, update_norm
-from peft_hetlora.federated.coordinator import scaling_from_config
+from peft_hetlora.federated.coordinator import NEXT_RANK_RULES, scaling_from_config
 from peft_hetlora.federated.rank_policy import RankPolicy, sample_clients
 from peft_hetlora.federated.store import AdapterStore
 from peft_hetlora.federated.validation import UploadSpec
@@ -233,6 +233,7 @@ def run_flower_simulation(
     fraction_evaluate: float = 0.0,
     min_replies: int = 1,
     clip_norm: float | None = None,
+    next_rank: str = "rank_out",
     store: AdapterStore | None = None,
     num_cpus: int | None = None,
     cpus_per_client: float = 1.0,
@@ -248,8 +249,10 @@ def run_flower_simulation(
             pass ``model_fn`` and ``client_datasets`` (``{client_id: dataset}`` or a list) instead.
         adapter_config: the federation's `HetLoRAConfig` (``r`` = r_max, ``lora_alpha``, ``target_modules``, ...).
         ranks: initial rank policy (`RankPolicy`, a name, or ``{client_id: rank}``; default uniform, fedavg constant).
-        method: aggregation method (``hetlora``, ``zero_pad``, ``fedavg``, ``flexlora``, ``rankwise``).
+        method: a registered aggregation method (``peft_hetlora.federated.AGGREGATION_METHODS``).
         rounds, clients_per_round (default: all), local_steps / training, seed: the experiment settings.
+        clip_norm: the influence bound (docs/aggregation.md); next_rank: ``"rank_out"`` (a client's next rank is
+            the one it reported after pruning, the default) or ``"initial"`` (it keeps its assigned rank).
         initial_state_dict: global adapter of round 0 at r_max (default: `initial_global_state` with ``seed``).
         eval_dataset: held-out data for a central evaluation of the global adapter before and after every round.
         fraction_evaluate: fraction of clients evaluating the global adapter on their ``eval_dataset`` each round.
@@ -286,8 +289,8 @@ def run_flower_simulation(
         setup.config, method=method, rank_policy=ranks, clients=setup.client_ids,
         clients_per_round=clients_per_round or n_clients, min_train_nodes=1, min_available_nodes=n_clients,
         fraction_evaluate=fraction_evaluate, min_evaluate_nodes=1 if fraction_evaluate else 0,
-        min_replies=min_replies, seed=seed, clip_norm=clip_norm, training=setup.training, store=store,
-        keep_updates=keep_updates,
+        min_replies=min_replies, seed=seed, clip_norm=clip_norm, next_rank=next_rank, training=setup.training,
+        store=store, keep_updates=keep_updates,
     )
     evaluate_fn = None
     if setup.evaluate is not None:
@@ -356,21 +359,24 @@ def run_inprocess_simulation(
     eval_batch_size: int = 8,
     data_collator: Callable | None = None,
     clip_norm: float | None = None,
+    next_rank: str = "rank_out",
     keep_updates: bool = False,
     num_threads: int | None = None,
 ) -> FederationRun:
     """The same experiment as `run_flower_simulation`, in this process, one client after another, without Flower.
 
-    Same rank policy, seeded client sampling, local training function and seeds, and `aggregate` on the clients'
-    updates; a client whose task raises is reported in ``failed`` and left out. The reference for the Flower
-    engine's results and speed. ``num_threads`` sets torch's intra-op threads for the run (1 matches a Flower virtual
-    client with one CPU, bit for bit on CPU).
+    Same rank policy, seeded client sampling, local training function and seeds, ``next_rank`` rule, and
+    `aggregate` on the clients' updates; a client whose task raises is reported in ``failed`` and left out. The
+    reference for the Flower engine's results and speed. ``num_threads`` sets torch's intra-op threads for the
+    run (1 matches a Flower virtual client with one CPU, bit for bit on CPU).
 
     Example:
         ```py
         ref = run_inprocess_simulation(ToyTask(), num_clients=10, adapter_config=config, rounds=2)
         ```
     """
+    if next_rank not in NEXT_RANK_RULES:
+        raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
     setup = _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, r_min, training,
                    local_steps, seed, initial_state_dict, eval_dataset, data_collator, eval_batch_size)
     config = setup.config
@@ -396,7 +402,7 @@ def run_inprocess_simulation(
     gc.freeze()
     try:
         history, evaluation, kept, state, client_ranks = _inprocess_rounds(
-            setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates)
+            setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates, next_rank)
     finally:
         gc.unfreeze()
         torch.set_num_threads(threads)
@@ -413,7 +419,8 @@ def run_inprocess_simulation(
     )
 
 
-def _inprocess_rounds(setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates):
+def _inprocess_rounds(setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates,
+                      next_rank="rank_out"):
     history: list[dict[str, Any]] = []
     evaluation: dict[int, dict[str, Any]] = {}
     kept: dict[int, list[ClientUpdate]] = {}
@@ -435,7 +442,7 @@ def _inprocess_rounds(setup, method, rounds, n, state, client_ranks, scaling, r_
                                         rank=assigned[cid], training=setup.training, seed=rec.local_seed(seed, cid, t))
             except Exception as err:  # noqa: BLE001 - a failing client is reported, the round goes on
                 failed[cid] = f"{type(err).__name__}: {err}"
-                logger.warning("Round %d: client %s failed: %s", t, cid, failed[cid])
+                logger.warning("[ROUND %d/%d] client %s failed: %s", t + 1, rounds, cid, failed[cid])
                 continue
             meta = {"rank_in": out.rank_in, "rank_out": out.rank_out, "num_examples": out.num_examples,
                     "train_loss": out.train_loss, "tail_norm_start": out.tail_norm_start,
@@ -444,10 +451,11 @@ def _inprocess_rounds(setup, method, rounds, n, state, client_ranks, scaling, r_
         result = None
         if updates:
             result = aggregate(updates, method=method, r_max=r_max, scaling=scaling,
-                               previous=state if method == "rankwise" else None, clip_norm=clip_norm)
+                               previous=state, clip_norm=clip_norm)
             state = {k: v.contiguous() for k, v in result.state_dict.items()}
-            for update in updates:
-                client_ranks[update.client_id] = update.rank
+            if next_rank == "rank_out":  # as the coordinator and HetLoRAStrategy: "initial" keeps the assigned rank
+                for update in updates:
+                    client_ranks[update.client_id] = update.rank
         if keep_updates:
             kept[t] = updates
         losses = [(u.metadata["train_loss"], u.num_examples) for u in updates if u.metadata["train_loss"] is not None]

@@ -1,0 +1,40 @@
+"""Aggregation methods, one per file, behind a registry users extend with :func:`register_aggregation`.
+
+Built-ins: ``hetlora`` (arXiv 2401.06432), ``zero_pad``, ``fedavg`` (arXiv 1602.05629), ``flexlora``
+(arXiv 2402.11505), ``rankwise`` (RBLA, arXiv 2408.08699). See docs/aggregation.md.
+"""
+
+from .base import AggregationMethod, ModuleAccumulator, PaddedSum
+from .fedavg import FedAvg
+from .flexlora import FlexLoRA
+from .hetlora import HetLoRA
+from .rankwise import RankWise
+from .registry import (
+    AGGREGATION_METHODS,
+    _register_builtin,
+    aggregation_methods,
+    get_aggregation,
+    register_aggregation,
+    unregister_aggregation,
+)
+from .zero_pad import ZeroPad
+
+for _method in (HetLoRA(), ZeroPad(), FedAvg(), FlexLoRA(), RankWise()):
+    _register_builtin(_method)
+del _method
+
+__all__ = [
+    "AGGREGATION_METHODS",
+    "AggregationMethod",
+    "FedAvg",
+    "FlexLoRA",
+    "HetLoRA",
+    "ModuleAccumulator",
+    "PaddedSum",
+    "RankWise",
+    "ZeroPad",
+    "aggregation_methods",
+    "get_aggregation",
+    "register_aggregation",
+    "unregister_aggregation",
+]

@@ -1,0 +1,205 @@
+"""The shared base of aggregation methods: :class:`AggregationMethod` and the per-module accumulators.
+
+A method decides two things: which client weight it uses (sparsity ``S_k`` or data size ``n_k``) and how one
+module's client factors become the global factors. Everything else (validation, clipping, the weight cap, dense
+extras, the weighting fallbacks, the result record) is done once by
+:class:`~peft_hetlora.federated.aggregation.StreamingAggregator`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import numpy as np
+import torch
+
+__all__ = ["DATA", "NONE", "SPARSITY", "UNIFORM", "AggregationMethod", "ModuleAccumulator", "PaddedSum"]
+
+# Weighting levels, best first: a client's level is the best one at which its weight is positive; the result uses
+# the best level any client reached (clients below it get weight 0 there, which is exactly the formula's value).
+SPARSITY, DATA, UNIFORM, NONE = 2, 1, 0, -1
+
+
+class ModuleAccumulator(Protocol):
+    """Running state of one LoRA module during one aggregation."""
+
+    def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float) -> None:
+        """Fold in one client's (clipped) factors at its own rank, with its weighting level and weight.
+
+        A negative ``weight`` for a client already added lowers that client's weight (the weight cap uses it).
+        """
+
+    def result(self, previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global factors ``(A, B)`` at ``r_max``, float32 on CPU; must not change the state."""
+
+    def level_used(self) -> int | None:
+        """The worst weighting level the result used (``None`` if no component was covered)."""
+
+    def clone(self) -> ModuleAccumulator:
+        """An independent copy (result() of the copy after more add() calls leaves this one unchanged)."""
+
+
+class AggregationMethod:
+    """Base class of every aggregation method; subclass it and pass an instance to ``register_aggregation``.
+
+    Contract (what :class:`~peft_hetlora.federated.aggregation.StreamingAggregator` guarantees and expects):
+
+    * Class attributes: ``name`` (the registry name), ``weights`` (``"sparsity"``: ``S_k = ||s B_k A_k||_F`` after
+      clipping; ``"data"``: ``n_k``, capped at ``max_weight_ratio`` x the round's median), ``homogeneous`` (every
+      client must upload the first client's rank), ``uses_previous`` (``combine``/``result`` receives the previous
+      global, zero-padded to ``r_max``, for components nobody covers), ``streaming``.
+    * Before a method sees a client, the aggregator has validated it (keys, shapes, ranks ``<= r_max``, finite
+      values) and clipped it (the influence bound); weights are positive floats at the best common level (a
+      zero-norm round falls back to data-size, then uniform weights), normalisation is the method's job.
+    * **Streaming methods** (default) override :meth:`accumulator` and return one :class:`ModuleAccumulator` per
+      module, so the server holds running sums, not every client.
+    * **Non-streaming methods** (a coordinate-wise median needs all updates at once) set ``streaming = False``
+      and override only :meth:`combine`, which gets every client's factors zero-padded to ``r_max`` (float32,
+      CPU) and their weights; the aggregator keeps the clients' factors in memory for them.
+    * Dense extras (``modules_to_save``) are always the weighted mean; a method does not see them.
+
+    Example:
+        >>> import torch
+        >>> class CoordinateMedian(AggregationMethod):
+        ...     name, weights, streaming = "median", "data", False
+        ...     def combine(self, a_list, b_list, weights, previous):
+        ...         return torch.stack(a_list).median(0).values, torch.stack(b_list).median(0).values
+        >>> CoordinateMedian().streaming
+        False
+    """
+
+    name: ClassVar[str] = ""
+    weights: ClassVar[str] = "data"
+    homogeneous: ClassVar[bool] = False
+    uses_previous: ClassVar[bool] = False
+    streaming: ClassVar[bool] = True
+
+    def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> ModuleAccumulator:
+        """A fresh accumulator for one module (``a_shape`` / ``b_shape`` at the first client's rank)."""
+        if self.streaming:
+            raise NotImplementedError(f"streaming method {self.name!r} must override accumulator()")
+        return _Collected(self, r_max)
+
+    def combine(
+        self,
+        a_list: list[torch.Tensor],
+        b_list: list[torch.Tensor],
+        weights: list[float],
+        previous: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-streaming methods: the global ``(A, B)`` of one module from every client's padded factors.
+
+        ``weights`` are the clients' weights at the best common level, not normalised; ``previous`` is the
+        previous global's padded factors when ``uses_previous`` and one was given, else ``None``.
+        """
+        raise NotImplementedError(f"non-streaming method {self.name!r} must override combine()")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class _Collected:
+    """Keeps every client's padded factors for a non-streaming method's :meth:`AggregationMethod.combine`."""
+
+    def __init__(self, method: AggregationMethod, r_max: int) -> None:
+        self.method = method
+        self.r_max = r_max
+        self.entries: dict[str, list] = {}  # client_id -> [a, b, level, weight]
+
+    def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float) -> None:
+        if client_id in self.entries:
+            self.entries[client_id][3] += weight
+            return
+        rank = a.shape[0]
+        pa = torch.zeros((self.r_max, *a.shape[1:]), dtype=torch.float32)
+        pa[:rank] = a
+        pb = torch.zeros((b.shape[0], self.r_max, *b.shape[2:]), dtype=torch.float32)
+        pb[:, :rank] = b
+        self.entries[client_id] = [pa, pb, level, weight]
+
+    def level_used(self) -> int | None:
+        return max((e[2] for e in self.entries.values()), default=None)
+
+    def result(self, previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        top = self.level_used()
+        chosen = [e for e in self.entries.values() if e[2] == top]
+        a, b = self.method.combine(
+            [e[0] for e in chosen], [e[1] for e in chosen], [e[3] for e in chosen],
+            previous if self.method.uses_previous else None,
+        )
+        return a.detach().to("cpu", torch.float32), b.detach().to("cpu", torch.float32)
+
+    def clone(self) -> _Collected:
+        copy = _Collected(self.method, self.r_max)
+        copy.entries = {cid: list(e) for cid, e in self.entries.items()}
+        return copy
+
+
+class PaddedSum:
+    """Weighted running sums of one module's zero-padded factors, with a weighting level per component.
+
+    ``den[j]`` is the total weight of component ``j`` at level ``level[j]``. A client at a better level than a
+    component's current level resets that component (every earlier contribution had weight 0 at the better level).
+    With ``covered_only`` a client's weight enters the denominator of its own components ``[0, r_k)`` only
+    (``rankwise``), else of all ``r_max`` components (zero padding).
+    """
+
+    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int, covered_only: bool) -> None:
+        self.r_max = r_max
+        self.covered_only = covered_only
+        self.a_sum = torch.zeros((r_max, *a_shape[1:]), dtype=torch.float32)
+        self.b_sum = torch.zeros((b_shape[0], r_max, *b_shape[2:]), dtype=torch.float32)
+        self.level = np.full(r_max, NONE, dtype=np.int8)
+        self.den = np.zeros(r_max, dtype=np.float64)
+
+    def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float) -> None:
+        rank = a.shape[0]
+        span = rank if self.covered_only else self.r_max
+        levels = self.level[:span]
+        alpha = weight
+        if not (levels == level).all():
+            raise_idx = np.nonzero(levels < level)[0]
+            if raise_idx.size:
+                idx = torch.from_numpy(raise_idx)
+                self.a_sum[idx] = 0.0
+                self.b_sum[:, idx] = 0.0
+                self.den[raise_idx] = 0.0
+                self.level[raise_idx] = level
+            active = self.level[:span] == level
+            if not active[:rank].all():
+                idx_np = np.nonzero(active[:rank])[0]
+                if idx_np.size:
+                    idx = torch.from_numpy(idx_np)
+                    self.a_sum.index_add_(0, idx, a[idx].to(torch.float32), alpha=alpha)
+                    self.b_sum.index_add_(1, idx, b[:, idx].to(torch.float32), alpha=alpha)
+                self.den[:span][active] += weight
+                return
+            self.den[:span][active] += weight
+        else:
+            self.den[:span] += weight
+        self.a_sum[:rank].add_(a, alpha=alpha)
+        self.b_sum[:, :rank].add_(b, alpha=alpha)
+
+    def result(self, previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        covered = self.level >= 0
+        inv = np.where(covered, 1.0 / np.where(covered, self.den, 1.0), 0.0)
+        inv_t = torch.from_numpy(inv).to(torch.float32)
+        a = self.a_sum * inv_t.view(-1, *([1] * (self.a_sum.ndim - 1)))
+        b = self.b_sum * inv_t.view(1, -1, *([1] * (self.b_sum.ndim - 2)))
+        if previous is not None and not covered.all():
+            idx = torch.from_numpy(np.nonzero(~covered)[0])
+            prev_a, prev_b = previous
+            a[idx] = prev_a[idx]
+            b[:, idx] = prev_b[:, idx]
+        return a, b
+
+    def level_used(self) -> int | None:
+        covered = self.level[self.level >= 0]
+        return int(covered.min()) if covered.size else None
+
+    def clone(self) -> PaddedSum:
+        copy = PaddedSum.__new__(PaddedSum)
+        copy.r_max, copy.covered_only = self.r_max, self.covered_only
+        copy.a_sum, copy.b_sum = self.a_sum.clone(), self.b_sum.clone()
+        copy.level, copy.den = self.level.copy(), self.den.copy()
+        return copy

@@ -1,0 +1,111 @@
+"""``flexlora``: SVD of the data-weighted sum of full updates (Bai et al., arXiv 2402.11505)."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from ..keys import flat_a, flat_b
+from .base import NONE, AggregationMethod
+
+__all__ = ["FlexLoRA"]
+
+
+class FlexLoRA(AggregationMethod):
+    """Data-size weighted sum of ``B_k A_k``, then its top ``r_max`` singular triplets: ``B = U S``, ``A = V^T``.
+
+    From FlexLoRA, Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
+    Resources", arXiv 2402.11505. Computed from the stacked low-rank factors (two QRs and a small SVD), never a
+    dense ``d_out x d_in`` SVD; truncating the global to ``r_k`` gives each client its best rank-``r_k``
+    approximation.
+
+    Example:
+        >>> FlexLoRA().weights
+        'data'
+    """
+
+    name: ClassVar[str] = "flexlora"
+    weights: ClassVar[str] = "data"
+
+    def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> FactorStack:
+        return FactorStack("", a_shape, b_shape, r_max)
+
+
+class FactorStack:
+    """FlexLoRA's running data-weighted sum ``sum_k w_k B_k A_k`` of one module, kept as stacked factors.
+
+    ``B_cat = [w_1 B_1 | w_2 B_2 | ...]`` and ``A_cat = [A_1; A_2; ...]``. When the stack exceeds ``limit``
+    components it is recompressed exactly (two QRs and a small SVD, all singular triplets kept), so it never holds
+    more than ``limit + r_k`` components.
+    """
+
+    def __init__(self, name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> None:
+        self.name = name
+        self.a_shape = a_shape
+        self.b_shape = b_shape
+        self.r_max = r_max
+        self.d_in = math.prod(a_shape[1:])
+        self.d_out = b_shape[0]
+        self.limit = max(2 * min(self.d_in, self.d_out), r_max)
+        self.b_blocks: list[torch.Tensor] = []
+        self.a_blocks: list[torch.Tensor] = []
+        self.stacked_rank = 0
+        self.level = NONE
+        self.den = 0.0
+
+    def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float) -> None:
+        if level < self.level:
+            return
+        if level > self.level:
+            self.b_blocks, self.a_blocks, self.stacked_rank, self.den = [], [], 0, 0.0
+            self.level = level
+        self.den += weight
+        self.b_blocks.append(torch.mul(flat_b(self.name, b).to(torch.float32), weight))
+        self.a_blocks.append(flat_a(a).to(torch.float32, copy=True))
+        self.stacked_rank += a.shape[0]
+        if self.stacked_rank > self.limit:
+            b_fac, a_fac = self._svd_factors(keep=None)
+            self.b_blocks, self.a_blocks, self.stacked_rank = [b_fac], [a_fac], a_fac.shape[0]
+
+    def _svd_factors(self, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U S, V^T)`` of the stacked sum (top ``keep`` triplets, all if None), from QRs of the stacked factors."""
+        b_cat = self.b_blocks[0] if len(self.b_blocks) == 1 else torch.cat(self.b_blocks, dim=1)  # (d_out, R)
+        a_cat = self.a_blocks[0] if len(self.a_blocks) == 1 else torch.cat(self.a_blocks, dim=0)  # (R, d_in)
+        stacked = b_cat.shape[1]
+        # Householder QRs kept in factored form (geqrf): B_cat = Q_B R_B, A_cat^T = Q_A R_A, Q never formed.
+        h_b, tau_b = torch.geqrf(b_cat)
+        h_a, tau_a = torch.geqrf(a_cat.T.contiguous())
+        p, q = min(self.d_out, stacked), min(self.d_in, stacked)
+        r_b = torch.triu(h_b[:p])  # (p, R)
+        r_a = torch.triu(h_a[:q])  # (q, R)
+        # B_cat A_cat = Q_B (R_B R_A^T) Q_A^T: only this small (p x q) matrix needs an SVD.
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        k = s.shape[0] if keep is None else min(keep, s.shape[0])
+        left = torch.zeros((self.d_out, k), dtype=torch.float32)
+        left[:p] = u[:, :k] * s[:k]
+        right = torch.zeros((self.d_in, k), dtype=torch.float32)
+        right[:q] = vh[:k].T
+        new_b = torch.ormqr(h_b, tau_b, left)  # Q_B U S   (d_out, k)
+        new_a = torch.ormqr(h_a, tau_a, right).T.contiguous()  # (Q_A V)^T   (k, d_in)
+        return new_b, new_a
+
+    def result(self, previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        b_fac, a_fac = self._svd_factors(keep=self.r_max)
+        b_fac = b_fac * (1.0 / self.den)
+        got = a_fac.shape[0]
+        a = torch.zeros((self.r_max, self.d_in), dtype=torch.float32)
+        b = torch.zeros((self.d_out, self.r_max), dtype=torch.float32)
+        a[:got] = a_fac
+        b[:, :got] = b_fac
+        return a.reshape(self.r_max, *self.a_shape[1:]), b.reshape(self.d_out, self.r_max, *self.b_shape[2:])
+
+    def level_used(self) -> int | None:
+        return None if self.level == NONE else self.level
+
+    def clone(self) -> FactorStack:
+        copy = FactorStack(self.name, self.a_shape, self.b_shape, self.r_max)
+        copy.b_blocks, copy.a_blocks = list(self.b_blocks), list(self.a_blocks)
+        copy.stacked_rank, copy.level, copy.den = self.stacked_rank, self.level, self.den
+        return copy

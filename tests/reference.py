@@ -1,0 +1,179 @@
+"""Independent numpy reference of the aggregation methods, written from DESIGN.md section 1.
+
+Dense ``B @ A`` products, float64 and plain loops: nothing here calls peft_hetlora. Shared by the aggregation and
+Flower tests. Every function takes objects with ``client_id``, ``state_dict`` (tensors or arrays), ``rank`` and
+``num_examples`` attributes (``ClientUpdate``) and returns module name -> (A, B) numpy arrays at ``r_max``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+
+def to_np(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        return value.detach().double().cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def np_modules(sd) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """module name -> (A, B) as float64 arrays, in key order."""
+    names = [key[: -len(A_SUFFIX)] for key in sd if key.endswith(A_SUFFIX)]
+    return {name: (to_np(sd[name + A_SUFFIX]), to_np(sd[name + B_SUFFIX])) for name in names}
+
+
+def np_extras(sd) -> dict[str, np.ndarray]:
+    return {key: to_np(v) for key, v in sd.items() if not key.endswith((A_SUFFIX, B_SUFFIX))}
+
+
+def module_norms(mods, s: float) -> dict[str, float]:
+    return {name: float(np.linalg.norm(s * (b @ a))) for name, (a, b) in mods.items()}
+
+
+def norm(mods, s: float) -> float:
+    """S_k = ||s B A||_F over all modules, from dense products."""
+    return math.sqrt(sum(v**2 for v in module_norms(mods, s).values()))
+
+
+def pad(a: np.ndarray, b: np.ndarray, r_max: int) -> tuple[np.ndarray, np.ndarray]:
+    r = a.shape[0]
+    pa = np.zeros((r_max, a.shape[1]))
+    pb = np.zeros((b.shape[0], r_max))
+    pa[:r], pb[:, :r] = a, b
+    return pa, pb
+
+
+def clip(updates, s: float, clip_norm: float | None, previous=None):
+    """Per client: (clipped module factors, S of the clipped factors, min factor scale).
+
+    Each factor is moved towards the first r_k components of ``previous`` (zeros without it) until
+    sqrt(s) ||A - A0||_F <= sqrt(C) and sqrt(s) ||B - B0||_F <= sqrt(C), norms over all modules.
+    """
+    prev = np_modules(previous) if previous is not None else None
+    out = []
+    for u in updates:
+        mods = np_modules(u.state_dict)
+        if clip_norm is None:
+            out.append((mods, norm(mods, s), 1.0))
+            continue
+        refs = {}
+        for name, (a, b) in mods.items():
+            ra, rb = np.zeros_like(a), np.zeros_like(b)
+            if prev is not None:
+                k = min(a.shape[0], prev[name][0].shape[0])
+                ra[:k], rb[:, :k] = prev[name][0][:k], prev[name][1][:, :k]
+            refs[name] = (ra, rb)
+        da = math.sqrt(sum(np.sum((a - refs[n][0]) ** 2) for n, (a, _) in mods.items()))
+        db = math.sqrt(sum(np.sum((b - refs[n][1]) ** 2) for n, (_, b) in mods.items()))
+        radius = math.sqrt(clip_norm / s)
+        ca = min(1.0, radius / da) if da > 0 else 1.0
+        cb = min(1.0, radius / db) if db > 0 else 1.0
+        clipped = {
+            n: (refs[n][0] + ca * (a - refs[n][0]), refs[n][1] + cb * (b - refs[n][1])) for n, (a, b) in mods.items()
+        }
+        out.append((clipped, norm(clipped, s), min(ca, cb)))
+    return out
+
+
+def capped_sizes(sizes, ratio: float | None) -> np.ndarray:
+    """n_k' = min(n_k, ratio x median of the positive n_k)."""
+    n = np.asarray(sizes, dtype=np.float64)
+    positive = n[n > 0]
+    if ratio is None or positive.size < 2:
+        return n
+    return np.minimum(n, ratio * float(np.median(positive)))
+
+
+def weighted(updates, weights, r_max: int, mods_list=None):
+    """sum_k w_k pad(A_k), sum_k w_k pad(B_k), extras sum_k w_k x_k, with w normalised."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    mods_list = mods_list or [np_modules(u.state_dict) for u in updates]
+    out = {}
+    for name in mods_list[0]:
+        acc_a = sum(wk * pad(*mods[name], r_max)[0] for wk, mods in zip(w, mods_list))
+        acc_b = sum(wk * pad(*mods[name], r_max)[1] for wk, mods in zip(w, mods_list))
+        out[name] = (acc_a, acc_b)
+    extras = {}
+    for key in np_extras(updates[0].state_dict):
+        extras[key] = sum(wk * to_np(u.state_dict[key]) for wk, u in zip(w, updates))
+    return out, extras, w
+
+
+def hetlora(updates, r_max: int, s: float, clip_norm=None, per_module=False, previous=None):
+    """HetLoRA (arXiv 2401.06432): zero padding, sparsity weights S_k (of the clipped factors)."""
+    clipped = clip(updates, s, clip_norm, previous)
+    client_w = np.array([sk for _, sk, _ in clipped])
+    out = {}
+    for name in clipped[0][0]:
+        if per_module:
+            w = np.array([np.linalg.norm(s * (mods[name][1] @ mods[name][0])) for mods, _, _ in clipped])
+        else:
+            w = client_w
+        w = w / w.sum()
+        out[name] = (
+            sum(wk * pad(*mods[name], r_max)[0] for wk, (mods, _, _) in zip(w, clipped)),
+            sum(wk * pad(*mods[name], r_max)[1] for wk, (mods, _, _) in zip(w, clipped)),
+        )
+    p = client_w / client_w.sum()
+    extras = {key: sum(pk * to_np(u.state_dict[key]) for pk, u in zip(p, updates))
+              for key in np_extras(updates[0].state_dict)}
+    return out, extras, p
+
+
+def zero_pad(updates, r_max: int, s: float = 1.0, clip_norm=None, previous=None, cap_ratio: float | None = 10.0):
+    """zero_pad / fedavg: zero padding, data-size weights (capped at cap_ratio x the median)."""
+    clipped = clip(updates, s, clip_norm, previous)
+    sizes = capped_sizes([u.num_examples for u in updates], cap_ratio)
+    return weighted(updates, sizes, r_max, [mods for mods, _, _ in clipped])
+
+
+def rankwise(updates, r_max: int, s: float, previous=None, per_module=False, data_weights=False):
+    """RBLA (arXiv 2408.08699): component j averaged over the clients covering it; uncovered keep previous."""
+    clipped = clip(updates, s, None)
+    prev = np_modules(previous) if previous is not None else None
+    out = {}
+    for name, (a0, b0) in clipped[0][0].items():
+        d_in, d_out = a0.shape[1], b0.shape[0]
+        ga, gb = np.zeros((r_max, d_in)), np.zeros((d_out, r_max))
+        if prev is not None:
+            ga[:], gb[:] = pad(*prev[name], r_max)
+        for j in range(r_max):
+            num_a, num_b, den = 0.0, 0.0, 0.0
+            for u, (mods, sk, _) in zip(updates, clipped):
+                a, b = mods[name]
+                if a.shape[0] > j:  # this client covers component j
+                    w = np.linalg.norm(s * (b @ a)) if per_module else sk
+                    w = u.num_examples if data_weights else w
+                    num_a, num_b, den = num_a + w * a[j], num_b + w * b[:, j], den + w
+            if den > 0:
+                ga[j], gb[:, j] = num_a / den, num_b / den
+        out[name] = (ga, gb)
+    return out
+
+
+def flexlora_dense(updates, cap_ratio: float | None = 10.0) -> dict[str, np.ndarray]:
+    """FlexLoRA (arXiv 2402.11505): the data-weighted sum of dense B_k A_k (before the SVD)."""
+    n = capped_sizes([u.num_examples for u in updates], cap_ratio)
+    w = n / n.sum()
+    mods_list = [np_modules(u.state_dict) for u in updates]
+    return {name: sum(wk * (mods[name][1] @ mods[name][0]) for wk, mods in zip(w, mods_list)) for name in mods_list[0]}
+
+
+def best_rank_k(dense: np.ndarray, k: int) -> np.ndarray:
+    u, sv, vt = np.linalg.svd(dense, full_matrices=False)
+    k = min(k, len(sv))
+    return (u[:, :k] * sv[:k]) @ vt[:k]
+
+
+def delta_w(factors: dict[str, tuple[np.ndarray, np.ndarray]], s: float) -> dict[str, np.ndarray]:
+    """module -> s B A (dense) of module name -> (A, B)."""
+    return {name: s * (b @ a) for name, (a, b) in factors.items()}
+
+
+def frob(dense: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum(v**2)) for v in dense.values()))
