@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from .aggregation import AGGREGATION_METHODS, AggregationResult, ClientUpdate, StreamingAggregator, update_norm
 from .errors import CoordinatorError, FederationMismatch, StoreFullError
+from .methods import get_aggregation
 from .rank_policy import RankPolicy, cap_ranks, sample_clients
 from .store import AdapterStore, GlobalAdapter, file_sha256, json_text, validate_client_id
 from .temp_files import remove_abandoned, temp_prefix
@@ -716,7 +717,9 @@ class Coordinator:
         """Download, validate and stream the uploads of `client_ids` (one at a time) into the aggregator."""
         spec = self.upload_spec(plan.round)
         global_path = Path(self.store.get_global(plan.round).path) / ADAPTER_FILE
-        previous = load_file(str(global_path)) if self.method == "rankwise" else None
+        # the global the clients were sent: kept components (rankwise) and the clip's reference need it
+        needs_previous = get_aggregation(self.method).uses_previous or self._setting("clip_norm") is not None
+        previous = load_file(str(global_path)) if needs_previous else None
         aggregator = StreamingAggregator(
             self.method, r_max=self.r_max, scaling=self.scaling, previous=previous,
             clip_norm=self._setting("clip_norm"),
