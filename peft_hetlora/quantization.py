@@ -13,8 +13,10 @@ Modes (`QUANTIZE_MODES`):
 - ``None``: the float model, unchanged.
 
 All three run on CPU with bitsandbytes >= 0.46 and torchao >= 0.16 (checked here with bitsandbytes 0.50.2
-and torchao 0.18.0). torchao int4 weight-only is not offered: its ``Int4Tensor`` needs the ``mslk``
-kernels, which do not run on CPU.
+and torchao 0.18.0). bitsandbytes is the ``quant`` extra; torchao is the separate ``torchao`` extra because
+torchao 0.18 next to a CPU-only torch logs failed CUDA-library loads whenever ``peft`` is imported.
+torchao int4 weight-only is not offered: its ``Int4Tensor`` needs the ``mslk`` kernels, which do not run
+on CPU.
 
 Example:
     ```py
@@ -73,7 +75,7 @@ def check_quantize_mode(mode: str | None) -> str | None:
     if importlib.util.find_spec(package) is None:
         raise UnsupportedQuantizationError(
             f"Quantisation mode {mode!r} needs {package}: {_INSTALL_HINT[mode]} "
-            "(or pip install 'peft-hetlora[quant]')."
+            f"(or pip install 'peft-hetlora[{'torchao' if package == 'torchao' else 'quant'}]')."
         )
     return mode
 
