@@ -58,6 +58,27 @@ def _release_freed_heap() -> None:
         pass
 
 
+def _drop_checkpoint_pages() -> int:
+    """Drop the pages of still-mapped ``*.safetensors`` checkpoints from this process's resident set.
+
+    transformers reads the checkpoint through a memory map that stays mapped after loading. A float
+    base's parameters live in that map (its pages count again as soon as the round touches them); a
+    quantised base was built from it and never reads it again, yet its pages would stay in RSS. After
+    ``madvise(MADV_DONTNEED)`` only what the round touches is resident. Returns the bytes unmapped from RSS.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    before = _status_kib("RssFile")
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+        regions = [line.split()[0] for line in maps if line.rstrip().endswith(".safetensors")]
+    for region in regions:
+        start, end = (int(x, 16) for x in region.split("-"))
+        libc.madvise(start, end - start, 4)  # MADV_DONTNEED
+    return (before - _status_kib("RssFile")) * 1024
+
+
 def _tensor_bytes(model) -> int:
     """Bytes of the model's distinct parameter and buffer storages (quantised storage counted as stored)."""
     seen, total = set(), 0
@@ -112,6 +133,8 @@ def worker(args: argparse.Namespace) -> dict:
     ]
     cuda = torch.cuda.is_available() and args.device == "cuda"
     _release_freed_heap()
+    dropped = _drop_checkpoint_pages()
+    anon_kib, file_kib = _status_kib("RssAnon"), _status_kib("RssFile")
     before_kib = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
         refs.write("5")  # reset VmHWM (peak RSS) to the current RSS
@@ -138,8 +161,11 @@ def worker(args: argparse.Namespace) -> dict:
         "libraries_rss_bytes": libraries_kib * 1024,
         "peak_rss_bytes": peak_kib * 1024,
         "rss_before_round_bytes": before_kib * 1024,
+        "rss_anon_before_round_bytes": anon_kib * 1024,
+        "rss_file_before_round_bytes": file_kib * 1024,
+        "checkpoint_pages_dropped_bytes": dropped,
         "round_delta_bytes": (peak_kib - before_kib) * 1024,
-        "memory_measure": "VmHWM (peak RSS) after malloc_trim and /proc/self/clear_refs=5",
+        "memory_measure": "VmHWM (peak RSS) after malloc_trim, checkpoint-map MADV_DONTNEED, clear_refs=5",
         "seconds_per_step": seconds / args.steps,
         "final_loss": float(loss),
     }
@@ -162,6 +188,11 @@ def run_one(args: argparse.Namespace, method: str, rank: int, quantize: str) -> 
     if done.returncode != 0:
         raise RuntimeError(f"worker failed ({method}, r={rank}, {quantize}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _median_of(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if key in r]  # rows of older runs may lack the newer fields
+    return statistics.median(values) if values else float("nan")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -193,8 +224,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "lora_delta_mib": med["lora"]["round_delta_bytes"] / 2**20,
                     "hetlora_s_per_step": med["hetlora"]["seconds_per_step"],
                     "lora_s_per_step": med["lora"]["seconds_per_step"],
-                    "base_tensor_mib": statistics.median(r["base_tensor_bytes"] for r in het) / 2**20,
-                    "libraries_rss_mib": statistics.median(r["libraries_rss_bytes"] for r in het + lora) / 2**20,
+                    "base_tensor_mib": _median_of(het, "base_tensor_bytes") / 2**20,
+                    "libraries_rss_mib": _median_of(het + lora, "libraries_rss_bytes") / 2**20,
                     "repeats": len(het),
                 }
             )
@@ -217,7 +248,8 @@ def markdown(table: list[dict], args: argparse.Namespace) -> str:
     header = (
         f"SmolLM2-135M-Instruct ({args.model}), one local round = {args.steps} AdamW steps at batch {args.batch} x "
         f"{args.block} tokens, targets {'/'.join(args.targets)} on the top {args.top_layers} layers, HetLoRA r_max = "
-        f"{args.r_max}; median of {args.repeats} fresh process(es) per cell. Peak RSS is the process's VmHWM during "
+        f"{args.r_max}; median of {table[0]['repeats'] if table else 0} fresh process(es) per cell. "
+        f"Peak RSS is the process's VmHWM during "
         f"the round (after resetting it), base model included; the round delta is peak minus the RSS just before. "
         f"The interpreter with torch / transformers / peft imported holds "
         f"{statistics.median(r['libraries_rss_mib'] for r in table):.0f} MiB before any model is loaded."
@@ -242,9 +274,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-layers", type=int, default=8)
     parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj", "o_proj"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="fresh processes per cell (0 with --merge: no new run)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    parser.add_argument(
+        "--merge", type=Path, nargs="*", default=[], help="earlier --out JSON files (same settings) to pool rows with"
+    )
     args = parser.parse_args(argv)
     if args.worker:
         args.quantize = args.quantize[0]
@@ -260,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         for rank in args.ranks
         for method in ("lora", "hetlora")
     ]
-    rows = [run_one(args, *job) for job in tqdm(jobs, desc="memory runs")]
+    rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
+    rows += [run_one(args, *job) for job in tqdm(jobs, desc="memory runs")]
     table = summarise(rows)
     text = markdown(table, args)
     print(text)
