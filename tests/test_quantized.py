@@ -326,3 +326,52 @@ def test_bnb_cuda_forward_matches_the_dequantised_float_path(model_dir, mode):  
         delta = layer(x) - layer.get_base_layer()(x)
     a, b = layer.lora_A["default"].weight[:4], layer.lora_B["default"].weight[:, :4]
     torch.testing.assert_close(delta, 2.0 * x @ a.T @ b.T, rtol=1e-2, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- the real model (slow)
+def _smollm2_cached() -> str | None:
+    from peft_hetlora.simulation.model_source import default_cache_dir
+
+    folder = default_cache_dir() / "smollm2-135m"
+    return str(folder) if (folder / "config.json").is_file() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_smollm2_client_on_a_quantised_base_trains_prunes_uploads_and_reloads(mode, tmp_path):
+    from peft_hetlora.federated.compression import decode_message, encode_message
+
+    folder = _smollm2_cached()
+    if folder is None:
+        pytest.skip("SmolLM2-135M not converted yet (run `hetlora simulate` once or resolve_model())")
+    top = [28, 29]
+    config = HetLoRAConfig(
+        r=16, rank=8, r_min=2, lora_alpha=32, prune_lambda=5.0, target_modules=["q_proj", "v_proj"],
+        layers_to_transform=top,
+    )  # fmt: skip
+    model = get_peft_model(load_quantized_base(folder, mode), config)
+    randomize_adapter(model, seed=0, std=0.05)
+    model.train()
+    ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    reference = float(model.tail_norm())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(float(loss))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0]
+    assert model.prune(reference) == 7  # min(floor(0.99 * 8), 7) = 7 >= r_min
+    model.save_pretrained(tmp_path / "up")
+    state = load_file(tmp_path / "up" / "adapter_model.safetensors")
+    decoded = decode_message(encode_message(state, "bf16"), "bf16")  # a compressed upload
+    assert all(v.shape[0] == 7 for k, v in decoded.items() if ".lora_A." in k)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    reloaded = PeftModel.from_pretrained(load_quantized_base(folder, mode), tmp_path / "up")
+    reloaded.train()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=0, atol=1e-4)
