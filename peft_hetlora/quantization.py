@@ -40,7 +40,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .quantized_layers import UnsupportedQuantizationError, quantized_backend
+from .federated.errors import HetLoRAError
+from .quantized_layers import quantized_backend
+
+
+class UnsupportedQuantizationError(HetLoRAError, ValueError):
+    """A quantised base (layer or mode) HetLoRA has no layer for; the message names the supported ones."""
+
 
 QuantizeMode = Literal["8bit", "4bit", "torchao-int8"]
 #: accepted values of `mode` (the ``--quantize`` choices)

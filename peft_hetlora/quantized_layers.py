@@ -42,7 +42,6 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .federated.errors import HetLoRAError
 from .layer import HetLoRALinear
 
 #: backends whose HetLoRA layer exists, in dispatch order
@@ -65,11 +64,10 @@ _REFUSED_LAYER_MODULES = {
 }
 
 
-class UnsupportedQuantizationError(HetLoRAError, ValueError):
-    """A quantised base layer HetLoRA has no layer for (the message names the supported backends)."""
+def _unsupported(what: str) -> ValueError:
+    # imported here: `import peft_hetlora` (which imports this module) must not pull in peft_hetlora.federated
+    from .quantization import UnsupportedQuantizationError
 
-
-def _unsupported(what: str) -> UnsupportedQuantizationError:
     return UnsupportedQuantizationError(
         f"HetLoRA cannot adapt a {what} base layer. Supported quantised bases: bitsandbytes 8-bit "
         "(BitsAndBytesConfig(load_in_8bit=True)), bitsandbytes 4-bit (load_in_4bit=True) and torchao weight-only "
@@ -238,7 +236,8 @@ def _is_torchao_int8(weight: Any) -> bool:
 def quantized_backend(base: nn.Module) -> str | None:
     """The backend name of a quantised base layer (one of `SUPPORTED_BACKENDS`), None for a float layer.
 
-    Raises `UnsupportedQuantizationError` for quantised layers HetLoRA does not support.
+    Raises `peft_hetlora.quantization.UnsupportedQuantizationError` for quantised layers HetLoRA does not
+    support.
 
     Example:
         ```py

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 from peft_hetlora import HetLoRAConfig, export_lora
 from peft_hetlora.federated.errors import HetLoRAError
 from peft_hetlora.quantization import (
+    UnsupportedQuantizationError,
     check_quantize_mode,
     load_quantized_base,
     quantization_summary,
@@ -30,7 +33,6 @@ from peft_hetlora.quantized_layers import (
     HetLoRALinear4bit,
     HetLoRALinear8bitLt,
     HetLoRATorchaoLinear,
-    UnsupportedQuantizationError,
     dispatch_quantized,
     quantized_backend,
 )
@@ -297,6 +299,18 @@ def test_unsupported_quantised_layers_are_refused_naming_the_supported_ones():
         dispatch_quantized(torch.nn.Linear(4, 4), "default", HetLoRAConfig(r=2), gptq_quantization_config=object())
     with pytest.raises(UnsupportedQuantizationError, match="8bit, 4bit, torchao-int8"):
         check_quantize_mode("3bit")
+
+
+def test_importing_the_package_does_not_import_the_federated_core():
+    import os
+    from pathlib import Path
+
+    import peft_hetlora
+
+    root = str(Path(peft_hetlora.__file__).resolve().parents[1])  # this checkout, not an installed copy
+    code = "import sys, peft_hetlora; assert 'peft_hetlora.federated' not in sys.modules, 'federated imported'"
+    env = {**os.environ, "PYTHONPATH": root}
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env, cwd=root)
 
 
 def test_float_layers_of_a_quantised_model_get_the_float_layer():
