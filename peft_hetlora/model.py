@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import HetLoRAConfig, tail_start
 from .layer import HetLoRALinear
+from .quantized_layers import dispatch_quantized
 
 _PEFT_MODEL_PREFIX = "base_model.model."
 
@@ -67,11 +68,11 @@ class HetLoRAModel(LoraModel):
     def _create_new_module(lora_config: HetLoRAConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         kwargs.pop("parameter_name", None)
-        for unsupported in ("loaded_in_8bit", "loaded_in_4bit"):
-            if kwargs.pop(unsupported, False):
-                raise ValueError(
-                    "HetLoRA does not support 8-bit / 4-bit quantized base layers yet; load in 16/32 bit."
-                )
+        quantized = dispatch_quantized(target, adapter_name, lora_config, **kwargs)
+        if quantized is not None:
+            return quantized
+        for key in ("loaded_in_8bit", "loaded_in_4bit", "get_apply_tensor_subclass"):
+            kwargs.pop(key, None)  # a float layer of a quantised model (e.g. one skipped by the quantiser)
         if isinstance(base, nn.Linear):
             lora_config.fan_in_fan_out = False
             return HetLoRALinear(target, adapter_name, config=lora_config, **kwargs)
@@ -80,7 +81,8 @@ class HetLoRAModel(LoraModel):
             return HetLoRALinear(target, adapter_name, config=lora_config, is_target_conv_1d_layer=True, **kwargs)
         raise ValueError(
             f"HetLoRA cannot adapt {type(base).__name__} modules; target only torch.nn.Linear or transformers "
-            "Conv1D layers (e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear')."
+            "Conv1D layers (e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'), or their bitsandbytes "
+            "8-bit / 4-bit and torchao int8 quantised versions."
         )
 
     # ----------------------------------------------------------------- layers
