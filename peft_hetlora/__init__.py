@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from .peft_hook import install as _install_registration
@@ -35,6 +36,15 @@ _LAZY = {
 __all__ = [*sorted(_LAZY), "__version__"]
 
 _install_registration()
+
+
+def _drop_optional_kernel_notice(record: logging.LogRecord) -> bool:
+    # bitsandbytes' CPU backend logs a warning on every `import peft` when the optional Hub-fetched `kernels`
+    # package is absent; its own fallback kernel is what runs, so the line is noise for our users.
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_optional_kernel_notice)
 
 
 def __getattr__(name: str) -> Any:
