@@ -379,7 +379,7 @@ def test_wrong_shapes(tmp_path, spec):
 
 def test_rank_above_r_max(tmp_path, spec):
     meta = client_meta(rank_in=5, rank_out=5)
-    assert "rank_in must be an integer in [r_min=1, r_max=4]" in rejected(
+    assert "client.json rank_in 5 is outside [r_min=1, r_max=4]" in rejected(
         write_upload(tmp_path / "a", client_state(5), meta), spec
     )
     # tensors above r_max even if the per-module check were relaxed
@@ -421,7 +421,7 @@ def test_assigned_and_required_rank(tmp_path, spec):
         ({"num_examples": 10.0}, "num_examples"),
         ({"num_examples": 10**6}, "num_examples"),
         ({"num_examples": True}, "num_examples"),
-        ({"rank_in": 0}, "rank_in must be an integer"),
+        ({"rank_in": 0}, "rank_in 0 is outside [r_min=1, r_max=4]"),
         ({"rank_out": "2"}, "rank_out must be an integer"),
         ({"rank_in": 2, "rank_out": 3}, "rank_out 3 is above rank_in 2"),
         ({"train_loss": "low"}, "train_loss must be a finite number"),

@@ -35,9 +35,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 
 from .aggregation import ClientUpdate
-from .errors import HetLoRAError
+from .errors import HetLoRAError, RankError
+from .ranks import check_rank
 from .untrusted_text import brief, one_line
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -143,8 +145,8 @@ class UploadSpec:
     dtypes: frozenset = ALLOWED_DTYPES
 
     def __post_init__(self) -> None:
-        if not 1 <= self.r_min <= self.r_max:
-            raise ValueError(f"Need 1 <= r_min <= r_max, got r_min={self.r_min}, r_max={self.r_max}.")
+        check_rank(self.r_max, 1, 1 << 30, what="r_max")
+        check_rank(self.r_min, 1, self.r_max, what="r_min", hi_name="r_max")
         unknown = set(self.dtypes) - ALLOWED_DTYPES
         if unknown:
             raise ValueError(f"Unsupported dtypes {sorted(unknown)}; choose among {sorted(ALLOWED_DTYPES)}.")
@@ -337,9 +339,7 @@ def _check_tensors_against_spec(
             raise RejectedUpload(
                 f"module {name}: lora_A {list(a)} / lora_B {list(b)} are not (k, {d_in}) / ({d_out}, k)"
             )
-        k = a[0]
-        if not 1 <= k <= spec.r_max:
-            raise RejectedUpload(f"module {name}: rank {k} outside [1, r_max={spec.r_max}]")
+        k = _rank_or_reject(a[0], 1, spec.r_max, what=f"module {name}: rank")
         if spec.allow_per_module_ranks:
             if k > rank_in:
                 raise RejectedUpload(f"module {name}: rank {k} above the declared rank_in={rank_in}")
@@ -347,6 +347,13 @@ def _check_tensors_against_spec(
             raise RejectedUpload(f"module {name}: rank {k} differs from the declared rank_out={rank_out}")
         ranks[name] = k
     return ranks
+
+
+def _rank_or_reject(value: Any, lo: int, hi: int, *, what: str, lo_name: str = "") -> int:
+    try:
+        return check_rank(value, lo, hi, what=what, lo_name=lo_name, hi_name="r_max")
+    except RankError as err:
+        raise RejectedUpload(str(err)) from None
 
 
 def _check_number(meta: Mapping, name: str, *, non_negative: bool = False) -> None:
@@ -392,12 +399,7 @@ def validate_client_json(
         raise RejectedUpload(f"client.json num_examples must be an integer in [1, {spec.max_examples}], got "
                              f"{brief(num)}")
     for name in ("rank_in", "rank_out"):
-        value = meta.get(name)
-        if not _is_int(value) or not spec.r_min <= value <= spec.r_max:
-            raise RejectedUpload(
-                f"client.json {name} must be an integer in [r_min={spec.r_min}, r_max={spec.r_max}], "
-                f"got {brief(value)}"
-            )
+        _rank_or_reject(meta.get(name), spec.r_min, spec.r_max, what=f"client.json {name}", lo_name="r_min")
     if meta["rank_out"] > meta["rank_in"]:
         raise RejectedUpload(f"client.json rank_out {meta['rank_out']} is above rank_in {meta['rank_in']}")
     if assigned_rank is not None and meta["rank_in"] > assigned_rank:
@@ -405,9 +407,7 @@ def validate_client_json(
                              "to this client for the round")
     max_rank = meta.get("max_rank")
     if max_rank is not None:
-        if not _is_int(max_rank) or not 1 <= max_rank <= spec.r_max:
-            raise RejectedUpload(f"client.json max_rank must be an integer in [1, r_max={spec.r_max}] or absent, got "
-                                 f"{brief(max_rank)}")
+        _rank_or_reject(max_rank, 1, spec.r_max, what="client.json max_rank (or leave it out)")
         if max_rank < spec.r_min:
             raise RejectedUpload(f"client.json max_rank {max_rank} is below the federation's r_min={spec.r_min}: this "
                                  "device cannot train the smallest rank the federation allows")
@@ -604,13 +604,8 @@ def validate_upload(
     with open_upload_snapshot(folder, ignore_files=frozenset(ignore_files)) as upload:
         # client.json first: what it declares is checked before the (large) weights are read
         raw_meta = upload.read(CLIENT_FILE, spec.max_json_bytes)
-        meta = validate_client_json(
-            _loads_strict(raw_meta, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
-            assigned_rank=assigned_rank,
-        )
-        if required_rank is not None and meta["rank_out"] != required_rank:
-            raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method "
-                                 "requires")
+        meta = _checked_report(raw_meta, spec, client_id=client_id, round_idx=round_idx, assigned_rank=assigned_rank,
+                               required_rank=required_rank)
         upload_bytes = len(raw_meta)
         if CONFIG_FILE in upload.names:
             raw_config = upload.read(CONFIG_FILE, spec.max_json_bytes)
@@ -618,7 +613,25 @@ def validate_upload(
                 raise RejectedUpload(f"{CONFIG_FILE} is not a JSON object")
             upload_bytes += len(raw_config)
         data = upload.read(ADAPTER_FILE, int(spec.max_upload_bytes))
-        upload_bytes += len(data)
+    return _update_from_bytes(data, meta, spec, client_id=client_id, other_bytes=upload_bytes)
+
+
+def _checked_report(raw: bytes, spec: UploadSpec, *, client_id: str, round_idx: int, assigned_rank: int | None,
+                    required_rank: int | None) -> dict:
+    if len(raw) > spec.max_json_bytes:
+        raise RejectedUpload(f"{CLIENT_FILE} is {len(raw):,} bytes, above the {spec.max_json_bytes:,}-byte limit")
+    meta = validate_client_json(_loads_strict(raw, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
+                                assigned_rank=assigned_rank)
+    if required_rank is not None and meta["rank_out"] != required_rank:
+        raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method "
+                             "requires")
+    return meta
+
+
+def _update_from_bytes(data: bytes, meta: dict, spec: UploadSpec, *, client_id: str, other_bytes: int) -> ClientUpdate:
+    if len(data) > int(spec.max_upload_bytes):
+        raise RejectedUpload(f"{ADAPTER_FILE} is {len(data):,} bytes, above the {int(spec.max_upload_bytes):,}-byte "
+                             "limit")
     entries = read_safetensors_header(data, max_header_bytes=int(spec.max_header_bytes))
     _check_tensors_against_spec(entries, spec, rank_in=meta["rank_in"], rank_out=meta["rank_out"])
     try:
@@ -635,7 +648,7 @@ def validate_upload(
             raise RejectedUpload(f"tensor {key!r} has {bad} non-finite value(s) (NaN or Inf)")
         state_dict[key] = tensor.to(torch.float32)
     metadata = dict(meta)
-    metadata["upload_bytes"] = upload_bytes
+    metadata["upload_bytes"] = other_bytes + len(data)
     metadata["sha256"] = hashlib.sha256(data).hexdigest()
     return ClientUpdate(
         client_id=client_id,
@@ -644,3 +657,49 @@ def validate_upload(
         num_examples=int(meta["num_examples"]),
         metadata=metadata,
     )
+
+
+def validate_update(
+    adapter: bytes | Mapping[str, torch.Tensor],
+    report: bytes | Mapping[str, Any],
+    spec: UploadSpec,
+    *,
+    client_id: str,
+    round_idx: int,
+    assigned_rank: int | None = None,
+    required_rank: int | None = None,
+) -> ClientUpdate:
+    """Validate one in-memory upload: the adapter (safetensors bytes, or a state dict) and its report (client.json).
+
+    The same checks as `validate_upload` (which reads a folder and calls this): the report first (strict JSON,
+    ids, round, ranks, examples), then the weights (header, keys, dtypes, shapes for the declared rank, finite
+    values, size). A state dict is serialised to safetensors bytes in memory first, so it is checked exactly as a
+    file would be (and ``sha256`` is that of those bytes); a report dict is checked as its JSON text.
+
+    Raises:
+        RejectedUpload: with the reason for the round summary.
+
+    Example:
+        ```py
+        >>> update = validate_update(state_dict, {"client_id": "a", "round": 0, "rank_in": 4, "rank_out": 4,
+        ...                          "num_examples": 10}, spec, client_id="a", round_idx=0)  # doctest: +SKIP
+        ```
+    """
+    if isinstance(report, (bytes, bytearray)):
+        raw_meta = bytes(report)
+    else:
+        try:
+            raw_meta = json.dumps(dict(report), allow_nan=True).encode()
+        except (TypeError, ValueError) as err:
+            raise RejectedUpload(f"{CLIENT_FILE} is not JSON-serialisable ({err})") from None
+    meta = _checked_report(raw_meta, spec, client_id=client_id, round_idx=round_idx, assigned_rank=assigned_rank,
+                           required_rank=required_rank)
+    if isinstance(adapter, (bytes, bytearray)):
+        data = bytes(adapter)
+    else:
+        try:
+            data = save_safetensors_bytes({k: v.detach().to("cpu").contiguous() for k, v in adapter.items()},
+                                          metadata={"format": "pt"})
+        except Exception as err:  # noqa: BLE001
+            raise RejectedUpload(f"arrays are not a valid adapter state dict: {err}") from None
+    return _update_from_bytes(data, meta, spec, client_id=client_id, other_bytes=len(raw_meta))

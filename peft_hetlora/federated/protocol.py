@@ -1,0 +1,524 @@
+"""The round protocol, written once: the records a round reads and writes, and the pure function that closes it.
+
+One HetLoRA round, whatever moves the bytes (the store-backed `Coordinator`, the Flower `HetLoRAStrategy`, the
+in-process simulation runner):
+
+1. the server publishes global ``t`` with its **plan** (`RoundPlan`, the file ``round.json``): who trains, at
+   which rank, from which revision;
+2. each participant uploads its adapter and its **report** (`ClientReport`, the file ``client.json``: rank in/out,
+   examples, loss, tail norms, ...); validation turns the pair into a `ClientUpdate` or a `Rejection`
+   (`peft_hetlora.federated.validation`);
+3. `close_round` turns the validated updates, the global the clients were sent and the `RoundSettings` into the
+   new global, the round's **summary** (``summary.json``) and the next ranks (``next_rank`` rule, ``max_rank``
+   caps, ``r_min``); `plan_round` turns those ranks into the next plan.
+
+Nothing here reads or writes files or talks to a network: the callers only move bytes.
+
+Example:
+    ```py
+    >>> plan = plan_round(0, ["a", "b", "c"], {"a": 4, "b": 8, "c": 2}, clients_per_round=2, seed=0)  # doctest: +SKIP
+    >>> outcome = close_round(plan, updates, previous_global, RoundSettings(method="hetlora", r_max=8, r_min=2,
+    ...                       scaling=2.0), client_ranks=ranks, initial_ranks=ranks)  # doctest: +SKIP
+    >>> outcome.state_dict, outcome.summary["accepted"], outcome.client_ranks  # doctest: +SKIP
+    ```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .aggregation import AggregationResult, ClientUpdate, StreamingAggregator, update_norm
+from .errors import AggregationError
+from .methods import get_aggregation
+from .rank_policy import cap_ranks, sample_clients
+from .ranks import check_rank
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ADAPTER_FILE",
+    "CLIENT_FILE",
+    "CONFIG_FILE",
+    "FEDERATION_FILE",
+    "FEDERATION_FORMAT",
+    "NEXT_RANK_RULES",
+    "ROUND_FILE",
+    "SUMMARY_FILE",
+    "ClientReport",
+    "Rejection",
+    "RoundOutcome",
+    "RoundPlan",
+    "RoundSettings",
+    "close_round",
+    "dp_method_for",
+    "next_client_ranks",
+    "plan_round",
+    "weighted_mean",
+]
+
+# The file names of the layout (DESIGN.md 4), shared by every store and engine.
+FEDERATION_FILE = "federation.json"
+ROUND_FILE = "round.json"
+SUMMARY_FILE = "summary.json"
+CLIENT_FILE = "client.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+FEDERATION_FORMAT = 1
+NEXT_RANK_RULES = ("rank_out", "initial")
+NON_FINITE_REASON = "not a finite number (overflowed); recorded as null"
+# Aggregation methods with a DP counterpart in `privacy.dp_aggregate` (public weights; hetlora's leak).
+_DP_METHOD = {"rankwise": "component", "zero_pad": "zero_pad", "fedavg": "zero_pad"}
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What global t announces for round t (``round.json``): who trains, at which rank, from which revision."""
+
+    round: int
+    participants: list[str]
+    ranks: dict[str, int]
+    revision: str = ""
+    opened_at: float | None = None
+    final: bool = False
+
+    def to_json(self, settings: RoundSettings, *, deadline_s: float | None = None) -> dict[str, Any]:
+        """The ``round.json`` record (``revision`` is the store's business: it is not part of the file)."""
+        out = {
+            "round": self.round,
+            "participants": list(self.participants),
+            "ranks": {cid: int(self.ranks[cid]) for cid in self.participants},
+            "r_max": settings.r_max,
+            "r_min": settings.r_min,
+            "method": settings.method,
+            "scaling": settings.scaling,
+            "opened_at": self.opened_at,
+            "deadline_s": deadline_s,
+            "final": self.final,
+        }
+        if settings.engine is not None:
+            out["engine"] = settings.engine
+        return out
+
+    @classmethod
+    def from_json(cls, info: Mapping[str, Any], *, round_idx: int, revision: str) -> RoundPlan:
+        """Inverse of `to_json` (the store gives the revision)."""
+        return cls(
+            round=round_idx,
+            participants=list(info.get("participants", [])),
+            ranks={k: int(v) for k, v in info.get("ranks", {}).items()},
+            revision=revision,
+            opened_at=info.get("opened_at"),
+            final=bool(info.get("final", False)),
+        )
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """What a client reports with its upload (``client.json``); validated by `validation.validate_client_json`."""
+
+    client_id: str
+    round: int
+    rank_in: int
+    rank_out: int
+    num_examples: int
+    train_loss: float | None = None
+    tail_norm_start: float | None = None
+    tail_norm_end: float | None = None
+    global_revision: str | None = None
+    max_rank: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``client.json`` dict (``max_rank`` only when set)."""
+        out = {k: getattr(self, k) for k in ("client_id", "round", "rank_in", "rank_out", "num_examples",
+                                             "train_loss", "tail_norm_start", "tail_norm_end", "global_revision")}
+        if self.max_rank is not None:
+            out["max_rank"] = self.max_rank
+        return out
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An upload refused before aggregation (validation, download): its reason goes to the summary."""
+
+    client_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """The settings `close_round` needs; every engine builds one from its own options.
+
+    Args:
+        method: a registered aggregation method.
+        r_max, r_min: the federation's rank bounds.
+        scaling: ``s`` for norms and clipping.
+        clip_norm, weighting: passed to the aggregator.
+        next_rank: ``"rank_out"`` (a client's next rank is what it reported) or ``"initial"``.
+        min_accepted: accepted uploads needed to change the global (else it is carried over).
+        dp: a `privacy.DPConfig`: the round is aggregated with `privacy.dp_aggregate` instead.
+        seed: seeds the DP noise only when ``dp_noise_seed`` is True (tests); otherwise the noise is secret.
+        engine: ``"flower"`` / ``"inprocess"`` (recorded in round.json and summary.json), None for the coordinator.
+    """
+
+    method: str
+    r_max: int
+    r_min: int
+    scaling: float
+    clip_norm: float | None = None
+    weighting: str = "per_client"
+    next_rank: str = "rank_out"
+    min_accepted: int = 1
+    dp: Any = None
+    seed: int = 0
+    dp_noise_seed: bool = False
+    engine: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.next_rank not in NEXT_RANK_RULES:
+            raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {self.next_rank!r}.")
+        check_rank(self.r_min, 1, self.r_max, what="r_min")
+        if self.dp is not None:
+            dp_method_for(self.method)
+
+
+def dp_method_for(method: str) -> str:
+    """The `dp_aggregate` method of an aggregation method (``rankwise`` -> ``component``; ``zero_pad``/``fedavg``).
+
+    Raises:
+        AggregationError: for methods whose weights are data-dependent (``hetlora``) or that have no DP form.
+
+    Example:
+        ```py
+        >>> dp_method_for("rankwise")
+        'component'
+        ```
+    """
+    if method not in _DP_METHOD:
+        raise AggregationError(
+            f"method {method!r} has no differentially private form: use rankwise (the component rule), zero_pad or "
+            "fedavg with dp=... (hetlora's sparsity weights depend on the clients' data; docs/privacy.md)."
+        )
+    return _DP_METHOD[method]
+
+
+@dataclass
+class RoundOutcome:
+    """What `close_round` decided: the new global, the summary, the next ranks and caps."""
+
+    state_dict: dict[str, torch.Tensor]
+    summary: dict[str, Any]
+    client_ranks: dict[str, int]
+    max_ranks: dict[str, int]
+    result: AggregationResult | None = None
+
+    @property
+    def accepted(self) -> list[str]:
+        return list(self.summary["accepted"])
+
+
+def poisson_sample(client_ids: Sequence[str], rate: float, *, seed: int, round_idx: int) -> list[str]:
+    """Each client independently with probability ``rate`` (Poisson sampling, as DP accountants assume); sorted.
+
+    Seeded by (seed, round) so a resumed server draws the same participants.
+
+    Example:
+        ```py
+        >>> poisson_sample(["a", "b"], 1.0, seed=0, round_idx=3)
+        ['a', 'b']
+        ```
+    """
+    pool = sorted(set(client_ids))
+    digest = hashlib.sha256(f"{seed}:poisson".encode()).digest()
+    rng = np.random.default_rng([int.from_bytes(digest[:8], "little"), int(round_idx)])
+    draws = rng.random(len(pool))
+    return [cid for cid, u in zip(pool, draws) if u < rate]
+
+
+def plan_round(
+    round_idx: int,
+    clients: Sequence[str],
+    client_ranks: Mapping[str, int],
+    *,
+    clients_per_round: int,
+    seed: int,
+    sampling_rate: float | None = None,
+    revision: str = "",
+    opened_at: float | None = None,
+    final: bool = False,
+) -> RoundPlan:
+    """The plan of round ``round_idx``: a seeded sample of ``clients`` and their ranks.
+
+    ``sampling_rate`` (DP rounds) switches to Poisson sampling at that rate, which is what the privacy accountant
+    assumes; otherwise exactly ``clients_per_round`` clients are drawn (`sample_clients`).
+
+    Example:
+        ```py
+        >>> plan_round(0, ["a", "b"], {"a": 2, "b": 4}, clients_per_round=2, seed=0).ranks
+        {'a': 2, 'b': 4}
+        ```
+    """
+    if sampling_rate is not None:
+        participants = poisson_sample(clients, sampling_rate, seed=seed, round_idx=round_idx)
+    else:
+        participants = sample_clients(list(clients), clients_per_round, seed=seed, round_idx=round_idx)
+    return RoundPlan(round_idx, participants, {cid: int(client_ranks[cid]) for cid in participants}, revision,
+                     opened_at, final)
+
+
+def next_client_ranks(
+    current: Mapping[str, int],
+    reports: Mapping[str, Mapping[str, Any]],
+    *,
+    initial: Mapping[str, int],
+    rule: str,
+    max_ranks: Mapping[str, int],
+    r_min: int,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Next ranks after a round: accepted clients get their ``rank_out`` (or their initial rank), capped.
+
+    Returns ``(ranks, max_ranks)``; a ``max_rank`` in a report replaces the client's previous cap.
+
+    Example:
+        ```py
+        >>> next_client_ranks({"a": 8, "b": 4}, {"a": {"rank_out": 6, "max_rank": 5}}, initial={"a": 8, "b": 4},
+        ...                   rule="rank_out", max_ranks={}, r_min=2)
+        ({'a': 5, 'b': 4}, {'a': 5})
+        ```
+    """
+    ranks = {cid: int(r) for cid, r in current.items()}
+    caps = {cid: int(r) for cid, r in max_ranks.items()}
+    for cid, report in reports.items():
+        if report.get("max_rank") is not None:
+            caps[cid] = int(report["max_rank"])
+        ranks[cid] = int(report["rank_out"] if rule == "rank_out" else initial[cid])
+    return cap_ranks(ranks, caps, r_min=r_min), caps
+
+
+def weighted_mean(values: Sequence[tuple[float, int]]) -> float | None:
+    """sum_k n_k x_k / sum_k n_k without overflow: fsum of x_k times the normalised weight n_k / sum_j n_j.
+
+    Every term is at most max |x_k| in magnitude, so finite inputs cannot overflow the way x * n can
+    (1.7e308 x 1e9 examples). Returns None for no values, or when even the mean is not finite.
+
+    Example:
+        ```py
+        >>> weighted_mean([(1.7e308, 10**9), (1.7e308, 1)])
+        1.7e+308
+        ```
+    """
+    total = sum(int(n) for _, n in values)
+    if not values or total <= 0:
+        return None
+    mean = math.fsum(float(x) * (int(n) / total) for x, n in values)
+    return mean if math.isfinite(mean) else None
+
+
+def _finite_or_null(value: Any, path: str, found: dict[str, str]) -> Any:
+    """`value` with every non-finite float replaced by None; `found` collects {path: reason}."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found[path] = NON_FINITE_REASON
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+_DETAIL_FIELDS = ("rank_in", "rank_out", "num_examples", "train_loss", "tail_norm_start", "tail_norm_end",
+                  "global_revision")
+
+
+def client_details(update: ClientUpdate, revision: str) -> dict[str, Any]:
+    """The summary's record of one accepted client (from its validated report)."""
+    meta = update.metadata
+    out = {name: meta.get(name) for name in _DETAIL_FIELDS}
+    out["from_round_global"] = meta.get("global_revision") in (None, revision)
+    out["upload_bytes"] = meta.get("upload_bytes")
+    out["sha256"] = meta.get("sha256")
+    for optional in ("max_rank", "local_seconds"):
+        if meta.get(optional) is not None:
+            out[optional] = meta[optional]
+    return out
+
+
+def _dp_generator(settings: RoundSettings, round_idx: int) -> torch.Generator | None:
+    if not settings.dp_noise_seed:
+        return None  # privacy.dp_aggregate draws a secret seed
+    digest = hashlib.sha256(f"{settings.seed}:dp:{round_idx}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def _aggregate(plan, items, previous, settings, rejected, details, strict):
+    """Validate-and-add each update (one at a time), return (result, accepted, kept updates for DP)."""
+    aggregator = StreamingAggregator(
+        settings.method, r_max=settings.r_max, scaling=settings.scaling, previous=previous,
+        clip_norm=settings.clip_norm, weighting=settings.weighting,
+    )
+    accepted: list[str] = []
+    kept: list[ClientUpdate] = []
+    for item in items:
+        if isinstance(item, Rejection):
+            rejected[item.client_id] = item.reason
+            continue
+        try:
+            aggregator.add(item)  # validates before it changes anything: a refusal leaves the sums as-is
+        except ValueError as err:
+            if strict:
+                raise
+            rejected[item.client_id] = f"aggregation refused it: {err}"
+            logger.warning("Round %d: rejected %s: aggregation refused it: %s", plan.round, item.client_id, err)
+            continue
+        accepted.append(item.client_id)
+        details[item.client_id] = client_details(item, plan.revision)
+        if settings.dp is not None:
+            kept.append(item)
+    if not accepted:
+        return None, accepted, kept
+    if settings.dp is None:
+        return aggregator.result(), accepted, kept
+    from .privacy import dp_aggregate  # lazy: Opacus is an optional dependency
+
+    result = dp_aggregate(
+        kept, config=settings.dp, r_max=settings.r_max, previous=previous, method=dp_method_for(settings.method),
+        rounds_so_far=plan.round + 1, scaling=settings.scaling, generator=_dp_generator(settings, plan.round),
+    )
+    return result, accepted, kept
+
+
+def close_round(
+    plan: RoundPlan,
+    updates: Iterable[ClientUpdate | Rejection],
+    previous: Mapping[str, torch.Tensor],
+    settings: RoundSettings,
+    *,
+    client_ranks: Mapping[str, int],
+    initial_ranks: Mapping[str, int],
+    max_ranks: Mapping[str, int] | None = None,
+    failed: Mapping[str, str] | None = None,
+    started: float | None = None,
+    clock: Any = time.time,
+    strict: bool = False,
+) -> RoundOutcome:
+    """Close one round: aggregate the accepted updates into the new global and write the decision record.
+
+    Args:
+        plan: the round's plan (participants, assigned ranks, revision).
+        updates: validated `ClientUpdate`s (their ``metadata`` is the validated report plus ``upload_bytes`` /
+            ``sha256``) and `Rejection`s, consumed one at a time (memory stays flat for streaming methods).
+        previous: the global the clients were sent (kept components, the clip's reference, DP's ``theta``).
+        settings: the `RoundSettings`.
+        client_ranks: every client's current rank; initial_ranks: the federation's initial ranks (``next_rank=
+            "initial"``); max_ranks: the clients' last reported caps.
+        failed: engine-level failures (no reply, node error) to record; None for engines that have none.
+        started, clock: the round's start time and the clock (for ``seconds`` and ``closed_at``).
+        strict: re-aggregating a decided round: an aggregator refusal raises instead of rejecting.
+
+    Returns:
+        `RoundOutcome` (``state_dict`` is ``previous`` when nothing was accepted or fewer than
+        ``settings.min_accepted`` uploads were).
+
+    Raises:
+        AggregationError: a bad setting (unknown method, DP with a method that has no DP form).
+
+    Example:
+        ```py
+        >>> out = close_round(plan, [update_a, Rejection("b", "bad shape")], previous, settings,
+        ...                   client_ranks={"a": 4, "b": 8}, initial_ranks={"a": 4, "b": 8})  # doctest: +SKIP
+        >>> out.summary["rejected"]  # doctest: +SKIP
+        {'b': 'bad shape'}
+        ```
+    """
+    get_aggregation(settings.method)
+    started = clock() if started is None else started
+    rejected: dict[str, str] = {}
+    details: dict[str, dict[str, Any]] = {}
+    result, accepted, _ = _aggregate(plan, updates, previous, settings, rejected, details, strict)
+    note = None
+    if result is not None and len(accepted) < settings.min_accepted:
+        note = (f"only {len(accepted)} accepted upload(s), below min_replies={settings.min_accepted}: the global "
+                "adapter is carried over unchanged")
+        result = None
+    elif result is None:
+        note = "no accepted upload: the global adapter is carried over unchanged"
+    ranks, caps = next_client_ranks(client_ranks, {c: details[c] for c in accepted}, initial=initial_ranks,
+                                    rule=settings.next_rank, max_ranks=max_ranks or {}, r_min=settings.r_min)
+    summary = _summary(plan, settings, result, accepted, rejected, details, ranks, failed, note,
+                       clock() - started, clock())
+    if caps:
+        summary["client_max_ranks"] = dict(sorted(caps.items()))
+    state = dict(result.state_dict) if result is not None else dict(previous)
+    return RoundOutcome(state, summary, ranks, caps, result)
+
+
+def _summary(plan, settings, result, accepted, rejected, details, client_ranks, failed, note, seconds, now) -> dict:
+    """The decision record of a round (``summary.json``, JSON-ready)."""
+    dp = settings.dp is not None
+    total_examples = sum(details[c]["num_examples"] for c in accepted)
+    losses = [(details[c]["train_loss"], details[c]["num_examples"]) for c in accepted
+              if details[c]["train_loss"] is not None]
+    metrics: dict[str, Any] = {
+        "num_participants": len(plan.participants),
+        "num_accepted": len(accepted),
+        "num_rejected": len(rejected),
+        "num_examples": total_examples,
+        "bytes_uploaded": sum(details[c]["upload_bytes"] or 0 for c in accepted),
+        "mean_rank_in": (sum(details[c]["rank_in"] for c in accepted) / len(accepted)) if accepted else None,
+        "mean_rank_out": (sum(details[c]["rank_out"] for c in accepted) / len(accepted)) if accepted else None,
+        "train_loss": weighted_mean(losses),
+        "global_update_norm": float(update_norm(result.state_dict, settings.scaling)) if result is not None else None,
+        "seconds": seconds,
+    }
+    if failed is not None:
+        metrics["num_failed"] = len(failed)
+    if result is not None and not dp:  # per-client norms are data-dependent: never published in a DP round
+        for cid, value in (getattr(result, "norms", None) or {}).items():
+            if cid in details:
+                details[cid]["norm"] = float(value)
+    summary: dict[str, Any] = {
+        "round": plan.round,
+        "method": settings.method,
+        "global_revision": plan.revision,
+        "participants": list(plan.participants),
+        "assigned_ranks": dict(plan.ranks),
+        "accepted": list(accepted),
+        "rejected": dict(rejected),
+        "weights": {cid: float(w) for cid, w in result.weights.items()} if result is not None else {},
+        "clients": details,
+        "client_ranks": dict(client_ranks),
+        "metrics": metrics,
+        "aggregation": result.summary() if result is not None else None,
+        "closed_at": now,
+    }
+    if settings.engine is not None:
+        summary["engine"] = settings.engine
+    if failed is not None:
+        summary["failed"] = dict(failed)
+    if dp:
+        summary["privacy"] = dict(getattr(result, "privacy", None) or _privacy_record(settings.dp, plan.round))
+    if note:
+        summary["note"] = note
+    non_finite = {}
+    if losses and metrics["train_loss"] is None:
+        non_finite["metrics.train_loss"] = ("the example-weighted mean of the reported losses is not finite; "
+                                            "recorded as null")
+    summary = _finite_or_null(summary, "", non_finite)
+    if non_finite:
+        summary["non_finite"] = non_finite
+    return summary
+
+
+def _privacy_record(config: Any, round_idx: int) -> dict[str, Any]:
+    # a DP round that released nothing new (no accepted upload) spent nothing more: report the rounds so far
+    from .privacy import privacy_spent
+
+    return privacy_spent(config, round_idx)
