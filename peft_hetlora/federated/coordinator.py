@@ -46,14 +46,13 @@ from tqdm.auto import tqdm
 from .aggregation import AGGREGATION_METHODS, ClientUpdate
 from .errors import CoordinatorError, FederationMismatch, StoreFullError
 from .federation import (
-    SETTING_FIELDS,
+    FederationSettings,
     global_adapter_config,
     lora_module_dims,
     new_federation,
     scaling_from_config,
-    setting_differences,
 )
-from .privacy import DPConfig, dp_config_from_dict
+from .privacy import DPConfig
 from .protocol import (
     FEDERATION_FORMAT,
     NEXT_RANK_RULES,
@@ -67,7 +66,6 @@ from .protocol import (
     plan_round,
     weighted_mean,
 )
-from .protocol import _finite_or_null as _finite_or_null  # noqa: F401 - kept importable for the tests
 from .rank_policy import RankPolicy
 from .ranks import check_rank
 from .store import AdapterStore, GlobalAdapter, file_sha256, json_text, validate_client_id
@@ -119,7 +117,7 @@ def _write_json(path: Path, data: Mapping) -> None:
     path.write_text(json_text(data, indent=2, sort_keys=True) + "\n")
 
 
-class Coordinator:
+class Coordinator(FederationSettings):
     """Runs a HetLoRA federation round by round against an `AdapterStore`.
 
     Settings left as `None` come from the store's `federation.json` when it exists (so
@@ -216,109 +214,6 @@ class Coordinator:
         self._federation: dict | None = None
         self._spec: UploadSpec | None = None
         self._resumed = False
-
-    # ------------------------------------------------------------------ settings
-    def _setting(self, name: str, default: Any = None) -> Any:
-        value = self._requested.get(name)
-        if value is None:
-            federation = self._stored_federation()
-            if federation is not None:
-                value = federation.get(name)
-        return default if value is None else value
-
-    def _stored_federation(self) -> dict | None:
-        """federation.json if the store has one (checked against this coordinator), else None."""
-        if self._federation is None and self.store.read_federation() is not None:
-            return self.federation
-        return self._federation
-
-    @property
-    def federation(self) -> dict:
-        """The store's federation.json (checked against this coordinator's settings)."""
-        if self._federation is None:
-            stored = self.store.read_federation()
-            if stored is None:
-                raise CoordinatorError("The store holds no federation yet: call `init(initial_adapter_dir)` first "
-                                       "(CLI: `hetlora coordinate --init-adapter DIR ...`).")
-            self._check_identity(stored)
-            self._federation = stored
-        return self._federation
-
-    def _check_identity(self, stored: Mapping[str, Any], incoming: Mapping[str, Any] | None = None) -> None:
-        """Refuse (FederationMismatch) any given setting that differs from federation.json; record extended rounds.
-
-        `incoming` holds what `init()` derives from the initial adapter (r_max, base model, module shapes and
-        the adapter config's math fields).
-        """
-        wanted: dict[str, Any] = {name: self._requested[name] for name in SETTING_FIELDS
-                                  if self._requested.get(name) is not None}
-        if self.rank_policy is not None:
-            wanted["rank_policy"] = self.rank_policy.to_dict()
-        incoming = dict(incoming or {})
-        config = incoming.pop("adapter_config", None)
-        wanted.update(incoming)
-        requested_rounds = self._requested.get("rounds")
-        diffs = setting_differences(stored, wanted, config, requested_rounds)
-        if diffs:
-            raise FederationMismatch(
-                "The store already holds a different federation (" + "; ".join(diffs) + "). Resume it "
-                "with the same settings (or leave them out to take them from federation.json), or start the new "
-                "federation in another store."
-            )
-        if isinstance(stored, dict) and requested_rounds is not None and requested_rounds > stored.get("rounds", 0):
-            # extending a federation: record it, so clients do not stop at the formerly final global
-            logger.info("Extending the federation from %s to %d rounds.", stored.get("rounds"), requested_rounds)
-            stored["rounds"] = requested_rounds
-            self.store.write_federation(stored)
-
-    @property
-    def method(self) -> str:
-        return self._setting("method", "hetlora")
-
-    @property
-    def r_max(self) -> int:
-        return int(self._setting("r_max"))
-
-    @property
-    def r_min(self) -> int:
-        return int(self._setting("r_min", 1))
-
-    @property
-    def clients(self) -> list[str]:
-        return list(self._setting("clients"))
-
-    @property
-    def clients_per_round(self) -> int:
-        return int(self._setting("clients_per_round", len(self.clients)))
-
-    @property
-    def min_clients(self) -> int:
-        return int(self._setting("min_clients", self.clients_per_round))
-
-    @property
-    def rounds(self) -> int:
-        return int(self._setting("rounds", 1))
-
-    @property
-    def seed(self) -> int:
-        return int(self._setting("seed", 0))
-
-    @property
-    def scaling(self) -> float:
-        return float(self._setting("scaling"))
-
-    @property
-    def next_rank(self) -> str:
-        return self._setting("next_rank", "rank_out")
-
-    @property
-    def dp(self) -> DPConfig | None:
-        """The federation's differential-privacy settings (given, or rebuilt from federation.json), or None."""
-        if self._dp is None:
-            stored = self._setting("dp")
-            if stored is not None:
-                self._dp = dp_config_from_dict(stored)
-        return self._dp
 
     # ------------------------------------------------------------------ init
     def init(

@@ -122,7 +122,7 @@ def federation_adapter_config(config: Any, r_min: int | None = None) -> dict[str
         (8, 8, 2)
         ```
     """
-    from peft_hetlora.federated.coordinator import global_adapter_config
+    from peft_hetlora.federated.federation import global_adapter_config
 
     data = json.loads(config) if isinstance(config, str) else json.loads(adapter_config_json(config))
     r_max = int(data["r"])
