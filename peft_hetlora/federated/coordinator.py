@@ -35,7 +35,6 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from .errors import CoordinatorError, FederationMismatch, StoreFullError
 from .federation import (
     FederationSettings,
     global_adapter_config,
-    lora_module_dims,
+    initial_identity,
     new_federation,
     scaling_from_config,
 )
@@ -57,6 +56,7 @@ from .protocol import (
     FEDERATION_FORMAT,
     NEXT_RANK_RULES,
     ROUND_FILE,
+    CollectStatus,
     Rejection,
     RoundOutcome,
     RoundPlan,
@@ -64,10 +64,10 @@ from .protocol import (
     close_round,
     dp_method_for,
     plan_round,
+    round_status,
     weighted_mean,
 )
 from .rank_policy import RankPolicy
-from .ranks import check_rank
 from .store import AdapterStore, GlobalAdapter, file_sha256, json_text, validate_client_id
 from .temp_files import remove_abandoned, temp_prefix
 from .validation import (
@@ -95,18 +95,6 @@ __all__ = [
     "scaling_from_config",
     "weighted_mean",
 ]
-
-
-@dataclass(frozen=True)
-class CollectStatus:
-    """Uploads seen for a round: `ready` says the round can close."""
-
-    round: int
-    participants: list[str]
-    uploaded: list[str]
-    others: list[str] = field(default_factory=list)
-    ready: bool = False
-    deadline_passed: bool = False
 
 
 def _read_json(path: Path) -> dict:
@@ -248,19 +236,7 @@ class Coordinator(FederationSettings):
         stored = self.store.read_federation()
         r_max = self._requested["r_max"] or (stored or {}).get("r_max") or adapter_config.get("r")
         r_min = self._requested["r_min"] or (stored or {}).get("r_min") or 1
-        check_rank(r_max, 1, 1 << 30, what="r_max", hint="r_max defaults to the initial adapter's `r`")
-        check_rank(r_min, 1, r_max, what="r_min", hi_name="r_max")
-        module_dims = lora_module_dims(state_dict)
-        ranks_found = {v.shape[0] for k, v in state_dict.items() if k.endswith(".lora_A.weight")}
-        if ranks_found != {r_max}:
-            raise ValueError(f"The initial adapter has rank(s) {sorted(ranks_found)} but r_max is {r_max}: save it at "
-                             "full rank (set_rank(r_max) before save_pretrained).")
-        config = global_adapter_config(adapter_config, r_max=r_max, r_min=r_min)
-        identity = {
-            "r_max": r_max,
-            "base_model": config.get("base_model_name_or_path"),
-            "modules": {name: list(dims) for name, dims in module_dims.items()},
-        }
+        identity, config, module_dims = initial_identity(state_dict, adapter_config, r_max=r_max, r_min=r_min)
         if stored is None:
             identity = {"method": self._requested["method"] or "hetlora", "r_min": r_min, **identity}
             self._federation = self._new_federation(identity, config, module_dims)
@@ -363,17 +339,8 @@ class Coordinator(FederationSettings):
                                    revision=adapter.revision)
 
     def _status(self, plan: RoundPlan, listed: Sequence[str], now: float, start: float) -> CollectStatus:
-        participants = set(plan.participants)
-        uploaded = sorted(set(listed) & participants)
-        others = sorted(set(listed) - participants)
-        deadline_s = self._setting("deadline_s")
-        opened = plan.opened_at if plan.opened_at is not None else start
-        deadline_passed = deadline_s is not None and now >= opened + float(deadline_s)
-        need = min(self.min_clients, len(participants))
-        ready = len(uploaded) == len(participants) or (
-            len(uploaded) >= need and (deadline_s is None or deadline_passed)
-        )
-        return CollectStatus(plan.round, sorted(participants), uploaded, others, ready, deadline_passed)
+        return round_status(plan, listed, min_clients=self.min_clients, deadline_s=self._setting("deadline_s"),
+                            now=now, start=start)
 
     def collect(self, round_idx: int, *, wait: bool = True, timeout_s: float | None = None) -> CollectStatus:
         """Poll the store for round `round_idx`'s uploads until the round can close.

@@ -34,6 +34,7 @@ __all__ = [
     "IDENTITY_FIELDS",
     "SETTING_FIELDS",
     "global_adapter_config",
+    "initial_identity",
     "lora_module_dims",
     "new_federation",
     "scaling_from_config",
@@ -103,6 +104,30 @@ def lora_module_dims(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[
     """{module: (d_in, d_out)} of an adapter state dict (PEFT saved keys)."""
     spec = UploadSpec.from_state_dict(state_dict, r_min=1, r_max=1 << 30)
     return dict(spec.modules)
+
+
+def initial_identity(state_dict: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any], *, r_max: Any,
+                     r_min: Any) -> tuple[dict, dict, dict[str, tuple[int, int]]]:
+    """(identity, global adapter config, module dims) of a federation started from this r_max adapter.
+
+    Raises:
+        RankError: r_max / r_min not integers with 1 <= r_min <= r_max.
+        ValueError: the adapter is not at rank r_max, or its config cannot be a HetLoRA global's.
+    """
+    check_rank(r_max, 1, 1 << 30, what="r_max", hint="r_max defaults to the initial adapter's `r`")
+    check_rank(r_min, 1, r_max, what="r_min", hi_name="r_max")
+    module_dims = lora_module_dims(state_dict)
+    ranks_found = {v.shape[0] for k, v in state_dict.items() if k.endswith(".lora_A.weight")}
+    if ranks_found != {r_max}:
+        raise ValueError(f"The initial adapter has rank(s) {sorted(ranks_found)} but r_max is {r_max}: save it at "
+                         "full rank (set_rank(r_max) before save_pretrained).")
+    config = global_adapter_config(adapter_config, r_max=r_max, r_min=r_min)
+    identity = {
+        "r_max": r_max,
+        "base_model": config.get("base_model_name_or_path"),
+        "modules": {name: list(dims) for name, dims in module_dims.items()},
+    }
+    return identity, config, module_dims
 
 
 def _as_set_if_list(value: Any) -> Any:

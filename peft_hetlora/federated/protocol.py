@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,7 @@ __all__ = [
     "ROUND_FILE",
     "SUMMARY_FILE",
     "ClientReport",
+    "CollectStatus",
     "Rejection",
     "RoundOutcome",
     "RoundPlan",
@@ -62,6 +63,8 @@ __all__ = [
     "dp_method_for",
     "next_client_ranks",
     "plan_round",
+    "poisson_sample",
+    "round_status",
     "weighted_mean",
 ]
 
@@ -223,6 +226,39 @@ class RoundOutcome:
     @property
     def accepted(self) -> list[str]:
         return list(self.summary["accepted"])
+
+
+@dataclass(frozen=True)
+class CollectStatus:
+    """Uploads seen for a round: `ready` says the round can close."""
+
+    round: int
+    participants: list[str]
+    uploaded: list[str]
+    others: list[str] = field(default_factory=list)
+    ready: bool = False
+    deadline_passed: bool = False
+
+
+def round_status(plan: RoundPlan, listed: Sequence[str], *, min_clients: int, deadline_s: float | None, now: float,
+                 start: float) -> CollectStatus:
+    """Can the round close? When every participant uploaded, or ``min_clients`` did and the deadline (if any) passed.
+
+    Example:
+        ```py
+        >>> plan = RoundPlan(0, ["a", "b"], {"a": 2, "b": 2}, opened_at=0.0)
+        >>> round_status(plan, ["a"], min_clients=1, deadline_s=60.0, now=61.0, start=0.0).ready
+        True
+        ```
+    """
+    participants = set(plan.participants)
+    uploaded = sorted(set(listed) & participants)
+    others = sorted(set(listed) - participants)
+    opened = plan.opened_at if plan.opened_at is not None else start
+    deadline_passed = deadline_s is not None and now >= opened + float(deadline_s)
+    need = min(min_clients, len(participants))
+    ready = len(uploaded) == len(participants) or (len(uploaded) >= need and (deadline_s is None or deadline_passed))
+    return CollectStatus(plan.round, sorted(participants), uploaded, others, ready, deadline_passed)
 
 
 def poisson_sample(client_ids: Sequence[str], rate: float, *, seed: int, round_idx: int) -> list[str]:
