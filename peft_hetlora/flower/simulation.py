@@ -242,6 +242,7 @@ def run_flower_simulation(
     min_replies: int = 1,
     clip_norm: float | None = None,
     next_rank: str = "rank_out",
+    dp: Any = None,
     store: AdapterStore | None = None,
     num_cpus: int | None = None,
     cpus_per_client: float = 1.0,
@@ -261,6 +262,7 @@ def run_flower_simulation(
         rounds, clients_per_round (default: all), local_steps / training, seed: the experiment settings.
         clip_norm: the influence bound (docs/aggregation.md); next_rank: ``"rank_out"`` (a client's next rank is
             the one it reported after pruning, the default) or ``"initial"`` (it keeps its assigned rank).
+        dp: a `peft_hetlora.federated.privacy.DPConfig` (client-level DP rounds; docs/privacy.md).
         initial_state_dict: global adapter of round 0 at r_max (default: `initial_global_state` with ``seed``).
         eval_dataset: held-out data for a central evaluation of the global adapter before and after every round.
         fraction_evaluate: fraction of clients evaluating the global adapter on their ``eval_dataset`` each round.
@@ -297,7 +299,7 @@ def run_flower_simulation(
         setup.config, method=method, rank_policy=ranks, clients=setup.client_ids,
         clients_per_round=clients_per_round or n_clients, min_train_nodes=1, min_available_nodes=n_clients,
         fraction_evaluate=fraction_evaluate, min_evaluate_nodes=1 if fraction_evaluate else 0,
-        min_replies=min_replies, seed=seed, clip_norm=clip_norm, next_rank=next_rank, training=setup.training,
+        min_replies=min_replies, seed=seed, clip_norm=clip_norm, next_rank=next_rank, dp=dp, training=setup.training,
         store=store, keep_updates=keep_updates,
     )
     evaluate_fn = None
@@ -368,6 +370,7 @@ def run_inprocess_simulation(
     data_collator: Callable | None = None,
     clip_norm: float | None = None,
     next_rank: str = "rank_out",
+    dp: Any = None,
     keep_updates: bool = False,
     num_threads: int | None = None,
 ) -> FederationRun:
@@ -411,7 +414,8 @@ def run_inprocess_simulation(
     gc.freeze()
     try:
         history, evaluation, kept, state, client_ranks = _inprocess_rounds(
-            setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates, next_rank)
+            setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates, next_rank,
+            dp)
     finally:
         gc.unfreeze()
         torch.set_num_threads(threads)
@@ -429,13 +433,13 @@ def run_inprocess_simulation(
 
 
 def _inprocess_rounds(setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates,
-                      next_rank="rank_out"):
+                      next_rank="rank_out", dp=None):
     history: list[dict[str, Any]] = []
     evaluation: dict[int, dict[str, Any]] = {}
     kept: dict[int, list[ClientUpdate]] = {}
     config = setup.config
     settings = RoundSettings(method=method, r_max=r_max, r_min=int(config["r_min"]), scaling=scaling,
-                             clip_norm=clip_norm, next_rank=next_rank, seed=seed, engine="inprocess")
+                             clip_norm=clip_norm, next_rank=next_rank, dp=dp, seed=seed, engine="inprocess")
     spec = UploadSpec.from_state_dict(state, r_min=settings.r_min, r_max=r_max)
     initial = dict(client_ranks)
     if setup.evaluate is not None:
@@ -443,7 +447,7 @@ def _inprocess_rounds(setup, method, rounds, n, state, client_ranks, scaling, r_
     for t in range(rounds):
         round_start = time.perf_counter()
         plan = plan_round(t, setup.client_ids, client_ranks, clients_per_round=n, seed=seed,
-                          revision=f"inprocess-round-{t}")
+                          sampling_rate=dp.sampling_rate if dp is not None else None, revision=f"inprocess-round-{t}")
         failed: dict[str, str] = {}
         updates: list[ClientUpdate | Rejection] = []
         for cid in plan.participants:
