@@ -21,6 +21,7 @@ import reference as np_ref  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+from robust_reference import robust_global  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
@@ -161,6 +162,10 @@ def numpy_global(updates, method: str, previous=None):
         factors, extras, p = np_ref.hetlora(updates, R_MAX, s)
     elif method in ("zero_pad", "fedavg"):
         factors, extras, p = np_ref.zero_pad(updates, R_MAX, s)
+    elif method in ("median", "trimmed_mean"):
+        sizes = np_ref.capped_sizes(sizes, 10.0)
+        return robust_global(updates, R_MAX, method, previous=previous), dict(
+            zip([u.client_id for u in updates], sizes / sizes.sum()))
     elif method == "rankwise":
         factors, extras = np_ref.rankwise(updates, R_MAX, s, previous=previous), {}
         p = np.array([np_ref.norm(np_ref.np_modules(u.state_dict), s) for u in updates])
@@ -242,7 +247,7 @@ def test_round_aggregates_with_aggregate_and_ranks_follow_clients_to_new_nodes(i
     assert set(strategy.node_clients) >= set(moved.node_configs)
 
 
-@pytest.mark.parametrize("method", ["hetlora", "zero_pad", "flexlora", "rankwise", "fedavg"])
+@pytest.mark.parametrize("method", ["hetlora", "zero_pad", "flexlora", "rankwise", "fedavg", "median"])
 def test_every_method_matches_the_numpy_reference(initial, method):
     ranks = {"client-0": 4, "client-1": 4, "client-2": 4} if method == "fedavg" else {
         "client-0": 2, "client-1": 6, "client-2": 8}

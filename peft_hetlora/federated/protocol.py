@@ -554,7 +554,8 @@ def _summary(plan, settings, result, accepted, rejected, details, client_ranks, 
 
 
 def _privacy_record(config: Any, round_idx: int) -> dict[str, Any]:
-    # a DP round that released nothing new (no accepted upload) spent nothing more: report the rounds so far
+    # A round without accepted uploads (e.g. nobody drawn by Poisson sampling) still counts as a round of the
+    # mechanism: the accountant's record is that of rounds 0..t, like every other round's.
     from .privacy import privacy_spent
 
-    return privacy_spent(config, round_idx)
+    return privacy_spent(config, round_idx + 1)
