@@ -27,20 +27,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from .aggregation import AggregationResult, ClientUpdate, StreamingAggregator, update_norm
+from .aggregation import AggregationResult, ClientUpdate, StreamingAggregator
 from .errors import AggregationError
 from .methods import get_aggregation
-from .rank_policy import cap_ranks, sample_clients
+from .rank_policy import cap_ranks, poisson_sample, sample_clients
 from .ranks import check_rank
+from .round_summary import build_summary, client_details, weighted_mean
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,6 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FEDERATION_FORMAT = 1
 NEXT_RANK_RULES = ("rank_out", "initial")
-NON_FINITE_REASON = "not a finite number (overflowed); recorded as null"
 # Aggregation methods with a DP counterpart in `privacy.dp_aggregate` (public weights; hetlora's leak).
 _DP_METHOD = {"rankwise": "component", "zero_pad": "zero_pad", "fedavg": "zero_pad"}
 
@@ -261,24 +259,6 @@ def round_status(plan: RoundPlan, listed: Sequence[str], *, min_clients: int, de
     return CollectStatus(plan.round, sorted(participants), uploaded, others, ready, deadline_passed)
 
 
-def poisson_sample(client_ids: Sequence[str], rate: float, *, seed: int, round_idx: int) -> list[str]:
-    """Each client independently with probability ``rate`` (Poisson sampling, as DP accountants assume); sorted.
-
-    Seeded by (seed, round) so a resumed server draws the same participants.
-
-    Example:
-        ```py
-        >>> poisson_sample(["a", "b"], 1.0, seed=0, round_idx=3)
-        ['a', 'b']
-        ```
-    """
-    pool = sorted(set(client_ids))
-    digest = hashlib.sha256(f"{seed}:poisson".encode()).digest()
-    rng = np.random.default_rng([int.from_bytes(digest[:8], "little"), int(round_idx)])
-    draws = rng.random(len(pool))
-    return [cid for cid, u in zip(pool, draws) if u < rate]
-
-
 def plan_round(
     round_idx: int,
     clients: Sequence[str],
@@ -337,54 +317,6 @@ def next_client_ranks(
             caps[cid] = int(report["max_rank"])
         ranks[cid] = int(report["rank_out"] if rule == "rank_out" else initial[cid])
     return cap_ranks(ranks, caps, r_min=r_min), caps
-
-
-def weighted_mean(values: Sequence[tuple[float, int]]) -> float | None:
-    """sum_k n_k x_k / sum_k n_k without overflow: fsum of x_k times the normalised weight n_k / sum_j n_j.
-
-    Every term is at most max |x_k| in magnitude, so finite inputs cannot overflow the way x * n can
-    (1.7e308 x 1e9 examples). Returns None for no values, or when even the mean is not finite.
-
-    Example:
-        ```py
-        >>> weighted_mean([(1.7e308, 10**9), (1.7e308, 1)])
-        1.7e+308
-        ```
-    """
-    total = sum(int(n) for _, n in values)
-    if not values or total <= 0:
-        return None
-    mean = math.fsum(float(x) * (int(n) / total) for x, n in values)
-    return mean if math.isfinite(mean) else None
-
-
-def _finite_or_null(value: Any, path: str, found: dict[str, str]) -> Any:
-    """`value` with every non-finite float replaced by None; `found` collects {path: reason}."""
-    if isinstance(value, float) and not math.isfinite(value):
-        found[path] = NON_FINITE_REASON
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
-    return value
-
-
-_DETAIL_FIELDS = ("rank_in", "rank_out", "num_examples", "train_loss", "tail_norm_start", "tail_norm_end",
-                  "global_revision")
-
-
-def client_details(update: ClientUpdate, revision: str) -> dict[str, Any]:
-    """The summary's record of one accepted client (from its validated report)."""
-    meta = update.metadata
-    out = {name: meta.get(name) for name in _DETAIL_FIELDS}
-    out["from_round_global"] = meta.get("global_revision") in (None, revision)
-    out["upload_bytes"] = meta.get("upload_bytes")
-    out["sha256"] = meta.get("sha256")
-    for optional in ("max_rank", "local_seconds"):
-        if meta.get(optional) is not None:
-            out[optional] = meta[optional]
-    return out
 
 
 def _dp_generator(settings: RoundSettings, round_idx: int) -> torch.Generator | None:
@@ -488,74 +420,9 @@ def close_round(
         note = "no accepted upload: the global adapter is carried over unchanged"
     ranks, caps = next_client_ranks(client_ranks, {c: details[c] for c in accepted}, initial=initial_ranks,
                                     rule=settings.next_rank, max_ranks=max_ranks or {}, r_min=settings.r_min)
-    summary = _summary(plan, settings, result, accepted, rejected, details, ranks, failed, note,
-                       clock() - started, clock())
+    summary = build_summary(plan, settings, result, accepted, rejected, details, ranks, failed, note,
+                            clock() - started, clock())
     if caps:
         summary["client_max_ranks"] = dict(sorted(caps.items()))
     state = dict(result.state_dict) if result is not None else dict(previous)
     return RoundOutcome(state, summary, ranks, caps, result)
-
-
-def _summary(plan, settings, result, accepted, rejected, details, client_ranks, failed, note, seconds, now) -> dict:
-    """The decision record of a round (``summary.json``, JSON-ready)."""
-    dp = settings.dp is not None
-    total_examples = sum(details[c]["num_examples"] for c in accepted)
-    losses = [(details[c]["train_loss"], details[c]["num_examples"]) for c in accepted
-              if details[c]["train_loss"] is not None]
-    metrics: dict[str, Any] = {
-        "num_participants": len(plan.participants),
-        "num_accepted": len(accepted),
-        "num_rejected": len(rejected),
-        "num_examples": total_examples,
-        "bytes_uploaded": sum(details[c]["upload_bytes"] or 0 for c in accepted),
-        "mean_rank_in": (sum(details[c]["rank_in"] for c in accepted) / len(accepted)) if accepted else None,
-        "mean_rank_out": (sum(details[c]["rank_out"] for c in accepted) / len(accepted)) if accepted else None,
-        "train_loss": weighted_mean(losses),
-        "global_update_norm": float(update_norm(result.state_dict, settings.scaling)) if result is not None else None,
-        "seconds": seconds,
-    }
-    if failed is not None:
-        metrics["num_failed"] = len(failed)
-    if result is not None and not dp:  # per-client norms are data-dependent: never published in a DP round
-        for cid, value in (getattr(result, "norms", None) or {}).items():
-            if cid in details:
-                details[cid]["norm"] = float(value)
-    summary: dict[str, Any] = {
-        "round": plan.round,
-        "method": settings.method,
-        "global_revision": plan.revision,
-        "participants": list(plan.participants),
-        "assigned_ranks": dict(plan.ranks),
-        "accepted": list(accepted),
-        "rejected": dict(rejected),
-        "weights": {cid: float(w) for cid, w in result.weights.items()} if result is not None else {},
-        "clients": details,
-        "client_ranks": dict(client_ranks),
-        "metrics": metrics,
-        "aggregation": result.summary() if result is not None else None,
-        "closed_at": now,
-    }
-    if settings.engine is not None:
-        summary["engine"] = settings.engine
-    if failed is not None:
-        summary["failed"] = dict(failed)
-    if dp:
-        summary["privacy"] = dict(getattr(result, "privacy", None) or _privacy_record(settings.dp, plan.round))
-    if note:
-        summary["note"] = note
-    non_finite = {}
-    if losses and metrics["train_loss"] is None:
-        non_finite["metrics.train_loss"] = ("the example-weighted mean of the reported losses is not finite; "
-                                            "recorded as null")
-    summary = _finite_or_null(summary, "", non_finite)
-    if non_finite:
-        summary["non_finite"] = non_finite
-    return summary
-
-
-def _privacy_record(config: Any, round_idx: int) -> dict[str, Any]:
-    # A round without accepted uploads (e.g. nobody drawn by Poisson sampling) still counts as a round of the
-    # mechanism: the accountant's record is that of rounds 0..t, like every other round's.
-    from .privacy import privacy_spent
-
-    return privacy_spent(config, round_idx + 1)

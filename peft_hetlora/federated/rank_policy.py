@@ -418,6 +418,23 @@ def sample_clients(client_ids: Sequence[str], clients_per_round: int, *, seed: i
     return sorted(pool[i] for i in chosen)
 
 
+def poisson_sample(client_ids: Sequence[str], rate: float, *, seed: int, round_idx: int) -> list[str]:
+    """Each client independently with probability ``rate`` (Poisson sampling, as DP accountants assume); sorted.
+
+    Seeded by (seed, round) so a resumed server draws the same participants.
+
+    Example:
+        ```py
+        >>> poisson_sample(["a", "b"], 1.0, seed=0, round_idx=3)
+        ['a', 'b']
+        ```
+    """
+    pool = sorted(set(client_ids))
+    rng = np.random.default_rng([_stable_int(seed, "poisson"), int(round_idx)])
+    draws = rng.random(len(pool))
+    return [cid for cid, u in zip(pool, draws) if u < rate]
+
+
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
