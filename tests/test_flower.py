@@ -428,3 +428,23 @@ def test_simulation_failing_node_is_reported_and_rounds_complete(simulation):
         assert summary["metrics"]["num_failed"] == 1 and summary["metrics"]["num_accepted"] == N_GOOD
         assert store.read_summary(t)["failed"] == summary["failed"]
         assert list(reference.rounds[t]["failed"]) == [bad]
+
+
+def test_dp_rounds_on_flower_equal_the_plain_mean_without_noise_and_record_epsilon(initial, tmp_path):
+    from peft_hetlora.federated.privacy import DPConfig, privacy_spent
+
+    dp = DPConfig(clip=1e9, noise_multiplier=0.0, delta=1e-5, sampling_rate=1.0, expected_clients=3)
+    store = LocalStore(tmp_path / "fed", create=True)
+    strategy = strategy_for(3, {"client-0": 2, "client-1": 6, "client-2": 8}, method="zero_pad", dp=dp, store=store)
+    strategy.start(grid=inline_grid(3, app=stub_client_app(3, prune=(2,))), initial_arrays=ArrayRecord(initial),
+                   num_rounds=1)
+    summary = strategy.history[0]
+    assert summary["accepted"] == client_ids(3) and summary["privacy"] == privacy_spent(dp, 1)
+    assert all("norm" not in info for info in summary["clients"].values())
+    factors, extras, _ = np_ref.weighted(strategy.round_updates[0], [1.0] * 3, R_MAX)  # uniform, public weights
+    expected = dict(extras)
+    for name, (a, b) in factors.items():
+        expected[f"{name}.lora_A.weight"], expected[f"{name}.lora_B.weight"] = a, b
+    for key, value in expected.items():
+        np.testing.assert_allclose(strategy.global_state[key].double().numpy(), value, rtol=1e-5, atol=1e-6)
+    assert store.read_federation()["dp"]["clip"] == 1e9 and store.read_summary(0)["privacy"]["rounds"] == 1
