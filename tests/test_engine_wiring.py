@@ -112,10 +112,13 @@ def test_dp_rounds_record_the_accountants_epsilon_and_hide_client_norms(tmp_path
     assert resumed.dp == dp
 
 
-def test_dp_refuses_hetlora_sparsity_weights(tmp_path):
+def test_dp_refuses_hetlora_sparsity_weights_and_a_missing_denominator(tmp_path):
     with pytest.raises(AggregationError, match="no differentially private form"):
         make_coordinator(LocalStore(tmp_path / "s", create=True), None, method="hetlora",
                          dp=DPConfig(clip=1.0, noise_multiplier=1.0, delta=1e-5, expected_clients=3))
+    with pytest.raises(AggregationError, match="expected_clients"):
+        make_coordinator(LocalStore(tmp_path / "t", create=True), None, method="rankwise",
+                         dp=DPConfig(clip=1.0, noise_multiplier=1.0, delta=1e-5))
 
 
 def test_poisson_plan_draws_each_client_with_probability_q():

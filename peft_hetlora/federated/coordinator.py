@@ -58,8 +58,8 @@ from .protocol import (
     RoundOutcome,
     RoundPlan,
     RoundSettings,
+    check_dp,
     close_round,
-    dp_method_for,
     round_status,
     weighted_mean,
 )
@@ -153,8 +153,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
             raise ValueError(f"Unknown method {method!r}; use one of {tuple(AGGREGATION_METHODS)}.")
         if next_rank is not None and next_rank not in NEXT_RANK_RULES:
             raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
-        if dp is not None:
-            dp_method_for(method or "hetlora")
+        check_dp(method or "hetlora", dp)
         if clients is not None:
             clients = [validate_client_id(c) for c in clients]
             if len(set(clients)) != len(clients):

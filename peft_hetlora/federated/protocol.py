@@ -58,6 +58,7 @@ __all__ = [
     "RoundOutcome",
     "RoundPlan",
     "RoundSettings",
+    "check_dp",
     "close_round",
     "dp_method_for",
     "next_client_ranks",
@@ -187,8 +188,7 @@ class RoundSettings:
         if self.next_rank not in NEXT_RANK_RULES:
             raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {self.next_rank!r}.")
         check_rank(self.r_min, 1, self.r_max, what="r_min")
-        if self.dp is not None:
-            dp_method_for(self.method)
+        check_dp(self.method, self.dp)
 
 
 def dp_method_for(method: str) -> str:
@@ -209,6 +209,25 @@ def dp_method_for(method: str) -> str:
             "fedavg with dp=... (hetlora's sparsity weights depend on the clients' data; docs/privacy.md)."
         )
     return _DP_METHOD[method]
+
+
+def check_dp(method: str, dp: Any) -> None:
+    """Refuse a DP setting the round engine cannot run (no DP form of ``method``, no public denominator).
+
+    Raises:
+        AggregationError: with what to change.
+
+    Example:
+        ```py
+        >>> check_dp("rankwise", None)
+        ```
+    """
+    if dp is None:
+        return
+    dp_method_for(method)
+    if getattr(dp, "expected_clients", None) is None:
+        raise AggregationError("DPConfig needs expected_clients=... (or population=N, then q * N): the public "
+                               "denominator of every DP round.")
 
 
 @dataclass

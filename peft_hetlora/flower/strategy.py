@@ -11,9 +11,8 @@ Per round ``t`` (Flower's ``server_round`` is ``t + 1``):
    checks (`validation.validate_update`: keys, shapes for the declared rank, dtype, finite values, size, metadata),
    and closes the round with the coordinator's engine, `peft_hetlora.federated.protocol.close_round` (any
    registered method, ``previous`` = the current global; DP rounds with ``dp=``). Failed nodes (error replies, no
-   reply) and rejected uploads
-   are logged, listed in the round summary and counted in the returned `MetricRecord`; the round completes with
-   the rest. A client's next rank is the ``rank-out`` it reported after self-pruning.
+   reply) and rejected uploads are logged, listed in the round summary and counted in the returned `MetricRecord`;
+   the round completes with the rest. A client's next rank follows the ``next_rank`` rule, as the coordinator's.
 3. ``configure_evaluate`` / ``aggregate_evaluate`` evaluate the global adapter on the clients (at their ranks); a
    central ``evaluate_fn`` passed to ``start`` works as with any Flower strategy.
 
@@ -63,8 +62,8 @@ from peft_hetlora.federated.protocol import (
     Rejection,
     RoundPlan,
     RoundSettings,
+    check_dp,
     close_round,
-    dp_method_for,
     plan_round,
 )
 from peft_hetlora.federated.rank_policy import RankPolicy
@@ -167,8 +166,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             raise ValueError(f"Unknown method {method!r}; use one of {AGGREGATION_METHODS}.")
         if next_rank not in NEXT_RANK_RULES:
             raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
-        if dp is not None:
-            dp_method_for(method)
+        check_dp(method, dp)
         self.dp = dp
         self.dp_noise_seed = dp_noise_seed
         self.adapter_config: dict[str, Any] = rec.federation_adapter_config(adapter_config, r_min)
