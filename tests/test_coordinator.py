@@ -830,7 +830,8 @@ def test_summary_is_strict_json_when_reported_losses_overflow(store, init_dir, t
 
 
 def test_weighted_mean_is_overflow_safe_and_non_finite_becomes_null_with_a_reason():
-    from peft_hetlora.federated.coordinator import _finite_or_null, weighted_mean
+    from peft_hetlora.federated.round_summary import finite_or_null as _finite_or_null
+    from peft_hetlora.federated.round_summary import weighted_mean
 
     assert weighted_mean([(1.7e308, 10**9), (1.7e308, 1)]) == pytest.approx(1.7e308, rel=1e-15)
     assert weighted_mean([(2.0, 1), (5.0, 3)]) == pytest.approx((2.0 + 15.0) / 4)

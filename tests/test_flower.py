@@ -21,6 +21,7 @@ import reference as np_ref  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+from robust_reference import robust_global  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
@@ -161,6 +162,10 @@ def numpy_global(updates, method: str, previous=None):
         factors, extras, p = np_ref.hetlora(updates, R_MAX, s)
     elif method in ("zero_pad", "fedavg"):
         factors, extras, p = np_ref.zero_pad(updates, R_MAX, s)
+    elif method in ("median", "trimmed_mean"):
+        sizes = np_ref.capped_sizes(sizes, 10.0)
+        return robust_global(updates, R_MAX, method, previous=previous), dict(
+            zip([u.client_id for u in updates], sizes / sizes.sum()))
     elif method == "rankwise":
         factors, extras = np_ref.rankwise(updates, R_MAX, s, previous=previous), {}
         p = np.array([np_ref.norm(np_ref.np_modules(u.state_dict), s) for u in updates])
@@ -242,7 +247,7 @@ def test_round_aggregates_with_aggregate_and_ranks_follow_clients_to_new_nodes(i
     assert set(strategy.node_clients) >= set(moved.node_configs)
 
 
-@pytest.mark.parametrize("method", ["hetlora", "zero_pad", "flexlora", "rankwise", "fedavg"])
+@pytest.mark.parametrize("method", ["hetlora", "zero_pad", "flexlora", "rankwise", "fedavg", "median"])
 def test_every_method_matches_the_numpy_reference(initial, method):
     ranks = {"client-0": 4, "client-1": 4, "client-2": 4} if method == "fedavg" else {
         "client-0": 2, "client-1": 6, "client-2": 8}
@@ -423,3 +428,23 @@ def test_simulation_failing_node_is_reported_and_rounds_complete(simulation):
         assert summary["metrics"]["num_failed"] == 1 and summary["metrics"]["num_accepted"] == N_GOOD
         assert store.read_summary(t)["failed"] == summary["failed"]
         assert list(reference.rounds[t]["failed"]) == [bad]
+
+
+def test_dp_rounds_on_flower_equal_the_plain_mean_without_noise_and_record_epsilon(initial, tmp_path):
+    from peft_hetlora.federated.privacy import DPConfig, privacy_spent
+
+    dp = DPConfig(clip=1e9, noise_multiplier=0.0, delta=1e-5, sampling_rate=1.0, expected_clients=3)
+    store = LocalStore(tmp_path / "fed", create=True)
+    strategy = strategy_for(3, {"client-0": 2, "client-1": 6, "client-2": 8}, method="zero_pad", dp=dp, store=store)
+    strategy.start(grid=inline_grid(3, app=stub_client_app(3, prune=(2,))), initial_arrays=ArrayRecord(initial),
+                   num_rounds=1)
+    summary = strategy.history[0]
+    assert summary["accepted"] == client_ids(3) and summary["privacy"] == privacy_spent(dp, 1)
+    assert all("norm" not in info for info in summary["clients"].values())
+    factors, extras, _ = np_ref.weighted(strategy.round_updates[0], [1.0] * 3, R_MAX)  # uniform, public weights
+    expected = dict(extras)
+    for name, (a, b) in factors.items():
+        expected[f"{name}.lora_A.weight"], expected[f"{name}.lora_B.weight"] = a, b
+    for key, value in expected.items():
+        np.testing.assert_allclose(strategy.global_state[key].double().numpy(), value, rtol=1e-5, atol=1e-6)
+    assert store.read_federation()["dp"]["clip"] == 1e9 and store.read_summary(0)["privacy"]["rounds"] == 1

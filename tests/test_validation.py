@@ -218,7 +218,7 @@ def test_the_bytes_of_a_non_safetensors_file_are_never_echoed(tmp_path, spec):
 def test_one_upload_snapshot_even_if_re_uploaded_between_reads(tmp_path, spec, monkeypatch):
     # issue 10 item 11: client.json and the weights were read by path at different moments; a re-upload in
     # between paired one upload's client.json with the other's weights. The interleaving is injected, no sleeps.
-    from peft_hetlora.federated import validation
+    from peft_hetlora.federated import upload_folder
     from peft_hetlora.federated.local_store import LocalStore
 
     store = LocalStore(tmp_path / "store", create=True)
@@ -230,7 +230,7 @@ def test_one_upload_snapshot_even_if_re_uploaded_between_reads(tmp_path, spec, m
     first = write_upload(tmp_path / "first", client_state(2, seed=1), client_meta(rank_in=2, rank_out=2))
     second = write_upload(tmp_path / "second", client_state(3, seed=2), client_meta(rank_in=3, rank_out=3))
     store.upload_client(3, "alice", first)
-    original, fired = validation._read_regular_file, []
+    original, fired = upload_folder._read_regular_file, []
 
     def read_then_reupload(*args, **kwargs):
         data = original(*args, **kwargs)
@@ -239,7 +239,7 @@ def test_one_upload_snapshot_even_if_re_uploaded_between_reads(tmp_path, spec, m
             store.upload_client(3, "alice", second)  # lands between the client.json read and the weights read
         return data
 
-    monkeypatch.setattr(validation, "_read_regular_file", read_then_reupload)
+    monkeypatch.setattr(upload_folder, "_read_regular_file", read_then_reupload)
     update = check(store.download_client(3, "alice"), spec)
     assert fired
     assert update.rank == 2 and update.metadata["rank_out"] == 2
@@ -247,7 +247,7 @@ def test_one_upload_snapshot_even_if_re_uploaded_between_reads(tmp_path, spec, m
     assert update.metadata["sha256"] == first_sha
     assert update.state_dict[f"{next(iter(MODULES))}.lora_A.weight"].shape[0] == 2
     # the next read sees the second upload, whole
-    monkeypatch.setattr(validation, "_read_regular_file", original)
+    monkeypatch.setattr(upload_folder, "_read_regular_file", original)
     assert check(store.download_client(3, "alice"), spec).rank == 3
 
 
@@ -379,7 +379,7 @@ def test_wrong_shapes(tmp_path, spec):
 
 def test_rank_above_r_max(tmp_path, spec):
     meta = client_meta(rank_in=5, rank_out=5)
-    assert "rank_in must be an integer in [r_min=1, r_max=4]" in rejected(
+    assert "client.json rank_in 5 is outside [r_min=1, r_max=4]" in rejected(
         write_upload(tmp_path / "a", client_state(5), meta), spec
     )
     # tensors above r_max even if the per-module check were relaxed
@@ -421,7 +421,7 @@ def test_assigned_and_required_rank(tmp_path, spec):
         ({"num_examples": 10.0}, "num_examples"),
         ({"num_examples": 10**6}, "num_examples"),
         ({"num_examples": True}, "num_examples"),
-        ({"rank_in": 0}, "rank_in must be an integer"),
+        ({"rank_in": 0}, "rank_in 0 is outside [r_min=1, r_max=4]"),
         ({"rank_out": "2"}, "rank_out must be an integer"),
         ({"rank_in": 2, "rank_out": 3}, "rank_out 3 is above rank_in 2"),
         ({"train_loss": "low"}, "train_loss must be a finite number"),

@@ -124,6 +124,15 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     fed.add_argument("--next-rank", choices=NEXT_RANK_RULES, default=None,
                      help="A client's next rank: its reported rank_out (default) or its initial rank.")
 
+    dp = parser.add_argument_group("differential privacy (client-level, central; docs/privacy.md)")
+    dp.add_argument("--dp-clip", type=float, default=None,
+                    help="Turn DP on: the L2 bound C on one client's change per round (with --method rankwise, "
+                    "zero_pad or fedavg). Clients are Poisson-sampled at q = clients-per-round / clients.")
+    dp.add_argument("--dp-noise-multiplier", type=float, default=None, help="sigma: noise std sigma * C.")
+    dp.add_argument("--dp-target-epsilon", type=float, default=None,
+                    help="Or: the epsilon to reach after --rounds rounds (sigma found by Opacus).")
+    dp.add_argument("--dp-delta", type=float, default=None, help="delta (default 1 / clients**1.1).")
+
     ranks = parser.add_argument_group("initial ranks")
     ranks.add_argument("--rank-policy", choices=RANK_POLICIES, default=None,
                        help="uniform (default), explicit (--ranks), constant (--rank), budget (--budgets), tiers.")
@@ -219,6 +228,25 @@ def _rank_policy(args: argparse.Namespace) -> RankPolicy | None:
                       tiers=args.tiers, tier_ranks=args.tier_ranks)
 
 
+def _dp_config(args: argparse.Namespace, clients: Sequence[str] | None) -> Any:
+    """A `DPConfig` from the --dp-* options (None when --dp-clip is not given: off, or from federation.json)."""
+    given = [getattr(args, f"dp_{name}", None) for name in ("noise_multiplier", "target_epsilon", "delta")]
+    clip = getattr(args, "dp_clip", None)
+    if clip is None:
+        if any(v is not None for v in given):
+            raise ValueError("--dp-noise-multiplier / --dp-target-epsilon / --dp-delta need --dp-clip (which turns "
+                             "DP on).")
+        return None
+    if not clients:
+        raise ValueError("DP needs the federation's clients (--clients or --num-clients) for its sampling rate.")
+    from ..federated.privacy import DPConfig
+
+    per_round = args.clients_per_round or len(clients)
+    return DPConfig(clip=clip, noise_multiplier=args.dp_noise_multiplier, target_epsilon=args.dp_target_epsilon,
+                    rounds=args.rounds or 1, sampling_rate=min(1.0, per_round / len(clients)),
+                    population=len(clients), delta=args.dp_delta)
+
+
 def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -> Coordinator:
     """A `Coordinator` from parsed `coordinate` (or `init`) arguments; `create` makes a missing folder store."""
     init_adapter = getattr(args, "init_adapter", None)
@@ -248,6 +276,7 @@ def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -
         max_upload_bytes=args.max_upload_bytes,
         deadline_s=args.deadline_s,
         next_rank=args.next_rank,
+        dp=_dp_config(args, clients),
         poll_interval_s=getattr(args, "poll_interval", 5.0),
         progress=not getattr(args, "no_progress", False),
     )

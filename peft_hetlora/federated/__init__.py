@@ -22,9 +22,12 @@ from .methods import (
     register_aggregation,
     unregister_aggregation,
 )
+from .protocol import RoundPlan, RoundSettings, close_round
 from .rank_policy import RankPolicy, sample_clients
+from .ranks import check_rank
+from .robust import RobustMethod
 from .store import AdapterStore, GlobalAdapter, HubStore, validate_client_id
-from .validation import RejectedUpload, validate_upload
+from .validation import RejectedUpload, validate_update, validate_upload
 
 __all__ = [
     "AGGREGATION_METHODS",
@@ -38,9 +41,14 @@ __all__ = [
     "LocalStore",
     "RankPolicy",
     "RejectedUpload",
+    "RobustMethod",
+    "RoundPlan",
+    "RoundSettings",
     "StreamingAggregator",
     "aggregate",
     "aggregation_methods",
+    "check_rank",
+    "close_round",
     "get_aggregation",
     "lora_module_names",
     "pad",
@@ -50,5 +58,6 @@ __all__ = [
     "unregister_aggregation",
     "update_norm",
     "validate_client_id",
+    "validate_update",
     "validate_upload",
 ]

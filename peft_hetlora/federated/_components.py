@@ -19,6 +19,7 @@ import torch
 
 from .aggregation import ClientUpdate, lora_module_names
 from .errors import HetLoRAError, RankError
+from .ranks import check_rank
 
 _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_A.weight", ".lora_B.weight"),
@@ -92,8 +93,7 @@ def validate_round(updates: Iterable[ClientUpdate], r_max: int) -> tuple[list[Cl
         UpdateShapeError: no updates, a duplicate client id, other keys or shapes than the first client, a
             non-floating or non-finite tensor, a B factor that is not 2-D (after trailing 1s).
     """
-    if isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < 1:
-        raise RankError(f"r_max must be an int >= 1 (the global adapter's rank, HetLoRAConfig.r), got {r_max!r}")
+    check_rank(r_max, 1, 1 << 30, what="r_max (the global adapter's rank, HetLoRAConfig.r)")
     items = list(updates)
     if not items:
         raise UpdateShapeError("no client updates: pass at least one ClientUpdate")

@@ -26,55 +26,54 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
+import itertools
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .aggregation import AGGREGATION_METHODS, AggregationResult, ClientUpdate, StreamingAggregator, update_norm
-from .errors import CoordinatorError, FederationMismatch, StoreFullError
-from .methods import get_aggregation
-from .rank_policy import RankPolicy, cap_ranks, sample_clients
-from .store import AdapterStore, GlobalAdapter, file_sha256, json_text, validate_client_id
-from .temp_files import remove_abandoned, temp_prefix
-from .validation import (
-    ADAPTER_FILE,
-    CONFIG_FILE,
-    DEFAULT_MAX_EXAMPLES,
-    RejectedUpload,
-    UploadSpec,
-    validate_upload,
+from .aggregation import AGGREGATION_METHODS, ClientUpdate
+from .errors import CoordinatorError, FederationMismatch
+from .federation import (
+    FederationSettings,
+    global_adapter_config,
+    initial_identity,
+    new_federation,
+    scaling_from_config,
 )
+from .global_publisher import GlobalPublisher, _read_json
+from .privacy import DPConfig
+from .protocol import (
+    FEDERATION_FORMAT,
+    NEXT_RANK_RULES,
+    ROUND_FILE,
+    CollectStatus,
+    Rejection,
+    RoundOutcome,
+    RoundPlan,
+    RoundSettings,
+    check_dp,
+    close_round,
+    round_status,
+    weighted_mean,
+)
+from .rank_policy import RankPolicy
+from .store import AdapterStore, GlobalAdapter, file_sha256, validate_client_id
+from .upload_folder import validate_upload
+from .validation import ADAPTER_FILE, CONFIG_FILE, DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
 
 logger = logging.getLogger(__name__)
 
-FEDERATION_FORMAT = 1
-ROUND_FILE = "round.json"
-NEXT_RANK_RULES = ("rank_out", "initial")
-# Settings a resumed coordinator must share with the store's federation.json.
-IDENTITY_FIELDS = ("method", "r_max", "r_min", "base_model")
-# Every setting federation.json records; a coordinator given another value than the stored one is refused
-# (FederationMismatch), except `rounds`, which may grow (extending a federation).
-SETTING_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "seed", "scaling",
-                  "clip_norm", "max_upload_bytes", "deadline_s", "next_rank")
-# Fields of the adapter config that change the math: an initial adapter that differs in one is another federation.
-ADAPTER_MATH_FIELDS = ("lora_alpha", "rank_scaling", "target_modules", "layers_to_transform", "layers_pattern",
-                       "bias", "fan_in_fan_out", "modules_to_save")
-GLOBAL_TEMP_KIND = "hetlora-global-"
-NON_FINITE_REASON = "not a finite number (overflowed); recorded as null"
 
 __all__ = [
+    "FEDERATION_FORMAT",
+    "NEXT_RANK_RULES",
     "CollectStatus",
     "Coordinator",
     "CoordinatorError",
@@ -86,134 +85,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class RoundPlan:
-    """What global t announces for round t: who trains, at which rank, from which revision."""
-
-    round: int
-    participants: list[str]
-    ranks: dict[str, int]
-    revision: str
-    opened_at: float | None = None
-    final: bool = False
-
-
-@dataclass(frozen=True)
-class CollectStatus:
-    """Uploads seen for a round: `ready` says the round can close."""
-
-    round: int
-    participants: list[str]
-    uploaded: list[str]
-    others: list[str] = field(default_factory=list)
-    ready: bool = False
-    deadline_passed: bool = False
-
-
-def scaling_from_config(adapter_config: Mapping[str, Any], r_max: int) -> float:
-    """s = lora_alpha / r_max (`rank_scaling="fixed"`) or lora_alpha / sqrt(r_max) (`"rslora"`).
-
-    Example:
-        ```py
-        >>> scaling_from_config({"lora_alpha": 32, "rank_scaling": "fixed"}, 16)
-        2.0
-        ```
-    """
-    alpha = float(adapter_config.get("lora_alpha", 8))
-    if adapter_config.get("rank_scaling", "fixed") == "rslora":
-        return alpha / math.sqrt(r_max)
-    return alpha / r_max
-
-
-def global_adapter_config(adapter_config: Mapping[str, Any], *, r_max: int, r_min: int) -> dict:
-    """The HETLORA `adapter_config.json` of the global adapter (full rank r_max).
-
-    A plain PEFT LoRA config (`"peft_type": "LORA"`) is converted: `use_rslora` becomes
-    `rank_scaling="rslora"`; per-module patterns are refused (one r_max, one alpha).
-
-    Example:
-        ```py
-        >>> cfg = global_adapter_config({"peft_type": "LORA", "r": 8, "lora_alpha": 16}, r_max=8, r_min=2)
-        >>> cfg["peft_type"], cfg["rank"], cfg["r_min"], cfg["rank_scaling"]
-        ('HETLORA', 8, 2, 'fixed')
-        ```
-    """
-    config = dict(adapter_config)
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type == "LORA":
-        if config.get("rank_pattern") or config.get("alpha_pattern"):
-            raise ValueError("The initial LoRA adapter uses rank_pattern/alpha_pattern; HetLoRA needs one r and one "
-                             "lora_alpha for all modules. Start from an adapter without patterns.")
-        config["rank_scaling"] = "rslora" if config.get("use_rslora") else "fixed"
-        config["use_rslora"] = False
-        config["peft_type"] = "HETLORA"
-    elif peft_type != "HETLORA":
-        raise ValueError(f"The initial adapter's peft_type is {config.get('peft_type')!r}; expected HETLORA or LORA.")
-    if config.get("r") != r_max:
-        raise ValueError(f"The initial adapter has r={config.get('r')} but the federation's r_max is {r_max}; "
-                         "save the initial adapter at r_max (HetLoRAConfig(r=r_max)).")
-    config["rank"] = r_max
-    config["r_min"] = r_min
-    config.setdefault("rank_scaling", "fixed")
-    return config
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def _write_json(path: Path, data: Mapping) -> None:
-    path.write_text(json_text(data, indent=2, sort_keys=True) + "\n")
-
-
-def weighted_mean(values: Sequence[tuple[float, int]]) -> float | None:
-    """sum_k n_k x_k / sum_k n_k without overflow: fsum of x_k times the normalised weight n_k / sum_j n_j.
-
-    Every term is at most max |x_k| in magnitude, so finite inputs cannot overflow the way x * n can
-    (1.7e308 x 1e9 examples). Returns None for no values, or when even the mean is not finite.
-
-    Example:
-        ```py
-        >>> weighted_mean([(1.7e308, 10**9), (1.7e308, 1)])
-        1.7e+308
-        ```
-    """
-    total = sum(int(n) for _, n in values)
-    if not values or total <= 0:
-        return None
-    mean = math.fsum(float(x) * (int(n) / total) for x, n in values)
-    return mean if math.isfinite(mean) else None
-
-
-def _finite_or_null(value: Any, path: str, found: dict[str, str]) -> Any:
-    """`value` with every non-finite float replaced by None; `found` collects {path: reason}."""
-    if isinstance(value, float) and not math.isfinite(value):
-        found[path] = NON_FINITE_REASON
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
-    return value
-
-
-def _as_set_if_list(value: Any) -> Any:
-    # PEFT saves set-valued options (target_modules) as lists in hash order, which differs between processes
-    return frozenset(map(str, value)) if isinstance(value, (list, tuple, set, frozenset)) else value
-
-
-def _same_setting(name: str, stored: Any, given: Any) -> bool:
-    if name == "clients" and isinstance(stored, list) and isinstance(given, list):
-        return sorted(stored) == sorted(given)
-    return stored == given
-
-
-def _lora_module_dims(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    spec = UploadSpec.from_state_dict(state_dict, r_min=1, r_max=1 << 30)
-    return dict(spec.modules)
-
-
-class Coordinator:
+class Coordinator(FederationSettings, GlobalPublisher):
     """Runs a HetLoRA federation round by round against an `AdapterStore`.
 
     Settings left as `None` come from the store's `federation.json` when it exists (so
@@ -234,6 +106,10 @@ class Coordinator:
         max_upload_bytes: size limit of an uploaded safetensors file (default 2x an r_max adapter).
         deadline_s: seconds after a round opens after which `min_clients` uploads suffice.
         next_rank: "rank_out" (a client's next rank is what it reported after pruning) or "initial".
+        dp: a `privacy.DPConfig`: every round is aggregated with `privacy.dp_aggregate` (previous = the global
+            sent), participants are drawn by Poisson sampling at `dp.sampling_rate`, summaries record `privacy`
+            and leave out per-client norms. Needs method rankwise, zero_pad or fedavg (docs/privacy.md).
+        dp_noise_seed: derive the DP noise from `seed` (reproducible tests only: a known seed voids the privacy).
         clock, sleep: injectable time source and sleep (tests never sleep).
 
     Example:
@@ -263,6 +139,8 @@ class Coordinator:
         max_upload_bytes: int | None = None,
         deadline_s: float | None = None,
         next_rank: str | None = None,
+        dp: DPConfig | None = None,
+        dp_noise_seed: bool = False,
         max_examples: int = DEFAULT_MAX_EXAMPLES,
         allow_per_module_ranks: bool = False,
         require_global_revision: bool = False,
@@ -275,6 +153,7 @@ class Coordinator:
             raise ValueError(f"Unknown method {method!r}; use one of {tuple(AGGREGATION_METHODS)}.")
         if next_rank is not None and next_rank not in NEXT_RANK_RULES:
             raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
+        check_dp(method or "hetlora", dp)
         if clients is not None:
             clients = [validate_client_id(c) for c in clients]
             if len(set(clients)) != len(clients):
@@ -287,8 +166,10 @@ class Coordinator:
             "method": method, "r_max": r_max, "r_min": r_min, "clients": list(clients) if clients else None,
             "clients_per_round": clients_per_round, "min_clients": min_clients, "rounds": rounds, "seed": seed,
             "scaling": scaling, "clip_norm": clip_norm, "max_upload_bytes": max_upload_bytes,
-            "deadline_s": deadline_s, "next_rank": next_rank,
+            "deadline_s": deadline_s, "next_rank": next_rank, "dp": dp.to_dict() if dp is not None else None,
         }
+        self._dp = dp
+        self.dp_noise_seed = dp_noise_seed
         self.rank_policy = RankPolicy.coerce(rank_policy) if rank_policy is not None else None
         self.max_examples = max_examples
         self.allow_per_module_ranks = allow_per_module_ranks
@@ -300,115 +181,6 @@ class Coordinator:
         self._federation: dict | None = None
         self._spec: UploadSpec | None = None
         self._resumed = False
-
-    # ------------------------------------------------------------------ settings
-    def _setting(self, name: str, default: Any = None) -> Any:
-        value = self._requested.get(name)
-        if value is None:
-            federation = self._stored_federation()
-            if federation is not None:
-                value = federation.get(name)
-        return default if value is None else value
-
-    def _stored_federation(self) -> dict | None:
-        """federation.json if the store has one (checked against this coordinator), else None."""
-        if self._federation is None and self.store.read_federation() is not None:
-            return self.federation
-        return self._federation
-
-    @property
-    def federation(self) -> dict:
-        """The store's federation.json (checked against this coordinator's settings)."""
-        if self._federation is None:
-            stored = self.store.read_federation()
-            if stored is None:
-                raise CoordinatorError("The store holds no federation yet: call `init(initial_adapter_dir)` first "
-                                       "(CLI: `hetlora coordinate --init-adapter DIR ...`).")
-            self._check_identity(stored)
-            self._federation = stored
-        return self._federation
-
-    def _check_identity(self, stored: Mapping[str, Any], incoming: Mapping[str, Any] | None = None) -> None:
-        """Refuse (FederationMismatch) any given setting that differs from federation.json; record extended rounds.
-
-        `incoming` holds what `init()` derives from the initial adapter (r_max, base model, module shapes and
-        the adapter config's math fields).
-        """
-        wanted: dict[str, Any] = {name: self._requested[name] for name in SETTING_FIELDS
-                                  if self._requested.get(name) is not None}
-        if self.rank_policy is not None:
-            wanted["rank_policy"] = self.rank_policy.to_dict()
-        incoming = dict(incoming or {})
-        config = incoming.pop("adapter_config", None)
-        wanted.update(incoming)
-        diffs = []
-        for name, value in wanted.items():
-            if name not in stored:
-                continue
-            if not _same_setting(name, stored[name], value):
-                diffs.append(f"{name}: store has {stored[name]!r}, this coordinator {value!r}")
-        if isinstance(config, Mapping) and isinstance(stored.get("adapter_config"), Mapping):
-            stored_config = stored["adapter_config"]
-            for name in ADAPTER_MATH_FIELDS:
-                if _as_set_if_list(stored_config.get(name)) != _as_set_if_list(config.get(name)):
-                    diffs.append(f"adapter_config.{name}: store has {stored_config.get(name)!r}, the initial "
-                                 f"adapter {config.get(name)!r}")
-        requested_rounds = self._requested.get("rounds")
-        stored_rounds = stored.get("rounds")
-        if requested_rounds is not None and isinstance(stored_rounds, int) and requested_rounds < stored_rounds:
-            diffs.append(f"rounds: store has {stored_rounds!r}, this coordinator {requested_rounds!r} (rounds can "
-                         "only be extended)")
-        if diffs:
-            raise FederationMismatch(
-                "The store already holds a different federation (" + "; ".join(diffs) + "). Resume it "
-                "with the same settings (or leave them out to take them from federation.json), or start the new "
-                "federation in another store."
-            )
-        if isinstance(stored, dict) and requested_rounds is not None and requested_rounds > stored.get("rounds", 0):
-            # extending a federation: record it, so clients do not stop at the formerly final global
-            logger.info("Extending the federation from %s to %d rounds.", stored.get("rounds"), requested_rounds)
-            stored["rounds"] = requested_rounds
-            self.store.write_federation(stored)
-
-    @property
-    def method(self) -> str:
-        return self._setting("method", "hetlora")
-
-    @property
-    def r_max(self) -> int:
-        return int(self._setting("r_max"))
-
-    @property
-    def r_min(self) -> int:
-        return int(self._setting("r_min", 1))
-
-    @property
-    def clients(self) -> list[str]:
-        return list(self._setting("clients"))
-
-    @property
-    def clients_per_round(self) -> int:
-        return int(self._setting("clients_per_round", len(self.clients)))
-
-    @property
-    def min_clients(self) -> int:
-        return int(self._setting("min_clients", self.clients_per_round))
-
-    @property
-    def rounds(self) -> int:
-        return int(self._setting("rounds", 1))
-
-    @property
-    def seed(self) -> int:
-        return int(self._setting("seed", 0))
-
-    @property
-    def scaling(self) -> float:
-        return float(self._setting("scaling"))
-
-    @property
-    def next_rank(self) -> str:
-        return self._setting("next_rank", "rank_out")
 
     # ------------------------------------------------------------------ init
     def init(
@@ -443,20 +215,7 @@ class Coordinator:
         stored = self.store.read_federation()
         r_max = self._requested["r_max"] or (stored or {}).get("r_max") or adapter_config.get("r")
         r_min = self._requested["r_min"] or (stored or {}).get("r_min") or 1
-        if isinstance(r_max, bool) or not isinstance(r_max, int) or not 1 <= r_min <= r_max:
-            raise ValueError(f"Need integers 1 <= r_min <= r_max, got r_min={r_min!r}, r_max={r_max!r} (r_max "
-                             "defaults to the initial adapter's `r`).")
-        module_dims = _lora_module_dims(state_dict)
-        ranks_found = {v.shape[0] for k, v in state_dict.items() if k.endswith(".lora_A.weight")}
-        if ranks_found != {r_max}:
-            raise ValueError(f"The initial adapter has rank(s) {sorted(ranks_found)} but r_max is {r_max}: save it at "
-                             "full rank (set_rank(r_max) before save_pretrained).")
-        config = global_adapter_config(adapter_config, r_max=r_max, r_min=r_min)
-        identity = {
-            "r_max": r_max,
-            "base_model": config.get("base_model_name_or_path"),
-            "modules": {name: list(dims) for name, dims in module_dims.items()},
-        }
+        identity, config, module_dims = initial_identity(state_dict, adapter_config, r_max=r_max, r_min=r_min)
         if stored is None:
             identity = {"method": self._requested["method"] or "hetlora", "r_min": r_min, **identity}
             self._federation = self._new_federation(identity, config, module_dims)
@@ -476,111 +235,7 @@ class Coordinator:
         return self.store.get_global(0)
 
     def _new_federation(self, identity: dict, config: dict, module_dims: Mapping[str, tuple[int, int]]) -> dict:
-        clients = self._requested["clients"]
-        if not clients:
-            raise ValueError("A new federation needs its client ids (clients=[...]).")
-        method = identity["method"]
-        r_min, r_max = identity["r_min"], identity["r_max"]
-        policy = self.rank_policy or RankPolicy("constant" if method == "fedavg" else "uniform")
-        seed = self._requested["seed"] if self._requested["seed"] is not None else 0
-        initial_ranks = policy.assign(clients, r_min=r_min, r_max=r_max, module_dims=module_dims, seed=seed)
-        if method == "fedavg" and len(set(initial_ranks.values())) > 1:
-            raise ValueError("fedavg is homogeneous LoRA: every client needs the same rank; use "
-                             "RankPolicy('constant', rank=r) (or a heterogeneous method such as hetlora).")
-        clients_per_round = self._requested["clients_per_round"] or len(clients)
-        min_clients = self._requested["min_clients"] or clients_per_round
-        if not 1 <= min_clients <= clients_per_round <= len(clients):
-            raise ValueError(f"Need 1 <= min_clients ({min_clients}) <= clients_per_round ({clients_per_round}) "
-                             f"<= number of clients ({len(clients)}).")
-        scaling = self._requested["scaling"] or scaling_from_config(config, r_max)
-        return {
-            "format": FEDERATION_FORMAT,
-            **identity,
-            "adapter_config": config,
-            "scaling": scaling,
-            "clients": list(clients),
-            "rank_policy": policy.to_dict(),
-            "initial_ranks": initial_ranks,
-            "clients_per_round": clients_per_round,
-            "min_clients": min_clients,
-            "rounds": self._requested["rounds"] or 1,
-            "seed": seed,
-            "clip_norm": self._requested["clip_norm"],
-            "max_upload_bytes": self._requested["max_upload_bytes"],
-            "deadline_s": self._requested["deadline_s"],
-            "next_rank": self._requested["next_rank"] or "rank_out",
-            "created_at": self.clock(),
-        }
-
-    # ------------------------------------------------------------------ publishing
-    def _publish(self, round_idx: int, state_dict: Mapping[str, torch.Tensor], client_ranks: Mapping[str, int]) -> str:
-        """Write global `round_idx` (adapter at r_max + adapter_config.json + round.json) to the store."""
-        with self._global_folder(round_idx, state_dict, client_ranks) as folder:
-            return self._publish_folder(round_idx, folder)
-
-    def _publish_folder(self, round_idx: int, folder: Path) -> str:
-        info = _read_json(folder / ROUND_FILE)
-        revision = self.store.publish_global(round_idx, folder)
-        logger.info("Published global %d (revision %s); participants: %s", round_idx, revision,
-                    ", ".join(f"{c}@r{info['ranks'][c]}" for c in info["participants"]))
-        return revision
-
-    @contextlib.contextmanager
-    def _global_folder(
-        self, round_idx: int, state_dict: Mapping[str, torch.Tensor], client_ranks: Mapping[str, int]
-    ) -> Iterator[Path]:
-        """A temporary folder holding global `round_idx` as it will be published (removed afterwards).
-
-        Its name carries this process's id, so a restart after a kill removes it (`temp_files`).
-        """
-        participants = sample_clients(self.clients, self.clients_per_round, seed=self.seed, round_idx=round_idx)
-        round_info = {
-            "round": round_idx,
-            "participants": participants,
-            "ranks": {cid: int(client_ranks[cid]) for cid in participants},
-            "r_max": self.r_max,
-            "r_min": self.r_min,
-            "method": self.method,
-            "scaling": self.scaling,
-            "opened_at": self.clock(),
-            "deadline_s": self._setting("deadline_s"),
-            "final": round_idx >= self.rounds,
-        }
-        with tempfile.TemporaryDirectory(prefix=temp_prefix(GLOBAL_TEMP_KIND, f"r{round_idx}")) as tmp:
-            folder = Path(tmp)
-            try:
-                tensors = {k: state_dict[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(state_dict)}
-                save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
-                _write_json(folder / CONFIG_FILE, self.federation["adapter_config"])
-                _write_json(folder / ROUND_FILE, round_info)
-            except OSError as e:
-                if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-                    raise
-                err = StoreFullError(
-                    f"The temporary folder {tempfile.gettempdir()} is full while writing global {round_idx}: free "
-                    "some space (or point TMPDIR at a larger disk) and run the same command again to resume."
-                )
-                err.errno = errno.ENOSPC
-                raise err from e
-            yield folder
-
-    def _resume(self) -> None:
-        """Once per coordinator: remove what killed writers left, and finish an interrupted publish.
-
-        A kill (or a full disk) between writing `rounds/<T>/global/` and refreshing the store's root leaves the
-        root at an older round; publishing the latest round again is idempotent and refreshes it.
-        """
-        if self._resumed:
-            return
-        cleaner = getattr(self.store, "clean_temporary_files", None)
-        removed = list(cleaner()) if callable(cleaner) else []
-        removed += remove_abandoned(tempfile.gettempdir(), (GLOBAL_TEMP_KIND,))
-        if removed:
-            logger.info("Removed %d temporary file(s) left by killed writers.", len(removed))
-        latest = self.store.latest_global()
-        if latest is not None:
-            self.store.publish_global(latest.round, latest.path)
-        self._resumed = True
+        return new_federation(identity, config, module_dims, self._requested, self.rank_policy, self.clock())
 
     # ------------------------------------------------------------------ rounds
     def open_round(self, round_idx: int) -> RoundPlan:
@@ -598,28 +253,12 @@ class Coordinator:
         except (FileNotFoundError, KeyError, LookupError) as err:
             raise CoordinatorError(f"Global {round_idx} is not published, so round {round_idx} is not open "
                                    f"({err}).") from None
-        info = _read_json(Path(adapter.path) / ROUND_FILE)
-        return RoundPlan(
-            round=round_idx,
-            participants=list(info.get("participants", [])),
-            ranks={k: int(v) for k, v in info.get("ranks", {}).items()},
-            revision=adapter.revision,
-            opened_at=info.get("opened_at"),
-            final=bool(info.get("final", False)),
-        )
+        return RoundPlan.from_json(_read_json(Path(adapter.path) / ROUND_FILE), round_idx=round_idx,
+                                   revision=adapter.revision)
 
     def _status(self, plan: RoundPlan, listed: Sequence[str], now: float, start: float) -> CollectStatus:
-        participants = set(plan.participants)
-        uploaded = sorted(set(listed) & participants)
-        others = sorted(set(listed) - participants)
-        deadline_s = self._setting("deadline_s")
-        opened = plan.opened_at if plan.opened_at is not None else start
-        deadline_passed = deadline_s is not None and now >= opened + float(deadline_s)
-        need = min(self.min_clients, len(participants))
-        ready = len(uploaded) == len(participants) or (
-            len(uploaded) >= need and (deadline_s is None or deadline_passed)
-        )
-        return CollectStatus(plan.round, sorted(participants), uploaded, others, ready, deadline_passed)
+        return round_status(plan, listed, min_clients=self.min_clients, deadline_s=self._setting("deadline_s"),
+                            now=now, start=start)
 
     def collect(self, round_idx: int, *, wait: bool = True, timeout_s: float | None = None) -> CollectStatus:
         """Poll the store for round `round_idx`'s uploads until the round can close.
@@ -699,43 +338,22 @@ class Coordinator:
         previous = self.store.read_summary(round_idx - 1) if round_idx > 0 else None
         return {cid: int(r) for cid, r in ((previous or {}).get("client_max_ranks") or {}).items()}
 
-    def _next_client_ranks(self, round_idx: int, accepted: Sequence[str], details: Mapping[str, dict]
-                           ) -> tuple[dict[str, int], dict[str, int]]:
-        """Next round's {client: rank} and the clients' last reported `max_rank` (a rank is never above it)."""
-        client_ranks = self._previous_client_ranks(round_idx)
-        max_ranks = self._previous_max_ranks(round_idx)
-        initial = self.federation["initial_ranks"]
-        for cid in accepted:
-            if details[cid].get("max_rank") is not None:
-                max_ranks[cid] = int(details[cid]["max_rank"])
-            client_ranks[cid] = int(details[cid]["rank_out"] if self.next_rank == "rank_out" else initial[cid])
-        return cap_ranks(client_ranks, max_ranks, r_min=self.r_min), max_ranks
-
-    def _aggregate(
-        self, plan: RoundPlan, client_ids: Sequence[str], *, expect_sha: Mapping[str, str] | None = None
-    ) -> tuple[AggregationResult | None, dict | None, list[str], dict[str, str], dict[str, dict]]:
-        """Download, validate and stream the uploads of `client_ids` (one at a time) into the aggregator."""
-        spec = self.upload_spec(plan.round)
-        global_path = Path(self.store.get_global(plan.round).path) / ADAPTER_FILE
-        # the global the clients were sent: kept components (rankwise) and the clip's reference need it
-        needs_previous = get_aggregation(self.method).uses_previous or self._setting("clip_norm") is not None
-        previous = load_file(str(global_path)) if needs_previous else None
-        aggregator = StreamingAggregator(
-            self.method, r_max=self.r_max, scaling=self.scaling, previous=previous,
-            clip_norm=self._setting("clip_norm"),
+    def round_settings(self) -> RoundSettings:
+        """The settings the round engine (`protocol.close_round`) closes this federation's rounds with."""
+        return RoundSettings(
+            method=self.method, r_max=self.r_max, r_min=self.r_min, scaling=self.scaling,
+            clip_norm=self._setting("clip_norm"), next_rank=self.next_rank, dp=self.dp, seed=self.seed,
+            dp_noise_seed=self.dp_noise_seed,
         )
-        accepted: list[str] = []
-        rejected: dict[str, str] = {}
-        details: dict[str, dict] = {}
-        ids = sorted(client_ids)
-        for cid in tqdm(ids, desc=f"round {plan.round} aggregate", unit="client", disable=not self.progress,
-                        leave=False):
+
+    def _uploads(self, plan: RoundPlan, client_ids: Sequence[str], expect_sha: Mapping[str, str] | None
+                 ) -> Iterator[ClientUpdate | Rejection]:
+        """Download and validate the uploads of `client_ids`, one at a time (a resumed round checks their sha256)."""
+        spec = self.upload_spec(plan.round)
+        for cid in tqdm(sorted(client_ids), desc=f"round {plan.round} aggregate", unit="client",
+                        disable=not self.progress, leave=False):
             try:
                 update = self._load_update(plan, cid, spec)
-                try:
-                    aggregator.add(update)  # validates before it changes anything: a refusal leaves the sums as-is
-                except ValueError as err:
-                    raise RejectedUpload(f"aggregation refused it: {err}") from None
             except RejectedUpload as err:
                 if expect_sha is not None:
                     raise CoordinatorError(
@@ -744,35 +362,28 @@ class Coordinator:
                         "close the round again."
                     ) from None
                 logger.warning("Round %d: rejected %s: %s", plan.round, cid, err.reason)
-                rejected[cid] = err.reason
+                yield Rejection(cid, err.reason)
                 continue
-            meta = update.metadata
-            if expect_sha is not None and expect_sha.get(cid) not in (None, meta["sha256"]):
+            sha = update.metadata["sha256"]
+            if expect_sha is not None and expect_sha.get(cid) not in (None, sha):
                 raise CoordinatorError(
                     f"Round {plan.round}'s summary accepted {cid!r} with sha256 {expect_sha[cid]}, but the upload "
-                    f"now has {meta['sha256']} (re-uploaded after the decision). Restore it, or delete "
+                    f"now has {sha} (re-uploaded after the decision). Restore it, or delete "
                     f"rounds/{plan.round}/summary.json to close the round again."
                 )
-            accepted.append(cid)
-            details[cid] = {
-                "rank_in": meta["rank_in"],
-                "rank_out": meta["rank_out"],
-                "num_examples": meta["num_examples"],
-                "train_loss": meta.get("train_loss"),
-                "tail_norm_start": meta.get("tail_norm_start"),
-                "tail_norm_end": meta.get("tail_norm_end"),
-                "global_revision": meta.get("global_revision"),
-                "from_round_global": meta.get("global_revision") in (None, plan.revision),
-                "upload_bytes": meta["upload_bytes"],
-                "sha256": meta["sha256"],
-            }
-            if meta.get("max_rank") is not None:
-                details[cid]["max_rank"] = int(meta["max_rank"])
-            del update
-        result = aggregator.result() if accepted else None
-        if result is None:
-            previous = previous if previous is not None else load_file(str(global_path))
-        return result, previous, accepted, rejected, details
+            yield update
+
+    def _engine(self, plan: RoundPlan, client_ids: Sequence[str], *, outsiders: Sequence[str] = (),
+                expect_sha: Mapping[str, str] | None = None) -> RoundOutcome:
+        """Run the round engine on the uploads of `client_ids`, streamed from the store."""
+        previous = load_file(str(Path(self.store.get_global(plan.round).path) / ADAPTER_FILE))
+        extra = (Rejection(cid, f"not a participant of round {plan.round}") for cid in outsiders)
+        return close_round(
+            plan, itertools.chain(self._uploads(plan, client_ids, expect_sha), extra), previous,
+            self.round_settings(), client_ranks=self._previous_client_ranks(plan.round),
+            initial_ranks=self.federation["initial_ranks"], max_ranks=self._previous_max_ranks(plan.round),
+            clock=self.clock, strict=expect_sha is not None,
+        )
 
     def close_round(self, round_idx: int, *, uploads: Sequence[str] | None = None) -> dict:
         """Validate and aggregate round `round_idx`'s uploads, write its summary, then publish global t+1.
@@ -780,7 +391,7 @@ class Coordinator:
         `uploads` restricts the ids considered (default: every complete upload in the store). If the
         round already has a summary (a coordinator killed after writing it), exactly its accepted ids
         are re-aggregated and global t+1 is published; if global t+1 exists too, nothing is done.
-        Returns the summary.
+        Returns the summary. The decision is `protocol.close_round`'s; this method moves bytes.
 
         Example:
             ```py
@@ -796,24 +407,18 @@ class Coordinator:
             if latest is None or latest.round <= round_idx:
                 self._publish_from_summary(plan, summary)
             return summary
-        started = self.clock()
         listed = set(self.store.list_client_uploads(round_idx) if uploads is None else uploads)
         participants = set(plan.participants)
-        result, previous, accepted, rejected, details = self._aggregate(plan, sorted(listed & participants))
-        for cid in sorted(listed - participants):
-            rejected[cid] = f"not a participant of round {round_idx}"
-        client_ranks, max_ranks = self._next_client_ranks(round_idx, accepted, details)
-        summary = self._summary(plan, result, accepted, rejected, details, client_ranks, started)
-        if max_ranks:
-            summary["client_max_ranks"] = dict(sorted(max_ranks.items()))
-        state = result.state_dict if result is not None else previous
-        with self._global_folder(round_idx + 1, state, client_ranks) as folder:
+        outcome = self._engine(plan, sorted(listed & participants), outsiders=sorted(listed - participants))
+        summary = outcome.summary
+        with self._global_folder(round_idx + 1, outcome.state_dict, outcome.client_ranks) as folder:
             stage = getattr(self.store, "stage_global", None)
             if callable(stage):
                 # staged before the summary names it: a restart publishes exactly this, never re-reading uploads
                 summary["next_global"] = {"round": round_idx + 1, "sha256": stage(round_idx + 1, folder)}
             self.store.write_summary(round_idx, summary)
-            logger.info("Round %d: accepted %d, rejected %d.", round_idx, len(accepted), len(rejected))
+            logger.info("Round %d: accepted %d, rejected %d.", round_idx, len(summary["accepted"]),
+                        len(summary["rejected"]))
             self._publish_folder(round_idx + 1, folder)
         return summary
 
@@ -830,68 +435,8 @@ class Coordinator:
         logger.info("Round %d has a summary but no global %d: re-aggregating its %d accepted upload(s).",
                     plan.round, plan.round + 1, len(accepted))
         expect = {cid: info.get("sha256") for cid, info in summary.get("clients", {}).items()}
-        result, previous, _, _, _ = self._aggregate(plan, accepted, expect_sha=expect)
-        state = result.state_dict if result is not None else previous
-        self._publish(plan.round + 1, state, {k: int(v) for k, v in summary["client_ranks"].items()})
-
-    def _summary(
-        self,
-        plan: RoundPlan,
-        result: AggregationResult | None,
-        accepted: list[str],
-        rejected: dict[str, str],
-        details: dict[str, dict],
-        client_ranks: dict[str, int],
-        started: float,
-    ) -> dict:
-        """The decision record of a round (JSON-ready)."""
-        weights = {cid: float(w) for cid, w in (result.weights.items() if result is not None else ())}
-        total_examples = sum(details[c]["num_examples"] for c in accepted)
-        losses = [(details[c]["train_loss"], details[c]["num_examples"]) for c in accepted
-                  if details[c]["train_loss"] is not None]
-        metrics: dict[str, Any] = {
-            "num_participants": len(plan.participants),
-            "num_accepted": len(accepted),
-            "num_rejected": len(rejected),
-            "num_examples": total_examples,
-            "bytes_uploaded": sum(details[c]["upload_bytes"] for c in accepted),
-            "mean_rank_in": (sum(details[c]["rank_in"] for c in accepted) / len(accepted)) if accepted else None,
-            "mean_rank_out": (sum(details[c]["rank_out"] for c in accepted) / len(accepted)) if accepted else None,
-            "train_loss": weighted_mean(losses),
-            "global_update_norm": float(update_norm(result.state_dict, self.scaling)) if result is not None else None,
-            "seconds": self.clock() - started,
-        }
-        norms = getattr(result, "norms", None)
-        if norms:
-            for cid, value in norms.items():
-                if cid in details:
-                    details[cid]["norm"] = float(value)
-        summary = {
-            "round": plan.round,
-            "method": self.method,
-            "global_revision": plan.revision,
-            "participants": list(plan.participants),
-            "assigned_ranks": dict(plan.ranks),
-            "accepted": list(accepted),
-            "rejected": dict(rejected),
-            "weights": weights,
-            "clients": details,
-            "client_ranks": dict(client_ranks),
-            "metrics": metrics,
-            "aggregation": result.summary() if result is not None else None,
-            "closed_at": self.clock(),
-        }
-        if not accepted:
-            summary["note"] = "no accepted upload: the global adapter is carried over unchanged"
-        if losses and metrics["train_loss"] is None:
-            non_finite = {"metrics.train_loss": "the example-weighted mean of the reported losses is not finite; "
-                                                "recorded as null"}
-        else:
-            non_finite = {}
-        summary = _finite_or_null(summary, "", non_finite)
-        if non_finite:
-            summary["non_finite"] = non_finite
-        return summary
+        outcome = self._engine(plan, accepted, expect_sha=expect)
+        self._publish(plan.round + 1, outcome.state_dict, {k: int(v) for k, v in summary["client_ranks"].items()})
 
     # ------------------------------------------------------------------ driving
     def step(self, *, wait: bool = True) -> str:

@@ -55,6 +55,7 @@ __all__ = [
     "DPConfig",
     "DPConfigError",
     "dp_aggregate",
+    "dp_config_from_dict",
     "privacy_spent",
     "privatize_update",
 ]
@@ -192,6 +193,24 @@ class DPConfig:
             "model": self.model,
             "accountant": self.accountant,
         }
+
+
+def dp_config_from_dict(data: Mapping[str, Any]) -> DPConfig:
+    """Rebuild a `DPConfig` from `DPConfig.to_dict` (a federation.json record) without re-solving for sigma.
+
+    The resolved ``noise_multiplier`` is kept; ``target_epsilon`` is dropped (it was only the way to find sigma).
+
+    Example:
+        >>> cfg = DPConfig(clip=1.0, noise_multiplier=1.1, delta=1e-5, expected_clients=4)
+        >>> dp_config_from_dict(cfg.to_dict()) == cfg
+        True
+    """
+    known = {"clip", "noise_multiplier", "rounds", "sampling_rate", "population", "delta", "expected_clients",
+             "expected_coverage", "model", "accountant"}
+    values = {k: v for k, v in data.items() if k in known}
+    if values.get("expected_coverage") is not None:
+        values["expected_coverage"] = tuple(values["expected_coverage"])
+    return DPConfig(**values)
 
 
 def _opacus() -> Any:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .ranks import check_rank
+
 RANK_POLICIES = ("uniform", "explicit", "constant", "budget", "tiers")
 BUDGET_KINDS = ("memory", "params")
 DEFAULT_TIERS = {"small": 0.5, "medium": 0.3, "large": 0.2}
@@ -35,22 +37,13 @@ ModuleDims = Mapping[str, tuple[int, int]]  # module name -> (d_in, d_out)
 
 
 def _check_rank_bounds(r_min: int, r_max: int) -> None:
-    for name, value in (("r_min", r_min), ("r_max", r_max)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    if r_min > r_max:
-        raise ValueError(f"`r_min` ({r_min}) must be <= `r_max` ({r_max}).")
+    check_rank(r_max, 1, 1 << 30, what="r_max")
+    check_rank(r_min, 1, r_max, what="r_min", hi_name="r_max")
 
 
 def _check_rank(client_id: str, rank: object, r_min: int, r_max: int) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-        raise TypeError(f"Client {client_id!r}: rank must be an integer, got {rank!r}.")
-    if not r_min <= int(rank) <= r_max:
-        raise ValueError(
-            f"Client {client_id!r}: rank {int(rank)} is outside [r_min={r_min}, r_max={r_max}]; "
-            "choose a rank in that range or change the federation's r_min / r_max."
-        )
-    return int(rank)
+    return check_rank(rank, r_min, r_max, what=f"Client {client_id!r}: rank", lo_name="r_min", hi_name="r_max",
+                      hint="choose a rank in that range or change the federation's r_min / r_max.")
 
 
 def adapter_params(rank: int, module_dims: ModuleDims) -> int:
@@ -423,6 +416,23 @@ def sample_clients(client_ids: Sequence[str], clients_per_round: int, *, seed: i
     rng = np.random.default_rng([_stable_int(seed, "sample"), int(round_idx)])
     chosen = rng.choice(len(pool), size=clients_per_round, replace=False)
     return sorted(pool[i] for i in chosen)
+
+
+def poisson_sample(client_ids: Sequence[str], rate: float, *, seed: int, round_idx: int) -> list[str]:
+    """Each client independently with probability ``rate`` (Poisson sampling, as DP accountants assume); sorted.
+
+    Seeded by (seed, round) so a resumed server draws the same participants.
+
+    Example:
+        ```py
+        >>> poisson_sample(["a", "b"], 1.0, seed=0, round_idx=3)
+        ['a', 'b']
+        ```
+    """
+    pool = sorted(set(client_ids))
+    rng = np.random.default_rng([_stable_int(seed, "poisson"), int(round_idx)])
+    draws = rng.random(len(pool))
+    return [cid for cid, u in zip(pool, draws) if u < rate]
 
 
 _SIZE_UNITS = {

@@ -41,11 +41,13 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ._components import flat_a, flat_b, module_ranks, previous_factors, to_state_dict, validate_round
+from ._components import flat_a, flat_b, previous_factors, to_state_dict, validate_round
 from .aggregation import AggregationResult, ClientUpdate, update_norm
 from .errors import HetLoRAError
+from .methods.base import AggregationMethod
+from .methods.registry import _BUILTIN, _register_builtin
 
-__all__ = ["ROBUST_RULES", "RobustConfigError", "robust_aggregate", "robust_stat"]
+__all__ = ["ROBUST_RULES", "RobustConfigError", "RobustMethod", "robust_aggregate", "robust_module", "robust_stat"]
 
 ROBUST_RULES: tuple[str, ...] = ("median", "trimmed_mean")
 """Rules accepted by :func:`robust_aggregate` (the names to register as aggregation methods)."""
@@ -75,6 +77,108 @@ def robust_stat(values: torch.Tensor, rule: str, trim: float = 0.2) -> torch.Ten
         k = math.floor(trim * n)
         return ordered[k : n - k].mean(dim=0)
     raise RobustConfigError(f"unknown robust rule {rule!r}; choose one of {list(ROBUST_RULES)}")
+
+
+def robust_module(
+    a_list: list[torch.Tensor],
+    b_list: list[torch.Tensor],
+    previous: tuple[torch.Tensor, torch.Tensor],
+    *,
+    rule: str,
+    trim: float = 0.2,
+    min_clients: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """One module's robust factors from every client's ``A_k`` (``r_k x d_in``) and ``B_k`` (``d_out x r_k``).
+
+    ``previous`` is the module's ``(A, B)`` at ``r_max`` (kept for components covered by fewer than ``min_clients``
+    clients). Components covered by the same clients form blocks between consecutive distinct ranks; returns
+    ``(A, B, thin blocks as "[lo:hi]")`` in the dtype of ``previous``.
+
+    Example:
+        >>> a, b, thin = robust_module([torch.ones(1, 2), 3 * torch.ones(2, 2)], [torch.ones(3, 1), torch.ones(3, 2)],
+        ...                            (torch.zeros(2, 2), torch.zeros(3, 2)), rule="median")
+        >>> a[:, 0].tolist(), thin
+        ([2.0, 3.0], [])
+    """
+    a_out, b_out = (t.clone() for t in previous)
+    ranks = [int(a.shape[0]) for a in a_list]
+    thin: list[str] = []
+    bounds = sorted({0, *ranks})
+    for lo, hi in zip(bounds, bounds[1:]):
+        covering = [k for k, r in enumerate(ranks) if r >= hi]
+        if len(covering) < min_clients:
+            thin.append(f"[{lo}:{hi}]")
+            continue
+        a_stack = torch.stack([a_list[k][lo:hi].to(a_out.dtype) for k in covering])
+        b_stack = torch.stack([b_list[k][:, lo:hi].to(b_out.dtype) for k in covering])
+        a_out[lo:hi] = robust_stat(a_stack, rule, trim)
+        b_out[:, lo:hi] = robust_stat(b_stack, rule, trim)
+    return a_out, b_out, thin
+
+
+class _RobustModule:
+    """Keeps every client's factors of one module at its own rank (a robust statistic needs them all)."""
+
+    def __init__(self, method: RobustMethod, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> None:
+        self.method, self.r_max = method, r_max
+        self.a_tail, self.b_tail = tuple(a_shape[1:]), tuple(b_shape[2:])
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float) -> None:
+        if client_id not in self.entries:  # a second add only changes the weight (the cap), which is unused here
+            self.entries[client_id] = (flat_a(a), flat_b(b), level)
+
+    def level_used(self) -> int | None:
+        return max((e[2] for e in self.entries.values()), default=None)
+
+    def result(self, previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        entries = list(self.entries.values())
+        d_in = entries[0][0].shape[1]
+        d_out = entries[0][1].shape[0]
+        if previous is None:
+            prev = (torch.zeros(self.r_max, d_in, dtype=torch.float64), torch.zeros(d_out, self.r_max,
+                                                                                   dtype=torch.float64))
+        else:
+            prev = (flat_a(previous[0]), flat_b(previous[1]))
+        a, b, _ = robust_module([e[0] for e in entries], [e[1] for e in entries], prev, rule=self.method.rule,
+                                trim=self.method.trim, min_clients=self.method.min_clients)
+        a = a.to(torch.float32).reshape(self.r_max, *self.a_tail)
+        b = b.to(torch.float32).reshape(d_out, self.r_max, *self.b_tail)
+        return a, b
+
+    def clone(self) -> _RobustModule:
+        copy = _RobustModule(self.method, (0, *self.a_tail), (0, 0, *self.b_tail), self.r_max)
+        copy.entries = dict(self.entries)
+        return copy
+
+
+class RobustMethod(AggregationMethod):
+    """A robust statistic per component as a registered aggregation method (``median``, ``trimmed_mean``).
+
+    Non-streaming: every client's factors are kept (at their own ranks, so coverage is exact) and combined per
+    component with :func:`robust_module`; components covered by fewer than ``min_clients`` clients keep the previous
+    global. Dense extras (``modules_to_save``) are the aggregator's data-weighted mean, and the reported weights are
+    those data-size weights (a robust statistic has none of its own). Register variants under your own name:
+
+    Example:
+        >>> from peft_hetlora.federated import register_aggregation, unregister_aggregation
+        >>> register_aggregation("trimmed_35", RobustMethod("trimmed_mean", trim=0.35, min_clients=5)).trim
+        0.35
+        >>> unregister_aggregation("trimmed_35")
+    """
+
+    weights = "data"
+    uses_previous = True
+    streaming = False
+
+    def __init__(self, rule: str = "median", *, trim: float = 0.2, min_clients: int = 1) -> None:
+        if rule not in ROBUST_RULES:
+            raise RobustConfigError(f"unknown robust rule {rule!r}; choose one of {list(ROBUST_RULES)}")
+        self.name = rule  # type: ignore[misc]
+        self.rule, self.trim, self.min_clients = rule, float(trim), int(min_clients)
+
+    def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> _RobustModule:
+        return _RobustModule(self, a_shape, b_shape, r_max)
 
 
 def robust_aggregate(
@@ -120,25 +224,16 @@ def robust_aggregate(
     if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
         raise RobustConfigError(f"min_clients must be an int >= 1, got {min_clients!r}")
     items, layout = validate_round(updates, r_max)
-    ranks = [module_ranks(u, layout) for u in items]
     prev_factors, _ = previous_factors(previous, layout, extras_needed=False)
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     thin: list[str] = []
     for name, spec in layout.modules.items():
-        a_out, b_out = (t.clone() for t in prev_factors[name])
-        module_rank = [r[name] for r in ranks]
-        # Components covered by the same clients form blocks between consecutive distinct ranks.
-        bounds = sorted({0, *module_rank})
-        for lo, hi in zip(bounds, bounds[1:]):
-            covering = [k for k, r in enumerate(module_rank) if r >= hi]
-            if len(covering) < min_clients:
-                thin.append(f"{name}[{lo}:{hi}]")
-                continue
-            a_stack = torch.stack([flat_a(items[k].state_dict[spec.a_key])[lo:hi] for k in covering])
-            b_stack = torch.stack([flat_b(items[k].state_dict[spec.b_key])[:, lo:hi] for k in covering])
-            a_out[lo:hi] = robust_stat(a_stack, rule, trim)
-            b_out[:, lo:hi] = robust_stat(b_stack, rule, trim)
+        a_list = [flat_a(u.state_dict[spec.a_key]) for u in items]
+        b_list = [flat_b(u.state_dict[spec.b_key]) for u in items]
+        a_out, b_out, gaps = robust_module(a_list, b_list, prev_factors[name], rule=rule, trim=trim,
+                                           min_clients=min_clients)
+        thin += [f"{name}{gap}" for gap in gaps]
         factors[name] = (a_out, b_out)
     extras = {
         key: robust_stat(torch.stack([u.state_dict[key].detach().to("cpu", torch.float64) for u in items]), rule, trim)
@@ -159,3 +254,10 @@ def robust_aggregate(
         method=rule,
         messages=messages,
     )
+
+
+# ``median`` and ``trimmed_mean`` are built-in names: accepted by aggregate, the coordinator, ``hetlora coordinate``
+# and the Flower strategy (import-time registration; `peft_hetlora.federated` imports this module).
+for _rule in ROBUST_RULES:
+    if _rule not in _BUILTIN:
+        _register_builtin(RobustMethod(_rule))

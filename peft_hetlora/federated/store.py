@@ -374,6 +374,15 @@ def render_model_card(
     settings = {k: federation[k] for k in ("base_model", "method", "r_min", "r_max") if k in federation}
     if settings:
         lines += ["## Federation", ""] + [f"- {k}: {_cell(v)}" for k, v in settings.items()] + [""]
+    privacy = [summaries[t]["privacy"] for t in sorted(summaries) if isinstance(summaries[t].get("privacy"), dict)]
+    if privacy:
+        last = privacy[-1]
+        lines += ["## Differential privacy", "",
+                  f"Client-level DP (DP-FedAvg, arXiv 1710.06963) accounted by {_cell(last.get('library'))} "
+                  f"({_cell(last.get('accountant'))}): after {_cell(last.get('rounds'))} round(s), "
+                  f"epsilon = {_cell(last.get('epsilon'))} at delta = {_cell(last.get('delta'))} "
+                  f"(noise multiplier {_cell(last.get('noise_multiplier'))}, clip {_cell(last.get('clip'))}, "
+                  f"sampling rate {_cell(last.get('sampling_rate'))}).", ""]
     lines += ["## Rounds", ""]
     if summaries:
         lines += ["| Round | Accepted | Rejected | Metrics |", "|---|---|---|---|"]

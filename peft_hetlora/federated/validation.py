@@ -20,24 +20,22 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import math
-import os
-import stat
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 
 from .aggregation import ClientUpdate
-from .errors import HetLoRAError
+from .errors import HetLoRAError, RankError
+from .ranks import check_rank
 from .untrusted_text import brief, one_line
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -143,8 +141,8 @@ class UploadSpec:
     dtypes: frozenset = ALLOWED_DTYPES
 
     def __post_init__(self) -> None:
-        if not 1 <= self.r_min <= self.r_max:
-            raise ValueError(f"Need 1 <= r_min <= r_max, got r_min={self.r_min}, r_max={self.r_max}.")
+        check_rank(self.r_max, 1, 1 << 30, what="r_max")
+        check_rank(self.r_min, 1, self.r_max, what="r_min", hi_name="r_max")
         unknown = set(self.dtypes) - ALLOWED_DTYPES
         if unknown:
             raise ValueError(f"Unsupported dtypes {sorted(unknown)}; choose among {sorted(ALLOWED_DTYPES)}.")
@@ -337,9 +335,7 @@ def _check_tensors_against_spec(
             raise RejectedUpload(
                 f"module {name}: lora_A {list(a)} / lora_B {list(b)} are not (k, {d_in}) / ({d_out}, k)"
             )
-        k = a[0]
-        if not 1 <= k <= spec.r_max:
-            raise RejectedUpload(f"module {name}: rank {k} outside [1, r_max={spec.r_max}]")
+        k = _rank_or_reject(a[0], 1, spec.r_max, what=f"module {name}: rank")
         if spec.allow_per_module_ranks:
             if k > rank_in:
                 raise RejectedUpload(f"module {name}: rank {k} above the declared rank_in={rank_in}")
@@ -347,6 +343,13 @@ def _check_tensors_against_spec(
             raise RejectedUpload(f"module {name}: rank {k} differs from the declared rank_out={rank_out}")
         ranks[name] = k
     return ranks
+
+
+def _rank_or_reject(value: Any, lo: int, hi: int, *, what: str, lo_name: str = "") -> int:
+    try:
+        return check_rank(value, lo, hi, what=what, lo_name=lo_name, hi_name="r_max")
+    except RankError as err:
+        raise RejectedUpload(str(err)) from None
 
 
 def _check_number(meta: Mapping, name: str, *, non_negative: bool = False) -> None:
@@ -392,12 +395,7 @@ def validate_client_json(
         raise RejectedUpload(f"client.json num_examples must be an integer in [1, {spec.max_examples}], got "
                              f"{brief(num)}")
     for name in ("rank_in", "rank_out"):
-        value = meta.get(name)
-        if not _is_int(value) or not spec.r_min <= value <= spec.r_max:
-            raise RejectedUpload(
-                f"client.json {name} must be an integer in [r_min={spec.r_min}, r_max={spec.r_max}], "
-                f"got {brief(value)}"
-            )
+        _rank_or_reject(meta.get(name), spec.r_min, spec.r_max, what=f"client.json {name}", lo_name="r_min")
     if meta["rank_out"] > meta["rank_in"]:
         raise RejectedUpload(f"client.json rank_out {meta['rank_out']} is above rank_in {meta['rank_in']}")
     if assigned_rank is not None and meta["rank_in"] > assigned_rank:
@@ -405,9 +403,7 @@ def validate_client_json(
                              "to this client for the round")
     max_rank = meta.get("max_rank")
     if max_rank is not None:
-        if not _is_int(max_rank) or not 1 <= max_rank <= spec.r_max:
-            raise RejectedUpload(f"client.json max_rank must be an integer in [1, r_max={spec.r_max}] or absent, got "
-                                 f"{brief(max_rank)}")
+        _rank_or_reject(max_rank, 1, spec.r_max, what="client.json max_rank (or leave it out)")
         if max_rank < spec.r_min:
             raise RejectedUpload(f"client.json max_rank {max_rank} is below the federation's r_min={spec.r_min}: this "
                                  "device cannot train the smallest rank the federation allows")
@@ -421,204 +417,22 @@ def validate_client_json(
     return meta
 
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_FILE_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | _NOFOLLOW | getattr(
-    os, "O_CLOEXEC", 0)
-_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_SNAPSHOT_ATTEMPTS = 5
+def _checked_report(raw: bytes, spec: UploadSpec, *, client_id: str, round_idx: int, assigned_rank: int | None,
+                    required_rank: int | None) -> dict:
+    if len(raw) > spec.max_json_bytes:
+        raise RejectedUpload(f"{CLIENT_FILE} is {len(raw):,} bytes, above the {spec.max_json_bytes:,}-byte limit")
+    meta = validate_client_json(_loads_strict(raw, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
+                                assigned_rank=assigned_rank)
+    if required_rank is not None and meta["rank_out"] != required_rank:
+        raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method "
+                             "requires")
+    return meta
 
 
-class _UploadChanged(Exception):
-    """The upload folder was replaced while its files were being opened (a re-upload): open it again."""
-
-
-def _link_refused(name: str) -> RejectedUpload:
-    return RejectedUpload(f"{name} is a symbolic link; links are never followed (upload the file itself)")
-
-
-def _open_upload_dir(folder: Path) -> int:
-    """Open the upload folder itself without following a link (O_DIRECTORY | O_NOFOLLOW)."""
-    try:
-        return os.open(folder, _DIR_FLAGS)
-    except OSError as err:
-        if os.path.islink(folder) or err.errno == errno.ELOOP:
-            raise _link_refused("the upload folder") from None
-        if err.errno == errno.ENOTDIR:
-            raise RejectedUpload("the upload is not a folder") from None
-        if err.errno == errno.ENOENT:
-            raise _UploadChanged from None
-        raise RejectedUpload(f"cannot open the upload folder ({err.strerror})") from None
-
-
-def _open_snapshot(dir_fd: int, ignore: frozenset[str]) -> dict[str, int]:
-    """Open every file of the upload, relative to the folder's descriptor: {name: fd} of regular files.
-
-    All names are checked first (only ALLOWED_FILES, never pickle); each is lstat-ed (a link or anything but
-    a regular file is refused before it is opened, so opening a FIFO or a device never happens) and opened
-    with O_NOFOLLOW, and the opened inode must be the one lstat saw. Once every file is open, a re-upload
-    that replaces the folder can no longer change what is read: the bytes all come from this snapshot.
-    """
-    names = sorted(set(os.listdir(dir_fd)) - ignore)
-    for name in names:
-        if name.lower().endswith(PICKLE_SUFFIXES):
-            raise RejectedUpload(
-                f"file {brief(name)} is a pickle-based format that is never loaded; upload {ADAPTER_FILE} instead"
-            )
-        if name not in ALLOWED_FILES:
-            raise RejectedUpload(
-                f"unexpected file {brief(name)}; an upload holds only {ADAPTER_FILE}, {CLIENT_FILE} "
-                f"and optionally {CONFIG_FILE}"
-            )
-    for required in (ADAPTER_FILE, CLIENT_FILE):
-        if required not in names:
-            raise RejectedUpload(f"upload has no {required}")
-    fds: dict[str, int] = {}
-    try:
-        for name in names:
-            try:
-                seen = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                raise _UploadChanged from None
-            if stat.S_ISLNK(seen.st_mode):
-                raise _link_refused(name)
-            if not stat.S_ISREG(seen.st_mode):
-                raise RejectedUpload(f"{name} is not a regular file")
-            try:
-                fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
-            except FileNotFoundError:
-                raise _UploadChanged from None
-            except OSError as err:
-                if err.errno == errno.ELOOP:
-                    raise _link_refused(name) from None
-                raise RejectedUpload(f"cannot open {name} ({err.strerror})") from None
-            fds[name] = fd
-            opened = os.fstat(fd)
-            if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (seen.st_dev, seen.st_ino):
-                raise _UploadChanged
-    except BaseException:
-        for fd in fds.values():
-            os.close(fd)
-        raise
-    return fds
-
-
-def _read_regular_file(fd: int, limit: int, what: str) -> bytes:
-    """Read an open regular file of at most `limit` bytes (size checked on the descriptor, then a bounded read)."""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise RejectedUpload(f"{what} is not a regular file")
-    if st.st_size > limit:
-        raise RejectedUpload(f"{what} is {st.st_size:,} bytes, above the {limit:,}-byte limit")
-    chunks, size = [], 0
-    while size <= limit:
-        chunk = os.pread(fd, min(1 << 20, limit + 1 - size), size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    if size > limit:
-        raise RejectedUpload(f"{what} grew past the {limit:,}-byte limit while being read")
-    return b"".join(chunks)
-
-
-class UploadSnapshot:
-    """The open files of one upload (see `open_upload_snapshot`): every read comes from the same upload."""
-
-    def __init__(self, fds: Mapping[str, int]) -> None:
-        self._fds = dict(fds)
-
-    @property
-    def names(self) -> frozenset[str]:
-        """The files the upload holds."""
-        return frozenset(self._fds)
-
-    def read(self, name: str, limit: int) -> bytes:
-        """The bytes of file `name` (at most `limit`, else `RejectedUpload`)."""
-        return _read_regular_file(self._fds[name], limit, name)
-
-
-@contextlib.contextmanager
-def open_upload_snapshot(
-    folder: str | Path, *, ignore_files: frozenset[str] = frozenset()
-) -> Iterator[UploadSnapshot]:
-    """Open one upload folder as a consistent snapshot: whatever is read later comes from the same upload.
-
-    The folder is opened once without following links and every file is opened relative to it before any is
-    read; a folder replaced by a re-upload in the middle of the opening is opened again (up to a few times).
-    Links, FIFOs, devices and sub-folders are refused, and so are files not in `ALLOWED_FILES`.
-
-    Example:
-        ```py
-        >>> with open_upload_snapshot("rounds/3/clients/alice") as upload:  # doctest: +SKIP
-        ...     meta = upload.read("client.json", 65536)
-        ...     weights = upload.read("adapter_model.safetensors", 10**8)  # the same upload as meta
-        ```
-    """
-    folder = Path(folder)
-    for _ in range(_SNAPSHOT_ATTEMPTS):
-        if not os.path.lexists(folder):
-            raise RejectedUpload("the upload folder does not exist (anymore)")
-        try:
-            dir_fd = _open_upload_dir(folder)
-            try:
-                fds = _open_snapshot(dir_fd, frozenset(ignore_files))
-            finally:
-                os.close(dir_fd)
-        except _UploadChanged:
-            continue
-        try:
-            yield UploadSnapshot(fds)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-        return
-    raise RejectedUpload("the upload kept changing while being read (re-uploaded repeatedly); it is read again "
-                         "when the round is closed again")
-
-
-def validate_upload(
-    folder: str | Path,
-    spec: UploadSpec,
-    *,
-    client_id: str,
-    round_idx: int,
-    assigned_rank: int | None = None,
-    required_rank: int | None = None,
-    ignore_files: frozenset[str] = frozenset(),
-) -> ClientUpdate:
-    """Validate one client upload folder and return it as a `ClientUpdate` (float32 tensors on CPU).
-
-    Raises `RejectedUpload(reason)` on the first problem. `assigned_rank` (the rank the coordinator
-    gave this client for the round) bounds the declared rank_in; `required_rank` forces rank_out
-    (homogeneous methods such as fedavg). `ignore_files` names files a store keeps beside the upload.
-    `ClientUpdate.rank` is the declared rank_out; `metadata` is client.json plus `upload_bytes`
-    (bytes of the files read) and `sha256` (of the safetensors file).
-
-    Example:
-        ```py
-        >>> update = validate_upload("rounds/3/clients/alice", spec, client_id="alice", round_idx=3)  # doctest: +SKIP
-        >>> update.rank, update.num_examples  # doctest: +SKIP
-        (4, 120)
-        ```
-    """
-    with open_upload_snapshot(folder, ignore_files=frozenset(ignore_files)) as upload:
-        # client.json first: what it declares is checked before the (large) weights are read
-        raw_meta = upload.read(CLIENT_FILE, spec.max_json_bytes)
-        meta = validate_client_json(
-            _loads_strict(raw_meta, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
-            assigned_rank=assigned_rank,
-        )
-        if required_rank is not None and meta["rank_out"] != required_rank:
-            raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method "
-                                 "requires")
-        upload_bytes = len(raw_meta)
-        if CONFIG_FILE in upload.names:
-            raw_config = upload.read(CONFIG_FILE, spec.max_json_bytes)
-            if not isinstance(_loads_strict(raw_config, CONFIG_FILE), dict):
-                raise RejectedUpload(f"{CONFIG_FILE} is not a JSON object")
-            upload_bytes += len(raw_config)
-        data = upload.read(ADAPTER_FILE, int(spec.max_upload_bytes))
-        upload_bytes += len(data)
+def _update_from_bytes(data: bytes, meta: dict, spec: UploadSpec, *, client_id: str, other_bytes: int) -> ClientUpdate:
+    if len(data) > int(spec.max_upload_bytes):
+        raise RejectedUpload(f"{ADAPTER_FILE} is {len(data):,} bytes, above the {int(spec.max_upload_bytes):,}-byte "
+                             "limit")
     entries = read_safetensors_header(data, max_header_bytes=int(spec.max_header_bytes))
     _check_tensors_against_spec(entries, spec, rank_in=meta["rank_in"], rank_out=meta["rank_out"])
     try:
@@ -635,7 +449,7 @@ def validate_upload(
             raise RejectedUpload(f"tensor {key!r} has {bad} non-finite value(s) (NaN or Inf)")
         state_dict[key] = tensor.to(torch.float32)
     metadata = dict(meta)
-    metadata["upload_bytes"] = upload_bytes
+    metadata["upload_bytes"] = other_bytes + len(data)
     metadata["sha256"] = hashlib.sha256(data).hexdigest()
     return ClientUpdate(
         client_id=client_id,
@@ -644,3 +458,53 @@ def validate_upload(
         num_examples=int(meta["num_examples"]),
         metadata=metadata,
     )
+
+
+def validate_update(
+    adapter: bytes | Mapping[str, torch.Tensor],
+    report: bytes | Mapping[str, Any],
+    spec: UploadSpec,
+    *,
+    client_id: str,
+    round_idx: int,
+    assigned_rank: int | None = None,
+    required_rank: int | None = None,
+) -> ClientUpdate:
+    """Validate one in-memory upload: the adapter (safetensors bytes, or a state dict) and its report (client.json).
+
+    The same checks as `validate_upload` (which reads a folder and calls this): the report first (strict JSON,
+    ids, round, ranks, examples), then the weights (header, keys, dtypes, shapes for the declared rank, finite
+    values, size). A state dict is serialised to safetensors bytes in memory first, so it is checked exactly as a
+    file would be (and ``sha256`` is that of those bytes); a report dict is checked as its JSON text.
+
+    Raises:
+        RejectedUpload: with the reason for the round summary.
+
+    Example:
+        ```py
+        >>> update = validate_update(state_dict, {"client_id": "a", "round": 0, "rank_in": 4, "rank_out": 4,
+        ...                          "num_examples": 10}, spec, client_id="a", round_idx=0)  # doctest: +SKIP
+        ```
+    """
+    if isinstance(report, (bytes, bytearray)):
+        raw_meta = bytes(report)
+    else:
+        try:
+            raw_meta = json.dumps(dict(report), allow_nan=True).encode()
+        except (TypeError, ValueError) as err:
+            raise RejectedUpload(f"{CLIENT_FILE} is not JSON-serialisable ({err})") from None
+    meta = _checked_report(raw_meta, spec, client_id=client_id, round_idx=round_idx, assigned_rank=assigned_rank,
+                           required_rank=required_rank)
+    if isinstance(adapter, (bytes, bytearray)):
+        data = bytes(adapter)
+    else:
+        try:
+            data = save_safetensors_bytes({k: v.detach().to("cpu").contiguous() for k, v in adapter.items()},
+                                          metadata={"format": "pt"})
+        except Exception as err:  # noqa: BLE001
+            raise RejectedUpload(f"arrays are not a valid adapter state dict: {err}") from None
+    return _update_from_bytes(data, meta, spec, client_id=client_id, other_bytes=len(raw_meta))
+
+
+# The folder reader is a thin layer on top of the in-memory checks; importable from here as before.
+from .upload_folder import UploadSnapshot, open_upload_snapshot, validate_upload  # noqa: E402, F401

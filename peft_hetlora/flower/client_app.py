@@ -31,6 +31,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from peft_hetlora.federated.ranks import check_rank
+
 from . import records as rec
 from .local_round import LocalTrainingConfig, TaskFn, evaluate_global, train_local_round
 
@@ -62,14 +64,13 @@ def _settings(context: Context) -> dict[str, Any]:
 
 
 def _check_rank(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> int:
-    rank = int(config[rec.RANK])
     max_rank = node_config.get(rec.MAX_RANK)
-    if max_rank is not None and rank > int(max_rank):
-        raise ValueError(
-            f"The server asked for rank {rank} but this node's max-rank is {int(max_rank)}; the strategy caps ranks "
-            "at the max-rank a node reports, so this is a server/strategy mismatch."
-        )
-    return rank
+    r_max = int(config[rec.R_MAX]) if rec.R_MAX in config else 1 << 30
+    hi = min(r_max, int(max_rank)) if max_rank is not None else r_max
+    return check_rank(config[rec.RANK], 1, hi, what="the rank the server asked for",
+                      hi_name="this node's max-rank" if max_rank is not None and int(max_rank) < r_max else "r_max",
+                      hint="the strategy caps ranks at the max-rank a node reports, so this is a server/strategy "
+                           "mismatch")
 
 
 def make_client_app(

@@ -1,4 +1,4 @@
-"""Mirrors a Flower run into an `AdapterStore` in the coordinator's layout, and builds each round's summary.
+"""Mirrors a Flower run into an `AdapterStore` in the coordinator's layout (the records are `protocol`'s).
 
 ``federation.json``, ``rounds/<t>/global/`` (adapter, ``adapter_config.json``, ``round.json``) and
 ``rounds/<t>/summary.json``, so the Hub view of a Flower federation is the coordinator's.
@@ -13,17 +13,12 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from peft_hetlora.federated.aggregation import ClientUpdate
-from peft_hetlora.federated.coordinator import FEDERATION_FORMAT, weighted_mean
-from peft_hetlora.federated.keys import update_norm
+from peft_hetlora.federated.protocol import ADAPTER_FILE, CONFIG_FILE, FEDERATION_FORMAT, ROUND_FILE, RoundPlan
 from peft_hetlora.federated.store import json_text
-from peft_hetlora.federated.validation import ADAPTER_FILE, CONFIG_FILE
-
-ROUND_FILE = "round.json"
 
 
 class StoreMirror:
-    """Mixin of `HetLoRAStrategy`: publishes globals and ``round.json`` files, writes the round summaries."""
+    """Mixin of `HetLoRAStrategy`: writes ``federation.json``, publishes globals with their ``round.json``."""
 
     def _federation(self, clients: Sequence[str]) -> dict[str, Any]:
         return {
@@ -45,6 +40,7 @@ class StoreMirror:
             "seed": self.seed,
             "clip_norm": self.clip_norm,
             "next_rank": self.next_rank,
+            "dp": self.dp.to_dict() if self.dp is not None else None,
             "created_at": self._clock(),
         }
 
@@ -61,19 +57,9 @@ class StoreMirror:
                 raise ValueError("The store already holds a federation; mirror a Flower run into a new store "
                                  "(a fresh folder or Hub repo).")
             self.store.write_federation(self._federation(self.roster or sorted(self.client_ranks)))
-        info = {
-            "round": t,
-            "participants": list(participants),
-            "ranks": {cid: int(r) for cid, r in ranks.items()},
-            "r_max": self.r_max,
-            "r_min": self.r_min,
-            "method": self.method,
-            "scaling": self.scaling,
-            "opened_at": self._clock(),
-            "deadline_s": None,
-            "final": final,
-            "engine": "flower",
-        }
+        plan = RoundPlan(t, list(participants), {cid: int(r) for cid, r in ranks.items()}, opened_at=self._clock(),
+                         final=final)
+        info = plan.to_json(self.round_settings())
         with tempfile.TemporaryDirectory(prefix=f"hetlora-flower-global-{t}-") as tmp:
             folder = Path(tmp)
             tensors = {k: self.global_state[k] for k in sorted(self.global_state)}
@@ -90,67 +76,8 @@ class StoreMirror:
             return
         self._publish_round(self.num_rounds, [], {}, final=True)
 
-    def _round_summary(self, t, plan, result, accepted, rejected, failed, details, note) -> dict[str, Any]:
-        total = sum(details[c]["num_examples"] for c in accepted)
-        losses = [(details[c]["train_loss"], details[c]["num_examples"]) for c in accepted
-                  if details[c]["train_loss"] is not None]
-        if result is not None:
-            for cid, value in result.norms.items():
-                if cid in details:
-                    details[cid]["norm"] = float(value)
-        metrics = {
-            "num_participants": len(plan["participants"]),
-            "num_accepted": len(accepted),
-            "num_rejected": len(rejected),
-            "num_failed": len(failed),
-            "num_examples": total,
-            "bytes_uploaded": sum(details[c]["upload_bytes"] for c in accepted),
-            "mean_rank_in": sum(details[c]["rank_in"] for c in accepted) / len(accepted) if accepted else None,
-            "mean_rank_out": sum(details[c]["rank_out"] for c in accepted) / len(accepted) if accepted else None,
-            "train_loss": weighted_mean(losses),
-            "global_update_norm": float(update_norm(result.state_dict, self.scaling)) if result is not None else None,
-            "seconds": self._clock() - self._round_started.get(t, self._clock()),
-        }
-        summary = {
-            "round": t,
-            "engine": "flower",
-            "method": self.method,
-            "global_revision": self._revisions.get(t),
-            "participants": list(plan["participants"]),
-            "assigned_ranks": dict(plan["ranks"]),
-            "accepted": list(accepted),
-            "rejected": dict(rejected),
-            "failed": dict(failed),
-            "weights": {cid: float(w) for cid, w in result.weights.items()} if result is not None else {},
-            "clients": details,
-            "client_ranks": dict(self.client_ranks),
-            "metrics": metrics,
-            "aggregation": result.summary() if result is not None else None,
-            "closed_at": self._clock(),
-        }
-        if note:
-            summary["note"] = note
-        return summary
 
-
-
-def _client_details(update: ClientUpdate) -> dict[str, Any]:
-    meta = update.metadata
-    return {
-        "rank_in": int(meta["rank_in"]),
-        "rank_out": int(meta["rank_out"]),
-        "num_examples": int(meta["num_examples"]),
-        "train_loss": meta.get("train_loss"),
-        "tail_norm_start": meta.get("tail_norm_start"),
-        "tail_norm_end": meta.get("tail_norm_end"),
-        "global_revision": meta.get("global_revision"),
-        "local_seconds": meta.get("local_seconds"),
-        "upload_bytes": int(meta["upload_bytes"]),
-        "sha256": meta["sha256"],
-    }
-
-
-def _round_metrics(summary: Mapping[str, Any]) -> dict[str, float | int]:
+def round_metrics(summary: Mapping[str, Any]) -> dict[str, float | int]:
     """The round summary as a Flower `MetricRecord` (numbers only; per-client flags as ``failed/<id>`` keys)."""
     out: dict[str, float | int] = {}
     for key, value in summary["metrics"].items():

@@ -122,13 +122,13 @@ def federation_adapter_config(config: Any, r_min: int | None = None) -> dict[str
         (8, 8, 2)
         ```
     """
-    from peft_hetlora.federated.coordinator import global_adapter_config
+    from peft_hetlora.federated.federation import global_adapter_config
+    from peft_hetlora.federated.ranks import check_rank
 
     data = json.loads(config) if isinstance(config, str) else json.loads(adapter_config_json(config))
     r_max = int(data["r"])
     r_min = int(r_min if r_min is not None else data.get("r_min", 1))
-    if not 1 <= r_min <= r_max:
-        raise ValueError(f"Need 1 <= r_min <= r_max, got r_min={r_min}, r_max={r_max}.")
+    check_rank(r_min, 1, r_max, what="r_min", hi_name="r_max")
     return global_adapter_config({**data, "peft_type": "HETLORA"}, r_max=r_max, r_min=r_min)
 
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from flwr.app import RecordDict
-from safetensors.torch import save_file
 
 from peft_hetlora.federated.aggregation import ClientUpdate
-from peft_hetlora.federated.validation import ADAPTER_FILE, CLIENT_FILE, RejectedUpload, UploadSpec, validate_upload
+from peft_hetlora.federated.validation import RejectedUpload, UploadSpec, validate_update
 
 from . import records as rec
 
@@ -32,7 +28,7 @@ class ReplyValidation:
         self.global_state = state
 
     def _validate_reply(self, t: int, cid: str, rank: int, content: RecordDict) -> ClientUpdate:
-        """The coordinator's upload checks on an in-memory reply (via a private temporary upload folder)."""
+        """The coordinator's upload checks on an in-memory reply (`validation.validate_update`: no file written)."""
         if self.arrayrecord_key not in content or rec.METRICS_KEY not in content:
             raise RejectedUpload(f"reply lacks its {self.arrayrecord_key!r} ArrayRecord or {rec.METRICS_KEY!r} "
                                  "MetricRecord")
@@ -53,14 +49,7 @@ class ReplyValidation:
             "global_revision": self._revisions.get(t),
             "local_seconds": metrics.get("seconds"),
         }
-        with tempfile.TemporaryDirectory(prefix="hetlora-flower-reply-") as tmp:
-            folder = Path(tmp)
-            try:
-                save_file(state, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
-            except Exception as err:  # noqa: BLE001
-                raise RejectedUpload(f"arrays are not a valid adapter state dict: {err}") from None
-            (folder / CLIENT_FILE).write_text(json.dumps(meta))
-            return validate_upload(
-                folder, self.spec, client_id=cid, round_idx=t, assigned_rank=rank,
-                required_rank=rank if self.method == "fedavg" else None,
-            )
+        return validate_update(
+            state, meta, self.spec, client_id=cid, round_idx=t, assigned_rank=rank,
+            required_rank=rank if self.method == "fedavg" else None,
+        )

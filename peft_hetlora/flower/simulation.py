@@ -37,11 +37,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_hetlora.federated.aggregation import ClientUpdate, aggregate, truncate, update_norm
-from peft_hetlora.federated.coordinator import NEXT_RANK_RULES, scaling_from_config
-from peft_hetlora.federated.rank_policy import RankPolicy, sample_clients
+from peft_hetlora.federated.aggregation import ClientUpdate, truncate
+from peft_hetlora.federated.federation import scaling_from_config
+from peft_hetlora.federated.protocol import (
+    NEXT_RANK_RULES,
+    ClientReport,
+    Rejection,
+    RoundSettings,
+    close_round,
+    plan_round,
+)
+from peft_hetlora.federated.rank_policy import RankPolicy
 from peft_hetlora.federated.store import AdapterStore
-from peft_hetlora.federated.validation import UploadSpec
+from peft_hetlora.federated.validation import RejectedUpload, UploadSpec, validate_update
 
 from . import records as rec
 from .local_round import ClientTask, LocalTrainingConfig, TaskFn, evaluate_global, hetlora_config, train_local_round
@@ -234,6 +242,7 @@ def run_flower_simulation(
     min_replies: int = 1,
     clip_norm: float | None = None,
     next_rank: str = "rank_out",
+    dp: Any = None,
     store: AdapterStore | None = None,
     num_cpus: int | None = None,
     cpus_per_client: float = 1.0,
@@ -253,6 +262,7 @@ def run_flower_simulation(
         rounds, clients_per_round (default: all), local_steps / training, seed: the experiment settings.
         clip_norm: the influence bound (docs/aggregation.md); next_rank: ``"rank_out"`` (a client's next rank is
             the one it reported after pruning, the default) or ``"initial"`` (it keeps its assigned rank).
+        dp: a `peft_hetlora.federated.privacy.DPConfig` (client-level DP rounds; docs/privacy.md).
         initial_state_dict: global adapter of round 0 at r_max (default: `initial_global_state` with ``seed``).
         eval_dataset: held-out data for a central evaluation of the global adapter before and after every round.
         fraction_evaluate: fraction of clients evaluating the global adapter on their ``eval_dataset`` each round.
@@ -289,7 +299,7 @@ def run_flower_simulation(
         setup.config, method=method, rank_policy=ranks, clients=setup.client_ids,
         clients_per_round=clients_per_round or n_clients, min_train_nodes=1, min_available_nodes=n_clients,
         fraction_evaluate=fraction_evaluate, min_evaluate_nodes=1 if fraction_evaluate else 0,
-        min_replies=min_replies, seed=seed, clip_norm=clip_norm, next_rank=next_rank, training=setup.training,
+        min_replies=min_replies, seed=seed, clip_norm=clip_norm, next_rank=next_rank, dp=dp, training=setup.training,
         store=store, keep_updates=keep_updates,
     )
     evaluate_fn = None
@@ -360,13 +370,15 @@ def run_inprocess_simulation(
     data_collator: Callable | None = None,
     clip_norm: float | None = None,
     next_rank: str = "rank_out",
+    dp: Any = None,
     keep_updates: bool = False,
     num_threads: int | None = None,
 ) -> FederationRun:
     """The same experiment as `run_flower_simulation`, in this process, one client after another, without Flower.
 
-    Same rank policy, seeded client sampling, local training function and seeds, ``next_rank`` rule, and
-    `aggregate` on the clients' updates; a client whose task raises is reported in ``failed`` and left out. The
+    Same rank policy, seeded client sampling, local training function and seeds, upload validation and round
+    engine (`protocol.close_round`, so ``next_rank`` and the summaries are the coordinator's); a client whose task
+    raises is reported in ``failed`` and left out. The
     reference for the Flower engine's results and speed. ``num_threads`` sets torch's intra-op threads for the
     run (1 matches a Flower virtual client with one CPU, bit for bit on CPU).
 
@@ -402,7 +414,8 @@ def run_inprocess_simulation(
     gc.freeze()
     try:
         history, evaluation, kept, state, client_ranks = _inprocess_rounds(
-            setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates, next_rank)
+            setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates, next_rank,
+            dp)
     finally:
         gc.unfreeze()
         torch.set_num_threads(threads)
@@ -420,69 +433,56 @@ def run_inprocess_simulation(
 
 
 def _inprocess_rounds(setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates,
-                      next_rank="rank_out"):
+                      next_rank="rank_out", dp=None):
     history: list[dict[str, Any]] = []
     evaluation: dict[int, dict[str, Any]] = {}
     kept: dict[int, list[ClientUpdate]] = {}
     config = setup.config
+    settings = RoundSettings(method=method, r_max=r_max, r_min=int(config["r_min"]), scaling=scaling,
+                             clip_norm=clip_norm, next_rank=next_rank, dp=dp, seed=seed, engine="inprocess")
+    spec = UploadSpec.from_state_dict(state, r_min=settings.r_min, r_max=r_max)
+    initial = dict(client_ranks)
     if setup.evaluate is not None:
         evaluation[0] = {f"central/{k}": v for k, v in setup.evaluate(0, state).items()}
     for t in range(rounds):
         round_start = time.perf_counter()
-        participants = sample_clients(setup.client_ids, n, seed=seed, round_idx=t)
-        assigned = {cid: client_ranks[cid] for cid in participants}
-        updates: list[ClientUpdate] = []
+        plan = plan_round(t, setup.client_ids, client_ranks, clients_per_round=n, seed=seed,
+                          sampling_rate=dp.sampling_rate if dp is not None else None, revision=f"inprocess-round-{t}")
         failed: dict[str, str] = {}
-        for cid in participants:
-            pid = setup.client_ids.index(cid)
-            node_config = {rec.PARTITION_ID: pid, "num-partitions": len(setup.client_ids)}
-            try:
-                task = setup.task_fn(pid, node_config)
-                out = train_local_round(task, truncate(state, assigned[cid]), adapter_config=config,
-                                        rank=assigned[cid], training=setup.training, seed=rec.local_seed(seed, cid, t))
-            except Exception as err:  # noqa: BLE001 - a failing client is reported, the round goes on
-                failed[cid] = f"{type(err).__name__}: {err}"
-                logger.warning("[ROUND %d/%d] client %s failed: %s", t + 1, rounds, cid, failed[cid])
-                continue
-            meta = {"rank_in": out.rank_in, "rank_out": out.rank_out, "num_examples": out.num_examples,
-                    "train_loss": out.train_loss, "tail_norm_start": out.tail_norm_start,
-                    "tail_norm_end": out.tail_norm_end}
-            updates.append(ClientUpdate(cid, out.state_dict, out.rank_out, out.num_examples, meta))
-        result = None
-        if updates:
-            result = aggregate(updates, method=method, r_max=r_max, scaling=scaling,
-                               previous=state, clip_norm=clip_norm)
-            state = {k: v.contiguous() for k, v in result.state_dict.items()}
-            if next_rank == "rank_out":  # as the coordinator and HetLoRAStrategy: "initial" keeps the assigned rank
-                for update in updates:
-                    client_ranks[update.client_id] = update.rank
+        updates: list[ClientUpdate | Rejection] = []
+        for cid in plan.participants:
+            update = _train_client(setup, state, plan, cid, seed, spec, method, failed, rounds)
+            if update is not None:
+                updates.append(update)
+        outcome = close_round(plan, updates, state, settings, client_ranks=client_ranks, initial_ranks=initial,
+                              failed=failed, started=round_start, clock=time.perf_counter)
+        state = {k: v.contiguous() for k, v in outcome.state_dict.items()}
+        client_ranks = outcome.client_ranks
         if keep_updates:
-            kept[t] = updates
-        losses = [(u.metadata["train_loss"], u.num_examples) for u in updates if u.metadata["train_loss"] is not None]
-        history.append({
-            "round": t,
-            "engine": "inprocess",
-            "method": method,
-            "participants": participants,
-            "assigned_ranks": assigned,
-            "accepted": [u.client_id for u in updates],
-            "rejected": {},
-            "failed": failed,
-            "weights": dict(result.weights) if result is not None else {},
-            "clients": {u.client_id: dict(u.metadata) for u in updates},
-            "client_ranks": dict(client_ranks),
-            "metrics": {
-                "num_participants": len(participants),
-                "num_accepted": len(updates),
-                "num_failed": len(failed),
-                "num_examples": sum(u.num_examples for u in updates),
-                "mean_rank_out": sum(u.rank for u in updates) / len(updates) if updates else None,
-                "train_loss": sum(x * k for x, k in losses) / sum(k for _, k in losses) if losses else None,
-                "global_update_norm": float(update_norm(state, scaling)) if result is not None else None,
-                "seconds": time.perf_counter() - round_start,
-            },
-            "aggregation": result.summary() if result is not None else None,
-        })
+            kept[t] = [u for u in updates if isinstance(u, ClientUpdate) and u.client_id in outcome.accepted]
+        history.append(outcome.summary)
         if setup.evaluate is not None:
             evaluation[t + 1] = {f"central/{k}": v for k, v in setup.evaluate(t + 1, state).items()}
     return history, evaluation, kept, state, client_ranks
+
+
+def _train_client(setup, state, plan, cid, seed, spec, method, failed, rounds) -> ClientUpdate | Rejection | None:
+    """One client's local round, its report validated as an upload would be (None when the client failed)."""
+    pid = setup.client_ids.index(cid)
+    rank = plan.ranks[cid]
+    node_config = {rec.PARTITION_ID: pid, "num-partitions": len(setup.client_ids)}
+    try:
+        task = setup.task_fn(pid, node_config)
+        out = train_local_round(task, truncate(state, rank), adapter_config=setup.config, rank=rank,
+                                training=setup.training, seed=rec.local_seed(seed, cid, plan.round))
+    except Exception as err:  # noqa: BLE001 - a failing client is reported, the round goes on
+        failed[cid] = f"{type(err).__name__}: {err}"
+        logger.warning("[ROUND %d/%d] client %s failed: %s", plan.round + 1, rounds, cid, failed[cid])
+        return None
+    report = ClientReport(cid, plan.round, out.rank_in, out.rank_out, out.num_examples, out.train_loss,
+                          out.tail_norm_start, out.tail_norm_end, plan.revision)
+    try:
+        return validate_update(out.state_dict, report.to_json(), spec, client_id=cid, round_idx=plan.round,
+                               assigned_rank=rank, required_rank=rank if method == "fedavg" else None)
+    except RejectedUpload as err:
+        return Rejection(cid, err.reason)

@@ -4,15 +4,15 @@ Per round ``t`` (Flower's ``server_round`` is ``t + 1``):
 
 1. ``configure_train`` identifies new nodes (a ``query`` message: each node reports its stable client id, e.g.
    ``client-<partition-id>``, and optionally a ``max-rank``), so ranks follow clients, not Flower node ids; samples
-   the round's clients with the coordinator's seeded `sample_clients`; and sends every selected node the global
+   the round's clients with the coordinator's seeded `protocol.plan_round`; and sends every selected node the global
    adapter **truncated to that client's rank** with a `ConfigRecord` holding the rank, the adapter config and the
    local training settings.
-2. ``aggregate_train`` turns each reply into a `ClientUpdate`, validated with the coordinator's upload checks
-   (`peft_hetlora.federated.validation`: keys, shapes for the declared rank, dtype, finite values, size, metadata),
-   and calls `peft_hetlora.federated.aggregate` (any method: ``hetlora``, ``zero_pad``, ``fedavg``, ``flexlora``,
-   ``rankwise`` with ``previous`` = the current global). Failed nodes (error replies, no reply) and rejected uploads
-   are logged, listed in the round summary and counted in the returned `MetricRecord`; the round completes with
-   the rest. A client's next rank is the ``rank-out`` it reported after self-pruning.
+2. ``aggregate_train`` turns each reply into a `ClientUpdate`, validated in memory with the coordinator's upload
+   checks (`validation.validate_update`: keys, shapes for the declared rank, dtype, finite values, size, metadata),
+   and closes the round with the coordinator's engine, `peft_hetlora.federated.protocol.close_round` (any
+   registered method, ``previous`` = the current global; DP rounds with ``dp=``). Failed nodes (error replies, no
+   reply) and rejected uploads are logged, listed in the round summary and counted in the returned `MetricRecord`;
+   the round completes with the rest. A client's next rank follows the ``next_rank`` rule, as the coordinator's.
 3. ``configure_evaluate`` / ``aggregate_evaluate`` evaluate the global adapter on the clients (at their ranks); a
    central ``evaluate_fn`` passed to ``start`` works as with any Flower strategy.
 
@@ -53,28 +53,33 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from peft_hetlora.federated.aggregation import AGGREGATION_METHODS, ClientUpdate, aggregate, truncate
-from peft_hetlora.federated.coordinator import scaling_from_config
-from peft_hetlora.federated.rank_policy import RankPolicy, sample_clients
-from peft_hetlora.federated.store import AdapterStore, json_text, validate_client_id
-from peft_hetlora.federated.validation import (
-    DEFAULT_MAX_EXAMPLES,
-    RejectedUpload,
-    UploadSpec,
+from peft_hetlora.federated.aggregation import AGGREGATION_METHODS, ClientUpdate, truncate
+from peft_hetlora.federated.federation import scaling_from_config
+from peft_hetlora.federated.privacy import DPConfig
+from peft_hetlora.federated.protocol import (
+    NEXT_RANK_RULES,
+    ROUND_FILE,
+    Rejection,
+    RoundPlan,
+    RoundSettings,
+    check_dp,
+    close_round,
+    plan_round,
 )
+from peft_hetlora.federated.rank_policy import RankPolicy
+from peft_hetlora.federated.store import AdapterStore, json_text, validate_client_id
+from peft_hetlora.federated.validation import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
 
 from . import records as rec
 from .evaluation import FederatedEvaluation
 from .local_round import LocalTrainingConfig
-from .mirror import ROUND_FILE, StoreMirror, _client_details, _round_metrics
+from .mirror import StoreMirror, round_metrics
 from .nodes import NodeClients, short_reason
 from .replies import ReplyValidation
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["NEXT_RANK_RULES", "ROUND_FILE", "HetLoRAStrategy", "short_reason"]
-
-NEXT_RANK_RULES = ("rank_out", "initial")
 
 
 class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvaluation, FedAvg):
@@ -96,6 +101,9 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         scaling: ``s`` for norms and clipping (default ``lora_alpha / r_max``, or rsLoRA's).
         clip_norm, weighting: passed to `aggregate`.
         next_rank: ``"rank_out"`` (a client's next rank is what it reported after pruning) or ``"initial"``.
+        dp: a `peft_hetlora.federated.privacy.DPConfig`: rounds are aggregated with ``dp_aggregate`` (previous = the
+            global sent), clients are Poisson-sampled at ``dp.sampling_rate``, summaries record ``privacy``.
+        dp_noise_seed: derive the DP noise from ``seed`` (reproducible tests only).
         training: local training settings sent to the clients (`LocalTrainingConfig`).
         store: mirror every round to this `AdapterStore` in the coordinator's layout.
         query_timeout: seconds to wait for nodes to report their client id.
@@ -136,6 +144,8 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         clip_norm: float | None = None,
         weighting: str = "per_client",
         next_rank: str = "rank_out",
+        dp: DPConfig | None = None,
+        dp_noise_seed: bool = False,
         training: LocalTrainingConfig | None = None,
         store: AdapterStore | None = None,
         query_timeout: float = 120.0,
@@ -156,6 +166,9 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             raise ValueError(f"Unknown method {method!r}; use one of {AGGREGATION_METHODS}.")
         if next_rank not in NEXT_RANK_RULES:
             raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
+        check_dp(method, dp)
+        self.dp = dp
+        self.dp_noise_seed = dp_noise_seed
         self.adapter_config: dict[str, Any] = rec.federation_adapter_config(adapter_config, r_min)
         self.r_max = int(self.adapter_config["r"])
         self.r_min = int(self.adapter_config["r_min"])
@@ -256,8 +269,10 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             logger.warning("[ROUND %d/%s] %d clients wanted but %d connected; sampling all.", *self._tag(t), n,
                            len(pool))
             n = len(pool)
-        participants = sample_clients(pool, n, seed=self.seed, round_idx=t)
-        ranks = {cid: self.client_ranks[cid] for cid in participants}
+        # DP rounds: Poisson sampling at q, as the privacy accountant assumes
+        planned = plan_round(t, pool, self.client_ranks, clients_per_round=n, seed=self.seed,
+                             sampling_rate=self.dp.sampling_rate if self.dp is not None else None)
+        participants, ranks = planned.participants, planned.ranks
         self._plans[t] = {"participants": participants, "ranks": ranks}
         self._round_started[t] = self._clock()
         revision = self._publish_round(t, participants, ranks)
@@ -292,15 +307,12 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate the replies, aggregate the accepted ones with `aggregate`, report failures; returns the global."""
+        """Validate the replies in memory and close the round with `protocol.close_round`; returns the global."""
         t = server_round - 1
         replies = list(replies)
         pending = self._pending.pop(t, {})
         plan = self._plans.get(t, {"participants": [], "ranks": {}})
         failed: dict[str, str] = {}
-        rejected: dict[str, str] = {}
-        details: dict[str, dict[str, Any]] = {}
-        accepted: list[str] = []
         kept: list[ClientUpdate] = []
         answered: set[int] = set()
         valid: list[tuple[str, int, Message]] = []
@@ -323,49 +335,43 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
                 failed[cid] = "no reply before the round timeout"
                 logger.warning("[ROUND %d/%s] client %s (node %s) did not reply.", *self._tag(t), cid, node)
 
-        def updates() -> Iterator[ClientUpdate]:
+        def updates() -> Iterator[ClientUpdate | Rejection]:
             for cid, rank, msg in sorted(valid, key=lambda item: item[0]):
                 try:
                     update = self._validate_reply(t, cid, rank, msg.content)
                 except RejectedUpload as err:
-                    rejected[cid] = err.reason
                     logger.warning("[ROUND %d/%s] rejected %s: %s", *self._tag(t), cid, err.reason)
+                    yield Rejection(cid, err.reason)
                     continue
-                accepted.append(cid)
-                details[cid] = _client_details(update)
                 if self.keep_updates:
                     kept.append(update)
                 yield update
 
-        previous = self.global_state  # rankwise keeps uncovered components; clip_norm clips around it
-        result = None
-        try:
-            result = aggregate(updates(), method=self.method, r_max=self.r_max, scaling=self.scaling,
-                               previous=previous, clip_norm=self.clip_norm, weighting=self.weighting)
-        except ValueError:
-            if accepted:
-                raise
-        note = None
-        if result is not None and len(accepted) < self.min_replies:
-            note = (f"only {len(accepted)} accepted upload(s), below min_replies={self.min_replies}: the global "
-                    "adapter is carried over unchanged")
-            result = None
-        elif result is None:
-            note = "no accepted upload: the global adapter is carried over unchanged"
-        if note:
-            logger.warning("[ROUND %d/%s] %s.", *self._tag(t), note)
-        if result is not None:
-            self._set_global(result.state_dict)
-        if self.next_rank == "rank_out":
-            for cid in accepted:
-                self.client_ranks[cid] = int(details[cid]["rank_out"])
+        plan = RoundPlan(t, list(plan["participants"]), dict(plan["ranks"]), self._revisions.get(t) or "")
+        outcome = close_round(
+            plan, updates(), self.global_state, self.round_settings(), client_ranks=self.client_ranks,
+            initial_ranks=self.initial_ranks, max_ranks=self.node_max_rank, failed=failed,
+            started=self._round_started.get(t), clock=self._clock,
+        )
+        if "note" in outcome.summary:
+            logger.warning("[ROUND %d/%s] %s.", *self._tag(t), outcome.summary["note"])
+        if outcome.result is not None:
+            self._set_global(outcome.state_dict)
+        self.client_ranks = dict(outcome.client_ranks)
         if self.keep_updates:
-            self.round_updates[t] = kept
-        summary = self._round_summary(t, plan, result, accepted, rejected, failed, details, note)
-        self.history.append(summary)
+            self.round_updates[t] = [u for u in kept if u.client_id in outcome.summary["accepted"]]
+        self.history.append(outcome.summary)
         if self.store is not None:
-            self.store.write_summary(t, summary)
-        return rec.state_dict_to_arrays(self.global_state), MetricRecord(_round_metrics(summary))
+            self.store.write_summary(t, outcome.summary)
+        return rec.state_dict_to_arrays(self.global_state), MetricRecord(round_metrics(outcome.summary))
+
+    def round_settings(self) -> RoundSettings:
+        """The settings `protocol.close_round` closes this strategy's rounds with."""
+        return RoundSettings(
+            method=self.method, r_max=self.r_max, r_min=self.r_min, scaling=self.scaling, clip_norm=self.clip_norm,
+            weighting=self.weighting, next_rank=self.next_rank, min_accepted=self.min_replies, dp=self.dp,
+            seed=self.seed, dp_noise_seed=self.dp_noise_seed, engine="flower",
+        )
 
     def _tag(self, t: int) -> tuple[int, str]:
         """Flower's ``[ROUND n/N]`` numbers for store round ``t`` (store rounds count from 0, Flower's from 1)."""

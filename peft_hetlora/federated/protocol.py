@@ -1,0 +1,447 @@
+"""The round protocol, written once: the records a round reads and writes, and the pure function that closes it.
+
+One HetLoRA round, whatever moves the bytes (the store-backed `Coordinator`, the Flower `HetLoRAStrategy`, the
+in-process simulation runner):
+
+1. the server publishes global ``t`` with its **plan** (`RoundPlan`, the file ``round.json``): who trains, at
+   which rank, from which revision;
+2. each participant uploads its adapter and its **report** (`ClientReport`, the file ``client.json``: rank in/out,
+   examples, loss, tail norms, ...); validation turns the pair into a `ClientUpdate` or a `Rejection`
+   (`peft_hetlora.federated.validation`);
+3. `close_round` turns the validated updates, the global the clients were sent and the `RoundSettings` into the
+   new global, the round's **summary** (``summary.json``) and the next ranks (``next_rank`` rule, ``max_rank``
+   caps, ``r_min``); `plan_round` turns those ranks into the next plan.
+
+Nothing here reads or writes files or talks to a network: the callers only move bytes.
+
+Example:
+    ```py
+    >>> plan = plan_round(0, ["a", "b", "c"], {"a": 4, "b": 8, "c": 2}, clients_per_round=2, seed=0)  # doctest: +SKIP
+    >>> outcome = close_round(plan, updates, previous_global, RoundSettings(method="hetlora", r_max=8, r_min=2,
+    ...                       scaling=2.0), client_ranks=ranks, initial_ranks=ranks)  # doctest: +SKIP
+    >>> outcome.state_dict, outcome.summary["accepted"], outcome.client_ranks  # doctest: +SKIP
+    ```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .aggregation import AggregationResult, ClientUpdate, StreamingAggregator
+from .errors import AggregationError
+from .methods import get_aggregation
+from .rank_policy import cap_ranks, poisson_sample, sample_clients
+from .ranks import check_rank
+from .round_summary import build_summary, client_details, weighted_mean
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ADAPTER_FILE",
+    "CLIENT_FILE",
+    "CONFIG_FILE",
+    "FEDERATION_FILE",
+    "FEDERATION_FORMAT",
+    "NEXT_RANK_RULES",
+    "ROUND_FILE",
+    "SUMMARY_FILE",
+    "ClientReport",
+    "CollectStatus",
+    "Rejection",
+    "RoundOutcome",
+    "RoundPlan",
+    "RoundSettings",
+    "check_dp",
+    "close_round",
+    "dp_method_for",
+    "next_client_ranks",
+    "plan_round",
+    "poisson_sample",
+    "round_status",
+    "weighted_mean",
+]
+
+# The file names of the layout (DESIGN.md 4), shared by every store and engine.
+FEDERATION_FILE = "federation.json"
+ROUND_FILE = "round.json"
+SUMMARY_FILE = "summary.json"
+CLIENT_FILE = "client.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+FEDERATION_FORMAT = 1
+NEXT_RANK_RULES = ("rank_out", "initial")
+# Aggregation methods with a DP counterpart in `privacy.dp_aggregate` (public weights; hetlora's leak).
+_DP_METHOD = {"rankwise": "component", "zero_pad": "zero_pad", "fedavg": "zero_pad"}
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What global t announces for round t (``round.json``): who trains, at which rank, from which revision."""
+
+    round: int
+    participants: list[str]
+    ranks: dict[str, int]
+    revision: str = ""
+    opened_at: float | None = None
+    final: bool = False
+
+    def to_json(self, settings: RoundSettings, *, deadline_s: float | None = None) -> dict[str, Any]:
+        """The ``round.json`` record (``revision`` is the store's business: it is not part of the file)."""
+        out = {
+            "round": self.round,
+            "participants": list(self.participants),
+            "ranks": {cid: int(self.ranks[cid]) for cid in self.participants},
+            "r_max": settings.r_max,
+            "r_min": settings.r_min,
+            "method": settings.method,
+            "scaling": settings.scaling,
+            "opened_at": self.opened_at,
+            "deadline_s": deadline_s,
+            "final": self.final,
+        }
+        if settings.engine is not None:
+            out["engine"] = settings.engine
+        return out
+
+    @classmethod
+    def from_json(cls, info: Mapping[str, Any], *, round_idx: int, revision: str) -> RoundPlan:
+        """Inverse of `to_json` (the store gives the revision)."""
+        return cls(
+            round=round_idx,
+            participants=list(info.get("participants", [])),
+            ranks={k: int(v) for k, v in info.get("ranks", {}).items()},
+            revision=revision,
+            opened_at=info.get("opened_at"),
+            final=bool(info.get("final", False)),
+        )
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """What a client reports with its upload (``client.json``); validated by `validation.validate_client_json`."""
+
+    client_id: str
+    round: int
+    rank_in: int
+    rank_out: int
+    num_examples: int
+    train_loss: float | None = None
+    tail_norm_start: float | None = None
+    tail_norm_end: float | None = None
+    global_revision: str | None = None
+    max_rank: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``client.json`` dict (``max_rank`` only when set)."""
+        out = {k: getattr(self, k) for k in ("client_id", "round", "rank_in", "rank_out", "num_examples",
+                                             "train_loss", "tail_norm_start", "tail_norm_end", "global_revision")}
+        if self.max_rank is not None:
+            out["max_rank"] = self.max_rank
+        return out
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An upload refused before aggregation (validation, download): its reason goes to the summary."""
+
+    client_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """The settings `close_round` needs; every engine builds one from its own options.
+
+    Args:
+        method: a registered aggregation method.
+        r_max, r_min: the federation's rank bounds.
+        scaling: ``s`` for norms and clipping.
+        clip_norm, weighting: passed to the aggregator.
+        next_rank: ``"rank_out"`` (a client's next rank is what it reported) or ``"initial"``.
+        min_accepted: accepted uploads needed to change the global (else it is carried over).
+        dp: a `privacy.DPConfig`: the round is aggregated with `privacy.dp_aggregate` instead.
+        seed: seeds the DP noise only when ``dp_noise_seed`` is True (tests); otherwise the noise is secret.
+        engine: ``"flower"`` / ``"inprocess"`` (recorded in round.json and summary.json), None for the coordinator.
+    """
+
+    method: str
+    r_max: int
+    r_min: int
+    scaling: float
+    clip_norm: float | None = None
+    weighting: str = "per_client"
+    next_rank: str = "rank_out"
+    min_accepted: int = 1
+    dp: Any = None
+    seed: int = 0
+    dp_noise_seed: bool = False
+    engine: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.next_rank not in NEXT_RANK_RULES:
+            raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {self.next_rank!r}.")
+        check_rank(self.r_min, 1, self.r_max, what="r_min")
+        check_dp(self.method, self.dp)
+
+
+def dp_method_for(method: str) -> str:
+    """The `dp_aggregate` method of an aggregation method (``rankwise`` -> ``component``; ``zero_pad``/``fedavg``).
+
+    Raises:
+        AggregationError: for methods whose weights are data-dependent (``hetlora``) or that have no DP form.
+
+    Example:
+        ```py
+        >>> dp_method_for("rankwise")
+        'component'
+        ```
+    """
+    if method not in _DP_METHOD:
+        raise AggregationError(
+            f"method {method!r} has no differentially private form: use rankwise (the component rule), zero_pad or "
+            "fedavg with dp=... (hetlora's sparsity weights depend on the clients' data; docs/privacy.md)."
+        )
+    return _DP_METHOD[method]
+
+
+def check_dp(method: str, dp: Any) -> None:
+    """Refuse a DP setting the round engine cannot run (no DP form of ``method``, no public denominator).
+
+    Raises:
+        AggregationError: with what to change.
+
+    Example:
+        ```py
+        >>> check_dp("rankwise", None)
+        ```
+    """
+    if dp is None:
+        return
+    dp_method_for(method)
+    if getattr(dp, "expected_clients", None) is None:
+        raise AggregationError("DPConfig needs expected_clients=... (or population=N, then q * N): the public "
+                               "denominator of every DP round.")
+
+
+@dataclass
+class RoundOutcome:
+    """What `close_round` decided: the new global, the summary, the next ranks and caps."""
+
+    state_dict: dict[str, torch.Tensor]
+    summary: dict[str, Any]
+    client_ranks: dict[str, int]
+    max_ranks: dict[str, int]
+    result: AggregationResult | None = None
+
+    @property
+    def accepted(self) -> list[str]:
+        return list(self.summary["accepted"])
+
+
+@dataclass(frozen=True)
+class CollectStatus:
+    """Uploads seen for a round: `ready` says the round can close."""
+
+    round: int
+    participants: list[str]
+    uploaded: list[str]
+    others: list[str] = field(default_factory=list)
+    ready: bool = False
+    deadline_passed: bool = False
+
+
+def round_status(plan: RoundPlan, listed: Sequence[str], *, min_clients: int, deadline_s: float | None, now: float,
+                 start: float) -> CollectStatus:
+    """Can the round close? When every participant uploaded, or ``min_clients`` did and the deadline (if any) passed.
+
+    Example:
+        ```py
+        >>> plan = RoundPlan(0, ["a", "b"], {"a": 2, "b": 2}, opened_at=0.0)
+        >>> round_status(plan, ["a"], min_clients=1, deadline_s=60.0, now=61.0, start=0.0).ready
+        True
+        ```
+    """
+    participants = set(plan.participants)
+    uploaded = sorted(set(listed) & participants)
+    others = sorted(set(listed) - participants)
+    opened = plan.opened_at if plan.opened_at is not None else start
+    deadline_passed = deadline_s is not None and now >= opened + float(deadline_s)
+    need = min(min_clients, len(participants))
+    ready = len(uploaded) == len(participants) or (len(uploaded) >= need and (deadline_s is None or deadline_passed))
+    return CollectStatus(plan.round, sorted(participants), uploaded, others, ready, deadline_passed)
+
+
+def plan_round(
+    round_idx: int,
+    clients: Sequence[str],
+    client_ranks: Mapping[str, int],
+    *,
+    clients_per_round: int,
+    seed: int,
+    sampling_rate: float | None = None,
+    revision: str = "",
+    opened_at: float | None = None,
+    final: bool = False,
+) -> RoundPlan:
+    """The plan of round ``round_idx``: a seeded sample of ``clients`` and their ranks.
+
+    ``sampling_rate`` (DP rounds) switches to Poisson sampling at that rate, which is what the privacy accountant
+    assumes; otherwise exactly ``clients_per_round`` clients are drawn (`sample_clients`).
+
+    Example:
+        ```py
+        >>> plan_round(0, ["a", "b"], {"a": 2, "b": 4}, clients_per_round=2, seed=0).ranks
+        {'a': 2, 'b': 4}
+        ```
+    """
+    if sampling_rate is not None:
+        participants = poisson_sample(clients, sampling_rate, seed=seed, round_idx=round_idx)
+    else:
+        participants = sample_clients(list(clients), clients_per_round, seed=seed, round_idx=round_idx)
+    return RoundPlan(round_idx, participants, {cid: int(client_ranks[cid]) for cid in participants}, revision,
+                     opened_at, final)
+
+
+def next_client_ranks(
+    current: Mapping[str, int],
+    reports: Mapping[str, Mapping[str, Any]],
+    *,
+    initial: Mapping[str, int],
+    rule: str,
+    max_ranks: Mapping[str, int],
+    r_min: int,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Next ranks after a round: accepted clients get their ``rank_out`` (or their initial rank), capped.
+
+    Returns ``(ranks, max_ranks)``; a ``max_rank`` in a report replaces the client's previous cap.
+
+    Example:
+        ```py
+        >>> next_client_ranks({"a": 8, "b": 4}, {"a": {"rank_out": 6, "max_rank": 5}}, initial={"a": 8, "b": 4},
+        ...                   rule="rank_out", max_ranks={}, r_min=2)
+        ({'a': 5, 'b': 4}, {'a': 5})
+        ```
+    """
+    ranks = {cid: int(r) for cid, r in current.items()}
+    caps = {cid: int(r) for cid, r in max_ranks.items()}
+    for cid, report in reports.items():
+        if report.get("max_rank") is not None:
+            caps[cid] = int(report["max_rank"])
+        ranks[cid] = int(report["rank_out"] if rule == "rank_out" else initial[cid])
+    return cap_ranks(ranks, caps, r_min=r_min), caps
+
+
+def _dp_generator(settings: RoundSettings, round_idx: int) -> torch.Generator | None:
+    if not settings.dp_noise_seed:
+        return None  # privacy.dp_aggregate draws a secret seed
+    digest = hashlib.sha256(f"{settings.seed}:dp:{round_idx}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def _aggregate(plan, items, previous, settings, rejected, details, strict):
+    """Validate-and-add each update (one at a time), return (result, accepted, kept updates for DP)."""
+    aggregator = StreamingAggregator(
+        settings.method, r_max=settings.r_max, scaling=settings.scaling, previous=previous,
+        clip_norm=settings.clip_norm, weighting=settings.weighting,
+    )
+    accepted: list[str] = []
+    kept: list[ClientUpdate] = []
+    for item in items:
+        if isinstance(item, Rejection):
+            rejected[item.client_id] = item.reason
+            continue
+        try:
+            aggregator.add(item)  # validates before it changes anything: a refusal leaves the sums as-is
+        except ValueError as err:
+            if strict:
+                raise
+            rejected[item.client_id] = f"aggregation refused it: {err}"
+            logger.warning("Round %d: rejected %s: aggregation refused it: %s", plan.round, item.client_id, err)
+            continue
+        accepted.append(item.client_id)
+        details[item.client_id] = client_details(item, plan.revision)
+        if settings.dp is not None:
+            kept.append(item)
+    if not accepted:
+        return None, accepted, kept
+    if settings.dp is None:
+        return aggregator.result(), accepted, kept
+    from .privacy import dp_aggregate  # lazy: Opacus is an optional dependency
+
+    result = dp_aggregate(
+        kept, config=settings.dp, r_max=settings.r_max, previous=previous, method=dp_method_for(settings.method),
+        rounds_so_far=plan.round + 1, scaling=settings.scaling, generator=_dp_generator(settings, plan.round),
+    )
+    return result, accepted, kept
+
+
+def close_round(
+    plan: RoundPlan,
+    updates: Iterable[ClientUpdate | Rejection],
+    previous: Mapping[str, torch.Tensor],
+    settings: RoundSettings,
+    *,
+    client_ranks: Mapping[str, int],
+    initial_ranks: Mapping[str, int],
+    max_ranks: Mapping[str, int] | None = None,
+    failed: Mapping[str, str] | None = None,
+    started: float | None = None,
+    clock: Any = time.time,
+    strict: bool = False,
+) -> RoundOutcome:
+    """Close one round: aggregate the accepted updates into the new global and write the decision record.
+
+    Args:
+        plan: the round's plan (participants, assigned ranks, revision).
+        updates: validated `ClientUpdate`s (their ``metadata`` is the validated report plus ``upload_bytes`` /
+            ``sha256``) and `Rejection`s, consumed one at a time (memory stays flat for streaming methods).
+        previous: the global the clients were sent (kept components, the clip's reference, DP's ``theta``).
+        settings: the `RoundSettings`.
+        client_ranks: every client's current rank; initial_ranks: the federation's initial ranks (``next_rank=
+            "initial"``); max_ranks: the clients' last reported caps.
+        failed: engine-level failures (no reply, node error) to record; None for engines that have none.
+        started, clock: the round's start time and the clock (for ``seconds`` and ``closed_at``).
+        strict: re-aggregating a decided round: an aggregator refusal raises instead of rejecting.
+
+    Returns:
+        `RoundOutcome` (``state_dict`` is ``previous`` when nothing was accepted or fewer than
+        ``settings.min_accepted`` uploads were).
+
+    Raises:
+        AggregationError: a bad setting (unknown method, DP with a method that has no DP form).
+
+    Example:
+        ```py
+        >>> out = close_round(plan, [update_a, Rejection("b", "bad shape")], previous, settings,
+        ...                   client_ranks={"a": 4, "b": 8}, initial_ranks={"a": 4, "b": 8})  # doctest: +SKIP
+        >>> out.summary["rejected"]  # doctest: +SKIP
+        {'b': 'bad shape'}
+        ```
+    """
+    get_aggregation(settings.method)
+    started = clock() if started is None else started
+    rejected: dict[str, str] = {}
+    details: dict[str, dict[str, Any]] = {}
+    result, accepted, _ = _aggregate(plan, updates, previous, settings, rejected, details, strict)
+    note = None
+    if result is not None and len(accepted) < settings.min_accepted:
+        note = (f"only {len(accepted)} accepted upload(s), below min_replies={settings.min_accepted}: the global "
+                "adapter is carried over unchanged")
+        result = None
+    elif result is None:
+        note = "no accepted upload: the global adapter is carried over unchanged"
+    ranks, caps = next_client_ranks(client_ranks, {c: details[c] for c in accepted}, initial=initial_ranks,
+                                    rule=settings.next_rank, max_ranks=max_ranks or {}, r_min=settings.r_min)
+    summary = build_summary(plan, settings, result, accepted, rejected, details, ranks, failed, note,
+                            clock() - started, clock())
+    if caps:
+        summary["client_max_ranks"] = dict(sorted(caps.items()))
+    state = dict(result.state_dict) if result is not None else dict(previous)
+    return RoundOutcome(state, summary, ranks, caps, result)
