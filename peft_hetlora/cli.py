@@ -47,6 +47,7 @@ def _add_simulate(subparsers) -> None:
     p.add_argument("--client-column", dest="client_column")
     p.add_argument("--text-column", dest="text_column")
     p.add_argument("--target-modules", dest="target_modules", help="comma-separated module names")
+    p.add_argument("--activation-cache", dest="activation_cache", action=argparse.BooleanOptionalAction)
     for name, kind in _SIM_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
 
@@ -64,6 +65,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.dataset:
         overrides["dataset"] = json.loads(args.dataset) if args.dataset.strip().startswith("{") else args.dataset
     overrides["client_column"] = args.client_column
+    overrides["activation_cache"] = args.activation_cache
     overrides["text_column"] = args.text_column
     config = SimulationConfig.from_sources(profile=args.profile, config_file=args.config, overrides=overrides)
     out = args.out or Path("runs") / args.profile

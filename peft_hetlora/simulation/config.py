@@ -26,6 +26,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "centralized": {"aggregation": None, "ranks": "r_max", "prune": False},
 }
 
+#: settings that do not change results: a run folder may be resumed with other values
+_RESULT_NEUTRAL = ("methods", "seeds", "engine", "rounds", "activation_cache", "activation_cache_max_mb")
+
 PROFILES: dict[str, dict[str, Any]] = {
     # tiny random Llama with the real tokenizer: an end-to-end check in about a minute on 2 CPU cores
     "quick": {
@@ -119,6 +122,13 @@ class SimulationConfig:
     eval_batch_size: int = 16
     bf16: bool = False
     engine: str = "inprocess"
+    activation_cache: bool = field(
+        default=True,
+        metadata={"help": "compute the frozen layers below the adapters once per seed (exact; top_layers only)"},
+    )
+    activation_cache_max_mb: float = field(
+        default=1024.0, metadata={"help": "above this the activation cache is a memmap file in the run folder"}
+    )
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in ARMS]
@@ -181,5 +191,5 @@ class SimulationConfig:
     def fingerprint(self) -> str:
         """Hash of the settings that change results (a run folder belongs to exactly one)."""
         # rounds, methods and seeds may grow on a rerun: finished rounds stay valid
-        relevant = {k: v for k, v in self.to_dict().items() if k not in ("methods", "seeds", "engine", "rounds")}
+        relevant = {k: v for k, v in self.to_dict().items() if k not in _RESULT_NEUTRAL}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
