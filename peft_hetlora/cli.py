@@ -29,6 +29,7 @@ _SIM_FLAGS = {
     "min_examples": int,
     "max_examples_per_client": int,
     "engine": str,
+    "reference": str,
 }
 
 
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     add_coordinate_parser(sub)
     _add_export(sub)
+    sub.add_parser("report", help="merge run folders into one multi-seed table", add_help=False).add_argument(
+        "report_args", nargs=argparse.REMAINDER
+    )
     return parser
 
 
@@ -125,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "report":
+            from .simulation.seed_stats import main_report
+
+            return main_report(args.report_args)
         if args.command == "export":
             return _export(args)
         from .federated.coordinate_cli import run_coordinate

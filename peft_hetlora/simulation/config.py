@@ -27,7 +27,7 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 
 #: settings that do not change results: a run folder may be resumed with other values
-_RESULT_NEUTRAL = ("methods", "seeds", "engine", "rounds", "activation_cache", "activation_cache_max_mb")
+_RESULT_NEUTRAL = ("methods", "seeds", "engine", "rounds", "activation_cache", "activation_cache_max_mb", "reference")
 
 PROFILES: dict[str, dict[str, Any]] = {
     # tiny random Llama with the real tokenizer: an end-to-end check in about a minute on 2 CPU cores
@@ -122,6 +122,9 @@ class SimulationConfig:
     eval_batch_size: int = 16
     bf16: bool = False
     engine: str = "inprocess"
+    reference: str | None = field(
+        default=None, metadata={"help": "method the report pairs every other with per seed (default homlora_rmax)"}
+    )
     activation_cache: bool = field(
         default=True,
         metadata={"help": "compute the frozen layers below the adapters once per seed (exact; top_layers only)"},
@@ -146,6 +149,8 @@ class SimulationConfig:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.engine not in ("inprocess", "flower"):
             raise ValueError(f"engine must be 'inprocess' or 'flower', got {self.engine!r}.")
+        if self.reference is not None and self.reference not in self.methods:
+            raise ValueError(f"reference={self.reference!r} must be one of the methods {self.methods}.")
         if not self.seeds:
             raise ValueError("`seeds` must name at least one seed.")
         assert {a["aggregation"] for a in ARMS.values()} - {None} <= set(AGGREGATION_METHODS)

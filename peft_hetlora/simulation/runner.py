@@ -483,6 +483,7 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     _check_run_folder(out, config)
     per_seed: list[dict[str, Any]] = []
+    cache_notes: list[str] = []
     started = time.perf_counter()
     for seed in config.seeds:
         random.seed(seed)
@@ -504,8 +505,11 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
             else:
                 metrics[arm] = run_federated_arm(wb, arm, arm_dir, ranks0)
         per_seed.append(metrics)
-    notes = _notes(config, per_seed, time.perf_counter() - started)
-    return write_report(per_seed, out, notes=notes, seeds=config.seeds)
+        cache_notes.append(f"seed {seed}: {wb.cache_note}")
+        if wb.cache is not None and wb.cache.path is not None:
+            wb.cache.path.unlink(missing_ok=True)  # the spill file is scratch, not a result
+    notes = _notes(config, per_seed, time.perf_counter() - started) + "\n\n" + "; ".join(cache_notes) + "."
+    return write_report(per_seed, out, notes=notes, seeds=config.seeds, reference=config.reference)
 
 
 def _notes(config: SimulationConfig, per_seed: list[dict[str, Any]], seconds: float) -> str:
