@@ -124,3 +124,16 @@ def test_callbacks_find_the_peft_model_through_the_wrapper():
 
     model = peft_model()
     assert hetlora_peft_model(TopLayersCausalLM(model, 2)) is model
+
+
+def test_rows_are_computed_once_on_first_use():
+    ds = rows(n=6)
+    model = tiny_llama(num_hidden_layers=LAYERS)
+    lazy = ActivationCache.build(model, 2, {"a": ds, "b": ds})
+    assert lazy.computed_rows == 0
+    first = lazy["b"].__getitems__([4, 1])
+    assert lazy.computed_rows == 2 and lazy.computed_tokens == len(ds[4]["input_ids"]) + len(ds[1]["input_ids"])
+    eager = ActivationCache.build(model, 2, {"a": ds, "b": ds}, eager=True)
+    assert eager.computed_rows == 12
+    torch.testing.assert_close(first[0]["hidden_states"], eager["b"][4]["hidden_states"], atol=1e-5, rtol=1e-5)
+    assert lazy["b"].select([1])[0]["labels"] == ds[1]["labels"]

@@ -15,7 +15,8 @@ function (``num_items_in_batch`` included), so the adapter saved and uploaded is
 
 Rows are stored without padding (right padding never changes the real tokens' states under a causal mask), in
 one float32 array of ``total_tokens x hidden_size``; past ``max_bytes`` the array is a ``numpy.memmap`` file
-in the run folder instead of RAM.
+in the run folder instead of RAM. A row is computed the first time it is read (a batch's missing rows at once),
+so a short run pays only for the rows it uses and never more than the uncached path.
 
 Supported: Llama-architecture decoders (``model_type == "llama"``, e.g. SmolLM2). Anything else, or adapters
 that reach layer 0, falls back to the full forward (see :func:`cache_plan`).
@@ -85,6 +86,8 @@ def cache_plan(base_model: nn.Module, target_layers: Sequence[int] | None) -> Ca
         return CachePlan(None, "adapters reach layer 0: nothing below them to cache")
     if getattr(base_model.config, "sliding_window", None):
         return CachePlan(None, "sliding-window attention is not supported by the cache")
+    if getattr(base_model.config, "attention_dropout", 0.0):
+        return CachePlan(None, "attention dropout makes the frozen layers' outputs random: nothing to cache")
     return CachePlan(first, f"layers 0..{first - 1} are frozen: their outputs are computed once")
 
 
@@ -168,36 +171,42 @@ class TopLayersCausalLM(nn.Module):
 
 
 class CachedBlocks(torch.utils.data.Dataset):
-    """Token blocks as cached hidden states: item ``i`` is ``{"hidden_states": (len, d), "labels": [len]}``."""
+    """Token blocks as cached hidden states: item ``i`` is ``{"hidden_states": (len, d), "labels": [len]}``.
 
-    def __init__(self, hidden: torch.Tensor, offsets: Sequence[int], labels: Sequence[Sequence[int]]) -> None:
-        self._hidden = hidden
-        self._offsets = list(offsets)
-        self._labels = [list(x) for x in labels]
+    A row's hidden states are computed the first time it is read (``__getitems__`` computes a whole batch's
+    missing rows at once, which is how the Trainer's DataLoader reads), then served from the cache.
+    """
+
+    def __init__(self, cache: ActivationCache, rows: Sequence[int]) -> None:
+        self._cache = cache
+        self._rows = list(rows)
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self._rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        start, n = self._offsets[i], len(self._labels[i])
-        return {"hidden_states": self._hidden[start : start + n], "labels": self._labels[i]}
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        rows = [self._rows[i] for i in indices]
+        self._cache.ensure(rows)
+        return [self._cache.item(r) for r in rows]
 
     def lengths(self) -> list[int]:
-        return [len(x) for x in self._labels]
+        return [len(self._cache.labels[r]) for r in self._rows]
 
     def select(self, indices: Sequence[int]) -> CachedBlocks:
-        """The rows ``indices`` (in that order), sharing the same storage."""
-        return CachedBlocks(self._hidden, [self._offsets[i] for i in indices], [self._labels[i] for i in indices])
+        """The rows ``indices`` (in that order), sharing the same cache."""
+        return CachedBlocks(self._cache, [self._rows[i] for i in indices])
 
     @staticmethod
     def concatenate(parts: Sequence[CachedBlocks]) -> CachedBlocks:
-        """Rows of ``parts`` one after the other (all must share one storage, as one cache's blocks do)."""
+        """Rows of ``parts`` one after the other (all must come from one :class:`ActivationCache`)."""
         if not parts:
             raise ValueError("Nothing to concatenate.")
-        storage = parts[0]._hidden
-        if any(p._hidden is not storage for p in parts):
+        if any(p._cache is not parts[0]._cache for p in parts):
             raise ValueError("CachedBlocks.concatenate needs blocks of the same ActivationCache.")
-        return CachedBlocks(storage, [o for p in parts for o in p._offsets], [lab for p in parts for lab in p._labels])
+        return CachedBlocks(parts[0]._cache, [r for p in parts for r in p._rows])
 
 
 @dataclass
@@ -222,14 +231,32 @@ class ActivationCache:
     """The hidden states entering ``first_layer`` for named sets of token blocks, in RAM or a memmap file.
 
     Build with :meth:`build`; index by the names given (``cache["heldout"]`` is a :class:`CachedBlocks`).
-    ``nbytes`` is the storage size; ``path`` the spill file (``None`` in RAM).
+    Storage for every row is reserved up front (``nbytes``; a memmap file at ``path`` past the limit, else RAM);
+    a row is computed once, when first read (so a short run computes only the rows it uses), or all at once with
+    ``eager=True``. ``computed_rows`` / ``computed_tokens`` count what was computed.
     """
 
-    def __init__(self, blocks: dict[str, CachedBlocks], first_layer: int, nbytes: int, path: Path | None) -> None:
-        self.blocks = blocks
+    def __init__(
+        self,
+        decoder: nn.Module,
+        first_layer: int,
+        ids: list[list[int]],
+        labels: list[list[int]],
+        storage: torch.Tensor,
+        path: Path | None,
+        batch_size: int,
+    ) -> None:
+        self._decoder = decoder
         self.first_layer = first_layer
-        self.nbytes = nbytes
+        self.ids = ids
+        self.labels = labels
+        self.offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+        self.storage = storage
         self.path = path
+        self.batch_size = batch_size
+        self.nbytes = int(self.offsets[-1]) * int(storage.shape[1]) * storage.element_size()
+        self._done = np.zeros(len(ids), dtype=bool)
+        self.blocks: dict[str, CachedBlocks] = {}
 
     def __getitem__(self, name: str) -> CachedBlocks:
         return self.blocks[name]
@@ -237,15 +264,50 @@ class ActivationCache:
     def __contains__(self, name: object) -> bool:
         return name in self.blocks
 
+    @property
+    def computed_rows(self) -> int:
+        return int(self._done.sum())
+
+    @property
+    def computed_tokens(self) -> int:
+        return int(sum(len(self.ids[i]) for i in np.flatnonzero(self._done)))
+
     def describe(self) -> str:
-        where = f"spilled to {self.path}" if self.path else "in memory"
+        where = f"memmap file {self.path}" if self.path else "in memory"
         return (
-            f"activation cache: hidden states entering layer {self.first_layer} for "
-            f"{sum(map(len, self.blocks.values()))} blocks, {self.nbytes / 2**20:.1f} MiB {where}"
+            f"activation cache: hidden states entering layer {self.first_layer}, {len(self.ids)} blocks, "
+            f"{self.nbytes / 2**20:.1f} MiB reserved {where}, {self.computed_rows} blocks computed"
         )
 
-    @classmethod
+    def item(self, row: int) -> dict[str, Any]:
+        start, stop = int(self.offsets[row]), int(self.offsets[row + 1])
+        return {"hidden_states": self.storage[start:stop], "labels": self.labels[row]}
+
     @torch.no_grad()
+    def ensure(self, rows: Sequence[int]) -> None:
+        """Compute the rows not cached yet (batched by length; right padding does not change real tokens)."""
+        missing = sorted({r for r in rows if not self._done[r]}, key=lambda r: len(self.ids[r]))
+        if not missing:
+            return
+        decoder = self._decoder
+        device = next(decoder.parameters()).device
+        layers = list(decoder.layers)[: self.first_layer]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            width = max(len(self.ids[r]) for r in chunk)
+            input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for j, r in enumerate(chunk):
+                input_ids[j, : len(self.ids[r])] = torch.tensor(self.ids[r])
+                mask[j, : len(self.ids[r])] = 1
+            hidden = decoder.embed_tokens(input_ids.to(device))
+            hidden = run_decoder_layers(decoder, hidden, mask.to(device), layers).float().cpu()
+            for j, r in enumerate(chunk):
+                n = len(self.ids[r])
+                self.storage[int(self.offsets[r]) : int(self.offsets[r]) + n] = hidden[j, :n]
+                self._done[r] = True
+
+    @classmethod
     def build(
         cls,
         base_model: nn.Module,
@@ -255,23 +317,29 @@ class ActivationCache:
         batch_size: int = 16,
         max_bytes: int = 1 << 30,
         spill_dir: str | Path | None = None,
+        eager: bool = False,
     ) -> ActivationCache:
-        """Run embeddings + layers ``0..first_layer-1`` of ``base_model`` (no adapter there) on every row.
+        """A cache of the hidden states that embeddings + layers ``0..first_layer-1`` of ``base_model`` (which
+        must carry no adapter there) give for every row of ``datasets_by_name``.
 
         Args:
             datasets_by_name: name -> tokenised rows (``input_ids``, optional ``labels``; unpadded, as
                 ``tokenize_for_clm(..., pad_to_block_size=False)`` makes them).
             max_bytes: above this the storage is a ``numpy.memmap`` in ``spill_dir`` (required then).
+            eager: compute every row now instead of on first use.
         """
-        rows: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
-        total = 0
+        all_ids: list[list[int]] = []
+        all_labels: list[list[int]] = []
+        spans: dict[str, range] = {}
         for name, ds in datasets_by_name.items():
             ids = [list(map(int, x)) for x in ds["input_ids"]] if len(ds) else []
             labels = [list(map(int, x)) for x in ds["labels"]] if len(ds) and "labels" in ds.column_names else ids
             if any(len(x) != len(y) for x, y in zip(ids, labels)):
                 raise ValueError(f"Rows of {name!r} have labels of another length than input_ids.")
-            rows[name] = (ids, labels)
-            total += sum(len(x) for x in ids)
+            spans[name] = range(len(all_ids), len(all_ids) + len(ids))
+            all_ids += ids
+            all_labels += labels
+        total = sum(len(x) for x in all_ids)
         dim = int(base_model.config.hidden_size)
         nbytes = total * dim * 4
         path = None
@@ -283,43 +351,14 @@ class ActivationCache:
                 )
             Path(spill_dir).mkdir(parents=True, exist_ok=True)
             path = Path(spill_dir) / "activations.f32"
-            array = np.memmap(path, dtype=np.float32, mode="w+", shape=(max(total, 1), dim))
-            storage = torch.from_numpy(array)
+            storage = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="w+", shape=(max(total, 1), dim)))
         else:
             storage = torch.empty(max(total, 1), dim, dtype=torch.float32)
-        decoder = _decoder(base_model)
-        device = next(base_model.parameters()).device
-        was_training = base_model.training
-        base_model.eval()
-        blocks: dict[str, CachedBlocks] = {}
-        offset = 0
-        try:
-            for name, (ids, labels) in rows.items():
-                offsets = []
-                for row in ids:
-                    offsets.append(offset)
-                    offset += len(row)
-                order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-                for start in range(0, len(order), batch_size):
-                    chunk = order[start : start + batch_size]
-                    width = max(len(ids[i]) for i in chunk)
-                    input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
-                    mask = torch.zeros(len(chunk), width, dtype=torch.long)
-                    for j, i in enumerate(chunk):
-                        input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
-                        mask[j, : len(ids[i])] = 1
-                    hidden = decoder.embed_tokens(input_ids.to(device))
-                    layers = list(decoder.layers)[:first_layer]
-                    hidden = run_decoder_layers(decoder, hidden, mask.to(device), layers).float().cpu()
-                    for j, i in enumerate(chunk):
-                        n = len(ids[i])
-                        storage[offsets[i] : offsets[i] + n] = hidden[j, :n]
-                blocks[name] = CachedBlocks(storage, offsets, labels)
-        finally:
-            base_model.train(was_training)
-        if path is not None:
-            array.flush()
-        return cls(blocks, first_layer, nbytes, path)
+        cache = cls(_decoder(base_model), first_layer, all_ids, all_labels, storage, path, batch_size)
+        cache.blocks = {name: CachedBlocks(cache, list(span)) for name, span in spans.items()}
+        if eager:
+            cache.ensure(range(len(all_ids)))
+        return cache
 
 
 @torch.no_grad()
@@ -335,6 +374,7 @@ def cached_perplexity(model: TopLayersCausalLM, blocks: CachedBlocks, batch_size
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     lengths = blocks.lengths()
     order = sorted(range(len(blocks)), key=lambda i: lengths[i])
+    rows = blocks.__getitems__(order)
     collate = CachedCollator()
     device = next(model.parameters()).device
     was_training = model.training
@@ -342,7 +382,7 @@ def cached_perplexity(model: TopLayersCausalLM, blocks: CachedBlocks, batch_size
     total_nll, total_tokens = 0.0, 0
     try:
         for start in range(0, len(order), batch_size):
-            batch = collate([blocks[i] for i in order[start : start + batch_size]])
+            batch = collate(rows[start : start + batch_size])
             if batch["labels"].shape[1] < 2:
                 continue
             logits = model(
