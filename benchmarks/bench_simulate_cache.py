@@ -93,7 +93,11 @@ def main() -> None:
                 runner.run_simulation(config, args.out / ("on" if cache else "off"))
                 seconds[cache] += time.perf_counter() - started
                 phases[cache].update(PHASES)
-                print(f"{arm} cache={cache}: {time.perf_counter() - started:.1f} s", flush=True)
+                print(f"{arm} cache={cache}: {time.perf_counter() - started:.1f} s {dict(PHASES)}", flush=True)
+            _write(args, methods[: methods.index(arm) + 1], seconds, phases)
+
+
+def _write(args, methods, seconds, phases) -> None:
     worst = 0.0
     for arm in methods:
         off, on = _rows(args.out / "off", arm), _rows(args.out / "on", arm)
