@@ -505,7 +505,7 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
             else:
                 metrics[arm] = run_federated_arm(wb, arm, arm_dir, ranks0)
         per_seed.append(metrics)
-        cache_notes.append(f"seed {seed}: {wb.cache_note}")
+        cache_notes.append(f"seed {seed}: {wb.cache.describe() if wb.cache is not None else wb.cache_note}")
         if wb.cache is not None and wb.cache.path is not None:
             wb.cache.path.unlink(missing_ok=True)  # the spill file is scratch, not a result
     notes = _notes(config, per_seed, time.perf_counter() - started) + "\n\n" + "; ".join(cache_notes) + "."
