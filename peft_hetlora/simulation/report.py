@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..federated.store import json_text
+from .seed_stats import paired_table, plot_paired, seed_statistics
 
 _NAN = float("nan")
 
@@ -493,6 +494,7 @@ def write_report(
     notes: str | None = None,
     seeds: Sequence[Any] | None = None,
     plots: bool = True,
+    reference: str | None = None,
 ) -> Path:
     """Write ``report.md``, ``metrics.json`` and the PNG plots into ``out_dir``; return the report's path.
 
@@ -502,6 +504,8 @@ def write_report(
             ``target_method``, itself by default HomLoRA at the smallest rank, see :func:`default_target_method`).
         notes: markdown appended under the table (e.g. the run's configuration).
         seeds: labels of the seeds, for ``metrics.json`` (default 0, 1, ...).
+        reference: with several seeds, the method the others are paired with per seed (default
+            ``homlora_rmax`` or the first method; see :mod:`peft_hetlora.simulation.seed_stats`).
 
     Example:
         >>> write_report({"hetlora": {"rounds": [{"round": 1, "heldout_ppl": 60.6, "upload_bytes": 3e6}]}},
@@ -527,6 +531,24 @@ def write_report(
         seed_list = ", ".join(map(str, seed_labels))
         lines += [f"Mean ± standard deviation over {len(seed_metrics)} seeds ({seed_list}).", ""]
     lines += [markdown_table(summaries), ""]
+    paired = None
+    if len(seed_metrics) > 1:
+        paired = seed_statistics(
+            [{m: info.get("final_ppl") for m, info in summary["methods"].items()} for summary in summaries],
+            seeds=seed_labels,
+            reference=reference,
+        )
+        lines += [
+            f"## Paired per seed (reference: {paired['reference']})",
+            "",
+            paired_table(paired, {m: summaries[0]["methods"][m]["label"] for m in summaries[0]["methods"]}),
+            "",
+            "Δ: final held-out perplexity minus the reference's on the same seed (same held-out owners, data and "
+            "client sampling); wins: seeds where the method ends below the reference.",
+            "",
+        ]
+        if plots:
+            plot_paths.append(plot_paired({"final held-out perplexity": paired}, out / "paired.png"))
     explain = [
         "- **Held-out ppl**: token-weighted perplexity on clients that never trained (unseen data owners).",
         "- **Best round**: the round with the lowest held-out perplexity.",
@@ -579,6 +601,7 @@ def write_report(
                 for method in first["methods"]
             },
             metrics=list(seed_metrics),
+            paired=paired,
         )
     (out / "metrics.json").write_text(json_text(_json_safe(payload), indent=2), encoding="utf-8")
     return out / "report.md"

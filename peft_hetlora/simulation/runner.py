@@ -36,6 +36,14 @@ from ..federated.coordinator import Coordinator
 from ..federated.local_store import LocalStore
 from ..federated.store import json_text
 from ..metrics.loss_eval import evaluate_perplexity
+from .activation_cache import (
+    ActivationCache,
+    CachedBlocks,
+    CachedCollator,
+    TopLayersCausalLM,
+    cache_plan,
+    cached_perplexity,
+)
 from .config import ARMS, SimulationConfig
 from .data import CausalLMCollator, FederatedCorpus, load_client_corpus, pad_token_id, tokenize_for_clm
 from .model_source import resolve_model, resolve_tokenizer, tiny_llama
@@ -64,12 +72,37 @@ class Workbench:
     collator: CausalLMCollator
     target_layers: list[int] | None
     base_heldout_ppl: float | None = None
+    cache: ActivationCache | None = None
+    cache_note: str = ""
 
     def initial_heldout_ppl(self, model: Any) -> float:
         """Held-out perplexity before training: every arm starts from B = 0, i.e. the base model."""
         if self.base_heldout_ppl is None:
-            self.base_heldout_ppl = _ppl(model, self.heldout, self.config)
+            self.base_heldout_ppl = self.heldout_ppl(model)
         return self.base_heldout_ppl
+
+    # with the activation cache, training and evaluation run only the adapted top layers
+    def trainable(self, model: Any) -> Any:
+        """What the Trainer trains: the PEFT model, or its top-layers view over cached hidden states."""
+        return TopLayersCausalLM(model, self.cache.first_layer) if self.cache is not None else model
+
+    def train_set(self, cid: str) -> Any:
+        return self.cache[f"train/{cid}"] if self.cache is not None else self.train[cid]
+
+    def train_collator(self) -> Any:
+        return CachedCollator() if self.cache is not None else self.collator
+
+    def heldout_ppl(self, model: Any) -> float:
+        return self._ppl(model, "heldout", self.heldout)
+
+    def validation_ppl(self, model: Any, cid: str) -> float:
+        return self._ppl(model, f"validation/{cid}", self.validation[cid])
+
+    def _ppl(self, model: Any, name: str, dataset: Any) -> float:
+        if self.cache is not None:
+            view = model if isinstance(model, TopLayersCausalLM) else TopLayersCausalLM(model, self.cache.first_layer)
+            return cached_perplexity(view, self.cache[name], batch_size=self.config.eval_batch_size)["perplexity"]
+        return _ppl(model, dataset, self.config)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -79,8 +112,13 @@ def _model_folder(config: SimulationConfig) -> Path:
     return resolve_model(config.model)
 
 
-def prepare(config: SimulationConfig, seed: int) -> Workbench:
-    """Load the model and the partitioned data once per seed (clear errors before any training)."""
+def prepare(config: SimulationConfig, seed: int, spill_dir: Path | None = None) -> Workbench:
+    """Load the model and the partitioned data once per seed (clear errors before any training).
+
+    With ``config.activation_cache`` (and adapters only on top layers of a supported architecture) the hidden
+    states entering the first adapted layer are computed here, once, for every block; past
+    ``activation_cache_max_mb`` they are kept in a memmap file under ``spill_dir``.
+    """
     model_dir = _model_folder(config)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     corpus = load_client_corpus(
@@ -120,7 +158,7 @@ def prepare(config: SimulationConfig, seed: int) -> Workbench:
     target_layers = None
     if config.top_layers and layers:
         target_layers = list(range(max(0, layers - config.top_layers), layers))
-    return Workbench(
+    wb = Workbench(
         config,
         seed,
         model_dir,
@@ -133,6 +171,27 @@ def prepare(config: SimulationConfig, seed: int) -> Workbench:
         CausalLMCollator(pad_token_id=pad_token_id(tokenizer)),
         target_layers,
     )
+    if config.activation_cache and config.engine == "inprocess":
+        plan = cache_plan(base, target_layers)
+        if plan.enabled:
+            named = {"heldout": heldout}
+            named.update({f"train/{cid}": ds for cid, ds in train.items()})
+            named.update({f"validation/{cid}": ds for cid, ds in validation.items()})
+            wb.cache = ActivationCache.build(
+                base,
+                plan.first_layer,
+                named,
+                batch_size=config.eval_batch_size,
+                max_bytes=int(config.activation_cache_max_mb * 2**20),
+                spill_dir=spill_dir,
+            )
+            wb.cache_note = wb.cache.describe()
+        else:
+            wb.cache_note = f"activation cache off: {plan.reason}"
+        logger.info(wb.cache_note)
+    else:
+        wb.cache_note = f"activation cache off (activation_cache={config.activation_cache}, engine={config.engine})"
+    return wb
 
 
 # ----------------------------------------------------------------------------- arms
@@ -290,10 +349,10 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                 callback = FederatedClientCallback(store, cid, num_examples=len(wb.train[cid]), prune=spec["prune"])
                 client_seed = wb.seed * 100_003 + t * 101 + clients.index(cid)
                 trainer = Trainer(
-                    model=model,
+                    model=wb.trainable(model),
                     args=_training_args(config, arm_dir / "trainer", client_seed, config.local_steps),
-                    train_dataset=wb.train[cid],
-                    data_collator=wb.collator,
+                    train_dataset=wb.train_set(cid),
+                    data_collator=wb.train_collator(),
                     callbacks=[callback],
                 )
                 trainer.remove_callback(PrinterCallback)
@@ -307,12 +366,12 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
             latest = store.latest_global()
             latest_weights = load_file(str(latest.path / "adapter_model.safetensors"))
             _load_global(model, latest_weights, r_arm)
-            heldout = _ppl(model, wb.heldout, config)
+            heldout = wb.heldout_ppl(model)
             client_ranks = summary.get("client_ranks", {})
             val = []
             for cid in summary["accepted"]:
                 _load_global(model, latest_weights, int(client_ranks.get(cid, plan.ranks[cid])))
-                val.append(_ppl(model, wb.validation[cid], config))
+                val.append(wb.validation_ppl(model, cid))
             row = {
                 "round": t + 1,
                 "heldout_ppl": heldout,
@@ -338,12 +397,19 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
 
 def run_centralized_arm(wb: Workbench, arm_dir: Path) -> dict[str, Any]:
     """LoRA at r_max on the pooled client data, with the compute of one federated round per round."""
-    from datasets import concatenate_datasets
+    from datasets import Dataset, concatenate_datasets
 
     config = wb.config
     rows_path = arm_dir / "rounds.jsonl"
     rows = _read_rows(rows_path)
-    pooled = concatenate_datasets([wb.train[cid] for cid in sorted(wb.train)]).shuffle(seed=wb.seed)
+    order = sorted(wb.train)
+    if wb.cache is not None:
+        # the same permutation `Dataset.shuffle(seed)` applies to the pooled rows (it depends on length and seed)
+        n_rows = sum(len(wb.train[cid]) for cid in order)
+        permutation = Dataset.from_dict({"i": list(range(n_rows))}).shuffle(seed=wb.seed)["i"]
+        pooled = CachedBlocks.concatenate([wb.train_set(cid) for cid in order]).select(permutation)
+    else:
+        pooled = concatenate_datasets([wb.train[cid] for cid in order]).shuffle(seed=wb.seed)
     steps = config.local_steps * config.clients_per_round
     with _peft_model(wb, _adapter_config(config, config.r_max, wb, prune=False), wb.seed) as model:
         checkpoint = arm_dir / "adapter"
@@ -364,15 +430,15 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path) -> dict[str, Any]:
             offset = (t * steps * config.batch_size) % max(1, len(pooled))
             shard = pooled.select([(offset + i) % len(pooled) for i in range(steps * config.batch_size)])
             trainer = Trainer(
-                model=model,
+                model=wb.trainable(model),
                 args=_training_args(config, arm_dir / "trainer", wb.seed + t, steps),
                 train_dataset=shard,
-                data_collator=wb.collator,
+                data_collator=wb.train_collator(),
             )
             trainer.remove_callback(PrinterCallback)
             trainer.train()
             model.save_pretrained(str(checkpoint))
-            heldout = _ppl(model, wb.heldout, config)
+            heldout = wb.heldout_ppl(model)
             row = {"round": t + 1, "heldout_ppl": heldout, "upload_bytes": 0, "wall_s": time.perf_counter() - started}
             _append_row(rows_path, row)
             rows.append(row)
@@ -418,10 +484,11 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     _check_run_folder(out, config)
     per_seed: list[dict[str, Any]] = []
+    cache_notes: list[str] = []
     started = time.perf_counter()
     for seed in config.seeds:
         random.seed(seed)
-        wb = prepare(config, seed)
+        wb = prepare(config, seed, spill_dir=out / f"seed-{seed}" / "activation_cache")
         # the Trainer runs gc.collect() at every train(); freezing the long-lived setup objects keeps it cheap
         gc.collect()
         gc.freeze()
@@ -439,8 +506,11 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
             else:
                 metrics[arm] = run_federated_arm(wb, arm, arm_dir, ranks0)
         per_seed.append(metrics)
-    notes = _notes(config, per_seed, time.perf_counter() - started)
-    return write_report(per_seed, out, notes=notes, seeds=config.seeds)
+        cache_notes.append(f"seed {seed}: {wb.cache.describe() if wb.cache is not None else wb.cache_note}")
+        if wb.cache is not None and wb.cache.path is not None:
+            wb.cache.path.unlink(missing_ok=True)  # the spill file is scratch, not a result
+    notes = _notes(config, per_seed, time.perf_counter() - started) + "\n\n" + "; ".join(cache_notes) + "."
+    return write_report(per_seed, out, notes=notes, seeds=config.seeds, reference=config.reference)
 
 
 def _notes(config: SimulationConfig, per_seed: list[dict[str, Any]], seconds: float) -> str:
