@@ -323,11 +323,12 @@ class HetLoRALinear(LoraLinear):
     def _lora_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b = self.active_factors(adapter_name)
         x = self.lora_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
-        out = F.linear(F.linear(x, a), b)
         frozen = self.frozen_factors(adapter_name)
         if frozen is not None:
-            out = out + F.linear(F.linear(x, frozen[0]), frozen[1])
-        return out * self.scaling[adapter_name]
+            # one pass over x for trained and frozen components (cheaper than two thin matmuls); gradient
+            # flows to the trained slices only, the frozen buffers need none
+            a, b = torch.cat([a, frozen[0]], dim=0), torch.cat([b, frozen[1]], dim=1)
+        return F.linear(F.linear(x, a), b) * self.scaling[adapter_name]
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         a, b = self.active_factors(adapter)
