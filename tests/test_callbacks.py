@@ -537,8 +537,11 @@ def test_malformed_components_in_round_json_are_refused_before_any_step(tmp_path
 def test_a_client_without_components_after_a_window_round_is_back_on_the_prefix(tmp_path):
     store, state = _publish_window(tmp_path, {"erin": [3, 4]})
     model = make_model(rank=4)
-    _train(tmp_path, model, [FederatedClientCallback(store, "erin", prune=False)], max_steps=1)
-    assert model.get_components() == [3, 4]
+    first = FederatedClientCallback(store, "erin", prune=False)
+    _train(tmp_path, model, [first], max_steps=1)
+    assert first.last_round["components"] == [3, 4]
+    assert model.get_components() == [0, 1] and model.base_model.frozen_components() == []
+    model.set_rank(4)  # a plain model again: what the simulator does between rounds
     store2 = LocalStore(tmp_path / "fed2", create=True)
     _publish(store2, 0, state, ["erin"], {"erin": 3})
     _train(tmp_path / "b", model, [FederatedClientCallback(store2, "erin")], max_steps=1)

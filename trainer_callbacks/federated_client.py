@@ -50,7 +50,9 @@ class FederatedClientCallback(HetLoRACallback):
     for its k components only. It uploads only those k components and writes their global indices,
     in slot order, as `components` in `client.json`. Self-pruning under a window drops the window's
     tail (its highest global indices), so the uploaded `components` shrinks with `rank_out`. Without
-    `components` the client trains the prefix range(rank), exactly as before.
+    `components` the client trains the prefix range(rank), exactly as before. After the upload the
+    model drops the frozen part and returns to prefix labels (`last_round["components"]` keeps the
+    window it trained).
 
     A client restarted mid-round simply calls `train()` again: it redoes the round and its upload
     replaces the earlier one atomically; a client whose upload for the open round already landed
@@ -219,8 +221,9 @@ class FederatedClientCallback(HetLoRACallback):
             )
         train_loss = next((log["train_loss"] for log in reversed(state.log_history) if "train_loss" in log), None)
         self.upload(model, num_examples=int(num_examples), train_loss=train_loss)
-        # end of the round: forget the frozen rest of the global (restoring the base weights if merged)
-        hetlora_tuner(model).drop_frozen()
+        # end of the round: forget the frozen rest of the global (restoring the base weights if merged) and go
+        # back to prefix labels, so code that sets ranks or loads a global between rounds sees a plain model
+        hetlora_tuner(model).clear_components()
 
     # ------------------------------------------------------------------ pull / push
     @staticmethod
@@ -307,6 +310,7 @@ class FederatedClientCallback(HetLoRACallback):
         components = tuner.peft_config[adapter].components
         if components is not None:  # window client: the global index of each uploaded slot
             info["components"] = list(components)
+            self.last_round["components"] = list(components)
         with tempfile.TemporaryDirectory(prefix=f"hetlora-{self.client_id}-") as tmp:
             save_file(state, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
             (Path(tmp) / "client.json").write_text(json_text(info, indent=2, nonfinite="null") + "\n")
