@@ -548,3 +548,15 @@ def test_a_client_without_components_after_a_window_round_is_back_on_the_prefix(
     info = json.loads((store2.download_client(0, "erin") / "client.json").read_text())
     assert "components" not in info and info["rank_in"] == 3
     assert model.get_components() == [0, 1, 2] and model.peft_config["default"].components is None
+
+
+def test_window_client_with_nested_training_draws_per_step_and_uploads_its_window(tmp_path):
+    store, _ = _publish_window(tmp_path, {"finn": [1, 2, 5, 7]}, r_min=2)
+    model = make_model(rank=4)
+    callback = FederatedClientCallback(store, "finn", nested=True, prune=False)
+    _train(tmp_path, model, [callback], max_steps=4, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    assert len(callback.nested_draws) == 4 and all(2 <= d <= 4 for d in callback.nested_draws)
+    info = json.loads((store.download_client(0, "finn") / "client.json").read_text())
+    assert info["components"] == [1, 2, 5, 7] and info["rank_out"] == 4
+    assert all(layer._truncation["default"] is None
+               for layer in model.modules() if isinstance(layer, peft_hetlora.HetLoRALinear))
