@@ -172,7 +172,10 @@ class HetLoRAModel(LoraModel):
         R <= r_max; components at or above R count as zero). `indices` must be unique integers in
         [0, r_max), at most this client's allocated rank. Trainable parameters are updated in place, so
         an optimizer built on them stays valid (reset its state between rounds). `save_pretrained`
-        then writes only the k trained components and `components` in `adapter_config.json`.
+        then writes only the k trained components and `components` in `adapter_config.json`
+        (`PeftModel.from_pretrained` or `load_adapter` under a *new* adapter name restores the labels;
+        `load_adapter` into an existing name keeps that adapter's own config, as PEFT does).
+        With `frozen="merged"`, `disable_adapter()` shows the base plus the frozen components.
         Returns the window in slot order.
 
         Example:
