@@ -74,6 +74,23 @@ class HetLoRAConfig(LoraConfig):
         metadata={"help": "Weight lambda >= 0 of the self-pruning regulariser sum_m ||B tail|| ||A tail||."},
     )
 
+    components: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Window training: the global component index of each trainable slot (ascending, unique, < r, "
+            "as many as `rank`). None: the prefix range(rank) (HetLoRA). Set by `set_components`; saved with a "
+            "window adapter so its slots can be placed back in the global."
+        },
+    )
+    nested: bool = field(
+        default=False,
+        metadata={
+            "help": "Nested training (PreLort arXiv 2606.15963, Matryoshka arXiv 2205.13147): each optimizer step "
+            "trains under a random truncation k' uniform in [max(1, r_min), rank] (HetLoRACallback draws it)."
+        },
+    )
+    nested_seed: int = field(default=0, metadata={"help": "Seed of the nested truncation draws."})
+
     def __post_init__(self) -> None:
         super().__post_init__()
         from .registration import HETLORA_PEFT_TYPE
@@ -90,6 +107,18 @@ class HetLoRAConfig(LoraConfig):
             raise ValueError(f"`rank_scaling` must be one of {RANK_SCALINGS}, got {self.rank_scaling!r}.")
         if self.use_rslora:
             raise ValueError("Use `rank_scaling='rslora'` instead of `use_rslora=True` for HetLoRA.")
+        if self.components is not None:
+            window = self.components
+            if isinstance(window, (str, bytes)) or not isinstance(window, (list, tuple)):
+                raise ValueError(f"`components` must be a list of integers or None, got {window!r}.")
+            bad = [j for j in window if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < self.r]
+            if bad or len(set(window)) != len(window):
+                raise ValueError(f"`components` must be unique integers in [0, r={self.r}), got {list(window)}.")
+            if len(window) != self.rank:
+                raise ValueError(f"`components` names {len(window)} components but `rank` is {self.rank}.")
+            self.components = sorted(window)
+        if not isinstance(self.nested, bool):
+            raise ValueError(f"`nested` must be True or False, got {self.nested!r}.")
         if (
             isinstance(self.prune_gamma, bool)
             or not isinstance(self.prune_gamma, (int, float))

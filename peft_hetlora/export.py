@@ -44,10 +44,11 @@ def _load_hetlora(source) -> tuple[dict[str, torch.Tensor], HetLoRAConfig, dict[
     config = source.peft_config[adapter]
     if not isinstance(config, HetLoRAConfig):
         raise ValueError(f"export_lora needs a HetLoRA PeftModel, got an adapter of type {config.peft_type}.")
-    state = {
-        k: v.detach().to("cpu").contiguous()
-        for k, v in get_peft_model_state_dict(source, adapter_name=adapter).items()
-    }
+    tuner = source.base_model
+    frozen = any(layer.frozen_components(adapter) for _, layer in tuner.hetlora_layers(adapter))
+    # a window client holding the rest of the global frozen exports the whole global it computes
+    state = tuner.union_state_dict(adapter) if frozen else get_peft_model_state_dict(source, adapter_name=adapter)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     base_class = type(source.get_base_model())
     auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
     return state, config, auto_mapping
@@ -64,7 +65,9 @@ def export_lora(
 
     The result loads with plain `peft` in a process that never imports `peft_hetlora` and gives the
     same outputs: each module's rank k_m becomes a `rank_pattern` entry and its `alpha_pattern` is
-    s * k_m, so LoRA's scale alpha_m / k_m equals HetLoRA's fixed scale s.
+    s * k_m, so LoRA's scale alpha_m / k_m equals HetLoRA's fixed scale s. A PeftModel training a
+    window with the rest of the global frozen (`set_components`) exports trained plus frozen
+    components, in global order, for the original base model (its full global behaviour).
 
     It also loads with `AutoPeftModelForCausalLM.from_pretrained(out_dir)`, which needs the base model
     (`base_model_name_or_path`) and either a `task_type` or PEFT's `auto_mapping` (the base model's

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import HetLoRAConfig, tail_start
-from .layer import HetLoRALinear
+from .layer import FROZEN_MODES, FrozenMode, HetLoRALinear
 from .quantized_layers import dispatch_quantized
 
 _PEFT_MODEL_PREFIX = "base_model.model."
@@ -133,8 +133,178 @@ class HetLoRAModel(LoraModel):
                 raise ValueError(f"rank for {name} must be an integer between 1 and r={config.r}, got {value!r}.")
         for name, value in targets.items():
             layers[name].set_active_rank(adapter_name, value)
+        self._sync_config(adapter_name)
+
+    def _sync_config(self, adapter_name: str) -> None:
+        """Keep `rank` and `components` of the config true to the layers, so save_pretrained describes them."""
+        config = self.peft_config[adapter_name]
         current = self.get_rank(adapter_name)
         config.rank = current if isinstance(current, int) else max(current.values())
+        windowed = [layer for _, layer in self.hetlora_layers(adapter_name) if layer._components.get(adapter_name)]
+        if not windowed:
+            config.components = None
+            return
+        longest = max(windowed, key=lambda layer: layer.get_active_rank(adapter_name))
+        config.components = longest.get_components(adapter_name)
+
+    # ----------------------------------------------------------------- window training (DESIGN 1.7)
+    def set_components(
+        self,
+        indices: Sequence[int],
+        global_state_dict: Mapping[str, torch.Tensor],
+        adapter_name: str | None = None,
+        frozen: FrozenMode = "factors",
+    ) -> list[int]:
+        """Train the global components `indices` and keep the global's other components frozen.
+
+        This is window training (DESIGN 1.7, Fed-PLoRA arXiv 2602.16936 select-and-fold, FedRolex /
+        HeteroFL rotating windows): the k = len(indices) trainable slots of every module take the
+        global's components `indices` (in ascending global index: slot i holds `get_components()[i]`),
+        and the other components of `global_state_dict` stay in the model, frozen, so the client's
+        model is the global model while its trainable parameters and optimizer state stay at rank k:
+
+        * `frozen="factors"`: non-trainable, non-persistent buffers added in forward (never saved,
+          never in the optimizer; works on quantised bases);
+        * `frozen="merged"`: merged into the base weights (float bases), subtracted by `drop_frozen()`;
+        * `frozen="none"`: left out (the model is the window alone).
+
+        `global_state_dict` is the global adapter in PEFT's saved key format (as published, rank
+        R <= r_max; components at or above R count as zero). `indices` must be unique integers in
+        [0, r_max), at most this client's allocated rank. Trainable parameters are updated in place, so
+        an optimizer built on them stays valid (reset its state between rounds). `save_pretrained`
+        then writes only the k trained components and `components` in `adapter_config.json`
+        (`PeftModel.from_pretrained` or `load_adapter` under a *new* adapter name restores the labels;
+        `load_adapter` into an existing name keeps that adapter's own config, as PEFT does).
+        With `frozen="merged"`, `disable_adapter()` shows the base plus the frozen components.
+        Returns the window in slot order.
+
+        Example:
+            ```py
+            >>> model = get_peft_model(base, HetLoRAConfig(r=16, rank=4, target_modules=["q_proj"]))  # doctest: +SKIP
+            >>> model.set_components([2, 9, 10, 15], global_weights)  # doctest: +SKIP
+            [2, 9, 10, 15]
+            >>> # ... train; upload get_peft_model_state_dict(model) with model.get_components() ...
+            >>> model.drop_frozen()  # doctest: +SKIP
+            ```
+        """
+        from .federated.errors import RankError
+
+        adapter_name = self._resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        if frozen not in FROZEN_MODES:
+            raise ValueError(f"frozen must be one of {FROZEN_MODES}, got {frozen!r}.")
+        if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence):
+            raise RankError(f"components must be a list of integers, got {type(indices).__name__}.")
+        bad = [j for j in indices if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < config.r]
+        if bad:
+            raise RankError(f"components must be integers in [0, r_max={config.r}); got {bad[:5]}.")
+        if len(set(indices)) != len(indices):
+            raise RankError(f"components must be unique; got {list(indices)}.")
+        layers = list(self.hetlora_layers(adapter_name))
+        budget = min(layer.r[adapter_name] for _, layer in layers)
+        if not 1 <= len(indices) <= budget:
+            raise RankError(
+                f"A client allocated at rank {budget} trains between 1 and {budget} components; got {len(indices)}. "
+                "Ask the coordinator for a smaller window or create the model with a larger HetLoRAConfig(rank=...)."
+            )
+        factors = {}
+        for name, layer in layers:
+            key = next((k for k in (f"{_PEFT_MODEL_PREFIX}{name}", name) if f"{k}.lora_A.weight" in global_state_dict),
+                       None)
+            if key is None or f"{key}.lora_B.weight" not in global_state_dict:
+                raise ValueError(
+                    f"The global adapter has no factors for {name}; it must hold '<module>.lora_A.weight' and "
+                    "'<module>.lora_B.weight' for every HetLoRA module (PEFT's saved key format)."
+                )
+            a, b = global_state_dict[f"{key}.lora_A.weight"], global_state_dict[f"{key}.lora_B.weight"]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+                raise ValueError(
+                    f"The global's {name} factors have shapes {tuple(a.shape)} / {tuple(b.shape)}, this model needs "
+                    f"(R, {layer.in_features}) / ({layer.out_features}, R): a different base model?"
+                )
+            if a.shape[0] != b.shape[1] or a.shape[0] > config.r:
+                raise ValueError(f"The global's {name} factors have ranks {a.shape[0]} / {b.shape[1]} (r={config.r}).")
+            factors[name] = (a, b)
+        for name, layer in layers:
+            layer.set_window(adapter_name, list(indices), *factors[name], frozen=frozen)
+        self._sync_config(adapter_name)
+        return self.peft_config[adapter_name].components
+
+    def get_components(self, adapter_name: str | None = None) -> list[int] | dict[str, list[int]]:
+        """Global indices of the active slots (slot order): a list, or `{module_name: list}` if modules differ.
+
+        `list(range(k))` for HetLoRA's prefix; the (possibly pruned) window after `set_components`.
+
+        Example:
+            ```py
+            >>> model.get_components()  # doctest: +SKIP
+            [2, 9, 10, 15]
+            ```
+        """
+        adapter_name = self._resolve_adapter(adapter_name)
+        found = {name: layer.get_components(adapter_name) for name, layer in self.hetlora_layers(adapter_name)}
+        distinct = {tuple(v) for v in found.values()}
+        return list(distinct.pop()) if len(distinct) == 1 else found
+
+    def frozen_components(self, adapter_name: str | None = None) -> list[int] | dict[str, list[int]]:
+        """Global indices held frozen (as factors or merged), a list or `{module_name: list}` if modules differ."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        found = {name: layer.frozen_components(adapter_name) for name, layer in self.hetlora_layers(adapter_name)}
+        distinct = {tuple(v) for v in found.values()}
+        return list(distinct.pop()) if len(distinct) == 1 else found
+
+    def drop_frozen(self, adapter_name: str | None = None) -> None:
+        """Forget the frozen components, restoring the base weights if they were merged (end of a round)."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        for _, layer in self.hetlora_layers(adapter_name):
+            layer.drop_frozen(adapter_name)
+
+    def clear_components(self, adapter_name: str | None = None) -> None:
+        """Back to HetLoRA's prefix: drop the frozen part; slot i is global component i again."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        for _, layer in self.hetlora_layers(adapter_name):
+            layer.clear_window(adapter_name)
+        self._sync_config(adapter_name)
+
+    def set_truncation(self, rank: int | None, adapter_name: str | None = None) -> None:
+        """Nested training: forward uses only the first `rank` active components (None: all of them).
+
+        With frozen factors, the frozen components whose global index lies above the first dropped
+        one are left out too, so the model is the global truncated there (PreLort arXiv 2606.15963,
+        Matryoshka representation learning arXiv 2205.13147). `HetLoRACallback(nested=True)` draws one
+        truncation per optimizer step.
+
+        Example:
+            ```py
+            >>> model.set_truncation(2); loss = model(**batch).loss; model.set_truncation(None)  # doctest: +SKIP
+            ```
+        """
+        adapter_name = self._resolve_adapter(adapter_name)
+        for _, layer in self.hetlora_layers(adapter_name):
+            layer.set_truncation(adapter_name, rank)
+
+    def union_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter the model computes: trained (active) plus frozen components, in global order.
+
+        PEFT's saved key format; per module the rank is the number of components held. It is what
+        `export_lora` writes for a PeftModel holding frozen components (for the *original* base
+        model: merged frozen components are in this model's base weights too).
+        """
+        adapter_name = self._resolve_adapter(adapter_name)
+        state = {}
+        for name, layer in self.hetlora_layers(adapter_name):
+            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            k = layer.get_active_rank(adapter_name)
+            labels = layer.get_components(adapter_name)
+            rows = [(j, a[slot], b[:, slot]) for slot, j in enumerate(labels[:k])]
+            if adapter_name in layer.lora_frozen_A:
+                a_f, b_f = layer.lora_frozen_A[adapter_name], layer.lora_frozen_B[adapter_name]
+                rows += [(j, a_f[i], b_f[:, i]) for i, j in enumerate(layer.frozen_components(adapter_name))]
+            rows.sort(key=lambda row: row[0])
+            key = f"{_PEFT_MODEL_PREFIX}{name.removeprefix(_PEFT_MODEL_PREFIX)}"
+            state[f"{key}.lora_A.weight"] = torch.stack([row[1] for row in rows]).detach().clone()
+            state[f"{key}.lora_B.weight"] = torch.stack([row[2] for row in rows], dim=1).detach().clone()
+        return state
 
     def tail_norm(self, adapter_name: str | None = None) -> torch.Tensor:
         """sum_m ||B_m[:, t:k]||_F * ||A_m[t:k, :]||_F (DESIGN 1.3), differentiable, float32 scalar."""
@@ -235,6 +405,8 @@ class HetLoRAModel(LoraModel):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         layers = cls._layer_lookup(model)
         loaded_ranks: list[int] = []
+        window = getattr(config, "components", None)
+        window = None if window is None else sorted(int(j) for j in window)
         for key in list(remapped):
             if not key.endswith(f".lora_A.{adapter_name}.weight"):
                 continue
@@ -258,10 +430,20 @@ class HetLoRAModel(LoraModel):
             mask = torch.zeros(allocated, dtype=torch.bool)
             mask[:active] = True
             remapped[f"{module_name}.lora_rank_mask.{adapter_name}"] = mask
+            if window is not None and len(window) < saved_rank:
+                raise ValueError(
+                    f"The adapter config lists {len(window)} components but {module_name} holds {saved_rank}; "
+                    "the saved `components` must name the global index of every saved slot."
+                )
+            labels = None if window is None else window[:active]
+            if labels is not None and set(labels) & set(layer.frozen_components(adapter_name)):
+                layer.drop_frozen(adapter_name)  # the loaded slots replace components held frozen
+            layer._components[adapter_name] = labels
             loaded_ranks.append(active)
         # keep `rank` in the config true to the loaded weights, so the next save_pretrained describes them
         if loaded_ranks:
             for target in (config, getattr(model, "peft_config", {}).get(adapter_name)):
                 if isinstance(target, HetLoRAConfig):
                     target.rank = max(loaded_ranks)
+                    target.components = None if window is None else window[: max(loaded_ranks)]
         return remapped

@@ -102,6 +102,8 @@ class _QuantizedBaseHetLoRA(HetLoRALinear):
     """Shared merge / unmerge for quantised bases: de-quantise, add or subtract the delta, re-quantise."""
 
     backend: str = ""
+    # window training keeps the global's frozen components as factors here: merging them would re-quantise
+    supports_frozen_merge = False
 
     def dequantized_base_weight(self) -> torch.Tensor:
         """The base weight as a float tensor (out_features x in_features)."""

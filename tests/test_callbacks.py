@@ -430,3 +430,133 @@ def test_from_federation_refuses_a_budget_below_r_min(tmp_path):
     assert peft_hetlora.HetLoRAConfig.from_federation(store, rank=3).r_min == 3
     with pytest.raises(RankError, match="r_min=3"):
         peft_hetlora.HetLoRAConfig.from_federation(store, rank=2)
+
+
+# ----------------------------------------------------------------------------- window clients (DESIGN 1.7)
+def _publish_window(tmp_path, components, ranks=None, r_min=None, seed=21):
+    """Global 0 at r_max=8 with every component non-zero; round.json assigns `components` per client."""
+    from peft import get_peft_model_state_dict
+
+    store = LocalStore(tmp_path / "fed", create=True)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {k: v.shape for k, v in get_peft_model_state_dict(make_model(rank=8)).items()}
+    state = {k: torch.randn(shape, generator=gen) * 0.1 for k, shape in shapes.items()}
+    folder = tmp_path / "global0"
+    folder.mkdir()
+    peft_hetlora.HetLoRAConfig(r=8, lora_alpha=16, target_modules=TARGETS).save_pretrained(str(folder))
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    info = {"round": 0, "participants": list(components), "components": components,
+            "ranks": ranks or {cid: len(c) for cid, c in components.items()}}
+    if r_min is not None:
+        info["r_min"] = r_min
+    (folder / "round.json").write_text(json.dumps(info))
+    store.publish_global(0, folder)
+    return store, state
+
+
+def _same_rows_dataset(n=8, length=12, seed=5):
+    row = torch.randint(0, VOCAB_SIZE, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Dataset.from_dict({"input_ids": [row] * n, "labels": [row] * n}), torch.tensor([row])
+
+
+@pytest.mark.parametrize("frozen", ["factors", "merged"])
+def test_window_client_trains_the_whole_global_and_uploads_only_its_components(tmp_path, frozen):
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    store, state = _publish_window(tmp_path, {"alice": [6, 1, 5]})
+    dataset, row = _same_rows_dataset()
+    # the reference: the whole rank-8 global on a plain client, computed independently of the window code
+    reference = make_model(rank=8, seed=7)  # the same base model as the client's
+    set_peft_model_state_dict(reference, state)
+    reference.eval()
+    with torch.no_grad():
+        global_loss = float(reference(input_ids=row, labels=row).loss)
+    model = make_model(rank=4, seed=7)  # budget 4 > the window: trains exactly the 3 assigned components
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    callback = FederatedClientCallback(store, "alice", frozen=frozen)
+    trainer = Trainer(model=model, args=make_args(tmp_path, learning_rate=0.0, max_steps=2),
+                      train_dataset=dataset, callbacks=[callback])
+    trainer.train()
+    # with lr 0 the client's training loss is the global model's loss: its model is the global model
+    assert trainer.state.log_history[-1]["train_loss"] == pytest.approx(global_loss, rel=1e-5)
+    folder = store.download_client(0, "alice")
+    info = json.loads((folder / "client.json").read_text())
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    assert info["components"] == [1, 5, 6] and info["rank_in"] == 3 and info["rank_out"] == 3
+    for key, value in weights.items():
+        expected = state[key][[1, 5, 6]] if key.endswith("lora_A.weight") else state[key][:, [1, 5, 6]]
+        torch.testing.assert_close(value, expected)  # lr 0: exactly the global's components 1, 5, 6
+    # end of the round: the frozen part is gone and the base weights are the base again
+    assert model.base_model.frozen_components() == []
+    for key, value in model.state_dict().items():
+        if key in base_before:
+            torch.testing.assert_close(value, base_before[key], rtol=0, atol=1e-6)
+    assert set(get_peft_model_state_dict(model)) == set(weights)
+
+
+def test_window_training_moves_only_the_window_same_for_factors_and_merged(tmp_path):
+    uploads = {}
+    for frozen in ("factors", "merged"):
+        store, state = _publish_window(tmp_path / frozen, {"bob": [0, 3, 7]})
+        model = make_model(rank=3, seed=7)
+        _train(tmp_path / frozen, model, [FederatedClientCallback(store, "bob", frozen=frozen)], max_steps=3)
+        uploads[frozen] = load_file(str(store.download_client(0, "bob") / "adapter_model.safetensors"))
+        moved = [not torch.allclose(v, state[k][[0, 3, 7]] if k.endswith("A.weight") else state[k][:, [0, 3, 7]])
+                 for k, v in uploads[frozen].items()]
+        assert any(moved)
+    for key, value in uploads["factors"].items():
+        torch.testing.assert_close(value, uploads["merged"][key], rtol=1e-4, atol=1e-5)
+
+
+def test_window_is_cut_to_the_budget_and_pruning_shrinks_the_uploaded_components(tmp_path):
+    store, _ = _publish_window(tmp_path, {"carol": [7, 2, 4, 5, 6]})
+    model = make_model(rank=4, lam=50.0, gamma=0.5)  # budget 4: keeps 2, 4, 5, 6 (the lowest indices)
+    callback = FederatedClientCallback(store, "carol")
+    _train(tmp_path, model, [callback])
+    info = json.loads((store.download_client(0, "carol") / "client.json").read_text())
+    assert info["rank_in"] == 4 and info["max_rank"] == 4
+    assert callback.last_round["pruned"] and info["rank_out"] == 2
+    assert info["components"] == [2, 4]  # the window's tail (highest indices) went first
+    weights = load_file(str(store.download_client(0, "carol") / "adapter_model.safetensors"))
+    assert {w.shape[0] for k, w in weights.items() if k.endswith("lora_A.weight")} == {2}
+
+
+@pytest.mark.parametrize("bad", [[1, 1], [8], [-1], [], "0,1", [True]])
+def test_malformed_components_in_round_json_are_refused_before_any_step(tmp_path, bad):
+    from peft_hetlora.federated.errors import RankError
+
+    store, _ = _publish_window(tmp_path, {"dave": bad}, ranks={"dave": 2})
+    model = make_model(rank=4)
+    trainer = Trainer(model=model, args=make_args(tmp_path), train_dataset=make_dataset(),
+                      callbacks=[FederatedClientCallback(store, "dave")])
+    with pytest.raises(RankError, match="components"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and store.list_client_uploads(0) == []
+
+
+def test_a_client_without_components_after_a_window_round_is_back_on_the_prefix(tmp_path):
+    store, state = _publish_window(tmp_path, {"erin": [3, 4]})
+    model = make_model(rank=4)
+    first = FederatedClientCallback(store, "erin", prune=False)
+    _train(tmp_path, model, [first], max_steps=1)
+    assert first.last_round["components"] == [3, 4]
+    assert model.get_components() == [0, 1] and model.base_model.frozen_components() == []
+    model.set_rank(4)  # a plain model again: what the simulator does between rounds
+    store2 = LocalStore(tmp_path / "fed2", create=True)
+    _publish(store2, 0, state, ["erin"], {"erin": 3})
+    _train(tmp_path / "b", model, [FederatedClientCallback(store2, "erin")], max_steps=1)
+    info = json.loads((store2.download_client(0, "erin") / "client.json").read_text())
+    assert "components" not in info and info["rank_in"] == 3
+    assert model.get_components() == [0, 1, 2] and model.peft_config["default"].components is None
+
+
+def test_window_client_with_nested_training_draws_per_step_and_uploads_its_window(tmp_path):
+    store, _ = _publish_window(tmp_path, {"finn": [1, 2, 5, 7]}, r_min=2)
+    model = make_model(rank=4)
+    callback = FederatedClientCallback(store, "finn", nested=True, prune=False)
+    _train(tmp_path, model, [callback], max_steps=4, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    assert len(callback.nested_draws) == 4 and all(2 <= d <= 4 for d in callback.nested_draws)
+    info = json.loads((store.download_client(0, "finn") / "client.json").read_text())
+    assert info["components"] == [1, 2, 5, 7] and info["rank_out"] == 4
+    assert all(layer._truncation["default"] is None
+               for layer in model.modules() if isinstance(layer, peft_hetlora.HetLoRALinear))

@@ -389,3 +389,39 @@ def test_smollm2_client_on_a_quantised_base_trains_prunes_uploads_and_reloads(mo
     reloaded.train()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- window training (DESIGN 1.7)
+def _global_state(model: PeftModel, seed: int = 11) -> dict[str, torch.Tensor]:
+    """A rank-8 global for the model's HetLoRA modules, every component non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, layer in hetlora_layers(model).items():
+        state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(8, layer.in_features, generator=gen) * 0.2
+        state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(layer.out_features, 8, generator=gen) * 0.2
+    return state
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_window_on_a_quantised_base_adds_the_whole_global_as_frozen_factors(model_dir, mode):
+    model = hetlora_model(model_dir, mode, rank=3)
+    state = _global_state(model)
+    model.set_components([6, 0, 3], state)
+    name = "model.layers.0.mlp.down_proj"
+    layer = hetlora_layers(model)[name]
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        delta = np64(layer(x)) - np64(layer.get_base_layer()(x))
+    a, b = np64(state[f"base_model.model.{name}.lora_A.weight"]), np64(state[f"base_model.model.{name}.lora_B.weight"])
+    np.testing.assert_allclose(delta, 2.0 * np64(x) @ a.T @ b.T, rtol=1e-4, atol=1e-5)  # s = 16 / 8, all 8 components
+    # gradients reach only the 3 trainable slots; the quantised base and the frozen factors get none
+    model.train()
+    ids = token_batch()
+    model(ids, labels=ids).loss.backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    for module in hetlora_layers(model).values():
+        assert module.lora_A["default"].weight.grad.abs().sum() > 0
+        assert module.lora_A["default"].weight.shape[0] == 3
+    with pytest.raises(ValueError, match="frozen='factors'"):
+        model.set_components([1], state, frozen="merged")

@@ -19,7 +19,7 @@ from peft_hetlora.federated.errors import RankError
 from peft_hetlora.federated.store import AdapterStore, GlobalAdapter, json_text, validate_client_id
 from peft_hetlora.federation_config import check_matches_federation
 
-from .hetlora_callback import HetLoRACallback, hetlora_peft_model
+from .hetlora_callback import HetLoRACallback, hetlora_peft_model, hetlora_tuner
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,18 @@ class FederatedClientCallback(HetLoRACallback):
     num_examples, train loss, tail norms, the global revision it started from). Add this callback
     *instead of* `HetLoRACallback`, not beside it.
 
+    Window training (DESIGN 1.7): when `round.json` carries `components: {client_id: [j, ...]}`, the
+    client trains exactly those global components (ascending global index, at most its budget: a
+    longer window keeps its lowest indices) with the rest of the global frozen (`frozen="factors"`:
+    buffers added in forward; `frozen="merged"`: merged into the base weights and subtracted at the
+    end of the round), so its model is the global model while it pays gradients and optimizer state
+    for its k components only. It uploads only those k components and writes their global indices,
+    in slot order, as `components` in `client.json`. Self-pruning under a window drops the window's
+    tail (its highest global indices), so the uploaded `components` shrinks with `rank_out`. Without
+    `components` the client trains the prefix range(rank), exactly as before. After the upload the
+    model drops the frozen part and returns to prefix labels (`last_round["components"]` keeps the
+    window it trained).
+
     A client restarted mid-round simply calls `train()` again: it redoes the round and its upload
     replaces the earlier one atomically; a client whose upload for the open round already landed
     skips training (nothing is uploaded twice).
@@ -55,6 +67,9 @@ class FederatedClientCallback(HetLoRACallback):
         num_examples: examples this client trains on (weights the data-size methods); default: the size
             of the Trainer's training dataset.
         require_participant: refuse to train when the coordinator did not select this client.
+        frozen: how a window client keeps the global's other components: "factors" (default; also on
+            quantised bases) or "merged" (float bases).
+        nested: nested training (see `HetLoRACallback`); None follows the adapter's `nested` setting.
 
     Example:
         ```py
@@ -76,8 +91,13 @@ class FederatedClientCallback(HetLoRACallback):
         require_participant: bool = True,
         prune: bool = True,
         reset_optimizer: bool = True,
+        frozen: str = "factors",
+        nested: bool | None = None,
     ) -> None:
-        super().__init__(prune=prune, reset_optimizer=reset_optimizer)
+        super().__init__(prune=prune, reset_optimizer=reset_optimizer, nested=nested)
+        if frozen not in ("factors", "merged"):
+            raise ValueError(f"frozen must be 'factors' or 'merged', got {frozen!r}.")
+        self.frozen = frozen
         self.store = store
         self.client_id = validate_client_id(client_id)
         if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
@@ -127,6 +147,34 @@ class FederatedClientCallback(HetLoRACallback):
             )
         return rank
 
+    def assigned_components(self, round_info: dict[str, Any], r_max: int) -> list[int] | None:
+        """The global components the coordinator assigned this client (ascending), None for the prefix.
+
+        Reads `round_info["components"][client_id]`; a malformed entry raises `RankError` (fix the
+        coordinator's component policy).
+        """
+        table = round_info.get("components")
+        if table is None:
+            return None
+        if not isinstance(table, dict):
+            raise RankError(f"round.json `components` must map client ids to index lists, got {type(table).__name__}.")
+        window = table.get(self.client_id)
+        if window is None:
+            return None
+        if not isinstance(window, list) or not window:
+            raise RankError(f"Client {self.client_id}: round.json components must be a non-empty list: {window!r}.")
+        bad = [j for j in window if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < r_max]
+        if bad or len(set(window)) != len(window):
+            raise RankError(
+                f"Client {self.client_id}: round.json components {window!r} must be unique integers in "
+                f"[0, r_max={r_max}); fix the coordinator's component policy."
+            )
+        return sorted(window)
+
+    def nested_seed_tag(self) -> str:
+        round_idx = None if self.current is None else self.current.round
+        return f"{self.client_id}:round-{round_idx}"
+
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         peft_model = hetlora_peft_model(kwargs.get("model"))
@@ -173,6 +221,9 @@ class FederatedClientCallback(HetLoRACallback):
             )
         train_loss = next((log["train_loss"] for log in reversed(state.log_history) if "train_loss" in log), None)
         self.upload(model, num_examples=int(num_examples), train_loss=train_loss)
+        # end of the round: forget the frozen rest of the global (restoring the base weights if merged) and go
+        # back to prefix labels, so code that sets ranks or loads a global between rounds sees a plain model
+        hetlora_tuner(model).clear_components()
 
     # ------------------------------------------------------------------ pull / push
     @staticmethod
@@ -205,20 +256,33 @@ class FederatedClientCallback(HetLoRACallback):
                     f"The global adapter's {name} expects a {a.shape[1]} -> {b.shape[0]} layer but the model has "
                     f"{layer.in_features} -> {layer.out_features}: a different base model?"
                 )
-        assigned = self.assigned_rank(self.round_info, config.r)
+        window = self.assigned_components(self.round_info, config.r)
+        assigned = len(window) if window is not None else self.assigned_rank(self.round_info, config.r)
+        if window is not None and self.forced_rank is not None:
+            assigned = min(assigned, self.assigned_rank(self.round_info, config.r))
         allocated = min(layer.r[adapter] for _, layer in tuner.hetlora_layers(adapter))
         self.budget = allocated if self.max_rank is None else min(self.max_rank, allocated)
         rank = min(assigned, self.budget)
         if rank < assigned:
             logger.info("Client %s: assigned rank %d, trains at its budget %d.", self.client_id, assigned, rank)
         federation_r_min = self.round_info.get("r_min")
-        if isinstance(federation_r_min, int) and rank < federation_r_min:
+        # a window smaller than r_min is the coordinator's choice; a budget below it excludes the device
+        limiting = rank if window is None else self.budget
+        if isinstance(federation_r_min, int) and limiting < federation_r_min:
             raise RankError(
                 f"Client {self.client_id}: its budget max_rank={self.budget} is below the federation's "
                 f"r_min={federation_r_min}; this device cannot take part (raise its rank to >= {federation_r_min})."
             )
         if isinstance(federation_r_min, int) and 1 <= federation_r_min <= rank:
             config.r_min = federation_r_min  # pruning must respect the federation's r_min, not a local default
+        if window is not None:
+            tuner.set_components(window[:rank], weights, adapter, frozen=self.frozen)
+            logger.info(
+                "Client %s loaded global round %d: trains components %s, %d frozen (%s)",
+                self.client_id, latest.round, window[:rank], len(tuner.frozen_components(adapter)), self.frozen,
+            )
+            return
+        tuner.clear_components(adapter)
         tuner.set_rank(rank, adapter)
         set_peft_model_state_dict(peft_model, truncate(weights, rank), adapter_name=adapter)
         logger.info("Client %s loaded global round %d at rank %d", self.client_id, latest.round, rank)
@@ -243,6 +307,10 @@ class FederatedClientCallback(HetLoRACallback):
             "global_revision": self.current.revision,
             "peft_hetlora_version": peft_hetlora.__version__,
         }
+        components = tuner.peft_config[adapter].components
+        if components is not None:  # window client: the global index of each uploaded slot
+            info["components"] = list(components)
+            self.last_round["components"] = list(components)
         with tempfile.TemporaryDirectory(prefix=f"hetlora-{self.client_id}-") as tmp:
             save_file(state, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
             (Path(tmp) / "client.json").write_text(json_text(info, indent=2, nonfinite="null") + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 import torch
@@ -59,9 +60,20 @@ class HetLoRACallback(TrainerCallback):
     is counted once per optimizer step, records the tail norm at the start of the round, applies the
     pruning rule at its end, and logs `hetlora/rank`, `hetlora/tail_norm` and `hetlora/regularizer`.
 
+    Nested training (optional; PreLort arXiv 2606.15963, Matryoshka representation learning arXiv
+    2205.13147): with `nested=True` (or `HetLoRAConfig(nested=True)`) every optimizer step trains the
+    model truncated at k' active components, k' drawn uniformly in [max(1, r_min), k] from a seeded
+    generator at `on_step_begin`, so one k' holds for all micro-batches of a gradient-accumulation
+    step; components above k' get no gradient in that step. The draws are in `nested_draws`.
+
+    Ablation switches (the cut-down "HetLoRA" baselines of other papers): `prune=False` (or
+    `HetLoRAConfig(prune_lambda=0)` for no regulariser) turns self-pruning off; the sparsity weights
+    are a server choice (`method="zero_pad"` is HetLoRA without them).
+
     Args:
         prune: apply the pruning rule at the end of the round (DESIGN 1.3).
         reset_optimizer: clear optimizer moments at the start of each `train()` call (fresh local round).
+        nested: draw a random truncation per optimizer step; None follows the adapter's `nested` setting.
 
     Example:
         ```py
@@ -73,12 +85,22 @@ class HetLoRACallback(TrainerCallback):
         ```
     """
 
-    def __init__(self, prune: bool = True, reset_optimizer: bool = True) -> None:
+    def __init__(self, prune: bool = True, reset_optimizer: bool = True, nested: bool | None = None) -> None:
+        if nested is not None and not isinstance(nested, bool):
+            raise ValueError(f"nested must be True, False or None (follow the adapter config), got {nested!r}.")
         self.prune = prune
         self.reset_optimizer = reset_optimizer
+        self.nested = nested
         self.reference_tail_norm: float | None = None
         self.rank_in: int | None = None
         self.last_round: dict[str, Any] = {}
+        self.nested_draws: list[int] = []
+        self._nested_rng: random.Random | None = None
+        self._rounds_begun = 0
+
+    def nested_seed_tag(self) -> str:
+        """What, beside the seeds, makes this round's nested draws differ from another round's."""
+        return f"round-{self._rounds_begun}"
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
@@ -90,7 +112,28 @@ class HetLoRACallback(TrainerCallback):
             self.reference_tail_norm = float(tuner.tail_norm())
         self.rank_in = self._rank(tuner)
         self.last_round = {}
+        self._rounds_begun += 1
+        config = tuner.peft_config[tuner.active_adapters[0]]
+        nested = config.nested if self.nested is None else self.nested
+        self.nested_draws = []
+        self._nested_rng = (
+            random.Random(f"{config.nested_seed}:{args.seed}:{self.nested_seed_tag()}") if nested else None
+        )
         logger.info("HetLoRA local round: rank %d, tail norm %.6g", self.rank_in, self.reference_tail_norm)
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._nested_rng is None:
+            return
+        tuner = hetlora_tuner(kwargs.get("model"))
+        config = tuner.peft_config[tuner.active_adapters[0]]
+        k = self._rank(tuner)
+        draw = self._nested_rng.randint(min(max(1, config.r_min), k), k)
+        self.nested_draws.append(draw)
+        tuner.set_truncation(draw if draw < k else None)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._nested_rng is not None:
+            hetlora_tuner(kwargs.get("model")).set_truncation(None)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if logs is None or kwargs.get("model") is None:
@@ -105,6 +148,8 @@ class HetLoRACallback(TrainerCallback):
         tuner = hetlora_tuner(kwargs.get("model"))
         if self.reference_tail_norm is None:
             return
+        if self._nested_rng is not None:
+            tuner.set_truncation(None)
         with torch.no_grad():
             tail_end = float(tuner.tail_norm())
         rank_before = self._rank(tuner)
