@@ -188,12 +188,13 @@ def frob(dense: dict[str, np.ndarray]) -> float:
 
 
 def component_rule(updates, r_max: int, s: float, previous=None, data_weights=False, clip_norm=None,
-                   cap_ratio: float | None = 10.0):
+                   cap_ratio: float | None = 10.0, per_module=False):
     """The general component rule (DESIGN.md 1.7), one component at a time with explicit loops.
 
     Client k's slot i is global component indices_of(u)[i]; component j of the new global is
     sum_{k: j in I_k} w_k x_k[slot_k(j)] / sum_{k: j in I_k} w_k, w_k = S_k (dense ||s B A||_F of the clipped
-    factors) or the capped n_k; components nobody trained keep previous (zeros without one).
+    factors; with per_module the module's own ||s B_m A_m||_F) or the capped n_k; components nobody trained keep
+    previous (zeros without one).
     """
     clipped = clip(updates, s, clip_norm, previous)
     sizes = capped_sizes([u.num_examples for u in updates], cap_ratio)
@@ -213,6 +214,8 @@ def component_rule(updates, r_max: int, s: float, previous=None, data_weights=Fa
                     continue
                 slot = slots.index(j)
                 w = sizes[k] if data_weights else sk
+                if per_module:
+                    w = np.linalg.norm(s * (b @ a))
                 num_a, num_b, den = num_a + w * a[slot], num_b + w * b[:, slot], den + w
             if den > 0:
                 ga[j], gb[:, j] = num_a / den, num_b / den

@@ -130,6 +130,13 @@ def test_component_rule_matches_the_reference(scenario, with_previous, method, d
         assert res.summary()["components"]["c1"] == [6, 7, 0]
 
 
+def test_component_rule_per_module_weighting_matches_the_reference():
+    updates = make_updates("gap", seed=2)
+    prev = make_previous()
+    res = aggregate(updates, method="component", r_max=R_MAX, scaling=SCALE, previous=prev, weighting="per_module")
+    assert_factors(res, reference.component_rule(updates, R_MAX, SCALE, previous=prev, per_module=True))
+
+
 def test_component_rule_weight_cap_keeps_the_indices_of_held_out_clients():
     """A liar with 1e9 examples is held out for the cap and added back later: at its indices, not as a prefix."""
     updates = make_updates("gap", sizes=[10, 1_000_000_000, 12, 9])
