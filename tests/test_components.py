@@ -271,3 +271,21 @@ def test_a_rejected_indexed_update_leaves_the_aggregator_unchanged():
     with pytest.raises(AggregationError):
         agg.add(ClientUpdate("a", sd, 2, 3, components=(4, 5)))
     assert agg.num_clients == 0
+
+
+def test_gather_components_is_the_sent_window_and_truncate_is_its_prefix_case():
+    from peft_hetlora.federated.keys import gather_components, truncate
+
+    prev = make_sd(np.random.default_rng(7), R_MAX)
+    got = gather_components(prev, (6, 7, 0))
+    for name in SHAPES:
+        a, b = prev[f"{name}.lora_A.weight"].numpy(), prev[f"{name}.lora_B.weight"].numpy()
+        np.testing.assert_array_equal(got[f"{name}.lora_A.weight"].numpy(), a[[6, 7, 0]])
+        np.testing.assert_array_equal(got[f"{name}.lora_B.weight"].numpy(), b[:, [6, 7, 0]])
+    assert torch.equal(got[EXTRA], prev[EXTRA])
+    prefix = gather_components(prev, range(3))
+    assert all(torch.equal(prefix[k], v) for k, v in truncate(prev, 3).items())
+    with pytest.raises(AggregationError, match="do not exist"):
+        gather_components(prev, [R_MAX])
+    with pytest.raises(AggregationError, match="more than once"):
+        gather_components(prev, [1, 1])
