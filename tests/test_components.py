@@ -289,3 +289,9 @@ def test_gather_components_is_the_sent_window_and_truncate_is_its_prefix_case():
         gather_components(prev, [R_MAX])
     with pytest.raises(AggregationError, match="more than once"):
         gather_components(prev, [1, 1])
+
+
+def test_check_components_keeps_a_client_to_its_assignment():
+    assert check_components([6, 1], r_max=8, budget=3, allowed=[1, 6, 7]) == (6, 1)
+    with pytest.raises(RankError, match="not assigned"):
+        check_components([6, 2], r_max=8, budget=3, allowed=[1, 6, 7])

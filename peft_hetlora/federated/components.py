@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,9 @@ __all__ = ["check_components", "coverage_counts", "is_prefix", "unique_indices"]
 _SHOWN = 8  # how many offending values an error message lists
 
 
-def check_components(indices: Any, *, r_max: int, budget: int) -> tuple[int, ...]:
+def check_components(
+    indices: Any, *, r_max: int, budget: int, allowed: Collection[int] | None = None
+) -> tuple[int, ...]:
     """Validate a client's component index list and return it as a tuple of ints, in slot order.
 
     Args:
@@ -39,6 +41,9 @@ def check_components(indices: Any, *, r_max: int, budget: int) -> tuple[int, ...
         r_max: the global adapter's rank; every index must be in ``[0, r_max)``.
         budget: the most components this client may train (its assigned rank, ``rank_in``); ``len(indices)``
             must not exceed it.
+        allowed: the components the server assigned this client for the round (``select_components``), when it
+            assigns them; every index must be one of them, so a client cannot move its weight onto components it
+            was not given. ``None``: any component below ``r_max``.
 
     Returns:
         ``tuple(indices)``, unchanged order.
@@ -50,6 +55,8 @@ def check_components(indices: Any, *, r_max: int, budget: int) -> tuple[int, ...
     Example:
         >>> check_components((0, 1), r_max=4, budget=2)
         (0, 1)
+        >>> check_components([6, 1], r_max=8, budget=2, allowed=(1, 6))
+        (6, 1)
         >>> try:
         ...     check_components([0, 0], r_max=4, budget=2)
         ... except RankError as err:
@@ -65,6 +72,14 @@ def check_components(indices: Any, *, r_max: int, budget: int) -> tuple[int, ...
             f"components: indices {outside[:_SHOWN]} are outside [0, {r_max}); the global adapter has r_max={r_max} "
             "components"
         )
+    if allowed is not None:
+        allowed_set = set(allowed)
+        foreign = [value for value in out if value not in allowed_set]
+        if foreign:
+            raise RankError(
+                f"components {foreign[:_SHOWN]} were not assigned to this client this round (assigned: "
+                f"{sorted(allowed_set)[:16]}); upload only the components in the round plan"
+            )
     return out
 
 
