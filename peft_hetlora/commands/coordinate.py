@@ -31,6 +31,7 @@ from typing import Any
 
 from ..cli import debug_requested, error_line
 from ..federated.aggregation import AGGREGATION_METHODS
+from ..federated.component_selection import SELECTION_POLICIES
 from ..federated.coordinator import NEXT_RANK_RULES, Coordinator, CoordinatorError
 from ..federated.errors import HetLoRAError
 from ..federated.rank_policy import BUDGET_KINDS, RANK_POLICIES, RankPolicy, parse_bytes
@@ -123,6 +124,12 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
                      "min-clients uploads close it.")
     fed.add_argument("--next-rank", choices=NEXT_RANK_RULES, default=None,
                      help="A client's next rank: its reported rank_out (default) or its initial rank.")
+    fed.add_argument("--component-selection", choices=SELECTION_POLICIES, default=None,
+                     help="Which global components each client trains: prefix (default, HetLoRA), rolling "
+                     "(FedRolex-style moving windows) or coverage (every component covered); window policies need "
+                     "--method hetlora, zero_pad, rankwise, component or component_data (docs/federation.md).")
+    fed.add_argument("--anchor", type=int, default=None,
+                     help="Components 0..anchor-1 are in every client's window (window policies; default 0).")
 
     dp = parser.add_argument_group("differential privacy (client-level, central; docs/privacy.md)")
     dp.add_argument("--dp-clip", type=float, default=None,
@@ -277,6 +284,8 @@ def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -
         deadline_s=args.deadline_s,
         next_rank=args.next_rank,
         dp=_dp_config(args, clients),
+        component_selection=getattr(args, "component_selection", None),
+        anchor=getattr(args, "anchor", None),
         poll_interval_s=getattr(args, "poll_interval", 5.0),
         progress=not getattr(args, "no_progress", False),
     )

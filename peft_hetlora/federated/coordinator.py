@@ -59,6 +59,7 @@ from .protocol import (
     RoundPlan,
     RoundSettings,
     check_dp,
+    check_selection,
     close_round,
     round_status,
     weighted_mean,
@@ -110,6 +111,12 @@ class Coordinator(FederationSettings, GlobalPublisher):
             sent), participants are drawn by Poisson sampling at `dp.sampling_rate`, summaries record `privacy`
             and leave out per-client norms. Needs method rankwise, zero_pad or fedavg (docs/privacy.md).
         dp_noise_seed: derive the DP noise from `seed` (reproducible tests only: a known seed voids the privacy).
+        component_selection: which global components each participant trains (DESIGN.md 1.7,
+            `component_selection.select_components`): "prefix" (default, HetLoRA), "rolling" (FedRolex-style
+            windows) or "coverage" (every component trained by as many clients as possible). A window policy writes
+            `components: {client_id: [j, ...]}` into round.json and needs a method that accepts component-indexed
+            uploads (hetlora, zero_pad, rankwise, component, component_data) and no `dp`.
+        anchor: components 0 .. anchor-1 are in every client's window (window policies; default 0).
         clock, sleep: injectable time source and sleep (tests never sleep).
 
     Example:
@@ -144,6 +151,8 @@ class Coordinator(FederationSettings, GlobalPublisher):
         max_examples: int = DEFAULT_MAX_EXAMPLES,
         allow_per_module_ranks: bool = False,
         require_global_revision: bool = False,
+        component_selection: str | None = None,
+        anchor: int | None = None,
         poll_interval_s: float = 5.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
@@ -154,6 +163,9 @@ class Coordinator(FederationSettings, GlobalPublisher):
         if next_rank is not None and next_rank not in NEXT_RANK_RULES:
             raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
         check_dp(method or "hetlora", dp)
+        if component_selection is not None or anchor is not None:
+            # the method may still come from federation.json: round_settings() checks it again then
+            check_selection(method or "hetlora", component_selection or "prefix", anchor or 0, r_max=r_max, dp=dp)
         if clients is not None:
             clients = [validate_client_id(c) for c in clients]
             if len(set(clients)) != len(clients):
@@ -167,6 +179,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
             "clients_per_round": clients_per_round, "min_clients": min_clients, "rounds": rounds, "seed": seed,
             "scaling": scaling, "clip_norm": clip_norm, "max_upload_bytes": max_upload_bytes,
             "deadline_s": deadline_s, "next_rank": next_rank, "dp": dp.to_dict() if dp is not None else None,
+            "component_selection": component_selection, "anchor": anchor,
         }
         self._dp = dp
         self.dp_noise_seed = dp_noise_seed
@@ -317,6 +330,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
         update = validate_upload(
             folder, spec, client_id=client_id, round_idx=plan.round, assigned_rank=plan.ranks.get(client_id),
             required_rank=plan.ranks.get(client_id) if self.method == "fedavg" else None,
+            assigned_components=plan.components_of(client_id),
         )
         revision = update.metadata.get("global_revision")
         if self.require_global_revision and revision != plan.revision:
@@ -343,7 +357,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
         return RoundSettings(
             method=self.method, r_max=self.r_max, r_min=self.r_min, scaling=self.scaling,
             clip_norm=self._setting("clip_norm"), next_rank=self.next_rank, dp=self.dp, seed=self.seed,
-            dp_noise_seed=self.dp_noise_seed,
+            dp_noise_seed=self.dp_noise_seed, component_selection=self.component_selection, anchor=self.anchor,
         )
 
     def _uploads(self, plan: RoundPlan, client_ids: Sequence[str], expect_sha: Mapping[str, str] | None

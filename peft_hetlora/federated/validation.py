@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .aggregation import ClientUpdate
+from .components import check_components, is_prefix
 from .errors import HetLoRAError, RankError
 from .ranks import check_rank
 from .untrusted_text import brief, one_line
@@ -371,8 +372,14 @@ def validate_client_json(
     client_id: str,
     round_idx: int,
     assigned_rank: int | None = None,
+    assigned_components: Sequence[int] | None = None,
 ) -> dict:
     """Check the fields of a parsed client.json; returns it (a dict) or raises `RejectedUpload`.
+
+    The optional ``components`` field (a window client's global index of each uploaded slot, DESIGN.md 1.7) must
+    pass `components.check_components` with budget ``rank_in`` and, when the round assigned components
+    (``assigned_components``; else the prefix ``range(assigned_rank)``), only those; its length must equal
+    ``rank_out``. A client the round assigned a window (not a prefix) must report ``components``.
 
     Example:
         ```py
@@ -407,6 +414,7 @@ def validate_client_json(
         if max_rank < spec.r_min:
             raise RejectedUpload(f"client.json max_rank {max_rank} is below the federation's r_min={spec.r_min}: this "
                                  "device cannot train the smallest rank the federation allows")
+    _check_report_components(meta, spec, assigned_rank, assigned_components)
     _check_number(meta, "train_loss")
     _check_number(meta, "tail_norm_start", non_negative=True)
     _check_number(meta, "tail_norm_end", non_negative=True)
@@ -417,12 +425,36 @@ def validate_client_json(
     return meta
 
 
+def _check_report_components(meta: dict, spec: UploadSpec, assigned_rank: int | None,
+                             assigned_components: Sequence[int] | None) -> None:
+    raw = meta.get("components")
+    if raw is None:
+        if assigned_components is not None and not is_prefix(list(assigned_components)):
+            raise RejectedUpload(
+                f"the round assigned this client the components {list(assigned_components)[:16]} but client.json "
+                "reports none (it trained the prefix); train the assigned window and report `components`"
+            )
+        return
+    if assigned_components is not None:
+        allowed: Sequence[int] | None = list(assigned_components)
+    else:
+        allowed = range(assigned_rank) if assigned_rank is not None else None
+    try:
+        indices = check_components(raw, r_max=spec.r_max, budget=meta["rank_in"], allowed=allowed)
+    except RankError as err:
+        raise RejectedUpload(f"client.json {err}") from None
+    if len(indices) != meta["rank_out"]:
+        raise RejectedUpload(f"client.json components lists {len(indices)} indices but rank_out is "
+                             f"{meta['rank_out']}; report one global index per uploaded component")
+    meta["components"] = list(indices)
+
+
 def _checked_report(raw: bytes, spec: UploadSpec, *, client_id: str, round_idx: int, assigned_rank: int | None,
-                    required_rank: int | None) -> dict:
+                    required_rank: int | None, assigned_components: Sequence[int] | None = None) -> dict:
     if len(raw) > spec.max_json_bytes:
         raise RejectedUpload(f"{CLIENT_FILE} is {len(raw):,} bytes, above the {spec.max_json_bytes:,}-byte limit")
     meta = validate_client_json(_loads_strict(raw, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
-                                assigned_rank=assigned_rank)
+                                assigned_rank=assigned_rank, assigned_components=assigned_components)
     if required_rank is not None and meta["rank_out"] != required_rank:
         raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method "
                              "requires")
@@ -457,6 +489,7 @@ def _update_from_bytes(data: bytes, meta: dict, spec: UploadSpec, *, client_id: 
         rank=int(meta["rank_out"]),
         num_examples=int(meta["num_examples"]),
         metadata=metadata,
+        components=meta.get("components"),
     )
 
 
@@ -469,6 +502,7 @@ def validate_update(
     round_idx: int,
     assigned_rank: int | None = None,
     required_rank: int | None = None,
+    assigned_components: Sequence[int] | None = None,
 ) -> ClientUpdate:
     """Validate one in-memory upload: the adapter (safetensors bytes, or a state dict) and its report (client.json).
 
@@ -494,7 +528,7 @@ def validate_update(
         except (TypeError, ValueError) as err:
             raise RejectedUpload(f"{CLIENT_FILE} is not JSON-serialisable ({err})") from None
     meta = _checked_report(raw_meta, spec, client_id=client_id, round_idx=round_idx, assigned_rank=assigned_rank,
-                           required_rank=required_rank)
+                           required_rank=required_rank, assigned_components=assigned_components)
     if isinstance(adapter, (bytes, bytearray)):
         data = bytes(adapter)
     else:
