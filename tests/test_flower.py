@@ -448,3 +448,51 @@ def test_dp_rounds_on_flower_equal_the_plain_mean_without_noise_and_record_epsil
     for key, value in expected.items():
         np.testing.assert_allclose(strategy.global_state[key].double().numpy(), value, rtol=1e-5, atol=1e-6)
     assert store.read_federation()["dp"]["clip"] == 1e9 and store.read_summary(0)["privacy"]["rounds"] == 1
+
+
+def test_coverage_windows_on_flower_train_the_assigned_components_and_match_the_component_rule(initial):
+    ranks = {"client-0": 2, "client-1": 3, "client-2": 4}
+    strategy = strategy_for(3, ranks, method="component", component_selection="coverage")
+    grid = inline_grid(3)
+    messages = list(strategy.configure_train(1, ArrayRecord(initial), ConfigRecord(), grid))
+    windows = {m.content["config"]["client-id"]: list(m.content["config"][rec.COMPONENTS]) for m in messages}
+    assert {cid: len(w) for cid, w in windows.items()} == ranks
+    assert sorted({j for w in windows.values() for j in w}) == list(range(R_MAX))  # 2 + 3 + 4 >= 8: all covered
+    for m in messages:  # a window client keeps the rest of the global frozen: it receives all of it
+        assert_state_close(rec.arrays_to_state_dict(m.content["arrays"]), initial, atol=0)
+
+    strategy = strategy_for(3, ranks, method="component", component_selection="coverage")
+    strategy.start(grid=inline_grid(3), initial_arrays=ArrayRecord(initial), num_rounds=1)
+    summary = strategy.history[0]
+    assert summary["accepted"] == sorted(ranks) and not summary["rejected"]
+    updates = strategy.round_updates[0]
+    # self-pruning under a window drops its tail (highest indices): the upload is the window's first rank_out
+    assert {u.client_id: list(u.components or range(u.rank)) for u in updates} == {
+        cid: w[: summary["clients"][cid]["rank_out"]] for cid, w in windows.items()}
+    trained = [list(u.components or range(u.rank)) for u in updates]
+    assert summary["coverage"] == [sum(j in w for w in trained) for j in range(R_MAX)]
+    expected = np_ref.component_rule(updates, R_MAX, 16 / R_MAX, previous=initial)
+    got = np_ref.np_modules(strategy.global_state)
+    for name, (a, b) in expected.items():
+        np.testing.assert_allclose(got[name][0], a, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got[name][1], b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_reply_with_components_outside_its_window_is_rejected(initial):
+    ranks = {"client-0": 2, "client-1": 3, "client-2": 4}
+
+    def shift(content):
+        metrics = dict(content["metrics"])
+        metrics[rec.COMPONENTS] = [R_MAX - 1 - i for i in range(len(metrics[rec.COMPONENTS]))]  # the top ones
+        return RecordDict({"arrays": content["arrays"], "metrics": MetricRecord(metrics)})
+
+    strategy = strategy_for(3, ranks, method="component", component_selection="rolling")  # round 0: prefixes
+    strategy.start(grid=inline_grid(3, tamper={"client-1": shift}), initial_arrays=ArrayRecord(initial),
+                   num_rounds=1)
+    assert "not assigned" in strategy.history[0]["rejected"]["client-1"]
+    assert strategy.history[0]["accepted"] == ["client-0", "client-2"]
+
+
+def test_window_selection_needs_a_method_that_takes_components():
+    with pytest.raises(ValueError, match="cannot aggregate"):
+        HetLoRAStrategy(CONFIG, method="flexlora", component_selection="rolling")

@@ -31,6 +31,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from peft_hetlora.federated.components import check_components
+from peft_hetlora.federated.errors import RankError
 from peft_hetlora.federated.ranks import check_rank
 
 from . import records as rec
@@ -71,6 +73,17 @@ def _check_rank(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> in
                       hi_name="this node's max-rank" if max_rank is not None and int(max_rank) < r_max else "r_max",
                       hint="the strategy caps ranks at the max-rank a node reports, so this is a server/strategy "
                            "mismatch")
+
+
+def _window(config: Mapping[str, Any], rank: int) -> list[int] | None:
+    """The window the server assigned (ConfigRecord ``components``), checked; None for the prefix."""
+    if rec.COMPONENTS not in config:
+        return None
+    r_max = int(config[rec.R_MAX]) if rec.R_MAX in config else 1 << 30
+    try:
+        return list(check_components(list(config[rec.COMPONENTS]), r_max=r_max, budget=rank))
+    except RankError as err:
+        raise ValueError(f"the server's window is malformed ({err}); a server/strategy mismatch") from None
 
 
 def make_client_app(
@@ -114,6 +127,7 @@ def make_client_app(
         if config.get(rec.CLIENT_ID) not in (None, client_id):
             raise ValueError(f"Message for client {config[rec.CLIENT_ID]!r} reached node {client_id!r}.")
         rank = _check_rank(config, context.node_config)
+        window = _window(config, rank)
         _settle_heap()
         task = task_fn(_partition_id(context), _settings(context))
         global_state = rec.arrays_to_state_dict(msg.content[rec.ARRAYS_KEY])
@@ -124,6 +138,7 @@ def make_client_app(
             rank=rank,
             training=LocalTrainingConfig.from_config(config, defaults),
             seed=int(config.get(rec.SEED, 0)),
+            components=window,
         )
         metrics: dict[str, Any] = {
             rec.NUM_EXAMPLES: out.num_examples,
@@ -138,6 +153,8 @@ def make_client_app(
         ):
             if value is not None:
                 metrics[key] = float(value)
+        if out.extra.get("components") is not None:
+            metrics[rec.COMPONENTS] = [int(j) for j in out.extra["components"]]
         logger.info("client %s round %s: rank %d -> %d, loss %s", client_id, config.get(rec.ROUND), out.rank_in,
                     out.rank_out, out.train_loss)
         content = RecordDict(

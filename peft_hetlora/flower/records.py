@@ -51,6 +51,7 @@ R_MIN = "r-min"
 ADAPTER_CONFIG = "adapter-config"
 SEED = "seed"
 METHOD = "method"
+COMPONENTS = "components"  # a window client's global components: ConfigRecord to it, MetricRecord back
 
 NUM_EXAMPLES = "num-examples"
 RANK_IN = "rank-in"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from flwr.app import RecordDict
@@ -27,7 +27,8 @@ class ReplyValidation:
                                  "pass it at full rank (HetLoRAConfig(r=r_max, rank=r_max)).")
         self.global_state = state
 
-    def _validate_reply(self, t: int, cid: str, rank: int, content: RecordDict) -> ClientUpdate:
+    def _validate_reply(self, t: int, cid: str, rank: int, content: RecordDict,
+                        assigned_components: Sequence[int] | None = None) -> ClientUpdate:
         """The coordinator's upload checks on an in-memory reply (`validation.validate_update`: no file written)."""
         if self.arrayrecord_key not in content or rec.METRICS_KEY not in content:
             raise RejectedUpload(f"reply lacks its {self.arrayrecord_key!r} ArrayRecord or {rec.METRICS_KEY!r} "
@@ -49,7 +50,9 @@ class ReplyValidation:
             "global_revision": self._revisions.get(t),
             "local_seconds": metrics.get("seconds"),
         }
+        if metrics.get(rec.COMPONENTS) is not None:
+            meta["components"] = list(metrics[rec.COMPONENTS])
         return validate_update(
             state, meta, self.spec, client_id=cid, round_idx=t, assigned_rank=rank,
-            required_rank=rank if self.method == "fedavg" else None,
+            required_rank=rank if self.method == "fedavg" else None, assigned_components=assigned_components,
         )
