@@ -496,3 +496,50 @@ def test_a_reply_with_components_outside_its_window_is_rejected(initial):
 def test_window_selection_needs_a_method_that_takes_components():
     with pytest.raises(ValueError, match="cannot aggregate"):
         HetLoRAStrategy(CONFIG, method="flexlora", component_selection="rolling")
+
+
+def test_bf16_and_int8_replies_are_decoded_before_aggregation_and_lies_are_rejected(initial):
+    from peft_hetlora.federated.compression import SCALE_SUFFIX
+
+    ranks = {"client-0": 4, "client-1": 4, "client-2": 4}
+    grid = inline_grid(3)
+    grid.node_configs = {n: {**c, rec.MESSAGE_FORMAT: ("bf16", "int8-block64", "fp32")[c["partition-id"]]}
+                         for n, c in grid.node_configs.items()}
+    grid.contexts = {n: Context(run_id=1, node_id=n, node_config=dict(c), state=RecordDict(), run_config={})
+                     for n, c in grid.node_configs.items()}
+    strategy = strategy_for(3, ranks, method="hetlora")
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=1)
+    summary = strategy.history[0]
+    assert summary["accepted"] == sorted(ranks)
+    assert {c: summary["clients"][c]["message_format"] for c in ranks} == {
+        "client-0": "bf16", "client-1": "int8-block64", "client-2": "fp32"}
+    assert summary["clients"]["client-0"]["upload_bytes"] < summary["clients"]["client-2"]["upload_bytes"]
+    replies = {m.content["config"]["client-id"]: m for m in grid.sent if m.metadata.message_type == "train"}
+    assert replies  # the decoded updates the strategy aggregated are float32 and close to what was sent
+    for update in strategy.round_updates[0]:
+        assert all(v.dtype == torch.float32 for v in update.state_dict.values())
+    assert_matches_reference(strategy.global_state, strategy.round_updates[0], "hetlora",
+                             weights=summary["weights"])
+
+    def fp32_declared_bf16(content):  # declares bf16, sends float32
+        arrays = rec.arrays_to_state_dict(content["arrays"])
+        if content["message"]["message-format"] == "bf16":
+            arrays = {k: v.view(torch.bfloat16).float() for k, v in arrays.items()}
+        return RecordDict({"arrays": rec.state_dict_to_arrays(arrays), "metrics": content["metrics"],
+                           "message": content["message"]})
+
+    def nan_scale(content):
+        arrays = rec.arrays_to_state_dict(content["arrays"])
+        key = next(k for k in sorted(arrays) if k.endswith(SCALE_SUFFIX))
+        arrays[key] = arrays[key].clone()
+        arrays[key][0] = float("nan")
+        return RecordDict({"arrays": rec.message_to_arrays(arrays), "metrics": content["metrics"],
+                           "message": content["message"]})
+
+    grid.tamper = {"client-0": fp32_declared_bf16, "client-1": nan_scale}
+    strategy = strategy_for(3, ranks, method="hetlora", message_formats=["bf16", "int8", "fp32"])
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=1)
+    summary = strategy.history[0]
+    assert summary["accepted"] == ["client-2"]
+    assert "declares message_format 'bf16'" in summary["rejected"]["client-0"]
+    assert "NaN" in summary["rejected"]["client-1"]

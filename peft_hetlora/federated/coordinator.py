@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .aggregation import AGGREGATION_METHODS, ClientUpdate
+from .compression import parse_message_format
 from .errors import CoordinatorError, FederationMismatch
 from .federation import (
     FederationSettings,
@@ -117,6 +118,9 @@ class Coordinator(FederationSettings, GlobalPublisher):
             `components: {client_id: [j, ...]}` into round.json and needs a method that accepts component-indexed
             uploads (hetlora, zero_pad, rankwise, component, component_data) and no `dp`.
         anchor: components 0 .. anchor-1 are in every client's window (window policies; default 0).
+        message_formats: the compressed upload formats clients may declare in client.json `message_format`
+            ("fp32", "bf16", "fp16", "int8-block<B>"; `compression`); None (default) allows all. Uploads are checked
+            against their declared format and decoded to float32 before aggregation; globals stay float32.
         clock, sleep: injectable time source and sleep (tests never sleep).
 
     Example:
@@ -153,6 +157,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
         require_global_revision: bool = False,
         component_selection: str | None = None,
         anchor: int | None = None,
+        message_formats: Sequence[str] | None = None,
         poll_interval_s: float = 5.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
@@ -173,13 +178,17 @@ class Coordinator(FederationSettings, GlobalPublisher):
         for name, value in (("clip_norm", clip_norm), ("deadline_s", deadline_s), ("scaling", scaling)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}.")
+        if message_formats is not None:
+            message_formats = sorted({parse_message_format(name).name for name in message_formats})
+            if not message_formats:
+                raise ValueError("message_formats must name at least one format (or None for all).")
         self.store = store
         self._requested = {
             "method": method, "r_max": r_max, "r_min": r_min, "clients": list(clients) if clients else None,
             "clients_per_round": clients_per_round, "min_clients": min_clients, "rounds": rounds, "seed": seed,
             "scaling": scaling, "clip_norm": clip_norm, "max_upload_bytes": max_upload_bytes,
             "deadline_s": deadline_s, "next_rank": next_rank, "dp": dp.to_dict() if dp is not None else None,
-            "component_selection": component_selection, "anchor": anchor,
+            "component_selection": component_selection, "anchor": anchor, "message_formats": message_formats,
         }
         self._dp = dp
         self.dp_noise_seed = dp_noise_seed
@@ -317,6 +326,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
             self._spec = UploadSpec.from_safetensors(
                 path, r_min=self.r_min, r_max=self.r_max, max_upload_bytes=self._setting("max_upload_bytes"),
                 max_examples=self.max_examples, allow_per_module_ranks=self.allow_per_module_ranks,
+                message_formats=self._setting("message_formats"),
             )
         return self._spec
 

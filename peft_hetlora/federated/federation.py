@@ -46,7 +46,8 @@ IDENTITY_FIELDS = ("method", "r_max", "r_min", "base_model")
 # Every setting federation.json records; a coordinator given another value than the stored one is refused
 # (FederationMismatch), except `rounds`, which may grow (extending a federation).
 SETTING_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "seed", "scaling",
-                  "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection", "anchor")
+                  "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection", "anchor",
+                  "message_formats")
 # What a federation.json without the setting means (older records).
 _SETTING_DEFAULTS = {"component_selection": "prefix", "anchor": 0}
 # Fields of the adapter config that change the math: an initial adapter that differs in one is another federation.
@@ -218,6 +219,7 @@ def new_federation(identity: Mapping[str, Any], config: Mapping[str, Any], modul
         record["dp"] = requested["dp"]
     record["component_selection"] = requested.get("component_selection") or "prefix"
     record["anchor"] = requested.get("anchor") or 0
+    record["message_formats"] = requested.get("message_formats")  # None: every format
     return record
 
 

@@ -54,6 +54,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from peft_hetlora.federated.aggregation import AGGREGATION_METHODS, ClientUpdate, truncate
+from peft_hetlora.federated.compression import parse_message_format
 from peft_hetlora.federated.federation import scaling_from_config
 from peft_hetlora.federated.privacy import DPConfig
 from peft_hetlora.federated.protocol import (
@@ -111,6 +112,10 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             rest frozen and returns them with their indices in its MetricRecord). Needs a method that accepts
             component-indexed uploads (hetlora, zero_pad, rankwise, component, component_data) and no ``dp``.
         anchor: components ``0 .. anchor-1`` are in every window.
+        message_formats: the compressed reply formats clients may declare (``message-format`` in their reply's
+            ``message`` ConfigRecord: ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8-block<B>"``); None allows all.
+            Replies are checked against their declaration and decoded to float32 before aggregation; the global goes
+            out in fp32.
         training: local training settings sent to the clients (`LocalTrainingConfig`).
         store: mirror every round to this `AdapterStore` in the coordinator's layout.
         query_timeout: seconds to wait for nodes to report their client id.
@@ -162,6 +167,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         sleep: Callable[[float], None] = time.sleep,
         component_selection: str = "prefix",
         anchor: int = 0,
+        message_formats: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -177,6 +183,8 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
         check_dp(method, dp)
         check_selection(method, component_selection, anchor, dp=dp)
+        self.message_formats = (tuple(sorted({parse_message_format(m).name for m in message_formats}))
+                                if message_formats is not None else None)
         self.component_selection = component_selection
         self.anchor = int(anchor)
         self.dp = dp
