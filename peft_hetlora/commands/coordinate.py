@@ -149,6 +149,13 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Device budgets: a=64MB,b=1GiB or a JSON file (budget policy).")
     ranks.add_argument("--budget-kind", choices=BUDGET_KINDS, default="memory",
                        help="memory: Adam training state (4 copies x 4 bytes per parameter); params: the weights.")
+    ranks.add_argument("--memory-model", default=None,
+                       help="With --budgets: budgets are a device's peak memory for a whole local round, sized from "
+                       "the measured table of this model (e.g. smollm2-135m; docs/federation.md).")
+    ranks.add_argument("--memory-quantize", choices=("float32", "8bit", "4bit"), default=None,
+                       help="The base model's quantisation for --memory-model (default float32).")
+    ranks.add_argument("--memory-table", default=None,
+                       help="A benchmarks/bench_memory.py --out JSON file to use instead of the shipped table.")
     ranks.add_argument("--tiers", type=_float_pairs, default=None, help="Tier fractions: small=0.5,medium=0.3,...")
     ranks.add_argument("--tier-ranks", type=_int_pairs, default=None, help="Tier ranks: small=2,medium=8,...")
 
@@ -232,7 +239,9 @@ def _rank_policy(args: argparse.Namespace) -> RankPolicy | None:
         else:
             return None
     return RankPolicy(kind=kind, ranks=args.ranks, rank=args.rank, budgets=args.budgets, budget_kind=args.budget_kind,
-                      tiers=args.tiers, tier_ranks=args.tier_ranks)
+                      tiers=args.tiers, tier_ranks=args.tier_ranks, memory_model=getattr(args, "memory_model", None),
+                      quantize=getattr(args, "memory_quantize", None) or "float32",
+                      memory_table=getattr(args, "memory_table", None))
 
 
 def _dp_config(args: argparse.Namespace, clients: Sequence[str] | None) -> Any:
