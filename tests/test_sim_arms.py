@@ -12,7 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peft_hetlora.simulation.arm_report import extra_sections, message_rows, poisoned_rows, privacy_rows, reference_rows
+from peft_hetlora.simulation.arm_report import (
+    extra_sections,
+    message_rows,
+    poisoned_rows,
+    privacy_rows,
+    reference_rows,
+)
 from peft_hetlora.simulation.attacks import choose_attackers, poison_upload
 from peft_hetlora.simulation.client_uploads import UploadTransform
 from peft_hetlora.simulation.config import SimulationConfig
@@ -110,7 +116,9 @@ def test_attacker_upload_is_transformed_before_it_is_sent(tmp_path):
 
 # --------------------------------------------------------------------------------------------- report
 def _rows(ppls, upload, **extra):
-    return [{"round": t, "heldout_ppl": p, "upload_bytes": 0 if t == 0 else upload, **extra} for t, p in enumerate(ppls)]
+    return [
+        {"round": t, "heldout_ppl": p, "upload_bytes": 0 if t == 0 else upload, **extra} for t, p in enumerate(ppls)
+    ]
 
 
 def _synthetic():
@@ -152,8 +160,10 @@ def test_dp_arm_settings_follow_the_issue():
     from peft_hetlora.simulation.runner import arm_coordinator_settings
 
     cfg = SimulationConfig.from_sources(profile="quick", overrides={"dp_clip": 0.5})
-    ranks = {f"c{i}": 2 for i in range(6)}
+    ranks = {"c0": 2, "c1": 2, "c2": 4, "c3": 8, "c4": 2, "c5": 6}
     dp = arm_coordinator_settings(cfg, "dp_eps4", 8, ranks, 0)["dp"]
+    # fraction of clients whose rank exceeds j, by hand
+    assert dp.expected_coverage == pytest.approx((1, 1, 3 / 6, 3 / 6, 2 / 6, 2 / 6, 1 / 6, 1 / 6))
     assert dp.target_epsilon == 4.0 and dp.clip == 0.5
     assert dp.sampling_rate == pytest.approx(cfg.clients_per_round / 6)
     assert dp.delta == pytest.approx(1 / 6**1.1)

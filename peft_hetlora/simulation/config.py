@@ -185,6 +185,13 @@ class SimulationConfig:
             raise ValueError(f"reference={self.reference!r} must be one of the methods {self.methods}.")
         if not self.seeds:
             raise ValueError("`seeds` must name at least one seed.")
+        if self.engine == "flower":
+            special = [m for m in self.methods if {"dp_epsilon", "attack", "selection", "nested"} & set(ARMS[m])]
+            if special or self.message_format != "fp32" or self.quantize is not None:
+                raise ValueError(
+                    f"engine='flower' runs the plain arms only (not {special or 'message_format/quantize'}); "
+                    "use engine='inprocess' for the DP, poisoned, window, nested and message-format arms."
+                )
         if self.attack not in ATTACKS:
             raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}.")
         if not 0.0 <= self.attack_fraction <= 1.0:

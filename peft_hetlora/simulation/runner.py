@@ -455,7 +455,9 @@ def arm_coordinator_settings(
     """The `Coordinator` keyword arguments of an arm (DP settings, component selection) besides the store.
 
     DP arms: `DPConfig(target_epsilon=..., rounds=config.rounds, sampling_rate=clients_per_round / N,
-    population=N)` (so delta = 1 / N**1.1, Poisson sampling) with clip ``config.dp_clip``.
+    population=N)` (so delta = 1 / N**1.1, Poisson sampling) with clip ``config.dp_clip`` and the expected
+    coverage of each component from the (public) device ranks. DP arms do not self-prune: a pruned rank is a
+    data-dependent value the server would see outside the noise.
 
     Example:
         ```py
@@ -489,6 +491,8 @@ def arm_coordinator_settings(
             sampling_rate=per_round / len(clients),
             population=len(clients),
             accountant=config.dp_accountant,
+            # public: the device ranks, not the data; component j is divided by q * N * coverage_j
+            expected_coverage=tuple(sum(r > j for r in ranks.values()) / len(clients) for j in range(r_arm)),
         )
     if "selection" in spec:
         accepted = inspect.signature(Coordinator.__init__).parameters
