@@ -271,3 +271,21 @@ def test_bf16_messages_end_to_end_count_half_the_tensor_bytes(tmp_path):
     numel = sum(t.numel() for d in clients.iterdir() for t in load_file(str(d / "adapter_model.safetensors")).values())
     assert row["payload_bytes"] == 2 * numel and row["message_format"] == "bf16"
     assert row["upload_bytes"] < 4 * numel
+
+
+@NEEDS_DATA
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="--quantize 8bit needs bitsandbytes")
+def test_cli_quantized_base_and_int8_messages(tmp_path, capsys):
+    from peft_hetlora.cli import main
+
+    args = ["simulate", "--profile", "quick", "--methods", "rankwise", "--rounds", "1", "--num-clients", "4",
+            "--clients-per-round", "2", "--local-steps", "1", "--quantize", "8bit", "--message-format",
+            "int8-block64", "--out", str(tmp_path)]
+    assert main(args) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "Base model quantised (8bit)" in text and '"backend": "bnb-8bit"' in text
+    assert "## Messages: perplexity vs bytes" in text and "| rankwise | int8-block64 |" in text
+    row = _jsonl(tmp_path / "seed-0" / "rankwise" / "rounds.jsonl")[1]
+    clients = tmp_path / "seed-0" / "rankwise" / "store" / "rounds" / "0" / "clients"
+    tensors = [t for d in clients.iterdir() for t in load_file(str(d / "adapter_model.safetensors")).values()]
+    assert row["payload_bytes"] == sum(t.numel() + 4 * math.ceil(t.numel() / 64) for t in tensors)
