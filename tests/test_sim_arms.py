@@ -289,3 +289,33 @@ def test_cli_quantized_base_and_int8_messages(tmp_path, capsys):
     clients = tmp_path / "seed-0" / "rankwise" / "store" / "rounds" / "0" / "clients"
     tensors = [t for d in clients.iterdir() for t in load_file(str(d / "adapter_model.safetensors")).values()]
     assert row["payload_bytes"] == sum(t.numel() + 4 * math.ceil(t.numel() / 64) for t in tensors)
+
+
+def _has_component_selection():
+    from peft_hetlora.federated.coordinator import Coordinator
+
+    return "component_selection" in inspect.signature(Coordinator.__init__).parameters
+
+
+@NEEDS_DATA
+@pytest.mark.skipif(not _has_component_selection(), reason="needs Coordinator(component_selection=...)")
+def test_window_arms_run_end_to_end_and_upload_only_their_window(tmp_path):
+    from peft_hetlora.simulation.runner import run_simulation
+
+    arms = ["window_rolling", "window_coverage", "homlora_rmax"]
+    report = run_simulation(_quick(methods=arms), tmp_path)
+    assert "## Against HomLoRA(r_max)" in report.read_text()
+    windows_seen = 0
+    for arm in arms[:2]:
+        rows = _jsonl(tmp_path / "seed-0" / arm / "rounds.jsonl")
+        assert [r["round"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["heldout_ppl"]) for r in rows)
+        store = tmp_path / "seed-0" / arm / "store" / "rounds"
+        for t in (0, 1):
+            assigned = json.loads((store / str(t) / "global" / "round.json").read_text())["components"]
+            for cid, window in assigned.items():
+                meta = json.loads((store / str(t) / "clients" / cid / "client.json").read_text())
+                sent = load_file(str(store / str(t) / "clients" / cid / "adapter_model.safetensors"))
+                assert meta["components"] == window
+                assert all(v.shape[0 if ".lora_A." in k else 1] == len(window) for k, v in sent.items())
+                windows_seen += window != list(range(len(window)))
+    assert windows_seen > 0  # some client trained a window that is not a prefix
