@@ -319,3 +319,26 @@ def test_window_arms_run_end_to_end_and_upload_only_their_window(tmp_path):
                 assert all(v.shape[0 if ".lora_A." in k else 1] == len(window) for k, v in sent.items())
                 windows_seen += window != list(range(len(window)))
     assert windows_seen > 0  # some client trained a window that is not a prefix
+
+
+def test_upload_already_encoded_by_the_client_is_attacked_in_its_declared_format(tmp_path):
+    from peft_hetlora.federated.compression import decode_message, encode_message
+
+    state = _state(seed=2)
+    folder = tmp_path / "declared"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(encode_message(state, "bf16"))
+    (folder / "client.json").write_text(json.dumps({"message_format": "bf16"}))
+    sent = {}
+
+    class _RawStore:
+        def upload_client(self, round_idx, client_id, folder):
+            sent["bytes"] = (folder / "adapter_model.safetensors").read_bytes()
+
+    proxy = UploadTransform(_RawStore(), attack="scale", attack_scale=2.0)  # the simulation's own format is ignored
+    proxy.upload_client(0, "c1", folder)
+    decoded = decode_message(sent["bytes"], "bf16")
+    bf16 = {k: v.to(torch.bfloat16).float() for k, v in state.items()}
+    np.testing.assert_allclose(decoded[KEY_B].numpy(), 2.0 * bf16[KEY_B].numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(decoded[KEY_A].numpy(), bf16[KEY_A].numpy())
+    assert proxy.payload_bytes == 2 * sum(v.numel() for v in state.values())

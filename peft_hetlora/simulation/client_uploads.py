@@ -21,14 +21,20 @@ Example:
 
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
-from ..federated.compression import decode_message, encode_message, parse_message_format, payload_nbytes
+from ..federated.compression import (
+    MESSAGE_FORMAT_FIELD,
+    decode_message,
+    encode_message,
+    parse_message_format,
+    payload_nbytes,
+)
 from .attacks import poison_upload
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -65,19 +71,29 @@ class UploadTransform:
         return getattr(self._store, name)
 
     def upload_client(self, round_idx: int, client_id: str, folder: str | Path) -> None:
-        path = Path(folder) / ADAPTER_FILE
-        state = load_file(str(path))
+        folder = Path(folder)
+        path = folder / ADAPTER_FILE
+        meta_path = folder / "client.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        # a client callback that encodes its own messages declares the format in client.json
+        declared = meta.get(MESSAGE_FORMAT_FIELD) if isinstance(meta, dict) else None
+        if declared is not None:
+            fmt = parse_message_format(declared)
+            state = decode_message(path.read_bytes(), fmt)
+        else:
+            fmt = self.message_format
+            state = load_file(str(path))
         if self.attack is not None:
             if self.honest_copy is not None:
                 self.honest_copy.parent.mkdir(parents=True, exist_ok=True)
                 save_file(state, str(self.honest_copy))
             state = poison_upload(state, self.attack, self.attack_scale)
-        message = encode_message(state, self.message_format)
-        self.sent_bytes = len(message) + sum(
-            (Path(folder) / f).stat().st_size for f in os.listdir(folder) if f != ADAPTER_FILE
-        )
-        decoded = decode_message(message, self.message_format)
-        self.payload_bytes = payload_nbytes(load_bytes(message))
-        if self.attack is not None or self.message_format.kind != "fp32":
+        message = path.read_bytes() if declared is not None and self.attack is None else encode_message(state, fmt)
+        if declared is not None:
+            path.write_bytes(message)  # already in its declared format: send as is
+        elif self.attack is not None or fmt.kind != "fp32":
+            decoded = decode_message(message, fmt)
             save_file({k: v.contiguous() for k, v in decoded.items()}, str(path))
+        self.sent_bytes = len(message) + sum(f.stat().st_size for f in folder.iterdir() if f.name != ADAPTER_FILE)
+        self.payload_bytes = payload_nbytes(load_bytes(message))
         self._store.upload_client(round_idx, client_id, folder)

@@ -358,7 +358,11 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                     honest_copy=arm_dir / "honest_uploads" / f"round-{t}" / f"{cid}.safetensors",
                 )
                 callback = FederatedClientCallback(
-                    client_store, cid, num_examples=len(wb.train[cid]), prune=spec["prune"], **_callback_options(spec)
+                    client_store,
+                    cid,
+                    num_examples=len(wb.train[cid]),
+                    prune=spec["prune"],
+                    **_callback_options(spec, config.message_format),
                 )
                 client_seed = wb.seed * 100_003 + t * 101 + clients.index(cid)
                 trainer = Trainer(
@@ -426,8 +430,12 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
     return info
 
 
-def _callback_options(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"nested": True} if spec.get("nested") else {}
+def _callback_options(spec: dict[str, Any], message_format: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"nested": True} if spec.get("nested") else {}
+    # a callback that encodes its own uploads declares the format; otherwise UploadTransform round-trips it
+    if message_format != "fp32" and "message_format" in inspect.signature(FederatedClientCallback).parameters:
+        options["message_format"] = message_format
+    return options
 
 
 def _sent_path(arm_dir: Path, t: int) -> Path:
