@@ -47,10 +47,17 @@ def pad(a: np.ndarray, b: np.ndarray, r_max: int) -> tuple[np.ndarray, np.ndarra
     return pa, pb
 
 
+def indices_of(u) -> list[int]:
+    """The global component of each uploaded slot: ``u.components``, or range(rank) without it."""
+    comps = getattr(u, "components", None)
+    return list(range(u.rank)) if comps is None else [int(j) for j in comps]
+
+
 def clip(updates, s: float, clip_norm: float | None, previous=None):
     """Per client: (clipped module factors, S of the clipped factors, min factor scale).
 
-    Each factor is moved towards the first r_k components of ``previous`` (zeros without it) until
+    Each factor is moved towards the components of ``previous`` the client was sent (its indices; zeros without
+    ``previous``) until
     sqrt(s) ||A - A0||_F <= sqrt(C) and sqrt(s) ||B - B0||_F <= sqrt(C), norms over all modules.
     """
     prev = np_modules(previous) if previous is not None else None
@@ -64,8 +71,9 @@ def clip(updates, s: float, clip_norm: float | None, previous=None):
         for name, (a, b) in mods.items():
             ra, rb = np.zeros_like(a), np.zeros_like(b)
             if prev is not None:
-                k = min(a.shape[0], prev[name][0].shape[0])
-                ra[:k], rb[:, :k] = prev[name][0][:k], prev[name][1][:, :k]
+                for slot, j in enumerate(indices_of(u)[: a.shape[0]]):  # the components this client was sent
+                    if j < prev[name][0].shape[0]:
+                        ra[slot], rb[:, slot] = prev[name][0][j], prev[name][1][:, j]
             refs[name] = (ra, rb)
         da = math.sqrt(sum(np.sum((a - refs[n][0]) ** 2) for n, (a, _) in mods.items()))
         db = math.sqrt(sum(np.sum((b - refs[n][1]) ** 2) for n, (_, b) in mods.items()))
@@ -177,3 +185,60 @@ def delta_w(factors: dict[str, tuple[np.ndarray, np.ndarray]], s: float) -> dict
 
 def frob(dense: dict[str, np.ndarray]) -> float:
     return math.sqrt(sum(float(np.sum(v**2)) for v in dense.values()))
+
+
+def component_rule(updates, r_max: int, s: float, previous=None, data_weights=False, clip_norm=None,
+                   cap_ratio: float | None = 10.0, per_module=False):
+    """The general component rule (DESIGN.md 1.7), one component at a time with explicit loops.
+
+    Client k's slot i is global component indices_of(u)[i]; component j of the new global is
+    sum_{k: j in I_k} w_k x_k[slot_k(j)] / sum_{k: j in I_k} w_k, w_k = S_k (dense ||s B A||_F of the clipped
+    factors; with per_module the module's own ||s B_m A_m||_F) or the capped n_k; components nobody trained keep
+    previous (zeros without one).
+    """
+    clipped = clip(updates, s, clip_norm, previous)
+    sizes = capped_sizes([u.num_examples for u in updates], cap_ratio)
+    prev = np_modules(previous) if previous is not None else None
+    out = {}
+    for name, (a0, b0) in clipped[0][0].items():
+        d_in, d_out = a0.shape[1], b0.shape[0]
+        ga, gb = np.zeros((r_max, d_in)), np.zeros((d_out, r_max))
+        if prev is not None:
+            ga[:], gb[:] = pad(*prev[name], r_max)
+        for j in range(r_max):
+            num_a, num_b, den = np.zeros(d_in), np.zeros(d_out), 0.0
+            for k, (u, (mods, sk, _)) in enumerate(zip(updates, clipped)):
+                a, b = mods[name]
+                slots = indices_of(u)[: a.shape[0]]
+                if j not in slots:
+                    continue
+                slot = slots.index(j)
+                w = sizes[k] if data_weights else sk
+                if per_module:
+                    w = np.linalg.norm(s * (b @ a))
+                num_a, num_b, den = num_a + w * a[slot], num_b + w * b[:, slot], den + w
+            if den > 0:
+                ga[j], gb[:, j] = num_a / den, num_b / den
+        out[name] = (ga, gb)
+    return out
+
+
+def scatter_pad(updates, r_max: int, s: float, data_weights=False, cap_ratio: float | None = 10.0):
+    """hetlora / zero_pad on component-indexed uploads: each client scattered to its indices in zero r_max
+    factors, then sum_k p_k scatter(A_k) with p_k ~ S_k (or capped n_k) over all clients."""
+    mods_list = [np_modules(u.state_dict) for u in updates]
+    if data_weights:
+        w = capped_sizes([u.num_examples for u in updates], cap_ratio)
+    else:
+        w = np.array([norm(mods, s) for mods in mods_list])
+    w = w / w.sum()
+    out = {}
+    for name, (a0, b0) in mods_list[0].items():
+        ga, gb = np.zeros((r_max, a0.shape[1])), np.zeros((b0.shape[0], r_max))
+        for wk, u, mods in zip(w, updates, mods_list):
+            a, b = mods[name]
+            for slot, j in enumerate(indices_of(u)[: a.shape[0]]):
+                ga[j] += wk * a[slot]
+                gb[:, j] += wk * b[:, slot]
+        out[name] = (ga, gb)
+    return out

@@ -6,6 +6,7 @@ The reference below forms dense ``B @ A`` products and uses plain loops; the cod
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -472,3 +473,108 @@ def test_rejected_update_leaves_aggregator_unchanged():
     assert got.weights == pytest.approx(expected.weights) and "bad" not in got.weights
     for key, value in expected.state_dict.items():
         torch.testing.assert_close(got.state_dict[key], value, rtol=0, atol=0)
+
+
+# -- randomised FlexLoRA (Halko, Martinsson & Tropp 2011, arXiv 0909.4061) --------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on the shared 2-core machine OpenMP barriers make these small GEMMs 40x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _known_spectrum_stack(sig, d_out=300, d_in=200, clients=20, rank=12, seed=0):
+    """Client factors whose data-weighted mean (equal n_k) is W = U diag(sig) V^T exactly; stacked rank 240 > 200.
+
+    B_cat = K U diag(sig) M and A_cat = M^+ V^T for a random full-row-rank M (n x R), so B_cat A_cat / K = W.
+    (float64 torch.linalg under one thread: numpy's threaded LAPACK stalls for seconds on the shared machine.)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = min(d_out, d_in)
+    u, _ = torch.linalg.qr(torch.randn((d_out, n), generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn((d_in, n), generator=gen, dtype=torch.float64))
+    mix = torch.randn((n, clients * rank), generator=gen, dtype=torch.float64)
+    us = u * torch.from_numpy(sig)
+    b_cat = clients * us @ mix
+    a_cat = torch.linalg.pinv(mix) @ v.T
+    updates = []
+    for k in range(clients):
+        sl = slice(k * rank, (k + 1) * rank)
+        sd = {"m.lora_A.weight": a_cat[sl].float(), "m.lora_B.weight": b_cat[:, sl].float()}
+        updates.append(ClientUpdate(f"c{k}", sd, rank, 7))
+    return (us @ v.T).numpy(), updates
+
+
+def _spectral_norm(matrix: np.ndarray) -> float:
+    return float(torch.linalg.matrix_norm(torch.from_numpy(matrix), ord=2))
+
+
+def _halko_bound(sig, k, p, q):
+    """sigma_{k+1} + E||(I - QQ^T) W||: Halko et al. 2011, Cor. 10.10 (power scheme) plus Thm. 9.3 (truncation)."""
+    t = 2 * q + 1
+    tail = math.sqrt(float(np.sum(sig[k:] ** (2 * t))))
+    range_err = ((1 + math.sqrt(k / (p - 1))) * sig[k] ** t + math.e * math.sqrt(k + p) / p * tail) ** (1 / t)
+    return sig[k] + range_err
+
+
+@pytest.mark.parametrize("decay", ["exp", "poly", "slow"])
+@pytest.mark.parametrize("power_iters", [0, 1, 2])
+def test_randomized_flexlora_error_bound(decay, power_iters, one_thread):
+    from peft_hetlora.federated.methods import register_aggregation, unregister_aggregation
+    from peft_hetlora.federated.methods.flexlora import FlexLoRA
+
+    n, r_max, p = 200, 16, 16
+    i = np.arange(n)
+    sig = {"exp": np.exp(-i / 6.0), "poly": 1 / np.sqrt(1 + i), "slow": 1 / (1 + i) ** 0.2}[decay]
+    dense, updates = _known_spectrum_stack(sig)
+    register_aggregation("flex_rsvd_test", FlexLoRA(svd="randomized", oversample=p, power_iters=power_iters))
+    try:
+        res = aggregate(updates, method="flex_rsvd_test", r_max=r_max)
+    finally:
+        unregister_aggregation("flex_rsvd_test")
+    a = res.state_dict["m.lora_A.weight"].double().numpy()
+    b = res.state_dict["m.lora_B.weight"].double().numpy()
+    err = _spectral_norm(dense - b @ a)
+    assert err <= _halko_bound(sig, r_max, p, power_iters)
+    if power_iters == 2 and decay != "slow":  # the default, on a decaying spectrum: near the optimum sigma_{r_max+1}
+        assert err <= 1.05 * sig[r_max]
+        np.testing.assert_allclose(np.linalg.norm(b, axis=0), sig[:r_max], rtol=0.05)
+    np.testing.assert_allclose(a @ a.T, np.eye(r_max), atol=1e-4)  # A = V^T keeps orthonormal rows
+
+
+def test_flexlora_auto_switches_to_randomized_above_the_matrix_rank(one_thread):
+    """The built-in flexlora: exact factored path while sum r_k <= min(d_out, d_in), randomized above it."""
+    from peft_hetlora.federated.methods.flexlora import FactorStack
+
+    sig = np.exp(-np.arange(200) / 6.0)
+    dense, updates = _known_spectrum_stack(sig)
+    stack = FactorStack("m", (12, 200), (300, 12), 16)
+    for u in updates[:16]:  # 192 <= 200: exact
+        stack.add(u.client_id, u.state_dict["m.lora_A.weight"], u.state_dict["m.lora_B.weight"], 1, 1.0)
+    assert not stack.uses_randomized()
+    for u in updates[16:]:  # 240 > 200: randomized
+        stack.add(u.client_id, u.state_dict["m.lora_A.weight"], u.state_dict["m.lora_B.weight"], 1, 1.0)
+    assert stack.uses_randomized()
+    assert not FactorStack("m", (12, 40), (30, 12), 16).uses_randomized()  # sketch not much smaller: exact
+    res = aggregate(updates, method="flexlora", r_max=16)
+    again = aggregate(updates, method="flexlora", r_max=16)
+    assert all(torch.equal(res.state_dict[k], again.state_dict[k]) for k in res.state_dict)  # deterministic
+    a = res.state_dict["m.lora_A.weight"].double().numpy()
+    b = res.state_dict["m.lora_B.weight"].double().numpy()
+    u, sv, vh = torch.linalg.svd(torch.from_numpy(dense), full_matrices=False)
+    best = ((u[:, :16] * sv[:16]) @ vh[:16]).numpy()  # the best rank-16 approximation (Eckart-Young)
+    assert _spectral_norm(dense - b @ a) <= 1.05 * sig[16]
+    assert np.linalg.norm(best - b @ a) <= 1e-3 * np.linalg.norm(best)  # a decaying spectrum: the same top subspace
+
+
+def test_flexlora_rejects_bad_svd_settings():
+    from peft_hetlora.federated.methods.flexlora import FlexLoRA
+
+    with pytest.raises(ValueError, match="svd mode"):
+        FlexLoRA(svd="dense")
+    with pytest.raises(ValueError, match="power_iters"):
+        FlexLoRA(power_iters=-1)

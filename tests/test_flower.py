@@ -448,3 +448,98 @@ def test_dp_rounds_on_flower_equal_the_plain_mean_without_noise_and_record_epsil
     for key, value in expected.items():
         np.testing.assert_allclose(strategy.global_state[key].double().numpy(), value, rtol=1e-5, atol=1e-6)
     assert store.read_federation()["dp"]["clip"] == 1e9 and store.read_summary(0)["privacy"]["rounds"] == 1
+
+
+def test_coverage_windows_on_flower_train_the_assigned_components_and_match_the_component_rule(initial):
+    ranks = {"client-0": 2, "client-1": 3, "client-2": 4}
+    strategy = strategy_for(3, ranks, method="component", component_selection="coverage")
+    grid = inline_grid(3)
+    messages = list(strategy.configure_train(1, ArrayRecord(initial), ConfigRecord(), grid))
+    windows = {m.content["config"]["client-id"]: list(m.content["config"][rec.COMPONENTS]) for m in messages}
+    assert {cid: len(w) for cid, w in windows.items()} == ranks
+    assert sorted({j for w in windows.values() for j in w}) == list(range(R_MAX))  # 2 + 3 + 4 >= 8: all covered
+    for m in messages:  # a window client keeps the rest of the global frozen: it receives all of it
+        assert_state_close(rec.arrays_to_state_dict(m.content["arrays"]), initial, atol=0)
+
+    strategy = strategy_for(3, ranks, method="component", component_selection="coverage")
+    strategy.start(grid=inline_grid(3), initial_arrays=ArrayRecord(initial), num_rounds=1)
+    summary = strategy.history[0]
+    assert summary["accepted"] == sorted(ranks) and not summary["rejected"]
+    updates = strategy.round_updates[0]
+    # self-pruning under a window drops its tail (highest indices): the upload is the window's first rank_out
+    assert {u.client_id: list(u.components or range(u.rank)) for u in updates} == {
+        cid: w[: summary["clients"][cid]["rank_out"]] for cid, w in windows.items()}
+    trained = [list(u.components or range(u.rank)) for u in updates]
+    assert summary["coverage"] == [sum(j in w for w in trained) for j in range(R_MAX)]
+    expected = np_ref.component_rule(updates, R_MAX, 16 / R_MAX, previous=initial)
+    got = np_ref.np_modules(strategy.global_state)
+    for name, (a, b) in expected.items():
+        np.testing.assert_allclose(got[name][0], a, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got[name][1], b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_reply_with_components_outside_its_window_is_rejected(initial):
+    ranks = {"client-0": 2, "client-1": 3, "client-2": 4}
+
+    def shift(content):
+        metrics = dict(content["metrics"])
+        metrics[rec.COMPONENTS] = [R_MAX - 1 - i for i in range(len(metrics[rec.COMPONENTS]))]  # the top ones
+        return RecordDict({"arrays": content["arrays"], "metrics": MetricRecord(metrics)})
+
+    strategy = strategy_for(3, ranks, method="component", component_selection="rolling")  # round 0: prefixes
+    strategy.start(grid=inline_grid(3, tamper={"client-1": shift}), initial_arrays=ArrayRecord(initial),
+                   num_rounds=1)
+    assert "not assigned" in strategy.history[0]["rejected"]["client-1"]
+    assert strategy.history[0]["accepted"] == ["client-0", "client-2"]
+
+
+def test_window_selection_needs_a_method_that_takes_components():
+    with pytest.raises(ValueError, match="cannot aggregate"):
+        HetLoRAStrategy(CONFIG, method="flexlora", component_selection="rolling")
+
+
+def test_bf16_and_int8_replies_are_decoded_before_aggregation_and_lies_are_rejected(initial):
+    from peft_hetlora.federated.compression import SCALE_SUFFIX
+
+    ranks = {"client-0": 4, "client-1": 4, "client-2": 4}
+    grid = inline_grid(3)
+    grid.node_configs = {n: {**c, rec.MESSAGE_FORMAT: ("bf16", "int8-block64", "fp32")[c["partition-id"]]}
+                         for n, c in grid.node_configs.items()}
+    grid.contexts = {n: Context(run_id=1, node_id=n, node_config=dict(c), state=RecordDict(), run_config={})
+                     for n, c in grid.node_configs.items()}
+    strategy = strategy_for(3, ranks, method="hetlora")
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=1)
+    summary = strategy.history[0]
+    assert summary["accepted"] == sorted(ranks)
+    assert {c: summary["clients"][c]["message_format"] for c in ranks} == {
+        "client-0": "bf16", "client-1": "int8-block64", "client-2": "fp32"}
+    assert summary["clients"]["client-0"]["upload_bytes"] < summary["clients"]["client-2"]["upload_bytes"]
+    replies = {m.content["config"]["client-id"]: m for m in grid.sent if m.metadata.message_type == "train"}
+    assert replies  # the decoded updates the strategy aggregated are float32 and close to what was sent
+    for update in strategy.round_updates[0]:
+        assert all(v.dtype == torch.float32 for v in update.state_dict.values())
+    assert_matches_reference(strategy.global_state, strategy.round_updates[0], "hetlora",
+                             weights=summary["weights"])
+
+    def fp32_declared_bf16(content):  # declares bf16, sends float32
+        arrays = rec.arrays_to_state_dict(content["arrays"])
+        if content["message"]["message-format"] == "bf16":
+            arrays = {k: v.view(torch.bfloat16).float() for k, v in arrays.items()}
+        return RecordDict({"arrays": rec.state_dict_to_arrays(arrays), "metrics": content["metrics"],
+                           "message": content["message"]})
+
+    def nan_scale(content):
+        arrays = rec.arrays_to_state_dict(content["arrays"])
+        key = next(k for k in sorted(arrays) if k.endswith(SCALE_SUFFIX))
+        arrays[key] = arrays[key].clone()
+        arrays[key][0] = float("nan")
+        return RecordDict({"arrays": rec.message_to_arrays(arrays), "metrics": content["metrics"],
+                           "message": content["message"]})
+
+    grid.tamper = {"client-0": fp32_declared_bf16, "client-1": nan_scale}
+    strategy = strategy_for(3, ranks, method="hetlora", message_formats=["bf16", "int8", "fp32"])
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=1)
+    summary = strategy.history[0]
+    assert summary["accepted"] == ["client-2"]
+    assert "declares message_format 'bf16'" in summary["rejected"]["client-0"]
+    assert "NaN" in summary["rejected"]["client-1"]

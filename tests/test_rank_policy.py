@@ -169,3 +169,65 @@ def test_cap_ranks_never_exceeds_a_reported_max_rank():
         capped = cap_ranks(initial, {"a": 2, "c": 5}, r_min=2)
         assert capped["a"] == 2 and capped["c"] == min(initial["c"], 5)
         assert capped["b"] == initial["b"] and capped["d"] == initial["d"]
+
+
+# ------------------------------------------------------------------ measured-memory budgets (device_memory table)
+def _hand_fit(peaks):
+    """Least squares of peak = a + b r over the medians by hand (b clipped at 0), as numbers."""
+    import numpy as np
+
+    ranks = np.array(sorted(peaks), dtype=float)
+    values = np.array([peaks[r] for r in sorted(peaks)], dtype=float)
+    b, a = np.polyfit(ranks, values, 1)
+    if b < 0:
+        b, a = 0.0, values.mean()
+    return a, b
+
+
+def test_measured_memory_budget_uses_the_shipped_table_numbers():
+    import pytest
+
+    from peft_hetlora.federated.errors import RankError
+    from peft_hetlora.federated.rank_policy import RankPolicy
+
+    # SmolLM2-135M float32 hetlora peaks (device_memory._SMOLLM2_135M), copied here as plain numbers
+    f32 = {2: 1166559232, 8: 1162876928, 16: 1165776896}
+    a, b = _hand_fit(f32)
+    assert b == 0.0  # the rank does not move the peak measurably: every rank costs the mean
+    need = round(a)
+    policy = RankPolicy("budget", budgets={"big": need, "small": need - 1, "huge": 4 * 2**30},
+                        memory_model="smollm2-135m", quantize="float32")
+    with pytest.raises(RankError, match="'small'.*fits no rank"):
+        policy.assign(["big", "small", "huge"], r_min=2, r_max=16)
+    ok = RankPolicy("budget", budgets={"big": need, "huge": 4 * 2**30}, memory_model="smollm2-135m")
+    assert ok.assign(["big", "huge"], r_min=2, r_max=16) == {"big": 16, "huge": 16}
+    # 8-bit: the least-squares slope is positive (about 0.58 MB per rank), so the budget picks a rank in between
+    q8 = {2: 912431104, 8: 904892416, 16: 919582720}
+    a8, b8 = _hand_fit(q8)
+    assert b8 > 0
+    budget = round(a8 + b8 * 9)  # exactly the estimate at rank 9: ranks 2..9 fit, 10 does not
+    eight = RankPolicy("budget", budgets={"mid": budget}, memory_model="smollm2-135m", quantize="8bit")
+    assert eight.assign(["mid"], r_min=2, r_max=16) == {"mid": 9}
+    assert RankPolicy.from_dict(eight.to_dict()) == eight
+
+
+def test_measured_memory_table_from_a_file_and_misuse(tmp_path):
+    import json
+
+    import pytest
+
+    from peft_hetlora.federated.device_memory import DeviceMemoryTable
+    from peft_hetlora.federated.rank_policy import RankPolicy
+
+    table = DeviceMemoryTable()
+    table.add("mine", "8bit", 2, 1000)
+    table.add("mine", "8bit", 10, 1800)  # 800 + 100 r
+    path = tmp_path / "mem.json"
+    path.write_text(json.dumps(table.to_json()))
+    policy = RankPolicy("budget", budgets={"a": 1450, "b": 5000}, memory_model="mine", quantize="8bit",
+                        memory_table=str(path))
+    assert policy.assign(["a", "b"], r_min=1, r_max=16) == {"a": 6, "b": 16}  # 800 + 100*6 = 1400 <= 1450 < 1500
+    with pytest.raises(ValueError, match="budget_kind='memory'"):
+        RankPolicy("budget", budgets={"a": 1}, budget_kind="params", memory_model="mine")
+    with pytest.raises(ValueError, match="needs memory_model"):
+        RankPolicy("budget", budgets={"a": 1}, memory_table=str(path))

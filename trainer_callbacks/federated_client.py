@@ -10,11 +10,17 @@ from typing import Any
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import peft_hetlora
 from peft_hetlora.federated.aggregation import lora_module_names, truncate
+from peft_hetlora.federated.compression import (
+    MESSAGE_FORMAT_FIELD,
+    ErrorFeedback,
+    encode_message,
+    parse_message_format,
+)
 from peft_hetlora.federated.errors import RankError
 from peft_hetlora.federated.store import AdapterStore, GlobalAdapter, json_text, validate_client_id
 from peft_hetlora.federation_config import check_matches_federation
@@ -70,6 +76,12 @@ class FederatedClientCallback(HetLoRACallback):
         frozen: how a window client keeps the global's other components: "factors" (default; also on
             quantised bases) or "merged" (float bases).
         nested: nested training (see `HetLoRACallback`); None follows the adapter's `nested` setting.
+        message_format: how the upload is encoded (`peft_hetlora.federated.compression`): "fp32" (default),
+            "bf16" / "fp16" (half the bytes) or "int8-block<B>" (e.g. "int8-block64": about a quarter, blockwise
+            absmax). Declared as `message_format` in `client.json`; the coordinator checks the file against it and
+            decodes to float32 before aggregating. The federation may restrict the formats (`message_formats`).
+        error_feedback: keep the quantisation residual across this client's rounds and add it to the next upload
+            (`compression.ErrorFeedback`, arXiv 1901.09847); the residual is reset when the trained window changes.
 
     Example:
         ```py
@@ -93,8 +105,14 @@ class FederatedClientCallback(HetLoRACallback):
         reset_optimizer: bool = True,
         frozen: str = "factors",
         nested: bool | None = None,
+        message_format: str = "fp32",
+        error_feedback: bool = False,
     ) -> None:
         super().__init__(prune=prune, reset_optimizer=reset_optimizer, nested=nested)
+        self.message_format = parse_message_format(message_format).name
+        self.error_feedback = ErrorFeedback() if error_feedback else None
+        self._feedback_window: list[int] | None = None
+        self.upload_bytes: dict[int, int] = {}
         if frozen not in ("factors", "merged"):
             raise ValueError(f"frozen must be 'factors' or 'merged', got {frozen!r}.")
         self.frozen = frozen
@@ -311,8 +329,16 @@ class FederatedClientCallback(HetLoRACallback):
         if components is not None:  # window client: the global index of each uploaded slot
             info["components"] = list(components)
             self.last_round["components"] = list(components)
+        info[MESSAGE_FORMAT_FIELD] = self.message_format
+        window = list(components) if components is not None else None
+        if self.error_feedback is not None and window != self._feedback_window:
+            self.error_feedback.residual.clear()  # slot i now holds another global component
+        self._feedback_window = window
+        data = encode_message(state, self.message_format, error_feedback=self.error_feedback)
+        self.upload_bytes[self.current.round] = len(data)
+        self.last_round["upload_bytes"] = len(data)
         with tempfile.TemporaryDirectory(prefix=f"hetlora-{self.client_id}-") as tmp:
-            save_file(state, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (Path(tmp) / "adapter_model.safetensors").write_bytes(data)
             (Path(tmp) / "client.json").write_text(json_text(info, indent=2, nonfinite="null") + "\n")
             self.store.upload_client(self.current.round, self.client_id, tmp)
         self.uploaded_rounds.append(self.current.round)

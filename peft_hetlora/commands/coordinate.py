@@ -31,6 +31,7 @@ from typing import Any
 
 from ..cli import debug_requested, error_line
 from ..federated.aggregation import AGGREGATION_METHODS
+from ..federated.component_selection import SELECTION_POLICIES
 from ..federated.coordinator import NEXT_RANK_RULES, Coordinator, CoordinatorError
 from ..federated.errors import HetLoRAError
 from ..federated.rank_policy import BUDGET_KINDS, RANK_POLICIES, RankPolicy, parse_bytes
@@ -123,6 +124,12 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
                      "min-clients uploads close it.")
     fed.add_argument("--next-rank", choices=NEXT_RANK_RULES, default=None,
                      help="A client's next rank: its reported rank_out (default) or its initial rank.")
+    fed.add_argument("--component-selection", choices=SELECTION_POLICIES, default=None,
+                     help="Which global components each client trains: prefix (default, HetLoRA), rolling "
+                     "(FedRolex-style moving windows) or coverage (every component covered); window policies need "
+                     "--method hetlora, zero_pad, rankwise, component or component_data (docs/federation.md).")
+    fed.add_argument("--anchor", type=int, default=None,
+                     help="Components 0..anchor-1 are in every client's window (window policies; default 0).")
 
     dp = parser.add_argument_group("differential privacy (client-level, central; docs/privacy.md)")
     dp.add_argument("--dp-clip", type=float, default=None,
@@ -142,6 +149,13 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Device budgets: a=64MB,b=1GiB or a JSON file (budget policy).")
     ranks.add_argument("--budget-kind", choices=BUDGET_KINDS, default="memory",
                        help="memory: Adam training state (4 copies x 4 bytes per parameter); params: the weights.")
+    ranks.add_argument("--memory-model", default=None,
+                       help="With --budgets: budgets are a device's peak memory for a whole local round, sized from "
+                       "the measured table of this model (e.g. smollm2-135m; docs/federation.md).")
+    ranks.add_argument("--memory-quantize", choices=("float32", "8bit", "4bit"), default=None,
+                       help="The base model's quantisation for --memory-model (default float32).")
+    ranks.add_argument("--memory-table", default=None,
+                       help="A benchmarks/bench_memory.py --out JSON file to use instead of the shipped table.")
     ranks.add_argument("--tiers", type=_float_pairs, default=None, help="Tier fractions: small=0.5,medium=0.3,...")
     ranks.add_argument("--tier-ranks", type=_int_pairs, default=None, help="Tier ranks: small=2,medium=8,...")
 
@@ -225,7 +239,9 @@ def _rank_policy(args: argparse.Namespace) -> RankPolicy | None:
         else:
             return None
     return RankPolicy(kind=kind, ranks=args.ranks, rank=args.rank, budgets=args.budgets, budget_kind=args.budget_kind,
-                      tiers=args.tiers, tier_ranks=args.tier_ranks)
+                      tiers=args.tiers, tier_ranks=args.tier_ranks, memory_model=getattr(args, "memory_model", None),
+                      quantize=getattr(args, "memory_quantize", None) or "float32",
+                      memory_table=getattr(args, "memory_table", None))
 
 
 def _dp_config(args: argparse.Namespace, clients: Sequence[str] | None) -> Any:
@@ -277,6 +293,8 @@ def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -
         deadline_s=args.deadline_s,
         next_rank=args.next_rank,
         dp=_dp_config(args, clients),
+        component_selection=getattr(args, "component_selection", None),
+        anchor=getattr(args, "anchor", None),
         poll_interval_s=getattr(args, "poll_interval", 5.0),
         progress=not getattr(args, "no_progress", False),
     )

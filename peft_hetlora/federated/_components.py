@@ -90,7 +90,8 @@ def validate_round(updates: Iterable[ClientUpdate], r_max: int) -> tuple[list[Cl
 
     Raises:
         RankError: a module's rank exceeds ``r_max`` or the client's declared rank.
-        UpdateShapeError: no updates, a duplicate client id, other keys or shapes than the first client, a
+        UpdateShapeError: a component-indexed (non-prefix) upload, no updates, a duplicate client id, other keys
+            or shapes than the first client, a
             non-floating or non-finite tensor, a B factor that is not 2-D (after trailing 1s).
     """
     check_rank(r_max, 1, 1 << 30, what="r_max (the global adapter's rank, HetLoRAConfig.r)")
@@ -105,6 +106,13 @@ def validate_round(updates: Iterable[ClientUpdate], r_max: int) -> tuple[list[Cl
         cid = update.client_id
         if cid in seen:
             raise UpdateShapeError(f"client {cid!r} appears twice in this round; each client counts once")
+        if update.components is not None:
+            raise UpdateShapeError(
+                f"client {cid!r} uploads the components {list(update.components)[:8]} (not a prefix); the robust, "
+                "differentially private and secure-sum aggregations support prefix uploads only: use the streaming "
+                "methods (component, rankwise, hetlora, zero_pad) with component_selection='rolling'/'coverage', or "
+                "component_selection='prefix' here"
+            )
         seen.add(cid)
         sd = update.state_dict
         for key, value in sd.items():

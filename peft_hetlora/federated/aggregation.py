@@ -23,6 +23,11 @@ The global adapter lives at rank ``r_max`` and every client uses the same scale 
 ``rankwise``
     component ``j`` is the sparsity-weighted average over only the clients whose module rank exceeds ``j``;
     components no client covers keep their ``previous`` global value (RBLA, arXiv 2408.08699).
+``component`` / ``component_data``
+    the general component rule (DESIGN.md 1.7) for component-indexed uploads (``ClientUpdate.components``):
+    component ``j`` is the weighted average (sparsity / data-size weights) over the clients that trained ``j``;
+    untrained components keep ``previous``. ``rankwise`` is its prefix case; ``hetlora`` / ``zero_pad`` scatter an
+    indexed upload to its indices and zero-pad the rest; ``fedavg`` / ``flexlora`` refuse non-prefix uploads.
 
 **Influence bound** (``clip_norm = C``): each client's factors are clipped to a ball around the factors it was
 sent, ``A0_k = truncate(previous, r_k)`` (zeros without ``previous``):
@@ -52,7 +57,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import AggregationError
+from .components import check_components, coverage_counts
+from .errors import AggregationError, RankError
 from .influence import clip_to_sent_factors
 from .keys import (
     flat_b,
@@ -114,6 +120,7 @@ class _ClientRecord:
     level: int
     weight: float
     module_sq_norms: dict[str, float]  # ||s B A||^2 per module, after clipping
+    components: tuple[int, ...] | None  # None = the prefix range(rank)
 
 
 @dataclass
@@ -162,6 +169,7 @@ class _Retained:
     client_id: str
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(compare=False)
     extras: dict[str, torch.Tensor] = field(compare=False)
+    components: tuple[int, ...] | None = field(default=None, compare=False)
 
 
 class StreamingAggregator:
@@ -307,6 +315,18 @@ class StreamingAggregator:
                 f"client {cid!r} declares rank {update.rank} > r_max={self.r_max}; the client must truncate its "
                 f"adapter to rank <= {self.r_max} (or raise r_max for the federation)"
             )
+        if update.components is not None:
+            try:
+                check_components(update.components, r_max=self.r_max, budget=update.rank)
+            except RankError as err:
+                raise AggregationError(f"client {cid!r}: {err}") from None
+            if not self._impl.accepts_components:
+                takers = [m for m in AGGREGATION_METHODS if get_aggregation(m).accepts_components]
+                raise AggregationError(
+                    f"client {cid!r} uploads the components {list(update.components)[:8]} (not a prefix), which "
+                    f"method {self.method!r} cannot place; use one of {takers} (e.g. 'component') or have the "
+                    "client train a prefix"
+                )
         for key in extras:
             if not sd[key].is_floating_point():
                 raise AggregationError(
@@ -423,7 +443,9 @@ class StreamingAggregator:
         if self.clip_norm is None:
             factors = {name: (sd[a].detach().to("cpu"), sd[b].detach().to("cpu")) for name, (a, b) in modules.items()}
         else:
-            factors, clip_scale = clip_to_sent_factors(modules, sd, self.previous, self.clip_norm, self.scaling)
+            factors, clip_scale = clip_to_sent_factors(
+                modules, sd, self.previous, self.clip_norm, self.scaling, components=update.components
+            )
             if clip_scale < 1.0:
                 module_sq = {
                     name: max(module_sq_norm(name, a, b), 0.0) * self.scaling**2 for name, (a, b) in factors.items()
@@ -433,26 +455,31 @@ class StreamingAggregator:
 
         if self._key_order is None:
             self._init_structure(update, modules, extras)
+        indexed = {} if update.components is None else {"components": update.components}
         for name, (a, b) in factors.items():
             m_level, m_weight = level, weight
             if self.weighting == "per_module":
                 m_level, m_weight = _level_and_weight(math.sqrt(module_sq[name]), update.num_examples)
-            self._accs[name].add(cid, a, b, m_level, m_weight)
+            self._accs[name].add(cid, a, b, m_level, m_weight, **indexed)
         extra_values = {key: sd[key].detach().to("cpu") for key in extras}
         self._extra_sums.add(level, weight, extra_values)
         self._clients.append(
-            _ClientRecord(cid, int(update.rank), int(update.num_examples), norm, clip_scale, level, weight, module_sq)
+            _ClientRecord(
+                cid, int(update.rank), int(update.num_examples), norm, clip_scale, level, weight, module_sq,
+                update.components,
+            )
         )
         self._seen_ids.add(cid)
         if self._capping:
-            entry = _Retained(weight, cid, factors, extra_values)
+            entry = _Retained(weight, cid, factors, extra_values, update.components)
             if level == DATA and len(self._retained) < _CAP_RETAINED:
                 heapq.heappush(self._retained, entry)
                 return
             if level == DATA and entry > self._retained[0]:
                 entry = heapq.heapreplace(self._retained, entry)
+            entry_indexed = {} if entry.components is None else {"components": entry.components}
             for name, (a, b) in entry.factors.items():  # the new client, or the retained one it displaced
-                self._rest_accs[name].add(entry.client_id, a, b, level, entry.weight)
+                self._rest_accs[name].add(entry.client_id, a, b, level, entry.weight, **entry_indexed)
             self._rest_extras.add(level, entry.weight, entry.extras)
 
     # -- result ----------------------------------------------------------------------------------------------
@@ -530,8 +557,9 @@ class StreamingAggregator:
             extra_sums = self._rest_extras.clone()
             for entry in sorted(self._retained, key=lambda e: e.client_id):
                 weight = caps.get(entry.client_id, entry.weight)
+                entry_indexed = {} if entry.components is None else {"components": entry.components}
                 for name, (a, b) in entry.factors.items():
-                    accs[name].add(entry.client_id, a, b, DATA, weight)
+                    accs[name].add(entry.client_id, a, b, DATA, weight, **entry_indexed)
                 extra_sums.add(DATA, weight, entry.extras)
         out_factors: dict[str, torch.Tensor] = {}
         fallback_modules: list[str] = []
@@ -586,6 +614,10 @@ class StreamingAggregator:
             module_weights=module_weights,
             messages=messages,
             capped=dict(caps),
+            components={rec.client_id: rec.components for rec in self._clients if rec.components is not None},
+            coverage=coverage_counts(
+                (rec.components or range(rec.rank) for rec in self._clients), self.r_max
+            ),
         )
 
 

@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .aggregation import AGGREGATION_METHODS, ClientUpdate
+from .compression import parse_message_format
 from .errors import CoordinatorError, FederationMismatch
 from .federation import (
     FederationSettings,
@@ -59,6 +60,7 @@ from .protocol import (
     RoundPlan,
     RoundSettings,
     check_dp,
+    check_selection,
     close_round,
     round_status,
     weighted_mean,
@@ -110,6 +112,15 @@ class Coordinator(FederationSettings, GlobalPublisher):
             sent), participants are drawn by Poisson sampling at `dp.sampling_rate`, summaries record `privacy`
             and leave out per-client norms. Needs method rankwise, zero_pad or fedavg (docs/privacy.md).
         dp_noise_seed: derive the DP noise from `seed` (reproducible tests only: a known seed voids the privacy).
+        component_selection: which global components each participant trains (DESIGN.md 1.7,
+            `component_selection.select_components`): "prefix" (default, HetLoRA), "rolling" (FedRolex-style
+            windows) or "coverage" (every component trained by as many clients as possible). A window policy writes
+            `components: {client_id: [j, ...]}` into round.json and needs a method that accepts component-indexed
+            uploads (hetlora, zero_pad, rankwise, component, component_data) and no `dp`.
+        anchor: components 0 .. anchor-1 are in every client's window (window policies; default 0).
+        message_formats: the compressed upload formats clients may declare in client.json `message_format`
+            ("fp32", "bf16", "fp16", "int8-block<B>"; `compression`); None (default) allows all. Uploads are checked
+            against their declared format and decoded to float32 before aggregation; globals stay float32.
         clock, sleep: injectable time source and sleep (tests never sleep).
 
     Example:
@@ -144,6 +155,9 @@ class Coordinator(FederationSettings, GlobalPublisher):
         max_examples: int = DEFAULT_MAX_EXAMPLES,
         allow_per_module_ranks: bool = False,
         require_global_revision: bool = False,
+        component_selection: str | None = None,
+        anchor: int | None = None,
+        message_formats: Sequence[str] | None = None,
         poll_interval_s: float = 5.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
@@ -154,6 +168,9 @@ class Coordinator(FederationSettings, GlobalPublisher):
         if next_rank is not None and next_rank not in NEXT_RANK_RULES:
             raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
         check_dp(method or "hetlora", dp)
+        if component_selection is not None or anchor is not None:
+            # the method may still come from federation.json: round_settings() checks it again then
+            check_selection(method or "hetlora", component_selection or "prefix", anchor or 0, r_max=r_max, dp=dp)
         if clients is not None:
             clients = [validate_client_id(c) for c in clients]
             if len(set(clients)) != len(clients):
@@ -161,12 +178,17 @@ class Coordinator(FederationSettings, GlobalPublisher):
         for name, value in (("clip_norm", clip_norm), ("deadline_s", deadline_s), ("scaling", scaling)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}.")
+        if message_formats is not None:
+            message_formats = sorted({parse_message_format(name).name for name in message_formats})
+            if not message_formats:
+                raise ValueError("message_formats must name at least one format (or None for all).")
         self.store = store
         self._requested = {
             "method": method, "r_max": r_max, "r_min": r_min, "clients": list(clients) if clients else None,
             "clients_per_round": clients_per_round, "min_clients": min_clients, "rounds": rounds, "seed": seed,
             "scaling": scaling, "clip_norm": clip_norm, "max_upload_bytes": max_upload_bytes,
             "deadline_s": deadline_s, "next_rank": next_rank, "dp": dp.to_dict() if dp is not None else None,
+            "component_selection": component_selection, "anchor": anchor, "message_formats": message_formats,
         }
         self._dp = dp
         self.dp_noise_seed = dp_noise_seed
@@ -304,6 +326,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
             self._spec = UploadSpec.from_safetensors(
                 path, r_min=self.r_min, r_max=self.r_max, max_upload_bytes=self._setting("max_upload_bytes"),
                 max_examples=self.max_examples, allow_per_module_ranks=self.allow_per_module_ranks,
+                message_formats=self._setting("message_formats"),
             )
         return self._spec
 
@@ -317,6 +340,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
         update = validate_upload(
             folder, spec, client_id=client_id, round_idx=plan.round, assigned_rank=plan.ranks.get(client_id),
             required_rank=plan.ranks.get(client_id) if self.method == "fedavg" else None,
+            assigned_components=plan.components_of(client_id),
         )
         revision = update.metadata.get("global_revision")
         if self.require_global_revision and revision != plan.revision:
@@ -343,7 +367,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
         return RoundSettings(
             method=self.method, r_max=self.r_max, r_min=self.r_min, scaling=self.scaling,
             clip_norm=self._setting("clip_norm"), next_rank=self.next_rank, dp=self.dp, seed=self.seed,
-            dp_noise_seed=self.dp_noise_seed,
+            dp_noise_seed=self.dp_noise_seed, component_selection=self.component_selection, anchor=self.anchor,
         )
 
     def _uploads(self, plan: RoundPlan, client_ids: Sequence[str], expect_sha: Mapping[str, str] | None

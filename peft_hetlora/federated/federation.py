@@ -46,7 +46,10 @@ IDENTITY_FIELDS = ("method", "r_max", "r_min", "base_model")
 # Every setting federation.json records; a coordinator given another value than the stored one is refused
 # (FederationMismatch), except `rounds`, which may grow (extending a federation).
 SETTING_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "seed", "scaling",
-                  "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp")
+                  "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection", "anchor",
+                  "message_formats")
+# What a federation.json without the setting means (older records).
+_SETTING_DEFAULTS = {"component_selection": "prefix", "anchor": 0}
 # Fields of the adapter config that change the math: an initial adapter that differs in one is another federation.
 ADAPTER_MATH_FIELDS = ("lora_alpha", "rank_scaling", "target_modules", "layers_to_transform", "layers_pattern",
                        "bias", "fan_in_fan_out", "modules_to_save")
@@ -153,6 +156,8 @@ def setting_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], co
         ['r_max: store has 8, this coordinator 16']
         ```
     """
+    # a federation.json written before these settings existed trained prefixes
+    stored = {**_SETTING_DEFAULTS, **stored}
     diffs = [f"{name}: store has {stored[name]!r}, this coordinator {value!r}"
              for name, value in wanted.items() if name in stored and not _same_setting(name, stored[name], value)]
     if isinstance(config, Mapping) and isinstance(stored.get("adapter_config"), Mapping):
@@ -212,6 +217,9 @@ def new_federation(identity: Mapping[str, Any], config: Mapping[str, Any], modul
     }
     if requested.get("dp") is not None:
         record["dp"] = requested["dp"]
+    record["component_selection"] = requested.get("component_selection") or "prefix"
+    record["anchor"] = requested.get("anchor") or 0
+    record["message_formats"] = requested.get("message_formats")  # None: every format
     return record
 
 
@@ -314,6 +322,16 @@ class FederationSettings:
     @property
     def next_rank(self) -> str:
         return self._setting("next_rank", "rank_out")
+
+    @property
+    def component_selection(self) -> str:
+        """Which components each participant trains: "prefix" (default), "rolling" or "coverage"."""
+        return self._setting("component_selection", "prefix")
+
+    @property
+    def anchor(self) -> int:
+        """Components 0 .. anchor-1 are in every client's window (window policies)."""
+        return int(self._setting("anchor", 0))
 
     @property
     def dp(self) -> DPConfig | None:

@@ -67,7 +67,8 @@ class GlobalPublisher:
         """
         plan = plan_round(round_idx, self.clients, client_ranks, clients_per_round=self.clients_per_round,
                           seed=self.seed, sampling_rate=self.dp.sampling_rate if self.dp is not None else None,
-                          opened_at=self.clock(), final=round_idx >= self.rounds)
+                          opened_at=self.clock(), final=round_idx >= self.rounds,
+                          component_selection=self.component_selection, anchor=self.anchor, r_max=self.r_max)
         round_info = plan.to_json(self.round_settings(), deadline_s=self._setting("deadline_s"))
         with tempfile.TemporaryDirectory(prefix=temp_prefix(GLOBAL_TEMP_KIND, f"r{round_idx}")) as tmp:
             folder = Path(tmp)

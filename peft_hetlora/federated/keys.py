@@ -34,6 +34,7 @@ from .errors import AggregationError
 
 __all__ = [
     "FACTOR_SUFFIXES",
+    "gather_components",
     "lora_module_names",
     "module_rank",
     "module_ranks",
@@ -203,6 +204,51 @@ def truncate(state_dict: Mapping[str, torch.Tensor], rank: int | Mapping[str, in
             )
         piece = tensor[:k] if which == "A" else tensor[:, :k]
         out[key] = piece.clone(memory_format=torch.contiguous_format)
+    return out
+
+
+def gather_components(state_dict: Mapping[str, torch.Tensor], components: Any) -> dict[str, torch.Tensor]:
+    """The given components of every LoRA module, in slot order: ``A[components]``, ``B[:, components]``.
+
+    What a client with component set ``I_k`` starts its window from (the general form of :func:`truncate`, which is
+    ``gather_components(sd, range(k))``); the server's reference for the influence clip of a windowed upload.
+
+    Args:
+        state_dict: an adapter state dict (usually the global at ``r_max``).
+        components: unique ints, each below every module's rank (slot ``i`` gets component ``components[i]``).
+
+    Returns:
+        A new dict; factors are new contiguous tensors, dense extras are passed through unchanged.
+
+    Raises:
+        AggregationError: empty, non-int, negative or duplicate indices, or an index at or beyond a module's rank.
+
+    Example:
+        >>> import torch
+        >>> sd = {"m.lora_A.weight": torch.arange(8.0).reshape(4, 2), "m.lora_B.weight": torch.ones(3, 4)}
+        >>> gather_components(sd, [3, 0])["m.lora_A.weight"].tolist()
+        [[6.0, 7.0], [0.0, 1.0]]
+    """
+    from .components import unique_indices  # components imports this module
+    from .errors import RankError
+
+    try:
+        indices = unique_indices(components, budget=max(1, len(components)))
+    except (RankError, TypeError) as err:
+        raise AggregationError(f"gather_components: {err}") from None
+    modules, _ = split_lora_keys(state_dict)
+    out: dict[str, torch.Tensor] = dict(state_dict)
+    for name, (a_key, b_key) in modules.items():
+        a, b = state_dict[a_key], state_dict[b_key]
+        rank = module_rank(name, a, b)
+        beyond = [j for j in indices if j >= rank]
+        if beyond:
+            raise AggregationError(
+                f"gather_components: module {name!r} has rank {rank}; components {beyond[:8]} do not exist there"
+            )
+        idx = torch.tensor(indices, dtype=torch.long, device=a.device)
+        out[a_key] = a.index_select(0, idx).contiguous()
+        out[b_key] = b.index_select(1, idx).contiguous()
     return out
 
 

@@ -35,8 +35,9 @@ from typing import Any
 import torch
 
 from .aggregation import AggregationResult, ClientUpdate, StreamingAggregator
+from .component_selection import SELECTION_POLICIES, select_components
 from .errors import AggregationError
-from .methods import get_aggregation
+from .methods import AGGREGATION_METHODS, get_aggregation
 from .rank_policy import cap_ranks, poisson_sample, sample_clients
 from .ranks import check_rank
 from .round_summary import build_summary, client_details, weighted_mean
@@ -59,6 +60,7 @@ __all__ = [
     "RoundPlan",
     "RoundSettings",
     "check_dp",
+    "check_selection",
     "close_round",
     "dp_method_for",
     "next_client_ranks",
@@ -91,6 +93,7 @@ class RoundPlan:
     revision: str = ""
     opened_at: float | None = None
     final: bool = False
+    components: dict[str, tuple[int, ...]] | None = None
 
     def to_json(self, settings: RoundSettings, *, deadline_s: float | None = None) -> dict[str, Any]:
         """The ``round.json`` record (``revision`` is the store's business: it is not part of the file)."""
@@ -108,6 +111,10 @@ class RoundPlan:
         }
         if settings.engine is not None:
             out["engine"] = settings.engine
+        if self.components is not None:
+            out["component_selection"] = settings.component_selection
+            out["components"] = {cid: [int(j) for j in self.components[cid]] for cid in self.participants
+                                 if cid in self.components}
         return out
 
     @classmethod
@@ -120,7 +127,13 @@ class RoundPlan:
             revision=revision,
             opened_at=info.get("opened_at"),
             final=bool(info.get("final", False)),
+            components=({k: tuple(int(j) for j in v) for k, v in info["components"].items()}
+                        if isinstance(info.get("components"), Mapping) else None),
         )
+
+    def components_of(self, client_id: str) -> tuple[int, ...] | None:
+        """The components assigned to ``client_id`` this round (None: the prefix of its rank)."""
+        return None if self.components is None else self.components.get(client_id)
 
 
 @dataclass(frozen=True)
@@ -137,13 +150,19 @@ class ClientReport:
     tail_norm_end: float | None = None
     global_revision: str | None = None
     max_rank: int | None = None
+    components: tuple[int, ...] | None = None
+    message_format: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The ``client.json`` dict (``max_rank`` only when set)."""
+        """The ``client.json`` dict (``max_rank``, ``components`` and ``message_format`` only when set)."""
         out = {k: getattr(self, k) for k in ("client_id", "round", "rank_in", "rank_out", "num_examples",
                                              "train_loss", "tail_norm_start", "tail_norm_end", "global_revision")}
         if self.max_rank is not None:
             out["max_rank"] = self.max_rank
+        if self.components is not None:
+            out["components"] = [int(j) for j in self.components]
+        if self.message_format is not None:
+            out["message_format"] = self.message_format
         return out
 
 
@@ -169,6 +188,10 @@ class RoundSettings:
         dp: a `privacy.DPConfig`: the round is aggregated with `privacy.dp_aggregate` instead.
         seed: seeds the DP noise only when ``dp_noise_seed`` is True (tests); otherwise the noise is secret.
         engine: ``"flower"`` / ``"inprocess"`` (recorded in round.json and summary.json), None for the coordinator.
+        component_selection: which components each participant trains (`component_selection.SELECTION_POLICIES`):
+            ``"prefix"`` (HetLoRA, the default), ``"rolling"`` or ``"coverage"``; a window policy needs a method
+            that accepts component-indexed uploads and no DP (`check_selection`).
+        anchor: components ``0 .. anchor-1`` are in every client's set (window policies).
     """
 
     method: str
@@ -183,12 +206,52 @@ class RoundSettings:
     seed: int = 0
     dp_noise_seed: bool = False
     engine: str | None = None
+    component_selection: str = "prefix"
+    anchor: int = 0
 
     def __post_init__(self) -> None:
         if self.next_rank not in NEXT_RANK_RULES:
             raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {self.next_rank!r}.")
         check_rank(self.r_min, 1, self.r_max, what="r_min")
         check_dp(self.method, self.dp)
+        check_selection(self.method, self.component_selection, self.anchor, r_max=self.r_max, dp=self.dp)
+
+
+def check_selection(method: str, component_selection: str, anchor: int = 0, *, r_max: int | None = None,
+                    dp: Any = None) -> None:
+    """Refuse a component selection the round engine cannot aggregate.
+
+    A window policy (``rolling`` / ``coverage``) makes clients upload component-indexed factors, which only methods
+    with ``accepts_components`` aggregate (``hetlora``, ``zero_pad``, ``rankwise``, ``component``,
+    ``component_data``); the DP, robust and secure-sum paths handle prefixes only.
+
+    Raises:
+        AggregationError: with what to change.
+
+    Example:
+        ```py
+        >>> check_selection("component", "coverage")
+        >>> check_selection("fedavg", "prefix")
+        ```
+    """
+    if component_selection not in SELECTION_POLICIES:
+        raise AggregationError(f"component_selection must be one of {list(SELECTION_POLICIES)}, got "
+                               f"{component_selection!r}.")
+    if isinstance(anchor, bool) or not isinstance(anchor, int) or anchor < 0 or (r_max is not None and anchor > r_max):
+        raise AggregationError(f"anchor must be an int in [0, r_max={r_max}], got {anchor!r}.")
+    if component_selection == "prefix":
+        return
+    if not get_aggregation(method).accepts_components:
+        takers = [m for m in AGGREGATION_METHODS if get_aggregation(m).accepts_components]
+        raise AggregationError(
+            f"component_selection={component_selection!r} makes clients train windows of components, which method "
+            f"{method!r} cannot aggregate; use one of {takers} (or component_selection='prefix')."
+        )
+    if dp is not None:
+        raise AggregationError(
+            f"component_selection={component_selection!r} with dp=...: differentially private aggregation supports "
+            "prefix uploads only; use component_selection='prefix' for a DP federation."
+        )
 
 
 def dp_method_for(method: str) -> str:
@@ -289,11 +352,17 @@ def plan_round(
     revision: str = "",
     opened_at: float | None = None,
     final: bool = False,
+    component_selection: str = "prefix",
+    anchor: int = 0,
+    r_max: int | None = None,
 ) -> RoundPlan:
     """The plan of round ``round_idx``: a seeded sample of ``clients`` and their ranks.
 
     ``sampling_rate`` (DP rounds) switches to Poisson sampling at that rate, which is what the privacy accountant
-    assumes; otherwise exactly ``clients_per_round`` clients are drawn (`sample_clients`).
+    assumes; otherwise exactly ``clients_per_round`` clients are drawn (`sample_clients`). A window
+    ``component_selection`` (``"rolling"`` / ``"coverage"``, needs ``r_max``) also assigns each participant the
+    global components it trains (`select_components` over the sampled clients and their ranks), recorded as
+    ``RoundPlan.components``; ``"prefix"`` leaves it None (every client trains ``range(rank)``).
 
     Example:
         ```py
@@ -305,8 +374,14 @@ def plan_round(
         participants = poisson_sample(clients, sampling_rate, seed=seed, round_idx=round_idx)
     else:
         participants = sample_clients(list(clients), clients_per_round, seed=seed, round_idx=round_idx)
-    return RoundPlan(round_idx, participants, {cid: int(client_ranks[cid]) for cid in participants}, revision,
-                     opened_at, final)
+    ranks = {cid: int(client_ranks[cid]) for cid in participants}
+    components = None
+    if component_selection != "prefix":
+        if r_max is None:
+            raise ValueError(f"plan_round: component_selection={component_selection!r} needs r_max=...")
+        components = select_components(component_selection, ranks, r_max=r_max, round_idx=round_idx, seed=seed,
+                                       anchor=anchor) if ranks else {}
+    return RoundPlan(round_idx, participants, ranks, revision, opened_at, final, components)
 
 
 def next_client_ranks(

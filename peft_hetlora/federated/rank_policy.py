@@ -282,12 +282,22 @@ class RankPolicy:
     `"budget"` (`budgets` {client_id: bytes} of `budget_kind` "memory" (Adam state) or "params"),
     `"tiers"` (`tiers` {name: fraction}, optional `tier_ranks` {name: rank}).
 
+    Measured memory: with `budget_kind="memory"` and `memory_model` (e.g. "smollm2-135m"), a client's budget is the
+    peak memory of its whole local round (base weights, activations, optimizer state), and its rank is the largest
+    whose measured peak fits: `device_memory.DeviceMemoryTable.rank_for_budget` on the shipped
+    `device_memory.default_table()` or on `memory_table` (a ``benchmarks/bench_memory.py --out`` JSON file),
+    for the base's `quantize` mode ("float32", "8bit", "4bit"). This is HetLoRA's rank-from-device-capability
+    assignment (Cho et al., arXiv 2401.06432).
+
     Example:
         ```py
         >>> RankPolicy("explicit", ranks={"a": 2, "b": 8}).assign(["a", "b"], r_min=2, r_max=8)
         {'a': 2, 'b': 8}
         >>> RankPolicy("constant", rank=4).assign(["a", "b"], r_min=1, r_max=8)
         {'a': 4, 'b': 4}
+        >>> RankPolicy("budget", budgets={"a": 2 * 2**30}, memory_model="smollm2-135m",
+        ...            quantize="4bit").assign(["a"], r_min=2, r_max=16)
+        {'a': 16}
         ```
     """
 
@@ -299,8 +309,16 @@ class RankPolicy:
     bytes_per_param: int = 4
     tiers: Mapping[str, float] | None = None
     tier_ranks: Mapping[str, int] | None = None
+    memory_model: str | None = None
+    quantize: str = "float32"
+    memory_table: str | None = None
 
     def __post_init__(self) -> None:
+        if (self.memory_model is not None or self.memory_table is not None) and self.budget_kind != "memory":
+            raise ValueError("memory_model / memory_table size ranks from measured peak memory: use them with "
+                             "budget_kind='memory'.")
+        if self.memory_table is not None and self.memory_model is None:
+            raise ValueError("memory_table needs memory_model=... (the model name inside the table).")
         if self.kind not in RANK_POLICIES:
             raise ValueError(f"Unknown rank policy {self.kind!r}; use one of {RANK_POLICIES}.")
         if self.kind == "explicit" and not self.ranks:
@@ -350,12 +368,28 @@ class RankPolicy:
         if self.kind == "constant":
             rank = r_max if self.rank is None else self.rank
             return {cid: _check_rank(cid, rank, r_min, r_max) for cid in client_ids}
+        if self.kind == "budget" and self.memory_model is not None:
+            return self._measured_ranks(client_ids, r_min=r_min, r_max=r_max)
         if self.kind == "budget":
             return budget_ranks(
                 self.budgets or {}, client_ids, module_dims or {}, r_min=r_min, r_max=r_max,
                 kind=self.budget_kind, bytes_per_param=self.bytes_per_param,
             )
         return tier_ranks(client_ids, r_min=r_min, r_max=r_max, fractions=self.tiers, ranks=self.tier_ranks, seed=seed)
+
+    def _measured_ranks(self, client_ids: Sequence[str], *, r_min: int, r_max: int) -> dict[str, int]:
+        from .device_memory import DeviceMemoryTable, default_table
+
+        table = DeviceMemoryTable.from_json(self.memory_table) if self.memory_table is not None else default_table()
+        budgets = self.budgets or {}
+        missing = [cid for cid in client_ids if cid not in budgets]
+        if missing:
+            raise ValueError(f"Budget rank policy has no budget for client(s) {missing}; give every client a budget.")
+        return {
+            cid: table.rank_for_budget(int(budgets[cid]), model=self.memory_model, quantize=self.quantize,
+                                       r_min=r_min, r_max=r_max, client_id=cid)
+            for cid in client_ids
+        }
 
     def to_dict(self) -> dict:
         """JSON-friendly description (recorded in federation.json)."""
@@ -367,12 +401,18 @@ class RankPolicy:
         if self.kind == "budget":
             out["budget_kind"] = self.budget_kind
             out["bytes_per_param"] = self.bytes_per_param
+            if self.memory_model is not None:
+                out["memory_model"] = self.memory_model
+                out["quantize"] = self.quantize
+            if self.memory_table is not None:
+                out["memory_table"] = self.memory_table
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> RankPolicy:
         """Inverse of `to_dict`."""
-        known = {"kind", "ranks", "rank", "budgets", "budget_kind", "bytes_per_param", "tiers", "tier_ranks"}
+        known = {"kind", "ranks", "rank", "budgets", "budget_kind", "bytes_per_param", "tiers", "tier_ranks",
+                 "memory_model", "quantize", "memory_table"}
         return cls(**{k: v for k, v in data.items() if k in known})
 
 

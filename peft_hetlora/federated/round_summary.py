@@ -66,7 +66,9 @@ def client_details(update: ClientUpdate, revision: str) -> dict[str, Any]:
     out["from_round_global"] = meta.get("global_revision") in (None, revision)
     out["upload_bytes"] = meta.get("upload_bytes")
     out["sha256"] = meta.get("sha256")
-    for optional in ("max_rank", "local_seconds"):
+    if update.components is not None:
+        out["components"] = [int(j) for j in update.components]
+    for optional in ("max_rank", "local_seconds", "message_format"):
         if meta.get(optional) is not None:
             out[optional] = meta[optional]
     return out
@@ -114,6 +116,13 @@ def build_summary(plan, settings, result, accepted, rejected, details, client_ra
     }
     if settings.engine is not None:
         summary["engine"] = settings.engine
+    if getattr(plan, "components", None) is not None:
+        summary["component_selection"] = settings.component_selection
+        summary["assigned_components"] = {cid: [int(j) for j in idx] for cid, idx in plan.components.items()}
+    aggregation = summary["aggregation"] or {}
+    for name in ("components", "coverage"):
+        if name in aggregation:
+            summary[name] = aggregation[name]
     if failed is not None:
         summary["failed"] = dict(failed)
     if dp:

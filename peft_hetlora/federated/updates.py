@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .errors import AggregationError
+from .components import is_prefix, unique_indices
+from .errors import AggregationError, RankError
 from .keys import is_int
 
 __all__ = ["AggregationResult", "ClientUpdate"]
@@ -24,12 +25,21 @@ class ClientUpdate:
         rank: the rank the client reports (``rank_out`` of its ``client.json``); no module may exceed it.
         num_examples: local examples behind the update (the data-size weight ``n_k``); ``0`` is allowed.
         metadata: free-form extras (loss, tail norms, ...); not used by the aggregation.
+        components: the global component index of each uploaded slot, per client (DESIGN.md 1.7): uploaded row ``i``
+            of every module's ``A`` (column ``i`` of ``B``) is global component ``components[i]``. Its length is the
+            declared ``rank``; a module with a lower rank ``r_km`` (it self-pruned further) holds the first ``r_km``
+            slots, ``components[:r_km]``. ``None`` (default) is the prefix ``range(rank)``, the HetLoRA / RBLA case,
+            and a prefix given explicitly is normalised to ``None``, so prefix uploads aggregate bit for bit as
+            before. Indices are checked here for type, uniqueness and length; ``< r_max`` is checked by the
+            aggregator (:func:`~peft_hetlora.federated.components.check_components`).
 
     Example:
         >>> import torch
         >>> sd = {"m.lora_A.weight": torch.zeros(2, 8), "m.lora_B.weight": torch.zeros(4, 2)}
         >>> ClientUpdate("client-0", sd, rank=2, num_examples=100).rank
         2
+        >>> ClientUpdate("client-1", sd, rank=2, num_examples=100, components=[5, 1]).components
+        (5, 1)
     """
 
     client_id: str
@@ -37,6 +47,7 @@ class ClientUpdate:
     rank: int
     num_examples: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    components: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.client_id, str) or not self.client_id:
@@ -52,6 +63,17 @@ class ClientUpdate:
                 f"ClientUpdate {self.client_id!r}: state_dict must be a mapping of key -> torch.Tensor, "
                 f"got {type(self.state_dict).__name__}"
             )
+        if self.components is not None:
+            try:
+                indices = unique_indices(self.components, budget=self.rank)
+            except RankError as err:
+                raise AggregationError(f"ClientUpdate {self.client_id!r}: {err}") from None
+            if len(indices) != self.rank:
+                raise AggregationError(
+                    f"ClientUpdate {self.client_id!r}: components lists {len(indices)} indices but rank is "
+                    f"{self.rank}; give one index per uploaded slot (len(components) == rank)"
+                )
+            self.components = None if is_prefix(indices) else indices
 
 
 @dataclass
@@ -77,6 +99,10 @@ class AggregationResult:
         module_weights: ``module -> {client_id: p_km}`` for ``weighting="per_module"``, else ``None``.
         messages: human-readable notes about the round (fallbacks, clipping, weight caps).
         capped: ``client_id -> n_k`` actually used, for clients whose data-size weight the cap lowered.
+        components: ``client_id -> component indices`` of the clients that uploaded a non-prefix index set (empty
+            when every client uploaded a prefix).
+        coverage: how many clients trained each global component ``0 .. r_max - 1`` (by their declared rank or
+            index set; a module that self-pruned below the declared rank covers fewer).
 
     Example:
         >>> import torch
@@ -99,10 +125,16 @@ class AggregationResult:
     module_weights: dict[str, dict[str, float]] | None = None
     messages: list[str] = field(default_factory=list)
     capped: dict[str, float] = field(default_factory=dict)
+    components: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    coverage: list[int] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """Everything but the tensors, as JSON-ready Python types (for a round's ``summary.json``)."""
-        return {
+        """Everything but the tensors, as JSON-ready Python types (for a round's ``summary.json``).
+
+        ``components`` and ``coverage`` are included only when some client uploaded a non-prefix index set, so a
+        prefix round's summary is unchanged.
+        """
+        out = {
             "method": self.method,
             "weighting": self.weighting,
             "weights": dict(self.weights),
@@ -113,3 +145,7 @@ class AggregationResult:
             "fallback_modules": list(self.fallback_modules),
             "messages": list(self.messages),
         }
+        if self.components:
+            out["components"] = {cid: list(idx) for cid, idx in self.components.items()}
+            out["coverage"] = list(self.coverage)
+        return out

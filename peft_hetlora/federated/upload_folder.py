@@ -16,7 +16,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from .aggregation import ClientUpdate
@@ -200,12 +200,14 @@ def validate_upload(
     assigned_rank: int | None = None,
     required_rank: int | None = None,
     ignore_files: frozenset[str] = frozenset(),
+    assigned_components: Sequence[int] | None = None,
 ) -> ClientUpdate:
     """Validate one client upload folder and return it as a `ClientUpdate` (float32 tensors on CPU).
 
     Raises `RejectedUpload(reason)` on the first problem. `assigned_rank` (the rank the coordinator
     gave this client for the round) bounds the declared rank_in; `required_rank` forces rank_out
-    (homogeneous methods such as fedavg). `ignore_files` names files a store keeps beside the upload.
+    (homogeneous methods such as fedavg); `assigned_components` (the round plan's window for this client) bounds
+    the reported ``components``. `ignore_files` names files a store keeps beside the upload.
     `ClientUpdate.rank` is the declared rank_out; `metadata` is client.json plus `upload_bytes`
     (bytes of the files read) and `sha256` (of the safetensors file).
 
@@ -220,7 +222,7 @@ def validate_upload(
         # client.json first: what it declares is checked before the (large) weights are read
         raw_meta = upload.read(CLIENT_FILE, spec.max_json_bytes)
         meta = _checked_report(raw_meta, spec, client_id=client_id, round_idx=round_idx, assigned_rank=assigned_rank,
-                               required_rank=required_rank)
+                               required_rank=required_rank, assigned_components=assigned_components)
         upload_bytes = len(raw_meta)
         if CONFIG_FILE in upload.names:
             raw_config = upload.read(CONFIG_FILE, spec.max_json_bytes)

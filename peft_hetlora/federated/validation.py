@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,9 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .aggregation import ClientUpdate
+from .components import check_components, is_prefix
+from .compression import MESSAGE_FORMAT_FIELD, MessageFormatError, MessageSpec, decode_message, message_spec
+from .compression import parse_message_format as _parse_format
 from .errors import HetLoRAError, RankError
 from .ranks import check_rank
 from .untrusted_text import brief, one_line
@@ -44,8 +47,9 @@ CONFIG_FILE = "adapter_config.json"
 ALLOWED_FILES = (ADAPTER_FILE, CLIENT_FILE, CONFIG_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".h5", ".msgpack")
 
-DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2}
-ALLOWED_DTYPES = frozenset(DTYPE_SIZES)
+DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1}
+# dtypes of an upload that declares no message_format (I8 only travels in a declared int8 message)
+ALLOWED_DTYPES = frozenset({"F32", "F16", "BF16"})
 
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
@@ -116,8 +120,9 @@ class UploadSpec:
 
     `modules` maps each LoRA module (key prefix before `.lora_A.weight`) to (d_in, d_out); `extras`
     maps dense extra keys to their exact shapes. `max_upload_bytes=None` means twice the size of an
-    r_max adapter stored as F32 (plus header room). Build it from the global adapter with
-    `from_state_dict` or `from_safetensors`.
+    r_max adapter stored as F32 (plus header room). `message_formats` lists the compressed message formats
+    (`compression.parse_message_format` names) a client may declare in client.json; None allows all. Build it
+    from the global adapter with `from_state_dict` or `from_safetensors`.
 
     Example:
         ```py
@@ -139,8 +144,14 @@ class UploadSpec:
     max_examples: int = DEFAULT_MAX_EXAMPLES
     allow_per_module_ranks: bool = False
     dtypes: frozenset = ALLOWED_DTYPES
+    message_formats: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.message_formats is not None:
+            names = tuple(_parse_format(name).name for name in self.message_formats)
+            if not names:
+                raise ValueError("message_formats must name at least one format (or None for all).")
+            object.__setattr__(self, "message_formats", names)
         check_rank(self.r_max, 1, 1 << 30, what="r_max")
         check_rank(self.r_min, 1, self.r_max, what="r_min", hi_name="r_max")
         unknown = set(self.dtypes) - ALLOWED_DTYPES
@@ -307,11 +318,12 @@ def read_safetensors_header(data: bytes, *, max_header_bytes: int) -> dict[str, 
 
 
 def _check_tensors_against_spec(
-    entries: Mapping[str, TensorInfo], spec: UploadSpec, *, rank_in: int, rank_out: int
+    entries: Mapping[str, TensorInfo], spec: UploadSpec, *, rank_in: int, rank_out: int,
+    message: MessageSpec | None = None,
 ) -> dict[str, int]:
-    """Keys, dtypes and shapes against the spec; returns {module: rank}."""
+    """Keys, dtypes and shapes against the spec (and the declared message format); returns {module: rank}."""
     keys = set(entries)
-    expected = spec.expected_keys
+    expected = spec.expected_keys if message is None else message.expected_keys(spec.expected_keys)
     missing, extra = sorted(expected - keys), sorted(keys - expected)
     if missing or extra:
         parts = []
@@ -320,11 +332,14 @@ def _check_tensors_against_spec(
         if extra:
             parts.append(f"unexpected {len(extra)} key(s) e.g. {', '.join(brief(k) for k in extra[:3])}")
         raise RejectedUpload("adapter keys do not match the global adapter: " + "; ".join(parts))
-    for key, info in entries.items():
-        if info.dtype not in spec.dtypes:
-            raise RejectedUpload(
-                f"tensor {brief(key)} has dtype {one_line(info.dtype, limit=16)}; allowed: {sorted(spec.dtypes)}"
-            )
+    if message is None:
+        for key, info in entries.items():
+            if info.dtype not in spec.dtypes:
+                raise RejectedUpload(
+                    f"tensor {brief(key)} has dtype {one_line(info.dtype, limit=16)}; allowed: {sorted(spec.dtypes)}"
+                )
+    else:
+        _check_message_tensors(entries, message)
     for key, shape in spec.extras.items():
         if entries[key].shape != tuple(shape):
             raise RejectedUpload(f"tensor {key!r} has shape {list(entries[key].shape)}, expected {list(shape)}")
@@ -343,6 +358,26 @@ def _check_tensors_against_spec(
             raise RejectedUpload(f"module {name}: rank {k} differs from the declared rank_out={rank_out}")
         ranks[name] = k
     return ranks
+
+
+def _check_message_tensors(entries: Mapping[str, TensorInfo], message: MessageSpec) -> None:
+    """Every value tensor in the declared format's dtypes; every int8 scale float32 of one entry per block."""
+    name = message.format.name
+    for key, info in entries.items():
+        if message.is_scale_key(key):
+            value = entries[key[: -len(message.scale_suffix)]]
+            want = message.scale_shape(value.shape)
+            if info.dtype not in message.scale_dtypes or info.shape != want:
+                raise RejectedUpload(
+                    f"tensor {brief(key)} is {one_line(info.dtype, limit=16)} {list(info.shape)} but message_format "
+                    f"{name!r} needs float32 scales of shape {list(want)} (one absmax per block)"
+                )
+        elif info.dtype not in message.value_dtypes:
+            raise RejectedUpload(
+                f"tensor {brief(key)} is {one_line(info.dtype, limit=16)} but client.json declares message_format "
+                f"{name!r}, which allows only {sorted(message.value_dtypes)}; encode the upload with "
+                "peft_hetlora.federated.compression.encode_message (or declare the format it has)"
+            )
 
 
 def _rank_or_reject(value: Any, lo: int, hi: int, *, what: str, lo_name: str = "") -> int:
@@ -371,8 +406,14 @@ def validate_client_json(
     client_id: str,
     round_idx: int,
     assigned_rank: int | None = None,
+    assigned_components: Sequence[int] | None = None,
 ) -> dict:
     """Check the fields of a parsed client.json; returns it (a dict) or raises `RejectedUpload`.
+
+    The optional ``components`` field (a window client's global index of each uploaded slot, DESIGN.md 1.7) must
+    pass `components.check_components` with budget ``rank_in`` and, when the round assigned components
+    (``assigned_components``; else the prefix ``range(assigned_rank)``), only those; its length must equal
+    ``rank_out``. A client the round assigned a window (not a prefix) must report ``components``.
 
     Example:
         ```py
@@ -407,6 +448,8 @@ def validate_client_json(
         if max_rank < spec.r_min:
             raise RejectedUpload(f"client.json max_rank {max_rank} is below the federation's r_min={spec.r_min}: this "
                                  "device cannot train the smallest rank the federation allows")
+    _check_report_components(meta, spec, assigned_rank, assigned_components)
+    _check_message_format(meta, spec)
     _check_number(meta, "train_loss")
     _check_number(meta, "tail_norm_start", non_negative=True)
     _check_number(meta, "tail_norm_end", non_negative=True)
@@ -417,12 +460,53 @@ def validate_client_json(
     return meta
 
 
+def _check_message_format(meta: dict, spec: UploadSpec) -> None:
+    raw = meta.get(MESSAGE_FORMAT_FIELD)
+    if raw is None:
+        return
+    if not isinstance(raw, str) or len(raw) > 40:
+        raise RejectedUpload(f"client.json {MESSAGE_FORMAT_FIELD} must be a short string such as 'bf16', got "
+                             f"{brief(raw)}")
+    try:
+        name = _parse_format(raw).name
+    except MessageFormatError as err:
+        raise RejectedUpload(f"client.json {err}") from None
+    if spec.message_formats is not None and name not in spec.message_formats:
+        raise RejectedUpload(f"client.json message_format {name!r} is not allowed by this federation (allowed: "
+                             f"{list(spec.message_formats)}); encode the upload in one of those")
+    meta[MESSAGE_FORMAT_FIELD] = name
+
+
+def _check_report_components(meta: dict, spec: UploadSpec, assigned_rank: int | None,
+                             assigned_components: Sequence[int] | None) -> None:
+    raw = meta.get("components")
+    if raw is None:
+        if assigned_components is not None and not is_prefix(list(assigned_components)):
+            raise RejectedUpload(
+                f"the round assigned this client the components {list(assigned_components)[:16]} but client.json "
+                "reports none (it trained the prefix); train the assigned window and report `components`"
+            )
+        return
+    if assigned_components is not None:
+        allowed: Sequence[int] | None = list(assigned_components)
+    else:
+        allowed = range(assigned_rank) if assigned_rank is not None else None
+    try:
+        indices = check_components(raw, r_max=spec.r_max, budget=meta["rank_in"], allowed=allowed)
+    except RankError as err:
+        raise RejectedUpload(f"client.json {err}") from None
+    if len(indices) != meta["rank_out"]:
+        raise RejectedUpload(f"client.json components lists {len(indices)} indices but rank_out is "
+                             f"{meta['rank_out']}; report one global index per uploaded component")
+    meta["components"] = list(indices)
+
+
 def _checked_report(raw: bytes, spec: UploadSpec, *, client_id: str, round_idx: int, assigned_rank: int | None,
-                    required_rank: int | None) -> dict:
+                    required_rank: int | None, assigned_components: Sequence[int] | None = None) -> dict:
     if len(raw) > spec.max_json_bytes:
         raise RejectedUpload(f"{CLIENT_FILE} is {len(raw):,} bytes, above the {spec.max_json_bytes:,}-byte limit")
     meta = validate_client_json(_loads_strict(raw, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
-                                assigned_rank=assigned_rank)
+                                assigned_rank=assigned_rank, assigned_components=assigned_components)
     if required_rank is not None and meta["rank_out"] != required_rank:
         raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method "
                              "requires")
@@ -433,12 +517,23 @@ def _update_from_bytes(data: bytes, meta: dict, spec: UploadSpec, *, client_id: 
     if len(data) > int(spec.max_upload_bytes):
         raise RejectedUpload(f"{ADAPTER_FILE} is {len(data):,} bytes, above the {int(spec.max_upload_bytes):,}-byte "
                              "limit")
-    entries = read_safetensors_header(data, max_header_bytes=int(spec.max_header_bytes))
-    _check_tensors_against_spec(entries, spec, rank_in=meta["rank_in"], rank_out=meta["rank_out"])
+    declared = meta.get(MESSAGE_FORMAT_FIELD)
+    message = message_spec(declared) if declared is not None else None
+    # int8 messages carry one scale tensor per value tensor: room for twice the keys
+    header_limit = int(spec.max_header_bytes) * (2 if message is not None and message.scale_suffix else 1)
+    entries = read_safetensors_header(data, max_header_bytes=header_limit)
+    _check_tensors_against_spec(entries, spec, rank_in=meta["rank_in"], rank_out=meta["rank_out"], message=message)
     try:
-        tensors = load_safetensors_bytes(data)
+        if message is None:
+            tensors = load_safetensors_bytes(data)
+        else:  # checked against the declared format, decoded to float32 before anything else sees it
+            tensors = decode_message(data, message.format)
+    except MessageFormatError as err:
+        raise RejectedUpload(f"{ADAPTER_FILE} does not match its declared message_format: {err}") from None
     except Exception as err:  # noqa: BLE001 - any decoding failure is a rejection, never a crash
         raise RejectedUpload(f"{ADAPTER_FILE} could not be decoded: {err}") from None
+    if message is not None:
+        entries = {k: v for k, v in entries.items() if not message.is_scale_key(k)}
     if set(tensors) != set(entries):
         raise RejectedUpload(f"{ADAPTER_FILE} decoded to other keys than its header lists")
     state_dict: dict[str, torch.Tensor] = {}
@@ -457,6 +552,7 @@ def _update_from_bytes(data: bytes, meta: dict, spec: UploadSpec, *, client_id: 
         rank=int(meta["rank_out"]),
         num_examples=int(meta["num_examples"]),
         metadata=metadata,
+        components=meta.get("components"),
     )
 
 
@@ -469,6 +565,7 @@ def validate_update(
     round_idx: int,
     assigned_rank: int | None = None,
     required_rank: int | None = None,
+    assigned_components: Sequence[int] | None = None,
 ) -> ClientUpdate:
     """Validate one in-memory upload: the adapter (safetensors bytes, or a state dict) and its report (client.json).
 
@@ -494,7 +591,7 @@ def validate_update(
         except (TypeError, ValueError) as err:
             raise RejectedUpload(f"{CLIENT_FILE} is not JSON-serialisable ({err})") from None
     meta = _checked_report(raw_meta, spec, client_id=client_id, round_idx=round_idx, assigned_rank=assigned_rank,
-                           required_rank=required_rank)
+                           required_rank=required_rank, assigned_components=assigned_components)
     if isinstance(adapter, (bytes, bytearray)):
         data = bytes(adapter)
     else:

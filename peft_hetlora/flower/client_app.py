@@ -31,6 +31,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from peft_hetlora.federated.components import check_components
+from peft_hetlora.federated.compression import encode_state_dict, parse_message_format
+from peft_hetlora.federated.errors import RankError
 from peft_hetlora.federated.ranks import check_rank
 
 from . import records as rec
@@ -73,11 +76,23 @@ def _check_rank(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> in
                            "mismatch")
 
 
+def _window(config: Mapping[str, Any], rank: int) -> list[int] | None:
+    """The window the server assigned (ConfigRecord ``components``), checked; None for the prefix."""
+    if rec.COMPONENTS not in config:
+        return None
+    r_max = int(config[rec.R_MAX]) if rec.R_MAX in config else 1 << 30
+    try:
+        return list(check_components(list(config[rec.COMPONENTS]), r_max=r_max, budget=rank))
+    except RankError as err:
+        raise ValueError(f"the server's window is malformed ({err}); a server/strategy mismatch") from None
+
+
 def make_client_app(
     task_fn: TaskFn,
     *,
     client_id_fn: ClientIdFn | None = None,
     training_defaults: LocalTrainingConfig | None = None,
+    message_format: str = "fp32",
 ) -> ClientApp:
     """A Flower `ClientApp` running HetLoRA local rounds on the model and data `task_fn` builds.
 
@@ -90,12 +105,16 @@ def make_client_app(
         client_id_fn: ``client_id_fn(node_config) -> str``, the stable id reported to the strategy (default:
             `peft_hetlora.flower.records.node_client_id`).
         training_defaults: local settings used where the server's train config is silent.
+        message_format: how replies are encoded (`peft_hetlora.federated.compression`: "fp32", "bf16", "fp16",
+            "int8-block<B>"); declared as ``message-format`` in the reply's ``message`` ConfigRecord (a node config
+            ``message-format`` overrides it per node). The strategy checks and decodes it to float32.
 
     Example:
         ```py
         app = make_client_app(lambda pid, cfg: ClientTask(model=tiny_llama(), train_dataset=data[pid]))
         ```
     """
+    default_format = parse_message_format(message_format).name
     app = ClientApp()
     id_fn = client_id_fn or rec.node_client_id
     defaults = training_defaults or LocalTrainingConfig()
@@ -114,6 +133,7 @@ def make_client_app(
         if config.get(rec.CLIENT_ID) not in (None, client_id):
             raise ValueError(f"Message for client {config[rec.CLIENT_ID]!r} reached node {client_id!r}.")
         rank = _check_rank(config, context.node_config)
+        window = _window(config, rank)
         _settle_heap()
         task = task_fn(_partition_id(context), _settings(context))
         global_state = rec.arrays_to_state_dict(msg.content[rec.ARRAYS_KEY])
@@ -124,6 +144,7 @@ def make_client_app(
             rank=rank,
             training=LocalTrainingConfig.from_config(config, defaults),
             seed=int(config.get(rec.SEED, 0)),
+            components=window,
         )
         metrics: dict[str, Any] = {
             rec.NUM_EXAMPLES: out.num_examples,
@@ -138,11 +159,14 @@ def make_client_app(
         ):
             if value is not None:
                 metrics[key] = float(value)
+        if out.extra.get("components") is not None:
+            metrics[rec.COMPONENTS] = [int(j) for j in out.extra["components"]]
         logger.info("client %s round %s: rank %d -> %d, loss %s", client_id, config.get(rec.ROUND), out.rank_in,
                     out.rank_out, out.train_loss)
-        content = RecordDict(
-            {rec.ARRAYS_KEY: rec.state_dict_to_arrays(out.state_dict), rec.METRICS_KEY: MetricRecord(metrics)}
-        )
+        fmt = parse_message_format(context.node_config.get(rec.MESSAGE_FORMAT, default_format)).name
+        arrays = rec.message_to_arrays(encode_state_dict(out.state_dict, fmt))
+        content = RecordDict({rec.ARRAYS_KEY: arrays, rec.METRICS_KEY: MetricRecord(metrics),
+                              rec.MESSAGE_KEY: ConfigRecord({rec.MESSAGE_FORMAT: fmt})})
         return Message(content, reply_to=msg)
 
     @app.evaluate()

@@ -24,7 +24,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,6 +212,7 @@ def train_local_round(
     rank: int,
     training: LocalTrainingConfig | None = None,
     seed: int = 0,
+    components: Sequence[int] | None = None,
 ) -> LocalRoundResult:
     """Run one local HetLoRA round with `transformers.Trainer` + `HetLoRACallback` and return the upload.
 
@@ -222,6 +223,9 @@ def train_local_round(
         rank: this client's rank for the round.
         training: local steps, batch size, learning rate, ... (default `LocalTrainingConfig()`).
         seed: Trainer seed (weights of new parts, data order); same seed, same round.
+        components: a window (DESIGN.md 1.7): train exactly these global components of the whole ``global_state``
+            with the other components frozen as factors (`HetLoRAModel.set_components`); ``rank`` must be
+            ``len(components)``. ``extra["components"]`` then holds the global index of each uploaded slot.
 
     Returns:
         `LocalRoundResult` with only the first ``rank_out`` components (float32, CPU).
@@ -242,6 +246,10 @@ def train_local_round(
         raise ValueError("The client task has no train_dataset; return one from the task function.")
     started = time.perf_counter()
     model = build_client_model(task.model, adapter_config, rank, global_state)
+    if components is not None:
+        if len(components) != rank:
+            raise ValueError(f"components {list(components)} must list exactly rank={rank} global indices.")
+        model.base_model.set_components(sorted(int(j) for j in components), global_state, frozen="factors")
     callback = HetLoRACallback(prune=training.prune)
     out_dir = tempfile.mkdtemp(prefix="hetlora-flower-")
     try:
@@ -282,6 +290,10 @@ def train_local_round(
     state = get_peft_model_state_dict(model)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     summary = callback.last_round
+    extra: dict[str, Any] = {}
+    if components is not None:
+        trained = model.base_model.peft_config[model.active_adapter].components
+        extra["components"] = [int(j) for j in trained]  # pruning drops the window's tail
     num_examples = task.num_examples if task.num_examples is not None else len(task.train_dataset)
     loss = float(output.training_loss) if output.training_loss is not None else None
     return LocalRoundResult(
@@ -293,6 +305,7 @@ def train_local_round(
         tail_norm_start=summary.get("tail_norm_start"),
         tail_norm_end=summary.get("tail_norm_end"),
         seconds=time.perf_counter() - started,
+        extra=extra,
     )
 
 

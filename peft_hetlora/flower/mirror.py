@@ -41,10 +41,13 @@ class StoreMirror:
             "clip_norm": self.clip_norm,
             "next_rank": self.next_rank,
             "dp": self.dp.to_dict() if self.dp is not None else None,
+            "component_selection": self.component_selection,
+            "anchor": self.anchor,
             "created_at": self._clock(),
         }
 
-    def _publish_round(self, t: int, participants: list[str], ranks: dict[str, int], final: bool = False) -> str:
+    def _publish_round(self, t: int, participants: list[str], ranks: dict[str, int], final: bool = False,
+                       components: dict[str, tuple[int, ...]] | None = None) -> str:
         """Publish global t with its round.json (to the store if any); returns its revision."""
         if t in self._revisions:
             return self._revisions[t]
@@ -58,7 +61,7 @@ class StoreMirror:
                                  "(a fresh folder or Hub repo).")
             self.store.write_federation(self._federation(self.roster or sorted(self.client_ranks)))
         plan = RoundPlan(t, list(participants), {cid: int(r) for cid, r in ranks.items()}, opened_at=self._clock(),
-                         final=final)
+                         final=final, components=components)
         info = plan.to_json(self.round_settings())
         with tempfile.TemporaryDirectory(prefix=f"hetlora-flower-global-{t}-") as tmp:
             folder = Path(tmp)

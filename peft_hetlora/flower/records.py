@@ -51,6 +51,9 @@ R_MIN = "r-min"
 ADAPTER_CONFIG = "adapter-config"
 SEED = "seed"
 METHOD = "method"
+MESSAGE_KEY = "message"  # a reply's ConfigRecord describing its encoding
+MESSAGE_FORMAT = "message-format"  # ... its declared compressed format (in the MESSAGE_KEY ConfigRecord)
+COMPONENTS = "components"  # a window client's global components: ConfigRecord to it, MetricRecord back
 
 NUM_EXAMPLES = "num-examples"
 RANK_IN = "rank-in"
@@ -88,6 +91,43 @@ def arrays_to_state_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
         ```
     """
     return {key: torch.from_numpy(record[key].numpy().copy()) for key in record}
+
+
+def message_to_arrays(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """An encoded message (`compression.encode_state_dict`) as an `ArrayRecord`, its dtypes kept.
+
+    numpy has no bfloat16, so bf16 tensors travel as their int16 bit patterns; `arrays_to_message` views them back
+    (the declared format says which). Payload bytes equal the encoded message's.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from peft_hetlora.federated.compression import encode_state_dict
+        >>> record = message_to_arrays(encode_state_dict({"w": torch.ones(4)}, "bf16"))
+        >>> arrays_to_message(record, "bf16")["w"].dtype
+        torch.bfloat16
+        ```
+    """
+    from flwr.app import ArrayRecord
+
+    out = {}
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        out[key] = value.view(torch.int16) if value.dtype == torch.bfloat16 else value
+    return ArrayRecord(out)
+
+
+def arrays_to_message(record: ArrayRecord, message_format: str) -> dict[str, torch.Tensor]:
+    """The encoded tensors of a reply declared as `message_format` (bf16: int16 bit patterns viewed as bfloat16).
+
+    Only the view is done here; whether the dtypes, keys and scales match the declaration is validation's check.
+    """
+    from peft_hetlora.federated.compression import parse_message_format
+
+    tensors = arrays_to_state_dict(record)
+    if parse_message_format(message_format).kind == "bf16":
+        tensors = {k: v.view(torch.bfloat16) if v.dtype == torch.int16 else v for k, v in tensors.items()}
+    return tensors
 
 
 def adapter_config_json(config: Any) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from flwr.app import RecordDict
@@ -20,23 +20,29 @@ class ReplyValidation:
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         if self.spec is None:
             self.spec = UploadSpec.from_state_dict(state, r_min=self.r_min, r_max=self.r_max,
-                                                   max_examples=self.max_examples)
+                                                   max_examples=self.max_examples,
+                                                   message_formats=getattr(self, "message_formats", None))
             ranks = {v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight")}
             if ranks != {self.r_max}:
                 raise ValueError(f"The initial global adapter has rank(s) {sorted(ranks)} but r_max is {self.r_max}: "
                                  "pass it at full rank (HetLoRAConfig(r=r_max, rank=r_max)).")
         self.global_state = state
 
-    def _validate_reply(self, t: int, cid: str, rank: int, content: RecordDict) -> ClientUpdate:
+    def _validate_reply(self, t: int, cid: str, rank: int, content: RecordDict,
+                        assigned_components: Sequence[int] | None = None) -> ClientUpdate:
         """The coordinator's upload checks on an in-memory reply (`validation.validate_update`: no file written)."""
         if self.arrayrecord_key not in content or rec.METRICS_KEY not in content:
             raise RejectedUpload(f"reply lacks its {self.arrayrecord_key!r} ArrayRecord or {rec.METRICS_KEY!r} "
                                  "MetricRecord")
+        metrics = content[rec.METRICS_KEY]
+        declared = content[rec.MESSAGE_KEY].get(rec.MESSAGE_FORMAT) if rec.MESSAGE_KEY in content else None
         try:
-            state = rec.arrays_to_state_dict(content[self.arrayrecord_key])
+            if declared is None:
+                state = rec.arrays_to_state_dict(content[self.arrayrecord_key])
+            else:
+                state = rec.arrays_to_message(content[self.arrayrecord_key], str(declared))
         except Exception as err:  # noqa: BLE001 - undecodable arrays are a rejection, never a crash
             raise RejectedUpload(f"arrays could not be decoded: {err}") from None
-        metrics = content[rec.METRICS_KEY]
         meta = {
             "client_id": cid,
             "round": t,
@@ -49,7 +55,11 @@ class ReplyValidation:
             "global_revision": self._revisions.get(t),
             "local_seconds": metrics.get("seconds"),
         }
+        if declared is not None:
+            meta["message_format"] = declared
+        if metrics.get(rec.COMPONENTS) is not None:
+            meta["components"] = list(metrics[rec.COMPONENTS])
         return validate_update(
             state, meta, self.spec, client_id=cid, round_idx=t, assigned_rank=rank,
-            required_rank=rank if self.method == "fedavg" else None,
+            required_rank=rank if self.method == "fedavg" else None, assigned_components=assigned_components,
         )

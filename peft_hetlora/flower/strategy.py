@@ -54,6 +54,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from peft_hetlora.federated.aggregation import AGGREGATION_METHODS, ClientUpdate, truncate
+from peft_hetlora.federated.compression import parse_message_format
 from peft_hetlora.federated.federation import scaling_from_config
 from peft_hetlora.federated.privacy import DPConfig
 from peft_hetlora.federated.protocol import (
@@ -63,6 +64,7 @@ from peft_hetlora.federated.protocol import (
     RoundPlan,
     RoundSettings,
     check_dp,
+    check_selection,
     close_round,
     plan_round,
 )
@@ -104,6 +106,16 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         dp: a `peft_hetlora.federated.privacy.DPConfig`: rounds are aggregated with ``dp_aggregate`` (previous = the
             global sent), clients are Poisson-sampled at ``dp.sampling_rate``, summaries record ``privacy``.
         dp_noise_seed: derive the DP noise from ``seed`` (reproducible tests only).
+        component_selection: which global components each sampled client trains (DESIGN.md 1.7): ``"prefix"``
+            (default, HetLoRA: the global truncated to its rank), ``"rolling"`` or ``"coverage"`` (a window: the
+            client receives the whole global and ``components`` in its ConfigRecord, trains those components with the
+            rest frozen and returns them with their indices in its MetricRecord). Needs a method that accepts
+            component-indexed uploads (hetlora, zero_pad, rankwise, component, component_data) and no ``dp``.
+        anchor: components ``0 .. anchor-1`` are in every window.
+        message_formats: the compressed reply formats clients may declare (``message-format`` in their reply's
+            ``message`` ConfigRecord: ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8-block<B>"``); None allows all.
+            Replies are checked against their declaration and decoded to float32 before aggregation; the global goes
+            out in fp32.
         training: local training settings sent to the clients (`LocalTrainingConfig`).
         store: mirror every round to this `AdapterStore` in the coordinator's layout.
         query_timeout: seconds to wait for nodes to report their client id.
@@ -153,6 +165,9 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         keep_updates: bool = False,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        component_selection: str = "prefix",
+        anchor: int = 0,
+        message_formats: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -167,6 +182,11 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         if next_rank not in NEXT_RANK_RULES:
             raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
         check_dp(method, dp)
+        check_selection(method, component_selection, anchor, dp=dp)
+        self.message_formats = (tuple(sorted({parse_message_format(m).name for m in message_formats}))
+                                if message_formats is not None else None)
+        self.component_selection = component_selection
+        self.anchor = int(anchor)
         self.dp = dp
         self.dp_noise_seed = dp_noise_seed
         self.adapter_config: dict[str, Any] = rec.federation_adapter_config(adapter_config, r_min)
@@ -271,19 +291,25 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             n = len(pool)
         # DP rounds: Poisson sampling at q, as the privacy accountant assumes
         planned = plan_round(t, pool, self.client_ranks, clients_per_round=n, seed=self.seed,
-                             sampling_rate=self.dp.sampling_rate if self.dp is not None else None)
-        participants, ranks = planned.participants, planned.ranks
-        self._plans[t] = {"participants": participants, "ranks": ranks}
+                             sampling_rate=self.dp.sampling_rate if self.dp is not None else None,
+                             component_selection=self.component_selection, anchor=self.anchor, r_max=self.r_max)
+        participants, ranks, windows = planned.participants, planned.ranks, planned.components or {}
+        self._plans[t] = {"participants": participants, "ranks": ranks, "components": planned.components}
         self._round_started[t] = self._clock()
-        revision = self._publish_round(t, participants, ranks)
+        revision = self._publish_round(t, participants, ranks, components=planned.components)
         messages = []
         pending: dict[int, tuple[str, int]] = {}
         for cid in participants:
             node = connected[cid]
             rank = ranks[cid]
+            window = windows.get(cid)
+            # a window client keeps the rest of the global frozen: it needs all of it
+            sent = self.global_state if window is not None else truncate(self.global_state, rank)
+            extra = {rec.COMPONENTS: [int(j) for j in window]} if window is not None else {}
             content = RecordDict({
-                self.arrayrecord_key: rec.state_dict_to_arrays(truncate(self.global_state, rank)),
+                self.arrayrecord_key: rec.state_dict_to_arrays(sent),
                 self.configrecord_key: ConfigRecord({
+                    **extra,
                     **dict(config),
                     **self.training.to_config(),
                     "server-round": server_round,
@@ -312,6 +338,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         replies = list(replies)
         pending = self._pending.pop(t, {})
         plan = self._plans.get(t, {"participants": [], "ranks": {}})
+        windows = dict(plan.get("components") or {})
         failed: dict[str, str] = {}
         kept: list[ClientUpdate] = []
         answered: set[int] = set()
@@ -338,7 +365,8 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         def updates() -> Iterator[ClientUpdate | Rejection]:
             for cid, rank, msg in sorted(valid, key=lambda item: item[0]):
                 try:
-                    update = self._validate_reply(t, cid, rank, msg.content)
+                    update = self._validate_reply(t, cid, rank, msg.content,
+                                                  assigned_components=windows.get(cid))
                 except RejectedUpload as err:
                     logger.warning("[ROUND %d/%s] rejected %s: %s", *self._tag(t), cid, err.reason)
                     yield Rejection(cid, err.reason)
@@ -347,7 +375,8 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
                     kept.append(update)
                 yield update
 
-        plan = RoundPlan(t, list(plan["participants"]), dict(plan["ranks"]), self._revisions.get(t) or "")
+        plan = RoundPlan(t, list(plan["participants"]), dict(plan["ranks"]), self._revisions.get(t) or "",
+                         components=plan.get("components"))
         outcome = close_round(
             plan, updates(), self.global_state, self.round_settings(), client_ranks=self.client_ranks,
             initial_ranks=self.initial_ranks, max_ranks=self.node_max_rank, failed=failed,
@@ -371,6 +400,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             method=self.method, r_max=self.r_max, r_min=self.r_min, scaling=self.scaling, clip_norm=self.clip_norm,
             weighting=self.weighting, next_rank=self.next_rank, min_accepted=self.min_replies, dp=self.dp,
             seed=self.seed, dp_noise_seed=self.dp_noise_seed, engine="flower",
+            component_selection=self.component_selection, anchor=self.anchor,
         )
 
     def _tag(self, t: int) -> tuple[int, str]:

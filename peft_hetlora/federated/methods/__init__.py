@@ -1,10 +1,12 @@
 """Aggregation methods, one per file, behind a registry users extend with :func:`register_aggregation`.
 
 Built-ins: ``hetlora`` (arXiv 2401.06432), ``zero_pad``, ``fedavg`` (arXiv 1602.05629), ``flexlora``
-(arXiv 2402.11505), ``rankwise`` (RBLA, arXiv 2408.08699). See docs/aggregation.md.
+(arXiv 2402.11505), ``rankwise`` (RBLA, arXiv 2408.08699), ``component`` / ``component_data`` (the general
+component rule of DESIGN.md 1.7 for component-indexed uploads). See docs/aggregation.md.
 """
 
 from .base import AggregationMethod, ModuleAccumulator, PaddedSum
+from .component import ComponentRule, ComponentRuleData
 from .fedavg import FedAvg
 from .flexlora import FlexLoRA
 from .hetlora import HetLoRA
@@ -19,13 +21,15 @@ from .registry import (
 )
 from .zero_pad import ZeroPad
 
-for _method in (HetLoRA(), ZeroPad(), FedAvg(), FlexLoRA(), RankWise()):
+for _method in (HetLoRA(), ZeroPad(), FedAvg(), FlexLoRA(), RankWise(), ComponentRule(), ComponentRuleData()):
     _register_builtin(_method)
 del _method
 
 __all__ = [
     "AGGREGATION_METHODS",
     "AggregationMethod",
+    "ComponentRule",
+    "ComponentRuleData",
     "FedAvg",
     "FlexLoRA",
     "HetLoRA",

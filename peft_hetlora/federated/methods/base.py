@@ -27,6 +27,8 @@ class ModuleAccumulator(Protocol):
         """Fold in one client's (clipped) factors at its own rank, with its weighting level and weight.
 
         A negative ``weight`` for a client already added lowers that client's weight (the weight cap uses it).
+        Methods with ``accepts_components = True`` also receive ``components=`` (a tuple of global component
+        indices, slot ``i`` -> ``components[i]``) for non-prefix uploads; prefix uploads never pass it.
         """
 
     def result(self, previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +59,12 @@ class AggregationMethod:
       and override only :meth:`combine`, which gets every client's factors zero-padded to ``r_max`` (float32,
       CPU) and their weights; the aggregator keeps the clients' factors in memory for them.
     * Dense extras (``modules_to_save``) are always the weighted mean; a method does not see them.
+    * **Component-indexed uploads** (DESIGN.md 1.7): a client may upload a non-prefix set of components
+      (``ClientUpdate.components``). Only methods with ``accepts_components = True`` receive them: their
+      accumulator's ``add`` gets the keyword ``components=`` (the indices of the uploaded slots, already checked:
+      unique, ``< r_max``); the aggregator refuses such uploads for every other method with a message naming the
+      methods that accept them. A non-streaming method with ``accepts_components = True`` gets the client's factors
+      scattered to their indices in zero ``r_max`` factors. Prefix uploads (``components=None``) are unchanged.
 
     Example:
         >>> import torch
@@ -73,6 +81,7 @@ class AggregationMethod:
     homogeneous: ClassVar[bool] = False
     uses_previous: ClassVar[bool] = False
     streaming: ClassVar[bool] = True
+    accepts_components: ClassVar[bool] = False
 
     def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> ModuleAccumulator:
         """A fresh accumulator for one module (``a_shape`` / ``b_shape`` at the first client's rank)."""
@@ -106,15 +115,17 @@ class _Collected:
         self.r_max = r_max
         self.entries: dict[str, list] = {}  # client_id -> [a, b, level, weight]
 
-    def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float) -> None:
+    def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float,
+            components: tuple[int, ...] | None = None) -> None:
         if client_id in self.entries:
             self.entries[client_id][3] += weight
             return
         rank = a.shape[0]
+        slots = slice(0, rank) if components is None else torch.tensor(components[:rank], dtype=torch.long)
         pa = torch.zeros((self.r_max, *a.shape[1:]), dtype=torch.float32)
-        pa[:rank] = a
+        pa[slots] = a.to(torch.float32)
         pb = torch.zeros((b.shape[0], self.r_max, *b.shape[2:]), dtype=torch.float32)
-        pb[:, :rank] = b
+        pb[:, slots] = b.to(torch.float32)
         self.entries[client_id] = [pa, pb, level, weight]
 
     def level_used(self) -> int | None:
@@ -140,8 +151,10 @@ class PaddedSum:
 
     ``den[j]`` is the total weight of component ``j`` at level ``level[j]``. A client at a better level than a
     component's current level resets that component (every earlier contribution had weight 0 at the better level).
-    With ``covered_only`` a client's weight enters the denominator of its own components ``[0, r_k)`` only
-    (``rankwise``), else of all ``r_max`` components (zero padding).
+    With ``covered_only`` a client's weight enters the denominator of its own components only (``rankwise`` /
+    ``component``: the general component rule of DESIGN.md 1.7), else of all ``r_max`` components (zero padding).
+    A client's own components are ``[0, r_k)``, or ``components[:r_k]`` for a component-indexed upload, whose slots
+    are scattered to those indices (``hetlora`` / ``zero_pad``: scatter, then zero-pad the rest).
     """
 
     def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int, covered_only: bool) -> None:
@@ -152,7 +165,11 @@ class PaddedSum:
         self.level = np.full(r_max, NONE, dtype=np.int8)
         self.den = np.zeros(r_max, dtype=np.float64)
 
-    def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float) -> None:
+    def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float,
+            components: tuple[int, ...] | None = None) -> None:
+        if components is not None:
+            self._add_indexed(a, b, level, weight, components)
+            return
         rank = a.shape[0]
         span = rank if self.covered_only else self.r_max
         levels = self.level[:span]
@@ -179,6 +196,27 @@ class PaddedSum:
             self.den[:span] += weight
         self.a_sum[:rank].add_(a, alpha=alpha)
         self.b_sum[:, :rank].add_(b, alpha=alpha)
+
+    def _add_indexed(self, a: torch.Tensor, b: torch.Tensor, level: int, weight: float,
+                     components: tuple[int, ...]) -> None:
+        """The same update as :meth:`add` for slots that hold global components ``components[:r_k]``."""
+        rank = a.shape[0]
+        own = np.asarray(components[:rank], dtype=np.int64)
+        span = own if self.covered_only else np.arange(self.r_max)
+        raise_idx = span[self.level[span] < level]
+        if raise_idx.size:
+            idx = torch.from_numpy(raise_idx)
+            self.a_sum[idx] = 0.0
+            self.b_sum[:, idx] = 0.0
+            self.den[raise_idx] = 0.0
+            self.level[raise_idx] = level
+        self.den[span[self.level[span] == level]] += weight
+        active_slots = np.nonzero(self.level[own] == level)[0]
+        if active_slots.size:
+            slots = torch.from_numpy(active_slots)
+            idx = torch.from_numpy(own[active_slots])
+            self.a_sum.index_add_(0, idx, a[slots].to(torch.float32), alpha=weight)
+            self.b_sum.index_add_(1, idx, b[:, slots].to(torch.float32), alpha=weight)
 
     def result(self, previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         covered = self.level >= 0

@@ -7,30 +7,58 @@ from typing import ClassVar
 
 import torch
 
-from ..keys import flat_a, flat_b
+from ..errors import AggregationError
+from ..keys import flat_a, flat_b, is_int
 from .base import NONE, AggregationMethod
 
-__all__ = ["FlexLoRA"]
+__all__ = ["SVD_MODES", "FactorStack", "FlexLoRA"]
+
+
+SVD_MODES: tuple[str, ...] = ("auto", "exact", "randomized")
+"""How :class:`FlexLoRA` computes the top ``r_max`` SVD of the stacked factors."""
 
 
 class FlexLoRA(AggregationMethod):
     """Data-size weighted sum of ``B_k A_k``, then its top ``r_max`` singular triplets: ``B = U S``, ``A = V^T``.
 
     From FlexLoRA, Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
-    Resources", arXiv 2402.11505. Computed from the stacked low-rank factors (two QRs and a small SVD), never a
-    dense ``d_out x d_in`` SVD; truncating the global to ``r_k`` gives each client its best rank-``r_k``
-    approximation.
+    Resources", arXiv 2402.11505. Computed from the stacked low-rank factors, never from a dense ``d_out x d_in``
+    matrix; truncating the global to ``r_k`` gives each client its best rank-``r_k`` approximation.
+
+    Args:
+        svd: ``"exact"``: two QRs of the stacked factors and an SVD of their ``min(d_out, R) x min(d_in, R)`` core
+            (``R = sum_k r_k``); ``"randomized"``: a randomised range finder with oversampling and power
+            iterations applied through the factors (Halko, Martinsson and Tropp, "Finding structure with
+            randomness", arXiv 0909.4061 / SIAM Review 2011), whose top-``r_max`` error is within a small factor of
+            ``sigma_{r_max+1}``; ``"auto"`` (default): exact while ``R <= min(d_out, d_in)`` (and whenever the
+            sketch would not be much smaller than the matrix), randomized above it, where the exact core is as large
+            as the dense matrix.
+        oversample: extra sketch columns ``p`` (sketch size ``r_max + p``); power_iters: ``q``; seed: of the
+            Gaussian test matrix (the result is deterministic).
+
+    Component-indexed uploads are refused: FlexLoRA sums whole client updates, so a client's window has no place
+    in it (use ``component``).
 
     Example:
-        >>> FlexLoRA().weights
-        'data'
+        >>> FlexLoRA().weights, FlexLoRA(svd="randomized").svd
+        ('data', 'randomized')
     """
 
     name: ClassVar[str] = "flexlora"
     weights: ClassVar[str] = "data"
 
+    def __init__(self, svd: str = "auto", oversample: int = 16, power_iters: int = 2, seed: int = 0) -> None:
+        if svd not in SVD_MODES:
+            raise AggregationError(f"FlexLoRA: unknown svd mode {svd!r}; choose one of {list(SVD_MODES)}")
+        if not is_int(oversample) or oversample < 0 or not is_int(power_iters) or power_iters < 0:
+            raise AggregationError(
+                f"FlexLoRA: oversample and power_iters must be ints >= 0, got {oversample!r}, {power_iters!r}"
+            )
+        self.svd, self.oversample, self.power_iters, self.seed = svd, int(oversample), int(power_iters), int(seed)
+
     def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> FactorStack:
-        return FactorStack("", a_shape, b_shape, r_max)
+        return FactorStack("", a_shape, b_shape, r_max, svd=self.svd, oversample=self.oversample,
+                           power_iters=self.power_iters, seed=self.seed)
 
 
 class FactorStack:
@@ -38,11 +66,14 @@ class FactorStack:
 
     ``B_cat = [w_1 B_1 | w_2 B_2 | ...]`` and ``A_cat = [A_1; A_2; ...]``. When the stack exceeds ``limit``
     components it is recompressed exactly (two QRs and a small SVD, all singular triplets kept), so it never holds
-    more than ``limit + r_k`` components.
+    more than ``limit + r_k`` components. ``result`` takes the top ``r_max`` triplets exactly or with the randomised
+    range finder (``svd``, see :class:`FlexLoRA`).
     """
 
-    def __init__(self, name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> None:
+    def __init__(self, name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int, *,
+                 svd: str = "auto", oversample: int = 16, power_iters: int = 2, seed: int = 0) -> None:
         self.name = name
+        self.svd, self.oversample, self.power_iters, self.seed = svd, oversample, power_iters, seed
         self.a_shape = a_shape
         self.b_shape = b_shape
         self.r_max = r_max
@@ -91,8 +122,39 @@ class FactorStack:
         new_a = torch.ormqr(h_a, tau_a, right).T.contiguous()  # (Q_A V)^T   (k, d_in)
         return new_b, new_a
 
+    def uses_randomized(self) -> bool:
+        """Whether :meth:`result` takes the randomised path for the current stack."""
+        if self.svd != "auto":
+            return self.svd == "randomized"
+        small = min(self.d_out, self.d_in)
+        return self.stacked_rank > small and 4 * (self.r_max + self.oversample) <= small
+
+    def _randomized_factors(self, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top ``keep`` triplets ``(U S, V^T)`` of ``M = B_cat A_cat`` by a randomised range finder.
+
+        Halko, Martinsson and Tropp 2011 (arXiv 0909.4061), Algorithms 4.4 (power iterations, re-orthonormalised
+        after every product) and 5.1 (direct SVD of ``Q^T M``). ``M`` is only ever applied through its factors,
+        ``O(R (d_out + d_in) l)`` per product for a sketch of ``l = keep + oversample`` columns.
+        """
+        b_cat = self.b_blocks[0] if len(self.b_blocks) == 1 else torch.cat(self.b_blocks, dim=1)  # (d_out, R)
+        a_cat = self.a_blocks[0] if len(self.a_blocks) == 1 else torch.cat(self.a_blocks, dim=0)  # (R, d_in)
+        width = min(keep + self.oversample, self.d_out, self.d_in)
+        gen = torch.Generator().manual_seed(self.seed)
+        omega = torch.randn((self.d_in, width), generator=gen, dtype=torch.float32)
+        q, _ = torch.linalg.qr(b_cat @ (a_cat @ omega))  # (d_out, l): the range of M, sketched
+        for _ in range(self.power_iters):
+            z, _ = torch.linalg.qr(a_cat.T @ (b_cat.T @ q))  # (d_in, l): range of M^T
+            q, _ = torch.linalg.qr(b_cat @ (a_cat @ z))
+        small = (q.T @ b_cat) @ a_cat  # Q^T M, (l, d_in)
+        u, s, vh = torch.linalg.svd(small, full_matrices=False)
+        k = min(keep, s.shape[0])
+        return q @ (u[:, :k] * s[:k]), vh[:k].contiguous()
+
     def result(self, previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        b_fac, a_fac = self._svd_factors(keep=self.r_max)
+        if self.uses_randomized():
+            b_fac, a_fac = self._randomized_factors(keep=self.r_max)
+        else:
+            b_fac, a_fac = self._svd_factors(keep=self.r_max)
         b_fac = b_fac * (1.0 / self.den)
         got = a_fac.shape[0]
         a = torch.zeros((self.r_max, self.d_in), dtype=torch.float32)
@@ -105,7 +167,8 @@ class FactorStack:
         return None if self.level == NONE else self.level
 
     def clone(self) -> FactorStack:
-        copy = FactorStack(self.name, self.a_shape, self.b_shape, self.r_max)
+        copy = FactorStack(self.name, self.a_shape, self.b_shape, self.r_max, svd=self.svd,
+                           oversample=self.oversample, power_iters=self.power_iters, seed=self.seed)
         copy.b_blocks, copy.a_blocks = list(self.b_blocks), list(self.a_blocks)
         copy.stacked_rank, copy.level, copy.den = self.stacked_rank, self.level, self.den
         return copy

@@ -13,7 +13,9 @@ class RankWise(AggregationMethod):
     """Component ``j`` is the sparsity-weighted average over only the clients whose module rank exceeds ``j``.
 
     Components no client covers keep their ``previous`` global value (zeros without one). Prior art: RBLA,
-    "Rank-Based LoRA Aggregation", arXiv 2408.08699; the general component rule of DESIGN.md 1.7.
+    "Rank-Based LoRA Aggregation", arXiv 2408.08699; the prefix case of the general component rule of DESIGN.md
+    1.7. Given component-indexed uploads it applies that rule (a client covers its ``components``), exactly as
+    ``component`` does.
 
     Example:
         >>> RankWise().uses_previous
@@ -23,6 +25,7 @@ class RankWise(AggregationMethod):
     name: ClassVar[str] = "rankwise"
     weights: ClassVar[str] = "sparsity"
     uses_previous: ClassVar[bool] = True
+    accepts_components: ClassVar[bool] = True
 
     def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> PaddedSum:
         return PaddedSum(a_shape, b_shape, r_max, covered_only=True)

@@ -12,7 +12,8 @@ __all__ = ["ZeroPad"]
 class ZeroPad(AggregationMethod):
     """Pad every client to ``r_max`` and average the factors with data-size weights ``n_k / N``.
 
-    The baseline of Cho et al., arXiv 2401.06432 (HetLoRA without sparsity weighting).
+    The baseline of Cho et al., arXiv 2401.06432 (HetLoRA without sparsity weighting). Component-indexed uploads
+    are scattered to their indices, then zero-padded (like ``hetlora``).
 
     Example:
         >>> ZeroPad().weights
@@ -21,6 +22,7 @@ class ZeroPad(AggregationMethod):
 
     name: ClassVar[str] = "zero_pad"
     weights: ClassVar[str] = "data"
+    accepts_components: ClassVar[bool] = True  # scatter to the indices, then zero-pad the rest
 
     def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> PaddedSum:
         return PaddedSum(a_shape, b_shape, r_max, covered_only=False)

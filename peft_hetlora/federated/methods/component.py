@@ -1,0 +1,51 @@
+"""``component`` / ``component_data``: the general component rule of DESIGN.md 1.7 for component-indexed uploads.
+
+Component ``j`` of the new global is the weighted average of component ``j`` over the clients whose index set
+``I_k`` contains ``j``; components no client trained keep their previous global value. With prefix index sets this
+is RBLA (arXiv 2408.08699, ``rankwise``); with rotating windows it is the server side of FedRolex (arXiv 2212.01548)
+and HeteroFL (arXiv 2010.01264) applied to LoRA components, and of Fed-PLoRA's select-and-fold clients
+(arXiv 2602.16936).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from .base import AggregationMethod, PaddedSum
+
+__all__ = ["ComponentRule", "ComponentRuleData"]
+
+
+class ComponentRule(AggregationMethod):
+    """Per-component weighted average over the clients that trained the component, sparsity weights ``S_k``.
+
+    ``A[j] = sum_{k: j in I_k} p_k A_k[slot_k(j)] / sum_{k: j in I_k} p_k`` (and ``B[:, j]`` alike), ``p_k = S_k =
+    ||s B_k A_k||_F`` of the client's uploaded components; untrained components keep ``previous`` (zeros without
+    one). A client's ``I_k`` is ``ClientUpdate.components`` (``range(r_k)`` when ``None``). Credits: RBLA
+    (arXiv 2408.08699) for the prefix case; FedRolex (arXiv 2212.01548), HeteroFL (arXiv 2010.01264) and Fed-PLoRA
+    (arXiv 2602.16936) for training a selected subset.
+
+    Example:
+        >>> ComponentRule().accepts_components, ComponentRule().weights
+        (True, 'sparsity')
+    """
+
+    name: ClassVar[str] = "component"
+    weights: ClassVar[str] = "sparsity"
+    uses_previous: ClassVar[bool] = True
+    accepts_components: ClassVar[bool] = True
+
+    def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> PaddedSum:
+        return PaddedSum(a_shape, b_shape, r_max, covered_only=True)
+
+
+class ComponentRuleData(ComponentRule):
+    """The general component rule with data-size weights ``n_k`` (capped like every data-weighted method).
+
+    Example:
+        >>> ComponentRuleData().weights
+        'data'
+    """
+
+    name: ClassVar[str] = "component_data"
+    weights: ClassVar[str] = "data"
