@@ -206,6 +206,14 @@ def _quick(**overrides):
     return SimulationConfig.from_sources(profile="quick", overrides=values)
 
 
+def _stored_factors(client_dir):
+    """A stored upload decoded as the server does: by the format its client.json declares (fp32 when absent)."""
+    from peft_hetlora.federated.compression import decode_message
+
+    declared = json.loads((client_dir / "client.json").read_text()).get("message_format", "fp32")
+    return decode_message((client_dir / "adapter_model.safetensors").read_bytes(), declared)
+
+
 def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -252,8 +260,7 @@ def test_poisoned_arm_sends_the_transformed_upload(arms_run):
             assert len(row["attackers"]) == 1
             for cid in row["attackers"]:
                 honest = load_file(str(out / "seed-0" / arm / "honest_uploads" / f"round-{t}" / f"{cid}.safetensors"))
-                sent = load_file(str(out / "seed-0" / arm / "store" / "rounds" / str(t) / "clients" / cid
-                                     / "adapter_model.safetensors"))
+                sent = _stored_factors(out / "seed-0" / arm / "store" / "rounds" / str(t) / "clients" / cid)
                 for key, value in honest.items():
                     factor = -3.0 if ".lora_B." in key else 1.0
                     np.testing.assert_allclose(sent[key].numpy(), factor * value.numpy(), rtol=1e-6)
@@ -268,7 +275,7 @@ def test_bf16_messages_end_to_end_count_half_the_tensor_bytes(tmp_path):
     run_simulation(_quick(methods=["rankwise"], rounds=1, message_format="bf16"), tmp_path)
     row = _jsonl(tmp_path / "seed-0" / "rankwise" / "rounds.jsonl")[1]
     clients = tmp_path / "seed-0" / "rankwise" / "store" / "rounds" / "0" / "clients"
-    numel = sum(t.numel() for d in clients.iterdir() for t in load_file(str(d / "adapter_model.safetensors")).values())
+    numel = sum(t.numel() for d in clients.iterdir() for t in _stored_factors(d).values())
     assert row["payload_bytes"] == 2 * numel and row["message_format"] == "bf16"
     assert row["upload_bytes"] < 4 * numel
 
@@ -287,8 +294,9 @@ def test_cli_quantized_base_and_int8_messages(tmp_path, capsys):
     assert "## Messages: perplexity vs bytes" in text and "| rankwise | int8-block64 |" in text
     row = _jsonl(tmp_path / "seed-0" / "rankwise" / "rounds.jsonl")[1]
     clients = tmp_path / "seed-0" / "rankwise" / "store" / "rounds" / "0" / "clients"
-    tensors = [t for d in clients.iterdir() for t in load_file(str(d / "adapter_model.safetensors")).values()]
-    assert row["payload_bytes"] == sum(t.numel() + 4 * math.ceil(t.numel() / 64) for t in tensors)
+    assert row["payload_bytes"] == sum(
+        t.numel() + 4 * math.ceil(t.numel() / 64) for d in clients.iterdir() for t in _stored_factors(d).values()
+    )
 
 
 def _has_component_selection():
@@ -314,7 +322,7 @@ def test_window_arms_run_end_to_end_and_upload_only_their_window(tmp_path):
             assigned = json.loads((store / str(t) / "global" / "round.json").read_text())["components"]
             for cid, window in assigned.items():
                 meta = json.loads((store / str(t) / "clients" / cid / "client.json").read_text())
-                sent = load_file(str(store / str(t) / "clients" / cid / "adapter_model.safetensors"))
+                sent = _stored_factors(store / str(t) / "clients" / cid)
                 assert meta["components"] == window
                 assert all(v.shape[0 if ".lora_A." in k else 1] == len(window) for k, v in sent.items())
                 windows_seen += window != list(range(len(window)))

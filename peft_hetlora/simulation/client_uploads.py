@@ -8,9 +8,10 @@ The coordinator therefore sees exactly what the client sent, as in a real deploy
 Bytes are counted as sent: ``sent_bytes`` is the length of the encoded safetensors message and
 ``payload_bytes`` its tensor bytes (`compression.payload_nbytes`); bf16 halves fp32's payload.
 
-Until `FederatedClientCallback(message_format=...)` exists, the encoded message is decoded again on the
-client side and stored as float32 (the server's view is the same: it decodes to float32 and accumulates
-in float32); the bytes recorded are those of the encoded message.
+When the client callback encoded the upload itself (``message_format`` declared in ``client.json``), the
+attack is applied in that format and the message sent as is. Otherwise (a callback without the option) the
+message is encoded here, decoded again and stored as float32 (the server's view is the same: it decodes to
+float32 and accumulates in float32); the bytes recorded are those of the encoded message.
 
 Example:
     ```py
