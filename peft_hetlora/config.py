@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from peft import LoraConfig
 
+from .federated.ranks import MAX_RANK, check_rank
+
 RANK_SCALINGS = ("fixed", "rslora")
 _LORA_VARIANT_FIELDS = (
     "velora_config",
@@ -21,10 +23,7 @@ _SUPPORTED_STRING_INITS = ("gaussian", "orthogonal")
 
 
 def _check_int(name: str, value: object, low: int, high: int | None, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"`{name}` must be an integer {hint}, got {value!r} ({type(value).__name__}).")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"`{name}` must be {hint}, got {value}.")
+    check_rank(value, low, MAX_RANK if high is None else high, what=f"`{name}`", hint=f"it must be {hint}")
 
 
 @dataclass

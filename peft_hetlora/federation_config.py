@@ -22,7 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .federated.errors import ConfigMismatchError, RankError
+from .federated.errors import ConfigMismatchError
+from .federated.ranks import check_rank
 
 # settings that change what a factor means; a client must match the federation on every one
 FEDERATION_FIELDS = (
@@ -152,11 +153,9 @@ def config_from_federation(source: Any, *, rank: int | None = None, **client_set
     settings.update(client_settings)
     settings["rank"] = int(settings["r"]) if rank is None else rank
     r_min = settings.get("r_min") or 1
-    if isinstance(settings["rank"], int) and settings["rank"] < r_min:
-        raise RankError(
-            f"rank {settings['rank']} is below the federation's r_min={r_min}: this device cannot take part "
-            f"(its budget must be at least {r_min})."
-        )
+    check_rank(settings["rank"], r_min, int(settings["r"]), what="rank", lo_name="r_min", hi_name="r_max",
+               hint=f"a rank below the federation's r_min means this device cannot take part (its budget must be at "
+                    f"least {r_min})")
     return HetLoRAConfig(**settings)
 
 

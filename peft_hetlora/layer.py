@@ -34,6 +34,7 @@ from peft.utils.other import transpose
 from torch import nn
 
 from .config import scaling_for, tail_start
+from .federated.ranks import MAX_RANK, check_rank
 
 FROZEN_MODES = ("factors", "merged", "none")
 FrozenMode = Literal["factors", "merged", "none"]
@@ -93,8 +94,7 @@ class HetLoRALinear(LoraLinear):
             self.register_load_state_dict_post_hook(_sync_active_rank_from_mask)
         r_max = int(r)
         rank = int(getattr(config, "rank", None) or r_max)
-        if rank > r_max:
-            raise ValueError(f"HetLoRA rank {rank} exceeds r={r_max} (r_max); use a rank between 1 and {r_max}.")
+        check_rank(rank, 1, r_max, what="HetLoRA rank", hi_name="r (r_max)")
         super().update_layer(adapter_name, rank, lora_alpha=lora_alpha, config=config, **kwargs)
         self.r_max[adapter_name] = r_max
         self.scaling[adapter_name] = scaling_for(lora_alpha, r_max, getattr(config, "rank_scaling", "fixed"))
@@ -122,8 +122,7 @@ class HetLoRALinear(LoraLinear):
         (A random, B zero) so the adapter's output does not change.
         """
         r_max = self.r_max[adapter_name]
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
-            raise ValueError(f"rank must be an integer between 1 and r_max={r_max}, got {rank!r}.")
+        check_rank(rank, 1, r_max, what="rank", hi_name="r_max")
         if adapter_name in self.merged_adapters and rank != self._active_rank[adapter_name]:
             # unmerge subtracts the delta of the *current* rank: changing it while merged corrupts the base weight
             raise ValueError(
@@ -253,7 +252,8 @@ class HetLoRALinear(LoraLinear):
         window = sorted(int(j) for j in components)
         rank = len(window)
         global_rank = global_a.shape[0]
-        if global_rank > r_max or global_b.shape[1] != global_rank:
+        check_rank(global_rank, 0, r_max, what="rank of the global factors", hi_name="r_max")
+        if global_b.shape[1] != global_rank:
             raise ValueError(f"global factors of rank {global_rank} / {global_b.shape[1]} do not fit r_max={r_max}.")
         self.drop_frozen(adapter_name)
         self._truncation[adapter_name] = None
@@ -313,8 +313,8 @@ class HetLoRALinear(LoraLinear):
 
     def set_truncation(self, adapter_name: str, rank: int | None) -> None:
         """Nested training: use only the first `rank` active slots (None: all) until changed."""
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"truncation must be a positive integer or None, got {rank!r}.")
+        if rank is not None:
+            check_rank(rank, 1, MAX_RANK, what="truncation (a positive integer, or None)")
         if rank is not None and self._frozen_merged.get(adapter_name):
             raise ValueError("Nested truncation needs the frozen components as factors (frozen='factors').")
         self._truncation[adapter_name] = rank

@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import HetLoRAConfig, tail_start
+from .federated.ranks import check_rank, is_rank
 from .layer import FROZEN_MODES, FrozenMode, HetLoRALinear
 from .quantized_layers import dispatch_quantized
 
@@ -129,8 +130,7 @@ class HetLoRAModel(LoraModel):
         else:
             targets = dict.fromkeys(layers, rank)
         for name, value in targets.items():
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= config.r:
-                raise ValueError(f"rank for {name} must be an integer between 1 and r={config.r}, got {value!r}.")
+            check_rank(value, 1, config.r, what=f"rank for {name}", hi_name="r")
         for name, value in targets.items():
             layers[name].set_active_rank(adapter_name, value)
         self._sync_config(adapter_name)
@@ -417,7 +417,7 @@ class HetLoRAModel(LoraModel):
                 continue
             saved_rank = remapped[key].shape[0]
             r_max = layer.r_max[adapter_name]
-            if saved_rank > r_max or remapped[b_key].shape[1] != saved_rank:
+            if not is_rank(saved_rank, 1, r_max) or remapped[b_key].shape[1] != saved_rank:
                 raise ValueError(
                     f"Adapter weights for {module_name} have rank {saved_rank} (B has {remapped[b_key].shape[1]} "
                     f"columns) but this model's HetLoRA adapter has r_max={r_max}; load it into a model created "

@@ -447,7 +447,7 @@ def test_errors_say_what_to_do():
         aggregate([good[0], ClientUpdate("x", wrong_dim, 3, 1)], r_max=R_MAX)
     with pytest.raises(ValueError, match="declares rank"):
         aggregate([ClientUpdate("x", good[1].state_dict, 2, 1)], r_max=R_MAX)
-    with pytest.raises(ValueError, match="declares rank 9 > r_max=8"):
+    with pytest.raises(ValueError, match="declared rank 9 is outside \\[1, r_max=8\\]"):
         aggregate([ClientUpdate("x", good[0].state_dict, R_MAX + 1, 1)], r_max=R_MAX)
     with pytest.raises(ValueError, match="already added"):
         aggregate([good[0], good[0]], r_max=R_MAX)

@@ -22,6 +22,7 @@ from peft_hetlora.federated.compression import (
     parse_message_format,
 )
 from peft_hetlora.federated.errors import RankError
+from peft_hetlora.federated.ranks import MAX_RANK, check_rank
 from peft_hetlora.federated.store import AdapterStore, GlobalAdapter, json_text, validate_client_id
 from peft_hetlora.federation_config import check_matches_federation
 
@@ -118,8 +119,8 @@ class FederatedClientCallback(HetLoRACallback):
         self.frozen = frozen
         self.store = store
         self.client_id = validate_client_id(client_id)
-        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
-            raise RankError(f"max_rank must be a positive integer (the most this device trains): {max_rank!r}.")
+        if max_rank is not None:
+            check_rank(max_rank, 1, MAX_RANK, what="max_rank (the most this device trains)")
         self.forced_rank = rank
         self.max_rank = max_rank
         self.budget: int | None = None
@@ -158,12 +159,8 @@ class FederatedClientCallback(HetLoRACallback):
         rank = self.forced_rank if self.forced_rank is not None else round_info.get("ranks", {}).get(self.client_id)
         if rank is None:
             return r_max
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
-            raise ValueError(
-                f"Client {self.client_id}: rank {rank!r} is not an integer in [1, r_max={r_max}]; fix the rank "
-                "policy of the coordinator or the `rank=` argument."
-            )
-        return rank
+        return check_rank(rank, 1, r_max, what=f"Client {self.client_id}: rank", hi_name="r_max",
+                          hint="fix the rank policy of the coordinator or the `rank=` argument")
 
     def assigned_components(self, round_info: dict[str, Any], r_max: int) -> list[int] | None:
         """The global components the coordinator assigned this client (ascending), None for the prefix.

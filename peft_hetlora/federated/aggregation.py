@@ -58,11 +58,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .components import check_components, coverage_counts
-from .errors import AggregationError, RankError
+from .errors import AggregationError, AggregationRankError, RankError
 from .influence import clip_to_sent_factors
 from .keys import (
     flat_b,
-    is_int,
     is_real,
     lora_module_names,
     module_rank,
@@ -74,6 +73,7 @@ from .keys import (
 )
 from .methods import AGGREGATION_METHODS, AggregationMethod, ModuleAccumulator, get_aggregation
 from .methods.base import DATA, NONE, SPARSITY, UNIFORM
+from .ranks import MAX_RANK, check_rank
 from .updates import AggregationResult, ClientUpdate
 
 __all__ = [
@@ -229,10 +229,8 @@ class StreamingAggregator:
         max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO,
     ) -> None:
         impl = get_aggregation(method)
-        if not is_int(r_max) or r_max < 1:
-            raise AggregationError(
-                f"r_max must be an int >= 1 (the global adapter's rank, HetLoRAConfig.r), got {r_max!r}"
-            )
+        check_rank(r_max, 1, MAX_RANK, what="r_max (the global adapter's rank, HetLoRAConfig.r)",
+                   error=AggregationRankError)
         if not is_real(scaling) or not math.isfinite(scaling) or scaling <= 0:
             raise AggregationError(f"scaling must be a finite number > 0 (lora_alpha / r_max), got {scaling!r}")
         if clip_norm is not None and (not is_real(clip_norm) or not math.isfinite(clip_norm) or clip_norm <= 0):
@@ -299,22 +297,18 @@ class StreamingAggregator:
         for name, (a_key, b_key) in modules.items():
             rank = module_rank(name, sd[a_key], sd[b_key])
             flat_b(name, sd[b_key])
-            if rank > self.r_max:
-                raise AggregationError(
-                    f"client {cid!r}: module {name!r} has rank {rank} > r_max={self.r_max}; the client must "
-                    f"truncate its adapter to rank <= {self.r_max} (or raise r_max for the federation)"
-                )
+            check_rank(rank, 1, self.r_max, what=f"client {cid!r}: module {name!r}: rank", hi_name="r_max",
+                       hint="the client must truncate its adapter (or raise r_max for the federation)",
+                       error=AggregationRankError)
             if rank > update.rank:
                 raise AggregationError(
                     f"client {cid!r}: module {name!r} has rank {rank} but the update declares rank {update.rank}; "
                     "declare the rank actually uploaded"
                 )
             ranks[name] = rank
-        if update.rank > self.r_max:
-            raise AggregationError(
-                f"client {cid!r} declares rank {update.rank} > r_max={self.r_max}; the client must truncate its "
-                f"adapter to rank <= {self.r_max} (or raise r_max for the federation)"
-            )
+        check_rank(update.rank, 1, self.r_max, what=f"client {cid!r}: declared rank", hi_name="r_max",
+                   hint="the client must truncate its adapter (or raise r_max for the federation)",
+                   error=AggregationRankError)
         if update.components is not None:
             try:
                 check_components(update.components, r_max=self.r_max, budget=update.rank)

@@ -60,3 +60,7 @@ class FederationMismatch(CoordinatorError):
 class AggregationError(HetLoRAError, ValueError):
     """Client updates that cannot be aggregated together, an adapter state dict in the wrong key format, or a bad
     aggregation setting (unknown method, bad ``r_max`` / ``clip_norm`` / weight cap)."""
+
+
+class AggregationRankError(AggregationError, RankError):
+    """A rank or r_max the aggregation cannot use: both an `AggregationError` and a `RankError`."""

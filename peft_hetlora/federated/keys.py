@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import AggregationError
+from .errors import AggregationError, AggregationRankError
+from .ranks import MAX_RANK, check_rank
 
 __all__ = [
     "FACTOR_SUFFIXES",
@@ -152,9 +153,7 @@ def _rank_for(name: str, rank: int | Mapping[str, int]) -> int | None:
             return None
     else:
         value = rank
-    if not is_int(value) or value < 1:
-        raise AggregationError(f"rank for module {name!r} must be an int >= 1, got {value!r}")
-    return int(value)
+    return check_rank(value, 1, MAX_RANK, what=f"rank for module {name!r}", error=AggregationRankError)
 
 
 def truncate(state_dict: Mapping[str, torch.Tensor], rank: int | Mapping[str, int]) -> dict[str, torch.Tensor]:
@@ -279,17 +278,14 @@ def pad(state_dict: Mapping[str, torch.Tensor], r_max: int) -> dict[str, torch.T
         >>> tuple(padded["m.lora_A.weight"].shape), float(padded["m.lora_A.weight"][2:].abs().sum())
         ((4, 3), 0.0)
     """
-    if not is_int(r_max) or r_max < 1:
-        raise AggregationError(f"pad: r_max must be an int >= 1, got {r_max!r}")
+    check_rank(r_max, 1, MAX_RANK, what="pad: r_max", error=AggregationRankError)
     modules, _ = split_lora_keys(state_dict)
     out: dict[str, torch.Tensor] = dict(state_dict)
     for name, (a_key, b_key) in modules.items():
         a, b = state_dict[a_key], state_dict[b_key]
         rank = module_rank(name, a, b)
-        if rank > r_max:
-            raise AggregationError(
-                f"pad: module {name!r} has rank {rank} > r_max={r_max}; truncate() it first or raise r_max"
-            )
+        check_rank(rank, 1, r_max, what=f"pad: module {name!r}: rank", hi_name="r_max",
+                   hint="truncate() it first or raise r_max", error=AggregationRankError)
         out[a_key], out[b_key] = pad_factors(a, b, r_max)
     return out
 

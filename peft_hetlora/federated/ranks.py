@@ -22,7 +22,10 @@ from numbers import Integral
 from .errors import RankError
 from .untrusted_text import brief
 
-__all__ = ["RankError", "RankTypeError", "check_rank", "is_rank"]
+__all__ = ["MAX_RANK", "RankError", "RankTypeError", "check_rank", "is_rank"]
+
+#: the upper bound used where a rank has no federation bound (a sanity cap, far above any real adapter)
+MAX_RANK = 1 << 30
 
 
 class RankTypeError(RankError, TypeError):
@@ -46,7 +49,7 @@ def _bound(name: str, value: int) -> str:
 
 
 def check_rank(value: object, lo: int, hi: int, *, what: str = "rank", lo_name: str = "", hi_name: str = "",
-               hint: str = "") -> int:
+               hint: str = "", error: type[RankError] = RankError) -> int:
     """``int(value)`` if it is an integer in ``[lo, hi]``, else a `RankError` naming ``what`` and the range.
 
     Args:
@@ -54,6 +57,8 @@ def check_rank(value: object, lo: int, hi: int, *, what: str = "rank", lo_name: 
         lo, hi: the inclusive bounds; lo_name, hi_name: their names in the message (``"r_min"``, ``"r_max"``).
         what: what the value is (``"client.json rank_in"``, ``"Client 'a': rank"``).
         hint: appended to the message: what the user should do.
+        error: the `RankError` subclass to raise (e.g. ``AggregationRankError`` where callers catch
+            ``AggregationError``); type errors raise it too unless it is `RankError` itself (then `RankTypeError`).
 
     Raises:
         RankTypeError: not an integer (bools refused); a `RankError` and a `TypeError`.
@@ -65,10 +70,14 @@ def check_rank(value: object, lo: int, hi: int, *, what: str = "rank", lo_name: 
         3
         ```
     """
-    span = f"[{_bound(lo_name, lo)}, {_bound(hi_name, hi)}]"
+    unbounded = hi >= MAX_RANK and not hi_name  # no real upper bound: say ">= lo", not a huge number
+    span = f">= {_bound(lo_name, lo)}" if unbounded else f"in [{_bound(lo_name, lo)}, {_bound(hi_name, hi)}]"
     tail = f"; {hint}" if hint else ""
     if not isinstance(value, Integral) or isinstance(value, bool):
-        raise RankTypeError(f"{what} must be an integer in {span}, got {brief(value)}{tail}")
+        raise (RankTypeError if error is RankError else error)(f"{what} must be an integer {span}, got "
+                                                               f"{brief(value)}{tail}")
     if not lo <= int(value) <= hi:
-        raise RankError(f"{what} {int(value)} is outside {span}{tail}")
+        if unbounded:
+            raise error(f"{what} must be {span}, got {int(value)}{tail}")
+        raise error(f"{what} {int(value)} is outside {span[3:]}{tail}")
     return int(value)

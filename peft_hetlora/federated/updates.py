@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from .components import is_prefix, unique_indices
-from .errors import AggregationError, RankError
+from .errors import AggregationError, AggregationRankError, RankError
 from .keys import is_int
+from .ranks import MAX_RANK, check_rank
 
 __all__ = ["AggregationResult", "ClientUpdate"]
 
@@ -52,8 +53,7 @@ class ClientUpdate:
     def __post_init__(self) -> None:
         if not isinstance(self.client_id, str) or not self.client_id:
             raise AggregationError(f"ClientUpdate.client_id must be a non-empty string, got {self.client_id!r}")
-        if not is_int(self.rank) or self.rank < 1:
-            raise AggregationError(f"ClientUpdate {self.client_id!r}: rank must be an int >= 1, got {self.rank!r}")
+        check_rank(self.rank, 1, MAX_RANK, what=f"ClientUpdate {self.client_id!r}: rank", error=AggregationRankError)
         if not is_int(self.num_examples) or self.num_examples < 0:
             raise AggregationError(
                 f"ClientUpdate {self.client_id!r}: num_examples must be an int >= 0, got {self.num_examples!r}"
