@@ -165,6 +165,31 @@ def test_init_creates_a_ready_federation(tmp_path, base_dir, capsys):
     assert capsys.readouterr().err.startswith("hetlora: error:")
 
 
+def test_init_with_component_selection_and_a_measured_memory_budget(tmp_path, base_dir, capsys):
+    import json
+
+    from peft_hetlora.federated import LocalStore
+
+    fed = tmp_path / "fed"
+    assert _init(fed, base_dir, "--method", "component", "--component-selection", "coverage", "--anchor", "1",
+                 "--rank-policy", "budget", "--budgets", "alice=2GB,bob=4GB", "--memory-model", "smollm2-135m",
+                 "--memory-quantize", "8bit") == 0
+    store = LocalStore(fed)
+    federation = store.read_federation()
+    assert federation["component_selection"] == "coverage" and federation["anchor"] == 1
+    assert federation["rank_policy"]["memory_model"] == "smollm2-135m"
+    assert federation["initial_ranks"]["bob"] == 8  # 4 GB fits every rank of the 8-bit table
+    info = json.loads((store.latest_global().path / "round.json").read_text())
+    assert all(w[0] == 0 for w in info["components"].values())  # the anchor is in every window
+    capsys.readouterr()
+    # a window policy with a prefix-only method is refused in one line
+    assert _init(tmp_path / "fed2", base_dir, "--method", "fedavg", "--component-selection", "rolling") != 0
+    assert "cannot aggregate" in capsys.readouterr().err
+    # resuming with another selection is refused
+    assert main(["coordinate", "--store", str(fed), "--component-selection", "rolling", "--no-progress"]) != 0
+    assert "component_selection" in capsys.readouterr().err
+
+
 def test_init_needs_clients_and_a_model(tmp_path, base_dir, capsys):
     assert main(["init", "--store", str(tmp_path / "f"), "--base-model", str(base_dir)]) == 2
     assert "--clients" in capsys.readouterr().err
