@@ -35,6 +35,9 @@ _SIM_FLAGS = {
     "max_examples_per_client": int,
     "engine": str,
     "reference": str,
+    "dp_clip": float,
+    "attack_fraction": float,
+    "attack_scale": float,
 }
 
 
@@ -58,6 +61,12 @@ def add_parser(subparsers: Any, help: str) -> argparse.ArgumentParser:
         "--activation-cache", dest="activation_cache", action=argparse.BooleanOptionalAction,
         help="reuse the frozen lower layers' activations across arms and rounds (exact; on where it applies)",
     )
+    p.add_argument("--quantize", choices=["8bit", "4bit", "torchao-int8"], help="load the base model quantised")
+    p.add_argument(
+        "--message-format", dest="message_format",
+        help="client upload encoding: fp32 (default), bf16, fp16 or int8-block64; bytes are counted as sent",
+    )
+    p.add_argument("--attack", choices=["scale", "sign_flip", "unbalanced"], help="poisoned arms: the attack")
     for name, kind in _SIM_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
     return p
@@ -79,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     overrides["client_column"] = args.client_column
     overrides["text_column"] = args.text_column
     overrides["activation_cache"] = args.activation_cache
+    overrides["quantize"] = args.quantize
+    overrides["message_format"] = args.message_format
+    overrides["attack"] = args.attack
     config = SimulationConfig.from_sources(profile=args.profile, config_file=args.config, overrides=overrides)
     out = args.out or Path("runs") / args.profile
     report = run_simulation(config, out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,27 @@ ARMS: dict[str, dict[str, Any]] = {
     "homlora_rmax": {"aggregation": "fedavg", "ranks": "r_max", "prune": False},
     "homlora_rmax_capable": {"aggregation": "fedavg", "ranks": "r_max_capable", "prune": False},
     "centralized": {"aggregation": None, "ranks": "r_max", "prune": False},
+    # issue 13: window clients (component rule; needs Coordinator(component_selection=...)) and nested prefixes
+    "window_rolling": {"aggregation": "component", "ranks": "heterogeneous", "prune": False, "selection": "rolling"},
+    "window_coverage": {"aggregation": "component", "ranks": "heterogeneous", "prune": False, "selection": "coverage"},
+    "nested": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": True, "nested": True},
+    # issue 14: client-level DP (central model, rankwise under public weights) at three privacy budgets
+    "dp_eps1": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": False, "dp_epsilon": 1.0},
+    "dp_eps4": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": False, "dp_epsilon": 4.0},
+    "dp_eps8": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": False, "dp_epsilon": 8.0},
+    # issue 14: a fraction of each round's sampled clients are attackers (simulation/attacks.py)
+    "poisoned_mean": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": True, "attack": True},
+    "poisoned_median": {"aggregation": "median", "ranks": "heterogeneous", "prune": True, "attack": True},
+    "poisoned_trimmed_mean": {"aggregation": "trimmed_mean", "ranks": "heterogeneous", "prune": True, "attack": True},
 }
+
+#: the arms a run compares when `methods` is not given (the new arms are opt-in: `--methods ...`)
+DEFAULT_METHODS = [
+    "rankwise", "hetlora", "hetlora_noprune", "zero_pad", "flexlora",
+    "homlora_rmin", "homlora_rmax", "homlora_rmax_capable", "centralized",
+]
+#: attacks a poisoned arm's attackers apply to their upload (see `simulation.attacks.poison_upload`)
+ATTACKS = ("scale", "sign_flip", "unbalanced")
 
 #: settings that do not change results: a run folder may be resumed with other values
 _RESULT_NEUTRAL = ("methods", "seeds", "engine", "rounds", "activation_cache", "activation_cache_max_mb", "reference")
@@ -100,7 +121,7 @@ class SimulationConfig:
     client_val_max_examples: int = 4
     block_size: int = 64
     # federation
-    methods: list[str] = field(default_factory=lambda: list(ARMS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     rounds: int = 5
     clients_per_round: int = 4
     local_steps: int = 4
@@ -117,6 +138,17 @@ class SimulationConfig:
     prune_lambda: float = 0.05
     prune_gamma: float = 0.99
     clip_norm: float | None = None
+    # privacy and robustness arms (issue 14)
+    dp_clip: float = field(default=1.0, metadata={"help": "DP arms: L2 clip C of one client's contribution"})
+    dp_accountant: str = field(default="rdp", metadata={"help": "DP arms: Opacus accountant, 'rdp' or 'prv'"})
+    attack: str = field(default="scale", metadata={"help": f"poisoned arms: one of {ATTACKS}"})
+    attack_fraction: float = field(default=0.2, metadata={"help": "poisoned arms: fraction of sampled clients"})
+    attack_scale: float = field(default=10.0, metadata={"help": "poisoned arms: factor s of the attack"})
+    # on-device realities (issue 15)
+    quantize: str | None = field(default=None, metadata={"help": "load the base quantised: '8bit' or '4bit'"})
+    message_format: str = field(
+        default="fp32", metadata={"help": "client upload encoding: fp32, bf16, fp16 or int8-block64"}
+    )
     # run
     seeds: list[int] = field(default_factory=lambda: [0])
     eval_batch_size: int = 16
@@ -153,7 +185,28 @@ class SimulationConfig:
             raise ValueError(f"reference={self.reference!r} must be one of the methods {self.methods}.")
         if not self.seeds:
             raise ValueError("`seeds` must name at least one seed.")
-        assert {a["aggregation"] for a in ARMS.values()} - {None} <= set(AGGREGATION_METHODS)
+        if self.engine == "flower":
+            special = [m for m in self.methods if {"dp_epsilon", "attack", "selection", "nested"} & set(ARMS[m])]
+            if special or self.message_format != "fp32" or self.quantize is not None:
+                raise ValueError(
+                    f"engine='flower' runs the plain arms only (not {special or 'message_format/quantize'}); "
+                    "use engine='inprocess' for the DP, poisoned, window, nested and message-format arms."
+                )
+        if self.attack not in ATTACKS:
+            raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}.")
+        if not 0.0 <= self.attack_fraction <= 1.0:
+            raise ValueError(f"attack_fraction is a fraction in [0, 1], got {self.attack_fraction!r}.")
+        if not (math.isfinite(self.dp_clip) and self.dp_clip > 0):
+            raise ValueError(f"dp_clip must be a positive number, got {self.dp_clip!r}.")
+        if self.dp_accountant not in ("rdp", "prv"):
+            raise ValueError(f"dp_accountant must be 'rdp' or 'prv', got {self.dp_accountant!r}.")
+        from ..federated.compression import parse_message_format
+        from ..quantization import check_quantize_mode
+
+        self.quantize = check_quantize_mode(self.quantize)
+        self.message_format = parse_message_format(self.message_format).name
+        # "component" arrives with Coordinator(component_selection=...); the runner says so if it is missing
+        assert {a["aggregation"] for a in ARMS.values()} - {None, "component"} <= set(AGGREGATION_METHODS)
 
     @property
     def capable(self) -> int:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..federated.store import json_text
+from .arm_report import extra_sections
 from .seed_stats import paired_table, plot_paired, seed_statistics
 
 _NAN = float("nan")
@@ -549,6 +550,9 @@ def write_report(
         ]
         if plots:
             plot_paths.append(plot_paired({"final held-out perplexity": paired}, out / "paired.png"))
+    extra_lines, extra_plots = extra_sections(seed_metrics, out, plots=plots)
+    lines += extra_lines
+    plot_paths.extend(extra_plots)
     explain = [
         "- **Held-out ppl**: token-weighted perplexity on clients that never trained (unseen data owners).",
         "- **Best round**: the round with the lowest held-out perplexity.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from trainer_callbacks import FederatedClientCallback
 from ..config import HetLoRAConfig, scaling_for
 from ..federated.aggregation import truncate
 from ..federated.coordinator import Coordinator
+from ..federated.errors import HetLoRAError
 from ..federated.local_store import LocalStore
 from ..federated.store import json_text
 from ..metrics.loss_eval import evaluate_perplexity
@@ -44,6 +46,8 @@ from .activation_cache import (
     cache_plan,
     cached_perplexity,
 )
+from .attacks import choose_attackers
+from .client_uploads import UploadTransform
 from .config import ARMS, SimulationConfig
 from .data import CausalLMCollator, FederatedCorpus, load_client_corpus, pad_token_id, tokenize_for_clm
 from .model_source import resolve_model, resolve_tokenizer, tiny_llama
@@ -150,9 +154,14 @@ def prepare(config: SimulationConfig, seed: int, spill_dir: Path | None = None) 
     }
     heldout = tokenize_for_clm(corpus.eval, tokenizer, block, pad_to_block_size=False)
     dtype = torch.float32
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    if config.quantize is not None:
+        from ..quantization import load_quantized_base
+
+        base = load_quantized_base(str(model_dir), config.quantize, dtype=dtype)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     base.config.use_cache = False
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and config.quantize is None:
         base = base.to("cuda")
     layers = getattr(base.config, "num_hidden_layers", None)
     target_layers = None
@@ -307,19 +316,8 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
     rows_path = arm_dir / "rounds.jsonl"
     rows = _read_rows(rows_path)
     adapter_config = _adapter_config(config, r_arm, wb, prune=spec["prune"])
-    coordinator = Coordinator(
-        store,
-        method=spec["aggregation"],
-        r_max=r_arm,
-        r_min=min(config.r_min, r_arm),
-        clients=clients,
-        rank_policy=ranks,
-        clients_per_round=min(config.clients_per_round, len(clients)),
-        rounds=config.rounds,
-        seed=wb.seed,
-        clip_norm=config.clip_norm,
-        progress=False,
-    )
+    settings = arm_coordinator_settings(config, arm, r_arm, ranks, wb.seed)
+    coordinator = Coordinator(store, **settings)
     with _peft_model(wb, adapter_config, wb.seed) as model:
         if store.latest_global() is None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -343,10 +341,29 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
             started = time.perf_counter()
             t = store.latest_global().round
             plan = coordinator.open_round(t)
+            attackers = (
+                choose_attackers(plan.participants, config.attack_fraction, seed=wb.seed, round_idx=t)
+                if spec.get("attack")
+                else []
+            )
+            sent = _read_sent(arm_dir, t)
             for cid in tqdm(plan.participants, desc=f"round {t} clients", leave=False, unit="client"):
                 if cid in store.list_client_uploads(t):
                     continue
-                callback = FederatedClientCallback(store, cid, num_examples=len(wb.train[cid]), prune=spec["prune"])
+                client_store = UploadTransform(
+                    store,
+                    message_format=config.message_format,
+                    attack=config.attack if cid in attackers else None,
+                    attack_scale=config.attack_scale,
+                    honest_copy=arm_dir / "honest_uploads" / f"round-{t}" / f"{cid}.safetensors",
+                )
+                callback = FederatedClientCallback(
+                    client_store,
+                    cid,
+                    num_examples=len(wb.train[cid]),
+                    prune=spec["prune"],
+                    **_callback_options(spec, config.message_format),
+                )
                 client_seed = wb.seed * 100_003 + t * 101 + clients.index(cid)
                 trainer = Trainer(
                     model=wb.trainable(model),
@@ -357,6 +374,9 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                 )
                 trainer.remove_callback(PrinterCallback)
                 trainer.train()
+                if client_store.sent_bytes is not None:
+                    sent[cid] = {"sent_bytes": client_store.sent_bytes, "payload_bytes": client_store.payload_bytes}
+                    _write_sent(arm_dir, t, sent)
             global_t = load_file(str(store.get_global(t).path / "adapter_model.safetensors"))
             downloads = sum(_float32_bytes(truncate(global_t, plan.ranks[cid])) for cid in plan.participants)
             outcome = coordinator.step(wait=False)
@@ -372,11 +392,19 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
             for cid in summary["accepted"]:
                 _load_global(model, latest_weights, int(client_ranks.get(cid, plan.ranks[cid])))
                 val.append(wb.validation_ppl(model, cid))
+            accepted_sent = [sent[c] for c in summary["accepted"] if c in sent]
             row = {
                 "round": t + 1,
                 "heldout_ppl": heldout,
                 "client_val_ppl": sum(val) / len(val) if val else None,
-                "upload_bytes": summary["metrics"]["bytes_uploaded"],
+                # bytes as sent: the encoded message (message_format), plus client.json
+                "upload_bytes": sum(s["sent_bytes"] for s in accepted_sent)
+                if config.message_format != "fp32"
+                else summary["metrics"]["bytes_uploaded"],
+                "payload_bytes": sum(s["payload_bytes"] for s in accepted_sent),
+                "message_format": config.message_format,
+                "attackers": attackers,
+                "epsilon": (summary.get("privacy") or {}).get("epsilon"),
                 "download_bytes": downloads,
                 "ranks": {cid: int(client_ranks.get(cid, r)) for cid, r in ranks.items()},
                 "rejected": summary.get("rejected", {}),
@@ -388,11 +416,102 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
             bar.update(1)
             bar.set_postfix(ppl=f"{heldout:.2f}")
         bar.close()
-    return {
+    info: dict[str, Any] = {
         "rounds": rows,
         "homogeneous_rank": None if spec["ranks"] == "heterogeneous" else r_arm,
         "clients": len(clients),
+        "aggregation": spec["aggregation"],
+        "message_format": config.message_format,
     }
+    if "dp_epsilon" in spec:
+        info["dp"] = settings["dp"].to_dict()
+    if spec.get("attack"):
+        info["attack"] = {"kind": config.attack, "fraction": config.attack_fraction, "scale": config.attack_scale}
+    return info
+
+
+def _callback_options(spec: dict[str, Any], message_format: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"nested": True} if spec.get("nested") else {}
+    # a callback that encodes its own uploads declares the format; otherwise UploadTransform round-trips it
+    if message_format != "fp32" and "message_format" in inspect.signature(FederatedClientCallback).parameters:
+        options["message_format"] = message_format
+    return options
+
+
+def _sent_path(arm_dir: Path, t: int) -> Path:
+    return arm_dir / "sent_bytes" / f"round-{t}.json"
+
+
+def _read_sent(arm_dir: Path, t: int) -> dict[str, dict[str, int]]:
+    path = _sent_path(arm_dir, t)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_sent(arm_dir: Path, t: int, sent: dict[str, dict[str, int]]) -> None:
+    path = _sent_path(arm_dir, t)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(sent, sort_keys=True))
+
+
+class MissingCoordinatorOption(HetLoRAError, ValueError):
+    """An arm needs a Coordinator option this installation does not have."""
+
+
+def arm_coordinator_settings(
+    config: SimulationConfig, arm: str, r_arm: int, ranks: dict[str, int], seed: int
+) -> dict[str, Any]:
+    """The `Coordinator` keyword arguments of an arm (DP settings, component selection) besides the store.
+
+    DP arms: `DPConfig(target_epsilon=..., rounds=config.rounds, sampling_rate=clients_per_round / N,
+    population=N)` (so delta = 1 / N**1.1, Poisson sampling) with clip ``config.dp_clip`` and the expected
+    coverage of each component from the (public) device ranks. DP arms do not self-prune: a pruned rank is a
+    data-dependent value the server would see outside the noise.
+
+    Example:
+        ```py
+        >>> cfg = SimulationConfig.from_sources(profile="quick")
+        >>> arm_coordinator_settings(cfg, "rankwise", 8, {"a": 2, "b": 8}, 0)["method"]
+        'rankwise'
+        ```
+    """
+    spec = ARMS[arm]
+    clients = sorted(ranks)
+    per_round = min(config.clients_per_round, len(clients))
+    settings: dict[str, Any] = {
+        "method": spec["aggregation"],
+        "r_max": r_arm,
+        "r_min": min(config.r_min, r_arm),
+        "clients": clients,
+        "rank_policy": ranks,
+        "clients_per_round": per_round,
+        "rounds": config.rounds,
+        "seed": seed,
+        "clip_norm": config.clip_norm,
+        "progress": False,
+    }
+    if "dp_epsilon" in spec:
+        from ..federated.privacy import DPConfig
+
+        settings["dp"] = DPConfig(
+            clip=config.dp_clip,
+            target_epsilon=float(spec["dp_epsilon"]),
+            rounds=config.rounds,
+            sampling_rate=per_round / len(clients),
+            population=len(clients),
+            accountant=config.dp_accountant,
+            # public: the device ranks, not the data; component j is divided by q * N * coverage_j
+            expected_coverage=tuple(sum(r > j for r in ranks.values()) / len(clients) for j in range(r_arm)),
+        )
+    if "selection" in spec:
+        accepted = inspect.signature(Coordinator.__init__).parameters
+        if "component_selection" not in accepted:
+            raise MissingCoordinatorOption(
+                f"Arm {arm!r} needs Coordinator(component_selection={spec['selection']!r}) and the 'component' "
+                "aggregation method (issue 13's server side), which this installation does not have; update "
+                "peft-hetlora or leave this arm out of --methods."
+            )
+        settings["component_selection"] = spec["selection"]
+    return settings
 
 
 def run_centralized_arm(wb: Workbench, arm_dir: Path) -> dict[str, Any]:
@@ -485,6 +604,7 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
     _check_run_folder(out, config)
     per_seed: list[dict[str, Any]] = []
     cache_notes: list[str] = []
+    quant_note = ""
     started = time.perf_counter()
     for seed in config.seeds:
         random.seed(seed)
@@ -507,9 +627,15 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
                 metrics[arm] = run_federated_arm(wb, arm, arm_dir, ranks0)
         per_seed.append(metrics)
         cache_notes.append(f"seed {seed}: {wb.cache.describe() if wb.cache is not None else wb.cache_note}")
+        if config.quantize is not None and not quant_note:
+            from ..quantization import quantization_summary
+
+            quant_note = f"Base model quantised ({config.quantize}): {json_text(quantization_summary(wb.base_model))}."
         if wb.cache is not None and wb.cache.path is not None:
             wb.cache.path.unlink(missing_ok=True)  # the spill file is scratch, not a result
     notes = _notes(config, per_seed, time.perf_counter() - started) + "\n\n" + "; ".join(cache_notes) + "."
+    if quant_note:
+        notes += "\n\n" + quant_note
     return write_report(per_seed, out, notes=notes, seeds=config.seeds, reference=config.reference)
 
 

