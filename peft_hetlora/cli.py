@@ -52,7 +52,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hetlora", description="Federated fine-tuning with heterogeneous LoRA ranks (arXiv 2401.06432)."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="more logging: -v per-client progress (INFO), -vv debug (default: warnings only)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors (also HETLORA_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = _chosen_command(sys.argv[1:] if argv is None else argv)
@@ -97,9 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    # quiet by default: per-client INFO lines drown the progress bars and the report
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if level > logging.INFO:  # one line per round from the coordinator is progress, not noise
+        logging.getLogger("peft_hetlora.federated.coordinator").setLevel(logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
