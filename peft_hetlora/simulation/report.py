@@ -47,7 +47,7 @@ from .method_numbers import (  # noqa: F401  (re-exported: callers import these 
     ppl_at_upload,
     summarize,
 )
-from .seed_stats import paired_table, plot_paired, seed_statistics
+from .seed_stats import _json_safe, paired_table, plot_paired, seed_statistics
 
 # ----------------------------------------------------------------------------------------------------------------
 # Formatting
@@ -302,18 +302,6 @@ def plot_ranks(seeds, out_dir: Path) -> Path | None:
 # ----------------------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
 
 
 def _as_seeds(metrics: Any) -> list[Mapping[str, Mapping[str, Any]]]:
