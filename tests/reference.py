@@ -140,16 +140,23 @@ def zero_pad(updates, r_max: int, s: float = 1.0, clip_norm=None, previous=None,
     return weighted(updates, sizes, r_max, [mods for mods, _, _ in clipped])
 
 
-def rankwise(updates, r_max: int, s: float, previous=None, per_module=False, data_weights=False):
-    """RBLA (arXiv 2408.08699): component j averaged over the clients covering it; uncovered keep previous."""
-    clipped = clip(updates, s, None)
+def starts_at_previous(clipped, previous, r_max: int):
+    """Per module of `clipped`: (name, d_in, d_out, A, B), the r_max global factors before any client counts
+    (`previous` zero-padded to r_max, else zeros)."""
     prev = np_modules(previous) if previous is not None else None
-    out = {}
     for name, (a0, b0) in clipped[0][0].items():
         d_in, d_out = a0.shape[1], b0.shape[0]
         ga, gb = np.zeros((r_max, d_in)), np.zeros((d_out, r_max))
         if prev is not None:
             ga[:], gb[:] = pad(*prev[name], r_max)
+        yield name, d_in, d_out, ga, gb
+
+
+def rankwise(updates, r_max: int, s: float, previous=None, per_module=False, data_weights=False):
+    """RBLA (arXiv 2408.08699): component j averaged over the clients covering it; uncovered keep previous."""
+    clipped = clip(updates, s, None)
+    out = {}
+    for name, _, _, ga, gb in starts_at_previous(clipped, previous, r_max):
         for j in range(r_max):
             num_a, num_b, den = 0.0, 0.0, 0.0
             for u, (mods, sk, _) in zip(updates, clipped):
@@ -198,13 +205,8 @@ def component_rule(updates, r_max: int, s: float, previous=None, data_weights=Fa
     """
     clipped = clip(updates, s, clip_norm, previous)
     sizes = capped_sizes([u.num_examples for u in updates], cap_ratio)
-    prev = np_modules(previous) if previous is not None else None
     out = {}
-    for name, (a0, b0) in clipped[0][0].items():
-        d_in, d_out = a0.shape[1], b0.shape[0]
-        ga, gb = np.zeros((r_max, d_in)), np.zeros((d_out, r_max))
-        if prev is not None:
-            ga[:], gb[:] = pad(*prev[name], r_max)
+    for name, d_in, d_out, ga, gb in starts_at_previous(clipped, previous, r_max):
         for j in range(r_max):
             num_a, num_b, den = np.zeros(d_in), np.zeros(d_out), 0.0
             for k, (u, (mods, sk, _)) in enumerate(zip(updates, clipped)):

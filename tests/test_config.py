@@ -16,14 +16,9 @@ import peft_hetlora
 from peft_hetlora import HetLoRAConfig, HetLoRAModel
 
 try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
-    from tiny_models import TwoLinear, one_torch_thread
+    from tiny_models import TwoLinear, one_thread_per_module  # noqa: F401  (autouse fixture)
 except ImportError:  # ... and the repository root when it is
-    from tests.tiny_models import TwoLinear, one_torch_thread
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    yield from one_torch_thread()
+    from tests.tiny_models import TwoLinear, one_thread_per_module  # noqa: F401  (autouse fixture)
 
 
 TARGETS = ["lin0", "lin1"]

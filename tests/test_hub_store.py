@@ -81,16 +81,14 @@ def test_peft_loads_the_global_from_the_repo_id(fed, hub_double, tmp_path, monke
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     import huggingface_hub.constants as constants
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p)
-    model.save_pretrained(tmp_path / "g")
+    try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
+        from tiny_models import saved_lora_llama
+    except ImportError:  # ... and the repository root when it is
+        from tests.tiny_models import saved_lora_llama
+
+    model, config = saved_lora_llama(tmp_path / "g")
     fed.publish_global(0, tmp_path / "g")
 
     # What HF_ENDPOINT=<double> does in a fresh process (huggingface_hub reads it at import).

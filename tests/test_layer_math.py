@@ -16,14 +16,16 @@ from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state
 from peft_hetlora import HetLoRAConfig
 
 try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
-    from tiny_models import TwoLinear, one_torch_thread, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
+    from tiny_models import TwoLinear, one_thread_per_module, randomize_adapter, tiny_gpt2, tiny_llama, token_batch  # noqa: F401  (autouse fixture)
 except ImportError:  # ... and the repository root when it is
-    from tests.tiny_models import TwoLinear, one_torch_thread, randomize_adapter, tiny_gpt2, tiny_llama, token_batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    yield from one_torch_thread()
+    from tests.tiny_models import (  # noqa: F401  (autouse fixture)
+        TwoLinear,
+        one_thread_per_module,
+        randomize_adapter,
+        tiny_gpt2,
+        tiny_llama,
+        token_batch,
+    )
 
 
 TARGETS = ["lin0", "lin1"]

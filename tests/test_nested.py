@@ -18,14 +18,9 @@ from peft_hetlora import HetLoRAConfig
 from trainer_callbacks import HetLoRACallback
 
 try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
-    from tiny_models import VOCAB_SIZE, TwoLinear, one_torch_thread, randomize_adapter, tiny_llama
+    from tiny_models import VOCAB_SIZE, TwoLinear, one_thread_per_module, randomize_adapter, tiny_llama  # noqa: F401  (autouse fixture)
 except ImportError:  # ... and the repository root when it is
-    from tests.tiny_models import VOCAB_SIZE, TwoLinear, one_torch_thread, randomize_adapter, tiny_llama
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    yield from one_torch_thread()
+    from tests.tiny_models import VOCAB_SIZE, TwoLinear, one_thread_per_module, randomize_adapter, tiny_llama  # noqa: F401  (autouse fixture)
 
 
 X = torch.randn(5, 12, generator=torch.Generator().manual_seed(3))

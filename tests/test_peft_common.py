@@ -23,7 +23,7 @@ try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
     from peft_upstream.custom_models import MixedAdapterBatchesTests, MultipleActiveAdaptersTests, PeftCustomModelTests
     from peft_upstream.testing_common import PeftCommonTester
     from peft_upstream.testing_utils import set_init_weights_false
-    from tiny_models import LLAMA_TARGETS, one_torch_thread, tiny_gpt2, tiny_llama
+    from tiny_models import LLAMA_TARGETS, one_thread_per_module, tiny_gpt2, tiny_llama  # noqa: F401  (autouse fixture)
 except ImportError:  # ... and the repository root when it is
     from tests.peft_upstream.custom_models import (
         MixedAdapterBatchesTests,
@@ -32,12 +32,7 @@ except ImportError:  # ... and the repository root when it is
     )
     from tests.peft_upstream.testing_common import PeftCommonTester
     from tests.peft_upstream.testing_utils import set_init_weights_false
-    from tests.tiny_models import LLAMA_TARGETS, one_torch_thread, tiny_gpt2, tiny_llama
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    yield from one_torch_thread()
+    from tests.tiny_models import LLAMA_TARGETS, one_thread_per_module, tiny_gpt2, tiny_llama  # noqa: F401  (autouse fixture)
 
 
 # ----------------------------------------------------------------------------- cases

@@ -19,14 +19,9 @@ from safetensors.torch import load_file
 from peft_hetlora import HetLoRAConfig, export_lora
 
 try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
-    from tiny_models import LLAMA_TARGETS, one_torch_thread, randomize_adapter, tiny_llama, token_batch
+    from tiny_models import LLAMA_TARGETS, one_thread_per_module, randomize_adapter, tiny_llama, token_batch  # noqa: F401  (autouse fixture)
 except ImportError:  # ... and the repository root when it is
-    from tests.tiny_models import LLAMA_TARGETS, one_torch_thread, randomize_adapter, tiny_llama, token_batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    yield from one_torch_thread()
+    from tests.tiny_models import LLAMA_TARGETS, one_thread_per_module, randomize_adapter, tiny_llama, token_batch  # noqa: F401  (autouse fixture)
 
 
 IDS = token_batch(batch=2, length=10)

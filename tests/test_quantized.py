@@ -38,9 +38,9 @@ from peft_hetlora.quantized_layers import (
 )
 
 try:
-    from tiny_models import one_torch_thread, randomize_adapter, tiny_llama, token_batch
+    from tiny_models import one_thread_per_module, randomize_adapter, tiny_llama, token_batch  # noqa: F401  (autouse fixture)
 except ImportError:  # pragma: no cover
-    from tests.tiny_models import one_torch_thread, randomize_adapter, tiny_llama, token_batch
+    from tests.tiny_models import one_thread_per_module, randomize_adapter, tiny_llama, token_batch  # noqa: F401  (autouse fixture)
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
@@ -52,11 +52,6 @@ MODES = [
 LAYER_CLASS = {"8bit": HetLoRALinear8bitLt, "4bit": HetLoRALinear4bit, "torchao-int8": HetLoRATorchaoLinear}
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 SHAPE = dict(hidden_size=64, intermediate_size=128)  # bitsandbytes' 4-bit blocks are 64 values
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,14 @@ from peft_hetlora.federated.aggregation import ClientUpdate, aggregate
 from peft_hetlora.federated.errors import HetLoRAError, RankError
 from peft_hetlora.federated.robust import RobustConfigError, robust_aggregate, robust_stat
 
+try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
+    from lora_keys import EXTRA, ak, bk
+except ImportError:  # ... and the repository root when it is
+    from tests.lora_keys import EXTRA, ak, bk
+
 R_MAX = 8
 SCALE = 2.0
 SHAPES = {"layers.0.q_proj": (6, 5), "layers.1.v_proj": (4, 7)}  # name -> (d_out, d_in)
-EXTRA = "score.modules_to_save.weight"
-
-
-def ak(name: str) -> str:
-    return f"{name}.lora_A.weight"
-
-
-def bk(name: str) -> str:
-    return f"{name}.lora_B.weight"
 
 
 def random_sd(rng: np.random.Generator, rank: int, center: dict | None = None, spread: float = 1.0) -> dict:

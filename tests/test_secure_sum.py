@@ -10,18 +10,14 @@ from peft_hetlora.federated.aggregation import ClientUpdate, aggregate
 from peft_hetlora.federated.errors import RankError
 from peft_hetlora.federated.secure_sum import SecureSumError, client_share, combine, sum_shares
 
+try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
+    from lora_keys import EXTRA, ak, bk
+except ImportError:  # ... and the repository root when it is
+    from tests.lora_keys import EXTRA, ak, bk
+
 R_MAX = 6
 SCALE = 0.5
 SHAPES = {"layers.0.q_proj": (5, 4), "layers.1.v_proj": (3, 7)}  # name -> (d_out, d_in)
-EXTRA = "score.modules_to_save.weight"
-
-
-def ak(name: str) -> str:
-    return f"{name}.lora_A.weight"
-
-
-def bk(name: str) -> str:
-    return f"{name}.lora_B.weight"
 
 
 def random_sd(rng, rank: int, zero_b: bool = False) -> dict:

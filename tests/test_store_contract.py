@@ -351,16 +351,14 @@ def test_local_root_loads_with_peft(tmp_path):
     """PeftModel.from_pretrained(store_path) loads the latest global adapter from the store's root."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p)
-    model.save_pretrained(tmp_path / "g")
+    try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
+        from tiny_models import saved_lora_llama
+    except ImportError:  # ... and the repository root when it is
+        from tests.tiny_models import saved_lora_llama
+
+    model, config = saved_lora_llama(tmp_path / "g")
     (tmp_path / "g" / "round.json").write_text(json.dumps({"round": 0, "participants": []}))
     store = LocalStore(tmp_path / "store", create=True)
     store.publish_global(0, tmp_path / "g")

@@ -19,14 +19,9 @@ from peft_hetlora import HetLoRAConfig, export_lora
 from peft_hetlora.federated.errors import HetLoRAError, RankError
 
 try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
-    from tiny_models import TwoLinear, one_torch_thread, randomize_adapter, tiny_gpt2, token_batch
+    from tiny_models import TwoLinear, one_thread_per_module, randomize_adapter, tiny_gpt2, token_batch  # noqa: F401  (autouse fixture)
 except ImportError:  # ... and the repository root when it is
-    from tests.tiny_models import TwoLinear, one_torch_thread, randomize_adapter, tiny_gpt2, token_batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    yield from one_torch_thread()
+    from tests.tiny_models import TwoLinear, one_thread_per_module, randomize_adapter, tiny_gpt2, token_batch  # noqa: F401  (autouse fixture)
 
 
 R_MAX, ALPHA = 8, 12

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -106,9 +107,7 @@ def one_torch_thread():
 
     Example:
         ```py
-        >>> @pytest.fixture(autouse=True, scope="module")  # doctest: +SKIP
-        ... def _one_torch_thread():
-        ...     yield from one_torch_thread()
+        >>> from tiny_models import one_thread_per_module  # noqa: F401  (in a test module)  # doctest: +SKIP
         ```
     """
     previous = torch.get_num_threads()
@@ -117,3 +116,32 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_per_module():
+    """Autouse, module-scoped `one_torch_thread`: import it into a test module to cover that module's tests."""
+    yield from one_torch_thread()
+
+def saved_lora_llama(folder) -> tuple[nn.Module, LlamaConfig]:
+    """A one-layer Llama with a rank-2 LoRA on q_proj (random lora_B, seed 0), saved to `folder`.
+
+    Returns the PEFT model and its base config, so a test can rebuild the base and compare a loaded adapter.
+
+    Example:
+        ```py
+        >>> model, config = saved_lora_llama(tmp_path / "g")  # doctest: +SKIP
+        ```
+    """
+    import peft
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    model.save_pretrained(folder)
+    return model, config

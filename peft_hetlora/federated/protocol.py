@@ -35,11 +35,17 @@ from typing import Any
 import torch
 
 from .aggregation import AggregationResult, ClientUpdate, StreamingAggregator
-from .component_selection import SELECTION_POLICIES, select_components
-from .errors import AggregationError
-from .methods import AGGREGATION_METHODS, get_aggregation
+from .component_selection import select_components
+from .methods import get_aggregation
 from .rank_policy import cap_ranks, poisson_sample, sample_clients
-from .ranks import check_rank
+from .round_settings import (  # noqa: F401  (re-exported: part of the protocol's public names)
+    _DP_METHOD,
+    NEXT_RANK_RULES,
+    RoundSettings,
+    check_dp,
+    check_selection,
+    dp_method_for,
+)
 from .round_summary import build_summary, client_details, weighted_mean
 
 logger = logging.getLogger(__name__)
@@ -78,9 +84,6 @@ CLIENT_FILE = "client.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FEDERATION_FORMAT = 1
-NEXT_RANK_RULES = ("rank_out", "initial")
-# Aggregation methods with a DP counterpart in `privacy.dp_aggregate` (public weights; hetlora's leak).
-_DP_METHOD = {"rankwise": "component", "zero_pad": "zero_pad", "fedavg": "zero_pad"}
 
 
 @dataclass(frozen=True)
@@ -172,125 +175,6 @@ class Rejection:
 
     client_id: str
     reason: str
-
-
-@dataclass(frozen=True)
-class RoundSettings:
-    """The settings `close_round` needs; every engine builds one from its own options.
-
-    Args:
-        method: a registered aggregation method.
-        r_max, r_min: the federation's rank bounds.
-        scaling: ``s`` for norms and clipping.
-        clip_norm, weighting: passed to the aggregator.
-        next_rank: ``"rank_out"`` (a client's next rank is what it reported) or ``"initial"``.
-        min_accepted: accepted uploads needed to change the global (else it is carried over).
-        dp: a `privacy.DPConfig`: the round is aggregated with `privacy.dp_aggregate` instead.
-        seed: seeds the DP noise only when ``dp_noise_seed`` is True (tests); otherwise the noise is secret.
-        engine: ``"flower"`` / ``"inprocess"`` (recorded in round.json and summary.json), None for the coordinator.
-        component_selection: which components each participant trains (`component_selection.SELECTION_POLICIES`):
-            ``"prefix"`` (HetLoRA, the default), ``"rolling"`` or ``"coverage"``; a window policy needs a method
-            that accepts component-indexed uploads and no DP (`check_selection`).
-        anchor: components ``0 .. anchor-1`` are in every client's set (window policies).
-    """
-
-    method: str
-    r_max: int
-    r_min: int
-    scaling: float
-    clip_norm: float | None = None
-    weighting: str = "per_client"
-    next_rank: str = "rank_out"
-    min_accepted: int = 1
-    dp: Any = None
-    seed: int = 0
-    dp_noise_seed: bool = False
-    engine: str | None = None
-    component_selection: str = "prefix"
-    anchor: int = 0
-
-    def __post_init__(self) -> None:
-        if self.next_rank not in NEXT_RANK_RULES:
-            raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {self.next_rank!r}.")
-        check_rank(self.r_min, 1, self.r_max, what="r_min")
-        check_dp(self.method, self.dp)
-        check_selection(self.method, self.component_selection, self.anchor, r_max=self.r_max, dp=self.dp)
-
-
-def check_selection(method: str, component_selection: str, anchor: int = 0, *, r_max: int | None = None,
-                    dp: Any = None) -> None:
-    """Refuse a component selection the round engine cannot aggregate.
-
-    A window policy (``rolling`` / ``coverage``) makes clients upload component-indexed factors, which only methods
-    with ``accepts_components`` aggregate (``hetlora``, ``zero_pad``, ``rankwise``, ``component``,
-    ``component_data``); the DP, robust and secure-sum paths handle prefixes only.
-
-    Raises:
-        AggregationError: with what to change.
-
-    Example:
-        ```py
-        >>> check_selection("component", "coverage")
-        >>> check_selection("fedavg", "prefix")
-        ```
-    """
-    if component_selection not in SELECTION_POLICIES:
-        raise AggregationError(f"component_selection must be one of {list(SELECTION_POLICIES)}, got "
-                               f"{component_selection!r}.")
-    if isinstance(anchor, bool) or not isinstance(anchor, int) or anchor < 0 or (r_max is not None and anchor > r_max):
-        raise AggregationError(f"anchor must be an int in [0, r_max={r_max}], got {anchor!r}.")
-    if component_selection == "prefix":
-        return
-    if not get_aggregation(method).accepts_components:
-        takers = [m for m in AGGREGATION_METHODS if get_aggregation(m).accepts_components]
-        raise AggregationError(
-            f"component_selection={component_selection!r} makes clients train windows of components, which method "
-            f"{method!r} cannot aggregate; use one of {takers} (or component_selection='prefix')."
-        )
-    if dp is not None:
-        raise AggregationError(
-            f"component_selection={component_selection!r} with dp=...: differentially private aggregation supports "
-            "prefix uploads only; use component_selection='prefix' for a DP federation."
-        )
-
-
-def dp_method_for(method: str) -> str:
-    """The `dp_aggregate` method of an aggregation method (``rankwise`` -> ``component``; ``zero_pad``/``fedavg``).
-
-    Raises:
-        AggregationError: for methods whose weights are data-dependent (``hetlora``) or that have no DP form.
-
-    Example:
-        ```py
-        >>> dp_method_for("rankwise")
-        'component'
-        ```
-    """
-    if method not in _DP_METHOD:
-        raise AggregationError(
-            f"method {method!r} has no differentially private form: use rankwise (the component rule), zero_pad or "
-            "fedavg with dp=... (hetlora's sparsity weights depend on the clients' data; docs/privacy.md)."
-        )
-    return _DP_METHOD[method]
-
-
-def check_dp(method: str, dp: Any) -> None:
-    """Refuse a DP setting the round engine cannot run (no DP form of ``method``, no public denominator).
-
-    Raises:
-        AggregationError: with what to change.
-
-    Example:
-        ```py
-        >>> check_dp("rankwise", None)
-        ```
-    """
-    if dp is None:
-        return
-    dp_method_for(method)
-    if getattr(dp, "expected_clients", None) is None:
-        raise AggregationError("DPConfig needs expected_clients=... (or population=N, then q * N): the public "
-                               "denominator of every DP round.")
 
 
 @dataclass

@@ -90,6 +90,28 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def shifted_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL of `logits` (batch, seq, vocab) against `labels` (batch, seq), and the tokens counted.
+
+    Position ``t`` predicts label ``t + 1``; labels equal to ``IGNORE_INDEX`` (-100) are left out. Logits are
+    upcast to float32 first.
+
+    Example:
+        >>> nll, n = shifted_nll(torch.zeros(1, 3, 4), torch.tensor([[0, 1, -100]]))
+        >>> n, round(nll, 4)  # one counted token, uniform over 4 classes: log 4
+        (1, 1.3863)
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return float(nll.item()), int((shift_labels != IGNORE_INDEX).sum().item())
+
+
 def evaluate_perplexity(
     model: torch.nn.Module,
     dataset: Any,
@@ -164,16 +186,9 @@ def evaluate_perplexity(
                 input_ids, mask, labels = input_ids[:, :keep], mask[:, :keep], labels[:, :keep]
                 kwargs = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) else {}
                 logits = model(input_ids=input_ids.to(target), attention_mask=mask.to(target), **kwargs).logits
-                shift_logits = logits[:, :-1, :].float()
-                shift_labels = labels[:, 1:].to(shift_logits.device)
-                nll = F.cross_entropy(
-                    shift_logits.reshape(-1, shift_logits.size(-1)),
-                    shift_labels.reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-                total_nll += float(nll.item())
-                total_tokens += int((shift_labels != IGNORE_INDEX).sum().item())
+                nll, tokens = shifted_nll(logits, labels)
+                total_nll += nll
+                total_tokens += tokens
     finally:
         model.train(was_training)
     result: dict[str, float] = perplexity_from_nll(total_nll, total_tokens)

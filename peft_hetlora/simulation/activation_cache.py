@@ -39,11 +39,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from ..metrics.loss_eval import IGNORE_INDEX, perplexity_from_nll
+from ..metrics.loss_eval import IGNORE_INDEX, perplexity_from_nll, shifted_nll
 
 #: decoder families whose forward is embed -> layers(mask, rotary) -> norm -> lm_head, as rebuilt here
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -388,16 +387,9 @@ def cached_perplexity(model: TopLayersCausalLM, blocks: CachedBlocks, batch_size
             logits = model(
                 hidden_states=batch["hidden_states"].to(device), attention_mask=batch["attention_mask"].to(device)
             ).logits
-            shift_logits = logits[:, :-1, :].float()
-            shift_labels = batch["labels"][:, 1:].to(shift_logits.device)
-            nll = F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)),
-                shift_labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            total_nll += float(nll.item())
-            total_tokens += int((shift_labels != IGNORE_INDEX).sum().item())
+            nll, tokens = shifted_nll(logits, batch["labels"])
+            total_nll += nll
+            total_tokens += tokens
     finally:
         model.train(was_training)
     result: dict[str, float] = perplexity_from_nll(total_nll, total_tokens)

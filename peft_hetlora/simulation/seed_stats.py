@@ -303,12 +303,15 @@ def merge_run_folders(folders: Sequence[str | Path], out_dir: str | Path, *, ref
 
 
 def _json_safe(value: Any) -> Any:
+    """`value` made JSON-ready: non-finite floats -> None, numpy scalars -> Python, mappings keyed by str."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
     return value
 
 

@@ -175,13 +175,7 @@ class PaddedSum:
         levels = self.level[:span]
         alpha = weight
         if not (levels == level).all():
-            raise_idx = np.nonzero(levels < level)[0]
-            if raise_idx.size:
-                idx = torch.from_numpy(raise_idx)
-                self.a_sum[idx] = 0.0
-                self.b_sum[:, idx] = 0.0
-                self.den[raise_idx] = 0.0
-                self.level[raise_idx] = level
+            self._raise_level(np.nonzero(levels < level)[0], level)
             active = self.level[:span] == level
             if not active[:rank].all():
                 idx_np = np.nonzero(active[:rank])[0]
@@ -197,19 +191,22 @@ class PaddedSum:
         self.a_sum[:rank].add_(a, alpha=alpha)
         self.b_sum[:, :rank].add_(b, alpha=alpha)
 
-    def _add_indexed(self, a: torch.Tensor, b: torch.Tensor, level: int, weight: float,
-                     components: tuple[int, ...]) -> None:
-        """The same update as :meth:`add` for slots that hold global components ``components[:r_k]``."""
-        rank = a.shape[0]
-        own = np.asarray(components[:rank], dtype=np.int64)
-        span = own if self.covered_only else np.arange(self.r_max)
-        raise_idx = span[self.level[span] < level]
+    def _raise_level(self, raise_idx: np.ndarray, level: int) -> None:
+        """Components ``raise_idx`` drop their sums and restart at the better weighting ``level``."""
         if raise_idx.size:
             idx = torch.from_numpy(raise_idx)
             self.a_sum[idx] = 0.0
             self.b_sum[:, idx] = 0.0
             self.den[raise_idx] = 0.0
             self.level[raise_idx] = level
+
+    def _add_indexed(self, a: torch.Tensor, b: torch.Tensor, level: int, weight: float,
+                     components: tuple[int, ...]) -> None:
+        """The same update as :meth:`add` for slots that hold global components ``components[:r_k]``."""
+        rank = a.shape[0]
+        own = np.asarray(components[:rank], dtype=np.int64)
+        span = own if self.covered_only else np.arange(self.r_max)
+        self._raise_level(span[self.level[span] < level], level)
         self.den[span[self.level[span] == level]] += weight
         active_slots = np.nonzero(self.level[own] == level)[0]
         if active_slots.size:
