@@ -190,6 +190,17 @@ def test_init_with_component_selection_and_a_measured_memory_budget(tmp_path, ba
     assert "component_selection" in capsys.readouterr().err
 
 
+def test_init_restricts_upload_formats(tmp_path, base_dir, capsys):
+    from peft_hetlora.federated import LocalStore
+
+    fed = tmp_path / "fed"
+    assert _init(fed, base_dir, "--message-formats", "bf16,int8-block64") == 0
+    assert LocalStore(fed).read_federation()["message_formats"] == ["bf16", "int8-block64"]
+    capsys.readouterr()
+    assert _init(tmp_path / "fed2", base_dir, "--message-formats", "fp8") != 0
+    assert "fp8" in capsys.readouterr().err
+
+
 def test_init_needs_clients_and_a_model(tmp_path, base_dir, capsys):
     assert main(["init", "--store", str(tmp_path / "f"), "--base-model", str(base_dir)]) == 2
     assert "--clients" in capsys.readouterr().err

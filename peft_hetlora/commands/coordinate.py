@@ -77,6 +77,13 @@ def _float_pairs(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"Tier fractions must be numbers: {err}") from None
 
 
+def _name_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated names, e.g. fp32,bf16")
+    return names
+
+
 def _client_list(text: str) -> list[str]:
     return [c.strip() for c in text.split(",") if c.strip()]
 
@@ -117,7 +124,11 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
                      help="Uploads needed to close a round (default clients-per-round; with --deadline-s, what "
                      "suffices once the deadline passed).")
     fed.add_argument("--seed", type=int, default=None, help="Seed of rank draws and client sampling (default 0).")
-    fed.add_argument("--clip-norm", type=float, default=None, help="Clip each client's ||s B A||_F to this.")
+    fed.add_argument("--clip-norm", type=float, default=None,
+                     help="Influence bound C: clip each factor's change from the global sent (docs/aggregation.md).")
+    fed.add_argument("--message-formats", type=_name_list, default=None,
+                     help="Upload formats clients may declare: comma-separated fp32,bf16,fp16,int8-block64 "
+                          "(default: all; docs/on_device.md).")
     fed.add_argument("--max-upload-bytes", type=_byte_size, default=None,
                      help="Size limit of an uploaded adapter, e.g. 64MB (default 2x an r_max adapter).")
     fed.add_argument("--deadline-s", type=float, default=None, help="Seconds after a round opens after which "
@@ -295,6 +306,7 @@ def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -
         dp=_dp_config(args, clients),
         component_selection=getattr(args, "component_selection", None),
         anchor=getattr(args, "anchor", None),
+        message_formats=getattr(args, "message_formats", None),
         poll_interval_s=getattr(args, "poll_interval", 5.0),
         progress=not getattr(args, "no_progress", False),
     )
