@@ -19,12 +19,8 @@ import torch
 
 from .aggregation import ClientUpdate, lora_module_names
 from .errors import HetLoRAError, RankError
+from .keys import FACTOR_SUFFIXES as _SUFFIXES
 from .ranks import check_rank
-
-_SUFFIXES: tuple[tuple[str, str], ...] = (
-    (".lora_A.weight", ".lora_B.weight"),
-    (".lora_embedding_A", ".lora_embedding_B"),
-)
 
 
 class UpdateShapeError(HetLoRAError, ValueError):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import CoordinatorError, FederationMismatch
+from .keys import module_ranks
 from .privacy import DPConfig, dp_config_from_dict
 from .protocol import FEDERATION_FORMAT
 from .rank_policy import RankPolicy
@@ -120,7 +121,7 @@ def initial_identity(state_dict: Mapping[str, torch.Tensor], adapter_config: Map
     check_rank(r_max, 1, 1 << 30, what="r_max", hint="r_max defaults to the initial adapter's `r`")
     check_rank(r_min, 1, r_max, what="r_min", hi_name="r_max")
     module_dims = lora_module_dims(state_dict)
-    ranks_found = {v.shape[0] for k, v in state_dict.items() if k.endswith(".lora_A.weight")}
+    ranks_found = set(module_ranks(state_dict).values())
     if ranks_found != {r_max}:
         raise ValueError(f"The initial adapter has rank(s) {sorted(ranks_found)} but r_max is {r_max}: save it at "
                          "full rank (set_rank(r_max) before save_pretrained).")

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from . import keys
 from ._components import Layout, flat_a, flat_b, module_ranks, previous_factors, to_state_dict, validate_round
 from .aggregation import AggregationResult, ClientUpdate, update_norm
 from .dp_config import DPConfig, DPConfigError, _opacus, _positive, dp_config_from_dict, privacy_spent  # noqa: F401
@@ -310,11 +311,9 @@ def privatize_update(
     """
     if not isinstance(config, DPConfig) or config.model != "local":
         raise DPConfigError("privatize_update is the local-DP client step: pass DPConfig(model='local', ...)")
-    rank = max(int(state_dict[k].shape[0]) for k in state_dict if k.endswith(("lora_A.weight", "lora_embedding_A")))
+    rank = max(keys.module_ranks(state_dict).values())
     update = ClientUpdate("local", state_dict, rank=rank, num_examples=0)
-    r_global = max(
-        int(v.shape[0]) for k, v in global_state_dict.items() if k.endswith(("lora_A.weight", "lora_embedding_A"))
-    )
+    r_global = max(keys.module_ranks(global_state_dict).values())
     items, layout = validate_round([update], max(rank, r_global))
     prev, prev_extras = previous_factors(global_state_dict, layout)
     factors, extras = _contribution(items[0], layout, prev, prev_extras, "component")

@@ -8,6 +8,7 @@ import torch
 from flwr.app import RecordDict
 
 from peft_hetlora.federated.aggregation import ClientUpdate
+from peft_hetlora.federated.keys import module_ranks
 from peft_hetlora.federated.validation import RejectedUpload, UploadSpec, validate_update
 
 from . import records as rec
@@ -22,7 +23,7 @@ class ReplyValidation:
             self.spec = UploadSpec.from_state_dict(state, r_min=self.r_min, r_max=self.r_max,
                                                    max_examples=self.max_examples,
                                                    message_formats=getattr(self, "message_formats", None))
-            ranks = {v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight")}
+            ranks = set(module_ranks(state).values())
             if ranks != {self.r_max}:
                 raise ValueError(f"The initial global adapter has rank(s) {sorted(ranks)} but r_max is {self.r_max}: "
                                  "pass it at full rank (HetLoRAConfig(r=r_max, rank=r_max)).")
