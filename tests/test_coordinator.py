@@ -47,6 +47,35 @@ from tests.coordinator_fakes import (  # noqa: F401  (the two fixtures register 
 )
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, ("component", "coverage")),  # the study's winner (benchmarks/README.md, issue 13)
+        ({"method": "hetlora"}, ("hetlora", "prefix")),  # the paper's rule, one argument away
+        ({"component_selection": "rolling"}, ("component", "rolling")),
+    ],
+)
+def test_a_new_federation_gets_the_studys_method_unless_told(store, init_dir, given, expected):
+    coord = make_coordinator(store, None, **{"method": None, **given})
+    coord.init(init_dir)
+    fed = store.read_federation()
+    assert (fed["method"], fed["component_selection"]) == expected
+    info = round_info(store, 0)
+    if expected[1] == "prefix":
+        assert "components" not in info
+    else:  # each participant is assigned as many components as its rank
+        assert {cid: len(c) for cid, c in info["components"].items()} == {
+            cid: info["ranks"][cid] for cid in info["participants"]
+        }
+
+
+def test_default_method_under_dp_uploads_prefixes():
+    from peft_hetlora.federated.round_settings import default_method_and_selection, dp_method_for
+
+    assert default_method_and_selection(None, None, dp=object()) == ("component", "prefix")
+    assert dp_method_for("component") == "component"
+
+
 def test_init_writes_federation_and_global_zero(store, init_dir):
     coord = make_coordinator(store, None)
     g0 = coord.init(init_dir)

@@ -118,7 +118,8 @@ def test_global_is_a_hetlora_adapter_that_peft_loads(tmp_path):
     randomize_adapter(model, seed=1)
     model.save_pretrained(tmp_path / "init")
     store = LocalStore(tmp_path / "fed", create=True)
-    coord = Coordinator(store, r_min=1, clients=["a", "b"], rank_policy={"a": 2, "b": 4}, rounds=1,
+    # a plain PEFT client trains the prefix of its rank: the paper's rule (the default assigns windows)
+    coord = Coordinator(store, method="hetlora", r_min=1, clients=["a", "b"], rank_policy={"a": 2, "b": 4}, rounds=1,
                         progress=False, clock=Clock(), sleep=_no_sleep)
     g0 = coord.init(tmp_path / "init")
     for seed, cid in enumerate(["a", "b"]):

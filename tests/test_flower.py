@@ -150,6 +150,7 @@ def inline_grid(n: int, node_offset: int = 100, task=TASK, app=None, **kwargs) -
 
 
 def strategy_for(n: int, ranks: dict[str, int], **kwargs) -> HetLoRAStrategy:
+    kwargs.setdefault("method", "hetlora")  # these tests pin the paper's prefix rule (the default assigns windows)
     return HetLoRAStrategy(CONFIG, rank_policy=ranks, clients=client_ids(n), min_available_nodes=n,
                            training=TRAINING, keep_updates=True, **kwargs)
 
@@ -338,7 +339,8 @@ def test_min_replies_carries_the_global_over(initial):
 
 
 def test_max_rank_reported_by_a_node_caps_its_rank(initial):
-    strategy = HetLoRAStrategy(CONFIG, rank_policy="constant", min_available_nodes=2, training=TRAINING)
+    strategy = HetLoRAStrategy(CONFIG, method="hetlora", rank_policy="constant", min_available_nodes=2,
+                               training=TRAINING)
     app = make_client_app(TASK, training_defaults=TRAINING)
     grid = InlineGrid(app, {1: {"partition-id": 0}, 2: {"partition-id": 1, "max-rank": 3}})
     messages = strategy.configure_train(1, ArrayRecord(initial), ConfigRecord(), grid)

@@ -71,6 +71,29 @@ def test_rerun_resumes_without_redoing_rounds(finished_run):
         assert now.startswith(text) and len(now.splitlines()) == len(text.splitlines()) + 1
 
 
+def test_a_round_closed_but_not_recorded_is_recorded_on_resume_without_retraining(tmp_path):
+    """A run killed after the coordinator closed round t but before its row was written: the rerun must not
+    reopen a finished federation (it used to fail with "did not close (done)") nor train the round again."""
+    config = quick(methods=["hetlora"], rounds=2)
+    run_simulation(config, tmp_path)
+    rows_path = tmp_path / "seed-0" / "hetlora" / "rounds.jsonl"
+    lines = rows_path.read_text().splitlines()
+    uploads = sorted((tmp_path / "seed-0" / "hetlora" / "store").rglob("*.safetensors"))
+    stamps = {p: p.stat().st_mtime_ns for p in uploads}
+    rows_path.write_text("\n".join(lines[:-1]) + "\n")  # the kill: global 2 is published, row 2 is missing
+    run_simulation(config, tmp_path)
+    again = rows_path.read_text().splitlines()
+    assert len(again) == len(lines)
+    before, after = json.loads(lines[-1]), json.loads(again[-1])
+    for key in ("round", "upload_bytes", "download_bytes", "ranks"):
+        assert after[key] == before[key], key
+    for key in ("heldout_ppl", "client_val_ppl"):  # the same global evaluated again
+        assert after[key] == pytest.approx(before[key], rel=1e-6), key
+    # nothing was trained or uploaded again
+    assert sorted((tmp_path / "seed-0" / "hetlora" / "store").rglob("*.safetensors")) == uploads
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in uploads)
+
+
 def test_run_folder_of_other_settings_is_refused(finished_run):
     out, _, _ = finished_run
     with pytest.raises(RunFolderMismatch, match="learning_rate"):

@@ -110,7 +110,9 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
 def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the federation and initial-rank options (shared by `coordinate` and `init`)."""
     fed = parser.add_argument_group("federation (defaults come from federation.json when resuming)")
-    fed.add_argument("--method", choices=AGGREGATION_METHODS, default=None, help="Aggregation (default hetlora).")
+    fed.add_argument("--method", choices=AGGREGATION_METHODS, default=None,
+                     help="Aggregation (default: component, with coverage windows unless --component-selection "
+                     "says otherwise: the study's winner; hetlora for the paper's rule; benchmarks/README.md).")
     fed.add_argument("--rounds", type=int, default=None, help="Number of rounds (default 1).")
     fed.add_argument("--r-max", type=int, default=None, help="Maximum rank (default: the initial adapter's r).")
     fed.add_argument("--r-min", type=int, default=None, help="Minimum rank (default 1).")
@@ -136,8 +138,9 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     fed.add_argument("--next-rank", choices=NEXT_RANK_RULES, default=None,
                      help="A client's next rank: its reported rank_out (default) or its initial rank.")
     fed.add_argument("--component-selection", choices=SELECTION_POLICIES, default=None,
-                     help="Which global components each client trains: prefix (default, HetLoRA), rolling "
-                     "(FedRolex-style moving windows) or coverage (every component covered); window policies need "
+                     help="Which global components each client trains: prefix (HetLoRA; the default with a --method "
+                     "or with DP), rolling (FedRolex-style moving windows) or coverage (every component covered; the "
+                     "default without --method); window policies need "
                      "--method hetlora, zero_pad, rankwise, component or component_data (docs/federation.md).")
     fed.add_argument("--anchor", type=int, default=None,
                      help="Components 0..anchor-1 are in every client's window (window policies; default 0).")

@@ -53,7 +53,11 @@ def add_parser(subparsers: Any, help: str) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run folder (default runs/<profile>)")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--dataset", help="'chitchat', a save_to_disk folder, or a JSON dict of load_dataset kwargs")
+    p.add_argument(
+        "--dataset",
+        help="'chitchat' (default), 'pycode' (Python source by installed package), a save_to_disk folder, "
+        "or a JSON dict of load_dataset kwargs",
+    )
     p.add_argument("--client-column", dest="client_column")
     p.add_argument("--text-column", dest="text_column")
     p.add_argument("--target-modules", dest="target_modules", help="comma-separated module names")

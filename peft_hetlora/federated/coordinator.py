@@ -66,6 +66,7 @@ from .protocol import (
     weighted_mean,
 )
 from .rank_policy import RankPolicy
+from .round_settings import default_method_and_selection
 from .store import AdapterStore, GlobalAdapter, file_sha256, validate_client_id
 from .upload_folder import validate_upload
 from .validation import ADAPTER_FILE, CONFIG_FILE, DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
@@ -167,10 +168,11 @@ class Coordinator(FederationSettings, GlobalPublisher):
             raise ValueError(f"Unknown method {method!r}; use one of {tuple(AGGREGATION_METHODS)}.")
         if next_rank is not None and next_rank not in NEXT_RANK_RULES:
             raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
-        check_dp(method or "hetlora", dp)
+        default_method, default_selection = default_method_and_selection(method, component_selection, dp)
+        check_dp(default_method, dp)
         if component_selection is not None or anchor is not None:
             # the method may still come from federation.json: round_settings() checks it again then
-            check_selection(method or "hetlora", component_selection or "prefix", anchor or 0, r_max=r_max, dp=dp)
+            check_selection(default_method, default_selection, anchor or 0, r_max=r_max, dp=dp)
         if clients is not None:
             clients = [validate_client_id(c) for c in clients]
             if len(set(clients)) != len(clients):
@@ -239,7 +241,11 @@ class Coordinator(FederationSettings, GlobalPublisher):
         r_min = self._requested["r_min"] or (stored or {}).get("r_min") or 1
         identity, config, module_dims = initial_identity(state_dict, adapter_config, r_max=r_max, r_min=r_min)
         if stored is None:
-            identity = {"method": self._requested["method"] or "hetlora", "r_min": r_min, **identity}
+            method, selection = default_method_and_selection(
+                self._requested["method"], self._requested["component_selection"], self._dp
+            )
+            identity = {"method": method, "r_min": r_min, **identity}
+            self._requested["component_selection"] = selection
             self._federation = self._new_federation(identity, config, module_dims)
             self.store.write_federation(self._federation)
             logger.info("Created federation: method=%s r_max=%d r_min=%d, %d clients.", self.method, r_max, r_min,

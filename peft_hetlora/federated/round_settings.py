@@ -19,11 +19,49 @@ from .errors import AggregationError
 from .methods import AGGREGATION_METHODS, get_aggregation
 from .ranks import check_rank
 
-__all__ = ["NEXT_RANK_RULES", "RoundSettings", "check_dp", "check_selection", "dp_method_for"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "DEFAULT_SELECTION",
+    "NEXT_RANK_RULES",
+    "RoundSettings",
+    "check_dp",
+    "check_selection",
+    "default_method_and_selection",
+    "dp_method_for",
+]
 
 NEXT_RANK_RULES = ("rank_out", "initial")
 # Aggregation methods with a DP counterpart in `privacy.dp_aggregate` (public weights; hetlora's leak).
-_DP_METHOD = {"rankwise": "component", "zero_pad": "zero_pad", "fedavg": "zero_pad"}
+# `component` under DP uploads prefixes (check_selection), where it is rankwise.
+_DP_METHOD = {"rankwise": "component", "component": "component", "zero_pad": "zero_pad", "fedavg": "zero_pad"}
+
+#: The method of a federation that names none: the component rule (RBLA's per-component average generalised to any
+#: index set) with coverage windows, the winner on client validation data of the study in benchmarks/README.md
+#: (issue 13). The paper's `hetlora` stays one argument away (``method="hetlora"``).
+DEFAULT_METHOD = "component"
+#: The window policy of a federation that names neither a method nor a policy (see DEFAULT_METHOD).
+DEFAULT_SELECTION = "coverage"
+
+
+def default_method_and_selection(
+    method: str | None, component_selection: str | None, dp: Any = None
+) -> tuple[str, str]:
+    """The ``(method, component_selection)`` a new federation gets from what was given.
+
+    Nothing given: :data:`DEFAULT_METHOD` with :data:`DEFAULT_SELECTION` windows (``prefix`` under DP, which
+    aggregates prefix uploads only). A method given without a policy keeps HetLoRA's ``prefix``.
+
+    Example:
+        ```py
+        >>> default_method_and_selection(None, None)
+        ('component', 'coverage')
+        >>> default_method_and_selection("hetlora", None)
+        ('hetlora', 'prefix')
+        ```
+    """
+    if method is None:
+        return DEFAULT_METHOD, component_selection or (DEFAULT_SELECTION if dp is None else "prefix")
+    return method, component_selection or "prefix"
 
 
 @dataclass(frozen=True)

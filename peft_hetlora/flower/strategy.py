@@ -69,6 +69,7 @@ from peft_hetlora.federated.protocol import (
     plan_round,
 )
 from peft_hetlora.federated.rank_policy import RankPolicy
+from peft_hetlora.federated.round_settings import default_method_and_selection
 from peft_hetlora.federated.store import AdapterStore, json_text, validate_client_id
 from peft_hetlora.federated.validation import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
 
@@ -90,7 +91,8 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
     Args:
         adapter_config: the federation's `HetLoRAConfig` (or its dict / JSON): ``r`` is ``r_max``; clients get a copy
             with their own ``rank``.
-        method: aggregation method (``AGGREGATION_METHODS``).
+        method: aggregation method (``AGGREGATION_METHODS``; default ``DEFAULT_METHOD``, ``"component"`` with
+            ``"coverage"`` windows, the study's winner; ``"hetlora"`` for the paper's rule).
         r_min: smallest rank (default: the config's ``r_min``).
         rank_policy: initial ranks: a `RankPolicy`, a policy name or ``{client_id: rank}`` (default: ``"uniform"``;
             ``"constant"`` at ``r_max`` for ``fedavg``). Without ``clients`` only per-client policies work
@@ -107,7 +109,8 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             global sent), clients are Poisson-sampled at ``dp.sampling_rate``, summaries record ``privacy``.
         dp_noise_seed: derive the DP noise from ``seed`` (reproducible tests only).
         component_selection: which global components each sampled client trains (DESIGN.md 1.7): ``"prefix"``
-            (default, HetLoRA: the global truncated to its rank), ``"rolling"`` or ``"coverage"`` (a window: the
+            (HetLoRA: the global truncated to its rank; the default when ``method`` is given or with ``dp``),
+            ``"rolling"`` or ``"coverage"`` (the default when no method is given; a window: the
             client receives the whole global and ``components`` in its ConfigRecord, trains those components with the
             rest frozen and returns them with their indices in its MetricRecord). Needs a method that accepts
             component-indexed uploads (hetlora, zero_pad, rankwise, component, component_data) and no ``dp``.
@@ -140,7 +143,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         self,
         adapter_config: Any,
         *,
-        method: str = "hetlora",
+        method: str | None = None,
         r_min: int | None = None,
         rank_policy: RankPolicy | str | Mapping[str, int] | None = None,
         clients: Sequence[str] | None = None,
@@ -165,7 +168,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         keep_updates: bool = False,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
-        component_selection: str = "prefix",
+        component_selection: str | None = None,
         anchor: int = 0,
         message_formats: Sequence[str] | None = None,
     ) -> None:
@@ -177,6 +180,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             min_available_nodes=min_available_nodes,
             weighted_by_key=rec.NUM_EXAMPLES,
         )
+        method, component_selection = default_method_and_selection(method, component_selection, dp)
         if method not in AGGREGATION_METHODS:
             raise ValueError(f"Unknown method {method!r}; use one of {AGGREGATION_METHODS}.")
         if next_rank not in NEXT_RANK_RULES:

@@ -10,8 +10,9 @@ Training stays an ordinary ``transformers.Trainer`` run with the project's callb
 wraps the PEFT model (its ``module``, as DDP / accelerate wrappers do, so ``hetlora_peft_model`` finds it),
 shares all its modules, and takes ``hidden_states`` instead of ``input_ids``. It rebuilds the causal mask and
 the rotary position embeddings for positions ``0..T-1`` exactly as the decoder does for a fresh sequence, adds
-the HetLoRA regulariser the tuner's forward hook would add, and computes the loss with the model's own loss
+the HetLoRA regulariser the tuner's forward hook would add, and computes the loss of the model's own loss
 function (``num_items_in_batch`` included), so the adapter saved and uploaded is the one the uncached path trains.
+The norm and the LM head run only where a next-token label exists (not on padding nor on a row's last position).
 
 Rows are stored without padding (right padding never changes the real tokens' states under a causal mask), in
 one float32 array of ``total_tokens x hidden_size``; past ``max_bytes`` the array is a ``numpy.memmap`` file
@@ -150,23 +151,36 @@ class TopLayersCausalLM(nn.Module):
         decoder = _decoder(causal)
         layers = list(decoder.layers)[self.first_layer : decoder.config.num_hidden_layers]
         hidden = run_decoder_layers(decoder, hidden_states, attention_mask, layers)
-        logits = causal.lm_head(decoder.norm(hidden))
-        loss = None
-        if labels is not None:
-            loss = causal.loss_function(
-                logits=logits,
-                labels=labels,
-                vocab_size=causal.config.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-            )
-            tuner = self.module.base_model
-            term = tuner.regularizer() if tuner.training else None
-            if term is not None:
-                # as the tuner's forward hook: count the term once per optimizer step
-                if num_items_in_batch is not None:
-                    term = term / max(1, int(tuner.gradient_accumulation_steps))
-                loss = loss + term.to(loss.dtype)
-        return CausalLMOutput(loss=loss, logits=logits)
+        if labels is None:
+            return CausalLMOutput(logits=causal.lm_head(decoder.norm(hidden)))
+        loss = _next_token_loss(causal, decoder.norm, hidden, labels, num_items_in_batch)
+        tuner = self.module.base_model
+        term = tuner.regularizer() if tuner.training else None
+        if term is not None:
+            # as the tuner's forward hook: count the term once per optimizer step
+            if num_items_in_batch is not None:
+                term = term / max(1, int(tuner.gradient_accumulation_steps))
+            loss = loss + term.to(loss.dtype)
+        # training needs only the loss: no (batch x length x vocab) logits are kept
+        return CausalLMOutput(loss=loss)
+
+
+def _next_token_loss(
+    causal: nn.Module, norm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any
+) -> torch.Tensor:
+    """The causal-LM loss of ``transformers``' ``ForCausalLMLoss`` (shifted labels, ``-100`` ignored, sum /
+    ``num_items_in_batch`` or mean over the counted tokens), with the norm and the LM head applied only at the
+    positions that have a next-token label: padding and each row's last position never reach the head, which
+    on a 49k-token vocabulary costs as much as the adapted layers themselves."""
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != IGNORE_INDEX
+    logits = causal.lm_head(norm(hidden[:, :-1][keep])).float()
+    nll = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    if num_items_in_batch is None:
+        return nll / keep.sum().clamp(min=1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(nll.device)
+    return nll / num_items_in_batch
 
 
 class CachedBlocks(torch.utils.data.Dataset):

@@ -39,10 +39,19 @@ ARMS: dict[str, dict[str, Any]] = {
     "poisoned_trimmed_mean": {"aggregation": "trimmed_mean", "ranks": "heterogeneous", "prune": True, "attack": True},
 }
 
-#: the arms a run compares when `methods` is not given (the new arms are opt-in: `--methods ...`)
+#: the arms a run compares when `methods` is not given, the default method first (component rule with coverage
+#: windows: the study's winner, benchmarks/README.md); the other new arms are opt-in (`--methods ...`)
 DEFAULT_METHODS = [
-    "rankwise", "hetlora", "hetlora_noprune", "zero_pad", "flexlora",
-    "homlora_rmin", "homlora_rmax", "homlora_rmax_capable", "centralized",
+    "window_coverage",
+    "rankwise",
+    "hetlora",
+    "hetlora_noprune",
+    "zero_pad",
+    "flexlora",
+    "homlora_rmin",
+    "homlora_rmax",
+    "homlora_rmax_capable",
+    "centralized",
 ]
 #: attacks a poisoned arm's attackers apply to their upload (see `simulation.attacks.poison_upload`)
 ATTACKS = ("scale", "sign_flip", "unbalanced")
@@ -69,8 +78,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-3,
         "top_layers": None,
     },
-    # the README's main job: SmolLM2-135M on chitchat, all arms, within ~20 minutes on 2 CPU cores
-    "cpu": {},
+    # the README's main job: SmolLM2-135M on chitchat, all arms, ~10 minutes on 2 CPU cores (activation cache);
+    # lr 1e-3: chosen over 3e-4 on client validation data by the study (benchmarks/README.md)
+    "cpu": {"learning_rate": 1e-3},
     # the same experiment at a size that needs a GPU: more clients, rounds and steps, longer blocks
     "gpu": {
         "num_clients": 100,

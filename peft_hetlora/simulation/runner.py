@@ -184,7 +184,9 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
         bar = tqdm(total=config.rounds, initial=len(rows) - 1, desc=f"{arm} (seed {wb.seed})", unit="round")
         while len(rows) - 1 < config.rounds:
             started = time.perf_counter()
-            t = store.latest_global().round
+            t = len(rows) - 1
+            # closed by an earlier invocation that stopped before recording it: record it, do not retrain
+            closed = store.latest_global().round > t
             plan = coordinator.open_round(t)
             attackers = (
                 choose_attackers(plan.participants, config.attack_fraction, seed=wb.seed, round_idx=t)
@@ -192,7 +194,9 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                 else []
             )
             sent = _read_sent(arm_dir, t)
-            for cid in tqdm(plan.participants, desc=f"round {t} clients", leave=False, unit="client"):
+            for cid in tqdm(
+                [] if closed else plan.participants, desc=f"round {t} clients", leave=False, unit="client"
+            ):
                 if cid in store.list_client_uploads(t):
                     continue
                 client_store = UploadTransform(
@@ -224,11 +228,11 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                     _write_sent(arm_dir, t, sent)
             global_t = load_file(str(store.get_global(t).path / "adapter_model.safetensors"))
             downloads = sum(_float32_bytes(truncate(global_t, plan.ranks[cid])) for cid in plan.participants)
-            outcome = coordinator.step(wait=False)
+            outcome = "closed earlier" if closed else coordinator.step(wait=False)
             if not outcome.startswith("closed"):
                 raise RuntimeError(f"Round {t} of {arm} did not close ({outcome}); see {store.path}.")
             summary = store.read_summary(t)
-            latest = store.latest_global()
+            latest = store.get_global(t + 1)
             latest_weights = load_file(str(latest.path / "adapter_model.safetensors"))
             _load_global(model, latest_weights, r_arm)
             heldout = wb.heldout_ppl(model)

@@ -1,0 +1,104 @@
+"""benchmarks/study.py: the tuning criterion, the per-arm choice, the composition of horizons, component norms."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+_SPEC = importlib.util.spec_from_file_location("study", Path(__file__).parents[1] / "benchmarks" / "study.py")
+study = importlib.util.module_from_spec(_SPEC)
+sys.modules["study"] = study  # dataclasses resolve their module through sys.modules
+_SPEC.loader.exec_module(study)
+
+
+def _write_rows(arm_dir: Path, rows: list[dict]) -> None:
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    (arm_dir / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _rows(val: list[float | None], heldout: list[float] | None = None) -> list[dict]:
+    heldout = heldout or [100.0 - i for i in range(len(val) + 1)]
+    rows = [{"round": 0, "heldout_ppl": heldout[0], "upload_bytes": 0}]
+    rows += [
+        {"round": t + 1, "heldout_ppl": heldout[t + 1], "client_val_ppl": v, "upload_bytes": 10 * (t + 1)}
+        for t, v in enumerate(val)
+    ]
+    return rows
+
+
+def test_validation_score_is_the_mean_of_the_last_two_rounds():
+    rows = _rows([50.0, 40.0, 30.0, 24.0])
+    assert study.validation_score(rows, 4) == pytest.approx((30.0 + 24.0) / 2)
+    assert study.validation_score(rows, 2) == pytest.approx((50.0 + 40.0) / 2)
+    assert study.validation_score(_rows([None, None]), 2) == float("inf")
+
+
+def _args(**overrides):
+    base = dict(tune_corpus="chitchat", tune_seed=0, tune_rounds=2, rounds=2, seeds=[0, 1], long_rounds=3)
+    base.update(overrides)
+    return type("Args", (), base)()
+
+
+def test_each_arm_gets_the_setting_with_the_lowest_client_validation(tmp_path):
+    root = tmp_path / "chitchat"
+    # rankwise: default 40/30 (35), lr=0.001 20/22 (21) -> lr wins; hetlora: default 30/30 ties lr 30/30 -> default
+    _write_rows(root / "default" / "s0" / "seed-0" / "rankwise", _rows([40.0, 30.0]))
+    _write_rows(root / "learning_rate=0.001" / "s0" / "seed-0" / "rankwise", _rows([20.0, 22.0]))
+    _write_rows(root / "default" / "s0" / "seed-0" / "hetlora", _rows([30.0, 30.0]))
+    _write_rows(root / "learning_rate=0.001" / "s0" / "seed-0" / "hetlora", _rows([30.0, 30.0]))
+    # an arm outside the study's core arms is ignored; an unfinished tuning run is not a candidate
+    _write_rows(root / "default" / "s0" / "seed-0" / "centralized", _rows([1.0, 1.0]))
+    _write_rows(root / "prune_gamma=0.9" / "s0" / "seed-0" / "hetlora", _rows([1.0]))
+    chosen, table = study.choose_settings(_args(), tmp_path)
+    assert chosen == {"rankwise": {"learning_rate": 0.001}, "hetlora": {}}
+    assert {(r["arm"], r["setting"]) for r in table if r["chosen"]} == {
+        ("rankwise", "learning_rate=0.001"),
+        ("hetlora", "default"),
+    }
+    assert len(table) == 4
+
+
+def test_setting_names_round_trip():
+    overrides = {"learning_rate": 0.001, "prune_gamma": 0.9}
+    assert study.parse_setting(study.setting_name(overrides)) == overrides
+    assert study.setting_name({}) == "default" and study.parse_setting("default") == {}
+
+
+def test_long_pieces_group_arms_by_their_chosen_setting():
+    args = _args(long_corpora=["chitchat"], seeds=[0, 1])
+    pieces = study.long_pieces(args, {"rankwise": {"learning_rate": 0.001}}, "window_coverage")
+    by_setting = {p.setting_name: p.methods for p in pieces if p.seed == 0}
+    assert by_setting["learning_rate=0.001"] == ("rankwise",)
+    assert set(by_setting["default"]) == {"window_coverage", *study.CORE_ARMS} - {"rankwise"}
+    assert {p.seed for p in pieces} == {0, 1} and all(p.rounds == 3 for p in pieces)
+
+
+def test_compose_truncates_to_the_horizon_and_refuses_short_runs(tmp_path):
+    for seed in (0, 1):
+        _write_rows(tmp_path / "chitchat" / "default" / f"s{seed}" / f"seed-{seed}" / "rankwise", _rows([9, 8, 7]))
+    per_seed = study.compose(tmp_path, "chitchat", [0, 1], {"rankwise": "default"}, 2)
+    assert [r["round"] for r in per_seed[1]["rankwise"]["rounds"]] == [0, 1, 2]
+    with pytest.raises(SystemExit, match="has not reached round 4"):
+        study.compose(tmp_path, "chitchat", [0, 1], {"rankwise": "default"}, 4)
+
+
+def test_adapter_component_norms_match_a_numpy_reference():
+    rng = np.random.default_rng(0)
+    a1, b1 = rng.normal(size=(4, 5)), rng.normal(size=(3, 4))
+    a2, b2 = rng.normal(size=(2, 6)), rng.normal(size=(7, 2))  # a module of lower rank
+    weights = {
+        "m1.lora_A.weight": torch.tensor(a1, dtype=torch.float32),
+        "m1.lora_B.weight": torch.tensor(b1, dtype=torch.float32),
+        "m2.lora_A.weight": torch.tensor(a2, dtype=torch.float32),
+        "m2.lora_B.weight": torch.tensor(b2, dtype=torch.float32),
+    }
+    expected = [np.linalg.norm(b1[:, j]) * np.linalg.norm(a1[j]) for j in range(4)]
+    for j in range(2):
+        expected[j] += np.linalg.norm(b2[:, j]) * np.linalg.norm(a2[j])
+    assert study.adapter_component_norms(weights) == pytest.approx(expected, rel=1e-6)
