@@ -286,8 +286,10 @@ def adapter_component_norms(weights: dict[str, Any]) -> list[float]:
     return norms
 
 
-def component_norms(out: Path, corpus: str, seeds: list[int], sources: dict[str, str]) -> dict[str, list[float]]:
-    """Per arm, the mean over seeds of :func:`adapter_component_norms` of the final global adapter."""
+def component_norms(
+    out: Path, corpus: str, seeds: list[int], sources: dict[str, str], rounds: int
+) -> dict[str, list[float]]:
+    """Per arm, the mean over seeds of :func:`adapter_component_norms` of the global after `rounds` rounds."""
     from safetensors.torch import load_file
 
     from peft_hetlora.federated.local_store import LocalStore
@@ -298,8 +300,9 @@ def component_norms(out: Path, corpus: str, seeds: list[int], sources: dict[str,
         for seed in seeds:
             store = LocalStore(out / corpus / setting / f"s{seed}" / f"seed-{seed}" / arm / "store")
             latest = store.latest_global()
-            if latest is not None:
-                per_seed.append(adapter_component_norms(load_file(str(latest.path / "adapter_model.safetensors"))))
+            if latest is not None and latest.round >= rounds:
+                weights = load_file(str(store.get_global(rounds).path / "adapter_model.safetensors"))
+                per_seed.append(adapter_component_norms(weights))
         if per_seed:
             width = min(len(n) for n in per_seed)
             result[arm] = [sum(n[j] for n in per_seed) / len(per_seed) for j in range(width)]
@@ -344,7 +347,7 @@ def report(args, out: Path) -> Path:
             reference="homlora_rmax",
             title=f"{corpus}: core arms, {args.long_rounds} rounds, settings chosen on client validation",
         )
-        norms = component_norms(out, corpus, args.seeds, long_sources)
+        norms = component_norms(out, corpus, args.seeds, long_sources, args.long_rounds)
         lines += [
             f"## {corpus}: per-component norms after {args.long_rounds} rounds",
             "",
