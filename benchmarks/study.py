@@ -309,8 +309,19 @@ def component_norms(
     return result
 
 
-def report(args, out: Path) -> Path:
+def horizon_report(
+    out: Path, report_dir: Path, corpus: str, seeds: list[int], sources: dict[str, str], rounds: int, title: str
+) -> Path:
+    """Write one corpus's report at one horizon into ``report_dir/r<rounds>/<corpus>``; return that folder."""
     from peft_hetlora.simulation.report import write_report
+
+    folder = report_dir / f"r{rounds}" / corpus
+    per_seed = compose(out, corpus, seeds, sources, rounds)
+    write_report(per_seed, folder, seeds=seeds, reference="homlora_rmax", title=title)
+    return folder
+
+
+def report(args, out: Path) -> Path:
     from peft_hetlora.simulation.seed_stats import merge_run_folders
 
     chosen, table = choose_settings(args, out)
@@ -320,15 +331,9 @@ def report(args, out: Path) -> Path:
     base_arms = list(dict.fromkeys([*args.methods, WINDOW_ARMS[0]]))
     horizon_dirs = []
     for corpus in args.corpora:
-        per_seed = compose(out, corpus, args.seeds, {arm: "default" for arm in base_arms}, args.rounds)
-        horizon_dirs.append(report_dir / f"r{args.rounds}" / corpus)
-        write_report(
-            per_seed,
-            horizon_dirs[-1],
-            seeds=args.seeds,
-            reference="homlora_rmax",
-            title=f"{corpus}: every arm at the cpu profile ({args.rounds} rounds, profile settings)",
-        )
+        sources = {arm: "default" for arm in base_arms}
+        title = f"{corpus}: every arm at the cpu profile ({args.rounds} rounds, profile settings)"
+        horizon_dirs.append(horizon_report(out, report_dir, corpus, args.seeds, sources, args.rounds, title))
     merged = merge_run_folders(horizon_dirs, report_dir / f"r{args.rounds}" / "merged", reference="homlora_rmax")
     lines += [
         f"## {args.rounds} rounds, every arm at the profile's settings",
@@ -338,15 +343,8 @@ def report(args, out: Path) -> Path:
     long_sources = {arm: setting_name(chosen.get(arm, {})) for arm in (window, *CORE_ARMS)}
     long_dirs = []
     for corpus in args.long_corpora:
-        per_seed = compose(out, corpus, args.seeds, long_sources, args.long_rounds)
-        long_dirs.append(report_dir / f"r{args.long_rounds}" / corpus)
-        write_report(
-            per_seed,
-            long_dirs[-1],
-            seeds=args.seeds,
-            reference="homlora_rmax",
-            title=f"{corpus}: core arms, {args.long_rounds} rounds, settings chosen on client validation",
-        )
+        title = f"{corpus}: core arms, {args.long_rounds} rounds, settings chosen on client validation"
+        long_dirs.append(horizon_report(out, report_dir, corpus, args.seeds, long_sources, args.long_rounds, title))
         norms = component_norms(out, corpus, args.seeds, long_sources, args.long_rounds)
         lines += [
             f"## {corpus}: per-component norms after {args.long_rounds} rounds",
