@@ -240,17 +240,55 @@ def plan(args) -> tuple[list[Piece], list[Piece]]:
     return seeds, tune
 
 
-def long_pieces(args, chosen: dict[str, dict[str, float]], window: str, rounds: int | None = None) -> list[Piece]:
+def long_pieces(
+    args,
+    chosen: dict[str, dict[str, float]],
+    window: str,
+    rounds: int | None = None,
+    arms: tuple[str, ...] | None = None,
+    corpora: list[str] | None = None,
+) -> list[Piece]:
+    """The long runs to `rounds`: one piece per corpus, seed and chosen setting (default: the window and core arms
+    on ``args.long_corpora``)."""
     horizon = rounds or args.long_rounds
     groups: dict[tuple, list[str]] = {}
-    for arm in (window, *CORE_ARMS):
+    for arm in arms or (window, *CORE_ARMS):
         groups.setdefault(tuple(sorted(chosen.get(arm, {}).items())), []).append(arm)
     pieces = []
-    for corpus in args.long_corpora:
+    for corpus in corpora or args.long_corpora:
         for seed in args.seeds:
             for setting, arms in groups.items():
                 pieces.append(Piece(corpus, setting, seed, tuple(arms), horizon, len(arms) * horizon))
     return pieces
+
+
+def plateau_arms(args, window: str) -> tuple[str, ...]:
+    """The arms run on towards HomLoRA(r_max)'s plateau (``window`` in `--plateau-arms` is the chosen window rule)."""
+    return tuple(dict.fromkeys(window if arm == "window" else arm for arm in args.plateau_arms))
+
+
+def horizons(start: int, stop: int, step: int) -> list[int]:
+    """Every `step` rounds after `start`, ending exactly at `stop` (empty when stop <= start)."""
+    return [*range(start + step, stop, step), stop] if stop > start else []
+
+
+def gap_by_horizon(
+    out: Path, corpus: str, seeds: list[int], sources: dict[str, str], rounds: list[int], window: str
+) -> list[dict[str, Any]]:
+    """Per horizon: each arm's mean held-out perplexity over seeds, the window arm's gap to HomLoRA(r_max) in %
+    (mean of the per-seed ratios) and how much HomLoRA(r_max) improved since the previous horizon (its plateau)."""
+    table = []
+    previous = None
+    for horizon in rounds:
+        per_seed = compose(out, corpus, seeds, sources, horizon)
+        final = {arm: [m[arm]["rounds"][-1]["heldout_ppl"] for m in per_seed] for arm in sources}
+        ref = final["homlora_rmax"]
+        row: dict[str, Any] = {"round": horizon, **{arm: sum(v) / len(v) for arm, v in final.items()}}
+        row["gap_pct"] = 100 * sum(w / r - 1 for w, r in zip(final[window], ref)) / len(ref)
+        row["rmax_gain_pct"] = None if previous is None else 100 * (1 - row["homlora_rmax"] / previous)
+        previous = row["homlora_rmax"]
+        table.append(row)
+    return table
 
 
 def compose(out: Path, corpus: str, seeds: list[int], sources: dict[str, str], rounds: int) -> list[dict[str, Any]]:
@@ -366,6 +404,27 @@ def report(args, out: Path) -> Path:
             "",
             merged_long.read_text().split("\n", 2)[2],
         ]
+    if args.plateau_rounds > args.long_rounds:
+        plateau_sources = {arm: setting_name(chosen.get(arm, {})) for arm in plateau_arms(args, window)}
+        steps = [args.rounds, *horizons(args.rounds, args.plateau_rounds, args.long_step)]
+        for corpus in args.plateau_corpora:
+            title = f"{corpus}: {', '.join(plateau_sources)} to round {args.plateau_rounds}"
+            horizon_report(out, report_dir, corpus, args.seeds, plateau_sources, args.plateau_rounds, title)
+            gaps = gap_by_horizon(out, corpus, args.seeds, plateau_sources, steps, window)
+            lines += [
+                f"## {corpus}: towards HomLoRA(r_max)'s plateau",
+                "",
+                f"Mean held-out perplexity over seeds; gap = `{window}` / HomLoRA(r_max) - 1 per seed, averaged; "
+                "gain = HomLoRA(r_max)'s improvement since the previous row.",
+                "",
+                "| round | " + " | ".join(plateau_sources) + " | gap (%) | HomLoRA(r_max) gain (%) |",
+                "|---:|" + "---:|" * (len(plateau_sources) + 2),
+            ]
+            for row in gaps:
+                gain = "" if row["rmax_gain_pct"] is None else f"{row['rmax_gain_pct']:.2f}"
+                cells = " | ".join(f"{row[arm]:.2f}" for arm in plateau_sources)
+                lines.append(f"| {row['round']} | {cells} | {row['gap_pct']:+.2f} | {gain} |")
+            lines.append("")
     lines += [
         "## Tuning on client validation data",
         "",
@@ -409,6 +468,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", type=lambda t: t.split(","), default=list(DEFAULT_METHODS))
     parser.add_argument("--long-rounds", type=int, default=20)
     parser.add_argument("--long-step", type=int, default=5, help="extend the long runs this many rounds at a time")
+    parser.add_argument(
+        "--plateau-rounds",
+        type=int,
+        default=0,
+        help="run --plateau-arms on past --long-rounds to this round, to see where HomLoRA(r_max) levels off",
+    )
+    parser.add_argument(
+        "--plateau-arms",
+        type=lambda t: [a for a in t.split(",") if a],
+        default=["window", "homlora_rmax"],
+        help="'window' = the window rule chosen on validation; must include homlora_rmax (the reference)",
+    )
+    parser.add_argument("--plateau-corpora", type=lambda t: [c for c in t.split(",") if c], default=["chitchat"])
     parser.add_argument("--tune-corpus", default="chitchat")
     parser.add_argument("--tune-seed", type=int, default=0)
     parser.add_argument("--tune-rounds", type=int, default=None, help="default: the profile's rounds")
@@ -421,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--results", type=Path, default=None, help="also copy the report's md/json/png here")
     args = parser.parse_args(argv)
+    if args.plateau_rounds and "homlora_rmax" not in args.plateau_arms:
+        parser.error("--plateau-arms must include homlora_rmax: the gap is measured against it")
     args.rounds = SimulationConfig.from_sources(profile=args.profile).rounds
     args.tune_rounds = args.tune_rounds or args.rounds
     out = args.out
@@ -429,11 +503,14 @@ def main(argv: list[str] | None = None) -> None:
         run_pieces(seeds + tune, out, args.profile, args.workers, "study: seeds + tuning")
     if args.phase in ("all", "long"):
         chosen, table = choose_settings(args, out)
+        window = best_window(table)
         # every arm reaches each horizon before any goes further: a study stopped early is still a fair comparison
-        horizons = [*range(args.rounds + args.long_step, args.long_rounds, args.long_step), args.long_rounds]
-        for horizon in horizons:
-            pieces = long_pieces(args, chosen, best_window(table), horizon)
+        for horizon in horizons(args.rounds, args.long_rounds, args.long_step):
+            pieces = long_pieces(args, chosen, window, horizon)
             run_pieces(pieces, out, args.profile, args.workers, f"study: long runs to round {horizon}")
+        for horizon in horizons(args.long_rounds, args.plateau_rounds, args.long_step):
+            pieces = long_pieces(args, chosen, window, horizon, plateau_arms(args, window), args.plateau_corpora)
+            run_pieces(pieces, out, args.profile, args.workers, f"study: towards the plateau, round {horizon}")
     if args.phase in ("all", "report"):
         print(report(args, out))
 

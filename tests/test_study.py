@@ -102,3 +102,40 @@ def test_adapter_component_norms_match_a_numpy_reference():
     for j in range(2):
         expected[j] += np.linalg.norm(b2[:, j]) * np.linalg.norm(a2[j])
     assert study.adapter_component_norms(weights) == pytest.approx(expected, rel=1e-6)
+
+
+def test_horizons_step_to_the_end_and_stop_exactly_there():
+    assert study.horizons(5, 20, 5) == [10, 15, 20]
+    assert study.horizons(5, 22, 5) == [10, 15, 20, 22]
+    assert study.horizons(20, 20, 5) == [] and study.horizons(20, 0, 5) == []
+
+
+def test_plateau_pieces_run_only_the_plateau_arms_on_the_plateau_corpora():
+    args = _args(plateau_arms=["window", "homlora_rmax"], seeds=[0, 1, 2])
+    arms = study.plateau_arms(args, "window_coverage")
+    assert arms == ("window_coverage", "homlora_rmax")
+    pieces = study.long_pieces(
+        args, {"window_coverage": {"learning_rate": 0.001}}, "window_coverage", 30, arms, ["pycode"]
+    )
+    assert {(p.corpus, p.setting_name, p.methods) for p in pieces} == {
+        ("pycode", "learning_rate=0.001", ("window_coverage",)),
+        ("pycode", "default", ("homlora_rmax",)),
+    }
+    assert sorted(p.seed for p in pieces) == [0, 0, 1, 1, 2, 2] and {p.rounds for p in pieces} == {30}
+
+
+def test_gap_by_horizon_against_hand_computed_ratios(tmp_path):
+    window = {0: [100, 80, 60, 50], 1: [120, 90, 70, 66]}
+    rmax = {0: [100, 78, 55, 50], 1: [120, 85, 60, 60]}
+    for seed in (0, 1):
+        for arm, curve in (("window_coverage", window[seed]), ("homlora_rmax", rmax[seed])):
+            rows = [{"round": t, "heldout_ppl": float(v)} for t, v in enumerate(curve)]
+            _write_rows(tmp_path / "chitchat" / "default" / f"s{seed}" / f"seed-{seed}" / arm, rows)
+    sources = {"window_coverage": "default", "homlora_rmax": "default"}
+    table = study.gap_by_horizon(tmp_path, "chitchat", [0, 1], sources, [1, 3], "window_coverage")
+    assert [row["round"] for row in table] == [1, 3]
+    assert table[0]["window_coverage"] == pytest.approx(85.0) and table[0]["homlora_rmax"] == pytest.approx(81.5)
+    assert table[0]["gap_pct"] == pytest.approx(100 * ((80 / 78 - 1) + (90 / 85 - 1)) / 2)
+    assert table[0]["rmax_gain_pct"] is None
+    assert table[1]["gap_pct"] == pytest.approx(100 * ((50 / 50 - 1) + (66 / 60 - 1)) / 2)
+    assert table[1]["rmax_gain_pct"] == pytest.approx(100 * (1 - 55.0 / 81.5))

@@ -270,6 +270,8 @@ def run_flower_simulation(
         num_cpus: CPUs Ray may use (default: all); cpus_per_client / gpus_per_client: resources of one virtual
             client, so ``num_cpus / cpus_per_client`` clients train at once.
         keep_updates: return each round's validated client updates (``FederationRun.updates``).
+        round_timeout: seconds a round may take; also how long the virtual nodes may take to answer the first
+            identification query (Ray starts its actors slowly on a loaded machine).
 
     Returns:
         `FederationRun` with per-round summaries and the final global state dict.
@@ -301,6 +303,7 @@ def run_flower_simulation(
         fraction_evaluate=fraction_evaluate, min_evaluate_nodes=1 if fraction_evaluate else 0,
         min_replies=min_replies, seed=seed, clip_norm=clip_norm, next_rank=next_rank, dp=dp, training=setup.training,
         store=store, keep_updates=keep_updates,
+        query_timeout=round_timeout,
     )
     evaluate_fn = None
     if setup.evaluate is not None:
