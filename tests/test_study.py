@@ -139,3 +139,6 @@ def test_gap_by_horizon_against_hand_computed_ratios(tmp_path):
     assert table[0]["rmax_gain_pct"] is None
     assert table[1]["gap_pct"] == pytest.approx(100 * ((50 / 50 - 1) + (66 / 60 - 1)) / 2)
     assert table[1]["rmax_gain_pct"] == pytest.approx(100 * (1 - 55.0 / 81.5))
+    table = study.gap_by_horizon(tmp_path, "chitchat", [0, 1], sources, [3], "window_coverage", span=2)
+    expected = ((60 + 50) / (55 + 50) - 1 + (70 + 66) / (60 + 60) - 1) / 2
+    assert table[0]["gap_span_pct"] == pytest.approx(100 * expected)
