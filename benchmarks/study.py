@@ -163,7 +163,8 @@ def choose_settings(args, out: Path) -> tuple[dict[str, dict[str, float]], list[
     """Each core arm's winning setting on client validation, and the table of every candidate's score."""
     base = out / args.tune_corpus
     table = []
-    for setting_dir in sorted(p for p in base.iterdir() if p.is_dir() and p.name != "report") if base.is_dir() else []:
+    declared = declared_settings(args)
+    for setting_dir in sorted(p for p in base.iterdir() if p.is_dir() and p.name in declared) if base.is_dir() else []:
         overrides = parse_setting(setting_dir.name)
         for arm_dir in sorted((setting_dir / f"s{args.tune_seed}" / f"seed-{args.tune_seed}").glob("*")):
             if arm_dir.name not in (*WINDOW_ARMS, *CORE_ARMS):
@@ -188,6 +189,15 @@ def choose_settings(args, out: Path) -> tuple[dict[str, dict[str, float]], list[
     for row in table:
         row["chosen"] = chosen[row["arm"]] == row["overrides"]
     return chosen, table
+
+
+def declared_settings(args) -> set[str]:
+    """The setting folders the command line declares (``default``, ``--lrs``, ``--prune-variants``): only these
+    compete in the choice, so a study with a shorter grid ignores folders a longer one left behind."""
+    names = {"default", *(setting_name({"learning_rate": lr}) for lr in args.lrs)}
+    for variant in args.prune_variants:
+        names.add(setting_name({PRUNE_KEYS[k]: float(v) for k, v in (kv.split("=") for kv in variant.split(":"))}))
+    return names
 
 
 def parse_setting(name: str) -> dict[str, float]:
@@ -468,6 +478,33 @@ def report(args, out: Path) -> Path:
     return report_dir / "study.md"
 
 
+def revalidate(out: Path, settings: list[str] | None = None) -> int:
+    """Redo the client validation of every window arm under `out` (a study folder or one `hetlora simulate` run
+    folder) with the model its clients hold (the whole global; `peft_hetlora.simulation.runner.
+    refresh_window_rows`), for folders written before that rule. Only for folders no process is writing.
+    Returns how many rows changed."""
+    from peft_hetlora.simulation.runner import refresh_window_rows
+    from peft_hetlora.simulation.workbench import prepare
+
+    changed = 0
+    for config_path in sorted([*out.glob("config.json"), *out.glob("*/*/s*/config.json")]):
+        folder = config_path.parent
+        if settings and folder.parent.name not in settings:
+            continue
+        stored = json.loads(config_path.read_text())["settings"]
+        for seed_dir in sorted(folder.glob("seed-*")):
+            arm_dirs = [seed_dir / arm for arm in WINDOW_ARMS]
+            arm_dirs = [d for d in arm_dirs if any(r["round"] and "client_val_model" not in r for r in read_rows(d))]
+            if not arm_dirs:
+                continue
+            # validation sets are tiny: the uncached model is faster than rebuilding the activation cache
+            config = SimulationConfig(**{**stored, "activation_cache": False})
+            wb = prepare(config, int(seed_dir.name.split("-")[1]))
+            for arm_dir in arm_dirs:
+                changed += refresh_window_rows(wb, arm_dir.name, arm_dir)
+    return changed
+
+
 def copy_results(report_dir: Path, results: Path) -> None:
     """Copy the small outputs (md, json, png) into the repository's results folder."""
     for path in report_dir.rglob("*"):
@@ -482,7 +519,13 @@ def main(argv: list[str] | None = None) -> None:
     floats = lambda text: [float(v) for v in text.split(",") if v]  # noqa: E731
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
     parser.add_argument("--profile", default="cpu", choices=list(PROFILES))
-    parser.add_argument("--phase", default="all", choices=("all", "seeds", "long", "report"))
+    parser.add_argument("--phase", default="all", choices=("all", "seeds", "long", "report", "revalidate"))
+    parser.add_argument(
+        "--settings",
+        type=lambda t: [c for c in t.split(",") if c],
+        default=None,
+        help="revalidate only these setting folders (e.g. 'default'); default: all",
+    )
     parser.add_argument("--workers", type=int, default=2, help="parallel `hetlora simulate` processes")
     parser.add_argument("--corpora", type=lambda t: t.split(","), default=["chitchat", "pycode"])
     parser.add_argument("--long-corpora", type=lambda t: [c for c in t.split(",") if c], default=["chitchat"])
@@ -533,6 +576,9 @@ def main(argv: list[str] | None = None) -> None:
         for horizon in horizons(args.long_rounds, args.plateau_rounds, args.long_step):
             pieces = long_pieces(args, chosen, window, horizon, plateau_arms(args, window), args.plateau_corpora)
             run_pieces(pieces, out, args.profile, args.workers, f"study: towards the plateau, round {horizon}")
+    if args.phase == "revalidate":
+        print(f"{revalidate(out, args.settings)} rows re-measured")
+        return
     if args.phase in ("all", "report"):
         print(report(args, out))
 

@@ -329,6 +329,56 @@ def test_window_arms_run_end_to_end_and_upload_only_their_window(tmp_path):
     assert windows_seen > 0  # some client trained a window that is not a prefix
 
 
+@NEEDS_DATA
+@pytest.mark.skipif(not _has_component_selection(), reason="needs Coordinator(component_selection=...)")
+def test_window_clients_are_measured_on_the_whole_global_they_hold(tmp_path):
+    """A window client downloads the whole global and serves it (its other components frozen), so its download
+    bytes and its validation perplexity are those of the full rank-r_max adapter, not of a rank-k prefix."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from peft_hetlora.simulation.runner import _adapter_config, run_simulation
+    from peft_hetlora.simulation.workbench import prepare
+
+    config = _quick(methods=["window_coverage"], num_clients=4, clients_per_round=3)
+    run_simulation(config, tmp_path)
+    arm_dir = tmp_path / "seed-0" / "window_coverage"
+    rows = _jsonl(arm_dir / "rounds.jsonl")
+    wb = prepare(config, 0)
+    model = get_peft_model(wb.base_model, _adapter_config(config, config.r_max, wb, prune=False))
+    model.eval()
+    store = arm_dir / "store" / "rounds"
+    for t in (0, 1):
+        info = json.loads((store / str(t) / "global" / "round.json").read_text())
+        full_global = load_file(str(store / str(t) / "global" / "adapter_model.safetensors"))
+        # by hand: every participant receives every tensor of the global, 4 bytes per float32 value
+        assert rows[t + 1]["download_bytes"] == len(info["participants"]) * 4 * sum(
+            v.numel() for v in full_global.values()
+        )
+        assert any(len(window) < config.r_max for window in info["components"].values())
+        new_global = load_file(str(store / str(t + 1) / "global" / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, new_global)
+        accepted = json.loads((store / str(t) / "summary.json").read_text())["accepted"]
+        expected = sum(wb.validation_ppl(model, cid) for cid in accepted) / len(accepted)
+        assert rows[t + 1]["client_val_ppl"] == pytest.approx(expected, rel=1e-6)
+    wb.base_model = model.unload()
+
+    # a folder from before the rule (window clients measured on their prefix) is re-measured from its store
+    from peft_hetlora.simulation.runner import refresh_window_rows
+
+    rows_path = arm_dir / "rounds.jsonl"
+    stale = [dict(r, client_val_ppl=1e9, download_bytes=1) if r["round"] else r for r in rows]
+    for r in stale:
+        r.pop("client_val_model", None)
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in stale))
+    assert refresh_window_rows(wb, "window_coverage", arm_dir) == 2
+    redone = _jsonl(rows_path)
+    assert redone[0] == rows[0]
+    for old, new in zip(rows[1:], redone[1:]):
+        assert new["download_bytes"] == old["download_bytes"] and new["heldout_ppl"] == old["heldout_ppl"]
+        assert new["client_val_ppl"] == pytest.approx(old["client_val_ppl"], rel=1e-6)
+    assert refresh_window_rows(wb, "window_coverage", arm_dir) == 0
+
+
 def test_upload_already_encoded_by_the_client_is_attacked_in_its_declared_format(tmp_path):
     from peft_hetlora.federated.compression import decode_message, encode_message
 

@@ -40,7 +40,16 @@ def test_validation_score_is_the_mean_of_the_last_two_rounds():
 
 
 def _args(**overrides):
-    base = dict(tune_corpus="chitchat", tune_seed=0, tune_rounds=2, rounds=2, seeds=[0, 1], long_rounds=3)
+    base = dict(
+        tune_corpus="chitchat",
+        tune_seed=0,
+        tune_rounds=2,
+        rounds=2,
+        seeds=[0, 1],
+        long_rounds=3,
+        lrs=[1e-3],
+        prune_variants=["gam=0.9"],
+    )
     base.update(overrides)
     return type("Args", (), base)()
 
@@ -55,6 +64,8 @@ def test_each_arm_gets_the_setting_with_the_lowest_client_validation(tmp_path):
     # an arm outside the study's core arms is ignored; an unfinished tuning run is not a candidate
     _write_rows(root / "default" / "s0" / "seed-0" / "centralized", _rows([1.0, 1.0]))
     _write_rows(root / "prune_gamma=0.9" / "s0" / "seed-0" / "hetlora", _rows([1.0]))
+    # a setting the command line does not declare (left by a longer grid) does not compete
+    _write_rows(root / "learning_rate=0.002" / "s0" / "seed-0" / "rankwise", _rows([1.0, 1.0]))
     chosen, table = study.choose_settings(_args(), tmp_path)
     assert chosen == {"rankwise": {"learning_rate": 0.001}, "hetlora": {}}
     assert {(r["arm"], r["setting"]) for r in table if r["chosen"]} == {

@@ -134,6 +134,18 @@ def _load_global(model: Any, weights: dict[str, torch.Tensor], rank: int) -> Non
     set_peft_model_state_dict(model, truncate(weights, rank))
 
 
+#: ``client_val_model`` of a row whose client validation and download bytes follow `held_rank`; rows without it
+#: come from versions that measured window clients on their rank-k prefix (`refresh_window_rows` redoes them)
+HELD = "held"
+
+
+def held_rank(spec: dict[str, Any], r_arm: int, client_rank: int) -> int:
+    """How many components of the global a client downloads and serves: its own rank under the prefix rules
+    (HetLoRA, RBLA, FlexLoRA), all ``r_arm`` in a window arm, where the components outside its window stay frozen
+    in its model (DESIGN 1.7)."""
+    return r_arm if spec.get("selection", "prefix") != "prefix" else client_rank
+
+
 def _float32_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * 4 for t in state.values())
 
@@ -227,7 +239,10 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                     sent[cid] = {"sent_bytes": client_store.sent_bytes, "payload_bytes": client_store.payload_bytes}
                     _write_sent(arm_dir, t, sent)
             global_t = load_file(str(store.get_global(t).path / "adapter_model.safetensors"))
-            downloads = sum(_float32_bytes(truncate(global_t, plan.ranks[cid])) for cid in plan.participants)
+            downloads = sum(
+                _float32_bytes(truncate(global_t, held_rank(spec, r_arm, plan.ranks[cid])))
+                for cid in plan.participants
+            )
             outcome = "closed earlier" if closed else coordinator.step(wait=False)
             if not outcome.startswith("closed"):
                 raise RuntimeError(f"Round {t} of {arm} did not close ({outcome}); see {store.path}.")
@@ -239,13 +254,16 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
             client_ranks = summary.get("client_ranks", {})
             val = []
             for cid in summary["accepted"]:
-                _load_global(model, latest_weights, int(client_ranks.get(cid, plan.ranks[cid])))
+                _load_global(
+                    model, latest_weights, held_rank(spec, r_arm, int(client_ranks.get(cid, plan.ranks[cid])))
+                )
                 val.append(wb.validation_ppl(model, cid))
             accepted_sent = [sent[c] for c in summary["accepted"] if c in sent]
             row = {
                 "round": t + 1,
                 "heldout_ppl": heldout,
                 "client_val_ppl": sum(val) / len(val) if val else None,
+                "client_val_model": HELD,
                 # bytes as sent: the encoded message (message_format), plus client.json
                 "upload_bytes": sum(s["sent_bytes"] for s in accepted_sent)
                 if config.message_format != "fp32"
@@ -277,6 +295,48 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
     if spec.get("attack"):
         info["attack"] = {"kind": config.attack, "fraction": config.attack_fraction, "scale": config.attack_scale}
     return info
+
+
+def refresh_window_rows(wb: Workbench, arm: str, arm_dir: Path) -> int:
+    """Redo the client validation perplexity and download bytes of a window arm's recorded rounds with the model
+    its clients hold (the whole global, `held_rank`), from the globals in its store; training is not repeated.
+
+    For run folders written before that rule (they measured a window client on its rank-k prefix). Rows already
+    measured so are kept; the file is replaced atomically. Returns how many rows changed.
+    """
+    config = wb.config
+    spec = ARMS[arm]
+    r_arm, _ = arm_ranks(config, arm, initial_client_ranks(config, wb.corpus.client_ids, wb.seed))
+    rows_path = arm_dir / "rounds.jsonl"
+    rows = _read_rows(rows_path)
+    stale = [r for r in rows if r["round"] > 0 and r.get("client_val_model") != HELD]
+    if not stale:
+        return 0
+    store = LocalStore(arm_dir / "store")
+    with _peft_model(wb, _adapter_config(config, r_arm, wb, prune=spec["prune"]), wb.seed) as model:
+        model.eval()
+        for row in tqdm(stale, desc=f"{arm}: client validation of the held model", unit="round", leave=False):
+            t = row["round"] - 1
+            info = json.loads((store.get_global(t).path / "round.json").read_text())
+            summary = store.read_summary(t)
+            sent_global = load_file(str(store.get_global(t).path / "adapter_model.safetensors"))
+            row["download_bytes"] = sum(
+                _float32_bytes(truncate(sent_global, held_rank(spec, r_arm, int(info["ranks"][cid]))))
+                for cid in info["participants"]
+            )
+            weights = load_file(str(store.get_global(t + 1).path / "adapter_model.safetensors"))
+            client_ranks = summary.get("client_ranks", {})
+            val = []
+            for cid in summary["accepted"]:
+                rank = held_rank(spec, r_arm, int(client_ranks.get(cid, info["ranks"][cid])))
+                _load_global(model, weights, rank)
+                val.append(wb.validation_ppl(model, cid))
+            row["client_val_ppl"] = sum(val) / len(val) if val else None
+            row["client_val_model"] = HELD
+    tmp = rows_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json_text(r, nonfinite="null") + "\n" for r in rows))
+    os.replace(tmp, rows_path)
+    return len(stale)
 
 
 def _callback_options(spec: dict[str, Any], message_format: str) -> dict[str, Any]:
