@@ -272,6 +272,35 @@ def long_pieces(
     return pieces
 
 
+def settings_across_seeds(
+    out: Path, corpus: str, seeds: list[int], settings: list[str], arms: list[str], rounds: int
+) -> list[dict[str, Any]]:
+    """Per arm and setting that every seed ran to `rounds`: the mean over seeds of the tuning criterion
+    (`validation_score`) and of the held-out perplexity at `rounds`, and on how many seeds the setting has the
+    arm's lowest validation score among those settings."""
+    table = []
+    for arm in arms:
+        scores: dict[str, list[float]] = {}
+        heldout: dict[str, list[float]] = {}
+        for setting in settings:
+            per_seed = [read_rows(out / corpus / setting / f"s{seed}" / f"seed-{seed}" / arm) for seed in seeds]
+            if all(any(r["round"] == rounds for r in rows) for rows in per_seed):
+                scores[setting] = [validation_score(rows, rounds) for rows in per_seed]
+                heldout[setting] = [next(r["heldout_ppl"] for r in rows if r["round"] == rounds) for rows in per_seed]
+        for setting in scores:
+            wins = sum(all(scores[setting][i] <= scores[other][i] for other in scores) for i in range(len(seeds)))
+            table.append(
+                {
+                    "arm": arm,
+                    "setting": setting,
+                    "client_val_ppl": sum(scores[setting]) / len(seeds),
+                    "heldout_ppl": sum(heldout[setting]) / len(seeds),
+                    "best_on_seeds": wins,
+                }
+            )
+    return table
+
+
 def plateau_arms(args, window: str) -> tuple[str, ...]:
     """The arms run on towards HomLoRA(r_max)'s plateau (``window`` in `--plateau-arms` is the chosen window rule)."""
     return tuple(dict.fromkeys(window if arm == "window" else arm for arm in args.plateau_arms))
@@ -391,7 +420,7 @@ def report(args, out: Path) -> Path:
 
     chosen, table = choose_settings(args, out)
     window = best_window(table)
-    report_dir = out / "report"
+    report_dir = args.report_dir or out / "report"
     lines = ["# The multi-seed study (issues 12 and 13)", ""]
     base_arms = list(dict.fromkeys([*args.methods, WINDOW_ARMS[0]]))
     horizon_dirs = []
@@ -457,6 +486,31 @@ def report(args, out: Path) -> Path:
                     f"| {row['round']} | {cells} | {row['gap_pct']:+.2f} | {row['gap_span_pct']:+.2f} | {gain} |"
                 )
             lines.append("")
+    across = settings_across_seeds(
+        out,
+        args.tune_corpus,
+        args.seeds,
+        sorted(declared_settings(args)),
+        [window, *CORE_ARMS],
+        args.rounds,
+    )
+    if len({row["setting"] for row in across}) > 1:
+        lines += [
+            f"## {args.tune_corpus}: settings across seeds after {args.rounds} rounds",
+            "",
+            "Every declared setting that all seeds ran: mean over seeds of the tuning criterion (client validation, "
+            f"rounds {args.rounds - 1}-{args.rounds}) and of held-out perplexity; best on = seeds where the setting "
+            "has the arm's lowest validation score.",
+            "",
+            "| arm | setting | client-val ppl | held-out ppl | best on |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for row in across:
+            lines.append(
+                f"| {row['arm']} | {row['setting']} | {row['client_val_ppl']:.2f} | {row['heldout_ppl']:.2f} | "
+                f"{row['best_on_seeds']}/{len(args.seeds)} |"
+            )
+        lines.append("")
     lines += [
         "## Tuning on client validation data",
         "",
@@ -557,6 +611,7 @@ def main(argv: list[str] | None = None) -> None:
         help="HetLoRA self-pruning variants, e.g. 'lam=0.5,gam=0.9' (one each) or 'lam=0.5:gam=0.9'",
     )
     parser.add_argument("--results", type=Path, default=None, help="also copy the report's md/json/png here")
+    parser.add_argument("--report-dir", type=Path, default=None, help="where the report goes (default: OUT/report)")
     args = parser.parse_args(argv)
     if args.plateau_rounds and "homlora_rmax" not in args.plateau_arms:
         parser.error("--plateau-arms must include homlora_rmax: the gap is measured against it")

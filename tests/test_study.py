@@ -153,3 +153,25 @@ def test_gap_by_horizon_against_hand_computed_ratios(tmp_path):
     table = study.gap_by_horizon(tmp_path, "chitchat", [0, 1], sources, [3], "window_coverage", span=2)
     expected = ((60 + 50) / (55 + 50) - 1 + (70 + 66) / (60 + 60) - 1) / 2
     assert table[0]["gap_span_pct"] == pytest.approx(100 * expected)
+
+
+def test_settings_across_seeds_against_hand_computed_means(tmp_path):
+    curves = {
+        ("default", 0): [50.0, 40.0],
+        ("default", 1): [30.0, 30.0],
+        ("learning_rate=0.001", 0): [45.0, 41.0],
+        ("learning_rate=0.001", 1): [20.0, 10.0],
+    }
+    for (setting, seed), val in curves.items():
+        _write_rows(tmp_path / "chitchat" / setting / f"s{seed}" / f"seed-{seed}" / "rankwise", _rows(val))
+    # a setting only one seed ran is left out
+    _write_rows(tmp_path / "chitchat" / "learning_rate=0.002" / "s0" / "seed-0" / "rankwise", _rows([1.0, 1.0]))
+    settings = ["default", "learning_rate=0.001", "learning_rate=0.002"]
+    table = study.settings_across_seeds(tmp_path, "chitchat", [0, 1], settings, ["rankwise"], 2)
+    by_setting = {row["setting"]: row for row in table}
+    assert set(by_setting) == {"default", "learning_rate=0.001"}
+    assert by_setting["default"]["client_val_ppl"] == pytest.approx((45.0 + 30.0) / 2)
+    assert by_setting["learning_rate=0.001"]["client_val_ppl"] == pytest.approx((43.0 + 15.0) / 2)
+    assert by_setting["default"]["heldout_ppl"] == pytest.approx(98.0)  # _rows: held-out 100 - round
+    # seed 0: default 45 < 43? no -> lr wins; seed 1: 30 vs 15 -> lr wins
+    assert by_setting["default"]["best_on_seeds"] == 0 and by_setting["learning_rate=0.001"]["best_on_seeds"] == 2
