@@ -347,6 +347,16 @@ def gap_by_horizon(
     return table
 
 
+def reached(out: Path, corpus: str, seeds: list[int], sources: dict[str, str]) -> int:
+    """The last round that every arm (in its source setting folder) recorded on every seed."""
+    last = [
+        max((r["round"] for r in read_rows(out / corpus / setting / f"s{seed}" / f"seed-{seed}" / arm)), default=0)
+        for arm, setting in sources.items()
+        for seed in seeds
+    ]
+    return min(last, default=0)
+
+
 def compose(out: Path, corpus: str, seeds: list[int], sources: dict[str, str], rounds: int) -> list[dict[str, Any]]:
     """Per seed ``{arm: {"rounds": rows[:rounds]}}`` from each arm's source setting folder."""
     per_seed = []
@@ -436,12 +446,20 @@ def report(args, out: Path) -> Path:
     ]
     long_sources = {arm: setting_name(chosen.get(arm, {})) for arm in (window, *CORE_ARMS)}
     long_dirs = []
+    reached_by_corpus = {}
     for corpus in args.long_corpora:
-        title = f"{corpus}: core arms, {args.long_rounds} rounds, settings chosen on client validation"
-        long_dirs.append(horizon_report(out, report_dir, corpus, args.seeds, long_sources, args.long_rounds, title))
-        norms = component_norms(out, corpus, args.seeds, long_sources, args.long_rounds)
+        # a study stopped early reports each corpus at the round every arm and seed reached
+        rounds = min(args.long_rounds, reached(out, corpus, args.seeds, long_sources))
+        reached_by_corpus[corpus] = rounds
+        title = f"{corpus}: core arms, {rounds} rounds, settings chosen on client validation"
+        long_dirs.append(horizon_report(out, report_dir, corpus, args.seeds, long_sources, rounds, title))
+        norms = component_norms(out, corpus, args.seeds, long_sources, rounds)
         lines += [
-            f"## {corpus}: per-component norms after {args.long_rounds} rounds",
+            f"## {corpus}: core arms after {rounds} rounds, at their chosen settings",
+            "",
+            (long_dirs[-1] / "report.md").read_text().split("\n", 2)[2],
+            "",
+            f"## {corpus}: per-component norms after {rounds} rounds",
             "",
             "Sum over modules of ||B[:, j]|| ||A[j, :]|| of the final global adapter, mean over seeds.",
             "",
@@ -451,12 +469,11 @@ def report(args, out: Path) -> Path:
         for arm, values in norms.items():
             lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
         lines.append("")
-    if long_dirs:
-        merged_long = merge_run_folders(
-            long_dirs, report_dir / f"r{args.long_rounds}" / "merged", reference="homlora_rmax"
-        )
+    if len(long_dirs) > 1 and len(set(reached_by_corpus.values())) == 1:
+        rounds = next(iter(reached_by_corpus.values()))
+        merged_long = merge_run_folders(long_dirs, report_dir / f"r{rounds}" / "merged", reference="homlora_rmax")
         lines += [
-            f"## {args.long_rounds} rounds, core arms at their chosen settings",
+            f"## {rounds} rounds, core arms at their chosen settings, every corpus",
             "",
             merged_long.read_text().split("\n", 2)[2],
         ]
@@ -532,7 +549,7 @@ def report(args, out: Path) -> Path:
     return report_dir / "study.md"
 
 
-def revalidate(out: Path, settings: list[str] | None = None) -> int:
+def revalidate(out: Path, settings: list[str] | None = None, corpora: list[str] | None = None) -> int:
     """Redo the client validation of every window arm under `out` (a study folder or one `hetlora simulate` run
     folder) with the model its clients hold (the whole global; `peft_hetlora.simulation.runner.
     refresh_window_rows`), for folders written before that rule. Only for folders no process is writing.
@@ -543,7 +560,7 @@ def revalidate(out: Path, settings: list[str] | None = None) -> int:
     changed = 0
     for config_path in sorted([*out.glob("config.json"), *out.glob("*/*/s*/config.json")]):
         folder = config_path.parent
-        if settings and folder.parent.name not in settings:
+        if (settings and folder.parent.name not in settings) or (corpora and folder.parent.parent.name not in corpora):
             continue
         stored = json.loads(config_path.read_text())["settings"]
         for seed_dir in sorted(folder.glob("seed-*")):
@@ -632,7 +649,7 @@ def main(argv: list[str] | None = None) -> None:
             pieces = long_pieces(args, chosen, window, horizon, plateau_arms(args, window), args.plateau_corpora)
             run_pieces(pieces, out, args.profile, args.workers, f"study: towards the plateau, round {horizon}")
     if args.phase == "revalidate":
-        print(f"{revalidate(out, args.settings)} rows re-measured")
+        print(f"{revalidate(out, args.settings, args.corpora)} rows re-measured")
         return
     if args.phase in ("all", "report"):
         print(report(args, out))

@@ -99,6 +99,16 @@ def test_compose_truncates_to_the_horizon_and_refuses_short_runs(tmp_path):
         study.compose(tmp_path, "chitchat", [0, 1], {"rankwise": "default"}, 4)
 
 
+def test_reached_is_the_round_every_arm_and_seed_recorded(tmp_path):
+    for seed, (a, b) in enumerate([([9, 8, 7, 6], [9, 8]), ([9, 8, 7], [9, 8, 7, 6, 5])]):
+        _write_rows(tmp_path / "chitchat" / "default" / f"s{seed}" / f"seed-{seed}" / "rankwise", _rows(a))
+        _write_rows(tmp_path / "chitchat" / "lr" / f"s{seed}" / f"seed-{seed}" / "hetlora", _rows(b))
+    sources = {"rankwise": "default", "hetlora": "lr"}
+    assert study.reached(tmp_path, "chitchat", [0, 1], sources) == 2  # hetlora, seed 0: rounds 0..2
+    assert study.reached(tmp_path, "chitchat", [1], sources) == 3
+    assert study.reached(tmp_path, "pycode", [0], sources) == 0
+
+
 def test_adapter_component_norms_match_a_numpy_reference():
     rng = np.random.default_rng(0)
     a1, b1 = rng.normal(size=(4, 5)), rng.normal(size=(3, 4))
