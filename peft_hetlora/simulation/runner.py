@@ -146,6 +146,29 @@ def held_rank(spec: dict[str, Any], r_arm: int, client_rank: int) -> int:
     return r_arm if spec.get("selection", "prefix") != "prefix" else client_rank
 
 
+def _held_download_bytes(
+    sent: dict[str, torch.Tensor], spec: dict[str, Any], r_arm: int, ranks: dict[str, int]
+) -> int:
+    """Float32 bytes the clients ``{client: rank}`` download of the global `sent` (`held_rank` of each)."""
+    return sum(_float32_bytes(truncate(sent, held_rank(spec, r_arm, rank))) for rank in ranks.values())
+
+
+def _held_validation_ppl(
+    wb: Workbench,
+    model: Any,
+    weights: dict[str, torch.Tensor],
+    spec: dict[str, Any],
+    r_arm: int,
+    ranks: dict[str, int],
+) -> float | None:
+    """Mean validation perplexity of the clients ``{client: rank}`` on the model each holds of the global `weights`."""
+    val = []
+    for cid, rank in ranks.items():
+        _load_global(model, weights, held_rank(spec, r_arm, rank))
+        val.append(wb.validation_ppl(model, cid))
+    return sum(val) / len(val) if val else None
+
+
 def _float32_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * 4 for t in state.values())
 
@@ -239,10 +262,7 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
                     sent[cid] = {"sent_bytes": client_store.sent_bytes, "payload_bytes": client_store.payload_bytes}
                     _write_sent(arm_dir, t, sent)
             global_t = load_file(str(store.get_global(t).path / "adapter_model.safetensors"))
-            downloads = sum(
-                _float32_bytes(truncate(global_t, held_rank(spec, r_arm, plan.ranks[cid])))
-                for cid in plan.participants
-            )
+            downloads = _held_download_bytes(global_t, spec, r_arm, {c: plan.ranks[c] for c in plan.participants})
             outcome = "closed earlier" if closed else coordinator.step(wait=False)
             if not outcome.startswith("closed"):
                 raise RuntimeError(f"Round {t} of {arm} did not close ({outcome}); see {store.path}.")
@@ -252,17 +272,13 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
             _load_global(model, latest_weights, r_arm)
             heldout = wb.heldout_ppl(model)
             client_ranks = summary.get("client_ranks", {})
-            val = []
-            for cid in summary["accepted"]:
-                _load_global(
-                    model, latest_weights, held_rank(spec, r_arm, int(client_ranks.get(cid, plan.ranks[cid])))
-                )
-                val.append(wb.validation_ppl(model, cid))
+            accepted = {cid: int(client_ranks.get(cid, plan.ranks[cid])) for cid in summary["accepted"]}
+            client_val = _held_validation_ppl(wb, model, latest_weights, spec, r_arm, accepted)
             accepted_sent = [sent[c] for c in summary["accepted"] if c in sent]
             row = {
                 "round": t + 1,
                 "heldout_ppl": heldout,
-                "client_val_ppl": sum(val) / len(val) if val else None,
+                "client_val_ppl": client_val,
                 "client_val_model": HELD,
                 # bytes as sent: the encoded message (message_format), plus client.json
                 "upload_bytes": sum(s["sent_bytes"] for s in accepted_sent)
@@ -320,18 +336,12 @@ def refresh_window_rows(wb: Workbench, arm: str, arm_dir: Path) -> int:
             info = json.loads((store.get_global(t).path / "round.json").read_text())
             summary = store.read_summary(t)
             sent_global = load_file(str(store.get_global(t).path / "adapter_model.safetensors"))
-            row["download_bytes"] = sum(
-                _float32_bytes(truncate(sent_global, held_rank(spec, r_arm, int(info["ranks"][cid]))))
-                for cid in info["participants"]
-            )
+            participants = {cid: int(info["ranks"][cid]) for cid in info["participants"]}
+            row["download_bytes"] = _held_download_bytes(sent_global, spec, r_arm, participants)
             weights = load_file(str(store.get_global(t + 1).path / "adapter_model.safetensors"))
             client_ranks = summary.get("client_ranks", {})
-            val = []
-            for cid in summary["accepted"]:
-                rank = held_rank(spec, r_arm, int(client_ranks.get(cid, info["ranks"][cid])))
-                _load_global(model, weights, rank)
-                val.append(wb.validation_ppl(model, cid))
-            row["client_val_ppl"] = sum(val) / len(val) if val else None
+            accepted = {cid: int(client_ranks.get(cid, info["ranks"][cid])) for cid in summary["accepted"]}
+            row["client_val_ppl"] = _held_validation_ppl(wb, model, weights, spec, r_arm, accepted)
             row["client_val_model"] = HELD
     tmp = rows_path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json_text(r, nonfinite="null") + "\n" for r in rows))
