@@ -45,9 +45,23 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from peft_hetlora.simulation.config import DEFAULT_METHODS, PROFILES, SimulationConfig
+from peft_hetlora.simulation.config import PROFILES, SimulationConfig
 
-WINDOW_ARMS = ("window_coverage", "window_rolling")
+WINDOW_ARMS = ("window_coverage", "window_rolling", "window_fedavg")
+#: the arms of the seeds phase (the "default" folders): the simulator's default arms when the study began, pinned
+#: like BASE_SETTING so that later changes of the default list never make a finished study incomplete
+BASE_ARMS = (
+    "window_coverage",
+    "rankwise",
+    "hetlora",
+    "hetlora_noprune",
+    "zero_pad",
+    "flexlora",
+    "homlora_rmin",
+    "homlora_rmax",
+    "homlora_rmax_capable",
+    "centralized",
+)
 #: the issue's core arms; the window rule is chosen on validation among WINDOW_ARMS
 CORE_ARMS = ("rankwise", "hetlora", "flexlora", "homlora_rmin", "homlora_rmax", "homlora_rmax_capable")
 #: arms whose results depend on HetLoRA's self-pruning settings (lambda, gamma)
@@ -262,7 +276,7 @@ def long_pieces(
     on ``args.long_corpora``)."""
     horizon = rounds or args.long_rounds
     groups: dict[tuple, list[str]] = {}
-    for arm in arms or (window, *CORE_ARMS):
+    for arm in arms or long_arms(args, window):
         groups.setdefault(tuple(sorted(chosen.get(arm, {}).items())), []).append(arm)
     pieces = []
     for corpus in corpora or args.long_corpora:
@@ -270,6 +284,11 @@ def long_pieces(
             for setting, arms in groups.items():
                 pieces.append(Piece(corpus, setting, seed, tuple(arms), horizon, len(arms) * horizon))
     return pieces
+
+
+def long_arms(args, window: str) -> tuple[str, ...]:
+    """The long phase's arms: the chosen window rule, `--extra-long-arms`, the core arms."""
+    return tuple(dict.fromkeys([window, *getattr(args, "extra_long_arms", []), *CORE_ARMS]))
 
 
 def settings_across_seeds(
@@ -444,7 +463,7 @@ def report(args, out: Path) -> Path:
         "",
         merged.read_text().split("\n", 2)[2],
     ]
-    long_sources = {arm: setting_name(chosen.get(arm, {})) for arm in (window, *CORE_ARMS)}
+    long_sources = {arm: setting_name(chosen.get(arm, {})) for arm in long_arms(args, window)}
     long_dirs = []
     reached_by_corpus = {}
     for corpus in args.long_corpora:
@@ -601,9 +620,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpora", type=lambda t: t.split(","), default=["chitchat", "pycode"])
     parser.add_argument("--long-corpora", type=lambda t: [c for c in t.split(",") if c], default=["chitchat"])
     parser.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0, 1, 2])
-    parser.add_argument("--methods", type=lambda t: t.split(","), default=list(DEFAULT_METHODS))
+    parser.add_argument("--methods", type=lambda t: t.split(","), default=list(BASE_ARMS))
+    parser.add_argument(
+        "--extra-long-arms",
+        type=lambda t: [a for a in t.split(",") if a],
+        default=[],
+        help="arms run and reported in the long phase beside the chosen window rule and the core arms (each at "
+        "its chosen setting), e.g. 'window_coverage' when another window rule won the tuning",
+    )
     parser.add_argument("--long-rounds", type=int, default=20)
     parser.add_argument("--long-step", type=int, default=5, help="extend the long runs this many rounds at a time")
+    parser.add_argument(
+        "--long-from",
+        type=int,
+        default=None,
+        help="the round the long runs already reached (default: the profile's rounds, run by the seeds phase); 0 for "
+        "a corpus whose chosen settings never ran",
+    )
     parser.add_argument(
         "--plateau-rounds",
         type=int,
@@ -642,7 +675,8 @@ def main(argv: list[str] | None = None) -> None:
         chosen, table = choose_settings(args, out)
         window = best_window(table)
         # every arm reaches each horizon before any goes further: a study stopped early is still a fair comparison
-        for horizon in horizons(args.rounds, args.long_rounds, args.long_step):
+        start = args.rounds if args.long_from is None else args.long_from
+        for horizon in horizons(start, args.long_rounds, args.long_step):
             pieces = long_pieces(args, chosen, window, horizon)
             run_pieces(pieces, out, args.profile, args.workers, f"study: long runs to round {horizon}")
         for horizon in horizons(args.long_rounds, args.plateau_rounds, args.long_step):

@@ -244,3 +244,30 @@ def scatter_pad(updates, r_max: int, s: float, data_weights=False, cap_ratio: fl
                 gb[:, j] += wk * b[:, slot]
         out[name] = (ga, gb)
     return out
+
+
+def component_fedavg(updates, r_max: int, s: float, previous=None, cap_ratio: float | None = 10.0):
+    """``component_fedavg``: component j of the new global is sum_k n_k x_k(j) / sum_k n_k over every client, where
+    x_k(j) is the client's slot holding j when it trained j and the previous global's component j when it did not
+    (zeros without a previous global); n_k capped at cap_ratio x the median."""
+    sizes = capped_sizes([u.num_examples for u in updates], cap_ratio)
+    mods_list = [np_modules(u.state_dict) for u in updates]
+    prev = np_modules(previous) if previous is not None else None
+    out = {}
+    for name, (a0, b0) in mods_list[0].items():
+        d_in, d_out = a0.shape[1], b0.shape[0]
+        ga, gb = np.zeros((r_max, d_in)), np.zeros((d_out, r_max))
+        for j in range(r_max):
+            for n_k, u, mods in zip(sizes, updates, mods_list):
+                a, b = mods[name]
+                slots = list(indices_of(u)[: a.shape[0]])
+                if j in slots:
+                    xa, xb = a[slots.index(j)], b[:, slots.index(j)]
+                elif prev is not None:
+                    xa, xb = prev[name][0][j], prev[name][1][:, j]
+                else:
+                    xa, xb = np.zeros(d_in), np.zeros(d_out)
+                ga[j] += n_k * xa / sum(sizes)
+                gb[:, j] += n_k * xb / sum(sizes)
+        out[name] = (ga, gb)
+    return out

@@ -130,6 +130,43 @@ def test_component_rule_matches_the_reference(scenario, with_previous, method, d
         assert res.summary()["components"]["c1"] == [6, 7, 0]
 
 
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("with_previous", [True, False])
+def test_component_fedavg_matches_the_reference(scenario, with_previous):
+    """Every client votes on every component: its own slot where it trained it, the previous value elsewhere."""
+    updates = make_updates(scenario, sizes=[10, 25, 7, 40])
+    previous = make_previous() if with_previous else None
+    res = aggregate(updates, method="component_fedavg", r_max=R_MAX, scaling=SCALE, previous=previous)
+    assert_factors(res, reference.component_fedavg(updates, R_MAX, SCALE, previous=previous))
+    if with_previous and scenario == "gap":  # nobody trained component 4: it keeps its previous value exactly
+        for name in SHAPES:
+            np.testing.assert_allclose(res.state_dict[f"{name}.lora_A.weight"][4],
+                                       previous[f"{name}.lora_A.weight"][4], rtol=1e-6)
+
+
+def test_component_fedavg_caps_a_liar_at_its_indices():
+    updates = make_updates("gap", sizes=[10, 1_000_000_000, 12, 9])
+    res = aggregate(updates, method="component_fedavg", r_max=R_MAX, scaling=SCALE, previous=make_previous())
+    assert "c1" in res.capped
+    assert_factors(res, reference.component_fedavg(updates, R_MAX, SCALE, previous=make_previous()))
+
+
+def test_component_fedavg_moves_a_component_by_the_rounds_mean_update():
+    """Hand formula: one of two equal-weight clients trains component 0 to x; the other trained only component 1.
+    FedAvg's step puts component 0 half-way from its previous value to x (the component rule puts it at x)."""
+    rng = np.random.default_rng(5)
+    prev = make_previous()
+    one, two = make_sd(rng, 1, extras=False), make_sd(rng, 1, extras=False)
+    updates = [ClientUpdate("a", one, 1, 10, components=(0,)), ClientUpdate("b", two, 1, 10, components=(1,))]
+    res = aggregate(updates, method="component_fedavg", r_max=R_MAX, scaling=SCALE, previous=prev)
+    key = f"{FIRST}.lora_A.weight"
+    np.testing.assert_allclose(res.state_dict[key][0], (prev[key][0] + one[key][0]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(res.state_dict[key][1], (prev[key][1] + two[key][0]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(res.state_dict[key][2:], prev[key][2:], rtol=1e-6)
+    plain = aggregate(updates, method="component", r_max=R_MAX, scaling=SCALE, previous=prev)
+    np.testing.assert_allclose(plain.state_dict[key][0], one[key][0], rtol=1e-6)
+
+
 def test_component_rule_per_module_weighting_matches_the_reference():
     updates = make_updates("gap", seed=2)
     prev = make_previous()

@@ -50,9 +50,10 @@ from tests.coordinator_fakes import (  # noqa: F401  (the two fixtures register 
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
-        ({}, ("component", "coverage")),  # the study's winner (benchmarks/README.md, issue 13)
+        ({}, ("flexlora", "prefix")),  # the study's winner (benchmarks/README.md, issue 13)
         ({"method": "hetlora"}, ("hetlora", "prefix")),  # the paper's rule, one argument away
-        ({"component_selection": "rolling"}, ("component", "rolling")),
+        ({"component_selection": "rolling"}, ("component", "rolling")),  # windows need the component rule
+        ({"component_selection": "coverage"}, ("component", "coverage")),
     ],
 )
 def test_a_new_federation_gets_the_studys_method_unless_told(store, init_dir, given, expected):

@@ -90,6 +90,16 @@ def test_long_pieces_group_arms_by_their_chosen_setting():
     assert {p.seed for p in pieces} == {0, 1} and all(p.rounds == 3 for p in pieces)
 
 
+def test_extra_long_arms_run_beside_the_chosen_window_at_their_own_setting():
+    args = _args(long_corpora=["chitchat"], seeds=[0], extra_long_arms=["window_coverage"])
+    chosen = {"window_fedavg": {"learning_rate": 0.004}, "window_coverage": {"learning_rate": 0.002}}
+    pieces = study.long_pieces(args, chosen, "window_fedavg")
+    by_setting = {p.setting_name: p.methods for p in pieces}
+    assert by_setting["learning_rate=0.004"] == ("window_fedavg",)
+    assert by_setting["learning_rate=0.002"] == ("window_coverage",)
+    assert set(by_setting["default"]) == set(study.CORE_ARMS)
+
+
 def test_compose_truncates_to_the_horizon_and_refuses_short_runs(tmp_path):
     for seed in (0, 1):
         _write_rows(tmp_path / "chitchat" / "default" / f"s{seed}" / f"seed-{seed}" / "rankwise", _rows([9, 8, 7]))

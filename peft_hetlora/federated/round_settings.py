@@ -20,6 +20,7 @@ from .methods import AGGREGATION_METHODS, get_aggregation
 from .ranks import check_rank
 
 __all__ = [
+    "DEFAULT_DP_METHOD",
     "DEFAULT_METHOD",
     "DEFAULT_SELECTION",
     "NEXT_RANK_RULES",
@@ -35,12 +36,17 @@ NEXT_RANK_RULES = ("rank_out", "initial")
 # `component` under DP uploads prefixes (check_selection), where it is rankwise.
 _DP_METHOD = {"rankwise": "component", "component": "component", "zero_pad": "zero_pad", "fedavg": "zero_pad"}
 
-#: The method of a federation that names none: the component rule (RBLA's per-component average generalised to any
-#: index set) with coverage windows, the winner on client validation data of the study in benchmarks/README.md
-#: (issue 13). The paper's `hetlora` stays one argument away (``method="hetlora"``).
-DEFAULT_METHOD = "component"
-#: The window policy of a federation that names neither a method nor a policy (see DEFAULT_METHOD).
-DEFAULT_SELECTION = "coverage"
+#: The method of a federation that names none: FlexLoRA (SVD of the weighted sum of client products, arXiv
+#: 2402.11505), the winner on client validation data of the study in benchmarks/README.md (issue 13: each method at
+#: its best learning rate, 3 seeds, two corpora). The paper's `hetlora` stays one argument away
+#: (``method="hetlora"``).
+DEFAULT_METHOD = "flexlora"
+#: The component selection of a federation that names neither a method nor a policy: FlexLoRA clients train the
+#: prefix of the SVD-ordered global, its best rank-k approximation.
+DEFAULT_SELECTION = "prefix"
+#: The method a federation that names none gets under differential privacy, which FlexLoRA has no form for: the
+#: component rule on prefixes (RBLA's per-component average, public weights).
+DEFAULT_DP_METHOD = "component"
 
 
 def default_method_and_selection(
@@ -48,20 +54,27 @@ def default_method_and_selection(
 ) -> tuple[str, str]:
     """The ``(method, component_selection)`` a new federation gets from what was given.
 
-    Nothing given: :data:`DEFAULT_METHOD` with :data:`DEFAULT_SELECTION` windows (``prefix`` under DP, which
-    aggregates prefix uploads only). A method given without a policy keeps HetLoRA's ``prefix``.
+    Nothing given: :data:`DEFAULT_METHOD` with :data:`DEFAULT_SELECTION` (:data:`DEFAULT_DP_METHOD` on prefixes
+    under DP). A window policy given without a method gets the component rule, the method that aggregates windows.
+    A method given without a policy keeps HetLoRA's ``prefix``.
 
     Example:
         ```py
         >>> default_method_and_selection(None, None)
-        ('component', 'coverage')
+        ('flexlora', 'prefix')
         >>> default_method_and_selection("hetlora", None)
         ('hetlora', 'prefix')
+        >>> default_method_and_selection(None, "coverage")
+        ('component', 'coverage')
         ```
     """
-    if method is None:
-        return DEFAULT_METHOD, component_selection or (DEFAULT_SELECTION if dp is None else "prefix")
-    return method, component_selection or "prefix"
+    if method is not None:
+        return method, component_selection or "prefix"
+    if dp is not None:
+        return DEFAULT_DP_METHOD, component_selection or "prefix"
+    if component_selection not in (None, "prefix"):
+        return "component", component_selection
+    return DEFAULT_METHOD, DEFAULT_SELECTION
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,7 @@ def check_selection(method: str, component_selection: str, anchor: int = 0, *, r
 
     A window policy (``rolling`` / ``coverage``) makes clients upload component-indexed factors, which only methods
     with ``accepts_components`` aggregate (``hetlora``, ``zero_pad``, ``rankwise``, ``component``,
-    ``component_data``); the DP, robust and secure-sum paths handle prefixes only.
+    ``component_data``, ``component_fedavg``); the DP, robust and secure-sum paths handle prefixes only.
 
     Raises:
         AggregationError: with what to change.

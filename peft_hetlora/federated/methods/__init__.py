@@ -2,11 +2,12 @@
 
 Built-ins: ``hetlora`` (arXiv 2401.06432), ``zero_pad``, ``fedavg`` (arXiv 1602.05629), ``flexlora``
 (arXiv 2402.11505), ``rankwise`` (RBLA, arXiv 2408.08699), ``component`` / ``component_data`` (the general
-component rule of DESIGN.md 1.7 for component-indexed uploads). See docs/aggregation.md.
+component rule of DESIGN.md 1.7 for component-indexed uploads), ``component_fedavg`` (the same placement with
+FedAvg's step). See docs/aggregation.md.
 """
 
 from .base import AggregationMethod, ModuleAccumulator, PaddedSum
-from .component import ComponentRule, ComponentRuleData
+from .component import ComponentFedAvg, ComponentRule, ComponentRuleData
 from .fedavg import FedAvg
 from .flexlora import FlexLoRA
 from .hetlora import HetLoRA
@@ -21,13 +22,15 @@ from .registry import (
 )
 from .zero_pad import ZeroPad
 
-for _method in (HetLoRA(), ZeroPad(), FedAvg(), FlexLoRA(), RankWise(), ComponentRule(), ComponentRuleData()):
+for _method in (HetLoRA(), ZeroPad(), FedAvg(), FlexLoRA(), RankWise(), ComponentRule(), ComponentRuleData(),
+                ComponentFedAvg()):
     _register_builtin(_method)
 del _method
 
 __all__ = [
     "AGGREGATION_METHODS",
     "AggregationMethod",
+    "ComponentFedAvg",
     "ComponentRule",
     "ComponentRuleData",
     "FedAvg",

@@ -155,11 +155,25 @@ class PaddedSum:
     ``component``: the general component rule of DESIGN.md 1.7), else of all ``r_max`` components (zero padding).
     A client's own components are ``[0, r_k)``, or ``components[:r_k]`` for a component-indexed upload, whose slots
     are scattered to those indices (``hetlora`` / ``zero_pad``: scatter, then zero-pad the rest).
+    With ``pad_previous`` (and ``covered_only=False``) a client that did not train a component counts as having left
+    it at its previous global value instead of zero (``component_fedavg``): ``den_own[j]`` is the weight of the clients
+    that trained ``j``, and the result adds ``(den[j] - den_own[j]) / den[j]`` times the previous component.
     """
 
-    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int, covered_only: bool) -> None:
+    def __init__(
+        self,
+        a_shape: tuple[int, ...],
+        b_shape: tuple[int, ...],
+        r_max: int,
+        covered_only: bool,
+        pad_previous: bool = False,
+    ) -> None:
+        if pad_previous and covered_only:
+            raise ValueError("pad_previous needs covered_only=False: every client votes on every component")
         self.r_max = r_max
         self.covered_only = covered_only
+        self.pad_previous = pad_previous
+        self.den_own = np.zeros(r_max, dtype=np.float64)
         self.a_sum = torch.zeros((r_max, *a_shape[1:]), dtype=torch.float32)
         self.b_sum = torch.zeros((b_shape[0], r_max, *b_shape[2:]), dtype=torch.float32)
         self.level = np.full(r_max, NONE, dtype=np.int8)
@@ -184,10 +198,12 @@ class PaddedSum:
                     self.a_sum.index_add_(0, idx, a[idx].to(torch.float32), alpha=alpha)
                     self.b_sum.index_add_(1, idx, b[:, idx].to(torch.float32), alpha=alpha)
                 self.den[:span][active] += weight
+                self.den_own[:rank][active[:rank]] += weight
                 return
             self.den[:span][active] += weight
         else:
             self.den[:span] += weight
+        self.den_own[:rank] += weight
         self.a_sum[:rank].add_(a, alpha=alpha)
         self.b_sum[:, :rank].add_(b, alpha=alpha)
 
@@ -198,6 +214,7 @@ class PaddedSum:
             self.a_sum[idx] = 0.0
             self.b_sum[:, idx] = 0.0
             self.den[raise_idx] = 0.0
+            self.den_own[raise_idx] = 0.0
             self.level[raise_idx] = level
 
     def _add_indexed(self, a: torch.Tensor, b: torch.Tensor, level: int, weight: float,
@@ -212,6 +229,7 @@ class PaddedSum:
         if active_slots.size:
             slots = torch.from_numpy(active_slots)
             idx = torch.from_numpy(own[active_slots])
+            self.den_own[own[active_slots]] += weight
             self.a_sum.index_add_(0, idx, a[slots].to(torch.float32), alpha=weight)
             self.b_sum.index_add_(1, idx, b[:, slots].to(torch.float32), alpha=weight)
 
@@ -221,6 +239,12 @@ class PaddedSum:
         inv_t = torch.from_numpy(inv).to(torch.float32)
         a = self.a_sum * inv_t.view(-1, *([1] * (self.a_sum.ndim - 1)))
         b = self.b_sum * inv_t.view(1, -1, *([1] * (self.b_sum.ndim - 2)))
+        if self.pad_previous and previous is not None:
+            # the clients that did not train j vote for its previous value (clamped: float error in den - den_own)
+            missing = torch.from_numpy(np.clip((self.den - self.den_own) * inv, 0.0, 1.0)).to(torch.float32)
+            prev_a, prev_b = previous
+            a = a + prev_a * missing.view(-1, *([1] * (a.ndim - 1)))
+            b = b + prev_b * missing.view(1, -1, *([1] * (b.ndim - 2)))
         if previous is not None and not covered.all():
             idx = torch.from_numpy(np.nonzero(~covered)[0])
             prev_a, prev_b = previous
@@ -234,7 +258,7 @@ class PaddedSum:
 
     def clone(self) -> PaddedSum:
         copy = PaddedSum.__new__(PaddedSum)
-        copy.r_max, copy.covered_only = self.r_max, self.covered_only
+        copy.r_max, copy.covered_only, copy.pad_previous = self.r_max, self.covered_only, self.pad_previous
         copy.a_sum, copy.b_sum = self.a_sum.clone(), self.b_sum.clone()
-        copy.level, copy.den = self.level.copy(), self.den.copy()
+        copy.level, copy.den, copy.den_own = self.level.copy(), self.den.copy(), self.den_own.copy()
         return copy

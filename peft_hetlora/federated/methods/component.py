@@ -4,7 +4,8 @@ Component ``j`` of the new global is the weighted average of component ``j`` ove
 ``I_k`` contains ``j``; components no client trained keep their previous global value. With prefix index sets this
 is RBLA (arXiv 2408.08699, ``rankwise``); with rotating windows it is the server side of FedRolex (arXiv 2212.01548)
 and HeteroFL (arXiv 2010.01264) applied to LoRA components, and of Fed-PLoRA's select-and-fold clients
-(arXiv 2602.16936).
+(arXiv 2602.16936). ``component_fedavg`` is the same placement with FedAvg's step: every sampled client votes on
+every component, one that did not train it votes for its previous value.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import ClassVar
 
 from .base import AggregationMethod, PaddedSum
 
-__all__ = ["ComponentRule", "ComponentRuleData"]
+__all__ = ["ComponentFedAvg", "ComponentRule", "ComponentRuleData"]
 
 
 class ComponentRule(AggregationMethod):
@@ -49,3 +50,34 @@ class ComponentRuleData(ComponentRule):
 
     name: ClassVar[str] = "component_data"
     weights: ClassVar[str] = "data"
+
+
+class ComponentFedAvg(AggregationMethod):
+    """FedAvg of the round's updates on component-indexed uploads: a client that did not train a component counts
+    as having left it unchanged.
+
+    ``A[j] = (sum_{k: j in I_k} p_k A_k[slot_k(j)] + sum_{k: j not in I_k} p_k A_prev[j]) / sum_k p_k`` (and
+    ``B[:, j]`` alike), ``p_k = n_k`` (capped like every data-weighted method); the sum runs over every client of the
+    round. Equivalently ``A[j] = A_prev[j] + (P_j / P) (avg_j - A_prev[j])`` where ``avg_j`` is the ``component``
+    rule's value, ``P_j`` the weight of the clients that trained ``j`` and ``P`` the round's: a component moves by
+    the round's mean update, as in FedAvg (arXiv 1602.05629), not by the mean over its few trainers.
+
+    Why: clients that train disjoint windows each fit the whole local loss in their own components, so under the
+    ``component`` rule their corrections add up (the round's step grows with the number of disjoint windows, and
+    the window arms diverge at learning rates the prefix arms take). Padding with the previous global instead of
+    zeros is what keeps HetLoRA's zero-padding (arXiv 2401.06432) from erasing the components weak clients do not
+    hold. Without a previous global it is ``zero_pad``. Credits as for :class:`ComponentRule`: FedRolex
+    (arXiv 2212.01548) and HeteroFL (arXiv 2010.01264) for training rotating sub-models.
+
+    Example:
+        >>> ComponentFedAvg().weights, ComponentFedAvg().accepts_components
+        ('data', True)
+    """
+
+    name: ClassVar[str] = "component_fedavg"
+    weights: ClassVar[str] = "data"
+    uses_previous: ClassVar[bool] = True
+    accepts_components: ClassVar[bool] = True
+
+    def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> PaddedSum:
+        return PaddedSum(a_shape, b_shape, r_max, covered_only=False, pad_previous=True)
