@@ -64,10 +64,11 @@ class ComponentFedAvg(AggregationMethod):
 
     Why: clients that train disjoint windows each fit the whole local loss in their own components, so under the
     ``component`` rule their corrections add up (the round's step grows with the number of disjoint windows, and
-    the window arms diverge at learning rates the prefix arms take). Padding with the previous global instead of
-    zeros is what keeps HetLoRA's zero-padding (arXiv 2401.06432) from erasing the components weak clients do not
-    hold. Without a previous global it is ``zero_pad``. Credits as for :class:`ComponentRule`: FedRolex
-    (arXiv 2212.01548) and HeteroFL (arXiv 2010.01264) for training rotating sub-models.
+    the window arms diverge at learning rates the prefix arms take). It is ``zero_pad`` with the previous global as
+    the padding: HetLoRA's zero-padding (arXiv 2401.06432) erases the components weak clients do not hold, padding
+    with their previous value keeps them. Without a previous global it is ``zero_pad``. Credits as for
+    :class:`ComponentRule`: FedRolex (arXiv 2212.01548) and HeteroFL (arXiv 2010.01264) for training rotating
+    sub-models.
 
     Example:
         >>> ComponentFedAvg().weights, ComponentFedAvg().accepts_components
