@@ -105,6 +105,7 @@ def check_matches_federation(config: Any, federation_config: Mapping[str, Any]) 
 
     Example:
         ```py
+        >>> from peft_hetlora import HetLoRAConfig
         >>> check_matches_federation(HetLoRAConfig(r=16, target_modules=["q_proj"]),
         ...                          {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]})
         Traceback (most recent call last):

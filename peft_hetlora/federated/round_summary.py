@@ -32,8 +32,10 @@ def weighted_mean(values: Sequence[tuple[float, int]]) -> float | None:
 
     Example:
         ```py
-        >>> weighted_mean([(1.7e308, 10**9), (1.7e308, 1)])
-        1.7e+308
+        >>> weighted_mean([(2.0, 3), (6.0, 1)])
+        3.0
+        >>> weighted_mean([(1.7e308, 10**9), (1.7e308, 1)]) / 1.7e308  # no overflow to inf
+        1.0000000000000002
         ```
     """
     total = sum(int(n) for _, n in values)

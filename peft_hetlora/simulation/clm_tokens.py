@@ -82,7 +82,12 @@ def tokenize_for_clm(
     arguments), so a simulation tokenises each client once, not every round.
 
     Example:
-        >>> blocks = tokenize_for_clm(corpus.clients["720840be"], tokenizer, block_size=128)  # doctest: +SKIP
+        >>> import datasets
+        >>> from transformers import AutoTokenizer
+        >>> from peft_hetlora.simulation.model_source import resolve_tokenizer
+        >>> tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer())
+        >>> texts = datasets.Dataset.from_dict({"text": ["hello there, how are you?", "fine, thanks"]})
+        >>> blocks = tokenize_for_clm(texts, tokenizer, block_size=128)
         >>> blocks.column_names
         ['input_ids', 'attention_mask', 'labels']
     """

@@ -26,7 +26,12 @@ Example:
     >>> corpus = load_client_corpus("chitchat", num_clients=20, seed=0)
     >>> len(corpus.clients)
     20
+    >>> from transformers import AutoTokenizer
+    >>> from peft_hetlora.simulation.model_source import resolve_tokenizer
+    >>> tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer())
     >>> train = tokenize_for_clm(corpus.clients[corpus.client_ids[0]], tokenizer, block_size=128)
+    >>> train.column_names
+    ['input_ids', 'attention_mask', 'labels']
 """
 
 from __future__ import annotations

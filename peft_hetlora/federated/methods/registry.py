@@ -49,9 +49,9 @@ def register_aggregation(name: str, method: AggregationMethod | type[Aggregation
         ...     weights, streaming = "data", False
         ...     def combine(self, a_list, b_list, weights, previous):
         ...         return torch.stack(a_list).median(0).values, torch.stack(b_list).median(0).values
-        >>> register_aggregation("median", Median).name
-        'median'
-        >>> unregister_aggregation("median")
+        >>> register_aggregation("factor_median", Median).name
+        'factor_median'
+        >>> unregister_aggregation("factor_median")
     """
     if isinstance(method, type):
         if not issubclass(method, AggregationMethod):
