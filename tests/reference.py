@@ -271,3 +271,28 @@ def component_fedavg(updates, r_max: int, s: float, previous=None, cap_ratio: fl
                 gb[:, j] += n_k * xb / sum(sizes)
         out[name] = (ga, gb)
     return out
+
+
+def flexlora_held_dense(updates, r_max: int, previous=None, cap_ratio: float | None = 10.0) -> dict[str, np.ndarray]:
+    """``flexlora_held`` before its SVD: sum_k p_k W_k, where W_k is the adapter client k held, built column by
+    column: its uploaded slots, plus the previous global's component j (rank-one B_prev[:, j] A_prev[j]) for every
+    j < r_max it did not upload (nothing without a previous global); p_k = capped n_k / sum."""
+    sizes = capped_sizes([u.num_examples for u in updates], cap_ratio)
+    p = sizes / sizes.sum()
+    mods_list = [np_modules(u.state_dict) for u in updates]
+    prev = np_modules(previous) if previous is not None else None
+    out = {}
+    for name, (a0, b0) in mods_list[0].items():
+        dense = np.zeros((b0.shape[0], a0.shape[1]))
+        for p_k, u, mods in zip(p, updates, mods_list):
+            a, b = mods[name]
+            held = np.zeros_like(dense)
+            for slot in range(a.shape[0]):
+                held += np.outer(b[:, slot], a[slot])
+            uploaded = indices_of(u)[: a.shape[0]]
+            for j in range(r_max):
+                if prev is not None and j not in uploaded:
+                    held += np.outer(prev[name][1][:, j], prev[name][0][j])
+            dense += p_k * held
+        out[name] = dense
+    return out

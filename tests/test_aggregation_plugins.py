@@ -163,7 +163,7 @@ def _old_clip_global(updates, clip_norm, weights):
 
 
 @pytest.mark.parametrize("attack", [1e6, 1e15])
-@pytest.mark.parametrize("method", ["hetlora", "zero_pad", "flexlora", "rankwise"])
+@pytest.mark.parametrize("method", ["hetlora", "zero_pad", "flexlora", "flexlora_held", "rankwise"])
 def test_clip_norm_bounds_the_published_global_against_unbalanced_factors(method, attack):
     clip_norm = 5.0
     previous, updates = _federation(3, attack)

@@ -202,7 +202,7 @@ def test_prefix_uploads_are_bit_identical_with_and_without_explicit_indices():
     rng = np.random.default_rng(3)
     sds = [make_sd(rng, r) for r in (2, 5, 8)]
     prev = make_previous()
-    for method in ("hetlora", "zero_pad", "rankwise", "component", "component_data", "flexlora"):
+    for method in ("hetlora", "zero_pad", "rankwise", "component", "component_data", "flexlora", "flexlora_held"):
         plain = aggregate([ClientUpdate(f"c{i}", sd, sd[f"{FIRST}.lora_A.weight"].shape[0], 10 + i)
                            for i, sd in enumerate(sds)], method=method, r_max=R_MAX, scaling=SCALE, previous=prev)
         explicit = aggregate([ClientUpdate(f"c{i}", sd, r, 10 + i, components=list(range(r)))
@@ -332,3 +332,64 @@ def test_check_components_keeps_a_client_to_its_assignment():
     assert check_components([6, 1], r_max=8, budget=3, allowed=[1, 6, 7]) == (6, 1)
     with pytest.raises(RankError, match="not assigned"):
         check_components([6, 2], r_max=8, budget=3, allowed=[1, 6, 7])
+
+
+# -- flexlora_held: FlexLoRA over the adapters the clients held ------------------------------------------------------
+
+
+def assert_best_rank(result, dense_by_module, r_max=R_MAX):
+    """The global's product is the best rank-r_max approximation of the reference's dense sum (products, since
+    singular vectors are defined up to sign)."""
+    for name, dense in dense_by_module.items():
+        a = result.state_dict[f"{name}.lora_A.weight"].double().numpy()
+        b = result.state_dict[f"{name}.lora_B.weight"].double().numpy()
+        best = reference.best_rank_k(dense, r_max)
+        assert np.linalg.norm(b @ a - best) <= 1e-5 * max(np.linalg.norm(best), 1e-12), name
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("with_previous", [False, True])
+def test_flexlora_held_matches_the_reference(scenario, with_previous):
+    updates = make_updates(scenario, sizes=[10, 25, 7, 40])
+    previous = make_previous() if with_previous else None
+    res = aggregate(updates, method="flexlora_held", r_max=R_MAX, scaling=SCALE, previous=previous)
+    assert_best_rank(res, reference.flexlora_held_dense(updates, R_MAX, previous))
+
+
+def test_flexlora_held_is_flexlora_without_a_previous_global():
+    rng = np.random.default_rng(4)
+    ups = [ClientUpdate(f"c{i}", make_sd(rng, r), r, 10 + 5 * i) for i, r in enumerate((2, 5, 8))]
+    assert_best_rank(aggregate(ups, method="flexlora_held", r_max=R_MAX, scaling=SCALE), reference.flexlora_dense(ups))
+
+
+def test_flexlora_held_caps_a_liar_and_keeps_its_indices():
+    updates = make_updates("gap", sizes=[10, 1_000_000_000, 12, 9])
+    res = aggregate(updates, method="flexlora_held", r_max=R_MAX, scaling=SCALE, previous=make_previous())
+    assert "c1" in res.capped
+    assert_best_rank(res, reference.flexlora_held_dense(updates, R_MAX, make_previous()))
+
+
+def test_flexlora_held_keeps_what_plain_flexlora_erases():
+    """Hand formula: the previous global is e1 e1^T + 2 e2 e2^T (components 0 and 1). Two equal clients: one
+    uploads rank 1 (component 0 moved to 3 e1 e1^T), the other rank 2 and left the previous global as it was.
+    FlexLoRA averages their products: component 1 (2 e2 e2^T) comes back at half its value; held, the rank-1 client
+    held it frozen, so it stays whole and only component 0 moves half-way: (1 + 3) / 2 = 2."""
+
+    def adapter(rank, scales):
+        out = {}
+        for name, (d_out, d_in) in SHAPES.items():
+            a, b = torch.zeros(rank, d_in), torch.zeros(d_out, rank)
+            for j, scale in enumerate(scales):
+                a[j, j], b[j, j] = 1.0, scale
+            out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = a, b
+        return out
+
+    prev = adapter(R_MAX, [1.0, 2.0])
+    ups = [ClientUpdate("weak", adapter(1, [3.0]), 1, 10), ClientUpdate("strong", adapter(2, [1.0, 2.0]), 2, 10)]
+    for method, expected in (("flexlora_held", [2.0, 2.0]), ("flexlora", [2.0, 1.0])):
+        res = aggregate(ups, method=method, r_max=R_MAX, scaling=SCALE, previous=prev)
+        for name, (d_out, d_in) in SHAPES.items():
+            w = res.state_dict[f"{name}.lora_B.weight"].numpy() @ res.state_dict[f"{name}.lora_A.weight"].numpy()
+            want = np.zeros((d_out, d_in))
+            want[0, 0], want[1, 1] = expected
+            np.testing.assert_allclose(w, want, atol=1e-6, err_msg=f"{method} {name}")

@@ -20,6 +20,9 @@ The global adapter lives at rank ``r_max`` and every client uses the same scale 
 ``flexlora``
     data-size weighted sum of the full updates ``B_k A_k``, then an SVD computed from the stacked low-rank factors;
     global ``B = U S``, ``A = V^T``, top ``r_max`` singular triplets in order (Bai et al., arXiv 2402.11505).
+``flexlora_held``
+    FlexLoRA over the adapters the clients held: a client's product also counts the ``previous`` global's
+    components it did not upload (the frozen rest of a window client), so weak clients do not erase them.
 ``rankwise``
     component ``j`` is the sparsity-weighted average over only the clients whose module rank exceeds ``j``;
     components no client covers keep their ``previous`` global value (RBLA, arXiv 2408.08699).
@@ -27,13 +30,16 @@ The global adapter lives at rank ``r_max`` and every client uses the same scale 
     the general component rule (DESIGN.md 1.7) for component-indexed uploads (``ClientUpdate.components``):
     component ``j`` is the weighted average (sparsity / data-size weights) over the clients that trained ``j``;
     untrained components keep ``previous``. ``rankwise`` is its prefix case; ``hetlora`` / ``zero_pad`` scatter an
-    indexed upload to its indices and zero-pad the rest; ``fedavg`` / ``flexlora`` refuse non-prefix uploads.
+    indexed upload to its indices and zero-pad the rest; ``flexlora_held`` counts the rest at its previous value;
+    ``fedavg`` / ``flexlora`` refuse non-prefix uploads.
 
 **Influence bound** (``clip_norm = C``): each client's factors are clipped to a ball around the factors it was
 sent, ``A0_k = truncate(previous, r_k)`` (zeros without ``previous``):
 ``sqrt(s) ||A_k - A0_k||_F <= sqrt(C)`` and ``sqrt(s) ||B_k - B0_k||_F <= sqrt(C)`` (norms over all modules).
 With ``a = sqrt(s) ||A_prev||_F``, ``b = sqrt(s) ||B_prev||_F`` (``0`` without ``previous``) and ``c = sqrt(C)``,
-for ``hetlora`` (per-client weighting), ``zero_pad``, ``fedavg`` and ``flexlora``, whatever the clients upload:
+for ``hetlora`` (per-client weighting), ``zero_pad``, ``fedavg``, ``flexlora`` and ``flexlora_held`` (a held
+adapter is the clipped upload with the previous global's other components, within the same ball), whatever the
+clients upload:
 
 * the published global satisfies ``||delta W_new||_F <= (a + c) (b + c)``;
 * replacing one client's upload by any other, its weight ``p_k`` held fixed (always so for data-size weights),

@@ -126,7 +126,7 @@ def check_selection(method: str, component_selection: str, anchor: int = 0, *, r
 
     A window policy (``rolling`` / ``coverage``) makes clients upload component-indexed factors, which only methods
     with ``accepts_components`` aggregate (``hetlora``, ``zero_pad``, ``rankwise``, ``component``,
-    ``component_data``, ``component_fedavg``); the DP, robust and secure-sum paths handle prefixes only.
+    ``component_data``, ``component_fedavg``, ``flexlora_held``); the DP, robust and secure-sum paths handle prefixes only.
 
     Raises:
         AggregationError: with what to change.

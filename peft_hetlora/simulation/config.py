@@ -32,6 +32,17 @@ ARMS: dict[str, dict[str, Any]] = {
     "window_fedavg": {
         "aggregation": "component_fedavg", "ranks": "heterogeneous", "prune": False, "selection": "coverage",
     },
+    # FlexLoRA over the adapters clients held (flexlora_held): prefix clients (the server adds the rest back),
+    # coverage windows, and "top": each client trains the global's first r_k (largest) singular directions and
+    # holds the rest frozen (coverage with anchor = r_max)
+    "flexlora_held": {"aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False},
+    "window_flexlora": {
+        "aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False, "selection": "coverage",
+    },
+    "top_flexlora": {
+        "aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False, "selection": "coverage",
+        "anchor": "r_max",
+    },
     "nested": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": True, "nested": True},
     # issue 14: client-level DP (central model, rankwise under public weights) at three privacy budgets
     "dp_eps1": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": False, "dp_epsilon": 1.0},

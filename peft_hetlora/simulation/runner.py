@@ -430,6 +430,8 @@ def arm_coordinator_settings(
                 "peft-hetlora or leave this arm out of --methods."
             )
         settings["component_selection"] = spec["selection"]
+        if "anchor" in spec:
+            settings["anchor"] = r_arm if spec["anchor"] == "r_max" else min(int(spec["anchor"]), r_arm)
     return settings
 
 

@@ -3,13 +3,14 @@
 Built-ins: ``hetlora`` (arXiv 2401.06432), ``zero_pad``, ``fedavg`` (arXiv 1602.05629), ``flexlora``
 (arXiv 2402.11505), ``rankwise`` (RBLA, arXiv 2408.08699), ``component`` / ``component_data`` (the general
 component rule of DESIGN.md 1.7 for component-indexed uploads), ``component_fedavg`` (the same placement with
-FedAvg's step). See docs/aggregation.md.
+FedAvg's step), ``flexlora_held`` (FlexLoRA over the adapters clients held, frozen rest included). See
+docs/aggregation.md.
 """
 
 from .base import AggregationMethod, ModuleAccumulator, PaddedSum
 from .component import ComponentFedAvg, ComponentRule, ComponentRuleData
 from .fedavg import FedAvg
-from .flexlora import FlexLoRA
+from .flexlora import FlexLoRA, FlexLoRAHeld
 from .hetlora import HetLoRA
 from .rankwise import RankWise
 from .registry import (
@@ -23,7 +24,7 @@ from .registry import (
 from .zero_pad import ZeroPad
 
 for _method in (HetLoRA(), ZeroPad(), FedAvg(), FlexLoRA(), RankWise(), ComponentRule(), ComponentRuleData(),
-                ComponentFedAvg()):
+                ComponentFedAvg(), FlexLoRAHeld()):
     _register_builtin(_method)
 del _method
 
@@ -35,6 +36,7 @@ __all__ = [
     "ComponentRuleData",
     "FedAvg",
     "FlexLoRA",
+    "FlexLoRAHeld",
     "HetLoRA",
     "ModuleAccumulator",
     "PaddedSum",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..errors import AggregationError
 from ..keys import flat_a, flat_b, is_int
 from .base import NONE, AggregationMethod
 
-__all__ = ["SVD_MODES", "FactorStack", "FlexLoRA"]
+__all__ = ["SVD_MODES", "FactorStack", "FlexLoRA", "FlexLoRAHeld"]
 
 
 SVD_MODES: tuple[str, ...] = ("auto", "exact", "randomized")
@@ -36,8 +37,8 @@ class FlexLoRA(AggregationMethod):
         oversample: extra sketch columns ``p`` (sketch size ``r_max + p``); power_iters: ``q``; seed: of the
             Gaussian test matrix (the result is deterministic).
 
-    Component-indexed uploads are refused: FlexLoRA sums whole client updates, so a client's window has no place
-    in it (use ``component``).
+    Component-indexed uploads are refused: FlexLoRA sums the products of the adapters clients upload, and a window
+    client's upload is not the adapter it held (use ``flexlora_held``, which adds the frozen rest back).
 
     Example:
         >>> FlexLoRA().weights, FlexLoRA(svd="randomized").svd
@@ -61,18 +62,56 @@ class FlexLoRA(AggregationMethod):
                            power_iters=self.power_iters, seed=self.seed)
 
 
+class FlexLoRAHeld(FlexLoRA):
+    """FlexLoRA over the adapters the clients *held*: a client's product counts the previous global's components it
+    did not upload (its frozen rest) beside the ones it trained, so nothing it did not train is erased.
+
+    ``W = sum_k n_k (sum_{i} B_k[:, i] A_k[i] + sum_{j not in I_k} B_prev[:, j] A_prev[j]) / sum_k n_k``, then the
+    top ``r_max`` singular triplets as in :class:`FlexLoRA` (``I_k``: the global components client ``k`` uploaded,
+    its window or ``0 .. r_k-1``; ``n_k`` capped like every data-weighted method). Equivalently
+    ``W = W_prev + sum_k p_k (W_k - W_prev)`` restricted to what each client trained: FedAvg's step in product
+    space. Without a previous global it is :class:`FlexLoRA`.
+
+    Why: FlexLoRA (Bai et al., arXiv 2402.11505) averages each client's product ``B_k A_k``; a rank-``r_k`` product
+    has nothing in the global's directions ``r_k+1 .. r_max``, so every weak client in a round shrinks them by its
+    weight, the erasure HetLoRA's zero-padding (arXiv 2401.06432) suffers per component. With window clients
+    (``component_selection="rolling"`` / ``"coverage"``, and ``anchor=r_max`` for "train the top ``r_k`` singular
+    directions, hold the rest"), a weak client holds the whole global with the rest frozen, as in Fed-PLoRA
+    (arXiv 2602.16936) and FedRolex (arXiv 2212.01548), and its held product is exactly what this sums. With prefix
+    clients that hold only ``r_k`` components the server adds the rest back although the client trained without
+    it (a cheaper, approximate form that needs nothing from the client).
+
+    Example:
+        >>> FlexLoRAHeld().accepts_components, FlexLoRAHeld().uses_previous
+        (True, True)
+    """
+
+    name: ClassVar[str] = "flexlora_held"
+    uses_previous: ClassVar[bool] = True
+    accepts_components: ClassVar[bool] = True
+
+    def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> FactorStack:
+        return FactorStack("", a_shape, b_shape, r_max, svd=self.svd, oversample=self.oversample,
+                           power_iters=self.power_iters, seed=self.seed, held=True)
+
+
 class FactorStack:
     """FlexLoRA's running data-weighted sum ``sum_k w_k B_k A_k`` of one module, kept as stacked factors.
 
     ``B_cat = [w_1 B_1 | w_2 B_2 | ...]`` and ``A_cat = [A_1; A_2; ...]``. When the stack exceeds ``limit``
     components it is recompressed exactly (two QRs and a small SVD, all singular triplets kept), so it never holds
     more than ``limit + r_k`` components. ``result`` takes the top ``r_max`` triplets exactly or with the randomised
-    range finder (``svd``, see :class:`FlexLoRA`).
+    range finder (``svd``, see :class:`FlexLoRA`). With ``held`` (:class:`FlexLoRAHeld`) ``missing[j]`` is the weight
+    of the clients that did not upload component ``j``; ``result`` stacks the previous global's component ``j`` at
+    that weight.
     """
 
     def __init__(self, name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int, *,
-                 svd: str = "auto", oversample: int = 16, power_iters: int = 2, seed: int = 0) -> None:
+                 svd: str = "auto", oversample: int = 16, power_iters: int = 2, seed: int = 0,
+                 held: bool = False) -> None:
         self.name = name
+        self.held = held
+        self.missing = np.zeros(r_max, dtype=np.float64)
         self.svd, self.oversample, self.power_iters, self.seed = svd, oversample, power_iters, seed
         self.a_shape = a_shape
         self.b_shape = b_shape
@@ -86,13 +125,21 @@ class FactorStack:
         self.level = NONE
         self.den = 0.0
 
-    def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float) -> None:
+    def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float,
+            components: tuple[int, ...] | None = None) -> None:
         if level < self.level:
             return
         if level > self.level:
             self.b_blocks, self.a_blocks, self.stacked_rank, self.den = [], [], 0, 0.0
+            self.missing[:] = 0.0
             self.level = level
         self.den += weight
+        if self.held:
+            # the product is index-free; the indices only say which previous components the client held frozen
+            uploaded = range(a.shape[0]) if components is None else components[: a.shape[0]]
+            rest = np.ones(self.r_max, dtype=bool)
+            rest[list(uploaded)] = False
+            self.missing[rest] += weight
         self.b_blocks.append(torch.mul(flat_b(self.name, b).to(torch.float32), weight))
         self.a_blocks.append(flat_a(a).to(torch.float32, copy=True))
         self.stacked_rank += a.shape[0]
@@ -100,10 +147,25 @@ class FactorStack:
             b_fac, a_fac = self._svd_factors(keep=None)
             self.b_blocks, self.a_blocks, self.stacked_rank = [b_fac], [a_fac], a_fac.shape[0]
 
-    def _svd_factors(self, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stacked(self, previous: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B_cat, A_cat)``; with ``held`` and a previous global, its components at their ``missing`` weights."""
+        b_blocks, a_blocks = list(self.b_blocks), list(self.a_blocks)
+        if self.held and previous is not None:
+            idx = np.nonzero(self.missing)[0]
+            if idx.size:
+                prev_a, prev_b = previous
+                rows = torch.from_numpy(idx)
+                scale = torch.from_numpy(self.missing[idx]).to(torch.float32)
+                b_blocks.append(flat_b(self.name, prev_b).to(torch.float32)[:, rows] * scale)
+                a_blocks.append(flat_a(prev_a).to(torch.float32)[rows])
+        b_cat = b_blocks[0] if len(b_blocks) == 1 else torch.cat(b_blocks, dim=1)  # (d_out, R)
+        a_cat = a_blocks[0] if len(a_blocks) == 1 else torch.cat(a_blocks, dim=0)  # (R, d_in)
+        return b_cat, a_cat
+
+    def _svd_factors(self, keep: int | None, previous: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U S, V^T)`` of the stacked sum (top ``keep`` triplets, all if None), from QRs of the stacked factors."""
-        b_cat = self.b_blocks[0] if len(self.b_blocks) == 1 else torch.cat(self.b_blocks, dim=1)  # (d_out, R)
-        a_cat = self.a_blocks[0] if len(self.a_blocks) == 1 else torch.cat(self.a_blocks, dim=0)  # (R, d_in)
+        b_cat, a_cat = self._stacked(previous)
         stacked = b_cat.shape[1]
         # Householder QRs kept in factored form (geqrf): B_cat = Q_B R_B, A_cat^T = Q_A R_A, Q never formed.
         h_b, tau_b = torch.geqrf(b_cat)
@@ -122,22 +184,22 @@ class FactorStack:
         new_a = torch.ormqr(h_a, tau_a, right).T.contiguous()  # (Q_A V)^T   (k, d_in)
         return new_b, new_a
 
-    def uses_randomized(self) -> bool:
-        """Whether :meth:`result` takes the randomised path for the current stack."""
+    def uses_randomized(self, extra: int = 0) -> bool:
+        """Whether :meth:`result` takes the randomised path for the current stack (plus ``extra`` components)."""
         if self.svd != "auto":
             return self.svd == "randomized"
         small = min(self.d_out, self.d_in)
-        return self.stacked_rank > small and 4 * (self.r_max + self.oversample) <= small
+        return self.stacked_rank + extra > small and 4 * (self.r_max + self.oversample) <= small
 
-    def _randomized_factors(self, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _randomized_factors(self, keep: int, previous: tuple[torch.Tensor, torch.Tensor] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top ``keep`` triplets ``(U S, V^T)`` of ``M = B_cat A_cat`` by a randomised range finder.
 
         Halko, Martinsson and Tropp 2011 (arXiv 0909.4061), Algorithms 4.4 (power iterations, re-orthonormalised
         after every product) and 5.1 (direct SVD of ``Q^T M``). ``M`` is only ever applied through its factors,
         ``O(R (d_out + d_in) l)`` per product for a sketch of ``l = keep + oversample`` columns.
         """
-        b_cat = self.b_blocks[0] if len(self.b_blocks) == 1 else torch.cat(self.b_blocks, dim=1)  # (d_out, R)
-        a_cat = self.a_blocks[0] if len(self.a_blocks) == 1 else torch.cat(self.a_blocks, dim=0)  # (R, d_in)
+        b_cat, a_cat = self._stacked(previous)
         width = min(keep + self.oversample, self.d_out, self.d_in)
         gen = torch.Generator().manual_seed(self.seed)
         omega = torch.randn((self.d_in, width), generator=gen, dtype=torch.float32)
@@ -151,10 +213,12 @@ class FactorStack:
         return q @ (u[:, :k] * s[:k]), vh[:k].contiguous()
 
     def result(self, previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.uses_randomized():
-            b_fac, a_fac = self._randomized_factors(keep=self.r_max)
+        prev = previous if self.held else None
+        extra = int(np.count_nonzero(self.missing)) if prev is not None else 0
+        if self.uses_randomized(extra):
+            b_fac, a_fac = self._randomized_factors(keep=self.r_max, previous=prev)
         else:
-            b_fac, a_fac = self._svd_factors(keep=self.r_max)
+            b_fac, a_fac = self._svd_factors(keep=self.r_max, previous=prev)
         b_fac = b_fac * (1.0 / self.den)
         got = a_fac.shape[0]
         a = torch.zeros((self.r_max, self.d_in), dtype=torch.float32)
@@ -168,7 +232,8 @@ class FactorStack:
 
     def clone(self) -> FactorStack:
         copy = FactorStack(self.name, self.a_shape, self.b_shape, self.r_max, svd=self.svd,
-                           oversample=self.oversample, power_iters=self.power_iters, seed=self.seed)
+                           oversample=self.oversample, power_iters=self.power_iters, seed=self.seed, held=self.held)
+        copy.missing = self.missing.copy()
         copy.b_blocks, copy.a_blocks = list(self.b_blocks), list(self.a_blocks)
         copy.stacked_rank, copy.level, copy.den = self.stacked_rank, self.level, self.den
         return copy
