@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         "--extra-long-arms",
         type=lambda t: [a for a in t.split(",") if a],
         default=[],
-        help="arms run and reported in the long phase beside the chosen window rule and the core arms (each at "
-        "its chosen setting), e.g. 'window_coverage' when another window rule won the tuning",
+        help="arms tuned like the core arms and run and reported in the long phase beside the chosen window rule "
+        "and the core arms (each at its chosen setting), e.g. 'window_coverage' when another window rule won",
     )
     parser.add_argument("--long-rounds", type=int, default=20)
     parser.add_argument("--long-step", type=int, default=5, help="extend the long runs this many rounds at a time")

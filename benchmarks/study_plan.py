@@ -101,7 +101,7 @@ def choose_settings(args, out: Path) -> tuple[dict[str, dict[str, float]], list[
     for setting_dir in sorted(p for p in base.iterdir() if p.is_dir() and p.name in declared) if base.is_dir() else []:
         overrides = parse_setting(setting_dir.name)
         for arm_dir in sorted((setting_dir / f"s{args.tune_seed}" / f"seed-{args.tune_seed}").glob("*")):
-            if arm_dir.name not in (*WINDOW_ARMS, *CORE_ARMS):
+            if arm_dir.name not in tuned_arms(args):
                 continue
             rows = read_rows(arm_dir)
             if any(r["round"] == args.tune_rounds for r in rows):
@@ -123,6 +123,11 @@ def choose_settings(args, out: Path) -> tuple[dict[str, dict[str, float]], list[
     for row in table:
         row["chosen"] = chosen[row["arm"]] == row["overrides"]
     return chosen, table
+
+
+def tuned_arms(args) -> tuple[str, ...]:
+    """The arms whose setting is chosen on validation: the window rules, the core arms and `--extra-long-arms`."""
+    return tuple(dict.fromkeys([*WINDOW_ARMS, *CORE_ARMS, *getattr(args, "extra_long_arms", [])]))
 
 
 def declared_settings(args) -> set[str]:
@@ -157,7 +162,7 @@ def plan(args) -> tuple[list[Piece], list[Piece]]:
                 arms = tuple(dict.fromkeys([*base_arms, *WINDOW_ARMS]))
             seeds.append(Piece(corpus, (), seed, arms, args.rounds, cost.get(corpus, 1.5) * len(arms) * args.rounds))
     tune = []
-    tune_arms = (*WINDOW_ARMS, *CORE_ARMS)
+    tune_arms = tuned_arms(args)
     for lr in args.lrs:
         tune.append(
             Piece(

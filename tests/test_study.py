@@ -77,6 +77,18 @@ def test_each_arm_gets_the_setting_with_the_lowest_client_validation(tmp_path):
     assert len(table) == 4
 
 
+def test_extra_long_arms_are_tuned_and_chosen_like_the_core_arms(tmp_path):
+    root = tmp_path / "chitchat"
+    _write_rows(root / "default" / "s0" / "seed-0" / "top_flexlora", _rows([40.0, 30.0]))
+    _write_rows(root / "learning_rate=0.001" / "s0" / "seed-0" / "top_flexlora", _rows([20.0, 22.0]))
+    _, tune = study_plan.plan(_args(extra_long_arms=["top_flexlora"], methods=["rankwise"], corpora=["chitchat"]))
+    assert all("top_flexlora" in piece.methods for piece in tune if piece.setting_name.startswith("learning_rate"))
+    chosen, _ = study_plan.choose_settings(_args(extra_long_arms=["top_flexlora"]), tmp_path)
+    assert chosen == {"top_flexlora": {"learning_rate": 0.001}}
+    chosen, _ = study_plan.choose_settings(_args(), tmp_path)  # not declared: not a candidate
+    assert chosen == {}
+
+
 def test_setting_names_round_trip():
     overrides = {"learning_rate": 0.001, "prune_gamma": 0.9}
     assert study_plan.parse_setting(study_plan.setting_name(overrides)) == overrides
