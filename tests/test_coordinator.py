@@ -50,7 +50,8 @@ from tests.coordinator_fakes import (  # noqa: F401  (the two fixtures register 
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
-        ({}, ("flexlora", "prefix")),  # the study's winner (benchmarks/README.md, issue 13)
+        ({}, ("flexlora_held", "prefix")),  # the study's winner (benchmarks/README.md, issue 13)
+        ({"method": "flexlora"}, ("flexlora", "prefix")),
         ({"method": "hetlora"}, ("hetlora", "prefix")),  # the paper's rule, one argument away
         ({"component_selection": "rolling"}, ("component", "rolling")),  # windows need the component rule
         ({"component_selection": "coverage"}, ("component", "coverage")),

@@ -111,7 +111,7 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the federation and initial-rank options (shared by `coordinate` and `init`)."""
     fed = parser.add_argument_group("federation (defaults come from federation.json when resuming)")
     fed.add_argument("--method", choices=AGGREGATION_METHODS, default=None,
-                     help="Aggregation (default: flexlora, the study's winner, benchmarks/README.md; component "
+                     help="Aggregation (default: flexlora_held, the study's winner, benchmarks/README.md; component "
                      "when --component-selection names windows; hetlora for the paper's rule).")
     fed.add_argument("--rounds", type=int, default=None, help="Number of rounds (default 1).")
     fed.add_argument("--r-max", type=int, default=None, help="Maximum rank (default: the initial adapter's r).")

@@ -36,13 +36,14 @@ NEXT_RANK_RULES = ("rank_out", "initial")
 # `component` under DP uploads prefixes (check_selection), where it is rankwise.
 _DP_METHOD = {"rankwise": "component", "component": "component", "zero_pad": "zero_pad", "fedavg": "zero_pad"}
 
-#: The method of a federation that names none: FlexLoRA (SVD of the weighted sum of client products, arXiv
-#: 2402.11505), the winner on client validation data of the study in benchmarks/README.md (issue 13: each method at
-#: its best learning rate, 3 seeds, two corpora). The paper's `hetlora` stays one argument away
-#: (``method="hetlora"``).
-DEFAULT_METHOD = "flexlora"
-#: The component selection of a federation that names neither a method nor a policy: FlexLoRA clients train the
-#: prefix of the SVD-ordered global, its best rank-k approximation.
+#: The method of a federation that names none: ``flexlora_held``, FlexLoRA (SVD of the weighted sum of client
+#: products, arXiv 2402.11505) over the adapters the clients held, so weak clients do not erase the global's
+#: directions above their rank; the winner on client validation data of the study in benchmarks/README.md (issue 13:
+#: each method at its best learning rate, 3 seeds, two corpora). Plain ``flexlora`` and the paper's ``hetlora`` stay
+#: one argument away (``method="hetlora"``).
+DEFAULT_METHOD = "flexlora_held"
+#: The component selection of a federation that names neither a method nor a policy: clients train the prefix of
+#: the SVD-ordered global, its best rank-k approximation, and need nothing beyond plain PEFT LoRA.
 DEFAULT_SELECTION = "prefix"
 #: The method a federation that names none gets under differential privacy, which FlexLoRA has no form for: the
 #: component rule on prefixes (RBLA's per-component average, public weights).
@@ -61,7 +62,7 @@ def default_method_and_selection(
     Example:
         ```py
         >>> default_method_and_selection(None, None)
-        ('flexlora', 'prefix')
+        ('flexlora_held', 'prefix')
         >>> default_method_and_selection("hetlora", None)
         ('hetlora', 'prefix')
         >>> default_method_and_selection(None, "coverage")
@@ -126,7 +127,8 @@ def check_selection(method: str, component_selection: str, anchor: int = 0, *, r
 
     A window policy (``rolling`` / ``coverage``) makes clients upload component-indexed factors, which only methods
     with ``accepts_components`` aggregate (``hetlora``, ``zero_pad``, ``rankwise``, ``component``,
-    ``component_data``, ``component_fedavg``, ``flexlora_held``); the DP, robust and secure-sum paths handle prefixes only.
+    ``component_data``, ``component_fedavg``, ``flexlora_held``); the DP, robust and secure-sum paths handle prefixes
+    only.
 
     Raises:
         AggregationError: with what to change.

@@ -91,8 +91,9 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
     Args:
         adapter_config: the federation's `HetLoRAConfig` (or its dict / JSON): ``r`` is ``r_max``; clients get a copy
             with their own ``rank``.
-        method: aggregation method (``AGGREGATION_METHODS``; default ``DEFAULT_METHOD``, ``"flexlora"``, the study's
-            winner; ``"component"`` when ``component_selection`` names windows; ``"hetlora"`` for the paper's rule).
+        method: aggregation method (``AGGREGATION_METHODS``; default ``DEFAULT_METHOD``, ``"flexlora_held"``, the
+            study's winner; ``"component"`` when ``component_selection`` names windows; ``"hetlora"`` for the paper's
+            rule).
         r_min: smallest rank (default: the config's ``r_min``).
         rank_policy: initial ranks: a `RankPolicy`, a policy name or ``{client_id: rank}`` (default: ``"uniform"``;
             ``"constant"`` at ``r_max`` for ``fedavg``). Without ``clients`` only per-client policies work

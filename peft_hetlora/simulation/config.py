@@ -54,10 +54,12 @@ ARMS: dict[str, dict[str, Any]] = {
     "poisoned_trimmed_mean": {"aggregation": "trimmed_mean", "ranks": "heterogeneous", "prune": True, "attack": True},
 }
 
-#: the arms a run compares when `methods` is not given, the default method first (FlexLoRA: the study's winner at
-#: each method's best learning rate, benchmarks/README.md), then the window rule that is stable at the profile's
-#: rate (FedAvg's step; plain `window_coverage` diverges above 2e-3); the other arms are opt-in (`--methods ...`)
+#: the arms a run compares when `methods` is not given, the default method first (`flexlora_held`: the study's
+#: winner at each method's best learning rate, benchmarks/README.md), plain FlexLoRA, then the window rule that is
+#: stable at the profile's rate (FedAvg's step; plain `window_coverage` diverges above 2e-3); the other arms are
+#: opt-in (`--methods ...`)
 DEFAULT_METHODS = [
+    "flexlora_held",
     "flexlora",
     "window_fedavg",
     "rankwise",
@@ -94,8 +96,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-3,
         "top_layers": None,
     },
-    # the README's main job: SmolLM2-135M on chitchat, all arms, ~10 minutes on 2 CPU cores (activation cache);
-    # lr 4e-3: the default method's (flexlora's) rate chosen on client validation data by the study
+    # the README's main job: SmolLM2-135M on chitchat, all arms, ~11 minutes on 2 CPU cores (activation cache);
+    # lr 4e-3: the default method's (flexlora_held's, as flexlora's) rate chosen on client validation data by the study
     # (benchmarks/README.md; 3e-4 and 1e-3 before it)
     "cpu": {"learning_rate": 4e-3},
     # the same experiment at a size that needs a GPU: more clients, rounds and steps, longer blocks
