@@ -98,10 +98,11 @@ def choose_settings(args, out: Path) -> tuple[dict[str, dict[str, float]], list[
     base = out / args.tune_corpus
     table = []
     declared = declared_settings(args)
+    candidates = tuned_arms(args)
     for setting_dir in sorted(p for p in base.iterdir() if p.is_dir() and p.name in declared) if base.is_dir() else []:
         overrides = parse_setting(setting_dir.name)
         for arm_dir in sorted((setting_dir / f"s{args.tune_seed}" / f"seed-{args.tune_seed}").glob("*")):
-            if arm_dir.name not in tuned_arms(args):
+            if arm_dir.name not in candidates:
                 continue
             rows = read_rows(arm_dir)
             if any(r["round"] == args.tune_rounds for r in rows):
