@@ -40,7 +40,7 @@ setup(
         "docs": ["mkdocs>=1.6"],
         # client-level DP accounting (RDP / PRV accountants) for peft_hetlora.federated.privacy
         "privacy": ["opacus>=1.5,<2"],
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100", "trl>=1.0"],
     },
     entry_points={"console_scripts": ["hetlora=peft_hetlora.cli:main"]},
 )
