@@ -33,8 +33,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils.other import transpose
 from torch import nn
 
-from .config import scaling_for, tail_start
-from .federated.ranks import MAX_RANK, check_rank
+from .utils.ranks import MAX_RANK, check_rank
+from .utils.scaling import scaling_for, tail_start
 
 FROZEN_MODES = ("factors", "merged", "none")
 FrozenMode = Literal["factors", "merged", "none"]

@@ -11,10 +11,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import HetLoRAConfig, tail_start
-from .federated.ranks import check_rank, is_rank
+from .config import HetLoRAConfig
 from .layer import FROZEN_MODES, FrozenMode, HetLoRALinear
 from .quantized_layers import dispatch_quantized
+from .utils.errors import RankError
+from .utils.ranks import check_rank, is_rank
+from .utils.scaling import tail_start
 
 _PEFT_MODEL_PREFIX = "base_model.model."
 
@@ -187,8 +189,6 @@ class HetLoRAModel(LoraModel):
             >>> model.drop_frozen()  # doctest: +SKIP
             ```
         """
-        from .federated.errors import RankError
-
         adapter_name = self._resolve_adapter(adapter_name)
         config = self.peft_config[adapter_name]
         if frozen not in FROZEN_MODES:
