@@ -149,7 +149,7 @@ class HetLoRAModel(LoraModel):
         longest = max(windowed, key=lambda layer: layer.get_active_rank(adapter_name))
         config.components = longest.get_components(adapter_name)
 
-    # ----------------------------------------------------------------- window training (DESIGN 1.7)
+    # ----------------------------------------------------------------- window training (docs/design.md#component-rule)
     def set_components(
         self,
         indices: Sequence[int],
@@ -159,7 +159,7 @@ class HetLoRAModel(LoraModel):
     ) -> list[int]:
         """Train the global components `indices` and keep the global's other components frozen.
 
-        This is window training (DESIGN 1.7, Fed-PLoRA arXiv 2602.16936 select-and-fold, FedRolex /
+        This is window training (docs/design.md#component-rule, Fed-PLoRA arXiv 2602.16936 select-and-fold, FedRolex /
         HeteroFL rotating windows): the k = len(indices) trainable slots of every module take the
         global's components `indices` (in ascending global index: slot i holds `get_components()[i]`),
         and the other components of `global_state_dict` stay in the model, frozen, so the client's
@@ -307,7 +307,8 @@ class HetLoRAModel(LoraModel):
         return state
 
     def tail_norm(self, adapter_name: str | None = None) -> torch.Tensor:
-        """sum_m ||B_m[:, t:k]||_F * ||A_m[t:k, :]||_F (DESIGN 1.3), differentiable, float32 scalar."""
+        """sum_m ||B_m[:, t:k]||_F * ||A_m[t:k, :]||_F (docs/design.md#self-pruning), differentiable, float32
+        scalar."""
         adapter_name = self._resolve_adapter(adapter_name)
         gamma = self.peft_config[adapter_name].prune_gamma
         terms = [layer.tail_norm(adapter_name, gamma) for _, layer in self.hetlora_layers(adapter_name)]
