@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -197,3 +198,32 @@ def test_no_import_cycle_anywhere_in_the_package():
 
 def test_no_new_import_cycle_in_the_engine():
     assert len(cycles(import_graph())) <= KNOWN_ENGINE_CYCLES
+
+
+# ----------------------------------------------------------------------------- the design the code cites
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors MkDocs' `toc` gives the headings of `page` (lower case, punctuation dropped, spaces -> '-')."""
+    anchors = set()
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", title)).strip("-"))
+    return anchors
+
+
+def test_every_design_citation_names_a_section_of_docs_design():
+    anchors = heading_anchors(REPO / "docs" / "design.md")
+    assert {"scale-rule", "component-rule", "store-layout", "round-protocol"} <= anchors
+    sources = [*(REPO / "peft_hetlora").rglob("*.py"), *(REPO / "trainer_callbacks").rglob("*.py"),
+               *(REPO / "tests").glob("*.py"), *(REPO / "benchmarks").rglob("*.py"), REPO / "CONTRIBUTING.md"]
+    cited = {}
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        for first, more in re.findall(r"design\.md#([\w-]+)((?:, #[\w-]+)*)", text):
+            for anchor in [first, *re.findall(r"#([\w-]+)", more)]:
+                cited.setdefault(anchor, path.name)
+    assert len(cited) >= 5, "the citation reader found almost no citation"
+    missing = {anchor: where for anchor, where in cited.items() if anchor not in anchors}
+    assert missing == {}, f"citations of sections docs/design.md lacks: {missing}"
+    stale = [p.name for p in sources if re.search(r"\bDESIGN(\.md)? ?[0-9§]", p.read_text(encoding="utf-8"))]
+    assert stale == [], f"citations of the old design brief: {stale}"
