@@ -1,7 +1,7 @@
 """Peak memory of one local round: HetLoRA at rank k next to PEFT LoRA(r=k), float32 / 8-bit / 4-bit base.
 
 Each measurement runs in a fresh subprocess (so nothing one run allocated is reused by the next): it
-loads SmolLM2-135M (the cached folder `resolve_model` converts from the PyPI GGUF; DESIGN 5) with
+loads SmolLM2-135M (the cached folder `resolve_model` converts from the PyPI GGUF; docs/design.md#real-parts) with
 `peft_hetlora.quantization.load_quantized_base`, adds the adapter, then resets the kernel's peak-RSS
 counter (``/proc/self/clear_refs`` = 5) and trains one local round (`--steps` AdamW steps on random
 tokens, batch x block as the main job). Reported per run:

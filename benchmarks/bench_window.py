@@ -1,7 +1,7 @@
 """Window training: frozen factors vs merged into the base, against a prefix client and HomLoRA(r_max).
 
 A client of budget k trains k components of a rank-r_max global; the other r_max - k stay frozen so its
-model is the global model (DESIGN 1.7). Two ways to hold the frozen part:
+model is the global model (docs/design.md#component-rule). Two ways to hold the frozen part:
 
 - ``window(k, factors)``: buffers A_f, B_f added in forward as s * B_f (A_f x) (two extra thin matmuls in
   forward and two in backward, through which the gradient to lower layers flows);

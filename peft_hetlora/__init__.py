@@ -25,7 +25,7 @@ from .peft_hook import install as _install_registration
 __version__ = "0.1.0"
 
 _LAZY = {
-    "HETLORA_PEFT_TYPE": ".registration",
+    "HETLORA_PEFT_TYPE": ".config",
     "HetLoRAConfig": ".config",
     "HetLoRALinear": ".layer",
     "HetLoRAModel": ".model",

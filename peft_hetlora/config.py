@@ -7,10 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft import LoraConfig
+from peft.utils.peft_types import PeftType
 
-from .federated.ranks import MAX_RANK, check_rank
+from .utils.errors import ConfigMismatchError
+from .utils.federation_fields import FEDERATION_FIELDS, federation_adapter_config, normalise_setting
+from .utils.ranks import MAX_RANK, check_rank
+from .utils.scaling import RANK_SCALINGS, scaling_for, tail_start
 
-RANK_SCALINGS = ("fixed", "rslora")
+__all__ = ["HETLORA", "HETLORA_PEFT_TYPE", "RANK_SCALINGS", "HetLoRAConfig", "scaling_for", "tail_start"]
+
+HETLORA = "HETLORA"
 _LORA_VARIANT_FIELDS = (
     "velora_config",
     "alora_invocation_tokens",
@@ -20,6 +26,32 @@ _LORA_VARIANT_FIELDS = (
     "kasa_config",
 )
 _SUPPORTED_STRING_INITS = ("gaussian", "orthogonal")
+
+
+def _extend_peft_type(name: str) -> PeftType:
+    """Add `name` to PEFT's `PeftType` enum unless it is already there.
+
+    `register_peft_method` only accepts names that are `PeftType` members, and enums cannot be
+    extended through their public API, so the member is built the way `enum` builds its own.
+    """
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    if hasattr(PeftType, "_add_member_"):  # Python >= 3.13
+        PeftType._add_member_(name, member)
+    else:
+        PeftType._member_map_[name] = member
+        type.__setattr__(PeftType, name, member)
+    PeftType._member_names_.append(name)
+    PeftType._value2member_map_[name] = member
+    return member
+
+
+#: the PEFT type of a HetLoRA adapter (``"peft_type": "HETLORA"`` in adapter_config.json)
+HETLORA_PEFT_TYPE = _extend_peft_type(HETLORA)
 
 
 def _check_int(name: str, value: object, low: int, high: int | None, hint: str) -> None:
@@ -92,8 +124,6 @@ class HetLoRAConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .registration import HETLORA_PEFT_TYPE
-
         self.peft_type = HETLORA_PEFT_TYPE
         _check_int("r", self.r, 1, None, "a positive integer (the federation's maximum rank r_max)")
         if self.rank is None:
@@ -165,37 +195,26 @@ class HetLoRAConfig(LoraConfig):
             (16, 4)
             ```
         """
-        from .federation_config import config_from_federation
-
-        return config_from_federation(source, rank=rank, **client_settings)
+        federation = federation_adapter_config(source)
+        for name, value in client_settings.items():
+            theirs = federation.get(name)
+            if name in FEDERATION_FIELDS and normalise_setting(name, value) != normalise_setting(name, theirs):
+                raise ConfigMismatchError(
+                    f"{name}={value!r} contradicts the federation's {name}={theirs!r}; drop the argument (the "
+                    "federation's value is used)."
+                )
+        known = set(cls.__dataclass_fields__)
+        settings = {k: v for k, v in federation.items() if k in known and k not in ("peft_type", "rank")}
+        settings["inference_mode"] = False  # saved adapters say True; a client trains
+        settings.update(client_settings)
+        settings["rank"] = int(settings["r"]) if rank is None else rank
+        r_min = settings.get("r_min") or 1
+        check_rank(settings["rank"], r_min, int(settings["r"]), what="rank", lo_name="r_min", hi_name="r_max",
+                   hint=f"a rank below the federation's r_min means this device cannot take part (its budget must be "
+                        f"at least {r_min})")
+        return cls(**settings)
 
     @property
     def scaling(self) -> float:
         """The rank-independent scale s every client and the server use."""
         return scaling_for(self.lora_alpha, self.r, self.rank_scaling)
-
-
-def scaling_for(lora_alpha: float, r_max: int, rank_scaling: str = "fixed") -> float:
-    """Scale s of the HetLoRA update delta W = s * B A.
-
-    Example:
-        ```py
-        >>> scaling_for(32, 16)
-        2.0
-        ```
-    """
-    if rank_scaling == "rslora":
-        return lora_alpha / math.sqrt(r_max)
-    return lora_alpha / r_max
-
-
-def tail_start(rank: int, gamma: float) -> int:
-    """First index of the regularised tail: t = min(floor(gamma * rank), rank - 1).
-
-    Example:
-        ```py
-        >>> tail_start(16, 0.99), tail_start(1, 0.5)
-        (15, 0)
-        ```
-    """
-    return min(math.floor(gamma * rank), rank - 1)

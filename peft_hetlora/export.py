@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import HetLoRAConfig, scaling_for
+from .config import HetLoRAConfig
+from .utils.constants import ADAPTER_FILE, CONFIG_FILE
+from .utils.scaling import scaling_for
 
 _SAVED_PREFIX = "base_model.model."
 logger = logging.getLogger(__name__)
@@ -26,11 +28,11 @@ def _load_hetlora(source) -> tuple[dict[str, torch.Tensor], HetLoRAConfig, dict[
     """(state dict, config, PEFT's `auto_mapping`: the base model class `AutoPeftModel` builds without a task_type)."""
     if isinstance(source, (str, Path)):
         folder = Path(source)
-        weights = folder / "adapter_model.safetensors"
-        config_file = folder / "adapter_config.json"
+        weights = folder / ADAPTER_FILE
+        config_file = folder / CONFIG_FILE
         if not weights.is_file() or not config_file.is_file():
             raise FileNotFoundError(
-                f"{folder} is not a saved HetLoRA adapter (needs adapter_model.safetensors and adapter_config.json); "
+                f"{folder} is not a saved HetLoRA adapter (needs {ADAPTER_FILE} and {CONFIG_FILE}); "
                 "call model.save_pretrained(folder) first or pass the PeftModel itself."
             )
         raw = json.loads(config_file.read_text())
@@ -128,7 +130,7 @@ def export_lora(
     lora_config.save_pretrained(str(out), auto_mapping_dict=auto_mapping if fields["task_type"] is None else None)
     save_file(
         {k: v.contiguous() for k, v in state.items()},
-        str(out / "adapter_model.safetensors"),
+        str(out / ADAPTER_FILE),
         metadata={"format": "pt"},
     )
     return out

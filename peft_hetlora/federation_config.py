@@ -17,87 +17,21 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from .federated.errors import ConfigMismatchError
-from .federated.ranks import check_rank
+from .config import HetLoRAConfig
+from .utils.errors import ConfigMismatchError
+from .utils.federation_fields import CLIENT_FIELDS, FEDERATION_FIELDS, federation_adapter_config, normalise_setting
 
-# settings that change what a factor means; a client must match the federation on every one
-FEDERATION_FIELDS = (
-    "r",
-    "lora_alpha",
-    "rank_scaling",
-    "use_rslora",
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "bias",
-    "fan_in_fan_out",
-    "use_dora",
-    "lora_bias",
-    "modules_to_save",
-)
-_DEFAULTS: dict[str, Any] = {"rank_scaling": "fixed", "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
-                             "use_dora": False, "lora_bias": False}
-# local choices a client may set freely (they do not change what the server reads)
-CLIENT_FIELDS = ("rank", "prune_lambda", "prune_gamma", "lora_dropout", "inference_mode", "task_type",
-                 "base_model_name_or_path", "revision")
-
-
-def _normalise(name: str, value: Any) -> Any:
-    if value is None:
-        value = _DEFAULTS.get(name)
-    if name in ("target_modules", "exclude_modules", "modules_to_save") and isinstance(value, (list, tuple, set)):
-        return sorted(value) or None
-    if name == "layers_to_transform" and isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if name == "layers_to_transform" and isinstance(value, (list, tuple)):
-        return sorted(value)
-    if name == "lora_alpha" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if name in ("layers_pattern",) and isinstance(value, (list, tuple)):
-        return list(value)
-    return value
-
-
-def federation_adapter_config(source: Any) -> dict[str, Any]:
-    """The federation's adapter config (`adapter_config.json` of its global, at r_max) as a dict.
-
-    `source` is an `AdapterStore` (its federation.json, else its latest global), or a local folder
-    holding `federation.json` (a LocalStore) or `adapter_config.json` (a saved global adapter).
-
-    Example:
-        ```py
-        >>> federation_adapter_config("runs/fed")["r"]  # doctest: +SKIP
-        16
-        ```
-    """
-    if hasattr(source, "read_federation"):
-        federation = source.read_federation()
-        if federation and isinstance(federation.get("adapter_config"), Mapping):
-            return dict(federation["adapter_config"])
-        latest = source.latest_global()
-        if latest is None:
-            raise ConfigMismatchError(
-                "The store holds no federation yet (no federation.json, no global adapter): create it first with "
-                "`hetlora init` (or Coordinator.init)."
-            )
-        source = latest.path
-    folder = Path(source)
-    for name in ("federation.json", "adapter_config.json"):
-        path = folder / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            config = data.get("adapter_config") if name == "federation.json" else data
-            if isinstance(config, Mapping):
-                return dict(config)
-    raise ConfigMismatchError(
-        f"{folder} holds neither federation.json nor adapter_config.json: pass a federation's store or folder."
-    )
+__all__ = [
+    "CLIENT_FIELDS",
+    "FEDERATION_FIELDS",
+    "check_matches_federation",
+    "config_from_federation",
+    "federation_adapter_config",
+    "get_federated_model",
+]
 
 
 def check_matches_federation(config: Any, federation_config: Mapping[str, Any]) -> None:
@@ -110,13 +44,13 @@ def check_matches_federation(config: Any, federation_config: Mapping[str, Any]) 
         ...                          {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]})
         Traceback (most recent call last):
         ...
-        peft_hetlora.federated.errors.ConfigMismatchError: lora_alpha: this client has 8.0 but the federation ...
+        peft_hetlora.utils.errors.ConfigMismatchError: lora_alpha: this client has 8.0 but the federation ...
         ```
     """
     ours = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     problems = []
     for name in FEDERATION_FIELDS:
-        mine, theirs = _normalise(name, ours.get(name)), _normalise(name, federation_config.get(name))
+        mine, theirs = normalise_setting(name, ours.get(name)), normalise_setting(name, federation_config.get(name))
         if mine != theirs:
             problems.append(f"{name}: this client has {mine!r} but the federation has {theirs!r}")
     if problems:
@@ -139,25 +73,7 @@ def config_from_federation(source: Any, *, rank: int | None = None, **client_set
         >>> config_from_federation(LocalStore("runs/fed"), rank=4, prune_lambda=0.05)  # doctest: +SKIP
         ```
     """
-    from .config import HetLoRAConfig
-
-    federation = federation_adapter_config(source)
-    for name, value in client_settings.items():
-        if name in FEDERATION_FIELDS and _normalise(name, value) != _normalise(name, federation.get(name)):
-            raise ConfigMismatchError(
-                f"{name}={value!r} contradicts the federation's {name}={federation.get(name)!r}; drop the argument "
-                "(the federation's value is used)."
-            )
-    known = set(HetLoRAConfig.__dataclass_fields__)
-    settings = {k: v for k, v in federation.items() if k in known and k not in ("peft_type", "rank")}
-    settings["inference_mode"] = False  # saved adapters say True; a client trains
-    settings.update(client_settings)
-    settings["rank"] = int(settings["r"]) if rank is None else rank
-    r_min = settings.get("r_min") or 1
-    check_rank(settings["rank"], r_min, int(settings["r"]), what="rank", lo_name="r_min", hi_name="r_max",
-               hint=f"a rank below the federation's r_min means this device cannot take part (its budget must be at "
-                    f"least {r_min})")
-    return HetLoRAConfig(**settings)
+    return HetLoRAConfig.from_federation(source, rank=rank, **client_settings)
 
 
 def get_federated_model(base_model: Any, store: Any, *, max_rank: int | None = None, **client_settings: Any) -> Any:

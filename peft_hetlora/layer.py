@@ -4,7 +4,7 @@ The active components are always a prefix of the trainable *slots* (the first k 
 k columns of B), so the mask and slicing coincide: forward and backward compute with `A[:k]`,
 `B[:, :k]` only and a rank-k client pays what a rank-k LoRA pays whatever r_max is.
 
-Window training (DESIGN 1.7): by default slot i holds global component i (HetLoRA's prefix). After
+Window training (docs/design.md#component-rule): by default slot i holds global component i (HetLoRA's prefix). After
 `set_window` the slots hold an arbitrary set I of global components (ascending global index), and
 the global's other components can be kept *frozen*, so the client's model is the global model:
 
@@ -33,8 +33,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils.other import transpose
 from torch import nn
 
-from .config import scaling_for, tail_start
-from .federated.ranks import MAX_RANK, check_rank
+from .utils.ranks import MAX_RANK, check_rank
+from .utils.scaling import scaling_for, tail_start
 
 FROZEN_MODES = ("factors", "merged", "none")
 FrozenMode = Literal["factors", "merged", "none"]
@@ -191,7 +191,7 @@ class HetLoRALinear(LoraLinear):
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         return torch.linalg.vector_norm(b[:, t:k].float()) * torch.linalg.vector_norm(a[t:k].float())
 
-    # ----------------------------------------------------------------- window training (DESIGN 1.7)
+    # ----------------------------------------------------------------- window training (docs/design.md#component-rule)
     def get_components(self, adapter_name: str) -> list[int]:
         """Global index of each active slot (ascending): the window, or `range(k)` for HetLoRA's prefix."""
         labels = self._components.get(adapter_name)

@@ -11,10 +11,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import HetLoRAConfig, tail_start
-from .federated.ranks import check_rank, is_rank
+from .config import HetLoRAConfig
 from .layer import FROZEN_MODES, FrozenMode, HetLoRALinear
 from .quantized_layers import dispatch_quantized
+from .utils.errors import RankError
+from .utils.ranks import check_rank, is_rank
+from .utils.scaling import tail_start
 
 _PEFT_MODEL_PREFIX = "base_model.model."
 
@@ -147,7 +149,7 @@ class HetLoRAModel(LoraModel):
         longest = max(windowed, key=lambda layer: layer.get_active_rank(adapter_name))
         config.components = longest.get_components(adapter_name)
 
-    # ----------------------------------------------------------------- window training (DESIGN 1.7)
+    # ----------------------------------------------------------------- window training (docs/design.md#component-rule)
     def set_components(
         self,
         indices: Sequence[int],
@@ -157,7 +159,7 @@ class HetLoRAModel(LoraModel):
     ) -> list[int]:
         """Train the global components `indices` and keep the global's other components frozen.
 
-        This is window training (DESIGN 1.7, Fed-PLoRA arXiv 2602.16936 select-and-fold, FedRolex /
+        This is window training (docs/design.md#component-rule, Fed-PLoRA arXiv 2602.16936 select-and-fold, FedRolex /
         HeteroFL rotating windows): the k = len(indices) trainable slots of every module take the
         global's components `indices` (in ascending global index: slot i holds `get_components()[i]`),
         and the other components of `global_state_dict` stay in the model, frozen, so the client's
@@ -187,8 +189,6 @@ class HetLoRAModel(LoraModel):
             >>> model.drop_frozen()  # doctest: +SKIP
             ```
         """
-        from .federated.errors import RankError
-
         adapter_name = self._resolve_adapter(adapter_name)
         config = self.peft_config[adapter_name]
         if frozen not in FROZEN_MODES:
@@ -307,7 +307,8 @@ class HetLoRAModel(LoraModel):
         return state
 
     def tail_norm(self, adapter_name: str | None = None) -> torch.Tensor:
-        """sum_m ||B_m[:, t:k]||_F * ||A_m[t:k, :]||_F (DESIGN 1.3), differentiable, float32 scalar."""
+        """sum_m ||B_m[:, t:k]||_F * ||A_m[t:k, :]||_F (docs/design.md#self-pruning), differentiable, float32
+        scalar."""
         adapter_name = self._resolve_adapter(adapter_name)
         gamma = self.peft_config[adapter_name].prune_gamma
         terms = [layer.tail_norm(adapter_name, gamma) for _, layer in self.hetlora_layers(adapter_name)]

@@ -40,13 +40,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .federated.errors import HetLoRAError
 from .quantized_layers import quantized_backend
-
-
-class UnsupportedQuantizationError(HetLoRAError, ValueError):
-    """A quantised base (layer or mode) HetLoRA has no layer for; the message names the supported ones."""
-
+from .utils.errors import UnsupportedQuantizationError
 
 QuantizeMode = Literal["8bit", "4bit", "torchao-int8"]
 #: accepted values of `mode` (the ``--quantize`` choices)

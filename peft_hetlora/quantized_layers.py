@@ -43,6 +43,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .layer import HetLoRALinear
+from .utils.errors import UnsupportedQuantizationError
 
 #: backends whose HetLoRA layer exists, in dispatch order
 SUPPORTED_BACKENDS = ("bnb-8bit", "bnb-4bit", "torchao-int8")
@@ -65,9 +66,6 @@ _REFUSED_LAYER_MODULES = {
 
 
 def _unsupported(what: str) -> ValueError:
-    # imported here: `import peft_hetlora` (which imports this module) must not pull in peft_hetlora.federated
-    from .quantization import UnsupportedQuantizationError
-
     return UnsupportedQuantizationError(
         f"HetLoRA cannot adapt a {what} base layer. Supported quantised bases: bitsandbytes 8-bit "
         "(BitsAndBytesConfig(load_in_8bit=True)), bitsandbytes 4-bit (load_in_4bit=True) and torchao weight-only "

@@ -155,7 +155,7 @@ def np_upload(store: LocalStore, t: int, cid: str) -> tuple[dict[str, np.ndarray
 
 
 def expected_aggregate(method: str, uploads: dict, previous: dict[str, np.ndarray], r_max: int, scale: float):
-    """Independent numpy aggregation of {cid: (state, meta)} (per-client weights, DESIGN.md 1.4)."""
+    """Independent numpy aggregation of {cid: (state, meta)} (per-client weights, docs/design.md#aggregation)."""
     ids = sorted(uploads)
     norms, sizes, ranks = {}, {}, {}
     for cid in ids:

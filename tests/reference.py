@@ -1,4 +1,4 @@
-"""Independent numpy reference of the aggregation methods, written from DESIGN.md section 1.
+"""Independent numpy reference of the aggregation methods, written from docs/design.md#the-algorithm.
 
 Dense ``B @ A`` products, float64 and plain loops: nothing here calls peft_hetlora. Shared by the aggregation and
 Flower tests. Every function takes objects with ``client_id``, ``state_dict`` (tensors or arrays), ``rank`` and
@@ -196,7 +196,7 @@ def frob(dense: dict[str, np.ndarray]) -> float:
 
 def component_rule(updates, r_max: int, s: float, previous=None, data_weights=False, clip_norm=None,
                    cap_ratio: float | None = 10.0, per_module=False):
-    """The general component rule (DESIGN.md 1.7), one component at a time with explicit loops.
+    """The general component rule (docs/design.md#component-rule), one component at a time with explicit loops.
 
     Client k's slot i is global component indices_of(u)[i]; component j of the new global is
     sum_{k: j in I_k} w_k x_k[slot_k(j)] / sum_{k: j in I_k} w_k, w_k = S_k (dense ||s B A||_F of the clipped

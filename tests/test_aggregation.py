@@ -1,4 +1,4 @@
-"""Aggregation tests against an independent numpy reference written from DESIGN.md section 1.
+"""Aggregation tests against an independent numpy reference written from docs/design.md#the-algorithm.
 
 The reference below forms dense ``B @ A`` products and uses plain loops; the code under test never does.
 """
@@ -67,7 +67,7 @@ def make_updates(seed: int, ranks, num_examples=None, **kwargs) -> list[ClientUp
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Independent numpy reference (DESIGN.md 1.2 / 1.4 and the baselines)
+# Independent numpy reference (docs/design.md#aggregation, #methods)
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -432,7 +432,7 @@ def test_from_federation_refuses_a_budget_below_r_min(tmp_path):
         peft_hetlora.HetLoRAConfig.from_federation(store, rank=2)
 
 
-# ----------------------------------------------------------------------------- window clients (DESIGN 1.7)
+# ---------------------------------------------------------------------- window clients (docs/design.md#component-rule)
 def _publish_window(tmp_path, components, ranks=None, r_min=None, seed=21):
     """Global 0 at r_max=8 with every component non-zero; round.json assigns `components` per client."""
     from peft import get_peft_model_state_dict

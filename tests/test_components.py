@@ -1,4 +1,5 @@
-"""Component-indexed uploads (DESIGN.md 1.7): index checks, the general component rule and what every method does
+"""Component-indexed uploads (docs/design.md#component-rule): index checks, the general component rule and what every
+method does
 with a non-prefix index set, each against the independent numpy reference in tests/reference.py."""
 
 from __future__ import annotations

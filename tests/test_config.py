@@ -8,12 +8,17 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from peft import LoraConfig, PeftConfig, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import PeftType
 
 import peft_hetlora
 from peft_hetlora import HetLoRAConfig, HetLoRAModel
+from peft_hetlora.federated.errors import ConfigMismatchError
+from peft_hetlora.federated.federation import scaling_from_config
+from peft_hetlora.utils import CONFIG_FILE, FEDERATION_FILE, scaling_for
 
 try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
     from tiny_models import TwoLinear, one_thread_per_module  # noqa: F401  (autouse fixture)
@@ -45,6 +50,42 @@ def test_defaults():
 def test_scaling_is_rank_independent(kwargs, expected):
     for rank in (1, 4, 16):
         assert make(rank=rank, **kwargs).scaling == pytest.approx(expected)
+
+
+@given(alpha=st.floats(0.125, 512, allow_nan=False), r_max=st.integers(1, 4096), rslora=st.booleans())
+def test_one_scale_rule_for_the_tuner_and_the_server(alpha, r_max, rslora):
+    """The leaf's formula, the config's property and the server's reading of federation.json all equal the hand
+    formula alpha / r_max (rsLoRA: alpha / sqrt(r_max)) (docs/design.md#scale-rule)."""
+    rule = "rslora" if rslora else "fixed"
+    hand = alpha / (math.sqrt(r_max) if rslora else r_max)
+    assert scaling_for(alpha, r_max, rule) == pytest.approx(hand, rel=1e-12)
+    assert scaling_from_config({"lora_alpha": alpha, "rank_scaling": rule}, r_max) == pytest.approx(hand, rel=1e-12)
+    config = make(r=min(r_max, 64), lora_alpha=alpha, rank_scaling=rule)
+    assert config.scaling == pytest.approx(alpha / (math.sqrt(config.r) if rslora else config.r), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- from_federation
+def test_from_federation_reads_federation_json_and_keeps_local_choices(tmp_path):
+    adapter = {"r": 8, "lora_alpha": 16, "target_modules": ["lin0", "lin1"], "r_min": 2, "peft_type": "HETLORA",
+               "rank": 8, "inference_mode": True}
+    (tmp_path / FEDERATION_FILE).write_text(json.dumps({"adapter_config": adapter}))
+    config = HetLoRAConfig.from_federation(tmp_path, rank=3, prune_lambda=0.5)
+    assert (config.r, config.rank, config.r_min, config.lora_alpha) == (8, 3, 2, 16)
+    assert config.prune_lambda == 0.5 and config.inference_mode is False
+    assert sorted(config.target_modules) == ["lin0", "lin1"]
+    with pytest.raises(ConfigMismatchError, match="lora_alpha=32 contradicts"):
+        HetLoRAConfig.from_federation(tmp_path, rank=3, lora_alpha=32)
+    with pytest.raises(ValueError, match="r_min"):
+        HetLoRAConfig.from_federation(tmp_path, rank=1)  # below the federation's r_min=2
+
+
+def test_from_federation_reads_a_saved_global_adapter(tmp_path):
+    HetLoRAConfig(r=4, rank=4, lora_alpha=8, target_modules=["lin0"]).save_pretrained(str(tmp_path))
+    assert (tmp_path / CONFIG_FILE).is_file()
+    config = HetLoRAConfig.from_federation(tmp_path)
+    assert (config.r, config.rank, config.lora_alpha) == (4, 4, 8)
+    with pytest.raises(ConfigMismatchError, match="neither"):
+        HetLoRAConfig.from_federation(tmp_path / "missing")
 
 
 # ----------------------------------------------------------------------------- invalid values
@@ -147,6 +188,7 @@ def test_registration_is_idempotent():
     reloaded = importlib.reload(peft_hetlora)
     importlib.reload(peft_hetlora.registration)
     peft_hetlora.registration.register()
+    assert peft_hetlora.registration.HETLORA_PEFT_TYPE is peft_hetlora.HETLORA_PEFT_TYPE is before
     assert PeftType.HETLORA is before
     assert list(PeftType) == members and members.count(PeftType.HETLORA) == 1
     assert PeftType("HETLORA") is PeftType["HETLORA"] is PeftType.HETLORA

@@ -2,7 +2,7 @@
 
 Fake clients write random low-rank factors (safetensors + client.json) into a real `LocalStore`; the
 coordinator's injectable `sleep` is where they upload, and its `clock` is a counter, so nothing sleeps.
-Aggregates are checked against numpy computations straight from the formulas of DESIGN.md 1.4.
+Aggregates are checked against numpy computations straight from the formulas of docs/design.md#aggregation.
 """
 
 from __future__ import annotations

@@ -156,7 +156,8 @@ def strategy_for(n: int, ranks: dict[str, int], **kwargs) -> HetLoRAStrategy:
 
 
 def numpy_global(updates, method: str, previous=None):
-    """The new global and the client weights from the independent numpy reference (DESIGN.md 1.4, baselines)."""
+    """The new global and the client weights from the independent numpy reference (docs/design.md#aggregation,
+    #methods)."""
     s = 16 / R_MAX
     sizes = np.array([u.num_examples for u in updates], dtype=np.float64)
     if method == "hetlora":

@@ -1,4 +1,4 @@
-"""HetLoRA layer math against hand computations written here (numpy / the formulas of DESIGN.md 1).
+"""HetLoRA layer math against hand computations written here (numpy / the formulas of docs/design.md#the-algorithm).
 
 Every expected value is computed from the raw weights of the model, never with peft_hetlora helpers,
 so a wrong scale, a wrong slice, a wrong tail start or a wrong pruning rule makes these tests fail.

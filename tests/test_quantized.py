@@ -386,7 +386,7 @@ def test_smollm2_client_on_a_quantised_base_trains_prunes_uploads_and_reloads(mo
         torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=0, atol=1e-4)
 
 
-# ----------------------------------------------------------------------------- window training (DESIGN 1.7)
+# --------------------------------------------------------------------- window training (docs/design.md#component-rule)
 def _global_state(model: PeftModel, seed: int = 11) -> dict[str, torch.Tensor]:
     """A rank-8 global for the model's HetLoRA modules, every component non-zero."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
-"""Window training (DESIGN 1.7): a client trains a set I of global components, the rest of the global frozen.
+"""Window training (docs/design.md#component-rule): a client trains a set I of global components, the rest of the
+global frozen.
 
 Every expected value is computed here from the raw global factors with numpy (or with torch autograd
 on a hand-written formula), never with peft_hetlora helpers: a wrong slot, a lost frozen component,

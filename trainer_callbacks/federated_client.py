@@ -49,7 +49,7 @@ class FederatedClientCallback(HetLoRACallback):
     num_examples, train loss, tail norms, the global revision it started from). Add this callback
     *instead of* `HetLoRACallback`, not beside it.
 
-    Window training (DESIGN 1.7): when `round.json` carries `components: {client_id: [j, ...]}`, the
+    Window training (docs/design.md#component-rule): when `round.json` carries `components: {client_id: [j, ...]}`, the
     client trains exactly those global components (ascending global index, at most its budget: a
     longer window keeps its lowest indices) with the rest of the global frozen (`frozen="factors"`:
     buffers added in forward; `frozen="merged"`: merged into the base weights and subtracted at the

@@ -71,7 +71,7 @@ class HetLoRACallback(TrainerCallback):
     are a server choice (`method="zero_pad"` is HetLoRA without them).
 
     Args:
-        prune: apply the pruning rule at the end of the round (DESIGN 1.3).
+        prune: apply the pruning rule at the end of the round (docs/design.md#self-pruning).
         reset_optimizer: clear optimizer moments at the start of each `train()` call (fresh local round).
         nested: draw a random truncation per optimizer step; None follows the adapter's `nested` setting.
 

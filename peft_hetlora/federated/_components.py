@@ -1,6 +1,7 @@
 """The component view of a round's uploads, shared by the robust, DP and secure-sum aggregators.
 
-A *component* ``j`` of module ``m`` is row ``j`` of ``A_m`` together with column ``j`` of ``B_m`` (DESIGN.md 1.7).
+A *component* ``j`` of module ``m`` is row ``j`` of ``A_m`` together with column ``j`` of ``B_m``
+(docs/design.md#component-rule).
 A client with module rank ``r_km`` covers components ``0 .. r_km - 1`` of that module. This module validates a
 round's uploads once (same keys, same shapes, ranks within ``r_max``, finite values, unique ids) and exposes them
 as float64 factor matrices: ``A`` flattened to ``(r, d_in)``, ``B`` to ``(d_out, r)``.

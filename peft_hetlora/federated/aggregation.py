@@ -27,7 +27,8 @@ The global adapter lives at rank ``r_max`` and every client uses the same scale 
     component ``j`` is the sparsity-weighted average over only the clients whose module rank exceeds ``j``;
     components no client covers keep their ``previous`` global value (RBLA, arXiv 2408.08699).
 ``component`` / ``component_data``
-    the general component rule (DESIGN.md 1.7) for component-indexed uploads (``ClientUpdate.components``):
+    the general component rule (docs/design.md#component-rule) for component-indexed uploads
+    (``ClientUpdate.components``):
     component ``j`` is the weighted average (sparsity / data-size weights) over the clients that trained ``j``;
     untrained components keep ``previous``. ``rankwise`` is its prefix case; ``hetlora`` / ``zero_pad`` scatter an
     indexed upload to its indices and zero-pad the rest; ``flexlora_held`` counts the rest at its previous value;

@@ -1,6 +1,7 @@
 """Which components of the global adapter each client trains in a round: ``prefix``, ``rolling``, ``coverage``.
 
-A client with budget ``k`` trains ``k`` of the ``r_max`` global components (DESIGN.md 1.7) and uploads them with
+A client with budget ``k`` trains ``k`` of the ``r_max`` global components (docs/design.md#component-rule) and uploads
+them with
 their indices (``ClientUpdate.components``); outside its set it keeps the global's components frozen. These are pure
 functions of the round's sampled clients and their budgets, so the server (or every client, given the same inputs)
 computes the same assignment.

@@ -1,4 +1,5 @@
-"""Component index sets: which components of the global adapter a client trained and uploaded (DESIGN.md 1.7).
+"""Component index sets: which components of the global adapter a client trained and uploaded
+(docs/design.md#component-rule).
 
 Component ``j`` of a module is row ``j`` of the global ``A`` together with column ``j`` of the global ``B``. A client
 that trains the index set ``I_k`` uploads its factors in *slot order*: uploaded row ``i`` of ``A`` (column ``i`` of

@@ -113,7 +113,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
             sent), participants are drawn by Poisson sampling at `dp.sampling_rate`, summaries record `privacy`
             and leave out per-client norms. Needs method rankwise, zero_pad or fedavg (docs/privacy.md).
         dp_noise_seed: derive the DP noise from `seed` (reproducible tests only: a known seed voids the privacy).
-        component_selection: which global components each participant trains (DESIGN.md 1.7,
+        component_selection: which global components each participant trains (docs/design.md#component-rule,
             `component_selection.select_components`): "prefix" (default, HetLoRA), "rolling" (FedRolex-style
             windows) or "coverage" (every component trained by as many clients as possible). A window policy writes
             `components: {client_id: [j, ...]}` into round.json and needs a method that accepts component-indexed

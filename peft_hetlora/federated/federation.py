@@ -13,12 +13,12 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from ..utils.scaling import scaling_for
 from .errors import CoordinatorError, FederationMismatch
 from .keys import module_ranks
 from .privacy import DPConfig, dp_config_from_dict
@@ -65,10 +65,7 @@ def scaling_from_config(adapter_config: Mapping[str, Any], r_max: int) -> float:
         2.0
         ```
     """
-    alpha = float(adapter_config.get("lora_alpha", 8))
-    if adapter_config.get("rank_scaling", "fixed") == "rslora":
-        return alpha / math.sqrt(r_max)
-    return alpha / r_max
+    return scaling_for(float(adapter_config.get("lora_alpha", 8)), r_max, adapter_config.get("rank_scaling", "fixed"))
 
 
 def global_adapter_config(adapter_config: Mapping[str, Any], *, r_max: int, r_min: int) -> dict:

@@ -1,4 +1,5 @@
-"""Bounded influence: clip each client factor's difference from the factors it was sent (DESIGN.md 1.8).
+"""Bounded influence: clip each client factor's difference from the factors it was sent
+(docs/design.md#bounded-influence).
 
 Because ``A`` and ``B`` are averaged separately, a bound on ``||s B_k A_k||`` alone bounds nothing (``A x 1e-6``,
 ``B x 1e6`` has an honest product). Here each factor is clipped on its own, around ``A0_k = truncate(previous, r_k)``

@@ -1,7 +1,8 @@
 """Client-level differential privacy for heterogeneous-rank LoRA: clip per component set, Gaussian noise, accounting.
 
 DP-FedAvg (McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models", ICLR 2018,
-arXiv 1710.06963) adapted to components (DESIGN.md 1.7, 1.8). Per round, with ``theta`` the global the clients were
+arXiv 1710.06963) adapted to components (docs/design.md#component-rule, #bounded-influence). Per round, with ``theta``
+the global the clients were
 sent (``previous``) and public weights ``w_k in [0, 1]`` (uniform ``1`` by default):
 
 1. Each client's *contribution* is its change relative to that global, over the components it trained:
@@ -11,7 +12,7 @@ sent (``previous``) and public weights ``w_k in [0, 1]`` (uniform ``1`` by defau
    a client did not train towards zero, and that pull counts against its clip).
 2. Clip the whole contribution, factors *and* extras together, to L2 norm ``C``:
    ``Delta_k <- Delta_k * min(1, C / ||Delta_k||_2)``. The clip is on the factors themselves, so unbalanced factors
-   (``A x 1e-6``, ``B x 1e6``) are clipped where they are big: nothing bypasses it (DESIGN.md 1.8).
+   (``A x 1e-6``, ``B x 1e6``) are clipped where they are big: nothing bypasses it (docs/design.md#bounded-influence).
 3. Sum ``S = sum_k w_k Delta_k`` per component; one client changes ``S`` by at most ``C`` in L2 (add/remove
    adjacency), so central DP adds ``N(0, (sigma C)^2)`` to every coordinate of every component (covered or not:
    coverage is private too) and of every extra.

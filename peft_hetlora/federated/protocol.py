@@ -76,7 +76,7 @@ __all__ = [
     "weighted_mean",
 ]
 
-# The file names of the layout (DESIGN.md 4), shared by every store and engine.
+# The file names of the layout (docs/design.md#store-layout), shared by every store and engine.
 FEDERATION_FILE = "federation.json"
 ROUND_FILE = "round.json"
 SUMMARY_FILE = "summary.json"

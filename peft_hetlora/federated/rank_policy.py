@@ -1,6 +1,7 @@
 """Initial client ranks (uniform, explicit, constant, device budget, tiers) and per-round client sampling.
 
-A HetLoRA federation gives every client a rank r_k in [r_min, r_max] (DESIGN.md 1.5). The policies here
+A HetLoRA federation gives every client a rank r_k in [r_min, r_max] (docs/design.md#rank-assignment). The policies
+here
 decide the *initial* ranks; after that, a client's rank follows what it reports after self-pruning.
 
 Example:

@@ -2,7 +2,8 @@
 
 Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates"
 (ICML 2018, arXiv 1803.01498) define the coordinate-wise median and the coordinate-wise beta-trimmed mean. Here they
-run **per component** (DESIGN.md 1.7): coordinate ``(j, i)`` of ``A_m`` (row ``j``) and ``(o, j)`` of ``B_m``
+run **per component** (docs/design.md#component-rule): coordinate ``(j, i)`` of ``A_m`` (row ``j``) and ``(o, j)`` of
+``B_m``
 (column ``j``) are aggregated over only the clients that trained component ``j`` of module ``m``, i.e. whose module
 rank exceeds ``j``. Components no client covers (or fewer than ``min_clients``) keep their ``previous`` value.
 

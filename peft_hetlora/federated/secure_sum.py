@@ -73,7 +73,8 @@ __all__ = [
 ]
 
 SECURE_SUM_METHODS: tuple[str, ...] = ("hetlora", "rankwise", "component", "zero_pad", "fedavg")
-"""Methods expressible as sums; ``component`` is the rankwise rule with explicit component indices (DESIGN 1.7)."""
+"""Methods expressible as sums; ``component`` is the rankwise rule with explicit component indices
+(docs/design.md#component-rule)."""
 
 LEVELS: tuple[str, ...] = ("sparsity", "data_size", "uniform")
 """Weighting levels, best first (the aggregator's fallback order)."""

@@ -26,7 +26,8 @@ class ClientUpdate:
         rank: the rank the client reports (``rank_out`` of its ``client.json``); no module may exceed it.
         num_examples: local examples behind the update (the data-size weight ``n_k``); ``0`` is allowed.
         metadata: free-form extras (loss, tail norms, ...); not used by the aggregation.
-        components: the global component index of each uploaded slot, per client (DESIGN.md 1.7): uploaded row ``i``
+        components: the global component index of each uploaded slot, per client (docs/design.md#component-rule):
+        uploaded row ``i``
             of every module's ``A`` (column ``i`` of ``B``) is global component ``components[i]``. Its length is the
             declared ``rank``; a module with a lower rank ``r_km`` (it self-pruned further) holds the first ``r_km``
             slots, ``components[:r_km]``. ``None`` (default) is the prefix ``range(rank)``, the HetLoRA / RBLA case,

@@ -283,7 +283,8 @@ def validate_client_json(
 ) -> dict:
     """Check the fields of a parsed client.json; returns it (a dict) or raises `RejectedUpload`.
 
-    The optional ``components`` field (a window client's global index of each uploaded slot, DESIGN.md 1.7) must
+    The optional ``components`` field (a window client's global index of each uploaded slot,
+    docs/design.md#component-rule) must
     pass `components.check_components` with budget ``rank_in`` and, when the round assigned components
     (``assigned_components``; else the prefix ``range(assigned_rank)``), only those; its length must equal
     ``rank_out``. A client the round assigned a window (not a prefix) must report ``components``.

@@ -223,7 +223,8 @@ def train_local_round(
         rank: this client's rank for the round.
         training: local steps, batch size, learning rate, ... (default `LocalTrainingConfig()`).
         seed: Trainer seed (weights of new parts, data order); same seed, same round.
-        components: a window (DESIGN.md 1.7): train exactly these global components of the whole ``global_state``
+        components: a window (docs/design.md#component-rule): train exactly these global components of the whole
+        ``global_state``
             with the other components frozen as factors (`HetLoRAModel.set_components`); ``rank`` must be
             ``len(components)``. ``extra["components"]`` then holds the global index of each uploaded slot.
 

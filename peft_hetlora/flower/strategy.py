@@ -109,7 +109,8 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         dp: a `peft_hetlora.federated.privacy.DPConfig`: rounds are aggregated with ``dp_aggregate`` (previous = the
             global sent), clients are Poisson-sampled at ``dp.sampling_rate``, summaries record ``privacy``.
         dp_noise_seed: derive the DP noise from ``seed`` (reproducible tests only).
-        component_selection: which global components each sampled client trains (DESIGN.md 1.7): ``"prefix"``
+        component_selection: which global components each sampled client trains (docs/design.md#component-rule):
+        ``"prefix"``
             (HetLoRA: the global truncated to its rank; the default when ``method`` is given or with ``dp``),
             ``"rolling"`` or ``"coverage"`` (the default when no method is given; a window: the
             client receives the whole global and ``components`` in its ConfigRecord, trains those components with the

@@ -6,7 +6,7 @@ attackers; after their honest local round they replace the factors they upload b
 - ``"scale"``: ``B <- s * B`` (their delta W scaled by ``s``),
 - ``"sign_flip"``: ``B <- -s * B`` (their delta W reversed and scaled),
 - ``"unbalanced"``: ``B <- s * B``, ``A <- A / s`` (their delta W unchanged, so a clip on ``||B A||``
-  passes it, but averaging A and B separately moves the global by the huge B; DESIGN.md 1.8).
+  passes it, but averaging A and B separately moves the global by the huge B; docs/design.md#bounded-influence).
 
 Example:
     ```py

@@ -142,7 +142,7 @@ HELD = "held"
 def held_rank(spec: dict[str, Any], r_arm: int, client_rank: int) -> int:
     """How many components of the global a client downloads and serves: its own rank under the prefix rules
     (HetLoRA, RBLA, FlexLoRA), all ``r_arm`` in a window arm, where the components outside its window stay frozen
-    in its model (DESIGN 1.7)."""
+    in its model (docs/design.md#component-rule)."""
     return r_arm if spec.get("selection", "prefix") != "prefix" else client_rank
 
 

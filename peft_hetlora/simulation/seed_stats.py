@@ -1,6 +1,7 @@
 """Multi-seed evidence: mean ± std per method and per-seed paired differences to a reference method.
 
-The held-out owners differ per seed and move perplexity more than the methods do (DESIGN §8), so methods are
+The held-out owners differ per seed and move perplexity more than the methods do
+(docs/design.md#evaluating-the-claim), so methods are
 compared *paired per seed*: for every seed s, ``d_s = final_ppl(method, s) - final_ppl(reference, s)``; the
 report gives the mean and sample std (ddof=1) of d over seeds and the *wins*, the seeds where ``d_s < 0``
 (the method ends with a lower held-out perplexity than the reference on the same owners, data and sampling).

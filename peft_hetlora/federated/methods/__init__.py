@@ -2,7 +2,8 @@
 
 Built-ins: ``hetlora`` (arXiv 2401.06432), ``zero_pad``, ``fedavg`` (arXiv 1602.05629), ``flexlora``
 (arXiv 2402.11505), ``rankwise`` (RBLA, arXiv 2408.08699), ``component`` / ``component_data`` (the general
-component rule of DESIGN.md 1.7 for component-indexed uploads), ``component_fedavg`` (the same placement with
+component rule of docs/design.md#component-rule for component-indexed uploads), ``component_fedavg`` (the same
+placement with
 FedAvg's step), ``flexlora_held`` (FlexLoRA over the adapters clients held, frozen rest included). See
 docs/aggregation.md.
 """

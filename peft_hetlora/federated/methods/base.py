@@ -59,7 +59,7 @@ class AggregationMethod:
       and override only :meth:`combine`, which gets every client's factors zero-padded to ``r_max`` (float32,
       CPU) and their weights; the aggregator keeps the clients' factors in memory for them.
     * Dense extras (``modules_to_save``) are always the weighted mean; a method does not see them.
-    * **Component-indexed uploads** (DESIGN.md 1.7): a client may upload a non-prefix set of components
+    * **Component-indexed uploads** (docs/design.md#component-rule): a client may upload a non-prefix set of components
       (``ClientUpdate.components``). Only methods with ``accepts_components = True`` receive them: their
       accumulator's ``add`` gets the keyword ``components=`` (the indices of the uploaded slots, already checked:
       unique, ``< r_max``); the aggregator refuses such uploads for every other method with a message naming the
@@ -152,7 +152,8 @@ class PaddedSum:
     ``den[j]`` is the total weight of component ``j`` at level ``level[j]``. A client at a better level than a
     component's current level resets that component (every earlier contribution had weight 0 at the better level).
     With ``covered_only`` a client's weight enters the denominator of its own components only (``rankwise`` /
-    ``component``: the general component rule of DESIGN.md 1.7), else of all ``r_max`` components (zero padding).
+    ``component``: the general component rule of docs/design.md#component-rule), else of all ``r_max`` components
+    (zero padding).
     A client's own components are ``[0, r_k)``, or ``components[:r_k]`` for a component-indexed upload, whose slots
     are scattered to those indices (``hetlora`` / ``zero_pad``: scatter, then zero-pad the rest).
     With ``pad_previous`` (and ``covered_only=False``) a client that did not train a component counts as having left

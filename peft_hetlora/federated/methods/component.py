@@ -1,4 +1,5 @@
-"""``component`` / ``component_data``: the general component rule of DESIGN.md 1.7 for component-indexed uploads.
+"""``component`` / ``component_data``: the general component rule of docs/design.md#component-rule for
+component-indexed uploads.
 
 Component ``j`` of the new global is the weighted average of component ``j`` over the clients whose index set
 ``I_k`` contains ``j``; components no client trained keep their previous global value. With prefix index sets this

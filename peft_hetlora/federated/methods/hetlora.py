@@ -1,4 +1,4 @@
-"""``hetlora``: zero-padding with sparsity weights (Cho et al., arXiv 2401.06432, DESIGN.md 1.4)."""
+"""``hetlora``: zero-padding with sparsity weights (Cho et al., arXiv 2401.06432, docs/design.md#aggregation)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ class RankWise(AggregationMethod):
     """Component ``j`` is the sparsity-weighted average over only the clients whose module rank exceeds ``j``.
 
     Components no client covers keep their ``previous`` global value (zeros without one). Prior art: RBLA,
-    "Rank-Based LoRA Aggregation", arXiv 2408.08699; the prefix case of the general component rule of DESIGN.md
-    1.7. Given component-indexed uploads it applies that rule (a client covers its ``components``), exactly as
+    "Rank-Based LoRA Aggregation", arXiv 2408.08699; the prefix case of the general component rule of
+    docs/design.md#component-rule. Given component-indexed uploads it applies that rule (a client covers its
+    ``components``), exactly as
     ``component`` does.
 
     Example:
