@@ -305,25 +305,6 @@ def plot_perplexity(seeds, out_dir: Path, summaries) -> list[Path]:
     return paths
 
 
-def mean_rank_per_round(method_metrics: Mapping[str, Any]) -> tuple[list[Any], list[float]]:
-    """(rounds, mean rank) of one method: per evaluated round, the mean over every client of the rank the
-    federation holds for it (its next rank: self-pruning lowers it, the tiers set it). Rounds without ranks are
-    left out.
-
-    Example:
-        >>> mean_rank_per_round({"rounds": [{"round": 0, "ranks": {"a": 2, "b": 16}},
-        ...                                 {"round": 1, "ranks": {"a": 2, "b": 12}}]})
-        ([0, 1], [9.0, 7.0])
-    """
-    rounds, means = [], []
-    for row in _rounds(method_metrics):
-        values = _rank_values(row.get("ranks"))
-        if values:
-            rounds.append(row.get("round"))
-            means.append(float(np.mean(values)))
-    return rounds, means
-
-
 def plot_ranks(seeds, out_dir: Path) -> Path | None:
     """``ranks.png``: per heterogeneous method (first seed), the mean client rank at the start and at the end, and
     how many clients self-pruning shrank, one row per method, with the homogeneous arms' ranks as references.
@@ -404,6 +385,7 @@ def write_report(
     seeds: Sequence[Any] | None = None,
     plots: bool = True,
     reference: str | None = None,
+    resources: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``report.md``, ``metrics.json`` and the PNG plots into ``out_dir``; return the report's path.
 
@@ -415,6 +397,7 @@ def write_report(
         seeds: labels of the seeds, for ``metrics.json`` (default 0, 1, ...).
         reference: with several seeds, the method the others are paired with per seed (default
             ``homlora_rmax`` or the first method; see :mod:`peft_hetlora.simulation.seed_stats`).
+        resources: what the run cost (``wall_s``, ``cpu_s``, ...), stored as ``resources`` in ``metrics.json``.
 
     Example:
         >>> write_report({"hetlora": {"rounds": [{"round": 1, "heldout_ppl": 60.6, "upload_bytes": 3e6}]}},
@@ -488,6 +471,8 @@ def write_report(
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
     payload: dict[str, Any] = {"title": title, "target_method": first["target_method"]}
+    if resources is not None:
+        payload["resources"] = dict(resources)
     if len(seed_metrics) == 1:
         payload.update(summary=summaries[0], metrics=seed_metrics[0])
     else:
