@@ -15,9 +15,9 @@ Tiny models: :data:`TINY_MODEL_SITES` are the places where a page loads the real
 runner replaces them with a tiny random model's folder, the one substitution for every page. Everything else runs
 as written.
 
-Run one page by hand (in an empty folder, with the tiny model folder of your choice)::
+Run pages by hand (with the tiny model folder of your choice; each page runs in its own folder under WORK)::
 
-    python -m tests.doc_snippets docs/privacy.md /tmp/tiny-llama
+    python -m tests.doc_snippets /tmp/tiny-llama /tmp/work docs/privacy.md docs/methods.md
 """
 
 from __future__ import annotations
@@ -134,6 +134,32 @@ def run_page(page: str | Path, model_dir: str | Path) -> dict:
     return run_blocks(runnable, tiny_model_replacements(model_dir))
 
 
+def run_pages(pages: list[str | Path], model_dir: str | Path, work: str | Path) -> dict[str, str | None]:
+    """Run each page as :func:`run_page` does, each from its own empty folder under `work` with its own namespace
+    and environment (restored afterwards); {page name: None if it ran, else the error and its traceback}."""
+    import traceback
+
+    results: dict[str, str | None] = {}
+    home, environ = Path.cwd(), dict(os.environ)
+    for page in map(Path, pages):
+        folder = Path(work) / page.stem
+        folder.mkdir(parents=True)
+        os.chdir(folder)
+        try:
+            run_page(page, model_dir)
+            results[page.name] = None
+        except BaseException:  # noqa: BLE001  (a page's failure is reported, the next page still runs)
+            results[page.name] = traceback.format_exc()[-6000:]
+        finally:
+            os.chdir(home)
+            os.environ.clear()
+            os.environ.update(environ)
+    return results
+
+
 if __name__ == "__main__":
-    run_page(Path(sys.argv[1]).resolve(), sys.argv[2])
-    print("DOC-SNIPPETS-OK")
+    # python -m tests.doc_snippets MODEL_DIR WORK_DIR PAGE...  -> one JSON line: {page: null | error}
+    import json
+
+    outcome = run_pages(sys.argv[3:], sys.argv[1], sys.argv[2])
+    print("DOC-SNIPPETS " + json.dumps(outcome))
