@@ -87,3 +87,17 @@ def test_shipped_table_has_every_measured_base_and_grows_with_rank():
                 medians[p.method][p.rank] = p.peak_bytes
         for rank in (2, 8, 16):
             assert medians["hetlora"][rank] <= 1.05 * medians["lora"][rank]
+
+
+def test_a_budget_that_fits_nothing_suggests_only_a_lighter_base_than_the_one_set():
+    def advice(quantize):
+        table = DeviceMemoryTable()
+        for rank, peak in ((1, 1000), (5, 1400)):
+            table.add("m", quantize, rank, peak)
+        with pytest.raises(RankError) as info:
+            table.rank_for_budget(500, model="m", quantize=quantize, r_min=1, r_max=16)
+        return str(info.value)
+
+    assert "--memory-quantize 8bit / 4bit" in advice("float32")
+    assert "--memory-quantize 4bit" in advice("8bit") and "8bit /" not in advice("8bit")
+    assert "quantize" not in advice("4bit").split("(4bit)")[1] and "smaller batch" in advice("4bit")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.doc_snippets import code_blocks, run_blocks
+from tests.doc_snippets import blocks, code_blocks, run_page
 from tests.tiny_models import tiny_llama
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -15,6 +15,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_starts_with_the_two_setup_commands():
     language, code = code_blocks(README)[0]
     assert language == "bash" and code.split() == "bash scripts/run_main.sh bash scripts/run_tests.sh".split()
+    assert blocks(README)[0].not_run  # the set-up is CI's own step, not part of the snippet run
 
 
 def test_readme_snippets_run_in_order(tmp_path, monkeypatch):
@@ -23,9 +24,9 @@ def test_readme_snippets_run_in_order(tmp_path, monkeypatch):
     base = tmp_path / "base"
     tiny_llama().save_pretrained(base)
     monkeypatch.chdir(tmp_path)
-    blocks = code_blocks(README)[1:]  # after the set-up commands
-    assert [lang for lang, _ in blocks if lang in ("python", "bash")][:4] == ["bash", "python", "bash", "python"]
-    namespace = run_blocks(blocks, {"smollm2-135m": str(base)})
+    runnable = [block.language for block in blocks(README) if block.runs]
+    assert runnable[:4] == ["bash", "python", "bash", "python"]  # init, clients, coordinate, export
+    namespace = run_page(README, base)  # every block but the marked set-up commands, on the tiny model
 
     store = LocalStore(tmp_path / "fed")
     assert store.latest_global().round == 1  # both uploads were accepted and aggregated

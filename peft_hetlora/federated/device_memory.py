@@ -201,10 +201,11 @@ class DeviceMemoryTable:
         if not fitting:
             needed = round(intercept + slope * r_min)
             who = f"Client {client_id!r}: " if client_id is not None else ""
+            lighter = {"float32": "8bit / 4bit", "8bit": "4bit"}.get(str(quantize))
+            base_hint = f"a lighter base (--memory-quantize {lighter}), " if lighter else ""
             raise RankError(
                 f"{who}a budget of {int(budget_bytes):,} bytes fits no rank >= r_min={r_min} on {model} ({quantize}); "
-                f"a local round needs about {needed:,} bytes. Use a quantised base (--quantize 8bit / 4bit), a "
-                "smaller batch, or leave the client out."
+                f"a local round needs about {needed:,} bytes. Use {base_hint}a smaller batch, or leave the client out."
             )
         return max(fitting)
 

@@ -183,6 +183,51 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 
     return fig, axes
 
 
+#: line colours: matplotlib's ten "tab" colours, then three more that none of them resembles
+_COLOURS = (
+    "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+    "tab:olive", "tab:cyan", "black", "gold", "navy",
+)
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
+
+
+def method_styles(methods: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Each method's own colour, line style and marker, in the order given (the same in every plot of a report).
+
+    Methods ``i`` and ``j`` differ in colour while both are below 13, and in (colour, line style) while both are
+    below 52, so the eleven arms of the main job are told apart by colour alone and again by line style.
+
+    Example:
+        >>> styles = method_styles(["flexlora_held", "flexlora", "centralized"])
+        >>> styles["flexlora_held"]
+        {'color': 'tab:blue', 'linestyle': '-', 'marker': 'o'}
+        >>> styles["centralized"]["color"] != styles["flexlora_held"]["color"]
+        True
+    """
+    return {
+        method: {
+            "color": _COLOURS[i % len(_COLOURS)],
+            "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+            "marker": _MARKERS[i % len(_MARKERS)],
+        }
+        for i, method in enumerate(methods)
+    }
+
+
+def _legend_below(fig, axes, ncols: int = 4) -> None:
+    """One legend for the figure, below its axes (never over the data); duplicate labels shown once."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(
+            list(entries.values()), list(entries), loc="outside lower center", ncols=min(ncols, len(entries)),
+            fontsize=8, frameon=False,
+        )
+
+
 def _curve(seeds: list[Mapping[str, Mapping[str, Any]]], method: str, x_key: str, y_key: str):
     """Mean / std of y (and mean of x) per round over the seeds that ran ``method``."""
     per_round: dict[Any, tuple[list[float], list[float]]] = {}
@@ -205,13 +250,14 @@ def _curve(seeds: list[Mapping[str, Mapping[str, Any]]], method: str, x_key: str
 
 
 def _plot_lines(ax, seeds, methods, labels, x_key, y_key, x_scale=1.0):
+    styles = method_styles(methods)
     for method in methods:
         x, y, s = _curve(seeds, method, x_key, y_key)
         if len(x) == 0:
             continue
-        line = ax.plot(x / x_scale, y, marker="o", markersize=3, label=labels[method])[0]
+        ax.plot(x / x_scale, y, markersize=4, linewidth=1.4, label=labels[method], **styles[method])
         if np.any(s > 0):
-            ax.fill_between(x / x_scale, y - s, y + s, alpha=0.2, color=line.get_color())
+            ax.fill_between(x / x_scale, y - s, y + s, alpha=0.15, color=styles[method]["color"])
 
 
 def plot_perplexity(seeds, out_dir: Path, summaries) -> list[Path]:
@@ -225,7 +271,7 @@ def plot_perplexity(seeds, out_dir: Path, summaries) -> list[Path]:
         not math.isnan(_num(r.get("client_val_ppl"))) for m in seeds for mm in m.values() for r in mm.get("rounds", [])
     )
     paths = []
-    fig, axes = _figure(ncols=2 if has_val else 1)
+    fig, axes = _figure(ncols=2 if has_val else 1, height=5.2)
     ax = axes[0][0]
     _plot_lines(ax, seeds, methods, labels, "round", "heldout_ppl")
     if t_n:
@@ -233,18 +279,17 @@ def plot_perplexity(seeds, out_dir: Path, summaries) -> list[Path]:
     ax.set(xlabel="round", ylabel="held-out perplexity (unseen clients)", title="Held-out perplexity")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     if has_val:
         ax2 = axes[0][1]
         _plot_lines(ax2, seeds, methods, labels, "round", "client_val_ppl")
         ax2.set(xlabel="round", ylabel="client validation perplexity", title="Participants' local validation")
         ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=8)
+    _legend_below(fig, axes[0], ncols=6 if has_val else 3)
     paths.append(out_dir / "ppl_vs_round.png")
     fig.savefig(paths[-1], dpi=120)
 
-    fig, axes = _figure()
+    fig, axes = _figure(height=5.2)
     ax = axes[0][0]
     _plot_lines(ax, seeds, methods, labels, "cum_upload_bytes", "heldout_ppl", x_scale=1e6)
     equal, _, e_n = _mean_std([s["equal_upload_bytes"] for s in summaries])
@@ -254,46 +299,62 @@ def plot_perplexity(seeds, out_dir: Path, summaries) -> list[Path]:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1)
     ax.set(xlabel="cumulative client upload (MB)", ylabel="held-out perplexity", title="Perplexity per uploaded byte")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_below(fig, axes[0], ncols=3)
     paths.append(out_dir / "ppl_vs_upload.png")
     fig.savefig(paths[-1], dpi=120)
     return paths
 
 
 def plot_ranks(seeds, out_dir: Path) -> Path | None:
-    """``ranks.png``: per heterogeneous method, the participants' ranks per round (first seed): every client as a
-    dot, the mean as a line, the min–max range shaded. ``None`` when no method is heterogeneous."""
+    """``ranks.png``: per heterogeneous method (first seed), the mean client rank at the start and at the end, and
+    how many clients self-pruning shrank, one row per method, with the homogeneous arms' ranks as references.
+
+    A per-round line per method hid most methods under each other (the tiers fix the ranks and pruning moves
+    them little), and a cloud of dots per method answered nothing; one row per method answers what the reader
+    asks of ranks: which methods shrink the clients' ranks, by how much, and where their capacity sits between
+    HomLoRA(r_min) and HomLoRA(r_max). Per-client ranks per round stay in ``metrics.json``. ``None`` when no
+    method is heterogeneous.
+    """
     from matplotlib.ticker import MaxNLocator
 
     metrics = seeds[0]
+    methods = list(metrics)
     hetero = [
         m
-        for m in metrics
+        for m in methods
         if homogeneous_rank(metrics[m]) is None
         and any(_rank_values(r.get("ranks")) for r in metrics[m].get("rounds", []))
     ]
     if not hetero:
         return None
-    fig, axes = _figure(ncols=min(3, len(hetero)), nrows=math.ceil(len(hetero) / 3), width=5.0, height=3.6)
-    flat = [a for row in axes for a in row]
-    for ax, method in zip(flat, hetero):
-        rounds = [r for r in _rounds(metrics[method]) if _rank_values(r.get("ranks"))]
-        xs = [r.get("round") for r in rounds]
-        values = [_rank_values(r.get("ranks")) for r in rounds]
-        for x, v in zip(xs, values):
-            jitter = np.linspace(-0.15, 0.15, len(v)) if len(v) > 1 else np.zeros(1)
-            ax.scatter(np.full(len(v), x, dtype=float) + jitter, v, s=8, alpha=0.4, color="tab:blue")
-        ax.plot(xs, [np.mean(v) for v in values], color="tab:red", label="mean")
-        ax.fill_between(
-            xs, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color="tab:red", label="min–max"
-        )
-        ax.set(xlabel="round", ylabel="client rank", title=metrics[method].get("label", method))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in flat[len(hetero) :]:
-        ax.set_axis_off()
+    styles = method_styles(methods)
+    fig, axes = _figure(height=1.6 + 0.42 * len(hetero))
+    ax = axes[0][0]
+    for row, method in enumerate(reversed(hetero)):
+        ranked = [r.get("ranks") for r in _rounds(metrics[method]) if _rank_values(r.get("ranks"))]
+        first, last = ranked[0], ranked[-1]
+        start_mean, end_mean = float(np.mean(_rank_values(first))), float(np.mean(_rank_values(last)))
+        shrunk = sum(1 for c, v in last.items() if c in first and v < first[c])
+        colour = styles[method]["color"]
+        ax.plot([start_mean, end_mean], [row, row], color=colour, linewidth=2)
+        ax.plot(start_mean, row, marker="o", markerfacecolor="white", markeredgecolor=colour, linestyle="none")
+        ax.plot(end_mean, row, marker=styles[method]["marker"], color=colour, linestyle="none")
+        ax.annotate(f"{start_mean:.2f} -> {end_mean:.2f}, {shrunk} of {len(last)} clients pruned",
+                    (max(start_mean, end_mean), row), xytext=(8, 0), textcoords="offset points", va="center",
+                    fontsize=8)
+    ax.set_yticks(range(len(hetero)), [metrics[m].get("label", m) for m in reversed(hetero)])
+    ax.set_ylim(-0.7, len(hetero) - 0.3)
+    for rank in sorted({homogeneous_rank(metrics[m]) for m in methods} - {None}):
+        ax.axvline(rank, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(f"HomLoRA r={rank}", (rank, len(hetero) - 0.3), rotation=90, fontsize=7, va="top", ha="right",
+                    color="grey")
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, hi + 0.45 * (hi - lo))  # room for the annotations
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    rounds = _rounds(metrics[hetero[0]])
+    ax.set(xlabel=f"mean client rank: round {rounds[0].get('round')} (open circle) -> round {rounds[-1].get('round')}",
+           title="Client ranks: what self-pruning took away")
+    ax.grid(alpha=0.3, axis="x")
     path = out_dir / "ranks.png"
     fig.savefig(path, dpi=120)
     return path
@@ -324,6 +385,7 @@ def write_report(
     seeds: Sequence[Any] | None = None,
     plots: bool = True,
     reference: str | None = None,
+    resources: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``report.md``, ``metrics.json`` and the PNG plots into ``out_dir``; return the report's path.
 
@@ -335,6 +397,7 @@ def write_report(
         seeds: labels of the seeds, for ``metrics.json`` (default 0, 1, ...).
         reference: with several seeds, the method the others are paired with per seed (default
             ``homlora_rmax`` or the first method; see :mod:`peft_hetlora.simulation.seed_stats`).
+        resources: what the run cost (``wall_s``, ``cpu_s``, ...), stored as ``resources`` in ``metrics.json``.
 
     Example:
         >>> write_report({"hetlora": {"rounds": [{"round": 1, "heldout_ppl": 60.6, "upload_bytes": 3e6}]}},
@@ -408,6 +471,8 @@ def write_report(
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
     payload: dict[str, Any] = {"title": title, "target_method": first["target_method"]}
+    if resources is not None:
+        payload["resources"] = dict(resources)
     if len(seed_metrics) == 1:
         payload.update(summary=summaries[0], metrics=seed_metrics[0])
     else:

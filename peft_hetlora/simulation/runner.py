@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +51,94 @@ logger = logging.getLogger(__name__)
 
 class RunFolderMismatch(ValueError):
     """The run folder holds a run of different settings."""
+
+
+# ----------------------------------------------------------------------------- progress
+def format_duration(seconds: float) -> str:
+    """``1h02m``, ``4m05s`` or ``37s``.
+
+    Example:
+        >>> format_duration(3725), format_duration(245), format_duration(37.4)
+        ('1h02m', '4m05s', '37s')
+    """
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its children that have finished, in seconds.
+
+    Example:
+        >>> cpu_seconds() > 0
+        True
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover  (not Unix)
+        return time.process_time()
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class RunProgress:
+    """The whole run's progress: "arm k of N", the elapsed time and an ETA from the rounds finished so far.
+
+    One line per arm on `stream` (default stderr) when the arm starts, so a log gets N lines; the per-arm progress
+    bars (a terminal only) show the same status. The ETA is the mean time of the rounds this invocation trained
+    times the rounds left (rounds a killed run already finished are neither re-run nor counted in the mean).
+
+    Example:
+        >>> import io
+        >>> clock = iter([0.0, 0.0, 0.0, 60.0, 60.0]).__next__  # a fake clock, for the example
+        >>> progress = RunProgress(arms=2, rounds_per_arm=3, stream=io.StringIO(), clock=clock)
+        >>> progress.start_arm("hetlora (seed 0)")
+        >>> progress.round_done()
+        >>> progress.status()  # one round took 60 s, five are left
+        'arm 1 of 2, elapsed 1m00s, ETA 5m00s'
+    """
+
+    def __init__(self, arms: int, rounds_per_arm: int, *, stream: Any = None, clock: Any = time.perf_counter) -> None:
+        self.arms, self.rounds_per_arm = int(arms), int(rounds_per_arm)
+        self.stream = stream
+        self.clock = clock
+        self.started = clock()
+        self.first_round_started: float | None = None
+        self.arm = 0
+        self.trained = 0
+        self.resumed = 0
+
+    def start_arm(self, label: str, done_rounds: int = 0) -> None:
+        """Announce the next arm; `done_rounds` are rounds of it that an earlier invocation finished."""
+        self.arm += 1
+        self.resumed += int(done_rounds)
+        if self.first_round_started is None:
+            self.first_round_started = self.clock()
+        stream = self.stream if self.stream is not None else sys.stderr
+        print(f"hetlora simulate: {label}: {self.status()}", file=stream, flush=True)
+
+    def round_done(self) -> None:
+        self.trained += 1
+
+    def eta_s(self) -> float | None:
+        """Seconds left, or None before the first round of this invocation finished."""
+        left = self.arms * self.rounds_per_arm - self.trained - self.resumed
+        if left <= 0:
+            return 0.0
+        if not self.trained or self.first_round_started is None:
+            return None
+        return (self.clock() - self.first_round_started) / self.trained * left
+
+    def status(self) -> str:
+        eta = self.eta_s()
+        eta_text = "after the first round" if eta is None else format_duration(eta)
+        return (
+            f"arm {self.arm} of {self.arms}, elapsed {format_duration(self.clock() - self.started)}, "
+            f"ETA {eta_text}"
+        )
 
 
 # ----------------------------------------------------------------------------- arms
@@ -186,7 +275,9 @@ def _append_row(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, int]) -> dict[str, Any]:
+def run_federated_arm(
+    wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, int], progress: RunProgress | None = None
+) -> dict[str, Any]:
     """Run (or resume) one federated arm; return its metrics `{"rounds": [...], ...}`."""
     config = wb.config
     spec = ARMS[arm]
@@ -216,7 +307,10 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
             _append_row(rows_path, row)
             rows.append(row)
         hf_logging.set_verbosity_error()
-        bar = tqdm(total=config.rounds, initial=len(rows) - 1, desc=f"{arm} (seed {wb.seed})", unit="round")
+        if progress is not None:
+            progress.start_arm(f"{arm} (seed {wb.seed})", done_rounds=min(len(rows) - 1, config.rounds))
+        bar = tqdm(total=config.rounds, initial=len(rows) - 1, desc=f"{arm} (seed {wb.seed})", unit="round",
+                   disable=None)  # None: a terminal only, never a log file
         while len(rows) - 1 < config.rounds:
             started = time.perf_counter()
             t = len(rows) - 1
@@ -230,7 +324,8 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
             )
             sent = _read_sent(arm_dir, t)
             for cid in tqdm(
-                [] if closed else plan.participants, desc=f"round {t} clients", leave=False, unit="client"
+                [] if closed else plan.participants, desc=f"round {t} clients", leave=False, unit="client",
+                disable=None,
             ):
                 if cid in store.list_client_uploads(t):
                     continue
@@ -297,7 +392,11 @@ def run_federated_arm(wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, 
             _append_row(rows_path, row)
             rows.append(row)
             bar.update(1)
-            bar.set_postfix(ppl=f"{heldout:.2f}")
+            if progress is not None:
+                progress.round_done()
+                bar.set_postfix_str(f"ppl={heldout:.2f}; {progress.status()}")
+            else:
+                bar.set_postfix(ppl=f"{heldout:.2f}")
         bar.close()
     info: dict[str, Any] = {
         "rounds": rows,
@@ -435,7 +534,7 @@ def arm_coordinator_settings(
     return settings
 
 
-def run_centralized_arm(wb: Workbench, arm_dir: Path) -> dict[str, Any]:
+def run_centralized_arm(wb: Workbench, arm_dir: Path, progress: RunProgress | None = None) -> dict[str, Any]:
     """LoRA at r_max on the pooled client data, with the compute of one federated round per round."""
     from datasets import Dataset, concatenate_datasets
 
@@ -463,7 +562,10 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path) -> dict[str, Any]:
             _append_row(rows_path, row)
             rows.append(row)
         hf_logging.set_verbosity_error()
-        bar = tqdm(total=config.rounds, initial=len(rows) - 1, desc=f"centralized (seed {wb.seed})", unit="round")
+        if progress is not None:
+            progress.start_arm(f"centralized (seed {wb.seed})", done_rounds=min(len(rows) - 1, config.rounds))
+        bar = tqdm(total=config.rounds, initial=len(rows) - 1, desc=f"centralized (seed {wb.seed})", unit="round",
+                   disable=None)
         while len(rows) - 1 < config.rounds:
             started = time.perf_counter()
             t = len(rows) - 1
@@ -483,6 +585,9 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path) -> dict[str, Any]:
             _append_row(rows_path, row)
             rows.append(row)
             bar.update(1)
+            if progress is not None:
+                progress.round_done()
+                bar.set_postfix_str(progress.status())
         bar.close()
     return {"rounds": rows, "homogeneous_rank": config.r_max, "reference": False, "centralized": True}
 
@@ -527,6 +632,8 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
     cache_notes: list[str] = []
     quant_note = ""
     started = time.perf_counter()
+    cpu_started = cpu_seconds()
+    progress = RunProgress(len(config.seeds) * len(config.methods), config.rounds)
     for seed in config.seeds:
         random.seed(seed)
         wb = prepare(config, seed, spill_dir=out / f"seed-{seed}" / "activation_cache")
@@ -539,13 +646,15 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
             arm_dir = out / f"seed-{seed}" / arm
             arm_dir.mkdir(parents=True, exist_ok=True)
             if arm == "centralized":
-                metrics[arm] = run_centralized_arm(wb, arm_dir)
+                metrics[arm] = run_centralized_arm(wb, arm_dir, progress)
             elif config.engine == "flower":
                 from .flower_engine import run_flower_arm
 
+                progress.start_arm(f"{arm} (seed {seed}, Flower)")
                 metrics[arm] = run_flower_arm(wb, arm, arm_dir / "flower", ranks0)
+                progress.trained += config.rounds
             else:
-                metrics[arm] = run_federated_arm(wb, arm, arm_dir, ranks0)
+                metrics[arm] = run_federated_arm(wb, arm, arm_dir, ranks0, progress)
         per_seed.append(metrics)
         cache_notes.append(f"seed {seed}: {wb.cache.describe() if wb.cache is not None else wb.cache_note}")
         if config.quantize is not None and not quant_note:
@@ -554,15 +663,26 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
             quant_note = f"Base model quantised ({config.quantize}): {json_text(quantization_summary(wb.base_model))}."
         if wb.cache is not None and wb.cache.path is not None:
             wb.cache.path.unlink(missing_ok=True)  # the spill file is scratch, not a result
-    notes = _notes(config, per_seed, time.perf_counter() - started) + "\n\n" + "; ".join(cache_notes) + "."
+    resources = {
+        "wall_s": time.perf_counter() - started,
+        "cpu_s": cpu_seconds() - cpu_started,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    notes = _notes(config, per_seed, resources) + "\n\n" + "; ".join(cache_notes) + "."
     if quant_note:
         notes += "\n\n" + quant_note
-    return write_report(per_seed, out, notes=notes, seeds=config.seeds, reference=config.reference)
+    return write_report(per_seed, out, notes=notes, seeds=config.seeds, reference=config.reference,
+                        resources=resources)
 
 
-def _notes(config: SimulationConfig, per_seed: list[dict[str, Any]], seconds: float) -> str:
+def _notes(config: SimulationConfig, per_seed: list[dict[str, Any]], resources: dict[str, Any]) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if k not in ("methods",) and v is not None)
+    wall, cpu = resources["wall_s"], resources["cpu_s"]
     return (
         f"Settings: {settings}.\n\nAll arms use the same scale s = lora_alpha / r_max, the same client sampling "
-        f"and seeds. This invocation ran for {seconds:.0f} s (resumed rounds are not re-run)."
+        f"and seeds. This invocation ran for {wall:.0f} s wall ({format_duration(wall)}) and {cpu:.0f} s CPU "
+        f"(this process and its children; {cpu / max(wall, 1e-9):.2f} cores busy on average, of "
+        f"{resources['cpu_count']}; torch threads {resources['torch_threads']}); resumed rounds are not re-run. "
+        "Wall time grows with whatever else shares the cores; CPU time much less."
     )
