@@ -72,7 +72,8 @@ def export_lora(
     It also loads with `AutoPeftModelForCausalLM.from_pretrained(out_dir)`, which needs the base model
     (`base_model_name_or_path`) and either a `task_type` or PEFT's `auto_mapping` (the base model's
     class): both are carried over from the source; pass `base_model_name_or_path=` (a Hub id or a
-    folder) or `task_type="CAUSAL_LM"` to set or replace them.
+    folder) or `task_type="CAUSAL_LM"` to set or replace them. A base that is a local folder is
+    recorded as its absolute path, so the export loads offline (no Hub lookup).
 
     Example:
         ```py
@@ -108,6 +109,11 @@ def export_lora(
     }
     if base_model_name_or_path is not None:
         fields["base_model_name_or_path"] = base_model_name_or_path
+    base = fields["base_model_name_or_path"]
+    if base and Path(base).expanduser().is_dir():
+        # a local folder as an absolute path: a relative one (or one AutoPeftModel mistakes for a Hub id) would
+        # send it to the Hub, which retries for ~23 s offline before failing
+        fields["base_model_name_or_path"] = str(Path(base).expanduser().resolve())
     if task_type is not None:
         fields["task_type"] = task_type
     if not fields["base_model_name_or_path"] or (fields["task_type"] is None and auto_mapping is None):

@@ -163,6 +163,9 @@ def config_from_federation(source: Any, *, rank: int | None = None, **client_set
 def get_federated_model(base_model: Any, store: Any, *, max_rank: int | None = None, **client_settings: Any) -> Any:
     """`get_peft_model(base_model, HetLoRAConfig.from_federation(store, rank=max_rank))`: a client model that fits.
 
+    The base model is checked first against the federation's `base_model_identity` (a hash of the
+    weights the adapter corrects; `BaseModelMismatchError` names both hashes when they differ).
+
     `max_rank` is this device's budget, the largest rank it can train (default: r_max): the parameters
     and optimizer state are allocated at that rank, and `FederatedClientCallback` trains each round at
     min(assigned rank, max_rank) and reports `max_rank` so the coordinator never assigns more.
@@ -176,4 +179,8 @@ def get_federated_model(base_model: Any, store: Any, *, max_rank: int | None = N
     """
     from peft import get_peft_model
 
-    return get_peft_model(base_model, config_from_federation(store, rank=max_rank, **client_settings))
+    from .base_identity import check_base_model, federation_base_identity
+
+    config = config_from_federation(store, rank=max_rank, **client_settings)
+    check_base_model(base_model, config, federation_base_identity(store))  # before the model is changed
+    return get_peft_model(base_model, config)
