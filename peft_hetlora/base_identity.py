@@ -197,6 +197,12 @@ def check_base_model(base_model: torch.nn.Module, config: Any, record: Mapping[s
         logger.warning("This federation records no base model identity (created before it existed): the client's "
                        "base model is not checked.")
         return
+    if not isinstance(record, Mapping) or not isinstance(record.get("weights_sha256"), Mapping):
+        raise BaseModelMismatchError(
+            f"The federation's {BASE_IDENTITY_FIELD} is malformed ({type(record).__name__} without a "
+            "weights_sha256 table), so this client cannot check its base model: the operator should recreate "
+            "it with `hetlora init` (or remove the field to skip the check)."
+        )
     weights = list(targeted_weights(base_model, config))
     quantised = [w for _, w in weights if not w.is_floating_point() or w.device.type == "meta"]
     if quantised:
@@ -205,7 +211,7 @@ def check_base_model(base_model: torch.nn.Module, config: Any, record: Mapping[s
         return
     dtypes = {w.dtype for _, w in weights}
     label = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
-    hashes = record.get("weights_sha256") or {}
+    hashes = record["weights_sha256"]
     expected = hashes.get(label)
     if expected is None:
         label, expected = "float32", hashes.get("float32")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,10 @@ from safetensors.torch import load_file, save_file
 from .config import HetLoRAConfig, scaling_for
 
 _SAVED_PREFIX = "base_model.model."
+# a tokenizer's files, copied next to an export whose base is a local folder: AutoPeftModelForCausalLM then finds
+# it there instead of asking the Hub for `tokenizer_config.json` (a failed lookup and a warning offline)
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 logger = logging.getLogger(__name__)
 
 
@@ -73,7 +78,8 @@ def export_lora(
     (`base_model_name_or_path`) and either a `task_type` or PEFT's `auto_mapping` (the base model's
     class): both are carried over from the source; pass `base_model_name_or_path=` (a Hub id or a
     folder) or `task_type="CAUSAL_LM"` to set or replace them. A base that is a local folder is
-    recorded as its absolute path, so the export loads offline (no Hub lookup).
+    recorded as its absolute path and its tokenizer files are copied next to the adapter, so
+    `AutoPeftModelForCausalLM.from_pretrained(out_dir)` loads offline (no Hub lookup).
 
     Example:
         ```py
@@ -137,4 +143,9 @@ def export_lora(
         str(out / "adapter_model.safetensors"),
         metadata={"format": "pt"},
     )
+    base_folder = Path(fields["base_model_name_or_path"] or "")
+    if fields["base_model_name_or_path"] and (base_folder / "tokenizer_config.json").is_file():
+        for name in _TOKENIZER_FILES:
+            if (base_folder / name).is_file():
+                shutil.copyfile(base_folder / name, out / name)
     return out

@@ -180,7 +180,13 @@ def get_federated_model(base_model: Any, store: Any, *, max_rank: int | None = N
     from peft import get_peft_model
 
     from .base_identity import check_base_model, federation_base_identity
+    from .known_noise import peft_model_warnings
 
     config = config_from_federation(store, rank=max_rank, **client_settings)
     check_base_model(base_model, config, federation_base_identity(store))  # before the model is changed
-    return get_peft_model(base_model, config)
+    if "base_model_name_or_path" not in client_settings:
+        # the base is checked by its weights; PEFT records the path this client loaded (and, given the
+        # federation's name instead, would warn that it "renamed" it)
+        config.base_model_name_or_path = None
+    with peft_model_warnings():
+        return get_peft_model(base_model, config)

@@ -76,6 +76,7 @@ def build_initial_adapter(args: argparse.Namespace, out_dir: str) -> dict[str, A
 
     from ..base_identity import base_identity
     from ..config import HetLoRAConfig
+    from ..known_noise import peft_model_warnings
     from ..simulation.model_source import model_revision, resolve_model
 
     r_max = args.r_max or DEFAULT_R_MAX
@@ -101,9 +102,11 @@ def build_initial_adapter(args: argparse.Namespace, out_dir: str) -> dict[str, A
         task_type="CAUSAL_LM",
     )
     identity = base_identity(model, config, name=base_id, revision=model_revision(args.base_model))
-    peft_model = get_peft_model(model, config)
+    with peft_model_warnings():
+        peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_id
-    peft_model.save_pretrained(out_dir)
+    # HetLoRA adapts no embedding; "auto" would ask the Hub about base_id's vocabulary (a warning offline)
+    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
     return identity
 
 
