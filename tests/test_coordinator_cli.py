@@ -84,9 +84,9 @@ def test_cli_runs_and_resumes(tmp_path, init_dir, capsys):
     clients.upload_open_round()
     assert main(["--store", str(fed), "--no-progress"]) == 0
     assert "Federation done: global 2" in capsys.readouterr().out
-    assert main(["--store", str(fed), "--method", "fedavg", "--no-progress"]) == 1
+    assert main(["--store", str(fed), "--method", "fedavg", "--no-progress"]) == 2  # settings: a usage error
     assert "different federation" in capsys.readouterr().err
-    assert main(["--store", str(tmp_path / "empty"), "--no-progress"]) == 1
+    assert main(["--store", str(tmp_path / "empty"), "--no-progress"]) == 2
     assert "init" in capsys.readouterr().err
 
 
