@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ from .utils.constants import ADAPTER_FILE, CONFIG_FILE
 from .utils.scaling import scaling_for
 
 _SAVED_PREFIX = "base_model.model."
+# a tokenizer's files, copied next to an export whose base is a local folder: AutoPeftModelForCausalLM then finds
+# it there instead of asking the Hub for `tokenizer_config.json` (a failed lookup and a warning offline)
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 logger = logging.getLogger(__name__)
 
 
@@ -74,7 +79,9 @@ def export_lora(
     It also loads with `AutoPeftModelForCausalLM.from_pretrained(out_dir)`, which needs the base model
     (`base_model_name_or_path`) and either a `task_type` or PEFT's `auto_mapping` (the base model's
     class): both are carried over from the source; pass `base_model_name_or_path=` (a Hub id or a
-    folder) or `task_type="CAUSAL_LM"` to set or replace them.
+    folder) or `task_type="CAUSAL_LM"` to set or replace them. A base that is a local folder is
+    recorded as its absolute path and its tokenizer files are copied next to the adapter, so
+    `AutoPeftModelForCausalLM.from_pretrained(out_dir)` loads offline (no Hub lookup).
 
     Example:
         ```py
@@ -110,6 +117,11 @@ def export_lora(
     }
     if base_model_name_or_path is not None:
         fields["base_model_name_or_path"] = base_model_name_or_path
+    base = fields["base_model_name_or_path"]
+    if base and Path(base).expanduser().is_dir():
+        # a local folder as an absolute path: a relative one (or one AutoPeftModel mistakes for a Hub id) would
+        # send it to the Hub, which retries for ~23 s offline before failing
+        fields["base_model_name_or_path"] = str(Path(base).expanduser().resolve())
     if task_type is not None:
         fields["task_type"] = task_type
     if not fields["base_model_name_or_path"] or (fields["task_type"] is None and auto_mapping is None):
@@ -133,4 +145,9 @@ def export_lora(
         str(out / ADAPTER_FILE),
         metadata={"format": "pt"},
     )
+    base_folder = Path(fields["base_model_name_or_path"] or "")
+    if fields["base_model_name_or_path"] and (base_folder / "tokenizer_config.json").is_file():
+        for name in _TOKENIZER_FILES:
+            if (base_folder / name).is_file():
+                shutil.copyfile(base_folder / name, out / name)
     return out

@@ -79,6 +79,9 @@ def config_from_federation(source: Any, *, rank: int | None = None, **client_set
 def get_federated_model(base_model: Any, store: Any, *, max_rank: int | None = None, **client_settings: Any) -> Any:
     """`get_peft_model(base_model, HetLoRAConfig.from_federation(store, rank=max_rank))`: a client model that fits.
 
+    The base model is checked first against the federation's `base_model_identity` (a hash of the
+    weights the adapter corrects; `BaseModelMismatchError` names both hashes when they differ).
+
     `max_rank` is this device's budget, the largest rank it can train (default: r_max): the parameters
     and optimizer state are allocated at that rank, and `FederatedClientCallback` trains each round at
     min(assigned rank, max_rank) and reports `max_rank` so the coordinator never assigns more.
@@ -92,4 +95,14 @@ def get_federated_model(base_model: Any, store: Any, *, max_rank: int | None = N
     """
     from peft import get_peft_model
 
-    return get_peft_model(base_model, config_from_federation(store, rank=max_rank, **client_settings))
+    from .base_identity import check_base_model, federation_base_identity
+    from .known_noise import peft_model_warnings
+
+    config = config_from_federation(store, rank=max_rank, **client_settings)
+    check_base_model(base_model, config, federation_base_identity(store))  # before the model is changed
+    if "base_model_name_or_path" not in client_settings:
+        # the base is checked by its weights; PEFT records the path this client loaded (and, given the
+        # federation's name instead, would warn that it "renamed" it)
+        config.base_model_name_or_path = None
+    with peft_model_warnings():
+        return get_peft_model(base_model, config)

@@ -84,9 +84,9 @@ def test_cli_runs_and_resumes(tmp_path, init_dir, capsys):
     clients.upload_open_round()
     assert main(["--store", str(fed), "--no-progress"]) == 0
     assert "Federation done: global 2" in capsys.readouterr().out
-    assert main(["--store", str(fed), "--method", "fedavg", "--no-progress"]) == 1
+    assert main(["--store", str(fed), "--method", "fedavg", "--no-progress"]) == 2  # settings: a usage error
     assert "different federation" in capsys.readouterr().err
-    assert main(["--store", str(tmp_path / "empty"), "--no-progress"]) == 1
+    assert main(["--store", str(tmp_path / "empty"), "--no-progress"]) == 2
     assert "init" in capsys.readouterr().err
 
 
@@ -199,9 +199,9 @@ def test_changed_settings_on_an_existing_store_are_refused_naming_each(store, in
     # extending rounds stays allowed and is recorded
     assert make_coordinator(store, None, rounds=5).step(wait=False) == "waiting"
     assert store.read_federation()["rounds"] == 5
-    if isinstance(store, LocalStore):  # the CLI says it in one line and exits 1
+    if isinstance(store, LocalStore):  # the CLI says it in one line and exits 2 (a usage error)
         code = main(["--store", str(store.path), "--rank-policy", "uniform", "--no-progress"])
-        assert code == 1 and "rank_policy: store has" in capsys.readouterr().err
+        assert code == 2 and "rank_policy: store has" in capsys.readouterr().err
 
 
 def test_summary_is_strict_json_when_reported_losses_overflow(store, init_dir, tmp_path):

@@ -22,6 +22,7 @@ report = {
     "accepted": sorted(store.read_summary(0)["accepted"]),
     "latest_rank": namespace["latest"].base_model.get_rank(),
     "shared_type": type(namespace["shared"].peft_config["default"]).__name__,
+    "hashed_modules": store.read_federation()["base_model_identity"]["modules"],
 }
 print("REPORT " + json.dumps(report))
 """
@@ -47,3 +48,4 @@ def test_sharing_page_runs_in_order_against_the_hub_double(hub_double, tmp_path)
     report = json.loads(proc.stdout.split("REPORT ", 1)[1])
     assert report["latest_round"] == 1 and report["accepted"] == ["alice", "bob"]
     assert report["latest_rank"] == 16 and report["shared_type"] == "LoraConfig"
+    assert report["hashed_modules"] == 4  # q_proj and v_proj of both layers: the base the clients were checked on

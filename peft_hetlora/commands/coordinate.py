@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..cli import debug_requested, error_line
+from ..cli import add_common_arguments, exit_status_epilog, run_command
 from ..federated.aggregation import AGGREGATION_METHODS
 from ..federated.component_selection import SELECTION_POLICIES
-from ..federated.coordinator import NEXT_RANK_RULES, Coordinator, CoordinatorError
-from ..federated.errors import HetLoRAError
+from ..federated.coordinator import NEXT_RANK_RULES, Coordinator
 from ..federated.rank_policy import BUDGET_KINDS, RANK_POLICIES, RankPolicy, parse_bytes
 
 HF_PREFIX = "hf://"
@@ -188,7 +185,6 @@ def add_coordinate_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                      "then exit).")
     run.add_argument("--poll-interval", type=float, default=5.0, help="Seconds between polls of the store.")
     run.add_argument("--no-progress", action="store_true", help="No progress bars.")
-    run.add_argument("--log-level", default="INFO", help="Logging level (DEBUG, INFO, WARNING).")
     return parser
 
 
@@ -282,7 +278,7 @@ def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -
     init_adapter = getattr(args, "init_adapter", None)
     create = init_adapter is not None if create is None else create
     if not args.store.startswith(HF_PREFIX) and not create and not Path(args.store).is_dir():
-        raise CoordinatorError(f"{args.store} does not exist, so it holds no federation: create one with `hetlora "
+        raise FileNotFoundError(f"{args.store} does not exist, so it holds no federation: create one with `hetlora "
                                "init --store ... --base-model ...` (or pass --init-adapter DIR and --clients).")
     clients = args.clients
     if args.num_clients is not None:
@@ -319,41 +315,31 @@ def run_coordinate(args: argparse.Namespace) -> int:
     """Run the coordinator loop for parsed `coordinate` arguments; returns the exit code.
 
     0: the federation is done, or (without `--wait`) every ready round was closed and it now waits
-    for uploads; 1: an error (message on stderr, saying what to do).
+    for uploads. Errors propagate: `hetlora` (and `main` here) print them as one line with the exit
+    status of their kind (`peft_hetlora.cli.EXIT_STATUS`).
     """
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        coordinator = build_coordinator(args)
-        if args.init_adapter is not None:
-            coordinator.init(args.init_adapter)
-        final = coordinator.run(wait=args.wait)
-        if final is not None:
-            print(f"Federation done: global {final.round} (revision {final.revision[:12]}) at {final.path}")
-            return 0
-        latest = coordinator.store.latest_global()
-        status = coordinator.collect(latest.round, wait=False)
-        print(f"Round {status.round} waits for uploads: {len(status.uploaded)}/{len(status.participants)} "
-              f"({', '.join(sorted(set(status.participants) - set(status.uploaded)))} missing). Run again, or "
-              "pass --wait.")
+    coordinator = build_coordinator(args)
+    if args.init_adapter is not None:
+        coordinator.init(args.init_adapter)
+    final = coordinator.run(wait=args.wait)
+    if final is not None:
+        print(f"Federation done: global {final.round} (revision {final.revision[:12]}) at {final.path}")
         return 0
-    except (HetLoRAError, CoordinatorError, ValueError, LookupError, OSError) as err:
-        if debug_requested(args):
-            raise
-        print(f"hetlora: error: coordinate: {error_line(err)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("hetlora coordinate: interrupted; the store keeps every decision, run the same command to resume.",
-              file=sys.stderr)
-        return 130
+    latest = coordinator.store.latest_global()
+    status = coordinator.collect(latest.round, wait=False)
+    print(f"Round {status.round} waits for uploads: {len(status.uploaded)}/{len(status.participants)} "
+          f"({', '.join(sorted(set(status.participants) - set(status.uploaded)))} missing). Run again, or "
+          "pass --wait.")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m peft_hetlora.commands.coordinate` (same options as `hetlora coordinate`)."""
-    parser = argparse.ArgumentParser(prog="hetlora coordinate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="hetlora coordinate", description=__doc__.split("\n\n")[0],
+                                     epilog=exit_status_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_coordinate_arguments(parser)
-    return run_coordinate(parser.parse_args(argv))
-
+    add_common_arguments(parser)
+    return run_command("coordinate", run_coordinate, parser.parse_args(argv))
 
 if __name__ == "__main__":
     raise SystemExit(main())

