@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .federated.errors import ConfigMismatchError
+from .utils.errors import ConfigMismatchError
 
 __all__ = [
     "BASE_IDENTITY_FIELD",
