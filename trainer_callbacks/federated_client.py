@@ -282,6 +282,12 @@ class FederatedClientCallback(HetLoRACallback):
         }
         super().on_train_begin(args, state, control, **kwargs)
         self._start_step = state.global_step
+        self._finished_weights = None
+        if resumed and state.max_steps and state.global_step >= state.max_steps:
+            # resumed from the round's last checkpoint (killed before the upload): transformers still runs one
+            # optimizer step after a stop requested here, so the checkpoint's weights are kept aside and restored
+            self._finished_weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+            control.should_training_stop = True
 
     def _store_view(self) -> tuple[int | None, bool]:
         latest = self.store.latest_global()
@@ -327,8 +333,14 @@ class FederatedClientCallback(HetLoRACallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.skipped or self.current is None:
             return
-        super().on_train_end(args, state, control, **kwargs)
         model = kwargs.get("model")
+        last_step = state.global_step
+        if getattr(self, "_finished_weights", None) is not None:  # undo the step transformers ran after the stop
+            peft_model = hetlora_peft_model(model)
+            set_peft_model_state_dict(peft_model, self._finished_weights, adapter_name=peft_model.active_adapters[0])
+            self._finished_weights = None
+            last_step = self._start_step
+        super().on_train_end(args, state, control, **kwargs)
         num_examples = self.num_examples
         if num_examples is None:
             loader = kwargs.get("train_dataloader")
@@ -340,7 +352,7 @@ class FederatedClientCallback(HetLoRACallback):
             )
         train_loss = next((log["train_loss"] for log in reversed(state.log_history) if "train_loss" in log), None)
         if getattr(self, "_start_step", 0) > 0:  # resumed: the Trainer's train_loss covers this call's steps only
-            losses = [log["loss"] for log in state.log_history if "loss" in log]
+            losses = [log["loss"] for log in state.log_history if "loss" in log and log.get("step", 0) <= last_step]
             train_loss = sum(losses) / len(losses) if losses else train_loss
         if state.global_step == 0:
             reason = "it trained no step (empty dataset or max_steps=0?)"

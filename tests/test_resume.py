@@ -1,0 +1,202 @@
+"""Checkpoint resume of a federated client: kill at step k, resume in a fresh Trainer, the upload is bit-identical
+to the uninterrupted round's; a checkpoint of another round is refused; a round that trained no step uploads
+nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback
+
+from peft_hetlora.federated.local_store import LocalStore
+from tests.test_callbacks import _publish, make_args, make_dataset, make_model
+from trainer_callbacks import FederatedClientCallback, HetLoRACallback
+from trainer_callbacks.federated_client import CheckpointMismatchError
+
+MAX_STEPS = 5
+
+
+class Killed(Exception):
+    """The process dies right after checkpoint `at` was written."""
+
+
+class KillAfterSave(TrainerCallback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise Killed(self.at)
+
+
+def global_state():
+    """Global 0 at r_max=8: a trained-looking adapter (non-zero B), from an independent model."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(make_model(rank=8, seed=4)).items()}
+
+
+def fresh_store(path, state, round_idx=0):
+    store = LocalStore(path, create=True)
+    _publish(store, round_idx, state, ["alice"], {"alice": 3})
+    return store
+
+
+def client_trainer(tmp_path, store, out, extra=(), **args):
+    """A fresh client process: a new model object (budget 4 > the assigned rank 3), callback and Trainer."""
+    model = make_model(rank=4, lam=5.0, gamma=0.75, seed=11)
+    callback = FederatedClientCallback(store, "alice")
+    values = dict(max_steps=MAX_STEPS, save_strategy="steps", save_steps=1, per_device_train_batch_size=2)
+    values.update(args)
+    trainer = Trainer(model=model, args=make_args(out, **values), train_dataset=make_dataset(n=24),
+                      callbacks=[callback, *extra])
+    return trainer, callback
+
+
+def upload(store, round_idx=0):
+    folder = store.download_client(round_idx, "alice")
+    return load_file(str(folder / "adapter_model.safetensors")), json.loads((folder / "client.json").read_text())
+
+
+VARIANTS = {
+    "plain": {},
+    "grad-accum": {"gradient_accumulation_steps": 2},
+    "grad-checkpointing": {"gradient_checkpointing": True},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kill_and_resume_uploads_exactly_the_uninterrupted_round(tmp_path, variant):
+    state = global_state()
+    args = VARIANTS[variant]
+    straight = fresh_store(tmp_path / "straight", state)
+    trainer, _ = client_trainer(tmp_path, straight, tmp_path / "straight-out", save_strategy="no", **args)
+    trainer.train()
+    expected, expected_info = upload(straight)
+    moved = [not torch.equal(v, state[k][:3] if k.endswith("lora_A.weight") else state[k][:, :3])
+             for k, v in expected.items() if v.shape == (state[k][:3] if k.endswith("lora_A.weight")
+                                                         else state[k][:, :3]).shape]
+    assert any(moved) or expected_info["rank_out"] < 3  # the round trained: the test could tell a lost resume
+    for kill_at in (1, 3, MAX_STEPS):  # MAX_STEPS: killed after the final checkpoint, before the upload
+        store = fresh_store(tmp_path / f"kill{kill_at}", state)
+        out = tmp_path / f"kill{kill_at}-out"
+        trainer, _ = client_trainer(tmp_path, store, out, extra=[KillAfterSave(kill_at)], **args)
+        with pytest.raises(Killed):
+            trainer.train()
+        assert store.list_client_uploads(0) == []  # killed: nothing uploaded
+        trainer, callback = client_trainer(tmp_path, store, out, **args)
+        trainer.train(resume_from_checkpoint=True)
+        got, info = upload(store)
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), (variant, kill_at, key)  # bit-identical
+        for field in ("rank_in", "rank_out", "tail_norm_start", "tail_norm_end", "global_revision", "num_examples"):
+            assert info[field] == expected_info[field], (variant, kill_at, field)
+        assert callback.uploaded_rounds == [0]
+
+
+def test_resume_before_the_fix_would_have_differed(tmp_path):
+    """The guard of the test above: reloading the global on resume (the old behaviour) changes the upload."""
+    state = global_state()
+    straight = fresh_store(tmp_path / "straight", state)
+    client_trainer(tmp_path, straight, tmp_path / "a", save_strategy="no")[0].train()
+    expected, _ = upload(straight)
+    store = fresh_store(tmp_path / "kill", state)
+    trainer, _ = client_trainer(tmp_path, store, tmp_path / "b", extra=[KillAfterSave(3)])
+    with pytest.raises(Killed):
+        trainer.train()
+    trainer, callback = client_trainer(tmp_path, store, tmp_path / "b")
+    resume = callback._resume_round
+
+    def reload_global(peft_model, latest, identity, saved):  # what on_train_begin did before: the global wins
+        resume(peft_model, latest, identity, saved)
+        callback._load_global(peft_model, latest)
+
+    callback._resume_round = reload_global
+    trainer.train(resume_from_checkpoint=True)
+    got, _ = upload(store)
+    assert any(not torch.equal(got[k], v) for k, v in expected.items() if got[k].shape == v.shape) or (
+        {k: v.shape for k, v in got.items()} != {k: v.shape for k, v in expected.items()})
+
+
+def test_a_checkpoint_of_the_previous_round_is_refused(tmp_path):
+    state = global_state()
+    store = fresh_store(tmp_path / "fed", state)
+    out = tmp_path / "out"
+    client_trainer(tmp_path, store, out)[0].train()  # round 0, checkpoints 1..5 in out
+    assert store.list_client_uploads(0) == ["alice"]
+    _publish(store, 1, {k: v * 0.5 for k, v in state.items()}, ["alice"], {"alice": 3})
+    trainer, callback = client_trainer(tmp_path, store, out)
+    with pytest.raises(CheckpointMismatchError) as info:
+        trainer.train(resume_from_checkpoint=True)  # a script that always resumes: picks checkpoint-5 of round 0
+    message = str(info.value)
+    assert "round: checkpoint 0, open round 1" in message and "without resume_from_checkpoint" in message
+    assert store.list_client_uploads(1) == [] and callback.uploaded_rounds == []
+    # what the message says to do works: a fresh round 1
+    trainer, callback = client_trainer(tmp_path, store, tmp_path / "out1")
+    trainer.train()
+    assert callback.uploaded_rounds == [1]
+
+
+def test_a_checkpoint_without_round_identity_is_refused(tmp_path):
+    state = global_state()
+    store = fresh_store(tmp_path / "fed", state)
+    out = tmp_path / "out"
+    model = make_model(rank=3, seed=11)
+    Trainer(model=model, args=make_args(out, max_steps=2, save_strategy="steps", save_steps=1),
+            train_dataset=make_dataset(), callbacks=[HetLoRACallback()]).train()
+    trainer, _ = client_trainer(tmp_path, store, out)
+    with pytest.raises(CheckpointMismatchError, match="carries no HetLoRA round identity"):
+        trainer.train(resume_from_checkpoint=True)
+    assert store.list_client_uploads(0) == []
+
+
+def test_a_checkpoint_of_another_client_is_refused(tmp_path):
+    state = global_state()
+    store = LocalStore(tmp_path / "fed", create=True)
+    _publish(store, 0, state, ["alice", "bob"], {"alice": 3, "bob": 3})
+    out = tmp_path / "out"
+    trainer, _ = client_trainer(tmp_path, store, out, extra=[KillAfterSave(2)])
+    with pytest.raises(Killed):
+        trainer.train()
+    model = make_model(rank=4, seed=11)
+    bob = Trainer(model=model, args=make_args(out, max_steps=MAX_STEPS, save_steps=1, save_strategy="steps",
+                                              per_device_train_batch_size=2),
+                  train_dataset=make_dataset(n=24), callbacks=[FederatedClientCallback(store, "bob")])
+    with pytest.raises(CheckpointMismatchError, match="client_id: checkpoint 'alice', open round 'bob'"):
+        bob.train(resume_from_checkpoint=True)
+    assert store.list_client_uploads(0) == []
+
+
+def test_a_round_that_trained_no_step_uploads_nothing(tmp_path, caplog):
+    # transformers 5 runs one step even when a callback stops training at train begin, so the round's events are
+    # driven by hand here: the round begins, then ends at step 0
+    store = fresh_store(tmp_path / "fed", global_state())
+    trainer, callback = client_trainer(tmp_path, store, tmp_path / "out")
+    events = dict(model=trainer.model, train_dataloader=trainer.get_train_dataloader())
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, **events)
+    assert trainer.state.global_step == 0
+    with caplog.at_level("WARNING"):
+        callback.on_train_end(trainer.args, trainer.state, trainer.control, **events)
+    assert store.list_client_uploads(0) == [] and callback.uploaded_rounds == []
+    assert "trained no step" in callback.not_uploaded[0] and "not uploaded" in caplog.text
+
+
+def test_restore_callback_states_flag_is_refused_with_the_reason(tmp_path):
+    store = fresh_store(tmp_path / "fed", global_state())
+    with pytest.raises(ValueError, match="restore_callback_states_from_checkpoint"):
+        client_trainer(tmp_path, store, tmp_path / "out", restore_callback_states_from_checkpoint=True)
+
+
+def test_deepspeed_and_fsdp_clients_are_refused(tmp_path, monkeypatch):
+    store = fresh_store(tmp_path / "fed", global_state())
+    args = make_args(tmp_path)  # built before the launcher's environment (transformers would import deepspeed)
+    callback = FederatedClientCallback(store, "alice")
+    callback._check_args(args)  # plain (DDP) training is fine
+    for variable, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        monkeypatch.setenv(variable, "true")
+        with pytest.raises(NotImplementedError, match=f"does not support {kind}.*torchrun"):
+            callback._check_args(args)
+        monkeypatch.delenv(variable)
