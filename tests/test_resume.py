@@ -5,17 +5,21 @@ nothing."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
 
 from peft_hetlora.federated.local_store import LocalStore
 from tests.test_callbacks import _publish, make_args, make_dataset, make_model
-from trainer_callbacks import FederatedClientCallback, HetLoRACallback
+from trainer_callbacks import FederatedClientCallback, HetLoRACallback, run_client_rounds
 from trainer_callbacks.federated_client import CheckpointMismatchError
+from trainer_callbacks.hetlora_callback import checkpoint_round_start
 
 MAX_STEPS = 5
 
@@ -200,3 +204,67 @@ def test_deepspeed_and_fsdp_clients_are_refused(tmp_path, monkeypatch):
         with pytest.raises(NotImplementedError, match=f"does not support {kind}.*torchrun"):
             callback._check_args(args)
         monkeypatch.delenv(variable)
+
+
+def test_run_client_rounds_resume_continues_its_round_and_passes_over_older_rounds(tmp_path):
+    state = global_state()
+    straight = fresh_store(tmp_path / "straight", state)
+    client_trainer(tmp_path, straight, tmp_path / "a", save_strategy="no")[0].train()
+    expected, _ = upload(straight)
+    store = fresh_store(tmp_path / "fed", state)
+    out = tmp_path / "out"
+    trainer, callback = client_trainer(tmp_path, store, out, extra=[KillAfterSave(2)])
+    with pytest.raises(Killed):
+        run_client_rounds(trainer, callback, max_rounds=1, sleep=lambda s: None, resume=True)
+    trainer, callback = client_trainer(tmp_path, store, out)  # the restarted script, same command line
+    checkpoints = Path(trainer.args.output_dir)
+    assert callback.resumable_checkpoint(checkpoints) == str(checkpoints / "checkpoint-2")
+    assert run_client_rounds(trainer, callback, max_rounds=1, sleep=lambda s: None, resume=True) == [0]
+    got, _ = upload(store)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    _publish(store, 1, {k: v * 0.5 for k, v in state.items()}, ["alice"], {"alice": 3})
+    trainer, callback = client_trainer(tmp_path, store, out)  # round 0's checkpoints are still in out
+    assert callback.resumable_checkpoint(checkpoints) is None and (checkpoints / "checkpoint-5").is_dir()
+    assert run_client_rounds(trainer, callback, max_rounds=1, sleep=lambda s: None, resume=True) == [1]
+    assert callback.uploaded_rounds == [1]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                 max_size=3),
+                    max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(entry=JSON, name=st.sampled_from(["FederatedClientCallback", "HetLoRACallback", "Other"]))
+def test_checkpoint_round_start_of_any_stored_json_is_a_dict_or_none(entry, name):
+    state = TrainerState(stateful_callbacks={name: entry})
+    found = checkpoint_round_start(state, "FederatedClientCallback")
+    assert found is None or isinstance(found, dict)
+    if name == "FederatedClientCallback" and isinstance(entry, dict) and isinstance(entry.get("attributes"), dict):
+        stored = entry["attributes"].get("hetlora_round")
+        assert found == (stored if isinstance(stored, dict) else None)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(saved=st.dictionaries(st.sampled_from(["federation", "round", "client_id", "global_revision", "rank"]), JSON))
+def test_a_checkpoint_identity_that_differs_in_anything_is_refused(tmp_path_factory, saved):
+    store = fresh_store(tmp_path_factory.mktemp("fed"), global_state())
+    callback = FederatedClientCallback(store, "alice")
+    latest = store.latest_global()
+    identity = callback.round_identity(latest)
+    if all(saved.get(k) == v for k, v in identity.items()):
+        return  # (hypothesis cannot guess the global's sha256)
+    with pytest.raises(CheckpointMismatchError, match="without resume_from_checkpoint"):
+        callback._resume_round(None, latest, identity, saved)  # refused before the model is touched
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=40) | JSON.map(json.dumps))
+def test_resumable_checkpoint_passes_over_any_broken_trainer_state(tmp_path_factory, text):
+    store = fresh_store(tmp_path_factory.mktemp("fed"), global_state())
+    out = tmp_path_factory.mktemp("out")
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "trainer_state.json").write_text(text)
+    (out / "checkpoint-x").mkdir()
+    assert FederatedClientCallback(store, "alice").resumable_checkpoint(out) is None

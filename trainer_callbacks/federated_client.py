@@ -263,12 +263,7 @@ class FederatedClientCallback(HetLoRACallback):
             self.skipped = True
             control.should_training_stop = True
             return
-        identity = {
-            "federation": self.federation_fingerprint(),
-            "round": latest.round,
-            "client_id": self.client_id,
-            "global_revision": latest.revision,
-        }
+        identity = self.round_identity(latest)
         if not resumed:
             self._load_global(peft_model, latest)
         else:
@@ -288,6 +283,41 @@ class FederatedClientCallback(HetLoRACallback):
             # optimizer step after a stop requested here, so the checkpoint's weights are kept aside and restored
             self._finished_weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
             control.should_training_stop = True
+
+    def round_identity(self, latest: GlobalAdapter) -> dict[str, Any]:
+        """What a checkpoint of this client's round `latest.round` must carry to be resumed."""
+        return {
+            "federation": self.federation_fingerprint(),
+            "round": latest.round,
+            "client_id": self.client_id,
+            "global_revision": latest.revision,
+        }
+
+    def resumable_checkpoint(self, output_dir: str | Path) -> str | None:
+        """The last checkpoint in `output_dir` of this client's open round, None when there is none.
+
+        Checkpoints of other rounds, clients or federations (and folders that are not Trainer checkpoints)
+        are passed over, so a script can always call `trainer.train(resume_from_checkpoint=...)` with this.
+        """
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        latest = self.store.latest_global()
+        if latest is None or not Path(output_dir).is_dir():
+            return None
+        identity = self.round_identity(latest)
+        found = []
+        for folder in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            step = folder.name.rsplit("-", 1)[-1]
+            if not step.isdigit() or not (folder / "trainer_state.json").is_file():
+                continue
+            try:
+                state = TrainerState.load_from_json(str(folder / "trainer_state.json"))
+            except (ValueError, TypeError, OSError):
+                continue
+            saved = checkpoint_round_start(state, type(self).__name__) or {}
+            if all(saved.get(key) == value for key, value in identity.items()):
+                found.append((int(step), str(folder)))
+        return max(found)[1] if found else None
 
     def _store_view(self) -> tuple[int | None, bool]:
         latest = self.store.latest_global()

@@ -151,7 +151,9 @@ class HetLoRACallback(TrainerCallback, ExportableState):
         if self.reset_optimizer and kwargs.get("optimizer") is not None and state.global_step == 0:
             reset_optimizer_state(kwargs["optimizer"])
         saved = checkpoint_round_start(state, type(self).__name__) if state.global_step > 0 else None
-        if saved is not None and saved.get("tail_norm_start") is not None:  # resumed: the round began earlier
+        if saved is not None and isinstance(saved.get("tail_norm_start"), (int, float)) and isinstance(
+            saved.get("rank_in"), int
+        ):  # resumed: the round began earlier
             self.reference_tail_norm = float(saved["tail_norm_start"])
             self.rank_in = int(saved["rank_in"])
         else:

@@ -21,12 +21,15 @@ def run_client_rounds(
     timeout: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    resume: bool = False,
 ) -> list[int]:
     """Run up to `max_rounds` local rounds: wait for each new global, train if selected, upload.
 
     Each round re-enters `trainer.train()` (fresh optimizer moments and LR schedule, as in FL
-    practice). Rounds this client already uploaded (say, before a crash) are not redone. Returns the
-    rounds this client trained.
+    practice). Rounds this client already uploaded (say, before a crash) are not redone. With
+    `resume=True` a round with a checkpoint of its own in `trainer.args.output_dir` (a client killed
+    mid-round) continues from it (`client.resumable_checkpoint`); checkpoints of earlier rounds are
+    passed over. Returns the rounds this client trained.
 
     Example:
         ```py
@@ -62,7 +65,10 @@ def run_client_rounds(
         if client.already_uploaded(latest.round):
             logger.info("Client %s already uploaded round %d.", client.client_id, latest.round)
             continue
-        trainer.train()
+        checkpoint = client.resumable_checkpoint(trainer.args.output_dir) if resume else None
+        if checkpoint is not None:
+            logger.info("Client %s resumes round %d from %s.", client.client_id, latest.round, checkpoint)
+        trainer.train(resume_from_checkpoint=checkpoint)
         trained.append(latest.round)
         if deadline is not None:
             deadline = clock() + timeout
