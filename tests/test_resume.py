@@ -268,3 +268,34 @@ def test_resumable_checkpoint_passes_over_any_broken_trainer_state(tmp_path_fact
     (out / "checkpoint-3" / "trainer_state.json").write_text(text)
     (out / "checkpoint-x").mkdir()
     assert FederatedClientCallback(store, "alice").resumable_checkpoint(out) is None
+
+
+@pytest.mark.parametrize("frozen, nested", [("factors", True), ("merged", False)])  # merged cannot nest
+def test_window_client_resumes_bit_identically(tmp_path, frozen, nested):
+    """A window round (the global's other components frozen), with nested draws where they apply: the resumed round
+    re-creates the frozen part from the global, keeps the checkpoint's window and continues the round's draws."""
+    from tests.test_callbacks import _publish_window
+
+    uploads, draws = {}, {}
+    for name, kill_at in (("straight", None), ("killed", 3)):
+        store, _ = _publish_window(tmp_path / name, {"alice": [6, 1, 5]}, r_min=1)
+        args = make_args(tmp_path / f"{name}-out", max_steps=MAX_STEPS, save_strategy="steps", save_steps=1,
+                         per_device_train_batch_size=2)
+        for extra in ([KillAfterSave(kill_at)] if kill_at else []), []:
+            model = make_model(rank=4, lam=5.0, gamma=0.75, seed=11)
+            callback = FederatedClientCallback(store, "alice", frozen=frozen, nested=nested)
+            trainer = Trainer(model=model, args=args, train_dataset=make_dataset(n=24), callbacks=[callback, *extra])
+            if extra:
+                with pytest.raises(Killed):
+                    trainer.train()
+                continue
+            trainer.train(resume_from_checkpoint=True if kill_at else None)
+            break
+        uploads[name], info = upload(store)
+        assert set(info["components"]) <= {1, 5, 6} and len(info["components"]) == info["rank_out"]
+        draws[name] = callback.nested_draws
+    if nested:  # the resumed round's draws go on from the checkpoint's step
+        assert len(draws["killed"]) == MAX_STEPS - 3 and draws["killed"] == draws["straight"][3:]
+    assert set(uploads["killed"]) == set(uploads["straight"])
+    for key, value in uploads["straight"].items():
+        assert torch.equal(uploads["killed"][key], value), key
