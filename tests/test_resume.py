@@ -299,3 +299,16 @@ def test_window_client_resumes_bit_identically(tmp_path, frozen, nested):
     assert set(uploads["killed"]) == set(uploads["straight"])
     for key, value in uploads["straight"].items():
         assert torch.equal(uploads["killed"][key], value), key
+
+
+def test_the_federation_fingerprint_survives_an_extension_and_nothing_else(tmp_path):
+    store = fresh_store(tmp_path / "fed", global_state())
+    callback = FederatedClientCallback(store, "alice")
+    assert callback.federation_fingerprint() is None  # no federation.json
+    federation = {"base_model": "org/base", "r_min": 2, "r_max": 8, "rounds": 2}
+    store.write_federation(federation)
+    first = callback.federation_fingerprint()
+    store.write_federation({**federation, "rounds": 5})  # the coordinator extends the federation
+    assert callback.federation_fingerprint() == first
+    store.write_federation({**federation, "r_max": 16})
+    assert callback.federation_fingerprint() != first

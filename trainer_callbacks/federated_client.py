@@ -147,6 +147,8 @@ class FederatedClientCallback(HetLoRACallback):
         self.skipped = False
         self.uploaded_rounds: list[int] = []
         self.not_uploaded: dict[int, str] = {}
+        self._start_step = 0  # global_step when the current train() call began (> 0: resumed)
+        self._finished_weights: dict[str, torch.Tensor] | None = None
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint stores of this callback (`ExportableState`): the round start and the round's identity.
@@ -229,9 +231,15 @@ class FederatedClientCallback(HetLoRACallback):
             )
 
     def federation_fingerprint(self) -> str | None:
-        """sha256 of the store's `federation.json` (canonical JSON), None when the store has none."""
+        """sha256 of the store's `federation.json` (canonical JSON) without `rounds`, None when there is none.
+
+        `rounds` is left out because extending a federation rewrites it; everything else is fixed at init.
+        """
         federation = self.store.read_federation()
-        return None if federation is None else hashlib.sha256(json_text(federation).encode()).hexdigest()
+        if not isinstance(federation, dict):
+            return None
+        fixed = {key: value for key, value in federation.items() if key != "rounds"}
+        return hashlib.sha256(json_text(fixed, sort_keys=True).encode()).hexdigest()
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._check_args(args)
@@ -365,7 +373,7 @@ class FederatedClientCallback(HetLoRACallback):
             return
         model = kwargs.get("model")
         last_step = state.global_step
-        if getattr(self, "_finished_weights", None) is not None:  # undo the step transformers ran after the stop
+        if self._finished_weights is not None:  # undo the step transformers ran after the stop
             peft_model = hetlora_peft_model(model)
             set_peft_model_state_dict(peft_model, self._finished_weights, adapter_name=peft_model.active_adapters[0])
             self._finished_weights = None
@@ -381,7 +389,7 @@ class FederatedClientCallback(HetLoRACallback):
                 f"Client {self.client_id}: cannot tell how many examples were trained on; pass num_examples=."
             )
         train_loss = next((log["train_loss"] for log in reversed(state.log_history) if "train_loss" in log), None)
-        if getattr(self, "_start_step", 0) > 0:  # resumed: the Trainer's train_loss covers this call's steps only
+        if self._start_step > 0:  # resumed: the Trainer's train_loss covers this call's steps only
             losses = [log["loss"] for log in state.log_history if "loss" in log and log.get("step", 0) <= last_step]
             train_loss = sum(losses) / len(losses) if losses else train_loss
         if state.global_step == 0:
