@@ -64,17 +64,19 @@ def upload(store, round_idx=0):
     return load_file(str(folder / "adapter_model.safetensors")), json.loads((folder / "client.json").read_text())
 
 
+# variant -> (TrainingArguments overrides, the steps after whose checkpoint the client is killed);
+# MAX_STEPS: killed after the final checkpoint, before the upload
 VARIANTS = {
-    "plain": {},
-    "grad-accum": {"gradient_accumulation_steps": 2},
-    "grad-checkpointing": {"gradient_checkpointing": True},
+    "plain": ({}, (1, 3, MAX_STEPS)),
+    "grad-accum": ({"gradient_accumulation_steps": 2}, (2, MAX_STEPS)),
+    "grad-checkpointing": ({"gradient_checkpointing": True}, (3, MAX_STEPS)),
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_kill_and_resume_uploads_exactly_the_uninterrupted_round(tmp_path, variant):
     state = global_state()
-    args = VARIANTS[variant]
+    args, kills = VARIANTS[variant]
     straight = fresh_store(tmp_path / "straight", state)
     trainer, _ = client_trainer(tmp_path, straight, tmp_path / "straight-out", save_strategy="no", **args)
     trainer.train()
@@ -83,7 +85,7 @@ def test_kill_and_resume_uploads_exactly_the_uninterrupted_round(tmp_path, varia
              for k, v in expected.items() if v.shape == (state[k][:3] if k.endswith("lora_A.weight")
                                                          else state[k][:, :3]).shape]
     assert any(moved) or expected_info["rank_out"] < 3  # the round trained: the test could tell a lost resume
-    for kill_at in (1, 3, MAX_STEPS):  # MAX_STEPS: killed after the final checkpoint, before the upload
+    for kill_at in kills:
         store = fresh_store(tmp_path / f"kill{kill_at}", state)
         out = tmp_path / f"kill{kill_at}-out"
         trainer, _ = client_trainer(tmp_path, store, out, extra=[KillAfterSave(kill_at)], **args)
