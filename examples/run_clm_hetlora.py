@@ -68,7 +68,9 @@ def main() -> None:
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         callbacks=[client],  # [HetLoRA]
     )
-    run_client_rounds(trainer, client, max_rounds=script_args.rounds, timeout=3600)  # [HetLoRA] instead of .train()
+    # [HetLoRA] instead of .train(); --resume_from_checkpoint: a restarted client continues its open round's checkpoint
+    run_client_rounds(trainer, client, max_rounds=script_args.rounds, timeout=3600,
+                      resume=bool(training_args.resume_from_checkpoint))
 
 
 if __name__ == "__main__":

@@ -560,3 +560,21 @@ def test_window_client_with_nested_training_draws_per_step_and_uploads_its_windo
     assert info["components"] == [1, 2, 5, 7] and info["rank_out"] == 4
     assert all(layer._truncation["default"] is None
                for layer in model.modules() if isinstance(layer, peft_hetlora.HetLoRALinear))
+
+
+@pytest.mark.parametrize("module_name", ["trainer_callbacks", "trainer_callbacks.federated_client",
+                                         "trainer_callbacks.hetlora_callback", "trainer_callbacks.processes",
+                                         "trainer_callbacks.rounds"])
+def test_trainer_callbacks_docstring_examples_run(module_name):
+    import doctest
+    import importlib
+
+    from tests.test_docstrings import FencedDocTestParser
+
+    finder = doctest.DocTestFinder(parser=FencedDocTestParser())
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    report: list[str] = []
+    for test in finder.find(importlib.import_module(module_name)):
+        if test.examples:
+            runner.run(test, out=report.append)
+    assert runner.failures == 0, "".join(report)

@@ -3,7 +3,8 @@
 - `HetLoRACallback`: one local round (self-pruning regulariser bookkeeping, pruning, logging).
 - `FederatedClientCallback(store, client_id)`: the same plus pull of the global adapter at train
   begin and upload of the client's adapter at train end.
-- `run_client_rounds(trainer, callback, ...)`: several rounds in one script.
+- `run_client_rounds(trainer, callback, ...)`: several rounds in one script (`resume=True`: a restarted
+  client continues its open round's checkpoint).
 
 Example:
     ```py
@@ -12,11 +13,12 @@ Example:
     ```
 """
 
-from .federated_client import FederatedClientCallback
+from .federated_client import CheckpointMismatchError, FederatedClientCallback
 from .hetlora_callback import HetLoRACallback, add_callbacks_first, hetlora_peft_model, hetlora_tuner
 from .rounds import run_client_rounds
 
 __all__ = [
+    "CheckpointMismatchError",
     "FederatedClientCallback",
     "HetLoRACallback",
     "add_callbacks_first",

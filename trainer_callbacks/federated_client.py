@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -26,9 +27,14 @@ from peft_hetlora.federated.ranks import MAX_RANK, check_rank
 from peft_hetlora.federated.store import AdapterStore, GlobalAdapter, json_text, validate_client_id
 from peft_hetlora.federation_config import check_matches_federation
 
-from .hetlora_callback import HetLoRACallback, hetlora_peft_model, hetlora_tuner
+from .hetlora_callback import HetLoRACallback, checkpoint_round_start, hetlora_peft_model, hetlora_tuner
+from .processes import agree, is_main_process, refuse_sharded_training
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+    """A `resume_from_checkpoint` checkpoint that is not of this client's open round."""
 
 
 class FederatedClientCallback(HetLoRACallback):
@@ -61,9 +67,19 @@ class FederatedClientCallback(HetLoRACallback):
     model drops the frozen part and returns to prefix labels (`last_round["components"]` keeps the
     window it trained).
 
-    A client restarted mid-round simply calls `train()` again: it redoes the round and its upload
-    replaces the earlier one atomically; a client whose upload for the open round already landed
-    skips training (nothing is uploaded twice).
+    A client restarted mid-round either calls `train()` again (it redoes the round; its upload replaces
+    the earlier one atomically) or resumes: `train(resume_from_checkpoint=...)` continues the round from
+    the checkpoint (weights, optimizer, scheduler, step and the round start all come from the checkpoint;
+    the global is loaded only at the start of a fresh round). The round's identity (federation, round,
+    client id, the global's revision, rank and window) travels in each checkpoint's `trainer_state.json`
+    (this callback is a transformers `ExportableState`); a checkpoint of another round, client or
+    federation is refused before any step (`CheckpointMismatchError`). A client whose upload for the
+    open round already landed skips training (nothing is uploaded twice); a round that trained no step
+    uploads nothing.
+
+    Multi-process clients (`torchrun`, `accelerate launch`): every process trains, the main process
+    (`state.is_world_process_zero`) alone uploads, once per round; the others wait for it and fail with
+    it. DeepSpeed and FSDP are refused (`is_sharded_training`): their processes hold shards of the adapter.
 
     Args:
         store: any `AdapterStore` (`LocalStore`, `HubStore`, ...).
@@ -130,6 +146,18 @@ class FederatedClientCallback(HetLoRACallback):
         self.round_info: dict[str, Any] = {}
         self.skipped = False
         self.uploaded_rounds: list[int] = []
+        self.not_uploaded: dict[int, str] = {}
+        self._start_step = 0  # global_step when the current train() call began (> 0: resumed)
+        self._finished_weights: dict[str, torch.Tensor] | None = None
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint stores of this callback (`ExportableState`): the round start and the round's identity.
+
+        `args` stays empty: the callback cannot be rebuilt from JSON (it holds a store), so
+        `restore_callback_states_from_checkpoint=True` is refused; the callback reads its entry itself.
+        """
+        saved = super().state()
+        return {"args": {}, "attributes": saved["attributes"]}
 
     # ------------------------------------------------------------------ round discovery
     def current_round(self) -> int | None:
@@ -191,15 +219,41 @@ class FederatedClientCallback(HetLoRACallback):
         return f"{self.client_id}:round-{round_idx}"
 
     # ------------------------------------------------------------------ events
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._check_args(args)
+
+    def _check_args(self, args: TrainingArguments) -> None:
+        refuse_sharded_training(args)
+        if getattr(args, "restore_callback_states_from_checkpoint", False):
+            raise ValueError(
+                "restore_callback_states_from_checkpoint=True would rebuild FederatedClientCallback without its "
+                "store; leave it False: the callback reads the round's identity from the checkpoint itself."
+            )
+
+    def federation_fingerprint(self) -> str | None:
+        """sha256 of the store's `federation.json` (canonical JSON) without `rounds`, None when there is none.
+
+        `rounds` is left out because extending a federation rewrites it; everything else is fixed at init.
+        """
+        federation = self.store.read_federation()
+        if not isinstance(federation, dict):
+            return None
+        fixed = {key: value for key, value in federation.items() if key != "rounds"}
+        return hashlib.sha256(json_text(fixed, sort_keys=True).encode()).hexdigest()
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._check_args(args)
         peft_model = hetlora_peft_model(kwargs.get("model"))
         self.skipped = False
-        latest = self.store.latest_global()
-        if latest is None:
+        resumed = state.global_step > 0
+        # every process of a multi-process client follows the main process's view of the store
+        latest_round, uploaded = agree(self._store_view() if is_main_process(state) else None)
+        if latest_round is None:
             raise RuntimeError(
                 "The store has no global adapter yet: the coordinator must publish round 0 first "
                 "(`hetlora coordinate ... --init` or Coordinator.init)."
             )
+        latest = self.store.get_global(latest_round)
         self.current = latest
         self.round_info = self._read_round_info(latest)
         if self.federation_finished(latest.round, self.round_info):
@@ -212,19 +266,119 @@ class FederatedClientCallback(HetLoRACallback):
                 f"Client {self.client_id} is not a participant of round {latest.round} "
                 f"(participants: {self.round_info.get('participants')}); check `is_participant()` before training."
             )
-        if self.already_uploaded(latest.round):
+        if uploaded:
             logger.info("Client %s already uploaded round %d; skipping.", self.client_id, latest.round)
             self.skipped = True
             control.should_training_stop = True
             return
-        self._load_global(peft_model, latest)
+        identity = self.round_identity(latest)
+        if not resumed:
+            self._load_global(peft_model, latest)
+        else:
+            self._resume_round(peft_model, latest, identity, checkpoint_round_start(state, type(self).__name__))
+        components = hetlora_tuner(peft_model).peft_config[hetlora_tuner(peft_model).active_adapters[0]].components
+        self.round_start = {
+            **identity,
+            "rank": self._rank(hetlora_tuner(peft_model)),
+            "components": None if components is None else list(components),
+            "budget": self.budget,
+        }
         super().on_train_begin(args, state, control, **kwargs)
+        self._start_step = state.global_step
+        self._finished_weights = None
+        if resumed and state.max_steps and state.global_step >= state.max_steps:
+            # resumed from the round's last checkpoint (killed before the upload): transformers still runs one
+            # optimizer step after a stop requested here, so the checkpoint's weights are kept aside and restored
+            self._finished_weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+            control.should_training_stop = True
+
+    def round_identity(self, latest: GlobalAdapter) -> dict[str, Any]:
+        """What a checkpoint of this client's round `latest.round` must carry to be resumed."""
+        return {
+            "federation": self.federation_fingerprint(),
+            "round": latest.round,
+            "client_id": self.client_id,
+            "global_revision": latest.revision,
+        }
+
+    def resumable_checkpoint(self, output_dir: str | Path) -> str | None:
+        """The last checkpoint in `output_dir` of this client's open round, None when there is none.
+
+        Checkpoints of other rounds, clients or federations (and folders that are not Trainer checkpoints)
+        are passed over, so a script can always call `trainer.train(resume_from_checkpoint=...)` with this.
+        """
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        latest = self.store.latest_global()
+        if latest is None or not Path(output_dir).is_dir():
+            return None
+        identity = self.round_identity(latest)
+        found = []
+        for folder in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            step = folder.name.rsplit("-", 1)[-1]
+            if not step.isdigit() or not (folder / "trainer_state.json").is_file():
+                continue
+            try:
+                state = TrainerState.load_from_json(str(folder / "trainer_state.json"))
+            except (ValueError, TypeError, OSError):
+                continue
+            saved = checkpoint_round_start(state, type(self).__name__) or {}
+            if all(saved.get(key) == value for key, value in identity.items()):
+                found.append((int(step), str(folder)))
+        return max(found)[1] if found else None
+
+    def _store_view(self) -> tuple[int | None, bool]:
+        latest = self.store.latest_global()
+        if latest is None:
+            return None, False
+        return latest.round, self.already_uploaded(latest.round)
+
+    def _resume_round(self, peft_model: Any, latest: GlobalAdapter, identity: dict, saved: dict | None) -> None:
+        """Check a resumed checkpoint is of this round, then set the round up around the checkpoint's weights."""
+        fix = (
+            "Start the open round fresh from the global: call trainer.train() without resume_from_checkpoint "
+            "(or move the old checkpoint-* folders out of output_dir; one output_dir per round avoids this)."
+        )
+        if saved is None or "round" not in saved:
+            raise CheckpointMismatchError(
+                f"Client {self.client_id}: the checkpoint being resumed carries no HetLoRA round identity (it was "
+                f"not written by a FederatedClientCallback), so it cannot be told to be of round {latest.round}. {fix}"
+            )
+        differ = [f"{key}: checkpoint {saved.get(key)!r}, open round {value!r}"
+                  for key, value in identity.items() if saved.get(key) != value]
+        if differ:
+            raise CheckpointMismatchError(
+                f"Client {self.client_id}: the checkpoint being resumed is not of the open round "
+                f"({'; '.join(differ)}). {fix}"
+            )
+        trained = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+        self._load_global(peft_model, latest)  # checks, rank, window (and its frozen part) as at the round's start
+        tuner = hetlora_tuner(peft_model)
+        adapter = tuner.active_adapters[0]
+        components = tuner.peft_config[adapter].components
+        now = {"rank": self._rank(tuner), "components": None if components is None else list(components)}
+        shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+        if any(saved.get(k) != v for k, v in now.items()) or shapes != {k: tuple(v.shape) for k, v in trained.items()}:
+            raise CheckpointMismatchError(
+                f"Client {self.client_id}: the checkpoint trained rank {saved.get('rank')} components "
+                f"{saved.get('components')} but round {latest.round} gives this client rank {now['rank']} components "
+                f"{now['components']} (another max_rank / rank= than before the restart?). {fix}"
+            )
+        set_peft_model_state_dict(peft_model, trained, adapter_name=adapter)
+        logger.info("Client %s resumed round %d from its checkpoint (the global was not reloaded)",
+                    self.client_id, latest.round)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.skipped or self.current is None:
             return
-        super().on_train_end(args, state, control, **kwargs)
         model = kwargs.get("model")
+        last_step = state.global_step
+        if self._finished_weights is not None:  # undo the step transformers ran after the stop
+            peft_model = hetlora_peft_model(model)
+            set_peft_model_state_dict(peft_model, self._finished_weights, adapter_name=peft_model.active_adapters[0])
+            self._finished_weights = None
+            last_step = self._start_step
+        super().on_train_end(args, state, control, **kwargs)
         num_examples = self.num_examples
         if num_examples is None:
             loader = kwargs.get("train_dataloader")
@@ -235,10 +389,34 @@ class FederatedClientCallback(HetLoRACallback):
                 f"Client {self.client_id}: cannot tell how many examples were trained on; pass num_examples=."
             )
         train_loss = next((log["train_loss"] for log in reversed(state.log_history) if "train_loss" in log), None)
-        self.upload(model, num_examples=int(num_examples), train_loss=train_loss)
+        if self._start_step > 0:  # resumed: the Trainer's train_loss covers this call's steps only
+            losses = [log["loss"] for log in state.log_history if "loss" in log and log.get("step", 0) <= last_step]
+            train_loss = sum(losses) / len(losses) if losses else train_loss
+        if state.global_step == 0:
+            reason = "it trained no step (empty dataset or max_steps=0?)"
+            logger.warning("Client %s: round %d not uploaded: %s.", self.client_id, self.current.round, reason)
+            self.not_uploaded[self.current.round] = reason
+        else:
+            self._upload_once(state, model, num_examples=int(num_examples), train_loss=train_loss)
         # end of the round: forget the frozen rest of the global (restoring the base weights if merged) and go
         # back to prefix labels, so code that sets ranks or loads a global between rounds sees a plain model
         hetlora_tuner(model).clear_components()
+
+    def _upload_once(self, state: TrainerState, model: Any, **info: Any) -> None:
+        """The main process uploads; the others wait for it and raise if it failed."""
+        error = None
+        if is_main_process(state):
+            try:
+                self.upload(model, **info)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other processes heard of it
+                error = exc
+        failed = agree(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise RuntimeError(f"Client {self.client_id}: the main process's upload failed: {failed}")
+        if not is_main_process(state):
+            self.uploaded_rounds.append(self.current.round)
 
     # ------------------------------------------------------------------ pull / push
     @staticmethod

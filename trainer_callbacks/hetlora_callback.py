@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from peft_hetlora.model import HetLoRAModel
 
@@ -50,7 +51,36 @@ def reset_optimizer_state(optimizer: Any) -> None:
         state.clear()
 
 
-class HetLoRACallback(TrainerCallback):
+#: the attribute under which a callback's round start travels in a checkpoint's `trainer_state.json`
+#: (`stateful_callbacks[<callback class name>]["attributes"]`)
+ROUND_START = "hetlora_round"
+
+
+def checkpoint_round_start(state: TrainerState, name: str) -> dict[str, Any] | None:
+    """The round start a `name` callback stored in the checkpoint `state` was restored from, or None.
+
+    The Trainer writes every `ExportableState` callback's `state()` into each checkpoint's
+    `trainer_state.json` and reads it back with the rest of `TrainerState` on resume.
+
+    Example:
+        ```py
+        >>> from transformers import TrainerState
+        >>> state = TrainerState(stateful_callbacks={"HetLoRACallback": {"args": {}, "attributes": {
+        ...     "hetlora_round": {"rank_in": 4, "tail_norm_start": 0.5}}}})
+        >>> checkpoint_round_start(state, "HetLoRACallback")
+        {'rank_in': 4, 'tail_norm_start': 0.5}
+        ```
+    """
+    stored = (state.stateful_callbacks or {}).get(name)
+    if isinstance(stored, list):  # several callbacks of one class: the Trainer keeps a list
+        stored = stored[0] if stored else None
+    if not isinstance(stored, dict):
+        return None
+    found = (stored.get("attributes") or {}).get(ROUND_START)
+    return found if isinstance(found, dict) else None
+
+
+class HetLoRACallback(TrainerCallback, ExportableState):
     """Runs HetLoRA's local round inside a Trainer: regulariser bookkeeping, self-pruning, logging.
 
     The self-pruning regulariser lambda * sum_m ||B_m tail|| ||A_m tail|| is added to the loss by the
@@ -69,6 +99,10 @@ class HetLoRACallback(TrainerCallback):
     Ablation switches (the cut-down "HetLoRA" baselines of other papers): `prune=False` (or
     `HetLoRAConfig(prune_lambda=0)` for no regulariser) turns self-pruning off; the sparsity weights
     are a server choice (`method="zero_pad"` is HetLoRA without them).
+
+    Checkpoint resume: the callback is an `ExportableState`, so the round start (rank in, tail norm at the
+    start of the round) is written into every checkpoint's `trainer_state.json`; a `train(resume_from_checkpoint=...)`
+    prunes against the round's start, not against the checkpoint's tail.
 
     Args:
         prune: apply the pruning rule at the end of the round (docs/design.md#self-pruning).
@@ -97,6 +131,14 @@ class HetLoRACallback(TrainerCallback):
         self.nested_draws: list[int] = []
         self._nested_rng: random.Random | None = None
         self._rounds_begun = 0
+        self.round_start: dict[str, Any] = {}
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint stores of this callback (transformers' `ExportableState`): the round start."""
+        return {
+            "args": {"prune": self.prune, "reset_optimizer": self.reset_optimizer, "nested": self.nested},
+            "attributes": {ROUND_START: dict(self.round_start)},
+        }
 
     def nested_seed_tag(self) -> str:
         """What, beside the seeds, makes this round's nested draws differ from another round's."""
@@ -108,17 +150,28 @@ class HetLoRACallback(TrainerCallback):
         tuner.gradient_accumulation_steps = args.gradient_accumulation_steps
         if self.reset_optimizer and kwargs.get("optimizer") is not None and state.global_step == 0:
             reset_optimizer_state(kwargs["optimizer"])
-        with torch.no_grad():
-            self.reference_tail_norm = float(tuner.tail_norm())
-        self.rank_in = self._rank(tuner)
+        saved = checkpoint_round_start(state, type(self).__name__) if state.global_step > 0 else None
+        if saved is not None and isinstance(saved.get("tail_norm_start"), (int, float)) and isinstance(
+            saved.get("rank_in"), int
+        ):  # resumed: the round began earlier
+            self.reference_tail_norm = float(saved["tail_norm_start"])
+            self.rank_in = int(saved["rank_in"])
+        else:
+            with torch.no_grad():
+                self.reference_tail_norm = float(tuner.tail_norm())
+            self.rank_in = self._rank(tuner)
         self.last_round = {}
         self._rounds_begun += 1
+        self.round_start = {**self.round_start, "rank_in": self.rank_in, "tail_norm_start": self.reference_tail_norm}
         config = tuner.peft_config[tuner.active_adapters[0]]
         nested = config.nested if self.nested is None else self.nested
         self.nested_draws = []
         self._nested_rng = (
             random.Random(f"{config.nested_seed}:{args.seed}:{self.nested_seed_tag()}") if nested else None
         )
+        if self._nested_rng is not None:
+            for _ in range(state.global_step):  # a resumed round continues the round's draws
+                self._nested_rng.randint(min(max(1, config.r_min), self.rank_in), self.rank_in)
         logger.info("HetLoRA local round: rank %d, tail norm %.6g", self.rank_in, self.reference_tail_norm)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
