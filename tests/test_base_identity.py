@@ -301,3 +301,34 @@ def test_the_builtin_spec_exports_as_its_local_folder(tmp_path, monkeypatch):
     monkeypatch.setattr("peft_hetlora.simulation.model_source.resolve_model", lambda spec: converted)
     assert usable_base("smollm2-135m") == str(converted.resolve())
     assert usable_base("./my-model") == "./my-model" and usable_base(None) is None
+
+
+def test_a_trainer_client_built_without_get_federated_model_is_checked_too(tmp_path, base_dir):
+    """A script that wraps its own model (plain `get_peft_model`, TRL's `peft_config`) reaches the callback only:
+    the callback checks the base against federation.json before the first step, and uploads nothing."""
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from peft_hetlora import HetLoRAConfig
+    from trainer_callbacks import FederatedClientCallback
+
+    fed = tmp_path / "fed"
+    assert _init(fed, base_dir) == 0
+    store = LocalStore(fed)
+    ids = [[1, 2, 3, 4, 5, 6, 7, 8]] * 4
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    for seed, refused in ((0, False), (5, True)):
+        config = HetLoRAConfig.from_federation(store, rank=2)
+        model = get_peft_model(tiny_llama(seed=seed), config)
+        args = TrainingArguments(str(tmp_path / f"out{seed}"), max_steps=1, per_device_train_batch_size=4,
+                                 report_to=[], use_cpu=True)
+        trainer = Trainer(model=model, args=args, train_dataset=data,
+                          callbacks=[FederatedClientCallback(store, client_id="alice" if seed == 0 else "bob")])
+        if refused:
+            with pytest.raises(BaseModelMismatchError, match="not the federation's"):
+                trainer.train()
+            assert store.list_client_uploads(0) == ["alice"]  # bob uploaded nothing
+        else:
+            trainer.train()

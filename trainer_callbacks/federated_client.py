@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import peft_hetlora
+from peft_hetlora.base_identity import check_base_model, federation_base_identity
 from peft_hetlora.federated.aggregation import lora_module_names, truncate
 from peft_hetlora.federated.compression import (
     MESSAGE_FORMAT_FIELD,
@@ -148,6 +149,7 @@ class FederatedClientCallback(HetLoRACallback):
         self.uploaded_rounds: list[int] = []
         self.not_uploaded: dict[int, str] = {}
         self._start_step = 0  # global_step when the current train() call began (> 0: resumed)
+        self._base_checked = False  # the base model is checked against federation.json once per client
         self._finished_weights: dict[str, torch.Tensor] | None = None
 
     def state(self) -> dict[str, Any]:
@@ -432,6 +434,9 @@ class FederatedClientCallback(HetLoRACallback):
         if global_config.get("peft_type") != "HETLORA":
             raise ValueError(f"The published global of round {latest.round} is not a HETLORA adapter.")
         check_matches_federation(config, global_config)
+        if not self._base_checked:
+            check_base_model(peft_model, config, federation_base_identity(self.store))
+            self._base_checked = True
         ours = set(lora_module_names(get_peft_model_state_dict(peft_model, adapter_name=adapter)))
         weights = load_file(str(Path(latest.path) / "adapter_model.safetensors"))
         theirs = set(lora_module_names(weights))
