@@ -176,8 +176,10 @@ def clip_factor_steps(
         a = state_dict[a_key].detach().to("cpu", torch.float64)
         b = state_dict[b_key].detach().to("cpu", torch.float64)
         ref_a, ref_b = _sent_factors(previous, a_key, b_key, a, b, components)
-        clipped[name] = ((ref_a + scale_a * (a - ref_a)).to(torch.float32),
-                         (ref_b + scale_b * (b - ref_b)).to(torch.float32))
+        # an unclipped factor is kept as uploaded (ref + 1.0 * (a - ref) would cancel digits of a tiny factor)
+        new_a = a if scale_a == 1.0 else ref_a + scale_a * (a - ref_a)
+        new_b = b if scale_b == 1.0 else ref_b + scale_b * (b - ref_b)
+        clipped[name] = (new_a.to(torch.float32), new_b.to(torch.float32))
     return clipped, scale_a, scale_b
 
 
