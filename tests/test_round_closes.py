@@ -354,3 +354,53 @@ def test_a_one_shot_iterator_and_a_callable_give_the_same_round():
     assert a.summary["rejected"] == b.summary["rejected"] == {"gone": "upload could not be downloaded"}
     for key, value in a.state_dict.items():
         torch.testing.assert_close(b.state_dict[key], value, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------- the coordinator
+def _scaled_reupload(store, clients, t: int, cid: str, scale: float) -> None:
+    """Client `cid`'s ordinary upload with every LoRA factor multiplied by `scale` (finite, validated)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = clients.upload(t, cid)
+    sd = load_file(str(folder / "adapter_model.safetensors"))
+    sd = {k: (v.double() * scale).float() if ".lora_" in k else v for k, v in sd.items()}
+    save_file(sd, str(folder / "adapter_model.safetensors"))
+    store.upload_client(t, cid, folder)
+
+
+@pytest.mark.parametrize("method,scale", [("flexlora_held", 3e18), ("hetlora", 1e19), ("rankwise", 1e13)])
+def test_the_coordinator_closes_the_round_and_a_restart_goes_on(tmp_path, method, scale):
+    """Issue 22: with the default settings a x3e18 upload made every `hetlora coordinate` restart fail (exit 2)."""
+    from coordinator_fakes import FakeClients, initial_adapter, make_coordinator
+
+    from peft_hetlora.federated.coordinator import Coordinator
+    from peft_hetlora.federated.local_store import LocalStore
+
+    store = LocalStore(tmp_path / "fed", create=True)
+    coord = make_coordinator(store, None, method=method, clients_per_round=4, rounds=2)
+    coord.init(initial_adapter(tmp_path / "init", r_max=4))
+    clients = FakeClients(store, tmp_path / "work")
+    for cid in ["a", "b", "c"]:
+        clients.upload(0, cid)
+    _scaled_reupload(store, clients, 0, "d", scale)
+    summary = coord.close_round(0)
+    assert set(summary["accepted"]) >= {"a", "b", "c"}
+    if "d" in summary["accepted"]:  # accepted only clipped by the default bound
+        assert "d" in summary["aggregation"]["influence_bound"]["clipped"]
+    assert summary["aggregation"]["influence_bound"]["mode"] == "adaptive"
+    new_global = load_global(store, 1)
+    assert all(np.isfinite(v).all() for v in new_global.values())
+    # a restarted coordinator reads the same store and goes on (the decision is durable)
+    again = Coordinator(store, progress=False, clock=coord.clock, sleep=clients.sleep)
+    assert again.close_round(0) == summary
+    for cid in ["a", "b", "c", "d"]:
+        clients.upload(1, cid)
+    assert again.step(wait=False) == "closed round 1"
+
+
+def load_global(store, t: int) -> dict[str, np.ndarray]:
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    return load_file(str(Path(store.get_global(t).path) / "adapter_model.safetensors"))
