@@ -33,24 +33,31 @@ The global adapter lives at rank ``r_max`` and every client uses the same scale 
     indexed upload to its indices and zero-pad the rest; ``flexlora_held`` counts the rest at its previous value;
     ``fedavg`` / ``flexlora`` refuse non-prefix uploads.
 
-**Influence bound** (``clip_norm = C``): each client's factors are clipped to a ball around the factors it was
-sent, ``A0_k = truncate(previous, r_k)`` (zeros without ``previous``):
-``sqrt(s) ||A_k - A0_k||_F <= sqrt(C)`` and ``sqrt(s) ||B_k - B0_k||_F <= sqrt(C)`` (norms over all modules).
-With ``a = sqrt(s) ||A_prev||_F``, ``b = sqrt(s) ||B_prev||_F`` (``0`` without ``previous``) and ``c = sqrt(C)``,
-for ``hetlora`` (per-client weighting), ``zero_pad``, ``fedavg``, ``flexlora`` and ``flexlora_held`` (a held
-adapter is the clipped upload with the previous global's other components, within the same ball), whatever the
-clients upload:
+**A round always closes.** Every problem one update can cause is decided for that update alone by
+:meth:`StreamingAggregator.observe` / :meth:`StreamingAggregator.add` (an ``AggregationError`` the round turns into
+a rejection): the structure checks, finite values, and a contribution ``||s B_k A_k||_F`` within
+:data:`MAX_UPDATE_NORM`; sums are float64, so no finite validated input overflows (docs/aggregation.md).
 
-* the published global satisfies ``||delta W_new||_F <= (a + c) (b + c)``;
+**Influence bound** (``clip_norm``): each client's factors are clipped to a ball around the factors it was sent,
+``A0_k = truncate(previous, r_k)`` (zeros without ``previous``): ``||A_k - A0_k||_F <= rho_A`` and
+``||B_k - B0_k||_F <= rho_B`` (norms over all modules). ``"adaptive"`` (the engines' default):
+``rho_A = c x median_k ||A_k - A0_k||_F``, ``rho_B`` alike, ``c = 4``, from the round's first pass (norm-bounding
+with the threshold tracked from the updates, as in adaptive clipping, Andrew et al., arXiv 1905.03871); a number
+``C``: ``rho_A = rho_B = sqrt(C / s)``. With ``a = ||A_prev||_F``, ``b = ||B_prev||_F``, for ``hetlora``
+(per-client weighting), ``zero_pad``, ``fedavg``, ``flexlora`` and ``flexlora_held``, whatever the clients upload:
+
+* the published global satisfies ``||delta W_new||_F <= s (a + rho_A) (b + rho_B)``;
 * replacing one client's upload by any other, its weight ``p_k`` held fixed (always so for data-size weights),
-  moves ``delta W_new`` by at most ``2 p_k c (a + b + 2 c)`` (``flexlora``: the weighted sum before its SVD).
+  moves ``delta W_new`` by at most ``2 p_k s (rho_A (b + rho_B) + rho_B (a + rho_A))`` (``flexlora``: the weighted
+  sum before its SVD).
 
 ``rankwise`` and ``weighting="per_module"`` use one weight per component or module, so their global bound reads
-``(a + sqrt(K) c) (b + sqrt(K) c)`` for ``K`` clients. Unbalanced factors (``A x 1e-6``, ``B x 1e6``) cannot
-escape: each factor is bounded on its own, not only their product.
+``s (a + sqrt(K) rho_A) (b + sqrt(K) rho_B)`` for ``K`` clients. Unbalanced factors (``A x 1e-6``, ``B x 1e6``)
+cannot escape: each factor is bounded on its own, not only their product.
 
-**Weight cap** (``max_weight_ratio = rho``, default 10): a data-size weight counts at most ``rho x median`` of the
-round's positive ``n_k``, so one client claiming ``num_examples = 1e9`` weighs like a large honest client.
+**Weight cap** (``max_weight_ratio = rho``, default 10, :func:`capped_weights`): a data-size weight counts at most
+``rho x median`` of the round's positive ``n_k``, exactly, for any number of clients above it, so one client
+claiming ``num_examples = 1e9`` weighs like a large honest client.
 """
 
 from __future__ import annotations

@@ -3,11 +3,19 @@
 Because ``A`` and ``B`` are averaged separately, a bound on ``||s B_k A_k||`` alone bounds nothing (``A x 1e-6``,
 ``B x 1e6`` has an honest product). Here each factor is clipped on its own, around ``A0_k = truncate(previous, r_k)``
 (``previous`` gathered at the client's component indices for a component-indexed upload; zeros without a previous
-global): ``sqrt(s) ||A_k - A0_k||_F <= sqrt(C)`` and ``sqrt(s) ||B_k - B0_k||_F <=
-sqrt(C)``, norms over all modules. With ``a = sqrt(s) ||A_prev||_F``, ``b = sqrt(s) ||B_prev||_F``, ``c = sqrt(C)``:
-the published global of ``hetlora`` / ``zero_pad`` / ``fedavg`` / ``flexlora`` obeys
-``||delta W_new||_F <= (a + c)(b + c)``, and replacing one client's upload at a fixed weight ``p_k`` moves it by at
-most ``2 p_k c (a + b + 2c)`` (docs/aggregation.md has the derivation's steps and the ``rankwise`` variant).
+global): ``||A_k - A0_k||_F <= rho_A`` and ``||B_k - B0_k||_F <= rho_B``, norms over all modules.
+
+* **adaptive** (:data:`DEFAULT_INFLUENCE_BOUND`, every engine's default): ``rho_A = c x median_k ||A_k - A0_k||_F``
+  and ``rho_B`` alike over the round's uploads, ``c =`` :data:`DEFAULT_BOUND_MULTIPLIER`: a norm bound whose
+  threshold follows the updates, as adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, arXiv 1905.03871)
+  follows a quantile of the update norms;
+* **fixed** ``clip_norm = C``: ``rho_A = rho_B = sqrt(C / s)``;
+* **off**: only when the operator says so.
+
+With ``a = ||A_prev||_F``, ``b = ||B_prev||_F``: the published global of ``hetlora`` / ``zero_pad`` / ``fedavg`` /
+``flexlora`` obeys ``||delta W_new||_F <= s (a + rho_A)(b + rho_B)``, and replacing one client's upload at a fixed
+weight ``p_k`` moves it by at most ``2 p_k s (rho_A (b + rho_B) + rho_B (a + rho_A))`` (docs/aggregation.md has the
+derivation's steps and the ``rankwise`` variant).
 """
 
 from __future__ import annotations
