@@ -150,7 +150,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
         rounds: int | None = None,
         seed: int | None = None,
         scaling: float | None = None,
-        clip_norm: float | None = None,
+        clip_norm: float | str | None = None,
         max_upload_bytes: int | None = None,
         deadline_s: float | None = None,
         next_rank: str | None = None,
