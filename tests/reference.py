@@ -296,3 +296,55 @@ def flexlora_held_dense(updates, r_max: int, previous=None, cap_ratio: float | N
             dense += p_k * held
         out[name] = dense
     return out
+
+
+def factor_steps(u, previous=None) -> tuple[float, float]:
+    """(||A - A0||_F, ||B - B0||_F) over all modules of one update, A0/B0 the components of ``previous`` it was sent
+    (zeros without one), by explicit loops over its slots."""
+    prev = np_modules(previous) if previous is not None else None
+    sq_a = sq_b = 0.0
+    for name, (a, b) in np_modules(u.state_dict).items():
+        ra, rb = np.zeros_like(a), np.zeros_like(b)
+        if prev is not None:
+            for slot, j in enumerate(indices_of(u)[: a.shape[0]]):
+                if j < prev[name][0].shape[0]:
+                    ra[slot], rb[:, slot] = prev[name][0][j], prev[name][1][:, j]
+        sq_a += float(np.sum((a - ra) ** 2))
+        sq_b += float(np.sum((b - rb) ** 2))
+    return math.sqrt(sq_a), math.sqrt(sq_b)
+
+
+def adaptive_radii(updates, previous=None, multiplier: float = 4.0) -> tuple[float, float]:
+    """The adaptive bound: (c x median_k ||A_k - A0_k||, c x median_k ||B_k - B0_k||) over ``updates``."""
+    steps = np.array([factor_steps(u, previous) for u in updates])
+    return multiplier * float(np.median(steps[:, 0])), multiplier * float(np.median(steps[:, 1]))
+
+
+def clip_radii(updates, radius_a: float, radius_b: float, previous=None) -> list:
+    """Each update with its factors moved towards the ones it was sent until ||A - A0|| <= radius_a and
+    ||B - B0|| <= radius_b (over all modules), as float64 ``ClientUpdate``-like objects the references above read."""
+    prev = np_modules(previous) if previous is not None else None
+    out = []
+    for u in updates:
+        da, db = factor_steps(u, previous)
+        ca = min(1.0, radius_a / da) if da > 0 else 1.0
+        cb = min(1.0, radius_b / db) if db > 0 else 1.0
+        sd = {}
+        for name, (a, b) in np_modules(u.state_dict).items():
+            ra, rb = np.zeros_like(a), np.zeros_like(b)
+            if prev is not None:
+                for slot, j in enumerate(indices_of(u)[: a.shape[0]]):
+                    if j < prev[name][0].shape[0]:
+                        ra[slot], rb[:, slot] = prev[name][0][j], prev[name][1][:, j]
+            sd[f"{name}.lora_A.weight"] = a if ca == 1.0 else ra + ca * (a - ra)
+            sd[f"{name}.lora_B.weight"] = b if cb == 1.0 else rb + cb * (b - rb)
+        out.append(_Clipped(u.client_id, sd, u.rank, u.num_examples, u.components))
+    return out
+
+
+class _Clipped:
+    """A plain record with the fields of a ClientUpdate the references read (numpy factors)."""
+
+    def __init__(self, client_id, state_dict, rank, num_examples, components):
+        self.client_id, self.state_dict, self.rank = client_id, state_dict, rank
+        self.num_examples, self.components = num_examples, components

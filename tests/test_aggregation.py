@@ -348,6 +348,8 @@ def test_streaming_equals_batch_in_any_order(method):
     updates = make_updates(40, ranks)
     batch = aggregate(updates, method=method, r_max=R_MAX, scaling=SCALE)
     agg = StreamingAggregator(method, R_MAX, SCALE)
+    for i in (3, 1, 0, 2):  # the first pass (the weight cap's median), in another order than the second
+        agg.observe(updates[i])
     for i in (2, 0, 3, 1):
         agg.add(updates[i])
     streamed = agg.result()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -50,7 +49,7 @@ class UpdateChecks:
     _modules_keys: set[str]
     _modules: dict[str, _ModuleSpec]
     _extras: dict[str, tuple[int, ...]]
-    _clients: list[Any]
+    _first_id: str
     _seen_ids: set[str]
 
     def _check_structure(self, update: ClientUpdate) -> tuple[dict[str, tuple[str, str]], list[str], dict[str, int]]:
@@ -103,7 +102,7 @@ class UpdateChecks:
                 )
         if self._key_order is None:
             return modules, extras, ranks
-        first = self._clients[0].client_id
+        first = self._first_id
         missing = [k for k in self._key_order if k not in sd]
         unexpected = [k for k in sd if k not in self._modules_keys]
         if missing or unexpected:

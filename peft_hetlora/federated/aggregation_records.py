@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -33,13 +33,15 @@ class _ClientRecord:
     weight: float
     module_sq_norms: dict[str, float]  # ||s B A||^2 per module, after clipping
     components: tuple[int, ...] | None  # None = the prefix range(rank)
+    factor_scales: tuple[float, float] = (1.0, 1.0)  # the influence bound's scales of the A and B steps
 
 
 class _ExtraSum:
     """Weighted running sums of the dense extras, at the best weighting level seen (like a module's components)."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        self.sums = {key: torch.zeros(shape, dtype=torch.float32) for key, shape in shapes.items()}
+        # float64: a weighted sum of finite float32 extras cannot overflow (weights up to the cap times 1e38)
+        self.sums = {key: torch.zeros(shape, dtype=torch.float64) for key, shape in shapes.items()}
         self.level = NONE
         self.den = 0.0
 
@@ -52,24 +54,13 @@ class _ExtraSum:
             self.level, self.den = level, 0.0
         self.den += weight
         for key, value in tensors.items():
-            self.sums[key].add_(value, alpha=weight)
+            self.sums[key].add_(value.to(torch.float64), alpha=weight)
 
     def mean(self, key: str) -> torch.Tensor:
-        return self.sums[key] * (1.0 / self.den)
+        return (self.sums[key] / self.den).to(torch.float32)
 
     def clone(self) -> _ExtraSum:
         copy = _ExtraSum({})
         copy.sums = {key: value.clone() for key, value in self.sums.items()}
         copy.level, copy.den = self.level, self.den
         return copy
-
-
-@dataclass(order=True)
-class _Retained:
-    """A data-weighted client's (clipped) factors and extras, kept so the weight cap can lower its weight."""
-
-    weight: float
-    client_id: str
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(compare=False)
-    extras: dict[str, torch.Tensor] = field(compare=False)
-    components: tuple[int, ...] | None = field(default=None, compare=False)

@@ -49,6 +49,7 @@ from .federation import (
     scaling_from_config,
 )
 from .global_publisher import GlobalPublisher, _read_json
+from .influence import DEFAULT_INFLUENCE_BOUND, parse_influence_bound
 from .privacy import DPConfig
 from .protocol import (
     FEDERATION_FORMAT,
@@ -105,7 +106,9 @@ class Coordinator(FederationSettings, GlobalPublisher):
         min_clients: uploads needed to close a round (all participants if no `deadline_s`).
         rounds: number of rounds; global `rounds` is the final adapter.
         scaling: override of s used for norms and clipping (default from the adapter config).
-        clip_norm: passed to the aggregator.
+        clip_norm: the influence bound (docs/aggregation.md): None (default) keeps the federation's setting, else
+            `influence.DEFAULT_INFLUENCE_BOUND` ("adaptive": each factor's step clipped at 4 x the round's median
+            step); a number C fixes the bound; "off" turns it off.
         max_upload_bytes: size limit of an uploaded safetensors file (default 2x an r_max adapter).
         deadline_s: seconds after a round opens after which `min_clients` uploads suffice.
         next_rank: "rank_out" (a client's next rank is what it reported after pruning) or "initial".
@@ -147,7 +150,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
         rounds: int | None = None,
         seed: int | None = None,
         scaling: float | None = None,
-        clip_norm: float | None = None,
+        clip_norm: float | str | None = None,
         max_upload_bytes: int | None = None,
         deadline_s: float | None = None,
         next_rank: str | None = None,
@@ -177,7 +180,9 @@ class Coordinator(FederationSettings, GlobalPublisher):
             clients = [validate_client_id(c) for c in clients]
             if len(set(clients)) != len(clients):
                 raise ValueError("Client ids must be unique.")
-        for name, value in (("clip_norm", clip_norm), ("deadline_s", deadline_s), ("scaling", scaling)):
+        if clip_norm is not None:
+            clip_norm = parse_influence_bound(clip_norm)  # a number, "adaptive" or "off" (ValueError otherwise)
+        for name, value in (("deadline_s", deadline_s), ("scaling", scaling)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}.")
         if message_formats is not None:
@@ -372,9 +377,14 @@ class Coordinator(FederationSettings, GlobalPublisher):
         """The settings the round engine (`protocol.close_round`) closes this federation's rounds with."""
         return RoundSettings(
             method=self.method, r_max=self.r_max, r_min=self.r_min, scaling=self.scaling,
-            clip_norm=self._setting("clip_norm"), next_rank=self.next_rank, dp=self.dp, seed=self.seed,
+            clip_norm=self._clip_setting(), next_rank=self.next_rank, dp=self.dp, seed=self.seed,
             dp_noise_seed=self.dp_noise_seed, component_selection=self.component_selection, anchor=self.anchor,
         )
+
+    def _clip_setting(self) -> float | str:
+        """The influence bound: the requested or stored one; a federation that names none gets the default."""
+        value = self._setting("clip_norm")
+        return DEFAULT_INFLUENCE_BOUND if value is None else parse_influence_bound(value)
 
     def _uploads(self, plan: RoundPlan, client_ids: Sequence[str], expect_sha: Mapping[str, str] | None
                  ) -> Iterator[ClientUpdate | Rejection]:
@@ -407,9 +417,12 @@ class Coordinator(FederationSettings, GlobalPublisher):
                 expect_sha: Mapping[str, str] | None = None) -> RoundOutcome:
         """Run the round engine on the uploads of `client_ids`, streamed from the store."""
         previous = load_file(str(Path(self.store.get_global(plan.round).path) / ADAPTER_FILE))
-        extra = (Rejection(cid, f"not a participant of round {plan.round}") for cid in outsiders)
+        def items() -> Iterator[ClientUpdate | Rejection]:  # read anew for each of the round's two passes
+            extra = (Rejection(cid, f"not a participant of round {plan.round}") for cid in outsiders)
+            return itertools.chain(self._uploads(plan, client_ids, expect_sha), extra)
+
         return close_round(
-            plan, itertools.chain(self._uploads(plan, client_ids, expect_sha), extra), previous,
+            plan, items, previous,
             self.round_settings(), client_ranks=self._previous_client_ranks(plan.round),
             initial_ranks=self.federation["initial_ranks"], max_ranks=self._previous_max_ranks(plan.round),
             clock=self.clock, strict=expect_sha is not None,

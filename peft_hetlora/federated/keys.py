@@ -310,18 +310,18 @@ def flat_b(name: str, b: torch.Tensor) -> torch.Tensor:
 
 
 def module_sq_norm(name: str, a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||B A||_F^2 = trace((B^T B)(A A^T))`` from the two r x r Gram matrices (float32 Grams, float64 sum).
+    """``||B A||_F^2 = trace((B^T B)(A A^T))`` from the two r x r Gram matrices, in float64.
 
     Example:
         >>> module_sq_norm("m", torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0], [2.0]]))
         36.0
     """
-    a2 = flat_a(a).float()
-    b2 = flat_b(name, b).float()
+    a2 = flat_a(a).double()
+    b2 = flat_b(name, b).double()
     gram_a = a2 @ a2.T
     gram_b = b2.T @ b2
     # Both Grams are symmetric, so trace(G_B G_A) is the sum of their elementwise product.
-    return float(torch.sum(gram_a.double() * gram_b.double()))
+    return float(torch.sum(gram_a * gram_b))
 
 
 def update_norm(state_dict: Mapping[str, torch.Tensor], scaling: float = 1.0) -> float:

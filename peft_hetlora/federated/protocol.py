@@ -28,14 +28,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .aggregation import AggregationResult, ClientUpdate, StreamingAggregator
+from .aggregation import AggregationResult, ClientUpdate, StreamingAggregator, non_finite_tensors
 from .component_selection import select_components
+from .influence import OFF
 from .methods import get_aggregation
 from .rank_policy import cap_ranks, poisson_sample, sample_clients
 from .round_settings import (  # noqa: F401  (re-exported: part of the protocol's public names)
@@ -304,20 +305,41 @@ def _dp_generator(settings: RoundSettings, round_idx: int) -> torch.Generator | 
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
+def _replayable(updates: Iterable[ClientUpdate | Rejection] | Callable[[], Iterable[ClientUpdate | Rejection]]
+                ) -> Callable[[], Iterable[ClientUpdate | Rejection]]:
+    """A zero-argument callable giving the round's items anew for each pass (a one-shot iterable is kept in a list)."""
+    if callable(updates):
+        return updates
+    items = updates if isinstance(updates, (list, tuple)) else list(updates)
+    return lambda: items
+
+
 def _aggregate(plan, items, previous, settings, rejected, details, strict):
-    """Validate-and-add each update (one at a time), return (result, accepted, kept updates for DP)."""
+    """Two passes over the round's items: observe every update (the round's statistics), then add each one.
+
+    Every refusal of one update, in either pass, becomes a rejection of that client with the aggregator's reason
+    (the one place a client's problem is turned into a decision); returns (result, accepted).
+    """
     aggregator = StreamingAggregator(
         settings.method, r_max=settings.r_max, scaling=settings.scaling, previous=previous,
-        clip_norm=settings.clip_norm, weighting=settings.weighting,
+        clip_norm=OFF if settings.dp is not None else settings.clip_norm, weighting=settings.weighting,
+        bound_multiplier=settings.bound_multiplier, prefix_only=settings.dp is not None,
     )
+    source = _replayable(items)
+    for item in source():
+        if isinstance(item, ClientUpdate):
+            try:
+                aggregator.observe(item)
+            except ValueError:
+                pass  # remembered: add() below raises the same reason, where the rejection is recorded
     accepted: list[str] = []
     kept: list[ClientUpdate] = []
-    for item in items:
+    for item in source():
         if isinstance(item, Rejection):
             rejected[item.client_id] = item.reason
             continue
         try:
-            aggregator.add(item)  # validates before it changes anything: a refusal leaves the sums as-is
+            aggregator.add(item)  # checks before it changes anything: a refusal leaves the sums as-is
         except ValueError as err:
             if strict:
                 raise
@@ -329,21 +351,21 @@ def _aggregate(plan, items, previous, settings, rejected, details, strict):
         if settings.dp is not None:
             kept.append(item)
     if not accepted:
-        return None, accepted, kept
+        return None, accepted
     if settings.dp is None:
-        return aggregator.result(), accepted, kept
+        return aggregator.result(), accepted
     from .privacy import dp_aggregate  # lazy: Opacus is an optional dependency
 
     result = dp_aggregate(
         kept, config=settings.dp, r_max=settings.r_max, previous=previous, method=dp_method_for(settings.method),
         rounds_so_far=plan.round + 1, scaling=settings.scaling, generator=_dp_generator(settings, plan.round),
     )
-    return result, accepted, kept
+    return result, accepted
 
 
 def close_round(
     plan: RoundPlan,
-    updates: Iterable[ClientUpdate | Rejection],
+    updates: Iterable[ClientUpdate | Rejection] | Callable[[], Iterable[ClientUpdate | Rejection]],
     previous: Mapping[str, torch.Tensor],
     settings: RoundSettings,
     *,
@@ -360,7 +382,9 @@ def close_round(
     Args:
         plan: the round's plan (participants, assigned ranks, revision).
         updates: validated `ClientUpdate`s (their ``metadata`` is the validated report plus ``upload_bytes`` /
-            ``sha256``) and `Rejection`s, consumed one at a time (memory stays flat for streaming methods).
+            ``sha256``) and `Rejection`s, consumed one at a time. The round reads them twice (first pass: the
+            statistics of the weight cap and the adaptive bound; second: the aggregation): pass a zero-argument
+            callable that yields them anew to keep memory flat; any other iterable is kept in a list.
         previous: the global the clients were sent (kept components, the clip's reference, DP's ``theta``).
         settings: the `RoundSettings`.
         client_ranks: every client's current rank; initial_ranks: the federation's initial ranks (``next_rank=
@@ -370,8 +394,9 @@ def close_round(
         strict: re-aggregating a decided round: an aggregator refusal raises instead of rejecting.
 
     Returns:
-        `RoundOutcome` (``state_dict`` is ``previous`` when nothing was accepted or fewer than
-        ``settings.min_accepted`` uploads were).
+        `RoundOutcome` (``state_dict`` is ``previous`` when nothing was accepted, fewer than
+        ``settings.min_accepted`` uploads were, or the aggregate was not finite; ``summary["note"]`` says which).
+        Nothing one update can cause escapes as an exception: it is a rejection of that client.
 
     Raises:
         AggregationError: a bad setting (unknown method, DP with a method that has no DP form).
@@ -388,9 +413,15 @@ def close_round(
     started = clock() if started is None else started
     rejected: dict[str, str] = {}
     details: dict[str, dict[str, Any]] = {}
-    result, accepted, _ = _aggregate(plan, updates, previous, settings, rejected, details, strict)
+    result, accepted = _aggregate(plan, updates, previous, settings, rejected, details, strict)
     note = None
-    if result is not None and len(accepted) < settings.min_accepted:
+    bad = non_finite_tensors(result.state_dict) if result is not None else []
+    if bad:
+        note = (f"the aggregate is not finite ({len(bad)} tensor(s), e.g. {bad[0]!r}): no new global is published, "
+                "the previous global adapter is carried over unchanged")
+        logger.warning("Round %d: %s", plan.round, note)
+        result = None
+    elif result is not None and len(accepted) < settings.min_accepted:
         note = (f"only {len(accepted)} accepted upload(s), below min_replies={settings.min_accepted}: the global "
                 "adapter is carried over unchanged")
         result = None

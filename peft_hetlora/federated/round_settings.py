@@ -16,6 +16,7 @@ from typing import Any
 
 from .component_selection import SELECTION_POLICIES
 from .errors import AggregationError
+from .influence import DEFAULT_BOUND_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, parse_influence_bound
 from .methods import AGGREGATION_METHODS, get_aggregation
 from .ranks import check_rank
 
@@ -86,7 +87,12 @@ class RoundSettings:
         method: a registered aggregation method.
         r_max, r_min: the federation's rank bounds.
         scaling: ``s`` for norms and clipping.
-        clip_norm, weighting: passed to the aggregator.
+        clip_norm: the influence bound (`influence.parse_influence_bound`): ``"adaptive"`` (the default, one source:
+            `influence.DEFAULT_INFLUENCE_BOUND`; radii ``bound_multiplier`` x the round's median factor steps), a
+            fixed number ``C``, or ``"off"`` / ``None`` (the operator's explicit "no bound"). DP rounds clip with
+            ``dp.clip`` instead.
+        bound_multiplier: ``c`` of the adaptive bound (default `influence.DEFAULT_BOUND_MULTIPLIER`).
+        weighting: passed to the aggregator.
         next_rank: ``"rank_out"`` (a client's next rank is what it reported) or ``"initial"``.
         min_accepted: accepted uploads needed to change the global (else it is carried over).
         dp: a `privacy.DPConfig`: the round is aggregated with `privacy.dp_aggregate` instead.
@@ -102,7 +108,7 @@ class RoundSettings:
     r_max: int
     r_min: int
     scaling: float
-    clip_norm: float | None = None
+    clip_norm: float | str | None = DEFAULT_INFLUENCE_BOUND
     weighting: str = "per_client"
     next_rank: str = "rank_out"
     min_accepted: int = 1
@@ -112,8 +118,13 @@ class RoundSettings:
     engine: str | None = None
     component_selection: str = "prefix"
     anchor: int = 0
+    bound_multiplier: float = DEFAULT_BOUND_MULTIPLIER
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "clip_norm", parse_influence_bound(self.clip_norm))
+        except ValueError as err:
+            raise AggregationError(str(err)) from None
         if self.next_rank not in NEXT_RANK_RULES:
             raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {self.next_rank!r}.")
         check_rank(self.r_min, 1, self.r_max, what="r_min")

@@ -104,6 +104,11 @@ class AggregationResult:
             when every client uploaded a prefix).
         coverage: how many clients trained each global component ``0 .. r_max - 1`` (by their declared rank or
             index set; a module that self-pruned below the declared rank covers fewer).
+        influence: the influence bound of the round (``mode`` ``"adaptive"`` / ``"fixed"`` / ``"off"``; for
+            ``"adaptive"``: ``multiplier``, ``median_step_a`` / ``median_step_b``, the radii ``radius_a`` /
+            ``radius_b``, and ``clipped``: ``client_id -> {"a": scale, "b": scale}``), None when not applied.
+        weight_cap: the weight cap of the round (``max_weight_ratio``, ``median_num_examples``, ``limit``,
+            ``capped``), None when no cap could apply (off, or fewer than two clients with examples).
 
     Example:
         >>> import torch
@@ -128,6 +133,8 @@ class AggregationResult:
     capped: dict[str, float] = field(default_factory=dict)
     components: dict[str, tuple[int, ...]] = field(default_factory=dict)
     coverage: list[int] = field(default_factory=list)
+    influence: dict[str, Any] | None = None
+    weight_cap: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """Everything but the tensors, as JSON-ready Python types (for a round's ``summary.json``).
@@ -146,6 +153,10 @@ class AggregationResult:
             "fallback_modules": list(self.fallback_modules),
             "messages": list(self.messages),
         }
+        if self.influence is not None:
+            out["influence_bound"] = self.influence
+        if self.weight_cap is not None:
+            out["weight_cap"] = self.weight_cap
         if self.components:
             out["components"] = {cid: list(idx) for cid, idx in self.components.items()}
             out["coverage"] = list(self.coverage)

@@ -56,6 +56,7 @@ from flwr.serverapp.strategy import FedAvg
 from peft_hetlora.federated.aggregation import AGGREGATION_METHODS, ClientUpdate, truncate
 from peft_hetlora.federated.compression import parse_message_format
 from peft_hetlora.federated.federation import scaling_from_config
+from peft_hetlora.federated.influence import DEFAULT_INFLUENCE_BOUND, parse_influence_bound
 from peft_hetlora.federated.privacy import DPConfig
 from peft_hetlora.federated.protocol import (
     NEXT_RANK_RULES,
@@ -104,7 +105,9 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         min_replies: accepted uploads needed to update the global adapter (else it is carried over unchanged).
         seed: seeds client sampling and the clients' local training seeds.
         scaling: ``s`` for norms and clipping (default ``lora_alpha / r_max``, or rsLoRA's).
-        clip_norm, weighting: passed to `aggregate`.
+        clip_norm: the influence bound, as in `Coordinator`: None (default) gives
+            `influence.DEFAULT_INFLUENCE_BOUND` (``"adaptive"``); a number ``C`` fixes it; ``"off"`` turns it off.
+        weighting: passed to `aggregate`.
         next_rank: ``"rank_out"`` (a client's next rank is what it reported after pruning) or ``"initial"``.
         dp: a `peft_hetlora.federated.privacy.DPConfig`: rounds are aggregated with ``dp_aggregate`` (previous = the
             global sent), clients are Poisson-sampled at ``dp.sampling_rate``, summaries record ``privacy``.
@@ -158,7 +161,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         min_replies: int = 1,
         seed: int = 0,
         scaling: float | None = None,
-        clip_norm: float | None = None,
+        clip_norm: float | str | None = None,
         weighting: str = "per_client",
         next_rank: str = "rank_out",
         dp: DPConfig | None = None,
@@ -210,7 +213,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         self.min_replies = max(1, int(min_replies))
         self.seed = int(seed)
         self.scaling = float(scaling) if scaling is not None else scaling_from_config(self.adapter_config, self.r_max)
-        self.clip_norm = clip_norm
+        self.clip_norm = DEFAULT_INFLUENCE_BOUND if clip_norm is None else parse_influence_bound(clip_norm)
         self.weighting = weighting
         self.next_rank = next_rank
         self.training = training or LocalTrainingConfig()
@@ -346,7 +349,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         plan = self._plans.get(t, {"participants": [], "ranks": {}})
         windows = dict(plan.get("components") or {})
         failed: dict[str, str] = {}
-        kept: list[ClientUpdate] = []
+        kept: dict[str, ClientUpdate] = {}
         answered: set[int] = set()
         valid: list[tuple[str, int, Message]] = []
         for msg in replies:
@@ -378,13 +381,13 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
                     yield Rejection(cid, err.reason)
                     continue
                 if self.keep_updates:
-                    kept.append(update)
+                    kept[cid] = update
                 yield update
 
         plan = RoundPlan(t, list(plan["participants"]), dict(plan["ranks"]), self._revisions.get(t) or "",
                          components=plan.get("components"))
         outcome = close_round(
-            plan, updates(), self.global_state, self.round_settings(), client_ranks=self.client_ranks,
+            plan, updates, self.global_state, self.round_settings(), client_ranks=self.client_ranks,
             initial_ranks=self.initial_ranks, max_ranks=self.node_max_rank, failed=failed,
             started=self._round_started.get(t), clock=self._clock,
         )
@@ -394,7 +397,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             self._set_global(outcome.state_dict)
         self.client_ranks = dict(outcome.client_ranks)
         if self.keep_updates:
-            self.round_updates[t] = [u for u in kept if u.client_id in outcome.summary["accepted"]]
+            self.round_updates[t] = [u for u in kept.values() if u.client_id in outcome.summary["accepted"]]
         self.history.append(outcome.summary)
         if self.store is not None:
             self.store.write_summary(t, outcome.summary)

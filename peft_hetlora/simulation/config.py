@@ -166,7 +166,8 @@ class SimulationConfig:
     top_layers: int | None = 8
     prune_lambda: float = 0.05
     prune_gamma: float = 0.99
-    clip_norm: float | None = None
+    clip_norm: float | str | None = field(default=None, metadata={
+        "help": "influence bound: None = the default ('adaptive'), a number C, or 'off' (docs/aggregation.md)"})
     # privacy and robustness arms (issue 14)
     dp_clip: float = field(default=1.0, metadata={"help": "DP arms: L2 clip C of one client's contribution"})
     dp_accountant: str = field(default="rdp", metadata={"help": "DP arms: Opacus accountant, 'rdp' or 'prv'"})

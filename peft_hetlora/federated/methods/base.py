@@ -26,8 +26,8 @@ class ModuleAccumulator(Protocol):
     def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float) -> None:
         """Fold in one client's (clipped) factors at its own rank, with its weighting level and weight.
 
-        A negative ``weight`` for a client already added lowers that client's weight (the weight cap uses it).
-        Methods with ``accepts_components = True`` also receive ``components=`` (a tuple of global component
+        The weight is final (the weight cap and the influence bound are applied before); each client is added
+        once. Methods with ``accepts_components = True`` also receive ``components=`` (a tuple of global component
         indices, slot ``i`` -> ``components[i]``) for non-prefix uploads; prefix uploads never pass it.
         """
 
@@ -117,9 +117,6 @@ class _Collected:
 
     def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float,
             components: tuple[int, ...] | None = None) -> None:
-        if client_id in self.entries:
-            self.entries[client_id][3] += weight
-            return
         rank = a.shape[0]
         slots = slice(0, rank) if components is None else torch.tensor(components[:rank], dtype=torch.long)
         pa = torch.zeros((self.r_max, *a.shape[1:]), dtype=torch.float32)
@@ -175,8 +172,10 @@ class PaddedSum:
         self.covered_only = covered_only
         self.pad_previous = pad_previous
         self.den_own = np.zeros(r_max, dtype=np.float64)
-        self.a_sum = torch.zeros((r_max, *a_shape[1:]), dtype=torch.float32)
-        self.b_sum = torch.zeros((b_shape[0], r_max, *b_shape[2:]), dtype=torch.float32)
+        # float64 sums: weights up to the weight cap times finite float32 factors cannot overflow, and the result
+        # (a convex combination of finite float32 values) rounds back into float32's range
+        self.a_sum = torch.zeros((r_max, *a_shape[1:]), dtype=torch.float64)
+        self.b_sum = torch.zeros((b_shape[0], r_max, *b_shape[2:]), dtype=torch.float64)
         self.level = np.full(r_max, NONE, dtype=np.int8)
         self.den = np.zeros(r_max, dtype=np.float64)
 
@@ -196,8 +195,8 @@ class PaddedSum:
                 idx_np = np.nonzero(active[:rank])[0]
                 if idx_np.size:
                     idx = torch.from_numpy(idx_np)
-                    self.a_sum.index_add_(0, idx, a[idx].to(torch.float32), alpha=alpha)
-                    self.b_sum.index_add_(1, idx, b[:, idx].to(torch.float32), alpha=alpha)
+                    self.a_sum.index_add_(0, idx, a[idx].to(torch.float64), alpha=alpha)
+                    self.b_sum.index_add_(1, idx, b[:, idx].to(torch.float64), alpha=alpha)
                 self.den[:span][active] += weight
                 self.den_own[:rank][active[:rank]] += weight
                 return
@@ -205,8 +204,8 @@ class PaddedSum:
         else:
             self.den[:span] += weight
         self.den_own[:rank] += weight
-        self.a_sum[:rank].add_(a, alpha=alpha)
-        self.b_sum[:, :rank].add_(b, alpha=alpha)
+        self.a_sum[:rank].add_(a.to(torch.float64), alpha=alpha)
+        self.b_sum[:, :rank].add_(b.to(torch.float64), alpha=alpha)
 
     def _raise_level(self, raise_idx: np.ndarray, level: int) -> None:
         """Components ``raise_idx`` drop their sums and restart at the better weighting ``level``."""
@@ -231,21 +230,22 @@ class PaddedSum:
             slots = torch.from_numpy(active_slots)
             idx = torch.from_numpy(own[active_slots])
             self.den_own[own[active_slots]] += weight
-            self.a_sum.index_add_(0, idx, a[slots].to(torch.float32), alpha=weight)
-            self.b_sum.index_add_(1, idx, b[:, slots].to(torch.float32), alpha=weight)
+            self.a_sum.index_add_(0, idx, a[slots].to(torch.float64), alpha=weight)
+            self.b_sum.index_add_(1, idx, b[:, slots].to(torch.float64), alpha=weight)
 
     def result(self, previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         covered = self.level >= 0
         inv = np.where(covered, 1.0 / np.where(covered, self.den, 1.0), 0.0)
-        inv_t = torch.from_numpy(inv).to(torch.float32)
+        inv_t = torch.from_numpy(inv)
         a = self.a_sum * inv_t.view(-1, *([1] * (self.a_sum.ndim - 1)))
         b = self.b_sum * inv_t.view(1, -1, *([1] * (self.b_sum.ndim - 2)))
         if self.pad_previous and previous is not None:
             # the clients that did not train j vote for its previous value (clamped: float error in den - den_own)
-            missing = torch.from_numpy(np.clip((self.den - self.den_own) * inv, 0.0, 1.0)).to(torch.float32)
+            missing = torch.from_numpy(np.clip((self.den - self.den_own) * inv, 0.0, 1.0))
             prev_a, prev_b = previous
-            a = a + prev_a * missing.view(-1, *([1] * (a.ndim - 1)))
-            b = b + prev_b * missing.view(1, -1, *([1] * (b.ndim - 2)))
+            a = a + prev_a.to(torch.float64) * missing.view(-1, *([1] * (a.ndim - 1)))
+            b = b + prev_b.to(torch.float64) * missing.view(1, -1, *([1] * (b.ndim - 2)))
+        a, b = a.to(torch.float32), b.to(torch.float32)
         if previous is not None and not covered.all():
             idx = torch.from_numpy(np.nonzero(~covered)[0])
             prev_a, prev_b = previous

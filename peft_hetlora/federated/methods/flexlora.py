@@ -98,9 +98,12 @@ class FlexLoRAHeld(FlexLoRA):
 class FactorStack:
     """FlexLoRA's running data-weighted sum ``sum_k w_k B_k A_k`` of one module, kept as stacked factors.
 
-    ``B_cat = [w_1 B_1 | w_2 B_2 | ...]`` and ``A_cat = [A_1; A_2; ...]``. When the stack exceeds ``limit``
-    components it is recompressed exactly (two QRs and a small SVD, all singular triplets kept), so it never holds
-    more than ``limit + r_k`` components. ``result`` takes the top ``r_max`` triplets exactly or with the randomised
+    ``B_cat = [w_1 B_1 | w_2 B_2 | ...]`` and ``A_cat = [A_1; A_2; ...]``, kept as float32 blocks of the unweighted
+    ``B_k`` with a float64 weight per column, and multiplied out in float64 only for the QRs and the SVD, so finite
+    float32 uploads never overflow there (``w_k B_k`` can exceed float32's range). When the stack exceeds ``limit``
+    components it is recompressed exactly (two QRs and a small SVD, all singular triplets kept; the block is stored
+    divided by the weight so far, which keeps it within the clients' own norms), so it never holds more than
+    ``limit + r_k`` components. ``result`` takes the top ``r_max`` triplets exactly or with the randomised
     range finder (``svd``, see :class:`FlexLoRA`). With ``held`` (:class:`FlexLoRAHeld`) ``missing[j]`` is the weight
     of the clients that did not upload component ``j``; ``result`` stacks the previous global's component ``j`` at
     that weight.
@@ -120,6 +123,7 @@ class FactorStack:
         self.d_out = b_shape[0]
         self.limit = max(2 * min(self.d_in, self.d_out), r_max)
         self.b_blocks: list[torch.Tensor] = []
+        self.w_blocks: list[torch.Tensor] = []  # float64 column weights of each B block
         self.a_blocks: list[torch.Tensor] = []
         self.stacked_rank = 0
         self.level = NONE
@@ -130,7 +134,7 @@ class FactorStack:
         if level < self.level:
             return
         if level > self.level:
-            self.b_blocks, self.a_blocks, self.stacked_rank, self.den = [], [], 0, 0.0
+            self.b_blocks, self.w_blocks, self.a_blocks, self.stacked_rank, self.den = [], [], [], 0, 0.0
             self.missing[:] = 0.0
             self.level = level
         self.den += weight
@@ -140,24 +144,30 @@ class FactorStack:
             rest = np.ones(self.r_max, dtype=bool)
             rest[list(uploaded)] = False
             self.missing[rest] += weight
-        self.b_blocks.append(torch.mul(flat_b(self.name, b).to(torch.float32), weight))
+        self.b_blocks.append(flat_b(self.name, b).to(torch.float32, copy=True))
+        self.w_blocks.append(torch.full((a.shape[0],), float(weight), dtype=torch.float64))
         self.a_blocks.append(flat_a(a).to(torch.float32, copy=True))
         self.stacked_rank += a.shape[0]
         if self.stacked_rank > self.limit:
             b_fac, a_fac = self._svd_factors(keep=None)
-            self.b_blocks, self.a_blocks, self.stacked_rank = [b_fac], [a_fac], a_fac.shape[0]
+            k = a_fac.shape[0]
+            self.b_blocks = [(b_fac / self.den).to(torch.float32)]
+            self.w_blocks = [torch.full((k,), self.den, dtype=torch.float64)]
+            self.a_blocks, self.stacked_rank = [a_fac.to(torch.float32)], k
 
     def _stacked(self, previous: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B_cat, A_cat)``; with ``held`` and a previous global, its components at their ``missing`` weights."""
-        b_blocks, a_blocks = list(self.b_blocks), list(self.a_blocks)
+        """Float64 ``(B_cat, A_cat)``, weights applied; with ``held`` and a previous global, its components at their
+        ``missing`` weights."""
+        b_blocks = [blk.to(torch.float64) * w for blk, w in zip(self.b_blocks, self.w_blocks)]
+        a_blocks = [blk.to(torch.float64) for blk in self.a_blocks]
         if self.held and previous is not None:
             idx = np.nonzero(self.missing)[0]
             if idx.size:
                 prev_a, prev_b = previous
                 rows = torch.from_numpy(idx)
-                scale = torch.from_numpy(self.missing[idx]).to(torch.float32)
-                b_blocks.append(flat_b(self.name, prev_b).to(torch.float32)[:, rows] * scale)
-                a_blocks.append(flat_a(prev_a).to(torch.float32)[rows])
+                scale = torch.from_numpy(self.missing[idx])
+                b_blocks.append(flat_b(self.name, prev_b).to(torch.float64)[:, rows] * scale)
+                a_blocks.append(flat_a(prev_a).to(torch.float64)[rows])
         b_cat = b_blocks[0] if len(b_blocks) == 1 else torch.cat(b_blocks, dim=1)  # (d_out, R)
         a_cat = a_blocks[0] if len(a_blocks) == 1 else torch.cat(a_blocks, dim=0)  # (R, d_in)
         return b_cat, a_cat
@@ -176,9 +186,9 @@ class FactorStack:
         # B_cat A_cat = Q_B (R_B R_A^T) Q_A^T: only this small (p x q) matrix needs an SVD.
         u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
         k = s.shape[0] if keep is None else min(keep, s.shape[0])
-        left = torch.zeros((self.d_out, k), dtype=torch.float32)
+        left = torch.zeros((self.d_out, k), dtype=torch.float64)
         left[:p] = u[:, :k] * s[:k]
-        right = torch.zeros((self.d_in, k), dtype=torch.float32)
+        right = torch.zeros((self.d_in, k), dtype=torch.float64)
         right[:q] = vh[:k].T
         new_b = torch.ormqr(h_b, tau_b, left)  # Q_B U S   (d_out, k)
         new_a = torch.ormqr(h_a, tau_a, right).T.contiguous()  # (Q_A V)^T   (k, d_in)
@@ -202,7 +212,7 @@ class FactorStack:
         b_cat, a_cat = self._stacked(previous)
         width = min(keep + self.oversample, self.d_out, self.d_in)
         gen = torch.Generator().manual_seed(self.seed)
-        omega = torch.randn((self.d_in, width), generator=gen, dtype=torch.float32)
+        omega = torch.randn((self.d_in, width), generator=gen, dtype=torch.float32).to(torch.float64)
         q, _ = torch.linalg.qr(b_cat @ (a_cat @ omega))  # (d_out, l): the range of M, sketched
         for _ in range(self.power_iters):
             z, _ = torch.linalg.qr(a_cat.T @ (b_cat.T @ q))  # (d_in, l): range of M^T
@@ -219,7 +229,7 @@ class FactorStack:
             b_fac, a_fac = self._randomized_factors(keep=self.r_max, previous=prev)
         else:
             b_fac, a_fac = self._svd_factors(keep=self.r_max, previous=prev)
-        b_fac = b_fac * (1.0 / self.den)
+        b_fac = b_fac / self.den
         got = a_fac.shape[0]
         a = torch.zeros((self.r_max, self.d_in), dtype=torch.float32)
         b = torch.zeros((self.d_out, self.r_max), dtype=torch.float32)
@@ -234,6 +244,6 @@ class FactorStack:
         copy = FactorStack(self.name, self.a_shape, self.b_shape, self.r_max, svd=self.svd,
                            oversample=self.oversample, power_iters=self.power_iters, seed=self.seed, held=self.held)
         copy.missing = self.missing.copy()
-        copy.b_blocks, copy.a_blocks = list(self.b_blocks), list(self.a_blocks)
+        copy.b_blocks, copy.w_blocks, copy.a_blocks = list(self.b_blocks), list(self.w_blocks), list(self.a_blocks)
         copy.stacked_rank, copy.level, copy.den = self.stacked_rank, self.level, self.den
         return copy
