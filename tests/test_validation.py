@@ -251,6 +251,142 @@ def test_one_upload_snapshot_even_if_re_uploaded_between_reads(tmp_path, spec, m
     assert check(store.download_client(3, "alice"), spec).rank == 3
 
 
+def _store_with_two_uploads(tmp_path):
+    """A LocalStore with round 3 published, alice's first upload in it, and a second upload ready to replace it."""
+    from peft_hetlora.federated.local_store import LocalStore
+
+    store = LocalStore(tmp_path / "store", create=True)
+    global_dir = tmp_path / "g"
+    global_dir.mkdir()
+    save_file(global_state(), str(global_dir / "adapter_model.safetensors"))
+    (global_dir / "adapter_config.json").write_text("{}")
+    store.publish_global(3, global_dir)
+    first = write_upload(tmp_path / "first", client_state(2, seed=1), client_meta(rank_in=2, rank_out=2))
+    second = write_upload(tmp_path / "second", client_state(3, seed=2), client_meta(rank_in=3, rank_out=3))
+    for folder in (first, second):
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    store.upload_client(3, "alice", first)
+    shas = {hashlib.sha256((f / "adapter_model.safetensors").read_bytes()).hexdigest(): rank
+            for f, rank in ((first, 2), (second, 3))}
+    return store, first, second, shas
+
+
+def _partial_rmtree(keep: set[str]):
+    """A stand-in for shutil.rmtree that stops part-way: the replaced folder is left with only `keep`."""
+
+    def remove(path, ignore_errors=False):
+        for entry in os.listdir(path):
+            if entry not in keep:
+                os.unlink(os.path.join(path, entry))
+
+    return remove
+
+
+@pytest.mark.parametrize(
+    "moment, removed_so_far, expect_rank",
+    [
+        # issue 22 ("upload has no adapter_model.safetensors", 6 of 14,714 reads): the folder was opened, then
+        # replaced, then listed while (or after) the store removed the old folder's files
+        ("folder opened", "all", 3),
+        ("folder opened", "adapter only", 3),
+        ("folder opened", "config only", 3),  # the listing still has both required files: not the whole upload
+        ("folder listed", "all", 3),
+        ("files opened", "all", 2),  # every file of the old upload already open: the old upload is read whole
+    ],
+)
+def test_a_re_upload_replacing_the_folder_mid_read_is_read_whole(tmp_path, spec, monkeypatch, moment, removed_so_far,
+                                                                  expect_rank):
+    import shutil
+
+    from peft_hetlora.federated import upload_folder
+
+    store, first, second, shas = _store_with_two_uploads(tmp_path)
+    keep = {"all": set(), "adapter only": {"client.json", "adapter_config.json"},
+            "config only": {"client.json", "adapter_model.safetensors"}}[removed_so_far]
+    fired = []
+
+    def reupload():
+        if fired:
+            return
+        fired.append(moment)
+        with monkeypatch.context() as m:  # the store's removal of the replaced folder stops part-way
+            m.setattr(shutil, "rmtree", _partial_rmtree(keep))
+            store.upload_client(3, "alice", second)
+
+    def wrap(original, *, before_return):
+        def wrapper(*args, **kwargs):
+            out = original(*args, **kwargs)
+            before_return()
+            return out
+        return wrapper
+
+    if moment == "folder opened":
+        monkeypatch.setattr(upload_folder, "_open_upload_dir", wrap(upload_folder._open_upload_dir,
+                                                                     before_return=reupload))
+    elif moment == "folder listed":
+        monkeypatch.setattr(os, "listdir", wrap(os.listdir, before_return=reupload))
+    else:
+        monkeypatch.setattr(upload_folder, "_open_snapshot", wrap(upload_folder._open_snapshot,
+                                                                   before_return=reupload))
+    update = check(store.download_client(3, "alice"), spec)
+    assert fired == [moment]
+    assert shas[update.metadata["sha256"]] == expect_rank  # the weights and client.json of one and the same upload
+    assert update.rank == update.metadata["rank_in"] == expect_rank
+    expected = (first if expect_rank == 2 else second)
+    assert update.metadata["upload_bytes"] == sum(p.stat().st_size for p in expected.iterdir())  # every file read
+
+
+def test_an_upload_that_keeps_changing_is_refused_after_a_bounded_number_of_tries(tmp_path, spec, monkeypatch):
+    from peft_hetlora.federated import upload_folder
+
+    store, first, second, _ = _store_with_two_uploads(tmp_path)
+    folders, opened = [second, first], []
+
+    def open_then_reupload(folder):
+        fd = original(folder)
+        opened.append(fd)
+        store.upload_client(3, "alice", folders[len(opened) % 2])
+        return fd
+
+    original = upload_folder._open_upload_dir
+    monkeypatch.setattr(upload_folder, "_open_upload_dir", open_then_reupload)
+    monkeypatch.setattr(upload_folder, "_RETRY_PAUSE_S", 0.0)
+    assert "kept changing" in rejected(store.download_client(3, "alice"), spec)
+    assert len(opened) == upload_folder._SNAPSHOT_ATTEMPTS
+
+
+def test_concurrent_re_uploads_are_always_read_whole(tmp_path, spec):
+    """A writer thread re-uploads alternately two uploads while the coordinator reads: every read is one whole upload
+    (bounded: 60 re-uploads, reads until the writer is done; no sleeps)."""
+    import threading
+
+    store, first, second, shas = _store_with_two_uploads(tmp_path)
+    folder = store.download_client(3, "alice")
+    done, errors = threading.Event(), []
+
+    def writer():
+        try:
+            for i in range(60):
+                store.upload_client(3, "alice", (second, first)[i % 2])
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    ranks = []
+    try:
+        while not done.is_set() or not ranks:
+            update = check(folder, spec)
+            assert shas[update.metadata["sha256"]] == update.rank == update.metadata["rank_out"]
+            ranks.append(update.rank)
+    finally:
+        thread.join(timeout=120)
+    assert not errors and not thread.is_alive()
+    assert set(ranks) <= {2, 3} and len(ranks) >= 1
+
+
 def test_max_rank_is_optional_and_strictly_typed(spec):
     meta = client_meta(max_rank=3)
     assert validate_client_json(meta, spec, client_id="alice", round_idx=3)["max_rank"] == 3
