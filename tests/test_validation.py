@@ -609,3 +609,186 @@ def test_errors_join_the_one_hierarchy():
 
 def test_a_missing_upload_folder_is_a_clear_rejection(tmp_path, spec):
     assert "does not exist" in rejected(tmp_path / "nowhere", spec)
+
+
+# ------------------------------------------------------------------------------------- property tests (hostile input)
+# Whatever a client writes, validation either accepts an upload that really is valid (checked here field by field,
+# independently of the code) or refuses it with `RejectedUpload`; no other exception ever escapes.
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from peft_hetlora.federated.compression import MessageFormatError, parse_message_format  # noqa: E402
+from peft_hetlora.federated.validation import validate_update  # noqa: E402
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FIELDS = ("client_id", "round", "rank_in", "rank_out", "num_examples", "max_rank", "components", "message_format",
+          "train_loss", "tail_norm_start", "tail_norm_end", "global_revision", "peft_hetlora_version")
+_json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.integers(-3, 6)
+                 | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+_json_values = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=5)
+                            | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=12)
+_formats = st.sampled_from(["fp32", "bf16", "fp16", "int8", "int8-block64", "int8-block0", "int8-block-3", "FP32",
+                            " bf16", "int8-block" + "9" * 30, "fp8", "", "f" * 41]) | st.text(max_size=8)
+_targeted = {  # values near the edges of what each field allows, besides arbitrary JSON
+    "rank_in": st.integers(-1, R_MAX + 2), "rank_out": st.integers(-1, R_MAX + 2),
+    "max_rank": st.integers(-1, R_MAX + 2), "num_examples": st.integers(-1, 10_001) | st.just(10**9),
+    "components": st.lists(st.integers(-2, R_MAX + 1), max_size=R_MAX + 2), "message_format": _formats,
+    "round": st.integers(2, 4), "client_id": st.sampled_from(["alice", "bob", "Alice", "alice\n"]),
+    "train_loss": st.floats(), "tail_norm_start": st.floats(), "tail_norm_end": st.floats(),
+}
+
+
+@st.composite
+def _hostile_meta(draw) -> dict:
+    meta = client_meta(rank_in=R_MAX, rank_out=2)
+    for name in draw(st.sets(st.sampled_from(FIELDS), max_size=5)):
+        choice = draw(st.integers(0, 3))
+        if choice == 0:
+            meta.pop(name, None)
+        elif choice == 1 or name not in _targeted:
+            meta[name] = draw(_json_values)
+        else:
+            meta[name] = draw(_targeted[name])
+    return meta
+
+
+def _fuzz_spec(message_formats=None) -> UploadSpec:
+    return UploadSpec.from_state_dict(global_state(), r_min=R_MIN, r_max=R_MAX, max_examples=10_000,
+                                      message_formats=message_formats)
+
+
+def _is_plain_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _assert_truly_valid(update, meta: dict, spec: UploadSpec, assigned_rank, assigned_components) -> None:
+    """What an accepted report must satisfy, spelled out from docs/federation.md, not from the code."""
+    assert meta["client_id"] == "alice" and _is_plain_int(meta["round"]) and meta["round"] == 3
+    assert _is_plain_int(meta["num_examples"]) and 1 <= meta["num_examples"] <= spec.max_examples
+    for name in ("rank_in", "rank_out"):
+        assert _is_plain_int(meta[name]) and spec.r_min <= meta[name] <= spec.r_max
+    assert meta["rank_out"] <= meta["rank_in"] and update.rank == meta["rank_out"]
+    if assigned_rank is not None:
+        assert meta["rank_in"] <= assigned_rank
+    if meta.get("max_rank") is not None:
+        assert _is_plain_int(meta["max_rank"]) and spec.r_min <= meta["max_rank"] <= spec.r_max
+    comps = meta.get("components")
+    if comps is not None:
+        allowed = assigned_components if assigned_components is not None else range(assigned_rank or spec.r_max)
+        assert isinstance(comps, list) and len(comps) == meta["rank_out"] == len(set(comps))
+        assert all(_is_plain_int(j) and j in allowed for j in comps) and len(comps) <= meta["rank_in"]
+        assert list(update.components) == comps
+    elif assigned_components is not None:
+        assert list(assigned_components) == list(range(len(assigned_components)))  # a prefix needs no report
+    declared = meta.get("message_format")
+    name = "fp32" if declared is None else declared
+    assert spec.message_formats is None or name in spec.message_formats
+    for field_name in ("train_loss", "tail_norm_start", "tail_norm_end"):
+        value = meta.get(field_name)
+        assert value is None or (not isinstance(value, bool) and isinstance(value, (int, float))
+                                 and np.isfinite(value))
+    for field_name in ("global_revision", "peft_hetlora_version"):
+        value = meta.get(field_name)
+        assert value is None or (isinstance(value, str) and len(value) <= 256)
+    for key, tensor in update.state_dict.items():
+        assert tensor.dtype == torch.float32 and bool(torch.isfinite(tensor).all()), key
+
+
+def _adapter_for(meta: dict) -> dict[str, torch.Tensor]:
+    """Weights of the rank the report declares (when it is a usable rank), so that acceptance is reachable."""
+    rank = meta.get("rank_out")
+    return client_state(rank if _is_plain_int(rank) and 1 <= rank <= R_MAX else 2, seed=3)
+
+
+@FUZZ
+@given(meta=_hostile_meta(), assigned_rank=st.none() | st.integers(1, R_MAX),
+       assigned_components=st.none() | st.lists(st.integers(0, R_MAX - 1), min_size=1, max_size=R_MAX, unique=True),
+       formats=st.none() | st.lists(st.sampled_from(["fp32", "bf16", "fp16", "int8"]), min_size=1, unique=True))
+def test_hostile_client_json_fields_are_accepted_only_when_valid(meta, assigned_rank, assigned_components, formats):
+    spec = _fuzz_spec(formats)
+    try:
+        update = validate_update(_adapter_for(meta), meta, spec, client_id="alice", round_idx=3,
+                                 assigned_rank=assigned_rank, assigned_components=assigned_components)
+    except RejectedUpload as err:
+        assert err.reason and "\n" not in err.reason
+        event("refused")
+        return
+    event("accepted")
+    _assert_truly_valid(update, update.metadata, spec, assigned_rank, assigned_components)
+    declared = meta.get("message_format")
+    if declared is not None:  # accepted: a real format, and F32 tensors only under fp32
+        try:
+            assert parse_message_format(declared).name == "fp32"
+        except MessageFormatError:  # pragma: no cover - would mean an unknown format was accepted
+            pytest.fail(f"unknown message_format {declared!r} accepted")
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300) | st.text(max_size=200).map(str.encode)
+       | _hostile_meta().map(lambda m: json.dumps(m, allow_nan=True).encode()))
+def test_hostile_client_json_bytes_are_refused_or_valid(raw):
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    spec = _fuzz_spec()
+    adapter = _adapter_for(meta if isinstance(meta, dict) else {})
+    try:
+        update = validate_update(adapter, raw, spec, client_id="alice", round_idx=3)
+    except RejectedUpload as err:
+        assert err.reason and "\n" not in err.reason
+        return
+    assert isinstance(meta, dict)
+    _assert_truly_valid(update, update.metadata, spec, None, None)
+
+
+def _valid_adapter_bytes(rank: int = 2) -> bytes:
+    return save({k: v.contiguous() for k, v in client_state(rank, seed=4).items()})
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=6),
+       cut=st.none() | st.integers(0, 2000), extra=st.binary(max_size=16))
+def test_hostile_adapter_bytes_are_refused_or_decode_to_finite_float32(edits, cut, extra):
+    data = bytearray(_valid_adapter_bytes())
+    for position, value in edits:
+        data[position % len(data)] = value
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    data += extra
+    spec = _fuzz_spec()
+    try:
+        update = validate_update(bytes(data), client_meta(rank_in=R_MAX, rank_out=2), spec, client_id="alice",
+                                 round_idx=3)
+    except RejectedUpload as err:
+        assert err.reason and "\n" not in err.reason
+        return
+    assert update.rank == 2 and set(update.state_dict) == set(client_state(2))
+    for key, tensor in update.state_dict.items():
+        assert tensor.shape == client_state(2)[key].shape and tensor.dtype == torch.float32
+        assert bool(torch.isfinite(tensor).all())
+
+
+_dtypes = st.sampled_from(["F32", "F16", "BF16", "I8", "F64", "U8", "x"]) | _json_values
+_entries = _json_values | st.fixed_dictionaries({
+    "dtype": _dtypes, "shape": st.lists(st.integers(-2, 12) | _json_values, max_size=3),
+    "data_offsets": st.lists(st.integers(-2, 2**66) | _json_values, max_size=3)})
+
+
+@FUZZ
+@given(header=st.dictionaries(st.text(max_size=40) | st.sampled_from(sorted(client_state(2))), _entries, max_size=6),
+       payload=st.binary(max_size=400))
+def test_hostile_safetensors_headers_are_refused_or_valid(header, payload):
+    try:
+        blob = json.dumps(header).encode()
+    except (TypeError, ValueError):
+        return
+    data = struct.pack("<Q", len(blob)) + blob + payload
+    try:
+        update = validate_update(data, client_meta(rank_in=R_MAX, rank_out=2), _fuzz_spec(), client_id="alice",
+                                 round_idx=3)
+    except RejectedUpload as err:
+        assert err.reason and "\n" not in err.reason
+        return
+    for key, tensor in update.state_dict.items():  # pragma: no cover - a fuzzed header rarely makes a valid upload
+        assert tensor.shape == client_state(2)[key].shape and bool(torch.isfinite(tensor).all())
