@@ -355,6 +355,25 @@ def test_an_upload_that_keeps_changing_is_refused_after_a_bounded_number_of_trie
     assert len(opened) == upload_folder._SNAPSHOT_ATTEMPTS
 
 
+def test_an_upload_removed_for_good_mid_read_is_refused_as_missing(tmp_path, spec, monkeypatch):
+    import shutil
+
+    from peft_hetlora.federated import upload_folder
+
+    store, _, _, _ = _store_with_two_uploads(tmp_path)
+    folder = store.download_client(3, "alice")
+    original = upload_folder._open_upload_dir
+
+    def open_then_remove(path):
+        fd = original(path)
+        shutil.rmtree(path)
+        return fd
+
+    monkeypatch.setattr(upload_folder, "_open_upload_dir", open_then_remove)
+    monkeypatch.setattr(upload_folder, "_RETRY_PAUSE_S", 0.0)
+    assert "does not exist (anymore)" in rejected(folder, spec)
+
+
 def test_concurrent_re_uploads_are_always_read_whole(tmp_path, spec):
     """A writer thread re-uploads alternately two uploads while the coordinator reads: every read is one whole upload
     (bounded: 60 re-uploads, reads until the writer is done; no sleeps)."""
@@ -618,6 +637,7 @@ from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from peft_hetlora.federated.compression import MessageFormatError, parse_message_format  # noqa: E402
+from peft_hetlora.federated.upload_bytes import MAX_REASON_CHARS  # noqa: E402
 from peft_hetlora.federated.validation import validate_update  # noqa: E402
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -710,7 +730,7 @@ def test_hostile_client_json_fields_are_accepted_only_when_valid(meta, assigned_
         update = validate_update(_adapter_for(meta), meta, spec, client_id="alice", round_idx=3,
                                  assigned_rank=assigned_rank, assigned_components=assigned_components)
     except RejectedUpload as err:
-        assert err.reason and "\n" not in err.reason
+        assert err.reason and "\n" not in err.reason and len(err.reason) <= MAX_REASON_CHARS
         event("refused")
         return
     event("accepted")
@@ -736,7 +756,7 @@ def test_hostile_client_json_bytes_are_refused_or_valid(raw):
     try:
         update = validate_update(adapter, raw, spec, client_id="alice", round_idx=3)
     except RejectedUpload as err:
-        assert err.reason and "\n" not in err.reason
+        assert err.reason and "\n" not in err.reason and len(err.reason) <= MAX_REASON_CHARS
         return
     assert isinstance(meta, dict)
     _assert_truly_valid(update, update.metadata, spec, None, None)
@@ -761,7 +781,7 @@ def test_hostile_adapter_bytes_are_refused_or_decode_to_finite_float32(edits, cu
         update = validate_update(bytes(data), client_meta(rank_in=R_MAX, rank_out=2), spec, client_id="alice",
                                  round_idx=3)
     except RejectedUpload as err:
-        assert err.reason and "\n" not in err.reason
+        assert err.reason and "\n" not in err.reason and len(err.reason) <= MAX_REASON_CHARS
         return
     assert update.rank == 2 and set(update.state_dict) == set(client_state(2))
     for key, tensor in update.state_dict.items():
@@ -788,7 +808,7 @@ def test_hostile_safetensors_headers_are_refused_or_valid(header, payload):
         update = validate_update(data, client_meta(rank_in=R_MAX, rank_out=2), _fuzz_spec(), client_id="alice",
                                  round_idx=3)
     except RejectedUpload as err:
-        assert err.reason and "\n" not in err.reason
+        assert err.reason and "\n" not in err.reason and len(err.reason) <= MAX_REASON_CHARS
         return
     for key, tensor in update.state_dict.items():  # pragma: no cover - a fuzzed header rarely makes a valid upload
         assert tensor.shape == client_state(2)[key].shape and bool(torch.isfinite(tensor).all())

@@ -212,6 +212,8 @@ def open_upload_snapshot(
             for fd in fds.values():
                 os.close(fd)
         return
+    if not os.path.lexists(folder):
+        raise RejectedUpload("the upload folder does not exist (anymore)")
     raise RejectedUpload("the upload kept changing while being read (re-uploaded repeatedly); it is read again "
                          "when the round is closed again")
 
