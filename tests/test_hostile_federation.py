@@ -27,9 +27,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_bytes
 
 from peft_hetlora import cli
 from peft_hetlora.federated import LocalStore
+from peft_hetlora.federated.compression import encode_message
 from peft_hetlora.federated.protocol import ClientReport
 
 R_MAX, ALPHA = 4, 8
@@ -90,8 +92,11 @@ def open_round(store: LocalStore) -> tuple[int, dict, dict[str, torch.Tensor], s
 
 
 def upload(store: LocalStore, tmp_path: Path, cid: str, *, seed: int, scale: float = 1.0, num_examples: int = 100,
-           **report: object) -> None:
-    """What `FederatedClientCallback` uploads after a round, with the factors multiplied by `scale`."""
+           message_format: str | None = "fp32", **report: object) -> None:
+    """What `FederatedClientCallback` uploads after a round, with the factors multiplied by `scale`.
+
+    The weights are encoded with `encode_message` in `message_format` and declared so in client.json (None: plain
+    float32 weights and no `message_format` field at all, as a client of an older version writes them)."""
     t, info, global_sd, revision = open_round(store)
     rank = info["ranks"][cid]
     window = (info.get("components") or {}).get(cid)
@@ -109,11 +114,14 @@ def upload(store: LocalStore, tmp_path: Path, cid: str, *, seed: int, scale: flo
             out[key] = value + 0.05 * torch.randn(value.shape, generator=gen)
     meta = ClientReport(client_id=cid, round=t, rank_in=rank, rank_out=rank, num_examples=num_examples,
                         train_loss=1.0, global_revision=revision, max_rank=R_MAX,
-                        components=tuple(window) if window is not None else None, message_format="fp32").to_json()
+                        components=tuple(window) if window is not None else None,
+                        message_format=message_format).to_json()
     meta.update(report)
     folder = tmp_path / "clients" / f"{cid}-{t}-{seed}"
     folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, str(folder / "adapter_model.safetensors"))
+    state = {k: v.contiguous() for k, v in out.items()}
+    data = encode_message(state, message_format) if message_format is not None else save_bytes(state)
+    (folder / "adapter_model.safetensors").write_bytes(data)
     (folder / "client.json").write_text(json.dumps(meta, indent=2) + "\n")
     store.upload_client(t, cid, folder)
 
@@ -283,3 +291,20 @@ def test_a_federation_started_with_no_flags_bounds_one_clients_influence(tmp_pat
     assert store.latest_global().round == 1
     move, bound = _global_move_and_bound(store, 0)
     assert move <= bound, f"one client moved the global by {move:.3g}, above {BOUND_MULTIPLIER} x median = {bound:.3g}"
+
+
+# ------------------------------------------------------------------------------- smaller: an omitted message_format
+def test_an_omitted_message_format_is_refused_where_fp32_is(tmp_path, capsys):
+    """In a bf16-only federation, leaving `message_format` out of client.json (= fp32) is refused exactly as declaring
+    "fp32" is; the honest bf16 client's round closes."""
+    store = start_federation(tmp_path, ["a", "b", "c"], "--message-formats", "bf16")
+    upload(store, tmp_path, "a", seed=1, message_format="fp32")
+    upload(store, tmp_path, "b", seed=2, message_format=None)
+    upload(store, tmp_path, "c", seed=3, message_format="bf16")
+    assert "message_format" not in json.loads((store.download_client(0, "b") / "client.json").read_text())
+    assert coordinate(store) == 0, capsys.readouterr().err
+    summary = assert_round_closed_and_finite(store, 0)
+    assert summary["accepted"] == ["c"]
+    declared, omitted = summary["rejected"]["a"], summary["rejected"]["b"]
+    sentence = "client.json message_format 'fp32' is not allowed by this federation (allowed: ['bf16'])"
+    assert declared.startswith(sentence) and omitted.startswith(sentence), (declared, omitted)
