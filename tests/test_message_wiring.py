@@ -190,6 +190,25 @@ def test_an_honest_message_decodes_to_float32_and_the_federation_may_restrict_fo
                            _spec(message_formats=("int8",)), client_id="a", round_idx=0).rank == 3
 
 
+@pytest.mark.parametrize("allowed", [("bf16",), ("bf16", "int8-block64"), ("fp16",)])
+def test_an_omitted_message_format_is_fp32_and_restricted_like_a_declared_one(allowed):
+    """Issue 22: in a bf16-only federation an upload without message_format (plain fp32) was accepted while one
+    declaring "fp32" was refused; both are now refused with the same sentence, and both pass where fp32 is allowed."""
+    state = _state()
+    omitted = {k: v for k, v in _report("fp32").items() if k != "message_format"}
+    errors = []
+    for report in (_report("fp32"), omitted):
+        with pytest.raises(RejectedUpload) as caught:
+            validate_update(state, report, _spec(message_formats=allowed), client_id="a", round_idx=0)
+        errors.append(caught.value.reason)
+    same = f"client.json message_format 'fp32' is not allowed by this federation (allowed: {list(allowed)})"
+    assert errors[0].startswith(same) and errors[1].startswith(same)
+    assert "has no message_format" in errors[1]
+    for report in (_report("fp32"), omitted):
+        update = validate_update(state, report, _spec(message_formats=(*allowed, "fp32")), client_id="a", round_idx=0)
+        np.testing.assert_array_equal(update.state_dict["m.lora_A.weight"].numpy(), state["m.lora_A.weight"].numpy())
+
+
 def test_coordinator_records_and_enforces_message_formats(tmp_path):
     coord = _coordinator(tmp_path, ["a"], message_formats=["bf16", "int8"])
     assert coord.store.read_federation()["message_formats"] == ["bf16", "int8-block64"]

@@ -251,6 +251,161 @@ def test_one_upload_snapshot_even_if_re_uploaded_between_reads(tmp_path, spec, m
     assert check(store.download_client(3, "alice"), spec).rank == 3
 
 
+def _store_with_two_uploads(tmp_path):
+    """A LocalStore with round 3 published, alice's first upload in it, and a second upload ready to replace it."""
+    from peft_hetlora.federated.local_store import LocalStore
+
+    store = LocalStore(tmp_path / "store", create=True)
+    global_dir = tmp_path / "g"
+    global_dir.mkdir()
+    save_file(global_state(), str(global_dir / "adapter_model.safetensors"))
+    (global_dir / "adapter_config.json").write_text("{}")
+    store.publish_global(3, global_dir)
+    first = write_upload(tmp_path / "first", client_state(2, seed=1), client_meta(rank_in=2, rank_out=2))
+    second = write_upload(tmp_path / "second", client_state(3, seed=2), client_meta(rank_in=3, rank_out=3))
+    for folder in (first, second):
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    store.upload_client(3, "alice", first)
+    shas = {hashlib.sha256((f / "adapter_model.safetensors").read_bytes()).hexdigest(): rank
+            for f, rank in ((first, 2), (second, 3))}
+    return store, first, second, shas
+
+
+def _partial_rmtree(keep: set[str]):
+    """A stand-in for shutil.rmtree that stops part-way: the replaced folder is left with only `keep`."""
+
+    def remove(path, ignore_errors=False):
+        for entry in os.listdir(path):
+            if entry not in keep:
+                os.unlink(os.path.join(path, entry))
+
+    return remove
+
+
+@pytest.mark.parametrize(
+    "moment, removed_so_far, expect_rank",
+    [
+        # issue 22 ("upload has no adapter_model.safetensors", 6 of 14,714 reads): the folder was opened, then
+        # replaced, then listed while (or after) the store removed the old folder's files
+        ("folder opened", "all", 3),
+        ("folder opened", "adapter only", 3),
+        ("folder opened", "config only", 3),  # the listing still has both required files: not the whole upload
+        ("folder listed", "all", 3),
+        ("files opened", "all", 2),  # every file of the old upload already open: the old upload is read whole
+    ],
+)
+def test_a_re_upload_replacing_the_folder_mid_read_is_read_whole(tmp_path, spec, monkeypatch, moment, removed_so_far,
+                                                                  expect_rank):
+    import shutil
+
+    from peft_hetlora.federated import upload_folder
+
+    store, first, second, shas = _store_with_two_uploads(tmp_path)
+    keep = {"all": set(), "adapter only": {"client.json", "adapter_config.json"},
+            "config only": {"client.json", "adapter_model.safetensors"}}[removed_so_far]
+    fired = []
+
+    def reupload():
+        if fired:
+            return
+        fired.append(moment)
+        with monkeypatch.context() as m:  # the store's removal of the replaced folder stops part-way
+            m.setattr(shutil, "rmtree", _partial_rmtree(keep))
+            store.upload_client(3, "alice", second)
+
+    def wrap(original, *, before_return):
+        def wrapper(*args, **kwargs):
+            out = original(*args, **kwargs)
+            before_return()
+            return out
+        return wrapper
+
+    if moment == "folder opened":
+        monkeypatch.setattr(upload_folder, "_open_upload_dir", wrap(upload_folder._open_upload_dir,
+                                                                     before_return=reupload))
+    elif moment == "folder listed":
+        monkeypatch.setattr(os, "listdir", wrap(os.listdir, before_return=reupload))
+    else:
+        monkeypatch.setattr(upload_folder, "_open_snapshot", wrap(upload_folder._open_snapshot,
+                                                                   before_return=reupload))
+    update = check(store.download_client(3, "alice"), spec)
+    assert fired == [moment]
+    assert shas[update.metadata["sha256"]] == expect_rank  # the weights and client.json of one and the same upload
+    assert update.rank == update.metadata["rank_in"] == expect_rank
+    expected = (first if expect_rank == 2 else second)
+    assert update.metadata["upload_bytes"] == sum(p.stat().st_size for p in expected.iterdir())  # every file read
+
+
+def test_an_upload_that_keeps_changing_is_refused_after_a_bounded_number_of_tries(tmp_path, spec, monkeypatch):
+    from peft_hetlora.federated import upload_folder
+
+    store, first, second, _ = _store_with_two_uploads(tmp_path)
+    folders, opened = [second, first], []
+
+    def open_then_reupload(folder):
+        fd = original(folder)
+        opened.append(fd)
+        store.upload_client(3, "alice", folders[len(opened) % 2])
+        return fd
+
+    original = upload_folder._open_upload_dir
+    monkeypatch.setattr(upload_folder, "_open_upload_dir", open_then_reupload)
+    monkeypatch.setattr(upload_folder, "_RETRY_PAUSE_S", 0.0)
+    assert "kept changing" in rejected(store.download_client(3, "alice"), spec)
+    assert len(opened) == upload_folder._SNAPSHOT_ATTEMPTS
+
+
+def test_an_upload_removed_for_good_mid_read_is_refused_as_missing(tmp_path, spec, monkeypatch):
+    import shutil
+
+    from peft_hetlora.federated import upload_folder
+
+    store, _, _, _ = _store_with_two_uploads(tmp_path)
+    folder = store.download_client(3, "alice")
+    original = upload_folder._open_upload_dir
+
+    def open_then_remove(path):
+        fd = original(path)
+        shutil.rmtree(path)
+        return fd
+
+    monkeypatch.setattr(upload_folder, "_open_upload_dir", open_then_remove)
+    monkeypatch.setattr(upload_folder, "_RETRY_PAUSE_S", 0.0)
+    assert "does not exist (anymore)" in rejected(folder, spec)
+
+
+def test_concurrent_re_uploads_are_always_read_whole(tmp_path, spec):
+    """A writer thread re-uploads alternately two uploads while the coordinator reads: every read is one whole upload
+    (bounded: 60 re-uploads, reads until the writer is done; no sleeps)."""
+    import threading
+
+    store, first, second, shas = _store_with_two_uploads(tmp_path)
+    folder = store.download_client(3, "alice")
+    done, errors = threading.Event(), []
+
+    def writer():
+        try:
+            for i in range(60):
+                store.upload_client(3, "alice", (second, first)[i % 2])
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    ranks = []
+    try:
+        while not done.is_set() or not ranks:
+            update = check(folder, spec)
+            assert shas[update.metadata["sha256"]] == update.rank == update.metadata["rank_out"]
+            ranks.append(update.rank)
+    finally:
+        thread.join(timeout=120)
+    assert not errors and not thread.is_alive()
+    assert set(ranks) <= {2, 3} and len(ranks) >= 1
+
+
 def test_max_rank_is_optional_and_strictly_typed(spec):
     meta = client_meta(max_rank=3)
     assert validate_client_json(meta, spec, client_id="alice", round_idx=3)["max_rank"] == 3
@@ -473,3 +628,226 @@ def test_errors_join_the_one_hierarchy():
 
 def test_a_missing_upload_folder_is_a_clear_rejection(tmp_path, spec):
     assert "does not exist" in rejected(tmp_path / "nowhere", spec)
+
+
+# ------------------------------------------------------------------------------------- property tests (hostile input)
+# Whatever a client writes, validation either accepts an upload that really is valid (checked here field by field,
+# independently of the code) or refuses it with `RejectedUpload`; no other exception ever escapes.
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from peft_hetlora.federated.compression import MessageFormatError, parse_message_format  # noqa: E402
+from peft_hetlora.federated.upload_bytes import MAX_REASON_CHARS  # noqa: E402
+from peft_hetlora.federated.validation import validate_update  # noqa: E402
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FIELDS = ("client_id", "round", "rank_in", "rank_out", "num_examples", "max_rank", "components", "message_format",
+          "train_loss", "tail_norm_start", "tail_norm_end", "global_revision", "peft_hetlora_version")
+_json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.integers(-3, 6)
+                 | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+_json_values = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=5)
+                            | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=12)
+_formats = st.sampled_from(["fp32", "bf16", "fp16", "int8", "int8-block64", "int8-block0", "int8-block-3", "FP32",
+                            " bf16", "int8-block" + "9" * 30, "fp8", "", "f" * 41]) | st.text(max_size=8)
+_targeted = {  # values near the edges of what each field allows, besides arbitrary JSON
+    "rank_in": st.integers(-1, R_MAX + 2), "rank_out": st.integers(-1, R_MAX + 2),
+    "max_rank": st.integers(-1, R_MAX + 2), "num_examples": st.integers(-1, 10_001) | st.just(10**9),
+    "components": st.lists(st.integers(-2, R_MAX + 1), max_size=R_MAX + 2), "message_format": _formats,
+    "round": st.integers(2, 4), "client_id": st.sampled_from(["alice", "bob", "Alice", "alice\n"]),
+    "train_loss": st.floats(), "tail_norm_start": st.floats(), "tail_norm_end": st.floats(),
+}
+
+
+@st.composite
+def _hostile_meta(draw) -> dict:
+    meta = client_meta(rank_in=R_MAX, rank_out=2)
+    for name in draw(st.sets(st.sampled_from(FIELDS), max_size=5)):
+        choice = draw(st.integers(0, 3))
+        if choice == 0:
+            meta.pop(name, None)
+        elif choice == 1 or name not in _targeted:
+            meta[name] = draw(_json_values)
+        else:
+            meta[name] = draw(_targeted[name])
+    return meta
+
+
+def _fuzz_spec(message_formats=None) -> UploadSpec:
+    return UploadSpec.from_state_dict(global_state(), r_min=R_MIN, r_max=R_MAX, max_examples=10_000,
+                                      message_formats=message_formats)
+
+
+def _is_plain_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _assert_truly_valid(update, meta: dict, spec: UploadSpec, assigned_rank, assigned_components) -> None:
+    """What an accepted report must satisfy, spelled out from docs/federation.md, not from the code."""
+    assert meta["client_id"] == "alice" and _is_plain_int(meta["round"]) and meta["round"] == 3
+    assert _is_plain_int(meta["num_examples"]) and 1 <= meta["num_examples"] <= spec.max_examples
+    for name in ("rank_in", "rank_out"):
+        assert _is_plain_int(meta[name]) and spec.r_min <= meta[name] <= spec.r_max
+    assert meta["rank_out"] <= meta["rank_in"] and update.rank == meta["rank_out"]
+    if assigned_rank is not None:
+        assert meta["rank_in"] <= assigned_rank
+    if meta.get("max_rank") is not None:
+        assert _is_plain_int(meta["max_rank"]) and spec.r_min <= meta["max_rank"] <= spec.r_max
+    comps = meta.get("components")
+    if comps is not None:
+        allowed = assigned_components if assigned_components is not None else range(assigned_rank or spec.r_max)
+        assert isinstance(comps, list) and len(comps) == meta["rank_out"] == len(set(comps))
+        assert all(_is_plain_int(j) and j in allowed for j in comps) and len(comps) <= meta["rank_in"]
+        assert list(update.components) == comps
+    elif assigned_components is not None:
+        assert list(assigned_components) == list(range(len(assigned_components)))  # a prefix needs no report
+    declared = meta.get("message_format")
+    name = "fp32" if declared is None else declared
+    assert spec.message_formats is None or name in spec.message_formats
+    for field_name in ("train_loss", "tail_norm_start", "tail_norm_end"):
+        value = meta.get(field_name)
+        assert value is None or (not isinstance(value, bool) and isinstance(value, (int, float))
+                                 and np.isfinite(value))
+    for field_name in ("global_revision", "peft_hetlora_version"):
+        value = meta.get(field_name)
+        assert value is None or (isinstance(value, str) and len(value) <= 256)
+    for key, tensor in update.state_dict.items():
+        assert tensor.dtype == torch.float32 and bool(torch.isfinite(tensor).all()), key
+
+
+def _adapter_for(meta: dict) -> dict[str, torch.Tensor]:
+    """Weights of the rank the report declares (when it is a usable rank), so that acceptance is reachable."""
+    rank = meta.get("rank_out")
+    return client_state(rank if _is_plain_int(rank) and 1 <= rank <= R_MAX else 2, seed=3)
+
+
+@FUZZ
+@given(meta=_hostile_meta(), assigned_rank=st.none() | st.integers(1, R_MAX),
+       assigned_components=st.none() | st.lists(st.integers(0, R_MAX - 1), min_size=1, max_size=R_MAX, unique=True),
+       formats=st.none() | st.lists(st.sampled_from(["fp32", "bf16", "fp16", "int8"]), min_size=1, unique=True))
+def test_hostile_client_json_fields_are_accepted_only_when_valid(meta, assigned_rank, assigned_components, formats):
+    spec = _fuzz_spec(formats)
+    try:
+        update = validate_update(_adapter_for(meta), meta, spec, client_id="alice", round_idx=3,
+                                 assigned_rank=assigned_rank, assigned_components=assigned_components)
+    except RejectedUpload as err:
+        assert err.reason and "\n" not in err.reason and len(err.reason) <= MAX_REASON_CHARS
+        event("refused")
+        return
+    event("accepted")
+    _assert_truly_valid(update, update.metadata, spec, assigned_rank, assigned_components)
+    declared = meta.get("message_format")
+    if declared is not None:  # accepted: a real format, and F32 tensors only under fp32
+        try:
+            assert parse_message_format(declared).name == "fp32"
+        except MessageFormatError:  # pragma: no cover - would mean an unknown format was accepted
+            pytest.fail(f"unknown message_format {declared!r} accepted")
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300) | st.text(max_size=200).map(str.encode)
+       | _hostile_meta().map(lambda m: json.dumps(m, allow_nan=True).encode()))
+def test_hostile_client_json_bytes_are_refused_or_valid(raw):
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    spec = _fuzz_spec()
+    adapter = _adapter_for(meta if isinstance(meta, dict) else {})
+    try:
+        update = validate_update(adapter, raw, spec, client_id="alice", round_idx=3)
+    except RejectedUpload as err:
+        assert err.reason and "\n" not in err.reason and len(err.reason) <= MAX_REASON_CHARS
+        return
+    assert isinstance(meta, dict)
+    _assert_truly_valid(update, update.metadata, spec, None, None)
+
+
+def _valid_adapter_bytes(rank: int = 2) -> bytes:
+    return save({k: v.contiguous() for k, v in client_state(rank, seed=4).items()})
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=6),
+       cut=st.none() | st.integers(0, 2000), extra=st.binary(max_size=16))
+def test_hostile_adapter_bytes_are_refused_or_decode_to_finite_float32(edits, cut, extra):
+    data = bytearray(_valid_adapter_bytes())
+    for position, value in edits:
+        data[position % len(data)] = value
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    data += extra
+    spec = _fuzz_spec()
+    try:
+        update = validate_update(bytes(data), client_meta(rank_in=R_MAX, rank_out=2), spec, client_id="alice",
+                                 round_idx=3)
+    except RejectedUpload as err:
+        assert err.reason and "\n" not in err.reason and len(err.reason) <= MAX_REASON_CHARS
+        return
+    assert update.rank == 2 and set(update.state_dict) == set(client_state(2))
+    for key, tensor in update.state_dict.items():
+        assert tensor.shape == client_state(2)[key].shape and tensor.dtype == torch.float32
+        assert bool(torch.isfinite(tensor).all())
+
+
+_dtypes = st.sampled_from(["F32", "F16", "BF16", "I8", "F64", "U8", "x"]) | _json_values
+_entries = _json_values | st.fixed_dictionaries({
+    "dtype": _dtypes, "shape": st.lists(st.integers(-2, 12) | _json_values, max_size=3),
+    "data_offsets": st.lists(st.integers(-2, 2**66) | _json_values, max_size=3)})
+
+
+@FUZZ
+@given(header=st.dictionaries(st.text(max_size=40) | st.sampled_from(sorted(client_state(2))), _entries, max_size=6),
+       payload=st.binary(max_size=400))
+def test_hostile_safetensors_headers_are_refused_or_valid(header, payload):
+    try:
+        blob = json.dumps(header).encode()
+    except (TypeError, ValueError):
+        return
+    data = struct.pack("<Q", len(blob)) + blob + payload
+    try:
+        update = validate_update(data, client_meta(rank_in=R_MAX, rank_out=2), _fuzz_spec(), client_id="alice",
+                                 round_idx=3)
+    except RejectedUpload as err:
+        assert err.reason and "\n" not in err.reason and len(err.reason) <= MAX_REASON_CHARS
+        return
+    for key, tensor in update.state_dict.items():  # pragma: no cover - a fuzzed header rarely makes a valid upload
+        assert tensor.shape == client_state(2)[key].shape and bool(torch.isfinite(tensor).all())
+
+
+def _reupload_until(store_path: str, first: str, second: str, stop) -> None:
+    from peft_hetlora.federated.local_store import LocalStore
+
+    store, i = LocalStore(store_path), 0
+    while not stop.is_set():
+        store.upload_client(3, "alice", (second, first)[i % 2])
+        i += 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix" or not hasattr(os, "fork"), reason="forks a writer process")
+def test_5000_reads_against_a_re_uploading_process_are_all_whole(tmp_path, spec):
+    """Issue 22's measurement: another process re-uploads without pause while 5,000 reads run (before the fix, 8 of
+    5,000 were refused "upload has no adapter_model.safetensors"). Every read must be one whole upload."""
+    import collections
+    import multiprocessing
+
+    store, first, second, shas = _store_with_two_uploads(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    writer = ctx.Process(target=_reupload_until, args=(str(store.path), str(first), str(second), stop))
+    writer.start()
+    outcomes: collections.Counter = collections.Counter()
+    folder = store.download_client(3, "alice")
+    try:
+        for _ in range(5000):
+            try:
+                update = check(folder, spec)
+            except RejectedUpload as err:
+                outcomes[err.reason] += 1
+                continue
+            outcomes["whole" if shas[update.metadata["sha256"]] == update.rank else "mixed"] += 1
+    finally:
+        stop.set()
+        writer.join(timeout=60)
+    assert writer.exitcode == 0
+    assert outcomes == {"whole": 5000}, dict(outcomes)

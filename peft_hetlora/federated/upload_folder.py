@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import stat
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -40,7 +41,8 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _FILE_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | _NOFOLLOW | getattr(
     os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_SNAPSHOT_ATTEMPTS = 5
+_SNAPSHOT_ATTEMPTS = 64
+_RETRY_PAUSE_S = 0.001  # grows linearly with the attempt: at most ~2 s in all, only while the upload keeps changing
 
 
 class _UploadChanged(Exception):
@@ -65,13 +67,29 @@ def _open_upload_dir(folder: Path) -> int:
         raise RejectedUpload(f"cannot open the upload folder ({err.strerror})") from None
 
 
-def _open_snapshot(dir_fd: int, ignore: frozenset[str]) -> dict[str, int]:
+def _is_current(dir_fd: int, folder: Path) -> bool:
+    """Whether the folder open as `dir_fd` is still the one at `folder` (not replaced by a re-upload).
+
+    A store installs an upload folder whole (one rename) and only ever removes files from a folder after it was
+    replaced, never from the current one; so while this holds, the listing of `dir_fd` is the whole upload.
+    """
+    try:
+        now = os.stat(folder, follow_symlinks=False)
+    except OSError:
+        return False
+    opened = os.fstat(dir_fd)
+    return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _open_snapshot(dir_fd: int, folder: Path, ignore: frozenset[str]) -> dict[str, int]:
     """Open every file of the upload, relative to the folder's descriptor: {name: fd} of regular files.
 
     All names are checked first (only ALLOWED_FILES, never pickle); each is lstat-ed (a link or anything but
     a regular file is refused before it is opened, so opening a FIFO or a device never happens) and opened
     with O_NOFOLLOW, and the opened inode must be the one lstat saw. Once every file is open, a re-upload
-    that replaces the folder can no longer change what is read: the bytes all come from this snapshot.
+    that replaces the folder can no longer change what is read: the bytes all come from this snapshot. A folder
+    replaced while it was listed or opened (`_is_current` false) raises `_UploadChanged`: the caller opens the
+    new one, so a re-upload is read whole, old or new, and never refused as incomplete.
     """
     names = sorted(set(os.listdir(dir_fd)) - ignore)
     for name in names:
@@ -86,6 +104,8 @@ def _open_snapshot(dir_fd: int, ignore: frozenset[str]) -> dict[str, int]:
             )
     for required in (ADAPTER_FILE, CLIENT_FILE):
         if required not in names:
+            if not _is_current(dir_fd, folder):  # a replaced upload being removed: read the new one
+                raise _UploadChanged
             raise RejectedUpload(f"upload has no {required}")
     fds: dict[str, int] = {}
     try:
@@ -110,6 +130,8 @@ def _open_snapshot(dir_fd: int, ignore: frozenset[str]) -> dict[str, int]:
             opened = os.fstat(fd)
             if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (seen.st_dev, seen.st_ino):
                 raise _UploadChanged
+        if not _is_current(dir_fd, folder):  # replaced meanwhile: its listing may miss files already removed
+            raise _UploadChanged
     except BaseException:
         for fd in fds.values():
             os.close(fd)
@@ -159,7 +181,8 @@ def open_upload_snapshot(
     """Open one upload folder as a consistent snapshot: whatever is read later comes from the same upload.
 
     The folder is opened once without following links and every file is opened relative to it before any is
-    read; a folder replaced by a re-upload in the middle of the opening is opened again (up to a few times).
+    read; a folder replaced by a re-upload in the middle of the opening (even one already being removed) is
+    opened again, the new upload read whole (up to 64 times, pausing a little longer each time).
     Links, FIFOs, devices and sub-folders are refused, and so are files not in `ALLOWED_FILES`.
 
     Example:
@@ -170,13 +193,15 @@ def open_upload_snapshot(
         ```
     """
     folder = Path(folder)
-    for _ in range(_SNAPSHOT_ATTEMPTS):
-        if not os.path.lexists(folder):
+    for attempt in range(_SNAPSHOT_ATTEMPTS):
+        if attempt:
+            time.sleep(_RETRY_PAUSE_S * attempt)  # a writer between its two renames (no RENAME_EXCHANGE)
+        if not os.path.lexists(folder) and attempt == 0:
             raise RejectedUpload("the upload folder does not exist (anymore)")
         try:
             dir_fd = _open_upload_dir(folder)
             try:
-                fds = _open_snapshot(dir_fd, frozenset(ignore_files))
+                fds = _open_snapshot(dir_fd, folder, frozenset(ignore_files))
             finally:
                 os.close(dir_fd)
         except _UploadChanged:
@@ -187,6 +212,8 @@ def open_upload_snapshot(
             for fd in fds.values():
                 os.close(fd)
         return
+    if not os.path.lexists(folder):
+        raise RejectedUpload("the upload folder does not exist (anymore)")
     raise RejectedUpload("the upload kept changing while being read (re-uploaded repeatedly); it is read again "
                          "when the round is closed again")
 

@@ -35,7 +35,14 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .aggregation import ClientUpdate
 from .components import check_components, is_prefix
-from .compression import MESSAGE_FORMAT_FIELD, MessageFormatError, MessageSpec, decode_message, message_spec
+from .compression import (
+    DEFAULT_MESSAGE_FORMAT,
+    MESSAGE_FORMAT_FIELD,
+    MessageFormatError,
+    MessageSpec,
+    decode_message,
+    message_spec,
+)
 from .compression import parse_message_format as _parse_format
 from .errors import RankError
 from .ranks import check_rank
@@ -334,9 +341,17 @@ def validate_client_json(
     return meta
 
 
+def _format_not_allowed(name: str, spec: UploadSpec, *, omitted: bool = False) -> RejectedUpload:
+    how = (f" (client.json has no {MESSAGE_FORMAT_FIELD}, which means {name!r})" if omitted else "")
+    return RejectedUpload(f"client.json message_format {name!r} is not allowed by this federation (allowed: "
+                          f"{list(spec.message_formats or ())}){how}; encode the upload in one of those")
+
+
 def _check_message_format(meta: dict, spec: UploadSpec) -> None:
     raw = meta.get(MESSAGE_FORMAT_FIELD)
-    if raw is None:
+    if raw is None:  # no format declared: a plain fp32 upload, restricted as a declared "fp32" is
+        if spec.message_formats is not None and DEFAULT_MESSAGE_FORMAT not in spec.message_formats:
+            raise _format_not_allowed(DEFAULT_MESSAGE_FORMAT, spec, omitted=True)
         return
     if not isinstance(raw, str) or len(raw) > 40:
         raise RejectedUpload(f"client.json {MESSAGE_FORMAT_FIELD} must be a short string such as 'bf16', got "
@@ -346,8 +361,7 @@ def _check_message_format(meta: dict, spec: UploadSpec) -> None:
     except MessageFormatError as err:
         raise RejectedUpload(f"client.json {err}") from None
     if spec.message_formats is not None and name not in spec.message_formats:
-        raise RejectedUpload(f"client.json message_format {name!r} is not allowed by this federation (allowed: "
-                             f"{list(spec.message_formats)}); encode the upload in one of those")
+        raise _format_not_allowed(name, spec)
     meta[MESSAGE_FORMAT_FIELD] = name
 
 
