@@ -32,6 +32,8 @@ from ..federated.aggregation import AGGREGATION_METHODS
 from ..federated.component_selection import SELECTION_POLICIES
 from ..federated.coordinator import NEXT_RANK_RULES, Coordinator
 from ..federated.rank_policy import BUDGET_KINDS, RANK_POLICIES, RankPolicy, parse_bytes
+from ..federated.round_settings import DEFAULT_METHOD, dp_methods, window_methods
+from ..federated.settings import FederationSettings
 
 HF_PREFIX = "hf://"
 
@@ -108,8 +110,8 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the federation and initial-rank options (shared by `coordinate` and `init`)."""
     fed = parser.add_argument_group("federation (defaults come from federation.json when resuming)")
     fed.add_argument("--method", choices=AGGREGATION_METHODS, default=None,
-                     help="Aggregation (default: flexlora_held, the study's winner, benchmarks/README.md; component "
-                     "when --component-selection names windows; hetlora for the paper's rule).")
+                     help=f"Aggregation (default: {DEFAULT_METHOD}, the study's winner, benchmarks/README.md; "
+                     "component when --component-selection names windows; hetlora for the paper's rule).")
     fed.add_argument("--rounds", type=int, default=None, help="Number of rounds (default 1).")
     fed.add_argument("--r-max", type=int, default=None, help="Maximum rank (default: the initial adapter's r).")
     fed.add_argument("--r-min", type=int, default=None, help="Minimum rank (default 1).")
@@ -137,15 +139,15 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     fed.add_argument("--component-selection", choices=SELECTION_POLICIES, default=None,
                      help="Which global components each client trains: prefix (HetLoRA; the default with a --method "
                      "or with DP), rolling (FedRolex-style moving windows) or coverage (every component covered; the "
-                     "default without --method); window policies need "
-                     "--method hetlora, zero_pad, rankwise, component or component_data (docs/federation.md).")
+                     "default without --method); window policies need a --method among "
+                     f"{', '.join(window_methods())} (docs/federation.md).")
     fed.add_argument("--anchor", type=int, default=None,
                      help="Components 0..anchor-1 are in every client's window (window policies; default 0).")
 
     dp = parser.add_argument_group("differential privacy (client-level, central; docs/privacy.md)")
     dp.add_argument("--dp-clip", type=float, default=None,
-                    help="Turn DP on: the L2 bound C on one client's change per round (with --method rankwise, "
-                    "zero_pad or fedavg). Clients are Poisson-sampled at q = clients-per-round / clients.")
+                    help="Turn DP on: the L2 bound C on one client's change per round (with a --method among "
+                    f"{', '.join(dp_methods())}). Clients are Poisson-sampled at q = clients-per-round / clients.")
     dp.add_argument("--dp-noise-multiplier", type=float, default=None, help="sigma: noise std sigma * C.")
     dp.add_argument("--dp-target-epsilon", type=float, default=None,
                     help="Or: the epsilon to reach after --rounds rounds (sigma found by Opacus).")
@@ -286,9 +288,7 @@ def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -
             raise ValueError("--num-clients must be >= 1.")
         width = max(3, len(str(args.num_clients - 1)))
         clients = [f"{args.client_prefix}{i:0{width}d}" for i in range(args.num_clients)]
-    return Coordinator(
-        open_store(args.store, endpoint=args.hub_endpoint, token=args.hub_token, client_mode=args.hub_client_mode,
-                   create=create),
+    settings = FederationSettings.from_kwargs(
         method=args.method,
         r_max=args.r_max,
         r_min=args.r_min,
@@ -306,6 +306,11 @@ def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -
         component_selection=getattr(args, "component_selection", None),
         anchor=getattr(args, "anchor", None),
         message_formats=getattr(args, "message_formats", None),
+    )
+    return Coordinator(
+        open_store(args.store, endpoint=args.hub_endpoint, token=args.hub_token, client_mode=args.hub_client_mode,
+                   create=create),
+        settings,
         poll_interval_s=getattr(args, "poll_interval", 5.0),
         progress=not getattr(args, "no_progress", False),
     )

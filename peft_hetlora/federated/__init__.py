@@ -26,6 +26,7 @@ from .protocol import RoundPlan, RoundSettings, close_round
 from .rank_policy import RankPolicy, sample_clients
 from .ranks import check_rank
 from .robust import RobustMethod
+from .settings import FederationSettings
 from .store import AdapterStore, GlobalAdapter, HubStore, validate_client_id
 from .validation import RejectedUpload, validate_update, validate_upload
 
@@ -36,6 +37,7 @@ __all__ = [
     "AggregationResult",
     "ClientUpdate",
     "Coordinator",
+    "FederationSettings",
     "GlobalAdapter",
     "HubStore",
     "LocalStore",

@@ -26,9 +26,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -38,19 +38,18 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .aggregation import AGGREGATION_METHODS, ClientUpdate
-from .compression import parse_message_format
+from .aggregation import ClientUpdate
 from .errors import CoordinatorError, FederationMismatch
 from .federation import (
-    FederationSettings,
+    ResolvedSettings,
     global_adapter_config,
     initial_identity,
     new_federation,
     scaling_from_config,
 )
-from .global_publisher import GlobalPublisher, _read_json
+from .global_publisher import GlobalPublisher, read_json
 from .influence import DEFAULT_INFLUENCE_BOUND, parse_influence_bound
-from .privacy import DPConfig
+from .methods import get_aggregation
 from .protocol import (
     FEDERATION_FORMAT,
     NEXT_RANK_RULES,
@@ -60,17 +59,16 @@ from .protocol import (
     RoundOutcome,
     RoundPlan,
     RoundSettings,
-    check_dp,
-    check_selection,
     close_round,
+    plan_round,
     round_status,
     weighted_mean,
 )
-from .rank_policy import RankPolicy
 from .round_settings import default_method_and_selection
-from .store import AdapterStore, GlobalAdapter, file_sha256, validate_client_id
+from .settings import FederationSettings
+from .store import AdapterStore, GlobalAdapter, file_sha256
 from .upload_folder import validate_upload
-from .validation import ADAPTER_FILE, CONFIG_FILE, DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
+from .validation import ADAPTER_FILE, CONFIG_FILE, RejectedUpload, UploadSpec
 
 logger = logging.getLogger(__name__)
 
@@ -89,48 +87,29 @@ __all__ = [
 ]
 
 
-class Coordinator(FederationSettings, GlobalPublisher):
+class Coordinator(ResolvedSettings):
     """Runs a HetLoRA federation round by round against an `AdapterStore`.
 
     Settings left as `None` come from the store's `federation.json` when it exists (so
-    `Coordinator(store).run()` resumes a federation), else from the defaults: method "hetlora",
+    `Coordinator(store).run()` resumes a federation), else from the defaults: method `DEFAULT_METHOD` (see
+    `round_settings.default_method_and_selection`),
     r_min 1, rank policy "uniform", all clients every round, `min_clients = clients_per_round`,
     seed 0, scale from the adapter config. `r_max` defaults to the initial adapter's `r`.
 
     Args:
         store: where everything lives (`LocalStore`, `HubStore`).
-        method: an aggregation method (`AGGREGATION_METHODS`).
-        clients: the federation's client ids.
-        rank_policy: `RankPolicy`, a policy name, or {client_id: rank}.
-        clients_per_round: participants sampled (seeded, without replacement) per round.
-        min_clients: uploads needed to close a round (all participants if no `deadline_s`).
-        rounds: number of rounds; global `rounds` is the final adapter.
-        scaling: override of s used for norms and clipping (default from the adapter config).
-        clip_norm: the influence bound (docs/aggregation.md): None (default) keeps the federation's setting, else
-            `influence.DEFAULT_INFLUENCE_BOUND` ("adaptive": each factor's step clipped at 4 x the round's median
-            step); a number C fixes the bound; "off" turns it off.
-        max_upload_bytes: size limit of an uploaded safetensors file (default 2x an r_max adapter).
-        deadline_s: seconds after a round opens after which `min_clients` uploads suffice.
-        next_rank: "rank_out" (a client's next rank is what it reported after pruning) or "initial".
-        dp: a `privacy.DPConfig`: every round is aggregated with `privacy.dp_aggregate` (previous = the global
-            sent), participants are drawn by Poisson sampling at `dp.sampling_rate`, summaries record `privacy`
-            and leave out per-client norms. Needs method rankwise, zero_pad or fedavg (docs/privacy.md).
-        dp_noise_seed: derive the DP noise from `seed` (reproducible tests only: a known seed voids the privacy).
-        component_selection: which global components each participant trains (docs/design.md#component-rule,
-            `component_selection.select_components`): "prefix" (default, HetLoRA), "rolling" (FedRolex-style
-            windows) or "coverage" (every component trained by as many clients as possible). A window policy writes
-            `components: {client_id: [j, ...]}` into round.json and needs a method that accepts component-indexed
-            uploads (hetlora, zero_pad, rankwise, component, component_data) and no `dp`.
-        anchor: components 0 .. anchor-1 are in every client's window (window policies; default 0).
-        message_formats: the compressed upload formats clients may declare in client.json `message_format`
-            ("fp32", "bf16", "fp16", "int8-block<B>"; `compression`); None (default) allows all. Uploads are checked
-            against their declared format and decoded to float32 before aggregation; globals stay float32.
+        settings: the federation's `settings.FederationSettings` (method, ranks, clients, rounds, clip, DP, windows,
+            message formats, upload limits; see there). Its keyword form builds one: `Coordinator(store,
+            method="hetlora", clients=[...], ...)` is `Coordinator(store, FederationSettings(method="hetlora",
+            clients=(...), ...))`.
+        poll_interval_s: seconds between two looks at the store while collecting uploads.
         clock, sleep: injectable time source and sleep (tests never sleep).
+        progress: show a progress bar while waiting for uploads.
 
     Example:
         ```py
-        >>> coord = Coordinator(LocalStore("fed"), method="hetlora", r_max=16, r_min=2,
-        ...                     clients=["a", "b"], rounds=3)  # doctest: +SKIP
+        >>> settings = FederationSettings(method="hetlora", r_max=16, r_min=2, clients=("a", "b"), rounds=3)
+        >>> coord = Coordinator(LocalStore("fed"), settings)  # doctest: +SKIP
         >>> coord.init("init_adapter_dir")  # doctest: +SKIP
         >>> coord.step()  # one transition: e.g. 'waiting', 'closed round 0', 'done'  # doctest: +SKIP
         ```
@@ -139,77 +118,37 @@ class Coordinator(FederationSettings, GlobalPublisher):
     def __init__(
         self,
         store: AdapterStore,
+        settings: FederationSettings | None = None,
         *,
-        method: str | None = None,
-        r_max: int | None = None,
-        r_min: int | None = None,
-        clients: Sequence[str] | None = None,
-        rank_policy: RankPolicy | str | Mapping[str, int] | None = None,
-        clients_per_round: int | None = None,
-        min_clients: int | None = None,
-        rounds: int | None = None,
-        seed: int | None = None,
-        scaling: float | None = None,
-        clip_norm: float | str | None = None,
-        max_upload_bytes: int | None = None,
-        deadline_s: float | None = None,
-        next_rank: str | None = None,
-        dp: DPConfig | None = None,
-        dp_noise_seed: bool = False,
-        max_examples: int = DEFAULT_MAX_EXAMPLES,
-        allow_per_module_ranks: bool = False,
-        require_global_revision: bool = False,
-        component_selection: str | None = None,
-        anchor: int | None = None,
-        message_formats: Sequence[str] | None = None,
         poll_interval_s: float = 5.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         progress: bool = True,
+        **setting_kwargs: Any,
     ):
-        if method is not None and method not in AGGREGATION_METHODS:
-            raise ValueError(f"Unknown method {method!r}; use one of {tuple(AGGREGATION_METHODS)}.")
-        if next_rank is not None and next_rank not in NEXT_RANK_RULES:
-            raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
-        default_method, default_selection = default_method_and_selection(method, component_selection, dp)
-        check_dp(default_method, dp)
-        if component_selection is not None or anchor is not None:
-            # the method may still come from federation.json: round_settings() checks it again then
-            check_selection(default_method, default_selection, anchor or 0, r_max=r_max, dp=dp)
-        if clients is not None:
-            clients = [validate_client_id(c) for c in clients]
-            if len(set(clients)) != len(clients):
-                raise ValueError("Client ids must be unique.")
-        if clip_norm is not None:
-            clip_norm = parse_influence_bound(clip_norm)  # a number, "adaptive" or "off" (ValueError otherwise)
-        for name, value in (("deadline_s", deadline_s), ("scaling", scaling)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}.")
-        if message_formats is not None:
-            message_formats = sorted({parse_message_format(name).name for name in message_formats})
-            if not message_formats:
-                raise ValueError("message_formats must name at least one format (or None for all).")
+        if settings is None:
+            settings = FederationSettings.from_kwargs(**setting_kwargs)
+        elif setting_kwargs:
+            raise TypeError(f"Coordinator: pass the settings record or keywords, not both (got "
+                            f"{sorted(setting_kwargs)} with a FederationSettings).")
+        if not isinstance(settings, FederationSettings):
+            raise TypeError(f"Coordinator: settings must be a FederationSettings, got {type(settings).__name__}")
         self.store = store
-        self._requested = {
-            "method": method, "r_max": r_max, "r_min": r_min, "clients": list(clients) if clients else None,
-            "clients_per_round": clients_per_round, "min_clients": min_clients, "rounds": rounds, "seed": seed,
-            "scaling": scaling, "clip_norm": clip_norm, "max_upload_bytes": max_upload_bytes,
-            "deadline_s": deadline_s, "next_rank": next_rank, "dp": dp.to_dict() if dp is not None else None,
-            "component_selection": component_selection, "anchor": anchor, "message_formats": message_formats,
-        }
-        self._dp = dp
-        self.dp_noise_seed = dp_noise_seed
-        self.rank_policy = RankPolicy.coerce(rank_policy) if rank_policy is not None else None
-        self.max_examples = max_examples
-        self.allow_per_module_ranks = allow_per_module_ranks
-        self.require_global_revision = require_global_revision
+        self.settings = settings
+        self._requested = settings.requested()
+        self._dp = settings.dp
+        self.dp_noise_seed = settings.dp_noise_seed
+        self.rank_policy = settings.rank_policy
+        self.max_examples = settings.max_examples
+        self.allow_per_module_ranks = settings.allow_per_module_ranks
+        self.require_global_revision = settings.require_global_revision
         self.poll_interval_s = poll_interval_s
         self.clock = clock
         self.sleep = sleep
         self.progress = progress
         self._federation: dict | None = None
         self._spec: UploadSpec | None = None
-        self._resumed = False
+        self.publisher = GlobalPublisher(store)
 
     # ------------------------------------------------------------------ init
     def init(
@@ -237,7 +176,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
             if not (folder / ADAPTER_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
                 raise FileNotFoundError(f"{folder} must hold {ADAPTER_FILE} and {CONFIG_FILE} (a saved adapter).")
             state_dict = load_file(str(folder / ADAPTER_FILE))
-            adapter_config = _read_json(folder / CONFIG_FILE)
+            adapter_config = read_json(folder / CONFIG_FILE)
         if state_dict is None or adapter_config is None:
             raise ValueError("init() needs an adapter folder, or both `state_dict` and `adapter_config`.")
         state_dict = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
@@ -267,6 +206,23 @@ class Coordinator(FederationSettings, GlobalPublisher):
         self._publish(0, state_dict, client_ranks)
         return self.store.get_global(0)
 
+    def _round_info(self, round_idx: int, client_ranks: Mapping[str, int]) -> dict:
+        """round.json of global `round_idx`: round `round_idx`'s plan (participants, ranks, windows) and settings."""
+        plan = plan_round(round_idx, self.clients, client_ranks, clients_per_round=self.clients_per_round,
+                          seed=self.seed, sampling_rate=self.dp.sampling_rate if self.dp is not None else None,
+                          opened_at=self.clock(), final=round_idx >= self.rounds,
+                          component_selection=self.component_selection, anchor=self.anchor, r_max=self.r_max)
+        return plan.to_json(self.round_settings(), deadline_s=self._setting("deadline_s"))
+
+    def _global_folder(self, round_idx: int, state_dict: Mapping[str, torch.Tensor],
+                       client_ranks: Mapping[str, int]) -> contextlib.AbstractContextManager[Path]:
+        return self.publisher.global_folder(round_idx, state_dict, self.federation["adapter_config"],
+                                            self._round_info(round_idx, client_ranks))
+
+    def _publish(self, round_idx: int, state_dict: Mapping[str, torch.Tensor], client_ranks: Mapping[str, int]) -> str:
+        with self._global_folder(round_idx, state_dict, client_ranks) as folder:
+            return self.publisher.publish_folder(round_idx, folder)
+
     def _new_federation(self, identity: dict, config: dict, module_dims: Mapping[str, tuple[int, int]]) -> dict:
         return new_federation(identity, config, module_dims, self._requested, self.rank_policy, self.clock())
 
@@ -286,7 +242,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
         except (FileNotFoundError, KeyError, LookupError) as err:
             raise CoordinatorError(f"Global {round_idx} is not published, so round {round_idx} is not open "
                                    f"({err}).") from None
-        return RoundPlan.from_json(_read_json(Path(adapter.path) / ROUND_FILE), round_idx=round_idx,
+        return RoundPlan.from_json(read_json(Path(adapter.path) / ROUND_FILE), round_idx=round_idx,
                                    revision=adapter.revision)
 
     def _status(self, plan: RoundPlan, listed: Sequence[str], now: float, start: float) -> CollectStatus:
@@ -350,7 +306,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
             raise RejectedUpload(f"upload could not be downloaded ({err})") from None
         update = validate_upload(
             folder, spec, client_id=client_id, round_idx=plan.round, assigned_rank=plan.ranks.get(client_id),
-            required_rank=plan.ranks.get(client_id) if self.method == "fedavg" else None,
+            required_rank=plan.ranks.get(client_id) if get_aggregation(self.method).homogeneous else None,
             assigned_components=plan.components_of(client_id),
         )
         revision = update.metadata.get("global_revision")
@@ -462,7 +418,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
             self.store.write_summary(round_idx, summary)
             logger.info("Round %d: accepted %d, rejected %d.", round_idx, len(summary["accepted"]),
                         len(summary["rejected"]))
-            self._publish_folder(round_idx + 1, folder)
+            self.publisher.publish_folder(round_idx + 1, folder)
         return summary
 
     def _publish_from_summary(self, plan: RoundPlan, summary: Mapping[str, Any]) -> None:
@@ -472,7 +428,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
         if staged is not None and file_sha256(Path(staged) / ADAPTER_FILE) == expected:
             logger.info("Round %d has a summary but no global %d: publishing the staged global it names.",
                         plan.round, plan.round + 1)
-            self._publish_folder(plan.round + 1, Path(staged))
+            self.publisher.publish_folder(plan.round + 1, Path(staged))
             return
         accepted = list(summary.get("accepted", []))
         logger.info("Round %d has a summary but no global %d: re-aggregating its %d accepted upload(s).",
@@ -495,7 +451,7 @@ class Coordinator(FederationSettings, GlobalPublisher):
             ```
         """
         self.federation  # noqa: B018 - loads and checks federation.json
-        self._resume()
+        self.publisher.resume()
         latest = self.store.latest_global()
         if latest is None:
             raise CoordinatorError("federation.json exists but global 0 was never published: run `init()` again "

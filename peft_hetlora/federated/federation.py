@@ -21,16 +21,18 @@ import torch
 from ..utils.scaling import scaling_for
 from .errors import CoordinatorError, FederationMismatch
 from .keys import module_ranks
+from .methods import get_aggregation
 from .privacy import DPConfig, dp_config_from_dict
 from .protocol import FEDERATION_FORMAT
 from .rank_policy import RankPolicy
 from .ranks import check_rank
+from .round_settings import default_method_and_selection
 from .validation import UploadSpec
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FederationSettings",
+    "ResolvedSettings",
     "ADAPTER_MATH_FIELDS",
     "IDENTITY_FIELDS",
     "SETTING_FIELDS",
@@ -43,6 +45,9 @@ __all__ = [
 ]
 
 # Settings a resumed coordinator must share with the store's federation.json.
+#: The method of a federation.json that records none: files written before the method was recorded ran HetLoRA,
+#: the default of those versions. Not a default for new federations (that is `round_settings.DEFAULT_METHOD`).
+UNRECORDED_METHOD = "hetlora"
 IDENTITY_FIELDS = ("method", "r_max", "r_min", "base_model")
 # Every setting federation.json records; a coordinator given another value than the stored one is refused
 # (FederationMismatch), except `rounds`, which may grow (extending a federation).
@@ -183,11 +188,12 @@ def new_federation(identity: Mapping[str, Any], config: Mapping[str, Any], modul
         raise ValueError("A new federation needs its client ids (clients=[...]).")
     method = identity["method"]
     r_min, r_max = identity["r_min"], identity["r_max"]
-    policy = policy or RankPolicy("constant" if method == "fedavg" else "uniform")
+    kind = get_aggregation(method)
+    policy = policy or RankPolicy(kind.default_rank_policy)
     seed = requested["seed"] if requested["seed"] is not None else 0
     initial_ranks = policy.assign(clients, r_min=r_min, r_max=r_max, module_dims=module_dims, seed=seed)
-    if method == "fedavg" and len(set(initial_ranks.values())) > 1:
-        raise ValueError("fedavg is homogeneous LoRA: every client needs the same rank; use "
+    if kind.homogeneous and len(set(initial_ranks.values())) > 1:
+        raise ValueError(f"{method} is homogeneous LoRA: every client needs the same rank; use "
                          "RankPolicy('constant', rank=r) (or a heterogeneous method such as hetlora).")
     clients_per_round = requested["clients_per_round"] or len(clients)
     min_clients = requested["min_clients"] or clients_per_round
@@ -221,10 +227,11 @@ def new_federation(identity: Mapping[str, Any], config: Mapping[str, Any], modul
     return record
 
 
-class FederationSettings:
-    """Mixin of `Coordinator`: its settings, each the given value, else federation.json's, else the default.
+class ResolvedSettings:
+    """Mixin of `Coordinator`: its settings, each the given value (its `settings.FederationSettings`), else
+    federation.json's, else the default.
 
-    Expects ``self.store``, ``self._requested`` (the given settings), ``self.rank_policy``, ``self._federation``
+    Expects ``self.store``, ``self._requested`` (``settings.requested()``), ``self.rank_policy``, ``self._federation``
     and ``self._dp``.
     """
 
@@ -283,7 +290,9 @@ class FederationSettings:
 
     @property
     def method(self) -> str:
-        return self._setting("method", "hetlora")
+        if self._requested.get("method") is None and self._stored_federation() is None:
+            return default_method_and_selection(None, self._requested.get("component_selection"), self._dp)[0]
+        return self._setting("method", UNRECORDED_METHOD)
 
     @property
     def r_max(self) -> int:

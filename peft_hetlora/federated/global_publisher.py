@@ -15,23 +15,34 @@ import logging
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from .errors import StoreFullError
-from .protocol import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE, plan_round
+from .protocol import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE
 from .store import json_text
 from .temp_files import remove_abandoned, temp_prefix
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GLOBAL_TEMP_KIND", "GlobalPublisher"]
+__all__ = ["GLOBAL_TEMP_KIND", "GlobalPublisher", "read_json"]
 
 GLOBAL_TEMP_KIND = "hetlora-global-"
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file the coordinator wrote or a saved adapter's config (trusted: not a client's upload).
+
+    Example:
+        ```py
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.json"; _ = p.write_text('{"r": 8}')
+        >>> read_json(p)
+        {'r': 8}
+        ```
+    """
     return json.loads(path.read_text())
 
 
@@ -40,42 +51,47 @@ def _write_json(path: Path, data: Mapping) -> None:
 
 
 class GlobalPublisher:
-    """Mixin of `Coordinator`: writes and publishes globals with their plan, repairs an interrupted publish.
+    """Writes and publishes globals with their plan to one store, and repairs an interrupted publish; the
+    `Coordinator` holds one (``coordinator.publisher``).
 
-    Expects ``self.store``, ``self.federation``, ``self.clock``, ``self._resumed`` and the settings properties.
+    Example:
+        ```py
+        >>> GlobalPublisher(store=None).resumed
+        False
+        ```
     """
 
-    def _publish(self, round_idx: int, state_dict: Mapping[str, torch.Tensor], client_ranks: Mapping[str, int]) -> str:
-        """Write global `round_idx` (adapter at r_max + adapter_config.json + round.json) to the store."""
-        with self._global_folder(round_idx, state_dict, client_ranks) as folder:
-            return self._publish_folder(round_idx, folder)
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.resumed = False
 
-    def _publish_folder(self, round_idx: int, folder: Path) -> str:
-        info = _read_json(folder / ROUND_FILE)
+    def publish(self, round_idx: int, state_dict: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any],
+                round_info: Mapping[str, Any]) -> str:
+        """Write global `round_idx` (adapter at r_max + adapter_config.json + round.json) to the store."""
+        with self.global_folder(round_idx, state_dict, adapter_config, round_info) as folder:
+            return self.publish_folder(round_idx, folder)
+
+    def publish_folder(self, round_idx: int, folder: Path) -> str:
+        """Publish a folder written by `global_folder` (or a staged copy of one) as global `round_idx`."""
+        info = read_json(folder / ROUND_FILE)
         revision = self.store.publish_global(round_idx, folder)
         logger.info("Published global %d (revision %s); participants: %s", round_idx, revision,
                     ", ".join(f"{c}@r{info['ranks'][c]}" for c in info["participants"]))
         return revision
 
     @contextlib.contextmanager
-    def _global_folder(
-        self, round_idx: int, state_dict: Mapping[str, torch.Tensor], client_ranks: Mapping[str, int]
-    ) -> Iterator[Path]:
+    def global_folder(self, round_idx: int, state_dict: Mapping[str, torch.Tensor],
+                      adapter_config: Mapping[str, Any], round_info: Mapping[str, Any]) -> Iterator[Path]:
         """A temporary folder holding global `round_idx` as it will be published (removed afterwards).
 
         Its name carries this process's id, so a restart after a kill removes it (`temp_files`).
         """
-        plan = plan_round(round_idx, self.clients, client_ranks, clients_per_round=self.clients_per_round,
-                          seed=self.seed, sampling_rate=self.dp.sampling_rate if self.dp is not None else None,
-                          opened_at=self.clock(), final=round_idx >= self.rounds,
-                          component_selection=self.component_selection, anchor=self.anchor, r_max=self.r_max)
-        round_info = plan.to_json(self.round_settings(), deadline_s=self._setting("deadline_s"))
         with tempfile.TemporaryDirectory(prefix=temp_prefix(GLOBAL_TEMP_KIND, f"r{round_idx}")) as tmp:
             folder = Path(tmp)
             try:
                 tensors = {k: state_dict[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(state_dict)}
                 save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
-                _write_json(folder / CONFIG_FILE, self.federation["adapter_config"])
+                _write_json(folder / CONFIG_FILE, adapter_config)
                 _write_json(folder / ROUND_FILE, round_info)
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
@@ -88,13 +104,13 @@ class GlobalPublisher:
                 raise err from e
             yield folder
 
-    def _resume(self) -> None:
-        """Once per coordinator: remove what killed writers left, and finish an interrupted publish.
+    def resume(self) -> None:
+        """Once per publisher: remove what killed writers left, and finish an interrupted publish.
 
         A kill (or a full disk) between writing `rounds/<T>/global/` and refreshing the store's root leaves the
         root at an older round; publishing the latest round again is idempotent and refreshes it.
         """
-        if self._resumed:
+        if self.resumed:
             return
         cleaner = getattr(self.store, "clean_temporary_files", None)
         removed = list(cleaner()) if callable(cleaner) else []
@@ -104,5 +120,4 @@ class GlobalPublisher:
         latest = self.store.latest_global()
         if latest is not None:
             self.store.publish_global(latest.round, latest.path)
-        self._resumed = True
-
+        self.resumed = True

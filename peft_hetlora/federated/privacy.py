@@ -46,10 +46,11 @@ from typing import Any
 
 import torch
 
-from . import keys
 from ._components import Layout, flat_a, flat_b, module_ranks, previous_factors, to_state_dict, validate_round
 from .aggregation import AggregationResult, ClientUpdate, update_norm
 from .dp_config import DPConfig, DPConfigError, _opacus, _positive, dp_config_from_dict, privacy_spent  # noqa: F401
+from .keys import module_ranks as keys_module_ranks
+from .methods import AGGREGATION_METHODS, get_aggregation
 
 __all__ = [
     "DP_METHODS",
@@ -63,7 +64,9 @@ __all__ = [
 ]
 
 DP_METHODS: tuple[str, ...] = ("component", "zero_pad")
-"""``component``: the component rule (``rankwise`` with public weights); ``zero_pad``: zero_pad / fedavg."""
+"""The DP forms (an aggregation method's ``dp_form`` capability names one): ``component``: the component rule
+(``rankwise`` with public weights); ``zero_pad``: zero_pad / fedavg. What a form does is read from the registered
+method of that name (``per_component``), never from the name."""
 
 
 @dataclass
@@ -83,13 +86,13 @@ class DPAggregationResult(AggregationResult):
         return out
 
 
-def _denominators(config: DPConfig, method: str, r_max: int) -> torch.Tensor:
+def _denominators(config: DPConfig, per_component: bool, r_max: int) -> torch.Tensor:
     if config.expected_clients is None:
         raise DPConfigError(
             "DP aggregation needs a public denominator: DPConfig(expected_clients=q*N) or population=N"
         )
     cov = torch.ones(r_max, dtype=torch.float64)
-    if method == "component" and config.expected_coverage is not None:
+    if per_component and config.expected_coverage is not None:
         if len(config.expected_coverage) != r_max:
             raise DPConfigError(
                 f"DPConfig.expected_coverage has {len(config.expected_coverage)} entries, r_max is {r_max}: give one "
@@ -104,7 +107,7 @@ def _contribution(
     layout: Layout,
     prev: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     prev_extras: Mapping[str, torch.Tensor],
-    method: str,
+    per_component: bool,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """``Delta_k`` relative to the global: per module ``(dA, dB)`` over ``r_k`` (component) or ``r_max`` (zero_pad)."""
     ranks = module_ranks(update, layout)
@@ -114,7 +117,7 @@ def _contribution(
         a, b = flat_a(sd[spec.a_key]), flat_b(sd[spec.b_key])
         pa, pb = prev[name]
         r = ranks[name]
-        if method == "component":
+        if per_component:
             factors[name] = (a - pa[:r], b - pb[:, :r])
         else:
             da, db = -pa.clone(), -pb.clone()
@@ -200,13 +203,15 @@ def dp_aggregate(
         hint = (
             " HetLoRA's sparsity weights S_k = ||delta W_k|| depend on the client's data and would leak; use "
             "'zero_pad' (same padding, public weights) or 'component'."
-            if method == "hetlora"
+            if method in AGGREGATION_METHODS and get_aggregation(method).weights == "sparsity"
+            and get_aggregation(method).dp_form is None
             else ""
         )
         raise DPConfigError(f"unknown DP method {method!r}; choose one of {list(DP_METHODS)}.{hint}")
+    per_component = get_aggregation(method).per_component
     if not isinstance(config, DPConfig):
         raise TypeError(f"config must be a DPConfig, got {type(config).__name__}")
-    if config.model == "local" and method != "component":
+    if config.model == "local" and not per_component:
         raise DPConfigError("local DP noises only the components a client uploads: use method='component'")
     if previous is None:
         raise DPConfigError(
@@ -214,7 +219,7 @@ def dp_aggregate(
         )
     items, layout = validate_round(updates, r_max)
     prev, prev_extras = previous_factors(previous, layout)
-    den = _denominators(config, method, r_max)
+    den = _denominators(config, per_component, r_max)
     sparse_weights = weights == "sparsity"
     if sparse_weights:
         if sparsity_cap is None or not _positive("sparsity_cap", sparsity_cap):
@@ -239,7 +244,7 @@ def dp_aggregate(
     sum_x = {k: torch.zeros_like(v) for k, v in prev_extras.items()}
     central = config.model == "central"
     for u in items:
-        factors, extras = _contribution(u, layout, prev, prev_extras, method)
+        factors, extras = _contribution(u, layout, prev, prev_extras, per_component)
         scale = float(public[u.client_id])
         if central:
             norm = _l2(factors, extras)
@@ -312,12 +317,12 @@ def privatize_update(
     """
     if not isinstance(config, DPConfig) or config.model != "local":
         raise DPConfigError("privatize_update is the local-DP client step: pass DPConfig(model='local', ...)")
-    rank = max(keys.module_ranks(state_dict).values())
+    rank = max(keys_module_ranks(state_dict).values())
     update = ClientUpdate("local", state_dict, rank=rank, num_examples=0)
-    r_global = max(keys.module_ranks(global_state_dict).values())
+    r_global = max(keys_module_ranks(global_state_dict).values())
     items, layout = validate_round([update], max(rank, r_global))
     prev, prev_extras = previous_factors(global_state_dict, layout)
-    factors, extras = _contribution(items[0], layout, prev, prev_extras, "component")
+    factors, extras = _contribution(items[0], layout, prev, prev_extras, per_component=True)
     norm = _l2(factors, extras)
     scale = min(1.0, config.clip / norm) if norm > 0 else 1.0
     std = float(config.noise_multiplier) * config.clip  # type: ignore[arg-type]

@@ -40,7 +40,6 @@ from .influence import OFF
 from .methods import get_aggregation
 from .rank_policy import cap_ranks, poisson_sample, sample_clients
 from .round_settings import (  # noqa: F401  (re-exported: part of the protocol's public names)
-    _DP_METHOD,
     NEXT_RANK_RULES,
     RoundSettings,
     check_dp,

@@ -30,12 +30,11 @@ __all__ = [
     "check_selection",
     "default_method_and_selection",
     "dp_method_for",
+    "dp_methods",
+    "window_methods",
 ]
 
 NEXT_RANK_RULES = ("rank_out", "initial")
-# Aggregation methods with a DP counterpart in `privacy.dp_aggregate` (public weights; hetlora's leak).
-# `component` under DP uploads prefixes (check_selection), where it is rankwise.
-_DP_METHOD = {"rankwise": "component", "component": "component", "zero_pad": "zero_pad", "fedavg": "zero_pad"}
 
 #: The method of a federation that names none: ``flexlora_held``, FlexLoRA (SVD of the weighted sum of client
 #: products, arXiv 2402.11505) over the adapters the clients held, so weak clients do not erase the global's
@@ -137,9 +136,8 @@ def check_selection(method: str, component_selection: str, anchor: int = 0, *, r
     """Refuse a component selection the round engine cannot aggregate.
 
     A window policy (``rolling`` / ``coverage``) makes clients upload component-indexed factors, which only methods
-    with ``accepts_components`` aggregate (``hetlora``, ``zero_pad``, ``rankwise``, ``component``,
-    ``component_data``, ``component_fedavg``, ``flexlora_held``); the DP, robust and secure-sum paths handle prefixes
-    only.
+    with the ``accepts_components`` capability aggregate (`window_methods`); the DP, robust and secure-sum paths
+    handle prefixes only.
 
     Raises:
         AggregationError: with what to change.
@@ -158,7 +156,7 @@ def check_selection(method: str, component_selection: str, anchor: int = 0, *, r
     if component_selection == "prefix":
         return
     if not get_aggregation(method).accepts_components:
-        takers = [m for m in AGGREGATION_METHODS if get_aggregation(m).accepts_components]
+        takers = list(window_methods())
         raise AggregationError(
             f"component_selection={component_selection!r} makes clients train windows of components, which method "
             f"{method!r} cannot aggregate; use one of {takers} (or component_selection='prefix')."
@@ -170,8 +168,33 @@ def check_selection(method: str, component_selection: str, anchor: int = 0, *, r
         )
 
 
+def window_methods() -> tuple[str, ...]:
+    """The registered methods that aggregate window policies (``accepts_components``), in registration order.
+
+    Example:
+        ```py
+        >>> "component" in window_methods(), "fedavg" in window_methods()
+        (True, False)
+        ```
+    """
+    return tuple(m for m in AGGREGATION_METHODS if get_aggregation(m).accepts_components)
+
+
+def dp_methods() -> tuple[str, ...]:
+    """The registered methods with a differentially private form (``dp_form``), in registration order.
+
+    Example:
+        ```py
+        >>> "rankwise" in dp_methods(), "hetlora" in dp_methods()
+        (True, False)
+        ```
+    """
+    return tuple(m for m in AGGREGATION_METHODS if get_aggregation(m).dp_form is not None)
+
+
 def dp_method_for(method: str) -> str:
-    """The `dp_aggregate` method of an aggregation method (``rankwise`` -> ``component``; ``zero_pad``/``fedavg``).
+    """The `dp_aggregate` method of an aggregation method: its ``dp_form`` capability (``rankwise`` ->
+    ``component``; ``zero_pad`` / ``fedavg`` -> ``zero_pad``).
 
     Raises:
         AggregationError: for methods whose weights are data-dependent (``hetlora``) or that have no DP form.
@@ -182,12 +205,13 @@ def dp_method_for(method: str) -> str:
         'component'
         ```
     """
-    if method not in _DP_METHOD:
+    form = get_aggregation(method).dp_form if method in AGGREGATION_METHODS else None
+    if form is None:
         raise AggregationError(
             f"method {method!r} has no differentially private form: use rankwise (the component rule), zero_pad or "
             "fedavg with dp=... (hetlora's sparsity weights depend on the clients' data; docs/privacy.md)."
         )
-    return _DP_METHOD[method]
+    return form
 
 
 def check_dp(method: str, dp: Any) -> None:

@@ -62,6 +62,7 @@ from ._components import (
 )
 from .aggregation import AggregationResult, ClientUpdate, update_norm
 from .errors import HetLoRAError, RankError
+from .methods import AGGREGATION_METHODS, AggregationMethod, get_aggregation
 
 __all__ = [
     "LEVELS",
@@ -73,8 +74,8 @@ __all__ = [
 ]
 
 SECURE_SUM_METHODS: tuple[str, ...] = ("hetlora", "rankwise", "component", "zero_pad", "fedavg")
-"""Methods expressible as sums; ``component`` is the rankwise rule with explicit component indices
-(docs/design.md#component-rule)."""
+"""The built-in methods expressible as sums (their ``secure_sum`` capability; a registered method that sets it is
+accepted too); ``component`` is the rankwise rule with explicit component indices (docs/design.md#component-rule)."""
 
 LEVELS: tuple[str, ...] = ("sparsity", "data_size", "uniform")
 """Weighting levels, best first (the aggregator's fallback order)."""
@@ -82,18 +83,28 @@ LEVELS: tuple[str, ...] = ("sparsity", "data_size", "uniform")
 _RESERVED = "__"
 _WEIGHT = "__weight__"
 _COVERAGE = "__coverage__/"
-_SPARSE = ("hetlora", "rankwise", "component")
-_PER_COMPONENT = ("rankwise", "component")
 
 
 class SecureSumError(HetLoRAError, ValueError):
     """Shares or sums that do not fit the method (unknown method or level, missing keys, bad component indices)."""
 
 
-def _levels_for(method: str, levels: Sequence[str] | None) -> tuple[str, ...]:
-    if method not in SECURE_SUM_METHODS:
+def _summable(method: str) -> AggregationMethod:
+    """The registered method ``method`` if its ``secure_sum`` capability says it is a sum, else SecureSumError."""
+    found = get_aggregation(method) if isinstance(method, str) and method in AGGREGATION_METHODS else None
+    if found is None or found.secure_sum is None:
         raise SecureSumError(f"unknown method {method!r}; secure sums support {list(SECURE_SUM_METHODS)}")
-    default = LEVELS if method in _SPARSE else LEVELS[1:]
+    return found
+
+
+def _sparse_methods() -> list[str]:
+    """The summable methods with sparsity weights (the ones ``weighting="per_module"`` applies to)."""
+    return [m for m in AGGREGATION_METHODS
+            if get_aggregation(m).secure_sum and get_aggregation(m).weights == "sparsity"]
+
+
+def _levels_for(method: str, levels: Sequence[str] | None) -> tuple[str, ...]:
+    default = LEVELS if _summable(method).weights == "sparsity" else LEVELS[1:]
     chosen = default if levels is None else tuple(levels)
     bad = [lv for lv in chosen if lv not in default]
     if bad or not chosen:
@@ -159,18 +170,21 @@ def client_share(
         ([[3.0, 3.0], [0.0, 0.0]], [3.0])
     """
     chosen = _levels_for(method, levels)
+    kind = _summable(method)
+    sparse = kind.weights == "sparsity"
     if isinstance(weight_scale, bool) or not isinstance(weight_scale, (int, float)) or not weight_scale > 0:
         raise SecureSumError(f"weight_scale must be a number > 0, got {weight_scale!r}")
-    if weighting not in ("per_client", "per_module") or (weighting == "per_module" and method not in _SPARSE):
+    if weighting not in ("per_client", "per_module") or (weighting == "per_module" and not sparse):
         raise SecureSumError(
-            f"weighting must be 'per_client' or, for {list(_SPARSE)}, 'per_module'; got {weighting!r}"
+            f"weighting must be 'per_client' or, for {_sparse_methods()}, 'per_module'; got {weighting!r}"
         )
-    if components is not None and method != "component":
-        raise SecureSumError("components=... applies to method='component' only")
+    if components is not None and kind.secure_sum != "indexed":
+        indexed = " / ".join(f"method={m!r}" for m in AGGREGATION_METHODS
+                             if get_aggregation(m).secure_sum == "indexed")
+        raise SecureSumError(f"components=... applies to {indexed} only")
     items, layout = validate_round([update], r_max)
     sd = items[0].state_dict
     ranks = module_ranks(items[0], layout)
-    sparse = method in _SPARSE
     client_level, client_w = _level_and_weight(update_norm(sd, scaling) if sparse else None, update.num_examples)
     client_w /= float(weight_scale)
     share: dict[str, torch.Tensor] = {}
@@ -185,7 +199,7 @@ def client_share(
             module_sd = {spec.a_key: sd[spec.a_key], spec.b_key: sd[spec.b_key]}
             level, w = _level_and_weight(update_norm(module_sd, scaling), update.num_examples)
             w /= float(weight_scale)
-        idx = _indices(name, ranks[name], r_max, components) if method in _PER_COMPONENT else list(range(ranks[name]))
+        idx = _indices(name, ranks[name], r_max, components) if kind.per_component else list(range(ranks[name]))
         idx_t = torch.tensor(idx, dtype=torch.long)
         for lv in chosen:
             a = torch.zeros((r_max, spec.d_in), dtype=torch.float64)
@@ -194,7 +208,7 @@ def client_share(
             if lv == level:
                 a[idx_t] = w * flat_a(sd[spec.a_key])
                 b[:, idx_t] = w * flat_b(sd[spec.b_key])
-                if method in _PER_COMPONENT:
+                if kind.per_component:
                     cov[idx_t] = w
                 else:
                     cov[:] = w
@@ -290,7 +304,7 @@ def combine(
             if f"{lv}/{key}" not in sums:
                 raise SecureSumError(f"the sums lack {lv}/{key}: every share must have the same keys")
     prev, _ = previous_factors(previous, layout, extras_needed=False)
-    keep_previous = method in _PER_COMPONENT
+    keep_previous = _summable(method).per_component
     factors = {}
     used: set[str] = set()
     uncovered = 0
@@ -319,7 +333,7 @@ def combine(
         if layout.extras:
             raise SecureSumError("every summed weight is zero: no client contributed at the levels sent")
     worst = max((LEVELS.index(lv) for lv in used), default=0)
-    top = 0 if method in _SPARSE else 1
+    top = 0 if _summable(method).weights == "sparsity" else 1
     fallback = LEVELS[worst] if worst > top else None
     messages = ["secure-sum aggregation: only sums were used; per-client weights are not known"]
     if fallback is not None:

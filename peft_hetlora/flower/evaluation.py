@@ -9,11 +9,11 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+import peft_hetlora.flower.records as rec
 from peft_hetlora.federated.keys import truncate
 from peft_hetlora.federated.rank_policy import sample_clients
 from peft_hetlora.federated.store import json_text
 
-from . import records as rec
 from .nodes import short_reason
 
 logger = logging.getLogger(__name__)

@@ -13,10 +13,9 @@ import re
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+import peft_hetlora.flower.records as rec
 from peft_hetlora.federated.rank_policy import RankPolicy
 from peft_hetlora.federated.store import validate_client_id
-
-from . import records as rec
 
 logger = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from flwr.app import RecordDict
 
+import peft_hetlora.flower.records as rec
 from peft_hetlora.federated.aggregation import ClientUpdate
 from peft_hetlora.federated.keys import module_ranks
+from peft_hetlora.federated.methods import get_aggregation
 from peft_hetlora.federated.validation import RejectedUpload, UploadSpec, validate_update
-
-from . import records as rec
 
 
 class ReplyValidation:
@@ -62,5 +62,6 @@ class ReplyValidation:
             meta["components"] = list(metrics[rec.COMPONENTS])
         return validate_update(
             state, meta, self.spec, client_id=cid, round_idx=t, assigned_rank=rank,
-            required_rank=rank if self.method == "fedavg" else None, assigned_components=assigned_components,
+            required_rank=rank if get_aggregation(self.method).homogeneous else None,
+            assigned_components=assigned_components,
         )

@@ -37,8 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
+import peft_hetlora.flower.records as rec
 from peft_hetlora.federated.aggregation import ClientUpdate, truncate
 from peft_hetlora.federated.federation import scaling_from_config
+from peft_hetlora.federated.methods import get_aggregation
 from peft_hetlora.federated.protocol import (
     NEXT_RANK_RULES,
     ClientReport,
@@ -48,10 +50,10 @@ from peft_hetlora.federated.protocol import (
     plan_round,
 )
 from peft_hetlora.federated.rank_policy import RankPolicy
+from peft_hetlora.federated.round_settings import default_method_and_selection
 from peft_hetlora.federated.store import AdapterStore
 from peft_hetlora.federated.validation import RejectedUpload, UploadSpec, validate_update
 
-from . import records as rec
 from .local_round import ClientTask, LocalTrainingConfig, TaskFn, evaluate_global, hetlora_config, train_local_round
 
 logger = logging.getLogger(__name__)
@@ -228,7 +230,7 @@ def run_flower_simulation(
     num_clients: int | None = None,
     ranks: RankPolicy | str | Mapping[str, int] | None = None,
     r_min: int | None = None,
-    method: str = "hetlora",
+    method: str | None = None,
     rounds: int = 1,
     clients_per_round: int | None = None,
     local_steps: int | None = None,
@@ -258,7 +260,8 @@ def run_flower_simulation(
             pass ``model_fn`` and ``client_datasets`` (``{client_id: dataset}`` or a list) instead.
         adapter_config: the federation's `HetLoRAConfig` (``r`` = r_max, ``lora_alpha``, ``target_modules``, ...).
         ranks: initial rank policy (`RankPolicy`, a name, or ``{client_id: rank}``; default uniform, fedavg constant).
-        method: a registered aggregation method (``peft_hetlora.federated.AGGREGATION_METHODS``).
+        method: a registered aggregation method (``peft_hetlora.federated.AGGREGATION_METHODS``); None: the one
+            default of a federation that names none (`round_settings.default_method_and_selection`).
         rounds, clients_per_round (default: all), local_steps / training, seed: the experiment settings.
         clip_norm: the influence bound (docs/aggregation.md); next_rank: ``"rank_out"`` (a client's next rank is
             the one it reported after pruning, the default) or ``"initial"`` (it keeps its assigned rank).
@@ -361,7 +364,7 @@ def run_inprocess_simulation(
     num_clients: int | None = None,
     ranks: RankPolicy | str | Mapping[str, int] | None = None,
     r_min: int | None = None,
-    method: str = "hetlora",
+    method: str | None = None,
     rounds: int = 1,
     clients_per_round: int | None = None,
     local_steps: int | None = None,
@@ -395,13 +398,14 @@ def run_inprocess_simulation(
     setup = _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, r_min, training,
                    local_steps, seed, initial_state_dict, eval_dataset, data_collator, eval_batch_size)
     config = setup.config
-    if method == "fedavg" and setup.training.prune:  # as HetLoRAStrategy: homogeneous clients never prune
+    method = default_method_and_selection(method, None, dp)[0]
+    homogeneous = get_aggregation(method).homogeneous
+    if homogeneous and setup.training.prune:  # as HetLoRAStrategy: homogeneous clients never prune
         setup.training = dataclasses.replace(setup.training, prune=False)
     r_max, r_min_ = int(config["r"]), int(config["r_min"])
     scaling = scaling_from_config(config, r_max)
     spec = UploadSpec.from_state_dict(setup.initial, r_min=r_min_, r_max=r_max)
-    policy = RankPolicy.coerce(ranks) if ranks is not None else RankPolicy("constant" if method == "fedavg" else
-                                                                           "uniform")
+    policy = RankPolicy.coerce(ranks) if ranks is not None else RankPolicy(get_aggregation(method).default_rank_policy)
     client_ranks = policy.assign(setup.client_ids, r_min=r_min_, r_max=r_max, module_dims=dict(spec.modules),
                                  seed=seed)
     n = min(clients_per_round or len(setup.client_ids), len(setup.client_ids))
@@ -486,6 +490,6 @@ def _train_client(setup, state, plan, cid, seed, spec, method, failed, rounds) -
                           out.tail_norm_start, out.tail_norm_end, plan.revision)
     try:
         return validate_update(out.state_dict, report.to_json(), spec, client_id=cid, round_idx=plan.round,
-                               assigned_rank=rank, required_rank=rank if method == "fedavg" else None)
+                               assigned_rank=rank, required_rank=rank if get_aggregation(method).homogeneous else None)
     except RejectedUpload as err:
         return Rejection(cid, err.reason)

@@ -53,10 +53,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+import peft_hetlora.flower.records as rec
 from peft_hetlora.federated.aggregation import AGGREGATION_METHODS, ClientUpdate, truncate
 from peft_hetlora.federated.compression import parse_message_format
 from peft_hetlora.federated.federation import scaling_from_config
 from peft_hetlora.federated.influence import DEFAULT_INFLUENCE_BOUND, parse_influence_bound
+from peft_hetlora.federated.methods import get_aggregation
 from peft_hetlora.federated.privacy import DPConfig
 from peft_hetlora.federated.protocol import (
     NEXT_RANK_RULES,
@@ -74,7 +76,6 @@ from peft_hetlora.federated.round_settings import default_method_and_selection
 from peft_hetlora.federated.store import AdapterStore, json_text, validate_client_id
 from peft_hetlora.federated.validation import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
 
-from . import records as rec
 from .evaluation import FederatedEvaluation
 from .local_round import LocalTrainingConfig
 from .mirror import StoreMirror, round_metrics
@@ -118,7 +119,8 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             ``"rolling"`` or ``"coverage"`` (the default when no method is given; a window: the
             client receives the whole global and ``components`` in its ConfigRecord, trains those components with the
             rest frozen and returns them with their indices in its MetricRecord). Needs a method that accepts
-            component-indexed uploads (hetlora, zero_pad, rankwise, component, component_data) and no ``dp``.
+            component-indexed uploads (the ``accepts_components`` capability: `round_settings.window_methods`)
+            and no ``dp``.
         anchor: components ``0 .. anchor-1`` are in every window.
         message_formats: the compressed reply formats clients may declare (``message-format`` in their reply's
             ``message`` ConfigRecord: ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8-block<B>"``); None allows all.
@@ -202,7 +204,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         self.r_max = int(self.adapter_config["r"])
         self.r_min = int(self.adapter_config["r_min"])
         self.method = method
-        default_policy = RankPolicy("constant") if method == "fedavg" else RankPolicy("uniform")
+        default_policy = RankPolicy(get_aggregation(method).default_rank_policy)
         self.rank_policy = RankPolicy.coerce(rank_policy) if rank_policy is not None else default_policy
         self.roster = [validate_client_id(c) for c in clients] if clients is not None else None
         if self.roster is None and self.rank_policy.kind == "tiers":
@@ -217,7 +219,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         self.weighting = weighting
         self.next_rank = next_rank
         self.training = training or LocalTrainingConfig()
-        if method == "fedavg" and self.training.prune:  # homogeneous LoRA: every client stays at its rank
+        if get_aggregation(method).homogeneous and self.training.prune:  # every client stays at its rank
             self.training = dataclasses.replace(self.training, prune=False)
         self.store = store
         self.query_timeout = query_timeout

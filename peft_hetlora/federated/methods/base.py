@@ -50,6 +50,16 @@ class AggregationMethod:
       clipping; ``"data"``: ``n_k``, capped at ``max_weight_ratio`` x the round's median), ``homogeneous`` (every
       client must upload the first client's rank), ``uses_previous`` (``combine``/``result`` receives the previous
       global, zero-padded to ``r_max``, for components nobody covers), ``streaming``.
+    * **Capabilities** (class attributes the engines ask instead of comparing method names; a new method sets
+      them and nothing outside its file names it): ``homogeneous`` (every client trains the same rank: no
+      pruning, ``required_rank`` on uploads), ``default_rank_policy`` (the rank policy a federation that names
+      none gets: ``"uniform"``, ``"constant"`` for homogeneous methods), ``accepts_components`` (the window
+      policies ``rolling`` / ``coverage`` need it), ``dp_form`` (the form of
+      :func:`~peft_hetlora.federated.privacy.dp_aggregate` that runs the method under DP: ``"component"`` or
+      ``"zero_pad"``; ``None``: no DP form, e.g. data-dependent sparsity weights), ``per_component`` (a client's
+      weight enters the denominators of its own components only: the component rule), ``secure_sum`` (the
+      method is a sum the secure-sum path can compute: ``"prefix"`` for prefix uploads, ``"indexed"`` when it also
+      takes explicit component indices; ``None``: not expressible as sums).
     * Before a method sees a client, the aggregator has validated it (keys, shapes, ranks ``<= r_max``, finite
       values) and clipped it (the influence bound); weights are positive floats at the best common level (a
       zero-norm round falls back to data-size, then uniform weights), normalisation is the method's job.
@@ -82,6 +92,10 @@ class AggregationMethod:
     uses_previous: ClassVar[bool] = False
     streaming: ClassVar[bool] = True
     accepts_components: ClassVar[bool] = False
+    default_rank_policy: ClassVar[str] = "uniform"
+    dp_form: ClassVar[str | None] = None
+    per_component: ClassVar[bool] = False
+    secure_sum: ClassVar[str | None] = None
 
     def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> ModuleAccumulator:
         """A fresh accumulator for one module (``a_shape`` / ``b_shape`` at the first client's rank)."""

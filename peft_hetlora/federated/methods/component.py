@@ -36,6 +36,9 @@ class ComponentRule(AggregationMethod):
     weights: ClassVar[str] = "sparsity"
     uses_previous: ClassVar[bool] = True
     accepts_components: ClassVar[bool] = True
+    dp_form: ClassVar[str | None] = "component"
+    per_component: ClassVar[bool] = True
+    secure_sum: ClassVar[str | None] = "indexed"  # the rankwise sums with explicit component indices
 
     def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> PaddedSum:
         return PaddedSum(a_shape, b_shape, r_max, covered_only=True)
@@ -51,6 +54,8 @@ class ComponentRuleData(ComponentRule):
 
     name: ClassVar[str] = "component_data"
     weights: ClassVar[str] = "data"
+    dp_form: ClassVar[str | None] = None  # the DP form of the component rule is rankwise's (public weights)
+    secure_sum: ClassVar[str | None] = None
 
 
 class ComponentFedAvg(AggregationMethod):

@@ -22,6 +22,9 @@ class FedAvg(AggregationMethod):
     name: ClassVar[str] = "fedavg"
     weights: ClassVar[str] = "data"
     homogeneous: ClassVar[bool] = True
+    default_rank_policy: ClassVar[str] = "constant"
+    dp_form: ClassVar[str | None] = "zero_pad"
+    secure_sum: ClassVar[str | None] = "prefix"
 
     def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> PaddedSum:
         return PaddedSum(a_shape, b_shape, r_max, covered_only=False)

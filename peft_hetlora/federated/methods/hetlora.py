@@ -25,6 +25,7 @@ class HetLoRA(AggregationMethod):
     name: ClassVar[str] = "hetlora"
     weights: ClassVar[str] = "sparsity"
     accepts_components: ClassVar[bool] = True  # scatter to the indices, then zero-pad the rest
+    secure_sum: ClassVar[str | None] = "prefix"  # no dp_form: S_k depends on the client's data (docs/privacy.md)
 
     def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> PaddedSum:
         return PaddedSum(a_shape, b_shape, r_max, covered_only=False)

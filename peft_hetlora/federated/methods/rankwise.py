@@ -27,6 +27,9 @@ class RankWise(AggregationMethod):
     weights: ClassVar[str] = "sparsity"
     uses_previous: ClassVar[bool] = True
     accepts_components: ClassVar[bool] = True
+    dp_form: ClassVar[str | None] = "component"  # the component rule with public weights
+    per_component: ClassVar[bool] = True
+    secure_sum: ClassVar[str | None] = "prefix"
 
     def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> PaddedSum:
         return PaddedSum(a_shape, b_shape, r_max, covered_only=True)

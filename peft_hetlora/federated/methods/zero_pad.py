@@ -23,6 +23,8 @@ class ZeroPad(AggregationMethod):
     name: ClassVar[str] = "zero_pad"
     weights: ClassVar[str] = "data"
     accepts_components: ClassVar[bool] = True  # scatter to the indices, then zero-pad the rest
+    dp_form: ClassVar[str | None] = "zero_pad"
+    secure_sum: ClassVar[str | None] = "prefix"
 
     def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> PaddedSum:
         return PaddedSum(a_shape, b_shape, r_max, covered_only=False)
