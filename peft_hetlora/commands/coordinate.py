@@ -137,9 +137,9 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     fed.add_argument("--next-rank", choices=NEXT_RANK_RULES, default=None,
                      help="A client's next rank: its reported rank_out (default) or its initial rank.")
     fed.add_argument("--component-selection", choices=SELECTION_POLICIES, default=None,
-                     help="Which global components each client trains: prefix (HetLoRA; the default with a --method "
-                     "or with DP), rolling (FedRolex-style moving windows) or coverage (every component covered; the "
-                     "default without --method); window policies need a --method among "
+                     help="Which global components each client trains: prefix (HetLoRA; the default), rolling "
+                     "(FedRolex-style moving windows) or coverage (every component covered; without --method a "
+                     "window policy gets the component rule); window policies need a --method among "
                      f"{', '.join(window_methods())} (docs/federation.md).")
     fed.add_argument("--anchor", type=int, default=None,
                      help="Components 0..anchor-1 are in every client's window (window policies; default 0).")
