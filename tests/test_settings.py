@@ -13,6 +13,7 @@ import pytest
 from coordinator_fakes import Clock, FakeClients, initial_adapter, make_coordinator
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_method_capabilities import flower_task_identity  # noqa: F401  (a fixture, registered by import)
 
 from peft_hetlora.federated import Coordinator, FederationSettings, LocalStore, RankPolicy
 from peft_hetlora.federated.errors import AggregationError, HetLoRAError
@@ -147,3 +148,38 @@ def test_a_hostile_federation_json_is_refused_with_a_clear_error_or_read(record)
         assert str(err)  # a message that says what is wrong
         return
     assert FederationSettings.from_json(loaded.to_json()) == loaded
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_the_flower_strategy_from_the_record_publishes_what_the_keyword_form_publishes():
+    import test_flower as tf
+    import torch
+    from flwr.app import ArrayRecord
+    from tiny_models import tiny_llama
+
+    from peft_hetlora.flower import HetLoRAStrategy, initial_global_state
+
+    state = initial_global_state(tiny_llama(0), tf.CONFIG, seed=0)
+    generator = torch.Generator().manual_seed(5)
+    initial = {k: (torch.randn(v.shape, generator=generator) * 0.1 if ".lora_B." in k else v)
+               for k, v in state.items()}
+    ranks = {"client-0": 2, "client-1": 6, "client-2": 8}
+    given = dict(method="rankwise", rank_policy=ranks, clients=tf.client_ids(3), seed=3, clip_norm=0.5,
+                 next_rank="initial", message_formats=["fp32"])
+    runtime = dict(min_available_nodes=3, training=tf.TRAINING, keep_updates=True)
+    globals_ = []
+    for strategy in (HetLoRAStrategy(tf.CONFIG, **given, **runtime),
+                     HetLoRAStrategy.from_settings(tf.CONFIG, FederationSettings.from_kwargs(**given), **runtime)):
+        strategy.start(grid=tf.inline_grid(3, app=tf.stub_client_app(3)), initial_arrays=ArrayRecord(initial),
+                       num_rounds=2)
+        assert [h["accepted"] for h in strategy.history] == [sorted(ranks)] * 2
+        globals_.append((strategy.global_state, strategy.history))
+        assert (strategy.method, strategy.clip_norm, strategy.next_rank, strategy.seed, strategy.message_formats,
+                strategy.rank_policy) == ("rankwise", 0.5, "initial", 3, ("fp32",), RankPolicy.coerce(ranks))
+    (first, history_a), (second, history_b) = globals_
+    assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+    assert [h["weights"] for h in history_a] == [h["weights"] for h in history_b]
+    with pytest.raises(ValueError, match="coordinator settings"):
+        HetLoRAStrategy.from_settings(tf.CONFIG, FederationSettings(deadline_s=5.0))
+    with pytest.raises(ValueError, match="r_max"):
+        HetLoRAStrategy.from_settings(tf.CONFIG, FederationSettings(r_max=tf.R_MAX * 2))

@@ -73,6 +73,7 @@ from peft_hetlora.federated.protocol import (
 )
 from peft_hetlora.federated.rank_policy import RankPolicy
 from peft_hetlora.federated.round_settings import default_method_and_selection
+from peft_hetlora.federated.settings import FederationSettings
 from peft_hetlora.federated.store import AdapterStore, json_text, validate_client_id
 from peft_hetlora.federated.validation import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
 
@@ -244,6 +245,46 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         self._plans: dict[int, dict[str, Any]] = {}
         self._revisions: dict[int, str] = {}
         self._round_started: dict[int, float] = {}
+
+    @classmethod
+    def from_settings(cls, adapter_config: Any, settings: FederationSettings, **runtime: Any) -> HetLoRAStrategy:
+        """The strategy of a federation described by the one settings record (`federated.FederationSettings`).
+
+        The record's method, ranks, clients, sampling, seed, scale, clip, next-rank rule, DP, windows, message formats
+        and upload limit become the strategy's; ``r_max`` comes from ``adapter_config`` (a record that names another
+        is refused) and the number of rounds is ``start(num_rounds=...)``'s. ``runtime`` takes the Flower and
+        runtime keywords (``fraction_train``, ``min_available_nodes``, ``min_replies``, ``weighting``, ``training``,
+        ``store``, ``query_timeout``, ``keep_updates``, ``clock``, ``sleep``, ...).
+
+        Raises:
+            ValueError: the record sets a setting a Flower run has no place for (``min_clients``,
+                ``max_upload_bytes``, ``deadline_s``, ``allow_per_module_ranks``, ``require_global_revision``: the
+                coordinator's), or an ``r_max`` other than the adapter config's ``r``.
+
+        Example:
+            ```py
+            strategy = HetLoRAStrategy.from_settings(config, FederationSettings(method="rankwise", clients=ids))
+            ```
+        """
+        coordinator_only = [name for name in ("min_clients", "max_upload_bytes", "deadline_s")
+                            if getattr(settings, name) is not None]
+        coordinator_only += [name for name in ("allow_per_module_ranks", "require_global_revision")
+                             if getattr(settings, name)]
+        if coordinator_only:
+            raise ValueError(f"HetLoRAStrategy.from_settings: {coordinator_only} are coordinator settings a Flower "
+                             "run has no place for; leave them out of the record.")
+        r_max = adapter_config.get("r") if isinstance(adapter_config, Mapping) else getattr(adapter_config, "r", None)
+        if settings.r_max is not None and settings.r_max != r_max:
+            raise ValueError(f"HetLoRAStrategy.from_settings: the record's r_max {settings.r_max} differs from the "
+                             f"adapter config's r {r_max}.")
+        given = {"method": settings.method, "r_min": settings.r_min, "rank_policy": settings.rank_policy,
+                 "clients": list(settings.clients) if settings.clients is not None else None,
+                 "clients_per_round": settings.clients_per_round, "seed": settings.seed,
+                 "scaling": settings.scaling, "clip_norm": settings.clip_norm, "next_rank": settings.next_rank,
+                 "dp": settings.dp, "dp_noise_seed": settings.dp_noise_seed or None,
+                 "max_examples": settings.max_examples, "component_selection": settings.component_selection,
+                 "anchor": settings.anchor, "message_formats": settings.message_formats}
+        return cls(adapter_config, **{k: v for k, v in given.items() if v is not None}, **runtime)
 
     # ------------------------------------------------------------------------------------------------ Flower hooks
     def summary(self) -> None:
