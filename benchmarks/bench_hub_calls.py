@@ -105,7 +105,8 @@ def count_round(num: int, work: Path) -> dict:
             calls = double.calls[before:]
             phases[phase] = {"seconds": time.perf_counter() - start,
                              "routes": dict(Counter(f"{verb} {route}" for verb, route, _, _ in calls)),
-                             "errors": sum(1 for *_, status in calls if status >= 400),
+                             "not_found": sum(1 for *_, status in calls if status == 404),  # probes, expected
+                             "errors": sum(1 for *_, status in calls if status >= 400 and status != 404),
                              "api": sum(1 for _, route, _, _ in calls if bucket(route) == "api"),
                              "resolvers": sum(1 for _, route, _, _ in calls if bucket(route) == "resolvers")}
 

@@ -494,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exact-max-elems", type=int, default=512 * 2048,
                         help="largest d_out * d_in of a layer-0 module checked against the exact method")
     parser.add_argument("--force", action="store_true", help="redo cells already in the JSON")
+    parser.add_argument("--cache-clients", type=int, default=0,
+                        help="write the cache for at least this many clients (so later runs at larger K reuse it)")
     parser.add_argument("--cell", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cell-method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cell-clients", type=int, default=None, help=argparse.SUPPRESS)
@@ -529,8 +531,9 @@ def main(argv: list[str] | None = None) -> None:
         mine = [t for t in todo if t[0] == r_max]
         if not mine:
             continue
-        folder = cache_dir(args.cache, arch, layers, r_max, max(clients))
-        build_cache(folder, arch, layers, r_max, max(max(clients), _cached_size(folder)))
+        k_cache = max(*clients, args.cache_clients)
+        folder = cache_dir(args.cache, arch, layers, r_max, k_cache)
+        build_cache(folder, arch, layers, r_max, max(k_cache, _cached_size(folder)))
         for _, method, num, key in mine:
             cell = spawn_cell(folder, method, num, args)
             cell["shapes"] = arch["name"]
