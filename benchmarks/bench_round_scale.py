@@ -39,9 +39,9 @@ for path in (REPO, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+import bench_scale  # noqa: E402
 import torch  # noqa: E402
 
-import bench_scale  # noqa: E402
 from peft_hetlora.federated import Coordinator, LocalStore, RankPolicy, validate_upload  # noqa: E402
 from peft_hetlora.federated.component_selection import select_components  # noqa: E402
 from peft_hetlora.federated.store import render_model_card  # noqa: E402
@@ -208,9 +208,9 @@ def markdown(report: dict) -> str:
         )
     kill = report.get("kill_resume")
     if kill:
-        lines += ["", f"Resume after kill -9 at K = {kill['clients']}: uninterrupted close {kill['reference_close_s']:.1f} s "
-                      "(from the child's 'ready' to its return); each trial kills `close_round` at a fraction of that, then reruns it "
-                      "to the end in a new process.", "",
+        lines += ["", f"Resume after kill -9 at K = {kill['clients']}: uninterrupted close "
+                      f"{kill['reference_close_s']:.1f} s (from the child's 'ready' to its return); each trial kills "
+                      "`close_round` at a fraction of that, then reruns it to the end in a new process.", "",
                   "| killed at | state at the kill | global 1 bit-identical | decision identical |",
                   "|---:|---|---|---|"]
         for t in kill["trials"]:
