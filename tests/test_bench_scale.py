@@ -161,3 +161,22 @@ def test_round_scale_kill_resume_is_bit_identical(cache, tmp_path):
     assert all(t["decision_identical"] for t in out["trials"])
     assert torch.is_tensor(load_file(str(source / "rounds" / "0" / "global" / "adapter_model.safetensors"))[
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+
+
+def test_gpu_check_script(tmp_path):
+    """bash -n, then --dry-run here (prints the commands, writes the summary); without CUDA a real run exits 2."""
+    import os
+    import subprocess
+    import sys
+
+    script = BENCH / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path / "gpu")}
+    dry = subprocess.run(["bash", str(script), "--dry-run"], env=env, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    for command in ("bench_layer.py", "bench_memory.py", "simulate --profile gpu"):
+        assert command in dry.stdout + dry.stderr
+    assert "| layer step time |" in (tmp_path / "gpu" / "gpu_check.md").read_text()
+    if not torch.cuda.is_available():
+        real = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+        assert real.returncode == 2 and "no CUDA device" in real.stderr
