@@ -149,6 +149,7 @@ def test_hub_calls_are_counted_per_phase(tmp_path):
     assert math.isfinite(sum(p["seconds"] for p in two["phases"].values()))
 
 
+@pytest.mark.slow  # ~4 fresh interpreters importing torch: ~25 s, over the smoke budget (run with -m slow)
 def test_round_scale_kill_resume_is_bit_identical(cache, tmp_path):
     """Kill -9 of close_round in a subprocess when summary.json appears and at mid-run, then rerun: same global."""
     round_scale = _load("bench_round_scale")
@@ -163,6 +164,7 @@ def test_round_scale_kill_resume_is_bit_identical(cache, tmp_path):
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
 
 
+@pytest.mark.slow  # ~6 fresh interpreters importing torch: ~25 s, over the smoke budget (run with -m slow)
 def test_gpu_check_script(tmp_path):
     """bash -n, then --dry-run here (prints the commands, writes the summary); without CUDA a real run exits 2."""
     import os
