@@ -87,20 +87,21 @@ EOF
 fi
 
 # --------------------------------------------------------------------------------------------------- checks
+failed=()  # a failing benchmark does not stop the others; the script exits 1 at the end and names them
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 echo "gpu_check $(date -u +%FT%TZ) dry_run=$DRY rounds=$ROUNDS out=$OUT"
 
 # 1. layer benchmark (bench_layer.py has no --device flag yet: on this machine it measures the CPU step, with
 #    more cores than the 2-core figures; the CUDA column of gpu_check.md stays empty until it gets one)
 step "$PY" benchmarks/bench_layer.py --layers 4 --repeats 21 --threads "$(nproc)" --out "$OUT/layer.json" \
-  | { if [[ $DRY -eq 1 ]]; then cat; else tee "$OUT/layer.md"; fi; }
+  | { if [[ $DRY -eq 1 ]]; then cat; else tee "$OUT/layer.md"; fi; } || failed+=("bench_layer")
 
 # 2. memory benchmark on CUDA (torch allocator peak, labelled so in its table)
-step "$PY" benchmarks/bench_memory.py --ranks 2 8 16 --device cuda --out "$OUT/memory"
+step "$PY" benchmarks/bench_memory.py --ranks 2 8 16 --device cuda --out "$OUT/memory" || failed+=("bench_memory")
 
 # 3. a few rounds of the gpu profile (SmolLM2-135M, 100 clients, 10 per round, all seven projections, bf16)
 step "$PY" -m peft_hetlora.cli simulate --profile gpu --rounds "$ROUNDS" --out "$SIM_OUT" \
-  | { if [[ $DRY -eq 1 ]]; then cat; else tee "$OUT/simulate.md"; fi; }
+  | { if [[ $DRY -eq 1 ]]; then cat; else tee "$OUT/simulate.md"; fi; } || failed+=("simulate")
 if [[ $DRY -eq 0 ]]; then
   for f in report.md metrics.json; do
     [[ -f "$SIM_OUT/$f" ]] && cp "$SIM_OUT/$f" "$OUT/simulate_$f"
@@ -133,3 +134,7 @@ if mem_gpu and mem_cpu:
 (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 print(f"wrote {out / 'gpu_check.md'}")
 EOF
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "gpu_check: failed: ${failed[*]} (see $OUT/gpu_check.log)" >&2
+  exit 1
+fi
