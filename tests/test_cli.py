@@ -467,3 +467,25 @@ def test_init_export_and_a_model_load_print_no_noise(tmp_path, refused_endpoint)
         found = [noise for noise in NOISE if noise in proc.stderr]
         assert not found, (command[2:4], found, proc.stderr[-3000:])
     assert "CLIENT OK" in proc.stdout
+
+
+@pytest.mark.parametrize("value, expected", [("adaptive", "adaptive"), ("off", "off"), ("2.5", 2.5)])
+def test_clip_norm_takes_the_named_bounds_and_a_number(tmp_path, value, expected):
+    """`--clip-norm off` is the operator's explicit opt-out of the default adaptive bound (issue 22)."""
+    import json
+
+    from peft_hetlora.cli import main as cli_main
+    from tests.tiny_models import saved_lora_llama
+
+    saved_lora_llama(tmp_path / "adapter")
+    assert cli_main(["coordinate", "--store", str(tmp_path / "fed"), "--init-adapter", str(tmp_path / "adapter"),
+                     "--clients", "a,b", "--rounds", "1", "--clip-norm", value]) == 0
+    assert json.loads((tmp_path / "fed" / "federation.json").read_text())["clip_norm"] == expected
+
+
+def test_clip_norm_refuses_anything_else_with_the_choices(capsys):
+    from peft_hetlora.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["coordinate", "--store", "x", "--clip-norm", "-1"])
+    assert exit_info.value.code == 2 and "adaptive" in capsys.readouterr().err
