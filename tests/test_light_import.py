@@ -167,7 +167,8 @@ def test_the_cycle_finder_finds_a_known_cycle():
 
 TUNER = ("peft_hetlora", "peft_hetlora.config", "peft_hetlora.layer", "peft_hetlora.model", "peft_hetlora.export",
          "peft_hetlora.quantization", "peft_hetlora.quantized_layers", "peft_hetlora.registration",
-         "peft_hetlora.peft_hook", "peft_hetlora.federation_config")
+         "peft_hetlora.peft_hook", "peft_hetlora.federation_config", "peft_hetlora.base_identity",
+         "peft_hetlora.known_noise")
 
 
 def test_no_import_cycle_in_the_tuner_or_the_leaf():
