@@ -1,7 +1,7 @@
 """Client-level DP settings (`DPConfig`) and the privacy accounting of a run (`privacy_spent`, via Opacus).
 
 DP-FedAvg (McMahan et al., arXiv 1710.06963) adapted to components; the mechanism itself lives in
-[`privacy`][peft_hetlora.federated.privacy], which re-exports everything here.
+[`privacy`][peft_hetlora.federated.aggregation.privacy.dp], which re-exports everything here.
 
 Example:
     ```py
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import HetLoRAError
+from ....utils.errors import HetLoRAError
 
 __all__ = ["DPConfig", "DPConfigError", "dp_config_from_dict", "privacy_spent"]
 

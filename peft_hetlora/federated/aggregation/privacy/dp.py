@@ -46,9 +46,9 @@ from typing import Any
 
 import torch
 
-from . import keys
-from ._components import Layout, flat_a, flat_b, module_ranks, previous_factors, to_state_dict, validate_round
-from .aggregation import AggregationResult, ClientUpdate, update_norm
+from ...adapter import keys
+from ..component_view import Layout, flat_a, flat_b, module_ranks, previous_factors, to_state_dict, validate_round
+from ..streaming import AggregationResult, ClientUpdate, update_norm
 from .dp_config import DPConfig, DPConfigError, _opacus, _positive, dp_config_from_dict, privacy_spent  # noqa: F401
 
 __all__ = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 
-from ..errors import AggregationError
+from ....utils.errors import AggregationError
 from .base import AggregationMethod
 
 __all__ = [

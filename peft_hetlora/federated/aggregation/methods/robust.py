@@ -42,11 +42,11 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ._components import flat_a, flat_b, previous_factors, to_state_dict, validate_round
-from .aggregation import AggregationResult, ClientUpdate, update_norm
-from .errors import HetLoRAError
-from .methods.base import AggregationMethod
-from .methods.registry import _BUILTIN, _register_builtin
+from ....utils.errors import HetLoRAError
+from ..component_view import flat_a, flat_b, previous_factors, to_state_dict, validate_round
+from ..streaming import AggregationResult, ClientUpdate, update_norm
+from .base import AggregationMethod
+from .registry import _BUILTIN, _register_builtin
 
 __all__ = ["ROBUST_RULES", "RobustConfigError", "RobustMethod", "robust_aggregate", "robust_module", "robust_stat"]
 

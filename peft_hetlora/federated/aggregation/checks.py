@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .components import check_components
-from .errors import AggregationError, AggregationRankError, RankError
-from .keys import flat_b, module_rank, split_lora_keys
+from ...utils.errors import AggregationError, AggregationRankError, RankError
+from ...utils.ranks import check_rank
+from ..adapter import check_components, flat_b, module_rank, split_lora_keys
 from .methods import AGGREGATION_METHODS, AggregationMethod, get_aggregation
-from .ranks import check_rank
-from .updates import ClientUpdate
+from .records import ClientUpdate
 
 __all__ = ["UpdateChecks"]
 

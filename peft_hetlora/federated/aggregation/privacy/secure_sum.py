@@ -49,7 +49,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from ._components import (
+from ....utils.errors import HetLoRAError, RankError
+from ..component_view import (
     Layout,
     ModuleSpec,
     factor_keys,
@@ -60,8 +61,7 @@ from ._components import (
     to_state_dict,
     validate_round,
 )
-from .aggregation import AggregationResult, ClientUpdate, update_norm
-from .errors import HetLoRAError, RankError
+from ..streaming import AggregationResult, ClientUpdate, update_norm
 
 __all__ = [
     "LEVELS",

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .aggregation import ClientUpdate, lora_module_names
-from .errors import HetLoRAError, RankError
-from .keys import FACTOR_SUFFIXES as _SUFFIXES
-from .ranks import check_rank
+from ...utils.errors import HetLoRAError, RankError
+from ...utils.ranks import check_rank
+from ..adapter import FACTOR_SUFFIXES as _SUFFIXES
+from .streaming import ClientUpdate, lora_module_names
 
 
 class UpdateShapeError(HetLoRAError, ValueError):

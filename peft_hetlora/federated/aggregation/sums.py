@@ -1,6 +1,6 @@
 """The records a `StreamingAggregator` keeps: one per client, the dense extras' running sums, retained clients.
 
-Split out of [`aggregation`][peft_hetlora.federated.aggregation], which uses them; nothing here is public.
+Split out of [`aggregation`][peft_hetlora.federated.aggregation.streaming], which uses them; nothing here is public.
 
 Example:
     ```py
