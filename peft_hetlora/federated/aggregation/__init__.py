@@ -9,7 +9,7 @@ Example:
     >>> import torch
     >>> from peft_hetlora.federated.aggregation import ClientUpdate, aggregate
     >>> sd = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2)}
-    >>> result = aggregate([ClientUpdate("a", sd, rank=2)], method="hetlora", r_max=4)
+    >>> result = aggregate([ClientUpdate("a", sd, rank=2, num_examples=10)], method="hetlora", r_max=4)
     >>> tuple(result.state_dict["m.lora_A.weight"].shape)
     (4, 3)
 """

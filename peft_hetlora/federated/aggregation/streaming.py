@@ -82,7 +82,7 @@ from ..adapter import (
     truncate,
     update_norm,
 )
-from .checks import UpdateChecks, _ModuleSpec
+from .checks import ModuleSpec, UpdateChecks
 from .influence import (
     ADAPTIVE,
     DEFAULT_BOUND_MULTIPLIER,
@@ -95,7 +95,7 @@ from .influence import (
 from .methods import AGGREGATION_METHODS, AggregationMethod, ModuleAccumulator, get_aggregation
 from .methods.base import DATA, SPARSITY, UNIFORM
 from .records import AggregationResult, ClientUpdate
-from .sums import _ClientRecord, _ExtraSum
+from .sums import ClientRecord, ExtraSum
 
 __all__ = [
     "AGGREGATION_METHODS",
@@ -286,11 +286,11 @@ class StreamingAggregator(UpdateChecks):
         self._key_order: list[str] | None = None
         self._first_id = ""
         self._modules_keys: set[str] = set()
-        self._modules: dict[str, _ModuleSpec] = {}
+        self._modules: dict[str, ModuleSpec] = {}
         self._extras: dict[str, tuple[int, ...]] = {}
         self._accs: dict[str, ModuleAccumulator] = {}
-        self._extra_sums = _ExtraSum({})
-        self._clients: list[_ClientRecord] = []
+        self._extra_sums = ExtraSum({})
+        self._clients: list[ClientRecord] = []
         self._seen_ids: set[str] = set()
         # the first pass: what each observed client looks like, and why the others were refused
         self._observed: dict[str, _Observed] = {}
@@ -331,11 +331,11 @@ class StreamingAggregator(UpdateChecks):
         self._modules_keys = set(sd)
         for name, (a_key, b_key) in modules.items():
             a, b = sd[a_key], sd[b_key]
-            self._modules[name] = _ModuleSpec(a_key, b_key, tuple(a.shape), tuple(b.shape), int(a.shape[0]))
+            self._modules[name] = ModuleSpec(a_key, b_key, tuple(a.shape), tuple(b.shape), int(a.shape[0]))
             self._accs[name] = self._impl.accumulator(tuple(a.shape), tuple(b.shape), self.r_max)
         for key in extras:
             self._extras[key] = tuple(sd[key].shape)
-        self._extra_sums = _ExtraSum(self._extras)
+        self._extra_sums = ExtraSum(self._extras)
 
     def _inspect(self, update: ClientUpdate, seen: set[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
         """Every check of one update that needs nothing but the update, the settings and the first client."""
@@ -477,7 +477,7 @@ class StreamingAggregator(UpdateChecks):
             self._accs[name].add(cid, a, b, m_level, m_weight, **indexed)
         self._extra_sums.add(level, weight, {key: sd[key].detach().to("cpu") for key in extras})
         self._clients.append(
-            _ClientRecord(
+            ClientRecord(
                 cid, int(update.rank), int(update.num_examples), norm, min(clip_scales), level, weight, module_sq,
                 update.components, clip_scales,
             )

@@ -5,7 +5,7 @@ DP-FedAvg (McMahan et al., arXiv 1710.06963) adapted to components, accounted by
 
 Example:
     >>> from peft_hetlora.federated.aggregation.privacy import DPConfig
-    >>> DPConfig(clip=1.0, noise_multiplier=1.0, sampling_rate=0.5).clip
+    >>> DPConfig(clip=1.0, noise_multiplier=1.0, sampling_rate=0.5, delta=1e-5).clip
     1.0
 """
 

@@ -47,9 +47,10 @@ from typing import Any
 import torch
 
 from ...adapter import keys
-from ..component_view import Layout, flat_a, flat_b, module_ranks, previous_factors, to_state_dict, validate_round
+from ..component_view import Layout, float64_a, float64_b, previous_factors, to_state_dict, validate_round
 from ..streaming import AggregationResult, ClientUpdate, update_norm
-from .dp_config import DPConfig, DPConfigError, _opacus, _positive, dp_config_from_dict, privacy_spent  # noqa: F401
+from .dp_config import DPConfig, DPConfigError, dp_config_from_dict, privacy_spent  # noqa: F401
+from .dp_config import positive_setting as _positive
 
 __all__ = [
     "DP_METHODS",
@@ -107,11 +108,11 @@ def _contribution(
     method: str,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """``Delta_k`` relative to the global: per module ``(dA, dB)`` over ``r_k`` (component) or ``r_max`` (zero_pad)."""
-    ranks = module_ranks(update, layout)
+    ranks = layout.ranks(update)
     sd = update.state_dict
     factors = {}
     for name, spec in layout.modules.items():
-        a, b = flat_a(sd[spec.a_key]), flat_b(sd[spec.b_key])
+        a, b = float64_a(sd[spec.a_key]), float64_b(sd[spec.b_key], name)
         pa, pb = prev[name]
         r = ranks[name]
         if method == "component":
