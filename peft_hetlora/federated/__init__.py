@@ -12,10 +12,14 @@ Example:
 
 from ..utils.ranks import check_rank
 from .adapter import lora_module_names, pad, truncate, update_norm
-from .aggregation import AggregationResult, ClientUpdate, RobustMethod, StreamingAggregator, aggregate
-from .aggregation.methods import (
+from .aggregation import (
     AGGREGATION_METHODS,
     AggregationMethod,
+    AggregationResult,
+    ClientUpdate,
+    RobustMethod,
+    StreamingAggregator,
+    aggregate,
     aggregation_methods,
     get_aggregation,
     register_aggregation,

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ...adapter import keys
+from ...adapter import module_ranks
 from ..component_view import Layout, float64_a, float64_b, previous_factors, to_state_dict, validate_round
 from ..streaming import AggregationResult, ClientUpdate, update_norm
 from .dp_config import DPConfig, DPConfigError, dp_config_from_dict, privacy_spent  # noqa: F401
@@ -313,9 +313,9 @@ def privatize_update(
     """
     if not isinstance(config, DPConfig) or config.model != "local":
         raise DPConfigError("privatize_update is the local-DP client step: pass DPConfig(model='local', ...)")
-    rank = max(keys.module_ranks(state_dict).values())
+    rank = max(module_ranks(state_dict).values())
     update = ClientUpdate("local", state_dict, rank=rank, num_examples=0)
-    r_global = max(keys.module_ranks(global_state_dict).values())
+    r_global = max(module_ranks(global_state_dict).values())
     items, layout = validate_round([update], max(rank, r_global))
     prev, prev_extras = previous_factors(global_state_dict, layout)
     factors, extras = _contribution(items[0], layout, prev, prev_extras, "component")
