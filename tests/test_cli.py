@@ -104,7 +104,7 @@ def test_full_disk_is_one_line_and_a_non_zero_exit(tmp_path, capsys, full_disk, 
 
 
 def test_project_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    from peft_hetlora.federated.errors import ConfigMismatchError
+    from peft_hetlora.utils.errors import ConfigMismatchError
 
     monkeypatch.delenv("HETLORA_DEBUG", raising=False)
 
@@ -253,7 +253,7 @@ def _raise(err):
 
 
 def _store_full():
-    from peft_hetlora.federated.errors import StoreFullError
+    from peft_hetlora.utils.errors import StoreFullError
 
     err = StoreFullError("The disk of store runs/fed is full while writing rounds/3: free some space there and run "
                          "the same command again to resume.")
@@ -262,7 +262,7 @@ def _store_full():
 
 
 def _kinds():
-    from peft_hetlora.federated.errors import (
+    from peft_hetlora.utils.errors import (
         ConfigMismatchError,
         CoordinatorError,
         FederationMismatch,

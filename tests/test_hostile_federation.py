@@ -46,7 +46,7 @@ MAX_WEIGHT_RATIO = 10  # docs/aggregation.md "Weight cap": each data weight <= 1
 # c of the default adaptive influence bound (docs/aggregation.md). Assumed 4 until the default bound lands on main;
 # then the library's own constant is used.
 try:
-    from peft_hetlora.federated.influence import DEFAULT_BOUND_MULTIPLIER as BOUND_MULTIPLIER  # type: ignore
+    from peft_hetlora.federated.aggregation import DEFAULT_BOUND_MULTIPLIER as BOUND_MULTIPLIER  # type: ignore
 except ImportError:  # pragma: no cover - before issue 22's default bound is merged
     BOUND_MULTIPLIER = 4.0
 

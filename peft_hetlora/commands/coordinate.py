@@ -275,7 +275,7 @@ def _dp_config(args: argparse.Namespace, clients: Sequence[str] | None) -> Any:
         return None
     if not clients:
         raise ValueError("DP needs the federation's clients (--clients or --num-clients) for its sampling rate.")
-    from ..federated.privacy import DPConfig
+    from ..federated.aggregation.privacy import DPConfig
 
     per_round = args.clients_per_round or len(clients)
     return DPConfig(clip=clip, noise_multiplier=args.dp_noise_multiplier, target_epsilon=args.dp_target_epsilon,

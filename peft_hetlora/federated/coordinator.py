@@ -38,9 +38,10 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .aggregation import AGGREGATION_METHODS, ClientUpdate
+from ..utils.errors import CoordinatorError, FederationMismatch
+from .aggregation import AGGREGATION_METHODS, DEFAULT_INFLUENCE_BOUND, ClientUpdate, parse_influence_bound
+from .aggregation.privacy import DPConfig
 from .compression import parse_message_format
-from .errors import CoordinatorError, FederationMismatch
 from .federation import (
     FederationSettings,
     global_adapter_config,
@@ -49,8 +50,6 @@ from .federation import (
     scaling_from_config,
 )
 from .global_publisher import GlobalPublisher, _read_json
-from .influence import DEFAULT_INFLUENCE_BOUND, parse_influence_bound
-from .privacy import DPConfig
 from .protocol import (
     FEDERATION_FORMAT,
     NEXT_RANK_RULES,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .errors import StoreFullError
+from ..utils.errors import StoreFullError
 from .protocol import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE, plan_round
 from .store import json_text
 from .temp_files import remove_abandoned, temp_prefix
