@@ -37,7 +37,7 @@ for _path in (REPO, REPO / "benchmarks"):
 import torch  # noqa: E402
 from bench_aggregation import client_ranks  # noqa: E402
 
-from peft_hetlora.federated.methods.flexlora import FactorStack  # noqa: E402
+from peft_hetlora.federated.aggregation.methods.flexlora import FactorStack  # noqa: E402
 
 SHAPES = {"q_proj 2048 x 2048": (2048, 2048), "up_proj 8192 x 2048": (8192, 2048)}
 QUICK_SHAPES = {"q 256 x 256": (256, 256), "up 1024 x 256": (1024, 256)}

@@ -119,7 +119,7 @@ def gap_by_horizon(
 def adapter_component_norms(weights: dict[str, Any]) -> list[float]:
     """Per component j: the sum over LoRA modules of ||B[:, j]|| * ||A[j, :]|| (modules of different rank: the
     shorter ones count as zero beyond their rank)."""
-    from peft_hetlora.federated.keys import flat_a, flat_b, split_lora_keys
+    from peft_hetlora.federated.adapter import flat_a, flat_b, split_lora_keys
 
     modules, _ = split_lora_keys(weights)
     norms: list[float] = []

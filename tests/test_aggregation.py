@@ -13,16 +13,13 @@ import pytest
 import reference
 import torch
 
+from peft_hetlora.federated.adapter import lora_module_names, pad, truncate, update_norm
 from peft_hetlora.federated.aggregation import (
     AGGREGATION_METHODS,
     AggregationResult,
     ClientUpdate,
     StreamingAggregator,
     aggregate,
-    lora_module_names,
-    pad,
-    truncate,
-    update_norm,
 )
 
 R_MAX = 8
@@ -526,8 +523,8 @@ def _halko_bound(sig, k, p, q):
 @pytest.mark.parametrize("decay", ["exp", "poly", "slow"])
 @pytest.mark.parametrize("power_iters", [0, 1, 2])
 def test_randomized_flexlora_error_bound(decay, power_iters, one_thread):
-    from peft_hetlora.federated.methods import register_aggregation, unregister_aggregation
-    from peft_hetlora.federated.methods.flexlora import FlexLoRA
+    from peft_hetlora.federated.aggregation.methods import register_aggregation, unregister_aggregation
+    from peft_hetlora.federated.aggregation.methods.flexlora import FlexLoRA
 
     n, r_max, p = 200, 16, 16
     i = np.arange(n)
@@ -550,7 +547,7 @@ def test_randomized_flexlora_error_bound(decay, power_iters, one_thread):
 
 def test_flexlora_auto_switches_to_randomized_above_the_matrix_rank(one_thread):
     """The built-in flexlora: exact factored path while sum r_k <= min(d_out, d_in), randomized above it."""
-    from peft_hetlora.federated.methods.flexlora import FactorStack
+    from peft_hetlora.federated.aggregation.methods.flexlora import FactorStack
 
     sig = np.exp(-np.arange(200) / 6.0)
     dense, updates = _known_spectrum_stack(sig)
@@ -574,7 +571,7 @@ def test_flexlora_auto_switches_to_randomized_above_the_matrix_rank(one_thread):
 
 
 def test_flexlora_rejects_bad_svd_settings():
-    from peft_hetlora.federated.methods.flexlora import FlexLoRA
+    from peft_hetlora.federated.aggregation.methods.flexlora import FlexLoRA
 
     with pytest.raises(ValueError, match="svd mode"):
         FlexLoRA(svd="dense")

@@ -23,7 +23,7 @@ from peft_hetlora.federated.compression import (
     parse_message_format,
     payload_nbytes,
 )
-from peft_hetlora.federated.errors import HetLoRAError
+from peft_hetlora.utils.errors import HetLoRAError
 
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"

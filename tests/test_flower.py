@@ -434,7 +434,7 @@ def test_simulation_failing_node_is_reported_and_rounds_complete(simulation):
 
 
 def test_dp_rounds_on_flower_equal_the_plain_mean_without_noise_and_record_epsilon(initial, tmp_path):
-    from peft_hetlora.federated.privacy import DPConfig, privacy_spent
+    from peft_hetlora.federated.aggregation.privacy import DPConfig, privacy_spent
 
     dp = DPConfig(clip=1e9, noise_multiplier=0.0, delta=1e-5, sampling_rate=1.0, expected_clients=3)
     store = LocalStore(tmp_path / "fed", create=True)

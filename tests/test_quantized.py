@@ -21,7 +21,6 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from peft_hetlora import HetLoRAConfig, export_lora
-from peft_hetlora.federated.errors import HetLoRAError
 from peft_hetlora.quantization import (
     UnsupportedQuantizationError,
     check_quantize_mode,
@@ -36,6 +35,7 @@ from peft_hetlora.quantized_layers import (
     dispatch_quantized,
     quantized_backend,
 )
+from peft_hetlora.utils.errors import HetLoRAError
 
 try:
     from tiny_models import one_thread_per_module, randomize_adapter, tiny_llama, token_batch  # noqa: F401  (autouse fixture)

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from test_method_capabilities import flower_task_identity  # noqa: F401  (a fixture, registered by import)
 
 from peft_hetlora.federated import Coordinator, FederationSettings, LocalStore, RankPolicy
-from peft_hetlora.federated.errors import AggregationError, HetLoRAError
-from peft_hetlora.federated.privacy import DPConfig
+from peft_hetlora.federated.aggregation.privacy import DPConfig
+from peft_hetlora.utils.errors import AggregationError, HetLoRAError
 
 OPTIONS = dict(method="hetlora", r_max=4, r_min=1, clients=["a", "b", "c", "d"], clients_per_round=3, rounds=2,
                seed=7, rank_policy={"a": 1, "b": 2, "c": 3, "d": 4})

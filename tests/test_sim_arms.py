@@ -239,7 +239,7 @@ def test_new_arms_run_end_to_end(arms_run):
 
 @NEEDS_DATA
 def test_dp_arm_records_the_accountants_epsilon(arms_run):
-    from peft_hetlora.federated.privacy import DPConfig, privacy_spent
+    from peft_hetlora.federated.aggregation.privacy import DPConfig, privacy_spent
 
     out, _ = arms_run
     for arm, eps in (("dp_eps1", 1.0), ("dp_eps8", 8.0)):

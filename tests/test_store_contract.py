@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from peft_hetlora.federated.errors import HetLoRAError, StoreFullError
 from peft_hetlora.federated.store import (
     AdapterStore,
     ClientUploadNotFoundError,
@@ -28,6 +27,7 @@ from peft_hetlora.federated.store import (
     StoreNotFoundError,
     validate_client_id,
 )
+from peft_hetlora.utils.errors import HetLoRAError, StoreFullError
 
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"

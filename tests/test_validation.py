@@ -617,7 +617,8 @@ def test_validate_client_json_directly(spec):
 
 
 def test_errors_join_the_one_hierarchy():
-    from peft_hetlora.federated import coordinator, errors
+    from peft_hetlora.federated import coordinator
+    from peft_hetlora.utils import errors
 
     assert issubclass(RejectedUpload, errors.HetLoRAError)
     assert coordinator.CoordinatorError is errors.CoordinatorError

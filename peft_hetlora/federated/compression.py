@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .errors import HetLoRAError
+from ..utils.errors import HetLoRAError
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",

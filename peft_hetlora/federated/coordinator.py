@@ -38,8 +38,8 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .aggregation import ClientUpdate
-from .errors import CoordinatorError, FederationMismatch
+from ..utils.errors import CoordinatorError, FederationMismatch
+from .aggregation import DEFAULT_INFLUENCE_BOUND, ClientUpdate, get_aggregation, parse_influence_bound
 from .federation import (
     ResolvedSettings,
     global_adapter_config,
@@ -48,8 +48,6 @@ from .federation import (
     scaling_from_config,
 )
 from .global_publisher import GlobalPublisher, read_json
-from .influence import DEFAULT_INFLUENCE_BOUND, parse_influence_bound
-from .methods import get_aggregation
 from .protocol import (
     FEDERATION_FORMAT,
     NEXT_RANK_RULES,

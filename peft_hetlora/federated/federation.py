@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
+from ..utils.errors import CoordinatorError, FederationMismatch
+from ..utils.ranks import check_rank
 from ..utils.scaling import scaling_for
-from .errors import CoordinatorError, FederationMismatch
-from .keys import module_ranks
-from .methods import get_aggregation
-from .privacy import DPConfig, dp_config_from_dict
+from .adapter import module_ranks
+from .aggregation import get_aggregation
+from .aggregation.privacy import DPConfig, dp_config_from_dict
 from .protocol import FEDERATION_FORMAT
 from .rank_policy import RankPolicy
-from .ranks import check_rank
 from .round_settings import default_method_and_selection
 from .validation import UploadSpec
 

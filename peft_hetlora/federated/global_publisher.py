@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .errors import StoreFullError
+from ..utils.errors import StoreFullError
 from .protocol import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE
 from .store import json_text
 from .temp_files import remove_abandoned, temp_prefix

@@ -31,7 +31,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import RepoSibling
 
-from .errors import StoreFullError
+from ..utils.errors import StoreFullError
 from .store import MODEL_CARD, file_sha256
 
 __all__ = ["HubRepoAccess"]

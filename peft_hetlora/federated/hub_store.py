@@ -51,7 +51,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .errors import HetLoRAError
+from ..utils.errors import HetLoRAError
 from .hub_access import (  # noqa: F401  (re-exported: tests import _retry_after_s from here)
     _RETRY_STATUSES,
     HubRepoAccess,

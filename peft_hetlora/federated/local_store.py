@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import StoreFullError
+from ..utils.errors import StoreFullError
 from .store import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

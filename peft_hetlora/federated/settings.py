@@ -25,10 +25,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .aggregation import AGGREGATION_METHODS, parse_influence_bound
+from .aggregation.privacy import DPConfig, dp_config_from_dict
 from .compression import parse_message_format
-from .influence import parse_influence_bound
-from .methods import AGGREGATION_METHODS
-from .privacy import DPConfig, dp_config_from_dict
 from .rank_policy import RankPolicy
 from .round_settings import NEXT_RANK_RULES, check_dp, check_selection, default_method_and_selection
 from .store import validate_client_id

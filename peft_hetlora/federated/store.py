@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from .errors import HetLoRAError
-from .untrusted_text import markdown_text, one_line
+from ..utils.errors import HetLoRAError
+from ..utils.untrusted_text import markdown_text, one_line
 
 __all__ = [
     "ADAPTER_WEIGHTS",

@@ -21,8 +21,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import HetLoRAError
-from .untrusted_text import brief, one_line
+from ..utils.errors import HetLoRAError
+from ..utils.untrusted_text import brief, one_line
 
 __all__ = ["RejectedUpload", "TensorInfo", "read_safetensors_header"]
 

@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from ..utils.untrusted_text import brief
 from .aggregation import ClientUpdate
-from .untrusted_text import brief
 from .validation import (
     ADAPTER_FILE,
     ALLOWED_FILES,

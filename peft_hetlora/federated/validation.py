@@ -33,8 +33,11 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from ..utils.errors import RankError
+from ..utils.ranks import check_rank
+from ..utils.untrusted_text import brief, one_line
+from .adapter import check_components, is_prefix
 from .aggregation import ClientUpdate
-from .components import check_components, is_prefix
 from .compression import (
     DEFAULT_MESSAGE_FORMAT,
     MESSAGE_FORMAT_FIELD,
@@ -44,9 +47,6 @@ from .compression import (
     message_spec,
 )
 from .compression import parse_message_format as _parse_format
-from .errors import RankError
-from .ranks import check_rank
-from .untrusted_text import brief, one_line
 from .upload_bytes import (  # noqa: F401  (re-exported: importable from here as before)
     ADAPTER_FILE,
     DTYPE_SIZES,

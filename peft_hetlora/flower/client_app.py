@@ -32,10 +32,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 import peft_hetlora.flower.records as rec
-from peft_hetlora.federated.components import check_components
+from peft_hetlora.federated.adapter import check_components
 from peft_hetlora.federated.compression import encode_state_dict, parse_message_format
-from peft_hetlora.federated.errors import RankError
-from peft_hetlora.federated.ranks import check_rank
+from peft_hetlora.utils.errors import RankError
+from peft_hetlora.utils.ranks import check_rank
 
 from .local_round import LocalTrainingConfig, TaskFn, evaluate_global, train_local_round
 

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 import peft_hetlora.flower.records as rec
-from peft_hetlora.federated.keys import truncate
+from peft_hetlora.federated.adapter import truncate
 from peft_hetlora.federated.rank_policy import sample_clients
 from peft_hetlora.federated.store import json_text
 

@@ -163,7 +163,7 @@ def federation_adapter_config(config: Any, r_min: int | None = None) -> dict[str
         ```
     """
     from peft_hetlora.federated.federation import global_adapter_config
-    from peft_hetlora.federated.ranks import check_rank
+    from peft_hetlora.utils.ranks import check_rank
 
     data = json.loads(config) if isinstance(config, str) else json.loads(adapter_config_json(config))
     r_max = int(data["r"])

@@ -8,9 +8,8 @@ import torch
 from flwr.app import RecordDict
 
 import peft_hetlora.flower.records as rec
-from peft_hetlora.federated.aggregation import ClientUpdate
-from peft_hetlora.federated.keys import module_ranks
-from peft_hetlora.federated.methods import get_aggregation
+from peft_hetlora.federated.adapter import module_ranks
+from peft_hetlora.federated.aggregation import ClientUpdate, get_aggregation
 from peft_hetlora.federated.validation import RejectedUpload, UploadSpec, validate_update
 
 

@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 import peft_hetlora.flower.records as rec
-from peft_hetlora.federated.aggregation import ClientUpdate, truncate
+from peft_hetlora.federated.adapter import truncate
+from peft_hetlora.federated.aggregation import ClientUpdate, get_aggregation
 from peft_hetlora.federated.federation import scaling_from_config
-from peft_hetlora.federated.methods import get_aggregation
 from peft_hetlora.federated.protocol import (
     NEXT_RANK_RULES,
     ClientReport,
@@ -265,7 +265,7 @@ def run_flower_simulation(
         rounds, clients_per_round (default: all), local_steps / training, seed: the experiment settings.
         clip_norm: the influence bound (docs/aggregation.md); next_rank: ``"rank_out"`` (a client's next rank is
             the one it reported after pruning, the default) or ``"initial"`` (it keeps its assigned rank).
-        dp: a `peft_hetlora.federated.privacy.DPConfig` (client-level DP rounds; docs/privacy.md).
+        dp: a `peft_hetlora.federated.aggregation.privacy.DPConfig` (client-level DP rounds; docs/privacy.md).
         initial_state_dict: global adapter of round 0 at r_max (default: `initial_global_state` with ``seed``).
         eval_dataset: held-out data for a central evaluation of the global adapter before and after every round.
         fraction_evaluate: fraction of clients evaluating the global adapter on their ``eval_dataset`` each round.

@@ -32,11 +32,11 @@ from transformers.utils import logging as hf_logging
 from trainer_callbacks import FederatedClientCallback
 
 from ..config import HetLoRAConfig, scaling_for
-from ..federated.aggregation import truncate
+from ..federated.adapter import truncate
 from ..federated.coordinator import Coordinator
-from ..federated.errors import HetLoRAError
 from ..federated.local_store import LocalStore
 from ..federated.store import json_text
+from ..utils.errors import HetLoRAError
 from .activation_cache import (
     CachedBlocks,
 )
@@ -508,7 +508,7 @@ def arm_coordinator_settings(
         "progress": False,
     }
     if "dp_epsilon" in spec:
-        from ..federated.privacy import DPConfig
+        from ..federated.aggregation.privacy import DPConfig
 
         settings["dp"] = DPConfig(
             clip=config.dp_clip,

@@ -3,7 +3,7 @@
 A method decides two things: which client weight it uses (sparsity ``S_k`` or data size ``n_k``) and how one
 module's client factors become the global factors. Everything else (validation, clipping, the weight cap, dense
 extras, the weighting fallbacks, the result record) is done once by
-:class:`~peft_hetlora.federated.aggregation.StreamingAggregator`.
+:class:`~peft_hetlora.federated.aggregation.streaming.StreamingAggregator`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ModuleAccumulator(Protocol):
 class AggregationMethod:
     """Base class of every aggregation method; subclass it and pass an instance to ``register_aggregation``.
 
-    Contract (what :class:`~peft_hetlora.federated.aggregation.StreamingAggregator` guarantees and expects):
+    Contract (what :class:`~peft_hetlora.federated.aggregation.streaming.StreamingAggregator` guarantees and expects):
 
     * Class attributes: ``name`` (the registry name), ``weights`` (``"sparsity"``: ``S_k = ||s B_k A_k||_F`` after
       clipping; ``"data"``: ``n_k``, capped at ``max_weight_ratio`` x the round's median), ``homogeneous`` (every

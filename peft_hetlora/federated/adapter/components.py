@@ -23,10 +23,20 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RankError
-from .keys import is_int
+from ...utils.errors import RankError
 
-__all__ = ["check_components", "coverage_counts", "is_prefix", "unique_indices"]
+__all__ = ["check_components", "coverage_counts", "is_int", "is_prefix", "unique_indices"]
+
+
+def is_int(value: Any) -> bool:
+    """True for Python / numpy integers, False for bools (a hostile ``true`` is no component index or rank).
+
+    Example:
+        >>> is_int(3), is_int(np.int64(3)), is_int(True), is_int(3.0)
+        (True, True, False, False)
+    """
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
 
 _SHOWN = 8  # how many offending values an error message lists
 

@@ -8,10 +8,9 @@ from typing import Any
 
 import torch
 
-from .components import is_prefix, unique_indices
-from .errors import AggregationError, AggregationRankError, RankError
-from .keys import is_int
-from .ranks import MAX_RANK, check_rank
+from ...utils.errors import AggregationError, AggregationRankError, RankError
+from ...utils.ranks import MAX_RANK, check_rank
+from ..adapter import is_int, is_prefix, unique_indices
 
 __all__ = ["AggregationResult", "ClientUpdate"]
 
@@ -33,7 +32,7 @@ class ClientUpdate:
             slots, ``components[:r_km]``. ``None`` (default) is the prefix ``range(rank)``, the HetLoRA / RBLA case,
             and a prefix given explicitly is normalised to ``None``, so prefix uploads aggregate bit for bit as
             before. Indices are checked here for type, uniqueness and length; ``< r_max`` is checked by the
-            aggregator (:func:`~peft_hetlora.federated.components.check_components`).
+            aggregator (:func:`~peft_hetlora.federated.adapter.components.check_components`).
 
     Example:
         >>> import torch

@@ -1,7 +1,7 @@
 """Client-level DP settings (`DPConfig`) and the privacy accounting of a run (`privacy_spent`, via Opacus).
 
 DP-FedAvg (McMahan et al., arXiv 1710.06963) adapted to components; the mechanism itself lives in
-[`privacy`][peft_hetlora.federated.privacy], which re-exports everything here.
+[`privacy`][peft_hetlora.federated.aggregation.privacy.dp], which re-exports everything here.
 
 Example:
     ```py
@@ -17,16 +17,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import HetLoRAError
+from ....utils.errors import HetLoRAError
 
-__all__ = ["DPConfig", "DPConfigError", "dp_config_from_dict", "privacy_spent"]
+__all__ = ["DPConfig", "DPConfigError", "dp_config_from_dict", "positive_setting", "privacy_spent"]
 
 
 class DPConfigError(HetLoRAError, ValueError):
     """An invalid differential-privacy setting; the message says which value to change."""
 
 
-def _positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+def positive_setting(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    """``value`` as a float when it is a finite number ``> 0`` (``>= 0`` with ``allow_zero``); else `DPConfigError`.
+
+    Example:
+        >>> positive_setting("clip", 2), positive_setting("noise_multiplier", 0, allow_zero=True)
+        (2.0, 0.0)
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DPConfigError(f"DPConfig.{name} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
@@ -75,12 +81,12 @@ class DPConfig:
     accountant: str = "rdp"
 
     def __post_init__(self) -> None:
-        _positive("clip", self.clip)
+        positive_setting("clip", self.clip)
         if self.model not in ("central", "local"):
             raise DPConfigError(f"DPConfig.model must be 'central' or 'local', got {self.model!r}")
         if self.accountant not in ("rdp", "prv"):
             raise DPConfigError(f"DPConfig.accountant must be 'rdp' or 'prv', got {self.accountant!r}")
-        q = _positive("sampling_rate", self.sampling_rate)
+        q = positive_setting("sampling_rate", self.sampling_rate)
         if q > 1:
             raise DPConfigError(f"DPConfig.sampling_rate is a probability in (0, 1], got {q}")
         if self.population is not None and (
@@ -96,13 +102,13 @@ class DPConfig:
             if self.population is None:
                 raise DPConfigError("DPConfig needs delta=... or population=N (then delta = 1 / N**1.1)")
             delta = 1.0 / self.population**1.1
-        if not 0 < _positive("delta", delta) < 1:
+        if not 0 < positive_setting("delta", delta) < 1:
             raise DPConfigError(f"DPConfig.delta must be in (0, 1), got {delta}")
         object.__setattr__(self, "delta", float(delta))
         if self.expected_clients is None and self.population is not None:
             object.__setattr__(self, "expected_clients", q * self.population)
         if self.expected_clients is not None:
-            object.__setattr__(self, "expected_clients", _positive("expected_clients", self.expected_clients))
+            object.__setattr__(self, "expected_clients", positive_setting("expected_clients", self.expected_clients))
         if self.expected_coverage is not None:
             cov = tuple(float(c) for c in self.expected_coverage)
             if any(not 0.0 <= c <= 1.0 for c in cov):
@@ -112,10 +118,10 @@ class DPConfig:
             raise DPConfigError("DPConfig needs exactly one of noise_multiplier=... or target_epsilon=...")
         if self.noise_multiplier is not None:
             object.__setattr__(
-                self, "noise_multiplier", _positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
+                self, "noise_multiplier", positive_setting("noise_multiplier", self.noise_multiplier, allow_zero=True)
             )
             return
-        _positive("target_epsilon", self.target_epsilon)
+        positive_setting("target_epsilon", self.target_epsilon)
         if self.rounds is None:
             raise DPConfigError("DPConfig(target_epsilon=...) needs rounds=... (the planned number of DP rounds)")
         get_noise_multiplier = _opacus().accountants.utils.get_noise_multiplier

@@ -1,8 +1,8 @@
 """Server-side aggregation of heterogeneous-rank LoRA adapters: the records and the streaming aggregator.
 
-The adapter key format (module names, truncate, pad, norms) lives in :mod:`peft_hetlora.federated.keys`; the
-methods live one per file in :mod:`peft_hetlora.federated.methods` behind a registry
-(:func:`~peft_hetlora.federated.methods.register_aggregation`). This module does what every method shares:
+The adapter key format (module names, truncate, pad, norms) lives in :mod:`peft_hetlora.federated.adapter.keys`; the
+methods live one per file in :mod:`peft_hetlora.federated.aggregation.methods` behind a registry
+(:func:`~peft_hetlora.federated.aggregation.methods.register_aggregation`). This module does what every method shares:
 validation of an update against the first one, the influence clip, the weight cap, the weighting fallbacks, dense
 extras and the :class:`AggregationResult`.
 
@@ -71,10 +71,18 @@ from typing import Any
 
 import torch
 
-from .aggregation_checks import UpdateChecks, _ModuleSpec
-from .aggregation_records import _ClientRecord, _ExtraSum
-from .components import coverage_counts
-from .errors import AggregationError, AggregationRankError
+from ...utils.errors import AggregationError, AggregationRankError
+from ...utils.ranks import MAX_RANK, check_rank
+from ..adapter import (
+    coverage_counts,
+    is_real,
+    lora_module_names,
+    module_sq_norm,
+    pad,
+    truncate,
+    update_norm,
+)
+from .checks import ModuleSpec, UpdateChecks
 from .influence import (
     ADAPTIVE,
     DEFAULT_BOUND_MULTIPLIER,
@@ -84,18 +92,10 @@ from .influence import (
     factor_steps,
     parse_influence_bound,
 )
-from .keys import (
-    is_real,
-    lora_module_names,
-    module_sq_norm,
-    pad,
-    truncate,
-    update_norm,
-)
 from .methods import AGGREGATION_METHODS, AggregationMethod, ModuleAccumulator, get_aggregation
 from .methods.base import DATA, SPARSITY, UNIFORM
-from .ranks import MAX_RANK, check_rank
-from .updates import AggregationResult, ClientUpdate
+from .records import AggregationResult, ClientUpdate
+from .sums import ClientRecord, ExtraSum
 
 __all__ = [
     "AGGREGATION_METHODS",
@@ -191,7 +191,7 @@ class StreamingAggregator(UpdateChecks):
 
     Every problem that one update can cause is decided for that update alone, before it changes anything: a check
     that fails, a contribution that is not finite or too large for float32 (:data:`MAX_UPDATE_NORM`) raises
-    :class:`~peft_hetlora.federated.errors.AggregationError` (a ``ValueError``) from :meth:`observe` / :meth:`add`
+    :class:`~peft_hetlora.utils.errors.AggregationError` (a ``ValueError``) from :meth:`observe` / :meth:`add`
     and leaves the aggregator as it was; the round turns it into a rejection of that client.
 
     Args:
@@ -216,7 +216,7 @@ class StreamingAggregator(UpdateChecks):
             ``max_weight_ratio`` times the median of the round's positive ``n_k`` (default 10; ``None`` turns the cap
             off), exactly, for any number of clients above it. The median is what a minority of liars cannot move,
             and a ratio (not a fixed share) leaves honest rounds with ordinary size differences exactly as before.
-        bound_multiplier: ``c`` of the adaptive bound (default :data:`~peft_hetlora.federated.influence.
+        bound_multiplier: ``c`` of the adaptive bound (default :data:`~peft_hetlora.federated.aggregation.influence.
             DEFAULT_BOUND_MULTIPLIER`).
         prefix_only: refuse component-indexed uploads (the DP path, whose aggregation takes prefixes only).
 
@@ -286,11 +286,11 @@ class StreamingAggregator(UpdateChecks):
         self._key_order: list[str] | None = None
         self._first_id = ""
         self._modules_keys: set[str] = set()
-        self._modules: dict[str, _ModuleSpec] = {}
+        self._modules: dict[str, ModuleSpec] = {}
         self._extras: dict[str, tuple[int, ...]] = {}
         self._accs: dict[str, ModuleAccumulator] = {}
-        self._extra_sums = _ExtraSum({})
-        self._clients: list[_ClientRecord] = []
+        self._extra_sums = ExtraSum({})
+        self._clients: list[ClientRecord] = []
         self._seen_ids: set[str] = set()
         # the first pass: what each observed client looks like, and why the others were refused
         self._observed: dict[str, _Observed] = {}
@@ -331,11 +331,11 @@ class StreamingAggregator(UpdateChecks):
         self._modules_keys = set(sd)
         for name, (a_key, b_key) in modules.items():
             a, b = sd[a_key], sd[b_key]
-            self._modules[name] = _ModuleSpec(a_key, b_key, tuple(a.shape), tuple(b.shape), int(a.shape[0]))
+            self._modules[name] = ModuleSpec(a_key, b_key, tuple(a.shape), tuple(b.shape), int(a.shape[0]))
             self._accs[name] = self._impl.accumulator(tuple(a.shape), tuple(b.shape), self.r_max)
         for key in extras:
             self._extras[key] = tuple(sd[key].shape)
-        self._extra_sums = _ExtraSum(self._extras)
+        self._extra_sums = ExtraSum(self._extras)
 
     def _inspect(self, update: ClientUpdate, seen: set[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
         """Every check of one update that needs nothing but the update, the settings and the first client."""
@@ -477,7 +477,7 @@ class StreamingAggregator(UpdateChecks):
             self._accs[name].add(cid, a, b, m_level, m_weight, **indexed)
         self._extra_sums.add(level, weight, {key: sd[key].detach().to("cpu") for key in extras})
         self._clients.append(
-            _ClientRecord(
+            ClientRecord(
                 cid, int(update.rank), int(update.num_examples), norm, min(clip_scales), level, weight, module_sq,
                 update.components, clip_scales,
             )

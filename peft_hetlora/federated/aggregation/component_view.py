@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .aggregation import ClientUpdate, lora_module_names
-from .errors import HetLoRAError, RankError
-from .keys import FACTOR_SUFFIXES as _SUFFIXES
-from .ranks import check_rank
+from ...utils.errors import HetLoRAError, RankError
+from ...utils.ranks import check_rank
+from ..adapter import FACTOR_SUFFIXES as _SUFFIXES
+from ..adapter import flat_a, flat_b, lora_module_names
+from .records import ClientUpdate
 
 
 class UpdateShapeError(HetLoRAError, ValueError):
@@ -55,6 +56,10 @@ class Layout:
     key_order: list[str]
     r_max: int
 
+    def ranks(self, update: ClientUpdate) -> dict[str, int]:
+        """The rank of each module of a validated update, in the layout's module order."""
+        return {name: int(update.state_dict[spec.a_key].shape[0]) for name, spec in self.modules.items()}
+
 
 def factor_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
     """Module name -> (A key, B key) for every LoRA module of ``state_dict``."""
@@ -67,19 +72,27 @@ def factor_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, 
     return out
 
 
-def flat_a(a: torch.Tensor) -> torch.Tensor:
-    """``A`` as a float64 ``(r, d_in)`` matrix."""
-    return a.detach().to("cpu", torch.float64).reshape(a.shape[0], -1)
+def float64_a(a: torch.Tensor) -> torch.Tensor:
+    """``A`` as a float64 CPU ``(r, d_in)`` matrix: the key format's :func:`~peft_hetlora.federated.adapter.flat_a`.
+
+    Example:
+        >>> float64_a(torch.ones(2, 3, 1, 1)).shape, float64_a(torch.ones(2, 3)).dtype
+        (torch.Size([2, 3]), torch.float64)
+    """
+    return flat_a(a).detach().to("cpu", torch.float64)
 
 
-def flat_b(b: torch.Tensor) -> torch.Tensor:
-    """``B`` as a float64 ``(d_out, r)`` matrix (trailing 1x1 dimensions dropped)."""
-    return b.detach().to("cpu", torch.float64).reshape(b.shape[0], b.shape[1])
+def float64_b(b: torch.Tensor, name: str = "") -> torch.Tensor:
+    """``B`` as a float64 CPU ``(d_out, r)`` matrix: the key format's :func:`~peft_hetlora.federated.adapter.flat_b`.
 
+    Raises:
+        AggregationError: ``B`` has trailing dimensions other than 1 (``name`` names the module in the message).
 
-def module_ranks(update: ClientUpdate, layout: Layout) -> dict[str, int]:
-    """The rank of each module of a validated update."""
-    return {name: int(update.state_dict[spec.a_key].shape[0]) for name, spec in layout.modules.items()}
+    Example:
+        >>> float64_b(torch.ones(4, 2, 1, 1)).shape
+        torch.Size([4, 2])
+    """
+    return flat_b(name, b).detach().to("cpu", torch.float64)
 
 
 def validate_round(updates: Iterable[ClientUpdate], r_max: int) -> tuple[list[ClientUpdate], Layout]:
@@ -192,7 +205,7 @@ def previous_factors(
                 raise UpdateShapeError(
                     f"previous global adapter lacks module {name!r}; pass the global adapter the clients started from"
                 )
-            pa, pb = flat_a(previous[spec.a_key]), previous[spec.b_key]
+            pa, pb = float64_a(previous[spec.a_key]), previous[spec.b_key]
             rank = pa.shape[0]
             if rank > r_max or pa.shape[1] != spec.d_in or pb.shape[0] != spec.d_out or pb.shape[1] != rank:
                 raise UpdateShapeError(
@@ -200,7 +213,7 @@ def previous_factors(
                     f"lora_B {tuple(pb.shape)}, which does not fit r_max={r_max} and the clients' shapes"
                 )
             a[:rank] = pa
-            b[:, :rank] = flat_b(pb)
+            b[:, :rank] = float64_b(pb, name)
         factors[name] = (a, b)
     for key, shape in layout.extras.items():
         if previous is not None and key in previous:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 
-from ..errors import AggregationError
+from ....utils.errors import AggregationError
 from .base import AggregationMethod
 
 __all__ = [
     "AGGREGATION_METHODS",
     "aggregation_methods",
     "get_aggregation",
+    "is_builtin",
     "register_aggregation",
+    "register_builtin",
     "unregister_aggregation",
 ]
 
@@ -147,6 +149,26 @@ AGGREGATION_METHODS: Sequence[str] = _LiveNames()
 """Names accepted by ``aggregate(method=...)``: a live view of the registry (includes registered methods)."""
 
 
-def _register_builtin(method: AggregationMethod) -> None:
+def register_builtin(method: AggregationMethod) -> None:
+    """Register ``method`` under its own name as a built-in: it can then be neither replaced nor unregistered.
+
+    For the methods this package ships (called once at import by `methods/__init__` and `methods/robust`); a user
+    method goes through :func:`register_aggregation`. Registering the same instance again changes nothing.
+
+    Example:
+        >>> register_builtin(get_aggregation("hetlora"))
+        >>> is_builtin("hetlora")
+        True
+    """
     register_aggregation(method.name, method)
     _BUILTIN.add(method.name)
+
+
+def is_builtin(name: str) -> bool:
+    """True when ``name`` is one of the built-in methods (registered with :func:`register_builtin`).
+
+    Example:
+        >>> is_builtin("fedavg"), is_builtin("no-such-method")
+        (True, False)
+    """
+    return name in _BUILTIN

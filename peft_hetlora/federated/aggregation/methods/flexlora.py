@@ -8,8 +8,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..errors import AggregationError
-from ..keys import flat_a, flat_b, is_int
+from ....utils.errors import AggregationError
+from ...adapter import flat_a, flat_b, is_int
 from .base import NONE, AggregationMethod
 
 __all__ = ["SVD_MODES", "FactorStack", "FlexLoRA", "FlexLoRAHeld"]

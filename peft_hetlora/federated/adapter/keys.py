@@ -27,11 +27,11 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
-from .errors import AggregationError, AggregationRankError
-from .ranks import MAX_RANK, check_rank
+from ...utils.errors import AggregationError, AggregationRankError, RankError
+from ...utils.ranks import MAX_RANK, check_rank
+from .components import unique_indices
 
 __all__ = [
     "FACTOR_SUFFIXES",
@@ -51,11 +51,6 @@ FACTOR_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_embedding_A", ".lora_embedding_B"),
 )
 """(A suffix, B suffix) pairs that mark the two LoRA factors of one module in PEFT's saved format."""
-
-
-def is_int(value: Any) -> bool:
-    """True for Python / numpy integers, False for bools."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def is_real(value: Any) -> bool:
@@ -228,9 +223,6 @@ def gather_components(state_dict: Mapping[str, torch.Tensor], components: Any) -
         >>> gather_components(sd, [3, 0])["m.lora_A.weight"].tolist()
         [[6.0, 7.0], [0.0, 1.0]]
     """
-    from .components import unique_indices  # components imports this module
-    from .errors import RankError
-
     try:
         indices = unique_indices(components, budget=max(1, len(components)))
     except (RankError, TypeError) as err:

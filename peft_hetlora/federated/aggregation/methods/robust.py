@@ -42,11 +42,11 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ._components import flat_a, flat_b, previous_factors, to_state_dict, validate_round
-from .aggregation import AggregationResult, ClientUpdate, update_norm
-from .errors import HetLoRAError
-from .methods.base import AggregationMethod
-from .methods.registry import _BUILTIN, _register_builtin
+from ....utils.errors import HetLoRAError
+from ..component_view import float64_a, float64_b, previous_factors, to_state_dict, validate_round
+from ..streaming import AggregationResult, ClientUpdate, update_norm
+from .base import AggregationMethod
+from .registry import is_builtin, register_builtin
 
 __all__ = ["ROBUST_RULES", "RobustConfigError", "RobustMethod", "robust_aggregate", "robust_module", "robust_stat"]
 
@@ -127,7 +127,7 @@ class _RobustModule:
 
     def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float) -> None:
         if client_id not in self.entries:  # a second add only changes the weight (the cap), which is unused here
-            self.entries[client_id] = (flat_a(a), flat_b(b), level)
+            self.entries[client_id] = (float64_a(a), float64_b(b), level)
 
     def level_used(self) -> int | None:
         return max((e[2] for e in self.entries.values()), default=None)
@@ -140,7 +140,7 @@ class _RobustModule:
             prev = (torch.zeros(self.r_max, d_in, dtype=torch.float64), torch.zeros(d_out, self.r_max,
                                                                                    dtype=torch.float64))
         else:
-            prev = (flat_a(previous[0]), flat_b(previous[1]))
+            prev = (float64_a(previous[0]), float64_b(previous[1]))
         a, b, _ = robust_module([e[0] for e in entries], [e[1] for e in entries], prev, rule=self.method.rule,
                                 trim=self.method.trim, min_clients=self.method.min_clients)
         a = a.to(torch.float32).reshape(self.r_max, *self.a_tail)
@@ -230,8 +230,8 @@ def robust_aggregate(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     thin: list[str] = []
     for name, spec in layout.modules.items():
-        a_list = [flat_a(u.state_dict[spec.a_key]) for u in items]
-        b_list = [flat_b(u.state_dict[spec.b_key]) for u in items]
+        a_list = [float64_a(u.state_dict[spec.a_key]) for u in items]
+        b_list = [float64_b(u.state_dict[spec.b_key], name) for u in items]
         a_out, b_out, gaps = robust_module(a_list, b_list, prev_factors[name], rule=rule, trim=trim,
                                            min_clients=min_clients)
         thin += [f"{name}{gap}" for gap in gaps]
@@ -258,7 +258,7 @@ def robust_aggregate(
 
 
 # ``median`` and ``trimmed_mean`` are built-in names: accepted by aggregate, the coordinator, ``hetlora coordinate``
-# and the Flower strategy (import-time registration; `peft_hetlora.federated` imports this module).
+# and the Flower strategy (import-time registration; the `aggregation` face imports this module).
 for _rule in ROBUST_RULES:
-    if _rule not in _BUILTIN:
-        _register_builtin(RobustMethod(_rule))
+    if not is_builtin(_rule):
+        register_builtin(RobustMethod(_rule))

@@ -16,17 +16,18 @@ from .hetlora import HetLoRA
 from .rankwise import RankWise
 from .registry import (
     AGGREGATION_METHODS,
-    _register_builtin,
     aggregation_methods,
     get_aggregation,
+    is_builtin,
     register_aggregation,
+    register_builtin,
     unregister_aggregation,
 )
 from .zero_pad import ZeroPad
 
 for _method in (HetLoRA(), ZeroPad(), FedAvg(), FlexLoRA(), RankWise(), ComponentRule(), ComponentRuleData(),
                 ComponentFedAvg(), FlexLoRAHeld()):
-    _register_builtin(_method)
+    register_builtin(_method)
 del _method
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "ZeroPad",
     "aggregation_methods",
     "get_aggregation",
+    "is_builtin",
     "register_aggregation",
+    "register_builtin",
     "unregister_aggregation",
 ]

@@ -19,18 +19,24 @@ from dataclasses import dataclass
 
 import torch
 
-from .components import check_components
-from .errors import AggregationError, AggregationRankError, RankError
-from .keys import flat_b, module_rank, split_lora_keys
+from ...utils.errors import AggregationError, AggregationRankError, RankError
+from ...utils.ranks import check_rank
+from ..adapter import check_components, flat_b, module_rank, split_lora_keys
 from .methods import AGGREGATION_METHODS, AggregationMethod, get_aggregation
-from .ranks import check_rank
-from .updates import ClientUpdate
+from .records import ClientUpdate
 
-__all__ = ["UpdateChecks"]
+__all__ = ["ModuleSpec", "UpdateChecks"]
 
 
 @dataclass
-class _ModuleSpec:
+class ModuleSpec:
+    """Where one LoRA module's factors live and their shapes at the first client's rank (only ``[1:]`` is compared).
+
+    Example:
+        >>> ModuleSpec("m.lora_A.weight", "m.lora_B.weight", (2, 8), (4, 2), 2).first_rank
+        2
+    """
+
     a_key: str
     b_key: str
     a_shape: tuple[int, ...]  # at the first client's rank; only [1:] is compared
@@ -47,7 +53,7 @@ class UpdateChecks:
     _impl: AggregationMethod
     _key_order: list[str] | None
     _modules_keys: set[str]
-    _modules: dict[str, _ModuleSpec]
+    _modules: dict[str, ModuleSpec]
     _extras: dict[str, tuple[int, ...]]
     _first_id: str
     _seen_ids: set[str]

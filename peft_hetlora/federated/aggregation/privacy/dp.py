@@ -46,11 +46,12 @@ from typing import Any
 
 import torch
 
-from ._components import Layout, flat_a, flat_b, module_ranks, previous_factors, to_state_dict, validate_round
-from .aggregation import AggregationResult, ClientUpdate, update_norm
-from .dp_config import DPConfig, DPConfigError, _opacus, _positive, dp_config_from_dict, privacy_spent  # noqa: F401
-from .keys import module_ranks as keys_module_ranks
-from .methods import AGGREGATION_METHODS, get_aggregation
+from ...adapter import module_ranks
+from ..component_view import Layout, float64_a, float64_b, previous_factors, to_state_dict, validate_round
+from ..methods import AGGREGATION_METHODS, get_aggregation
+from ..streaming import AggregationResult, ClientUpdate, update_norm
+from .dp_config import DPConfig, DPConfigError, dp_config_from_dict, privacy_spent  # noqa: F401
+from .dp_config import positive_setting as _positive
 
 __all__ = [
     "DP_METHODS",
@@ -110,11 +111,11 @@ def _contribution(
     per_component: bool,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """``Delta_k`` relative to the global: per module ``(dA, dB)`` over ``r_k`` (component) or ``r_max`` (zero_pad)."""
-    ranks = module_ranks(update, layout)
+    ranks = layout.ranks(update)
     sd = update.state_dict
     factors = {}
     for name, spec in layout.modules.items():
-        a, b = flat_a(sd[spec.a_key]), flat_b(sd[spec.b_key])
+        a, b = float64_a(sd[spec.a_key]), float64_b(sd[spec.b_key], name)
         pa, pb = prev[name]
         r = ranks[name]
         if per_component:
@@ -317,9 +318,9 @@ def privatize_update(
     """
     if not isinstance(config, DPConfig) or config.model != "local":
         raise DPConfigError("privatize_update is the local-DP client step: pass DPConfig(model='local', ...)")
-    rank = max(keys_module_ranks(state_dict).values())
+    rank = max(module_ranks(state_dict).values())
     update = ClientUpdate("local", state_dict, rank=rank, num_examples=0)
-    r_global = max(keys_module_ranks(global_state_dict).values())
+    r_global = max(module_ranks(global_state_dict).values())
     items, layout = validate_round([update], max(rank, r_global))
     prev, prev_extras = previous_factors(global_state_dict, layout)
     factors, extras = _contribution(items[0], layout, prev, prev_extras, per_component=True)

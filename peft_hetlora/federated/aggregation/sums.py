@@ -1,11 +1,12 @@
-"""The records a `StreamingAggregator` keeps: one per client, the dense extras' running sums, retained clients.
+"""The records a `StreamingAggregator` keeps: one per client and the dense extras' running sums.
 
-Split out of [`aggregation`][peft_hetlora.federated.aggregation], which uses them; nothing here is public.
+Split out of [`streaming`][peft_hetlora.federated.aggregation.streaming], their one user; not exported by the
+`aggregation` face.
 
 Example:
     ```py
     >>> import torch
-    >>> sums = _ExtraSum({"head.weight": (2,)})
+    >>> sums = ExtraSum({"head.weight": (2,)})
     >>> sums.add(1, 2.0, {"head.weight": torch.ones(2)})
     >>> sums.mean("head.weight").tolist()
     [1.0, 1.0]
@@ -21,9 +22,18 @@ import torch
 
 from .methods.base import NONE
 
+__all__ = ["ClientRecord", "ExtraSum"]
+
 
 @dataclass
-class _ClientRecord:
+class ClientRecord:
+    """What the aggregator keeps of one accepted client: weights, norms, scales (its factors are summed, not kept).
+
+    Example:
+        >>> ClientRecord("a", 2, 10, 1.0, 1.0, 0, 1.0, {"m": 1.0}, None).components is None
+        True
+    """
+
     client_id: str
     rank: int
     num_examples: int
@@ -36,8 +46,16 @@ class _ClientRecord:
     factor_scales: tuple[float, float] = (1.0, 1.0)  # the influence bound's scales of the A and B steps
 
 
-class _ExtraSum:
-    """Weighted running sums of the dense extras, at the best weighting level seen (like a module's components)."""
+class ExtraSum:
+    """Weighted running sums of the dense extras, at the best weighting level seen (like a module's components).
+
+    Example:
+        >>> import torch
+        >>> sums = ExtraSum({"b": (1,)})
+        >>> sums.add(0, 3.0, {"b": torch.ones(1)})
+        >>> sums.mean("b").tolist()
+        [1.0]
+    """
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         # float64: a weighted sum of finite float32 extras cannot overflow (weights up to the cap times 1e38)
@@ -59,8 +77,8 @@ class _ExtraSum:
     def mean(self, key: str) -> torch.Tensor:
         return (self.sums[key] / self.den).to(torch.float32)
 
-    def clone(self) -> _ExtraSum:
-        copy = _ExtraSum({})
+    def clone(self) -> ExtraSum:
+        copy = ExtraSum({})
         copy.sums = {key: value.clone() for key, value in self.sums.items()}
         copy.level, copy.den = self.level, self.den
         return copy

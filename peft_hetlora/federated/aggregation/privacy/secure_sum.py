@@ -49,20 +49,19 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from ._components import (
+from ....utils.errors import HetLoRAError, RankError
+from ..component_view import (
     Layout,
     ModuleSpec,
     factor_keys,
-    flat_a,
-    flat_b,
-    module_ranks,
+    float64_a,
+    float64_b,
     previous_factors,
     to_state_dict,
     validate_round,
 )
-from .aggregation import AggregationResult, ClientUpdate, update_norm
-from .errors import HetLoRAError, RankError
-from .methods import AGGREGATION_METHODS, AggregationMethod, get_aggregation
+from ..methods import AGGREGATION_METHODS, AggregationMethod, get_aggregation
+from ..streaming import AggregationResult, ClientUpdate, update_norm
 
 __all__ = [
     "LEVELS",
@@ -184,7 +183,7 @@ def client_share(
         raise SecureSumError(f"components=... applies to {indexed} only")
     items, layout = validate_round([update], r_max)
     sd = items[0].state_dict
-    ranks = module_ranks(items[0], layout)
+    ranks = layout.ranks(items[0])
     client_level, client_w = _level_and_weight(update_norm(sd, scaling) if sparse else None, update.num_examples)
     client_w /= float(weight_scale)
     share: dict[str, torch.Tensor] = {}
@@ -206,8 +205,8 @@ def client_share(
             b = torch.zeros((spec.d_out, r_max), dtype=torch.float64)
             cov = torch.zeros(r_max, dtype=torch.float64)
             if lv == level:
-                a[idx_t] = w * flat_a(sd[spec.a_key])
-                b[:, idx_t] = w * flat_b(sd[spec.b_key])
+                a[idx_t] = w * float64_a(sd[spec.a_key])
+                b[:, idx_t] = w * float64_b(sd[spec.b_key], name)
                 if kind.per_component:
                     cov[idx_t] = w
                 else:
