@@ -13,7 +13,8 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.numpy import load, load_file
 
-from peft_hetlora.federated.hub_store import HubStore, UploadTooLargeError, _retry_after_s
+from peft_hetlora.federated.stores import HubStore, RetryPolicy, UploadTooLargeError
+from peft_hetlora.federated.stores.hub_requests import HubRepo, retry_after_s
 
 try:  # tests/ as a package or as a rootdir-relative folder
     from tests.test_store_contract import KEY_A, make_client, make_global
@@ -164,7 +165,7 @@ def test_pr_mode(hub_double, tmp_path):
 
 def test_429_is_retried_after_retry_after(fed, hub_double, tmp_path):
     waits = []
-    fed._sleep = waits.append
+    fed.hub.sleep = waits.append
     hub_double.inject("commit", 429, times=2, headers={"Retry-After": "0.05"})
     fed.publish_global(0, make_global(tmp_path, 0, seed=0))
     assert waits == [0.05, 0.05]
@@ -174,15 +175,15 @@ def test_429_is_retried_after_retry_after(fed, hub_double, tmp_path):
     waits.clear()
     hub_double.inject("commit", 503, times=2)  # no Retry-After: exponential backoff
     fed.write_summary(0, {"accepted": []})
-    assert waits == [fed.backoff_s, 2 * fed.backoff_s]
+    assert waits == [fed.hub.retry.backoff_s, 2 * fed.hub.retry.backoff_s]
 
 
 def test_429_gives_up_when_asked_to_wait_too_long_or_too_often(fed, hub_double, tmp_path):
-    fed._sleep = lambda s: None
+    fed.hub.sleep = lambda s: None
     hub_double.inject("commit", 429, headers={"Retry-After": "3600"})
     with pytest.raises(HfHubHTTPError, match="max_wait_s"):
         fed.write_federation({"r_max": 4})
-    fed.max_retries = 2
+    fed.hub.retry = RetryPolicy(max_retries=2)
     hub_double.inject("commit", 429, times=3, headers={"Retry-After": "0"})
     with pytest.raises(HfHubHTTPError, match="429"):
         fed.write_federation({"r_max": 4})
@@ -198,7 +199,7 @@ def test_412_stale_parent_is_retried(fed, hub_double, tmp_path):
     head = hub_double.files(fed.repo_id)
     assert head["notes.txt"] == b"someone else" and "rounds/0/global/adapter_model.safetensors" in head
 
-    fed.max_retries = 1
+    fed.hub.retry = RetryPolicy(max_retries=1)
     hub_double.before("commit", lambda d: d.commit(fed.repo_id, {"notes.txt": b"again"}), times=2)
     with pytest.raises(HfHubHTTPError, match="412"):
         fed.write_summary(0, {"accepted": []})
@@ -233,11 +234,11 @@ def test_download_refuses_files_over_the_limit(fed, hub_double, tmp_path):
 
 
 def test_retry_after_parsing():
-    assert _retry_after_s({"Retry-After": "0.05"}) == 0.05
-    assert _retry_after_s({"Retry-After": "7"}) == 7.0
+    assert retry_after_s({"Retry-After": "0.05"}) == 0.05
+    assert retry_after_s({"Retry-After": "7"}) == 7.0
     when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
-    assert 25 < _retry_after_s({"Retry-After": when}) <= 30
-    assert _retry_after_s({}) is None
+    assert 25 < retry_after_s({"Retry-After": when}) <= 30
+    assert retry_after_s({}) is None
 
 
 def test_double_speaks_like_the_hub(hub_double):
@@ -269,22 +270,22 @@ def test_download_is_one_commit_of_regular_files_even_under_a_reupload(fed, hub_
     first = make_client(tmp_path, 0, "alice", seed=1)
     second = make_client(tmp_path, 0, "alice", seed=2)
     alice.upload_client(0, "alice", first)
-    real_download, fired = HubStore._download, []
+    real_download, fired = HubRepo.download, []
 
     def download_then_reupload(self, repo, path, revision):
         out = real_download(self, repo, path, revision)
-        if not fired and self is fed:
+        if not fired and self is fed.hub:
             fired.append(path)
             alice.upload_client(0, "alice", second)  # a new commit lands between the two downloads
         return out
 
-    monkeypatch.setattr(HubStore, "_download", download_then_reupload)
+    monkeypatch.setattr(HubRepo, "download", download_then_reupload)
     folder = fed.download_client(0, "alice")
     assert fired
     for name in ("client.json", "adapter_model.safetensors"):
         assert stat_mod.S_ISREG(os.lstat(folder / name).st_mode), name  # a copy, not a link into the cache
         assert (folder / name).read_bytes() == (first / name).read_bytes(), name
-    monkeypatch.setattr(HubStore, "_download", real_download)
+    monkeypatch.setattr(HubRepo, "download", real_download)
     again = fed.download_client(0, "alice")
     assert (again / "adapter_model.safetensors").read_bytes() == (second / "adapter_model.safetensors").read_bytes()
 

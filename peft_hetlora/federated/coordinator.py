@@ -38,8 +38,8 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..utils.constants import ADAPTER_FILE, CONFIG_FILE
 from .aggregation import AGGREGATION_METHODS, ClientUpdate
-from .compression import parse_message_format
 from .errors import CoordinatorError, FederationMismatch
 from .federation import (
     FederationSettings,
@@ -68,9 +68,8 @@ from .protocol import (
 )
 from .rank_policy import RankPolicy
 from .round_settings import default_method_and_selection
-from .store import AdapterStore, GlobalAdapter, file_sha256, validate_client_id
-from .upload_folder import validate_upload
-from .validation import ADAPTER_FILE, CONFIG_FILE, DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
+from .stores import AdapterStore, GlobalAdapter, file_sha256, validate_client_id
+from .upload import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec, parse_message_format, validate_upload
 
 logger = logging.getLogger(__name__)
 

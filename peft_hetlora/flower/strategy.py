@@ -54,7 +54,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from peft_hetlora.federated.aggregation import AGGREGATION_METHODS, ClientUpdate, truncate
-from peft_hetlora.federated.compression import parse_message_format
 from peft_hetlora.federated.federation import scaling_from_config
 from peft_hetlora.federated.influence import DEFAULT_INFLUENCE_BOUND, parse_influence_bound
 from peft_hetlora.federated.privacy import DPConfig
@@ -71,8 +70,8 @@ from peft_hetlora.federated.protocol import (
 )
 from peft_hetlora.federated.rank_policy import RankPolicy
 from peft_hetlora.federated.round_settings import default_method_and_selection
-from peft_hetlora.federated.store import AdapterStore, json_text, validate_client_id
-from peft_hetlora.federated.validation import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
+from peft_hetlora.federated.stores import AdapterStore, json_text, validate_client_id
+from peft_hetlora.federated.upload import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec, parse_message_format
 
 from . import records as rec
 from .evaluation import FederatedEvaluation

@@ -35,8 +35,7 @@ from ..config import HetLoRAConfig, scaling_for
 from ..federated.aggregation import truncate
 from ..federated.coordinator import Coordinator
 from ..federated.errors import HetLoRAError
-from ..federated.local_store import LocalStore
-from ..federated.store import json_text
+from ..federated.stores import LocalStore, json_text
 from .activation_cache import (
     CachedBlocks,
 )
