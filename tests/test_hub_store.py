@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load, load_file
 
 from peft_hetlora.federated.stores import HubStore, RetryPolicy, UploadTooLargeError
@@ -325,3 +327,47 @@ def test_a_missing_round_tag_is_created_when_the_coordinator_resumes(hub_double,
     assert not [c for c in commits if "stage" in c]  # the staged global travels in the summary's commit
     assert make_coordinator(store, None, rounds=1, clients_per_round=4).step() == "done"
     assert main_commits(hub_double, "hetlora/fed") == commits  # a restart with nothing to repair commits nothing
+
+
+# ------------------------------------------------------------------------------- HubRepo, composed (issue 23)
+def test_retry_policy_waits_follow_the_hand_formula():
+    policy = RetryPolicy(max_retries=6, backoff_s=0.25, max_wait_s=3.0)
+    expected = [0.25, 0.5, 1.0, 2.0, 3.0, 3.0]  # 0.25 * 2**k, capped at max_wait_s
+    assert [policy.wait_s(k, None) for k in range(6)] == expected
+    assert policy.wait_s(5, 0.0) == 0.0 and policy.wait_s(0, 120.0) == 120.0  # the Hub's Retry-After wins
+
+
+def test_hub_store_composes_one_hub_repo_built_from_its_arguments(tmp_path):
+    store = HubStore("org/fed", endpoint="https://hub.example", token="t", private=False, max_retries=3,
+                     backoff_s=0.5, max_wait_s=9.0, cache_dir=tmp_path / "c")
+    assert type(store).__mro__ == (HubStore, object)  # no mixin: the requests live in store.hub
+    assert isinstance(store.hub, HubRepo) and store.api is store.hub.api
+    assert store.hub.retry == RetryPolicy(max_retries=3, backoff_s=0.5, max_wait_s=9.0)
+    assert (store.endpoint, store.hub.private, store.hub.cache_dir) == ("https://hub.example", False,
+                                                                          str(tmp_path / "c"))
+
+
+def test_a_card_is_committed_by_the_store_not_by_the_requests(fed, hub_double):
+    fed.write_federation({"r_max": 4})
+    assert b"HetLoRA federation" in hub_double.files(fed.repo_id)["README.md"]
+    fed.hub.commit(fed.repo_id, lambda snap: ({"notes.txt": b"n"}, []), "plain commit")
+    files = hub_double.files(fed.repo_id)
+    assert files["notes.txt"] == b"n" and b"HetLoRA federation" in files["README.md"]
+
+
+header_values = st.one_of(st.text(max_size=40), st.floats(allow_nan=True).map(str),
+                          st.datetimes().map(lambda d: format_datetime(d.replace(tzinfo=timezone.utc), usegmt=True)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=header_values, ratelimit=st.one_of(st.none(), st.text(max_size=40)))
+def test_retry_after_never_fails_on_what_a_server_sends(value, ratelimit):
+    headers = {"Retry-After": value} if ratelimit is None else {"Retry-After": value, "RateLimit": ratelimit}
+    wait = retry_after_s(headers)
+    assert wait is None or (isinstance(wait, float) and wait >= 0.0)
+    try:
+        seconds = float(value)
+    except ValueError:
+        return
+    if value and seconds == seconds:  # a plain number of seconds (not NaN): taken as is, never negative
+        assert wait == max(0.0, seconds)

@@ -510,3 +510,23 @@ def test_local_root_left_stale_by_a_crash_is_repaired_by_publishing_again(tmp_pa
     assert store.publish_global(1, latest.path) == latest.revision
     assert json.loads((store.path / "round.json").read_text())["round"] == 1
     assert sha256(store.path / "adapter_model.safetensors") == latest.revision
+
+
+# ------------------------------------------------------------------------------ the arrows of stores/ (issue 23)
+def package_imports(package: str) -> dict[str, set[str]]:
+    """module of `package` -> the package modules it imports (test_light_import's reader of the import graph)."""
+    try:
+        from tests.test_light_import import import_graph
+    except ImportError:  # pragma: no cover
+        from test_light_import import import_graph
+    return {m: deps for m, deps in import_graph().items() if m.startswith(package + ".")}
+
+
+def test_stores_import_only_each_other_and_the_leaf():
+    graph = package_imports("peft_hetlora.federated.stores")
+    assert {"peft_hetlora.federated.stores.base", "peft_hetlora.federated.stores.hub"} <= set(graph)
+    for module, deps in graph.items():
+        outside = sorted(d for d in deps if not d.startswith(("peft_hetlora.federated.stores.", "peft_hetlora.utils")))
+        assert outside == [], f"{module} imports {outside} (a store stands on the leaf alone, never on a face)"
+    assert not graph["peft_hetlora.federated.stores.base"] - {"peft_hetlora.utils.constants",
+                                                                "peft_hetlora.utils.errors"}

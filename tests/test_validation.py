@@ -854,3 +854,20 @@ def test_5000_reads_against_a_re_uploading_process_are_all_whole(tmp_path, spec)
         writer.join(timeout=60)
     assert writer.exitcode == 0
     assert outcomes == {"whole": 5000}, dict(outcomes)
+
+
+# ------------------------------------------------------------------------------ the arrows of upload/ (issue 23)
+def test_upload_modules_import_no_face_and_run_one_way():
+    try:
+        from tests.test_light_import import import_graph
+    except ImportError:  # pragma: no cover
+        from test_light_import import import_graph
+    graph = {m: d for m, d in import_graph().items() if m.startswith("peft_hetlora.federated.upload.")}
+    up = "peft_hetlora.federated.upload."
+    order = [up + "bytes", up + "formats", up + "validation", up + "folder"]  # each may import only those before it
+    assert sorted(graph) == sorted(order)
+    for i, module in enumerate(order):
+        siblings = {d for d in graph[module] if d.startswith(up)}
+        assert siblings <= set(order[:i]), f"{module} imports {sorted(siblings - set(order[:i]))}"
+        faces = {"peft_hetlora.federated", "peft_hetlora.federated.upload"} & graph[module]
+        assert faces == set(), f"{module} imports the face {faces}"
