@@ -185,9 +185,9 @@ def test_the_tuner_imports_only_the_tuner_and_the_leaf():
         assert outside == [], f"{module} imports {outside}"
 
 
-# The federated core still has import cycles today (the stores, validation/upload_folder, flower, two in the
-# simulator): the regrouping of docs/architecture.md removes them. This test pins
-# that no *new* cycle appears meanwhile; when a work package removes one, shrink the list.
+# The federated core still has import cycles today (flower, the package face and the coordinator, simulation):
+# the regrouping of docs/architecture.md removes them. This test pins that no *new* cycle appears meanwhile; when a
+# work package removes one, shrink the count.
 KNOWN_ENGINE_CYCLES = 5
 
 

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import add_common_arguments, exit_status_epilog, run_command
-from ..federated.aggregation import AGGREGATION_METHODS
+from ..federated.aggregation import AGGREGATION_METHODS, parse_influence_bound
 from ..federated.component_selection import SELECTION_POLICIES
 from ..federated.coordinator import NEXT_RANK_RULES, Coordinator
-from ..federated.influence import parse_influence_bound
 from ..federated.rank_policy import BUDGET_KINDS, RANK_POLICIES, RankPolicy, parse_bytes
 
 HF_PREFIX = "hf://"
@@ -237,10 +236,10 @@ def open_store(
         ```
     """
     if spec.startswith(HF_PREFIX):
-        from ..federated.hub_store import HubStore
+        from ..federated.stores import HubStore
 
         return HubStore(spec[len(HF_PREFIX):], endpoint=endpoint, token=token, client_mode=client_mode)
-    from ..federated.local_store import LocalStore
+    from ..federated.stores import LocalStore
 
     return LocalStore(spec, create=create)
 

@@ -38,10 +38,10 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..utils.constants import ADAPTER_FILE, CONFIG_FILE
 from ..utils.errors import CoordinatorError, FederationMismatch
 from .aggregation import AGGREGATION_METHODS, DEFAULT_INFLUENCE_BOUND, ClientUpdate, parse_influence_bound
 from .aggregation.privacy import DPConfig
-from .compression import parse_message_format
 from .federation import (
     FederationSettings,
     global_adapter_config,
@@ -67,9 +67,8 @@ from .protocol import (
 )
 from .rank_policy import RankPolicy
 from .round_settings import default_method_and_selection
-from .store import AdapterStore, GlobalAdapter, file_sha256, validate_client_id
-from .upload_folder import validate_upload
-from .validation import ADAPTER_FILE, CONFIG_FILE, DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
+from .stores import AdapterStore, GlobalAdapter, file_sha256, validate_client_id
+from .upload import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec, parse_message_format, validate_upload
 
 logger = logging.getLogger(__name__)
 

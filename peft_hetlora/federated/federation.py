@@ -25,7 +25,7 @@ from .adapter import module_ranks
 from .aggregation.privacy import DPConfig, dp_config_from_dict
 from .protocol import FEDERATION_FORMAT
 from .rank_policy import RankPolicy
-from .validation import UploadSpec
+from .upload import UploadSpec
 
 logger = logging.getLogger(__name__)
 
