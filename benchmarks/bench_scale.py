@@ -250,11 +250,20 @@ def read_floor(paths: list[Path]) -> float:
 
 def aggregate_files(method: str, paths: list[Path], metas: list[dict], r_max: int, scaling: float,
                     previous: dict[str, torch.Tensor]):
-    """The streaming aggregation as the coordinator runs it: one client loaded at a time."""
+    """The streaming aggregation as the coordinator runs it: one client loaded at a time; a method whose round needs
+    the first pass (data-size weights: the weight cap's median) observes every file, then adds every file (each
+    file read twice, as the round reads it)."""
     agg = StreamingAggregator(method, r_max, scaling, previous=previous)
+
+    def update(path: Path, meta: dict) -> ClientUpdate:
+        return ClientUpdate(meta["client_id"], load_file(str(path)), rank=meta["rank_out"],
+                            num_examples=meta["num_examples"])
+
+    if agg.needs_first_pass():
+        for path, meta in zip(paths, metas):
+            agg.observe(update(path, meta))
     for path, meta in zip(paths, metas):
-        agg.add(ClientUpdate(meta["client_id"], load_file(str(path)), rank=meta["rank_out"],
-                             num_examples=meta["num_examples"]))
+        agg.add(update(path, meta))
     return agg.result()
 
 
