@@ -61,7 +61,23 @@ from peft_hetlora.federated import (  # noqa: E402
 LLAMA_1B = {"name": "llama-3.2-1b", "hidden": 2048, "intermediate": 8192, "kv_dim": 512, "layers": 16}
 TINY = {"name": "tiny", "hidden": 64, "intermediate": 256, "kv_dim": 16, "layers": 2}
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-METHODS = ("flexlora_held", "flexlora", "rankwise", "component", "hetlora")
+METHODS = ("flexlora_held", "flexlora", "rankwise", "component", "hetlora", "flexlora_held-sketch",
+           "flexlora-sketch")
+VARIANTS = {"flexlora_held-sketch": ("flexlora_held", {"svd": "sketch"}),
+            "flexlora-sketch": ("flexlora", {"svd": "sketch"})}
+"""Benchmark-only variants: the FlexLoRA methods with ``svd="sketch"`` (the one-pass sketch from the first client)."""
+
+
+def _base_method(method: str) -> str:
+    """The registered method a benchmark name runs (registering a :data:`VARIANTS` entry on first use)."""
+    if method not in VARIANTS:
+        return method
+    from peft_hetlora.federated.methods import AGGREGATION_METHODS, get_aggregation, register_aggregation
+
+    base, options = VARIANTS[method]
+    if method not in AGGREGATION_METHODS:
+        register_aggregation(method, type(get_aggregation(base))(**options))
+    return base
 TIER_SHARES = (10, 6, 4)  # clients per tier, of 20
 ADAPTER_FILE = "adapter_model.safetensors"
 CLIENT_FILE = "client.json"
@@ -354,6 +370,7 @@ def padded_errors(method: str, res, paths: list[Path], metas: list[dict], previo
 # ------------------------------------------------------------------------------------------- one cell
 def run_cell(folder: Path, method: str, num: int, exact_max_k: int, exact_max_elems: int) -> dict:
     """Entry point of the per-cell subprocess (see the module docstring); returns the cell's figures."""
+    base_method = _base_method(method)
     store = LocalStore(folder)
     coord = Coordinator(store, progress=False)
     r_max, scaling = coord.r_max, coord.scaling
@@ -386,11 +403,12 @@ def run_cell(folder: Path, method: str, num: int, exact_max_k: int, exact_max_el
         "loadavg": list(os.getloadavg()),
     }
     layer0 = [n for n in dims if ".layers.0." in n]
-    if method in ("flexlora", "flexlora_held"):
+    if base_method in ("flexlora", "flexlora_held"):
+        cell["factorization"] = sorted({info["path"] for info in res.factorization.values()})
         names = [n for n in layer0 if dims[n][0] * dims[n][1] <= exact_max_elems]
         if names:
             start = time.perf_counter()
-            cell["error"] = flex_errors(method, res, paths, metas, previous, names, r_max)
+            cell["error"] = flex_errors(base_method, res, paths, metas, previous, names, r_max)
             cell["error"]["reference_s"] = time.perf_counter() - start
     elif num <= exact_max_k:
         names = [n for n in layer0 if dims[n][0] * dims[n][1] <= exact_max_elems]

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from peft_hetlora.federated.aggregation import ClientUpdate, aggregate
 from peft_hetlora.federated.methods import register_aggregation, unregister_aggregation
-from peft_hetlora.federated.methods.flexlora import FactorStack, FlexLoRA
+from peft_hetlora.federated.methods.flexlora import FactorStack, FlexLoRA, FlexLoRAHeld
 from peft_hetlora.federated.methods.sketch import TwoSidedSketch, sketch_sizes
 
 A_KEY, B_KEY = "m.lora_A.weight", "m.lora_B.weight"
@@ -82,12 +82,12 @@ def test_below_the_switch_is_the_exact_path_bit_for_bit(held):
     rng = np.random.default_rng(0)
     d_out, d_in, r_max = 160, 140, 8
     clients = _clients(rng, d_out, d_in, [2, 5, 8, 3, 8, 6, 1, 8] * 2)  # sum 82 <= 140
-    prev = (rng.standard_normal((d_out, r_max)).astype(np.float32), rng.standard_normal((r_max, d_in)).astype(np.float32))
+    prev = (rng.standard_normal((d_out, r_max)).astype(np.float32),
+            rng.standard_normal((r_max, d_in)).astype(np.float32))
     previous = {A_KEY: torch.from_numpy(prev[1]), B_KEY: torch.from_numpy(prev[0])} if held else None
     name = "flexlora_held" if held else "flexlora"
     res = aggregate(_updates(clients), method=name, r_max=r_max, previous=previous)
-    cls = type(FlexLoRA()) if not held else __import__(
-        "peft_hetlora.federated.methods.flexlora", fromlist=["FlexLoRAHeld"]).FlexLoRAHeld
+    cls = FlexLoRAHeld if held else FlexLoRA
     exact = _with_method(cls(svd="exact"), _updates(clients), r_max=r_max, previous=previous)
     for key in (A_KEY, B_KEY):
         assert torch.equal(res.state_dict[key], exact.state_dict[key])

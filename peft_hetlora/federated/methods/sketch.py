@@ -1,13 +1,14 @@
 """A one-pass two-sided sketch of a sum of low-rank products, with memory flat in the number of terms.
 
 Tropp, Yurtsever, Udell and Cevher, "Practical sketching algorithms for low-rank matrix approximation", SIAM J.
-Matrix Anal. Appl. 38(4), 2017 (arXiv 1609.00048), the simplest reconstruction and its fixed-rank truncation
-(their ``k``, ``l`` are :attr:`range_size`, :attr:`corange_size` here). ``W = sum_k w_k B_k A_k`` is seen only through two linear images, accumulated exactly per
-term: ``Y = W Omega`` (``d_out x l``) and ``X = Psi W`` (``m x d_in``), ``Omega`` and ``Psi`` standard Gaussian,
-regenerated from a seed. The reconstruction is ``W_hat = Q (Psi Q)^+ X`` with ``Q = orth(Y)``; its top ``r``
-triplets are the published factors. With ``l = 2r + 1`` and ``m = 2l + 1`` (Theorem 4.3 of the paper, with
-``rho = r``): ``E ||W - W_hat||_F^2 <= 4 tau_{r+1}^2(W)``, ``tau_j^2 = sum_{i >= j} sigma_i^2``, and ``W_hat = W``
-(so the top ``r`` triplets are exact) whenever ``rank(W) <= l``. docs/aggregation.md proves both.
+Matrix Anal. Appl. 38(4), 2017 (arXiv 1609.00048): the simplest reconstruction and its fixed-rank truncation
+(their ``k``, ``l`` are :attr:`TwoSidedSketch.range_size` and :attr:`TwoSidedSketch.corange_size` here).
+``W = sum_k w_k B_k A_k`` is seen only through two linear images, accumulated exactly per term: ``Y = W Omega``
+(``d_out x l``) and ``X = Psi W`` (``m x d_in``), ``Omega`` and ``Psi`` standard Gaussian, regenerated from a
+seed. The reconstruction is ``W_hat = Q (Psi Q)^+ X`` with ``Q = orth(Y)``; its top ``r`` triplets are the
+published factors. With ``l = 2r + 1`` and ``m = 2l + 1`` (Theorem 4.3 of the paper, with ``rho = r``):
+``E ||W - W_hat||_F^2 <= 4 tau_{r+1}^2(W)``, ``tau_j^2 = sum_{i >= j} sigma_i^2``, and ``W_hat = W`` (so the top
+``r`` triplets are exact) whenever ``rank(W) <= l``. docs/aggregation.md proves both.
 """
 
 from __future__ import annotations
