@@ -439,7 +439,8 @@ def markdown(report: dict) -> str:
                                                             else 99, c["clients"]))
     lines = [
         "Every cell in a fresh process (`benchmarks/bench_scale.py`). *agg*: streaming aggregation (load_file + "
-        "`StreamingAggregator.add` per client + `result()`); *read*: load_file + one pass over every tensor of the "
+        "`StreamingAggregator.add` per client + `result()`; data-weighted methods first `observe` every file, a "
+        "second read); *read*: load_file + one pass over every tensor of the "
         "same files; cold = evicted from the page cache, warm = cached; ratios taken in the same process. *peak*: "
         "VmHWM of the aggregation minus the RSS before it; *x adapter*: peak / one float32 r_max adapter of the "
         "same shapes; *flat*: peak / the same method's peak at the smallest K. *error*: flexlora / flexlora_held: "
