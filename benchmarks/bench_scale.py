@@ -61,11 +61,12 @@ from peft_hetlora.federated import (  # noqa: E402
 LLAMA_1B = {"name": "llama-3.2-1b", "hidden": 2048, "intermediate": 8192, "kv_dim": 512, "layers": 16}
 TINY = {"name": "tiny", "hidden": 64, "intermediate": 256, "kv_dim": 16, "layers": 2}
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-METHODS = ("flexlora_held", "flexlora", "rankwise", "component", "hetlora", "flexlora_held-sketch",
-           "flexlora-sketch")
+METHODS = ("flexlora_held", "flexlora", "rankwise", "component", "hetlora")
 VARIANTS = {"flexlora_held-sketch": ("flexlora_held", {"svd": "sketch"}),
             "flexlora-sketch": ("flexlora", {"svd": "sketch"})}
-"""Benchmark-only variants: the FlexLoRA methods with ``svd="sketch"`` (the one-pass sketch from the first client)."""
+"""Benchmark-only variants (``--methods`` accepts them): the FlexLoRA methods with ``svd="sketch"``, the one-pass
+sketch from the first client (approximate at every K, so not in the default list that is checked against exact)."""
+ORDER = METHODS + tuple(VARIANTS)
 
 
 def _base_method(method: str) -> str:
@@ -435,7 +436,7 @@ def spawn_cell(folder: Path, method: str, num: int, args: argparse.Namespace) ->
 # ---------------------------------------------------------------------------------------------- report
 def markdown(report: dict) -> str:
     cells = sorted(report["cells"].values(), key=lambda c: (c["shapes"], c["layers"], c["r_max"],
-                                                            METHODS.index(c["method"]) if c["method"] in METHODS
+                                                            ORDER.index(c["method"]) if c["method"] in ORDER
                                                             else 99, c["clients"]))
     lines = [
         "Every cell in a fresh process (`benchmarks/bench_scale.py`). *agg*: streaming aggregation (load_file + "
@@ -463,11 +464,13 @@ def markdown(report: dict) -> str:
             err_text = f"{err['max_rel_error']:.1e} ({err['max_residual_ratio']:.3f})"
         else:
             err_text = f"{err['max_rel_error']:.1e}"
+        # a tiny cell's peak can read 0 MB (below the RSS resolution): no ratio then
+        flat = f"{c['peak_rss_mb'] / smallest[key]:.2f}x" if smallest[key] > 0 else "-"
         lines.append(
             f"| {c['shapes']} | {c['layers']} | {c['r_max']} | {c['method']} | {c['clients']} | {c['data_mb']:.0f} "
             f"| {c['aggregate_cold_s']:.2f} | {c['read_cold_s']:.2f} | {c['ratio_cold']:.2f}x "
             f"| {c['aggregate_warm_s']:.2f} | {c['read_warm_s']:.2f} | {c['ratio_warm']:.2f}x "
-            f"| {c['peak_rss_mb']:.0f} | {c['peak_per_adapter']:.2f} | {c['peak_rss_mb'] / smallest[key]:.2f}x "
+            f"| {c['peak_rss_mb']:.0f} | {c['peak_per_adapter']:.2f} | {flat} "
             f"| {err_text} | {c['loadavg'][0]:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -484,7 +487,7 @@ def plot(report: dict, path: Path) -> None:
         groups.setdefault((c["shapes"], c["layers"], c["r_max"]), []).append(c)
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
     for row, (group, cells) in enumerate(sorted(groups.items())):
-        for method in METHODS:
+        for method in ORDER:
             mine = sorted((c for c in cells if c["method"] == method), key=lambda c: c["clients"])
             if not mine:
                 continue
