@@ -62,6 +62,23 @@ LLAMA_1B = {"name": "llama-3.2-1b", "hidden": 2048, "intermediate": 8192, "kv_di
 TINY = {"name": "tiny", "hidden": 64, "intermediate": 256, "kv_dim": 16, "layers": 2}
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("flexlora_held", "flexlora", "rankwise", "component", "hetlora")
+VARIANTS = {"flexlora_held-sketch": ("flexlora_held", {"svd": "sketch"}),
+            "flexlora-sketch": ("flexlora", {"svd": "sketch"})}
+"""Benchmark-only variants (``--methods`` accepts them): the FlexLoRA methods with ``svd="sketch"``, the one-pass
+sketch from the first client (approximate at every K, so not in the default list that is checked against exact)."""
+ORDER = METHODS + tuple(VARIANTS)
+
+
+def _base_method(method: str) -> str:
+    """The registered method a benchmark name runs (registering a :data:`VARIANTS` entry on first use)."""
+    if method not in VARIANTS:
+        return method
+    from peft_hetlora.federated.aggregation.methods import AGGREGATION_METHODS, get_aggregation, register_aggregation
+
+    base, options = VARIANTS[method]
+    if method not in AGGREGATION_METHODS:
+        register_aggregation(method, type(get_aggregation(base))(**options))
+    return base
 TIER_SHARES = (10, 6, 4)  # clients per tier, of 20
 ADAPTER_FILE = "adapter_model.safetensors"
 CLIENT_FILE = "client.json"
@@ -250,11 +267,20 @@ def read_floor(paths: list[Path]) -> float:
 
 def aggregate_files(method: str, paths: list[Path], metas: list[dict], r_max: int, scaling: float,
                     previous: dict[str, torch.Tensor]):
-    """The streaming aggregation as the coordinator runs it: one client loaded at a time."""
+    """The streaming aggregation as the coordinator runs it: one client loaded at a time; a method whose round needs
+    the first pass (data-size weights: the weight cap's median) observes every file, then adds every file (each
+    file read twice, as the round reads it)."""
     agg = StreamingAggregator(method, r_max, scaling, previous=previous)
+
+    def update(path: Path, meta: dict) -> ClientUpdate:
+        return ClientUpdate(meta["client_id"], load_file(str(path)), rank=meta["rank_out"],
+                            num_examples=meta["num_examples"])
+
+    if agg.needs_first_pass():
+        for path, meta in zip(paths, metas):
+            agg.observe(update(path, meta))
     for path, meta in zip(paths, metas):
-        agg.add(ClientUpdate(meta["client_id"], load_file(str(path)), rank=meta["rank_out"],
-                             num_examples=meta["num_examples"]))
+        agg.add(update(path, meta))
     return agg.result()
 
 
@@ -345,6 +371,7 @@ def padded_errors(method: str, res, paths: list[Path], metas: list[dict], previo
 # ------------------------------------------------------------------------------------------- one cell
 def run_cell(folder: Path, method: str, num: int, exact_max_k: int, exact_max_elems: int) -> dict:
     """Entry point of the per-cell subprocess (see the module docstring); returns the cell's figures."""
+    base_method = _base_method(method)
     store = LocalStore(folder)
     coord = Coordinator(store, progress=False)
     r_max, scaling = coord.r_max, coord.scaling
@@ -377,11 +404,12 @@ def run_cell(folder: Path, method: str, num: int, exact_max_k: int, exact_max_el
         "loadavg": list(os.getloadavg()),
     }
     layer0 = [n for n in dims if ".layers.0." in n]
-    if method in ("flexlora", "flexlora_held"):
+    if base_method in ("flexlora", "flexlora_held"):
+        cell["factorization"] = sorted({info["path"] for info in res.factorization.values()})
         names = [n for n in layer0 if dims[n][0] * dims[n][1] <= exact_max_elems]
         if names:
             start = time.perf_counter()
-            cell["error"] = flex_errors(method, res, paths, metas, previous, names, r_max)
+            cell["error"] = flex_errors(base_method, res, paths, metas, previous, names, r_max)
             cell["error"]["reference_s"] = time.perf_counter() - start
     elif num <= exact_max_k:
         names = [n for n in layer0 if dims[n][0] * dims[n][1] <= exact_max_elems]
@@ -408,11 +436,12 @@ def spawn_cell(folder: Path, method: str, num: int, args: argparse.Namespace) ->
 # ---------------------------------------------------------------------------------------------- report
 def markdown(report: dict) -> str:
     cells = sorted(report["cells"].values(), key=lambda c: (c["shapes"], c["layers"], c["r_max"],
-                                                            METHODS.index(c["method"]) if c["method"] in METHODS
+                                                            ORDER.index(c["method"]) if c["method"] in ORDER
                                                             else 99, c["clients"]))
     lines = [
         "Every cell in a fresh process (`benchmarks/bench_scale.py`). *agg*: streaming aggregation (load_file + "
-        "`StreamingAggregator.add` per client + `result()`); *read*: load_file + one pass over every tensor of the "
+        "`StreamingAggregator.add` per client + `result()`; data-weighted methods first `observe` every file, a "
+        "second read); *read*: load_file + one pass over every tensor of the "
         "same files; cold = evicted from the page cache, warm = cached; ratios taken in the same process. *peak*: "
         "VmHWM of the aggregation minus the RSS before it; *x adapter*: peak / one float32 r_max adapter of the "
         "same shapes; *flat*: peak / the same method's peak at the smallest K. *error*: flexlora / flexlora_held: "
@@ -435,11 +464,13 @@ def markdown(report: dict) -> str:
             err_text = f"{err['max_rel_error']:.1e} ({err['max_residual_ratio']:.3f})"
         else:
             err_text = f"{err['max_rel_error']:.1e}"
+        # a tiny cell's peak can read 0 MB (below the RSS resolution): no ratio then
+        flat = f"{c['peak_rss_mb'] / smallest[key]:.2f}x" if smallest[key] > 0 else "-"
         lines.append(
             f"| {c['shapes']} | {c['layers']} | {c['r_max']} | {c['method']} | {c['clients']} | {c['data_mb']:.0f} "
             f"| {c['aggregate_cold_s']:.2f} | {c['read_cold_s']:.2f} | {c['ratio_cold']:.2f}x "
             f"| {c['aggregate_warm_s']:.2f} | {c['read_warm_s']:.2f} | {c['ratio_warm']:.2f}x "
-            f"| {c['peak_rss_mb']:.0f} | {c['peak_per_adapter']:.2f} | {c['peak_rss_mb'] / smallest[key]:.2f}x "
+            f"| {c['peak_rss_mb']:.0f} | {c['peak_per_adapter']:.2f} | {flat} "
             f"| {err_text} | {c['loadavg'][0]:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -456,7 +487,7 @@ def plot(report: dict, path: Path) -> None:
         groups.setdefault((c["shapes"], c["layers"], c["r_max"]), []).append(c)
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
     for row, (group, cells) in enumerate(sorted(groups.items())):
-        for method in METHODS:
+        for method in ORDER:
             mine = sorted((c for c in cells if c["method"] == method), key=lambda c: c["clients"])
             if not mine:
                 continue

@@ -138,7 +138,7 @@ def component_norms(
     """Per arm, the mean over seeds of :func:`adapter_component_norms` of the global after `rounds` rounds."""
     from safetensors.torch import load_file
 
-    from peft_hetlora.federated.local_store import LocalStore
+    from peft_hetlora.federated.stores import LocalStore
 
     result = {}
     for arm, setting in sources.items():

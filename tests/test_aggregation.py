@@ -546,7 +546,8 @@ def test_randomized_flexlora_error_bound(decay, power_iters, one_thread):
 
 
 def test_flexlora_auto_switches_to_randomized_above_the_matrix_rank(one_thread):
-    """The built-in flexlora: exact factored path while sum r_k <= min(d_out, d_in), randomized above it."""
+    """The built-in flexlora: exact factored path while sum r_k <= min(d_out, d_in), the one-pass sketch above it
+    (tests/test_flexlora_sketch.py checks the sketch's bound; HMT's sharper one is svd="randomized", tested above)."""
     from peft_hetlora.federated.aggregation.methods.flexlora import FactorStack
 
     sig = np.exp(-np.arange(200) / 6.0)
@@ -564,10 +565,11 @@ def test_flexlora_auto_switches_to_randomized_above_the_matrix_rank(one_thread):
     assert all(torch.equal(res.state_dict[k], again.state_dict[k]) for k in res.state_dict)  # deterministic
     a = res.state_dict["m.lora_A.weight"].double().numpy()
     b = res.state_dict["m.lora_B.weight"].double().numpy()
-    u, sv, vh = torch.linalg.svd(torch.from_numpy(dense), full_matrices=False)
-    best = ((u[:, :16] * sv[:16]) @ vh[:16]).numpy()  # the best rank-16 approximation (Eckart-Young)
     assert _spectral_norm(dense - b @ a) <= 1.05 * sig[16]
-    assert np.linalg.norm(best - b @ a) <= 1e-3 * np.linalg.norm(best)  # a decaying spectrum: the same top subspace
+    assert res.summary()["factorization"]["m"]["path"] == "sketch"
+    # Frobenius: within the sketch's expected bound tau + 2 sqrt(4) tau (docs/aggregation.md), a 1-in-4 Markov margin
+    tau = float(np.sqrt(np.sum(sig[16:] ** 2)))
+    assert np.linalg.norm(dense - b @ a) <= tau + 2 * 2 * tau * 2
 
 
 def test_flexlora_rejects_bad_svd_settings():

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainingArguments
 
 import peft_hetlora
 from peft_hetlora.federated.aggregation import ClientUpdate, aggregate
-from peft_hetlora.federated.local_store import LocalStore
+from peft_hetlora.federated.stores import LocalStore
 from tests.tiny_models import VOCAB_SIZE, tiny_llama
 from trainer_callbacks import FederatedClientCallback, HetLoRACallback, run_client_rounds
 

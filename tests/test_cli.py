@@ -212,7 +212,7 @@ def test_init_needs_clients_and_a_model(tmp_path, base_dir, capsys):
 
 
 def test_init_on_a_hub_store(hub_double, tmp_path, base_dir, capsys):
-    from peft_hetlora.federated.hub_store import HubStore
+    from peft_hetlora.federated.stores import HubStore
 
     hub = ["--hub-endpoint", hub_double.endpoint, "--hub-token", hub_double.token]
     assert _init("hf://hetlora/init-fed", base_dir, *hub) == 0

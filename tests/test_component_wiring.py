@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from peft_hetlora.federated import Coordinator, LocalStore
 from peft_hetlora.federated.aggregation import ClientUpdate, UpdateShapeError, validate_round
 from peft_hetlora.federated.protocol import RoundSettings, plan_round
-from peft_hetlora.federated.validation import RejectedUpload, UploadSpec, validate_update
+from peft_hetlora.federated.upload import RejectedUpload, UploadSpec, validate_update
 from peft_hetlora.utils.errors import AggregationError, FederationMismatch
 from tests import reference
 from tests.test_callbacks import _train, make_model

@@ -26,7 +26,7 @@ from safetensors.torch import load_file  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
 from peft_hetlora import HetLoRAConfig  # noqa: E402
-from peft_hetlora.federated.local_store import LocalStore  # noqa: E402
+from peft_hetlora.federated.stores import LocalStore  # noqa: E402
 from peft_hetlora.flower import (  # noqa: E402
     HetLoRAStrategy,
     LocalTrainingConfig,
@@ -502,7 +502,7 @@ def test_window_selection_needs_a_method_that_takes_components():
 
 
 def test_bf16_and_int8_replies_are_decoded_before_aggregation_and_lies_are_rejected(initial):
-    from peft_hetlora.federated.compression import SCALE_SUFFIX
+    from peft_hetlora.federated.upload import SCALE_SUFFIX
 
     ranks = {"client-0": 4, "client-1": 4, "client-2": 4}
     grid = inline_grid(3)

@@ -31,8 +31,8 @@ from safetensors.torch import save as save_bytes
 
 from peft_hetlora import cli
 from peft_hetlora.federated import LocalStore
-from peft_hetlora.federated.compression import encode_message
 from peft_hetlora.federated.protocol import ClientReport
+from peft_hetlora.federated.upload import encode_message
 
 R_MAX, ALPHA = 4, 8
 SCALING = ALPHA / R_MAX  # the init adapter's rank_scaling="fixed": s = lora_alpha / r

@@ -24,10 +24,9 @@ from coordinator_fakes import (
 )
 from safetensors.numpy import load_file as np_load_file
 
-from peft_hetlora.federated import AggregationMethod, register_aggregation, unregister_aggregation
+from peft_hetlora.federated import AggregationMethod, LocalStore, register_aggregation, unregister_aggregation
 from peft_hetlora.federated.aggregation import PaddedSum, get_aggregation
 from peft_hetlora.federated.aggregation.privacy import DPConfig
-from peft_hetlora.federated.local_store import LocalStore
 from peft_hetlora.federated.round_settings import (
     RoundSettings,
     check_dp,

@@ -349,7 +349,7 @@ def _smollm2_cached() -> str | None:
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
 @pytest.mark.parametrize("mode", ["8bit", "4bit"])
 def test_smollm2_client_on_a_quantised_base_trains_prunes_uploads_and_reloads(mode, tmp_path):
-    from peft_hetlora.federated.compression import decode_message, encode_message
+    from peft_hetlora.federated.upload import decode_message, encode_message
 
     folder = _smollm2_cached()
     if folder is None:

@@ -380,7 +380,7 @@ def test_the_coordinator_closes_the_round_and_a_restart_goes_on(tmp_path, method
     from coordinator_fakes import FakeClients, initial_adapter, make_coordinator
 
     from peft_hetlora.federated.coordinator import Coordinator
-    from peft_hetlora.federated.local_store import LocalStore
+    from peft_hetlora.federated.stores import LocalStore
 
     store = LocalStore(tmp_path / "fed", create=True)
     coord = make_coordinator(store, None, method=method, clients_per_round=4, rounds=2)

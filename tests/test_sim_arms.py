@@ -208,7 +208,7 @@ def _quick(**overrides):
 
 def _stored_factors(client_dir):
     """A stored upload decoded as the server does: by the format its client.json declares (fp32 when absent)."""
-    from peft_hetlora.federated.compression import decode_message
+    from peft_hetlora.federated.upload import decode_message
 
     declared = json.loads((client_dir / "client.json").read_text()).get("message_format", "fp32")
     return decode_message((client_dir / "adapter_model.safetensors").read_bytes(), declared)
@@ -380,7 +380,7 @@ def test_window_clients_are_measured_on_the_whole_global_they_hold(tmp_path):
 
 
 def test_upload_already_encoded_by_the_client_is_attacked_in_its_declared_format(tmp_path):
-    from peft_hetlora.federated.compression import decode_message, encode_message
+    from peft_hetlora.federated.upload import decode_message, encode_message
 
     state = _state(seed=2)
     folder = tmp_path / "declared"

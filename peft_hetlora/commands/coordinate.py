@@ -238,10 +238,10 @@ def open_store(
         ```
     """
     if spec.startswith(HF_PREFIX):
-        from ..federated.hub_store import HubStore
+        from ..federated.stores import HubStore
 
         return HubStore(spec[len(HF_PREFIX):], endpoint=endpoint, token=token, client_mode=client_mode)
-    from ..federated.local_store import LocalStore
+    from ..federated.stores import LocalStore
 
     return LocalStore(spec, create=create)
 

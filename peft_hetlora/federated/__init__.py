@@ -26,12 +26,11 @@ from .aggregation import (
     unregister_aggregation,
 )
 from .coordinator import Coordinator
-from .local_store import LocalStore
 from .protocol import RoundPlan, RoundSettings, close_round
 from .rank_policy import RankPolicy, sample_clients
 from .settings import FederationSettings
-from .store import AdapterStore, GlobalAdapter, HubStore, validate_client_id
-from .validation import RejectedUpload, validate_update, validate_upload
+from .stores import AdapterStore, GlobalAdapter, HubStore, LocalStore, validate_client_id
+from .upload import RejectedUpload, validate_update, validate_upload
 
 __all__ = [
     "AGGREGATION_METHODS",

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..utils.constants import ADAPTER_FILE, CONFIG_FILE
 from ..utils.errors import CoordinatorError, FederationMismatch
 from .aggregation import DEFAULT_INFLUENCE_BOUND, ClientUpdate, get_aggregation, parse_influence_bound
 from .federation import (
@@ -64,9 +65,8 @@ from .protocol import (
 )
 from .round_settings import default_method_and_selection
 from .settings import FederationSettings
-from .store import AdapterStore, GlobalAdapter, file_sha256
-from .upload_folder import validate_upload
-from .validation import ADAPTER_FILE, CONFIG_FILE, RejectedUpload, UploadSpec
+from .stores import AdapterStore, GlobalAdapter, file_sha256
+from .upload import RejectedUpload, UploadSpec, validate_upload
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from .aggregation.privacy import DPConfig, dp_config_from_dict
 from .protocol import FEDERATION_FORMAT
 from .rank_policy import RankPolicy
 from .round_settings import default_method_and_selection
-from .validation import UploadSpec
+from .upload import UploadSpec
 
 logger = logging.getLogger(__name__)
 

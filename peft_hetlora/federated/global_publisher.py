@@ -22,8 +22,7 @@ from safetensors.torch import save_file
 
 from ..utils.errors import StoreFullError
 from .protocol import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE
-from .store import json_text
-from .temp_files import remove_abandoned, temp_prefix
+from .stores import json_text, remove_abandoned, temp_prefix
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ in-process simulation runner):
    which rank, from which revision;
 2. each participant uploads its adapter and its **report** (`ClientReport`, the file ``client.json``: rank in/out,
    examples, loss, tail norms, ...); validation turns the pair into a `ClientUpdate` or a `Rejection`
-   (`peft_hetlora.federated.validation`);
+   (`peft_hetlora.federated.upload`);
 3. `close_round` turns the validated updates, the global the clients were sent and the `RoundSettings` into the
    new global, the round's **summary** (``summary.json``) and the next ranks (``next_rank`` rule, ``max_rank``
    caps, ``r_min``); `plan_round` turns those ranks into the next plan.

@@ -27,11 +27,10 @@ from typing import Any
 
 from .aggregation import AGGREGATION_METHODS, parse_influence_bound
 from .aggregation.privacy import DPConfig, dp_config_from_dict
-from .compression import parse_message_format
 from .rank_policy import RankPolicy
 from .round_settings import NEXT_RANK_RULES, check_dp, check_selection, default_method_and_selection
-from .store import validate_client_id
-from .validation import DEFAULT_MAX_EXAMPLES
+from .stores import validate_client_id
+from .upload import DEFAULT_MAX_EXAMPLES, parse_message_format
 
 __all__ = ["FederationSettings", "RECORDED_FIELDS"]
 

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 
 import peft_hetlora.flower.records as rec
 from peft_hetlora.federated.rank_policy import RankPolicy
-from peft_hetlora.federated.store import validate_client_id
+from peft_hetlora.federated.stores import validate_client_id
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from flwr.app import RecordDict
 import peft_hetlora.flower.records as rec
 from peft_hetlora.federated.adapter import module_ranks
 from peft_hetlora.federated.aggregation import ClientUpdate, get_aggregation
-from peft_hetlora.federated.validation import RejectedUpload, UploadSpec, validate_update
+from peft_hetlora.federated.upload import RejectedUpload, UploadSpec, validate_update
 
 
 class ReplyValidation:

@@ -51,8 +51,8 @@ from peft_hetlora.federated.protocol import (
 )
 from peft_hetlora.federated.rank_policy import RankPolicy
 from peft_hetlora.federated.round_settings import default_method_and_selection
-from peft_hetlora.federated.store import AdapterStore
-from peft_hetlora.federated.validation import RejectedUpload, UploadSpec, validate_update
+from peft_hetlora.federated.stores import AdapterStore
+from peft_hetlora.federated.upload import RejectedUpload, UploadSpec, validate_update
 
 from .local_round import ClientTask, LocalTrainingConfig, TaskFn, evaluate_global, hetlora_config, train_local_round
 

@@ -63,7 +63,6 @@ from peft_hetlora.federated.aggregation import (
     parse_influence_bound,
 )
 from peft_hetlora.federated.aggregation.privacy import DPConfig
-from peft_hetlora.federated.compression import parse_message_format
 from peft_hetlora.federated.federation import scaling_from_config
 from peft_hetlora.federated.protocol import (
     NEXT_RANK_RULES,
@@ -79,8 +78,8 @@ from peft_hetlora.federated.protocol import (
 from peft_hetlora.federated.rank_policy import RankPolicy
 from peft_hetlora.federated.round_settings import default_method_and_selection
 from peft_hetlora.federated.settings import FederationSettings
-from peft_hetlora.federated.store import AdapterStore, json_text, validate_client_id
-from peft_hetlora.federated.validation import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
+from peft_hetlora.federated.stores import AdapterStore, json_text, validate_client_id
+from peft_hetlora.federated.upload import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec, parse_message_format
 
 from .evaluation import FederatedEvaluation
 from .local_round import LocalTrainingConfig

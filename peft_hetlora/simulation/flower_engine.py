@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..federated.local_store import LocalStore
+from ..federated.stores import LocalStore
 from .config import ARMS
 
 

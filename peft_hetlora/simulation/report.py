@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..federated.store import json_text
+from ..federated.stores import json_text
 from .arm_report import extra_sections
 from .method_numbers import (  # noqa: F401  (re-exported: callers import these from report)
     _NAN,

@@ -34,8 +34,7 @@ from trainer_callbacks import FederatedClientCallback
 from ..config import HetLoRAConfig, scaling_for
 from ..federated.adapter import truncate
 from ..federated.coordinator import Coordinator
-from ..federated.local_store import LocalStore
-from ..federated.store import json_text
+from ..federated.stores import LocalStore, json_text
 from ..utils.errors import HetLoRAError
 from .activation_cache import (
     CachedBlocks,

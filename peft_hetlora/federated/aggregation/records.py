@@ -106,6 +106,9 @@ class AggregationResult:
         influence: the influence bound of the round (``mode`` ``"adaptive"`` / ``"fixed"`` / ``"off"``; for
             ``"adaptive"``: ``multiplier``, ``median_step_a`` / ``median_step_b``, the radii ``radius_a`` /
             ``radius_b``, and ``clipped``: ``client_id -> {"a": scale, "b": scale}``), None when not applied.
+        factorization: per module, how a method that factorises the weighted sum computed it (``flexlora`` /
+            ``flexlora_held``: ``path`` ``"exact"`` / ``"randomized"`` / ``"sketch"``, ``components`` added, and the
+            sketch's ``range_size`` / ``corange_size``); empty for the other methods.
         weight_cap: the weight cap of the round (``max_weight_ratio``, ``median_num_examples``, ``limit``,
             ``capped``), None when no cap could apply (off, or fewer than two clients with examples).
 
@@ -134,6 +137,7 @@ class AggregationResult:
     coverage: list[int] = field(default_factory=list)
     influence: dict[str, Any] | None = None
     weight_cap: dict[str, Any] | None = None
+    factorization: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Everything but the tensors, as JSON-ready Python types (for a round's ``summary.json``).
@@ -156,6 +160,8 @@ class AggregationResult:
             out["influence_bound"] = self.influence
         if self.weight_cap is not None:
             out["weight_cap"] = self.weight_cap
+        if self.factorization:
+            out["factorization"] = {name: dict(info) for name, info in self.factorization.items()}
         if self.components:
             out["components"] = {cid: list(idx) for cid, idx in self.components.items()}
             out["coverage"] = list(self.coverage)

@@ -550,11 +550,15 @@ class StreamingAggregator(UpdateChecks):
         weights, client_level = self._client_weights()
         out_factors: dict[str, torch.Tensor] = {}
         fallback_modules: list[str] = []
+        factorization: dict[str, dict[str, Any]] = {}
         worst = client_level
         for name, spec in self._modules.items():
             acc = self._accs[name]
             prev = self._previous_factors(name) if self._impl.uses_previous else None
             a, b = acc.result(prev)
+            describe = getattr(acc, "describe", None)
+            if callable(describe):
+                factorization[name] = describe()
             used = acc.level_used()
             used = method_top if used is None else used
             if used < method_top:
@@ -610,6 +614,7 @@ class StreamingAggregator(UpdateChecks):
             ),
             influence=self._influence_record(),
             weight_cap=None if self._cap_record is None else {**self._cap_record, "capped": dict(caps)},
+            factorization=factorization,
         )
 
 

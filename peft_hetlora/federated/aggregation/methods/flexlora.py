@@ -11,11 +11,12 @@ import torch
 from ....utils.errors import AggregationError
 from ...adapter import flat_a, flat_b, is_int
 from .base import NONE, AggregationMethod
+from .sketch import TwoSidedSketch, sketch_sizes
 
 __all__ = ["SVD_MODES", "FactorStack", "FlexLoRA", "FlexLoRAHeld"]
 
 
-SVD_MODES: tuple[str, ...] = ("auto", "exact", "randomized")
+SVD_MODES: tuple[str, ...] = ("auto", "exact", "randomized", "sketch")
 """How :class:`FlexLoRA` computes the top ``r_max`` SVD of the stacked factors."""
 
 
@@ -32,8 +33,13 @@ class FlexLoRA(AggregationMethod):
             iterations applied through the factors (Halko, Martinsson and Tropp, "Finding structure with
             randomness", arXiv 0909.4061 / SIAM Review 2011), whose top-``r_max`` error is within a small factor of
             ``sigma_{r_max+1}``; ``"auto"`` (default): exact while ``R <= min(d_out, d_in)`` (and whenever the
-            sketch would not be much smaller than the matrix), randomized above it, where the exact core is as large
-            as the dense matrix.
+            sketch would not be much smaller than the matrix); above it the stack is folded into a one-pass two-sided
+            sketch (Tropp, Yurtsever, Udell and Cevher, "Practical sketching algorithms for low-rank matrix
+            approximation", SIAM J. Matrix Anal. Appl. 2017, arXiv 1609.00048; :mod:`.sketch`) of range ``l =
+            2 r_max + 1`` and co-range ``m = 2 l + 1``, which every later client updates exactly and whose memory is
+            flat in the number of clients: ``E ||W - W_hat||_F^2 <= 4 tau_{r_max+1}^2(W)``, exact when ``rank(W) <=
+            l`` (docs/aggregation.md); ``"sketch"``: the sketch from the first client (when it is smaller than the
+            matrix, else exact).
         oversample: extra sketch columns ``p`` (sketch size ``r_max + p``); power_iters: ``q``; seed: of the
             Gaussian test matrix (the result is deterministic).
 
@@ -98,7 +104,8 @@ class FlexLoRAHeld(FlexLoRA):
 class FactorStack:
     """FlexLoRA's running data-weighted sum ``sum_k w_k B_k A_k`` of one module, kept as stacked factors.
 
-    ``B_cat = [w_1 B_1 | w_2 B_2 | ...]`` and ``A_cat = [A_1; A_2; ...]``, kept as float32 blocks of the unweighted
+    While the stack is small (``svd="auto"``: ``sum_k r_k <= min(d_out, d_in)``), ``B_cat = [w_1 B_1 | w_2 B_2 | ...]``
+    and ``A_cat = [A_1; A_2; ...]``, kept as float32 blocks of the unweighted
     ``B_k`` with a float64 weight per column, and multiplied out in float64 only for the QRs and the SVD, so finite
     float32 uploads never overflow there (``w_k B_k`` can exceed float32's range). When the stack exceeds ``limit``
     components it is recompressed exactly (two QRs and a small SVD, all singular triplets kept; the block is stored
@@ -106,7 +113,8 @@ class FactorStack:
     ``limit + r_k`` components. ``result`` takes the top ``r_max`` triplets exactly or with the randomised
     range finder (``svd``, see :class:`FlexLoRA`). With ``held`` (:class:`FlexLoRAHeld`) ``missing[j]`` is the weight
     of the clients that did not upload component ``j``; ``result`` stacks the previous global's component ``j`` at
-    that weight.
+    that weight. Above the switch (:meth:`uses_sketch`) the stack is folded into a :class:`~.sketch.TwoSidedSketch`
+    (exactly: both sketches are linear in ``W``) and dropped; later clients go into the sketch only.
     """
 
     def __init__(self, name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int, *,
@@ -126,6 +134,8 @@ class FactorStack:
         self.w_blocks: list[torch.Tensor] = []  # float64 column weights of each B block
         self.a_blocks: list[torch.Tensor] = []
         self.stacked_rank = 0
+        self.added_rank = 0  # every component added at the current level (the stack's and the sketch's)
+        self.sketch: TwoSidedSketch | None = None
         self.level = NONE
         self.den = 0.0
 
@@ -135,6 +145,9 @@ class FactorStack:
             return
         if level > self.level:
             self.b_blocks, self.w_blocks, self.a_blocks, self.stacked_rank, self.den = [], [], [], 0, 0.0
+            self.added_rank = 0
+            if self.sketch is not None:
+                self.sketch.reset()
             self.missing[:] = 0.0
             self.level = level
         self.den += weight
@@ -144,30 +157,92 @@ class FactorStack:
             rest = np.ones(self.r_max, dtype=bool)
             rest[list(uploaded)] = False
             self.missing[rest] += weight
+        self.added_rank += a.shape[0]
+        if self.sketch is not None:
+            self.sketch.add(flat_b(self.name, b), flat_a(a), float(weight))
+            return
         self.b_blocks.append(flat_b(self.name, b).to(torch.float32, copy=True))
         self.w_blocks.append(torch.full((a.shape[0],), float(weight), dtype=torch.float64))
         self.a_blocks.append(flat_a(a).to(torch.float32, copy=True))
         self.stacked_rank += a.shape[0]
-        if self.stacked_rank > self.limit:
+        if self.uses_sketch():
+            self._fold_into_sketch()
+        elif self.stacked_rank > self.limit:
             b_fac, a_fac = self._svd_factors(keep=None)
             k = a_fac.shape[0]
             self.b_blocks = [(b_fac / self.den).to(torch.float32)]
             self.w_blocks = [torch.full((k,), self.den, dtype=torch.float64)]
             self.a_blocks, self.stacked_rank = [a_fac.to(torch.float32)], k
 
+    def sketch_sizes(self) -> tuple[int, int] | None:
+        """``(l, m)`` of this module's sketch, or ``None`` when the sketch would not be smaller than the matrix."""
+        return sketch_sizes(self.r_max, self.d_out, self.d_in)
+
+    def uses_sketch(self) -> bool:
+        """Whether the running sum is (or, after the current stack, must become) a sketch.
+
+        ``"sketch"``: always, where the sketch is smaller than the matrix; ``"auto"``: once the stack exceeds
+        ``min(d_out, d_in)`` components, where today's result would leave the exact path (:meth:`uses_randomized`).
+        """
+        if self.sketch is not None:
+            return True
+        if self.svd == "sketch":
+            return self.sketch_sizes() is not None
+        return self.svd == "auto" and self.uses_randomized() and self.sketch_sizes() is not None
+
+    def _fold_into_sketch(self) -> None:
+        """Move the stack into a fresh sketch (the same sum: ``Y`` and ``X`` are linear in it) and drop it."""
+        sketch = TwoSidedSketch(self.d_out, self.d_in, self.r_max, self.seed)
+        for b_blk, w_blk, a_blk in zip(self.b_blocks, self.w_blocks, self.a_blocks):
+            sketch.add(b_blk.to(torch.float64) * w_blk, a_blk, 1.0)
+        self.sketch = sketch
+        self.b_blocks, self.w_blocks, self.a_blocks, self.stacked_rank = [], [], [], 0
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors the accumulator holds (the stack's blocks, or the sketch), for the memory check.
+
+        Example:
+            >>> FactorStack("m", (4, 300), (200, 4), 4, svd="sketch").state_bytes() > 0
+            True
+        """
+        held = sum(t.numel() * t.element_size() for t in (*self.b_blocks, *self.w_blocks, *self.a_blocks))
+        return held + self.missing.nbytes + (0 if self.sketch is None else self.sketch.nbytes())
+
+    def describe(self) -> dict[str, object]:
+        """Which path the result takes and its sizes (for the round's ``summary.json``).
+
+        Example:
+            >>> FactorStack("m", (4, 300), (200, 4), 4).describe()
+            {'path': 'exact', 'components': 0}
+        """
+        if self.sketch is not None:
+            return {"path": "sketch", "components": self.added_rank, "range_size": self.sketch.range_size,
+                    "corange_size": self.sketch.corange_size}
+        path = "randomized" if self.uses_randomized() else "exact"
+        return {"path": path, "components": self.added_rank}
+
+    def _held_rest(self, previous: tuple[torch.Tensor, torch.Tensor] | None
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The previous global's components at their ``missing`` weights, ``(B_prev[:, J] diag(w), A_prev[J])``."""
+        if not self.held or previous is None:
+            return None
+        idx = np.nonzero(self.missing)[0]
+        if not idx.size:
+            return None
+        prev_a, prev_b = previous
+        rows = torch.from_numpy(idx)
+        scale = torch.from_numpy(self.missing[idx])
+        return flat_b(self.name, prev_b).to(torch.float64)[:, rows] * scale, flat_a(prev_a).to(torch.float64)[rows]
+
     def _stacked(self, previous: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Float64 ``(B_cat, A_cat)``, weights applied; with ``held`` and a previous global, its components at their
         ``missing`` weights."""
         b_blocks = [blk.to(torch.float64) * w for blk, w in zip(self.b_blocks, self.w_blocks)]
         a_blocks = [blk.to(torch.float64) for blk in self.a_blocks]
-        if self.held and previous is not None:
-            idx = np.nonzero(self.missing)[0]
-            if idx.size:
-                prev_a, prev_b = previous
-                rows = torch.from_numpy(idx)
-                scale = torch.from_numpy(self.missing[idx])
-                b_blocks.append(flat_b(self.name, prev_b).to(torch.float64)[:, rows] * scale)
-                a_blocks.append(flat_a(prev_a).to(torch.float64)[rows])
+        rest = self._held_rest(previous)
+        if rest is not None:
+            b_blocks.append(rest[0])
+            a_blocks.append(rest[1])
         b_cat = b_blocks[0] if len(b_blocks) == 1 else torch.cat(b_blocks, dim=1)  # (d_out, R)
         a_cat = a_blocks[0] if len(a_blocks) == 1 else torch.cat(a_blocks, dim=0)  # (R, d_in)
         return b_cat, a_cat
@@ -196,6 +271,8 @@ class FactorStack:
 
     def uses_randomized(self, extra: int = 0) -> bool:
         """Whether :meth:`result` takes the randomised path for the current stack (plus ``extra`` components)."""
+        if self.sketch is not None:
+            return True
         if self.svd != "auto":
             return self.svd == "randomized"
         small = min(self.d_out, self.d_in)
@@ -225,7 +302,9 @@ class FactorStack:
     def result(self, previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         prev = previous if self.held else None
         extra = int(np.count_nonzero(self.missing)) if prev is not None else 0
-        if self.uses_randomized(extra):
+        if self.sketch is not None:
+            b_fac, a_fac = self.sketch.factors(self.r_max, self._held_rest(prev))
+        elif self.uses_randomized(extra):
             b_fac, a_fac = self._randomized_factors(keep=self.r_max, previous=prev)
         else:
             b_fac, a_fac = self._svd_factors(keep=self.r_max, previous=prev)
@@ -246,4 +325,6 @@ class FactorStack:
         copy.missing = self.missing.copy()
         copy.b_blocks, copy.w_blocks, copy.a_blocks = list(self.b_blocks), list(self.w_blocks), list(self.a_blocks)
         copy.stacked_rank, copy.level, copy.den = self.stacked_rank, self.level, self.den
+        copy.added_rank = self.added_rank
+        copy.sketch = None if self.sketch is None else self.sketch.clone()
         return copy

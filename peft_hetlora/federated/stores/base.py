@@ -1,16 +1,17 @@
 """Where a federation keeps its adapters: the `AdapterStore` protocol and what both backends share.
 
-Two backends implement the protocol and pass the same contract tests:
+Two backends implement the protocol and pass the same contract tests (`peft_hetlora.federated.stores`):
 
-- [`LocalStore`][peft_hetlora.federated.local_store.LocalStore]: a folder (the embedded default).
-- [`HubStore`][peft_hetlora.federated.hub_store.HubStore]: a Hugging Face Hub model repo per federation.
+- `LocalStore` (`stores/local.py`): a folder (the embedded default).
+- `HubStore` (`stores/hub.py`): a Hugging Face Hub model repo per federation.
 
-Layout (both backends)::
+Layout (both backends; the file names come from `peft_hetlora.utils.constants`)::
 
     federation.json                      base model, adapter config, r_min, r_max, method, round policy
     README.md                            model card with the round history
     adapter_model.safetensors, adapter_config.json, round.json     the latest global adapter
     rounds/<t>/global/                   the global adapter clients of round t start from (+ round.json)
+    rounds/<t>/staged-global/            the aggregate of round t - 1, staged before it is published
     rounds/<t>/clients/<id>/             adapter_model.safetensors + client.json (+ adapter_config.json)
     rounds/<t>/summary.json              the coordinator's decision record for round t
 
@@ -19,14 +20,11 @@ upload to `rounds/t/clients/<id>/`, the coordinator writes `summary.json` of rou
 global `t + 1`.
 
 Example:
-    ```python
-    from peft_hetlora.federated import LocalStore
-
-    store = LocalStore("runs/fed", create=True)
-    store.publish_global(0, "out/global-0")        # adapter_model.safetensors, adapter_config.json, round.json
-    latest = store.latest_global()                  # GlobalAdapter(round=0, revision="9f2c...", path=...)
-    store.upload_client(0, "alice", "out/alice")    # adapter_model.safetensors + client.json
-    store.list_client_uploads(0)                    # ["alice"]
+    ```py
+    >>> validate_client_id("alice-01"), check_round(3)
+    ('alice-01', 3)
+    >>> CLIENT_FILES
+    ('adapter_model.safetensors', 'client.json', 'adapter_config.json')
     ```
 """
 
@@ -38,37 +36,32 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from ..utils.errors import HetLoRAError
-from ..utils.untrusted_text import markdown_text, one_line
+from ...utils.constants import ADAPTER_FILE, CLIENT_FILE, CONFIG_FILE, ROUND_FILE
+from ...utils.errors import HetLoRAError
 
 __all__ = [
-    "ADAPTER_WEIGHTS",
     "CLIENT_FILES",
+    "STAGED_GLOBAL",
     "AdapterStore",
     "ClientUploadNotFoundError",
     "GlobalAdapter",
     "GlobalNotPublishedError",
-    "HubStore",
-    "LocalStore",
     "StoreNotFoundError",
+    "check_round",
+    "client_files",
     "dump_json",
     "file_sha256",
+    "global_files",
     "json_text",
-    "render_model_card",
     "validate_client_id",
 ]
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ROUND_JSON = "round.json"
-CLIENT_JSON = "client.json"
-FEDERATION_JSON = "federation.json"
-SUMMARY_JSON = "summary.json"
-MODEL_CARD = "README.md"
 # The only files a client upload may carry (no pickle, nothing else travels).
-CLIENT_FILES = (ADAPTER_WEIGHTS, CLIENT_JSON, ADAPTER_CONFIG)
+CLIENT_FILES = (ADAPTER_FILE, CLIENT_FILE, CONFIG_FILE)
+#: the folder of a round that holds its aggregate before it is published (`rounds/<t>/staged-global/`)
+STAGED_GLOBAL = "staged-global"
 
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -172,14 +165,34 @@ def validate_client_id(client_id: str) -> str:
 
 
 def check_round(round_idx: int) -> int:
-    """Check that a round index is a non-negative int; return it."""
+    """Check that a round index is a non-negative int; return it.
+
+    Example:
+        ```py
+        >>> check_round(0)
+        0
+        >>> check_round(-1)
+        Traceback (most recent call last):
+        ValueError: Invalid round index -1: rounds are numbered 0, 1, 2, ...
+        ```
+    """
     if isinstance(round_idx, bool) or not isinstance(round_idx, int) or round_idx < 0:
         raise ValueError(f"Invalid round index {round_idx!r}: rounds are numbered 0, 1, 2, ...")
     return round_idx
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 (hex) of a file, read in chunks."""
+    """sha256 (hex) of a file, read in chunks.
+
+    Example:
+        ```py
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+        >>> _ = path.write_bytes(b"abc")
+        >>> file_sha256(path)[:16]
+        'ba7816bf8f01cfea'
+        ```
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -239,7 +252,14 @@ def _first_nonfinite(obj: Any, path: str = "") -> tuple[str, float] | None:
 
 
 def dump_json(obj: Any, *, sort_keys: bool = False) -> bytes:
-    """The bytes the stores write for a JSON document (strict, indented, trailing newline); see `json_text`."""
+    """The bytes the stores write for a JSON document (strict, indented, trailing newline); see `json_text`.
+
+    Example:
+        ```py
+        >>> dump_json({"round": 3}).splitlines()
+        [b'{', b'  "round": 3', b'}']
+        ```
+    """
     return (json_text(obj, indent=2, sort_keys=sort_keys) + "\n").encode()
 
 
@@ -248,163 +268,63 @@ def global_files(folder: str | Path, round_idx: int) -> dict[str, Path]:
 
     Requires `adapter_model.safetensors` and `adapter_config.json`; a `round.json`, if present, must be a JSON
     object whose "round" (if given) equals `round_idx`.
+
+    Example:
+        ```py
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> for name in ("adapter_model.safetensors", "adapter_config.json"):
+        ...     _ = (folder / name).write_bytes(b"{}")
+        >>> sorted(global_files(folder, 0))
+        ['adapter_config.json', 'adapter_model.safetensors']
+        ```
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Global adapter folder {folder} does not exist.")
     files = {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
-    missing = [name for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) if name not in files]
+    missing = [name for name in (ADAPTER_FILE, CONFIG_FILE) if name not in files]
     if missing:
         raise FileNotFoundError(
             f"Global adapter folder {folder} lacks {', '.join(missing)}: save the adapter there with "
             "`save_pretrained` (safetensors) before publishing."
         )
-    if ROUND_JSON in files:
-        info = json.loads(files[ROUND_JSON].read_text())
+    if ROUND_FILE in files:
+        info = json.loads(files[ROUND_FILE].read_text())
         if not isinstance(info, dict) or info.get("round", round_idx) != round_idx:
             raise ValueError(
-                f"{files[ROUND_JSON]} says round {info.get('round')!r}, but round {round_idx} is being published."
+                f"{files[ROUND_FILE]} says round {info.get('round')!r}, but round {round_idx} is being published."
             )
     return files
 
 
 def client_files(folder: str | Path) -> dict[str, Path]:
-    """The files of a client upload folder (only the names in CLIENT_FILES travel), checked."""
+    """The files of a client upload folder (only the names in CLIENT_FILES travel), checked.
+
+    Example:
+        ```py
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "adapter_model.safetensors").write_bytes(b"")
+        >>> _ = (folder / "client.json").write_text('{"client_id": "alice"}')
+        >>> sorted(client_files(folder))
+        ['adapter_model.safetensors', 'client.json']
+        ```
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Client upload folder {folder} does not exist.")
     files = {name: folder / name for name in CLIENT_FILES if (folder / name).is_file()}
-    missing = [name for name in (ADAPTER_WEIGHTS, CLIENT_JSON) if name not in files]
+    missing = [name for name in (ADAPTER_FILE, CLIENT_FILE) if name not in files]
     if missing:
         raise FileNotFoundError(
             f"Client upload folder {folder} lacks {', '.join(missing)}: save the adapter with `save_pretrained` "
             "and write client.json (see FederatedClientCallback) before uploading."
         )
     try:
-        info = json.loads(files[CLIENT_JSON].read_text())
+        info = json.loads(files[CLIENT_FILE].read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{files[CLIENT_JSON]} is not valid JSON: {e}") from e
+        raise ValueError(f"{files[CLIENT_FILE]} is not valid JSON: {e}") from e
     if not isinstance(info, dict):
-        raise ValueError(f"{files[CLIENT_JSON]} must hold a JSON object.")
+        raise ValueError(f"{files[CLIENT_FILE]} must hold a JSON object.")
     return files
-
-
-# Caps on what the model card shows of a round (everything in a summary may come from a client).
-CARD_CELL_CHARS = 120
-CARD_LIST_ITEMS = 20
-
-
-_PLAIN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-
-
-def _cell(value: Any, limit: int = CARD_CELL_CHARS) -> str:
-    """A value as inert Markdown: numbers formatted, plain words as they are, anything else escaped and capped."""
-    if isinstance(value, float) and not isinstance(value, bool):
-        return f"{value:.4g}" if math.isfinite(value) else "n/a"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, str) and len(value) <= limit and _PLAIN_RE.fullmatch(value):
-        return value  # letters, digits, "_" and "-" inside a word: nothing Markdown or HTML acts on
-    return markdown_text(value, limit=limit)
-
-
-def _listed(items: list[str], total: int) -> str:
-    shown = ", ".join(items[:CARD_LIST_ITEMS])
-    return shown + (f", … ({total - CARD_LIST_ITEMS} more)" if total > CARD_LIST_ITEMS else "")
-
-
-def _summary_row(round_idx: int, summary: dict) -> str:
-    accepted = summary.get("accepted") or []
-    rejected = summary.get("rejected") or {}
-    accepted = accepted if isinstance(accepted, list) else [accepted]
-    accepted_txt = f"{len(accepted)}: {_listed([_cell(c, 64) for c in accepted], len(accepted))}" if accepted else "0"
-    if isinstance(rejected, dict):
-        parts = [f"{_cell(k, 64)} ({_cell(v)})" for k, v in rejected.items()]
-    else:
-        parts = [_cell(v, 64) for v in (rejected if isinstance(rejected, list) else [rejected])]
-    rejected_txt = "; ".join(parts[:CARD_LIST_ITEMS]) + (
-        f"; … ({len(parts) - CARD_LIST_ITEMS} more)" if len(parts) > CARD_LIST_ITEMS else "")
-    metrics = summary.get("metrics") or {}
-    if isinstance(metrics, dict):
-        shown = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        metrics_txt = ", ".join(f"{_cell(k, 40)}={_cell(v)}" for k, v in shown[:CARD_LIST_ITEMS])
-    else:
-        metrics_txt = _cell(metrics)
-    return f"| {_cell(round_idx)} | {accepted_txt} | {rejected_txt or '-'} | {metrics_txt or '-'} |"
-
-
-def render_model_card(
-    name: str, federation: dict | None, latest_round: int | None, summaries: dict[int, dict]
-) -> str:
-    """The federation's model card: metadata, how to load the latest global adapter, the round history.
-
-    Example:
-        ```python
-        text = render_model_card("org/fed", {"r_max": 16}, 3, {0: {"accepted": ["a"], "metrics": {"loss": 1.2}}})
-        ```
-    """
-    from huggingface_hub import ModelCardData
-
-    federation = federation or {}
-    base_model = federation.get("base_model")
-    data = ModelCardData(library_name="peft", tags=["peft", "lora", "hetlora", "federated-learning"])
-    if isinstance(base_model, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", base_model):
-        data.base_model = base_model
-    lines = [
-        "---",
-        data.to_yaml(),
-        "---",
-        "",
-        f"# {markdown_text(name, limit=200)}: a HetLoRA federation",
-        "",
-        "Federated fine-tuning with heterogeneous LoRA ranks ([HetLoRA](https://arxiv.org/abs/2401.06432)), "
-        "run with `peft-hetlora`. The files at the root are the latest global adapter; "
-        "`rounds/<t>/global/` keeps every round's.",
-        "",
-        f"Latest published round: **{latest_round if latest_round is not None else 'none yet'}**.",
-        "",
-        "```python",
-        "import peft_hetlora  # registers the HETLORA adapter type",
-        "from peft import PeftModel",
-        "",
-        f"model = PeftModel.from_pretrained(base_model, {json_text(one_line(name, limit=200).replace('`', ''))})",
-        "```",
-        "",
-    ]
-    settings = {k: federation[k] for k in ("base_model", "method", "r_min", "r_max") if k in federation}
-    if settings:
-        lines += ["## Federation", ""] + [f"- {k}: {_cell(v)}" for k, v in settings.items()] + [""]
-    privacy = [summaries[t]["privacy"] for t in sorted(summaries) if isinstance(summaries[t].get("privacy"), dict)]
-    if privacy:
-        last = privacy[-1]
-        lines += ["## Differential privacy", "",
-                  f"Client-level DP (DP-FedAvg, arXiv 1710.06963) accounted by {_cell(last.get('library'))} "
-                  f"({_cell(last.get('accountant'))}): after {_cell(last.get('rounds'))} round(s), "
-                  f"epsilon = {_cell(last.get('epsilon'))} at delta = {_cell(last.get('delta'))} "
-                  f"(noise multiplier {_cell(last.get('noise_multiplier'))}, clip {_cell(last.get('clip'))}, "
-                  f"sampling rate {_cell(last.get('sampling_rate'))}).", ""]
-    lines += ["## Rounds", ""]
-    if summaries:
-        lines += ["| Round | Accepted | Rejected | Metrics |", "|---|---|---|---|"]
-        lines += [_summary_row(t, summaries[t]) for t in sorted(summaries)]
-    else:
-        lines.append("No round closed yet.")
-    return "\n".join(lines) + "\n"
-
-
-# The backends are re-exported lazily: they import the helpers above, and either module may be imported first.
-if TYPE_CHECKING:
-    from .hub_store import HubStore
-    from .local_store import LocalStore
-
-
-def __getattr__(name: str) -> Any:
-    if name == "LocalStore":
-        from .local_store import LocalStore
-
-        return LocalStore
-    if name == "HubStore":
-        from .hub_store import HubStore
-
-        return HubStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,36 +33,39 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ..utils.errors import RankError
-from ..utils.ranks import check_rank
-from ..utils.untrusted_text import brief, one_line
-from .adapter import check_components, is_prefix
-from .aggregation import ClientUpdate
-from .compression import (
+from ...utils.constants import ADAPTER_FILE, CLIENT_FILE, CONFIG_FILE
+from ...utils.errors import RankError
+from ...utils.ranks import check_rank, is_rank
+from ...utils.untrusted_text import brief, one_line
+from ..adapter import check_components, is_prefix
+from ..aggregation import ClientUpdate
+from .bytes import RejectedUpload, TensorInfo, loads_strict_json, parse_header_json, read_safetensors_header
+from .formats import (
     DEFAULT_MESSAGE_FORMAT,
     MESSAGE_FORMAT_FIELD,
     MessageFormatError,
     MessageSpec,
     decode_message,
     message_spec,
-)
-from .compression import parse_message_format as _parse_format
-from .upload_bytes import (  # noqa: F401  (re-exported: importable from here as before)
-    ADAPTER_FILE,
-    DTYPE_SIZES,
-    MAX_REASON_CHARS,
-    RejectedUpload,
-    TensorInfo,
-    _is_int,
-    _loads_strict,
-    _parse_header_json,
-    _reject_constant,
-    _reject_duplicate_keys,
-    read_safetensors_header,
+    parse_message_format,
 )
 
-CLIENT_FILE = "client.json"
-CONFIG_FILE = "adapter_config.json"
+__all__ = [
+    "ALLOWED_DTYPES",
+    "ALLOWED_FILES",
+    "DEFAULT_MAX_EXAMPLES",
+    "DEFAULT_MAX_JSON_BYTES",
+    "LORA_A_SUFFIX",
+    "LORA_B_SUFFIX",
+    "PICKLE_SUFFIXES",
+    "UploadSpec",
+    "check_report",
+    "update_from_bytes",
+    "validate_client_json",
+    "validate_update",
+]
+
+#: the only files an upload may hold (everything else, pickle above all, is refused)
 ALLOWED_FILES = (ADAPTER_FILE, CLIENT_FILE, CONFIG_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".h5", ".msgpack")
 
@@ -110,7 +113,7 @@ class UploadSpec:
     `modules` maps each LoRA module (key prefix before `.lora_A.weight`) to (d_in, d_out); `extras`
     maps dense extra keys to their exact shapes. `max_upload_bytes=None` means twice the size of an
     r_max adapter stored as F32 (plus header room). `message_formats` lists the compressed message formats
-    (`compression.parse_message_format` names) a client may declare in client.json; None allows all. Build it
+    (`formats.parse_message_format` names) a client may declare in client.json; None allows all. Build it
     from the global adapter with `from_state_dict` or `from_safetensors`.
 
     Example:
@@ -137,7 +140,7 @@ class UploadSpec:
 
     def __post_init__(self) -> None:
         if self.message_formats is not None:
-            names = tuple(_parse_format(name).name for name in self.message_formats)
+            names = tuple(parse_message_format(name).name for name in self.message_formats)
             if not names:
                 raise ValueError("message_formats must name at least one format (or None for all).")
             object.__setattr__(self, "message_formats", names)
@@ -178,7 +181,7 @@ class UploadSpec:
             if n > 100 * 2**20:
                 raise ValueError(f"{path}: safetensors header of {n} bytes is implausibly large.")
             header = f.read(n)
-        entries = _parse_header_json(header)
+        entries = parse_header_json(header)
         return cls.from_shapes({k: v.shape for k, v in entries.items()}, r_min=r_min, r_max=r_max, **kwargs)
 
     @property
@@ -256,7 +259,7 @@ def _check_message_tensors(entries: Mapping[str, TensorInfo], message: MessageSp
             raise RejectedUpload(
                 f"tensor {brief(key)} is {one_line(info.dtype, limit=16)} but client.json declares message_format "
                 f"{name!r}, which allows only {sorted(message.value_dtypes)}; encode the upload with "
-                "peft_hetlora.federated.compression.encode_message (or declare the format it has)"
+                "peft_hetlora.federated.upload.encode_message (or declare the format it has)"
             )
 
 
@@ -310,10 +313,10 @@ def validate_client_json(
         raise RejectedUpload(
             f"client.json client_id {brief(meta.get('client_id'))} does not match the upload's {brief(client_id)}"
         )
-    if not _is_int(meta.get("round")) or meta["round"] != round_idx:
+    if not is_rank(meta.get("round"), round_idx, round_idx):  # an integer (not a bool) equal to round_idx
         raise RejectedUpload(f"client.json round {brief(meta.get('round'))} does not match round {round_idx}")
     num = meta.get("num_examples")
-    if not _is_int(num) or not 1 <= num <= spec.max_examples:
+    if not is_rank(num, 1, spec.max_examples):
         raise RejectedUpload(f"client.json num_examples must be an integer in [1, {spec.max_examples}], got "
                              f"{brief(num)}")
     for name in ("rank_in", "rank_out"):
@@ -357,7 +360,7 @@ def _check_message_format(meta: dict, spec: UploadSpec) -> None:
         raise RejectedUpload(f"client.json {MESSAGE_FORMAT_FIELD} must be a short string such as 'bf16', got "
                              f"{brief(raw)}")
     try:
-        name = _parse_format(raw).name
+        name = parse_message_format(raw).name
     except MessageFormatError as err:
         raise RejectedUpload(f"client.json {err}") from None
     if spec.message_formats is not None and name not in spec.message_formats:
@@ -389,11 +392,27 @@ def _check_report_components(meta: dict, spec: UploadSpec, assigned_rank: int | 
     meta["components"] = list(indices)
 
 
-def _checked_report(raw: bytes, spec: UploadSpec, *, client_id: str, round_idx: int, assigned_rank: int | None,
-                    required_rank: int | None, assigned_components: Sequence[int] | None = None) -> dict:
+def check_report(raw: bytes, spec: UploadSpec, *, client_id: str, round_idx: int, assigned_rank: int | None = None,
+                 required_rank: int | None = None, assigned_components: Sequence[int] | None = None) -> dict:
+    """Check the raw bytes of a client.json (size, strict JSON, `validate_client_json`, `required_rank`).
+
+    The first half of `validate_update` (and of `folder.validate_upload`): what the report declares is checked
+    before the (large) weights are read. Returns the parsed report or raises `RejectedUpload`.
+
+    Example:
+        ```py
+        >>> spec = UploadSpec(modules={"m": (4, 4)}, r_min=1, r_max=8)
+        >>> raw = b'{"client_id": "a", "round": 0, "rank_in": 4, "rank_out": 4, "num_examples": 10}'
+        >>> check_report(raw, spec, client_id="a", round_idx=0)["num_examples"]
+        10
+        >>> check_report(raw, spec, client_id="a", round_idx=0, required_rank=8)
+        Traceback (most recent call last):
+        peft_hetlora.federated.upload.bytes.RejectedUpload: rank_out 4 differs from the rank 8 this method requires
+        ```
+    """
     if len(raw) > spec.max_json_bytes:
         raise RejectedUpload(f"{CLIENT_FILE} is {len(raw):,} bytes, above the {spec.max_json_bytes:,}-byte limit")
-    meta = validate_client_json(_loads_strict(raw, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
+    meta = validate_client_json(loads_strict_json(raw, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
                                 assigned_rank=assigned_rank, assigned_components=assigned_components)
     if required_rank is not None and meta["rank_out"] != required_rank:
         raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method "
@@ -401,7 +420,25 @@ def _checked_report(raw: bytes, spec: UploadSpec, *, client_id: str, round_idx: 
     return meta
 
 
-def _update_from_bytes(data: bytes, meta: dict, spec: UploadSpec, *, client_id: str, other_bytes: int) -> ClientUpdate:
+def update_from_bytes(data: bytes, meta: dict, spec: UploadSpec, *, client_id: str, other_bytes: int) -> ClientUpdate:
+    """Check the safetensors bytes of an upload against `spec` and its checked report `meta` (`check_report`).
+
+    The second half of `validate_update`: size, header, keys, dtypes (or the declared message format), shapes for
+    the declared ranks, decoding, finite values. `other_bytes` (the report's and config's bytes) is added to the
+    recorded `upload_bytes`. Returns the `ClientUpdate` (float32 tensors) or raises `RejectedUpload`.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from safetensors.torch import save
+        >>> spec = UploadSpec(modules={"m": (4, 4)}, r_min=1, r_max=8)
+        >>> meta = {"client_id": "a", "round": 0, "rank_in": 2, "rank_out": 2, "num_examples": 10}
+        >>> data = save({"m.lora_A.weight": torch.ones(2, 4), "m.lora_B.weight": torch.ones(4, 2)})
+        >>> update = update_from_bytes(data, meta, spec, client_id="a", other_bytes=0)
+        >>> update.rank, update.metadata["upload_bytes"] == len(data)
+        (2, True)
+        ```
+    """
     if len(data) > int(spec.max_upload_bytes):
         raise RejectedUpload(f"{ADAPTER_FILE} is {len(data):,} bytes, above the {int(spec.max_upload_bytes):,}-byte "
                              "limit")
@@ -478,7 +515,7 @@ def validate_update(
             raw_meta = json.dumps(dict(report), allow_nan=True).encode()
         except (TypeError, ValueError) as err:
             raise RejectedUpload(f"{CLIENT_FILE} is not JSON-serialisable ({err})") from None
-    meta = _checked_report(raw_meta, spec, client_id=client_id, round_idx=round_idx, assigned_rank=assigned_rank,
+    meta = check_report(raw_meta, spec, client_id=client_id, round_idx=round_idx, assigned_rank=assigned_rank,
                            required_rank=required_rank, assigned_components=assigned_components)
     if isinstance(adapter, (bytes, bytearray)):
         data = bytes(adapter)
@@ -488,8 +525,5 @@ def validate_update(
                                           metadata={"format": "pt"})
         except Exception as err:  # noqa: BLE001
             raise RejectedUpload(f"arrays are not a valid adapter state dict: {err}") from None
-    return _update_from_bytes(data, meta, spec, client_id=client_id, other_bytes=len(raw_meta))
+    return update_from_bytes(data, meta, spec, client_id=client_id, other_bytes=len(raw_meta))
 
-
-# The folder reader is a thin layer on top of the in-memory checks; importable from here as before.
-from .upload_folder import UploadSnapshot, open_upload_snapshot, validate_upload  # noqa: E402, F401

@@ -2,7 +2,7 @@
 
 Everything about files lives here: the folder is opened once without following links, only ``ALLOWED_FILES`` are
 read (pickle never), each through its own descriptor, so a re-upload in the middle cannot mix two uploads. What the
-bytes must look like is `validation`'s business (`validation.validate_update` and its helpers).
+bytes must look like is `validation`'s business (`check_report`, then `update_from_bytes`, as `validate_update` does).
 
 Example:
     ```py
@@ -20,20 +20,11 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from ..utils.untrusted_text import brief
-from .aggregation import ClientUpdate
-from .validation import (
-    ADAPTER_FILE,
-    ALLOWED_FILES,
-    CLIENT_FILE,
-    CONFIG_FILE,
-    PICKLE_SUFFIXES,
-    RejectedUpload,
-    UploadSpec,
-    _checked_report,
-    _loads_strict,
-    _update_from_bytes,
-)
+from ...utils.constants import ADAPTER_FILE, CLIENT_FILE, CONFIG_FILE
+from ...utils.untrusted_text import brief
+from ..aggregation import ClientUpdate
+from .bytes import RejectedUpload, loads_strict_json
+from .validation import ALLOWED_FILES, PICKLE_SUFFIXES, UploadSpec, check_report, update_from_bytes
 
 __all__ = ["UploadSnapshot", "open_upload_snapshot", "validate_upload"]
 
@@ -248,15 +239,15 @@ def validate_upload(
     with open_upload_snapshot(folder, ignore_files=frozenset(ignore_files)) as upload:
         # client.json first: what it declares is checked before the (large) weights are read
         raw_meta = upload.read(CLIENT_FILE, spec.max_json_bytes)
-        meta = _checked_report(raw_meta, spec, client_id=client_id, round_idx=round_idx, assigned_rank=assigned_rank,
+        meta = check_report(raw_meta, spec, client_id=client_id, round_idx=round_idx, assigned_rank=assigned_rank,
                                required_rank=required_rank, assigned_components=assigned_components)
         upload_bytes = len(raw_meta)
         if CONFIG_FILE in upload.names:
             raw_config = upload.read(CONFIG_FILE, spec.max_json_bytes)
-            if not isinstance(_loads_strict(raw_config, CONFIG_FILE), dict):
+            if not isinstance(loads_strict_json(raw_config, CONFIG_FILE), dict):
                 raise RejectedUpload(f"{CONFIG_FILE} is not a JSON object")
             upload_bytes += len(raw_config)
         data = upload.read(ADAPTER_FILE, int(spec.max_upload_bytes))
-    return _update_from_bytes(data, meta, spec, client_id=client_id, other_bytes=upload_bytes)
+    return update_from_bytes(data, meta, spec, client_id=client_id, other_bytes=upload_bytes)
 
 

@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ..utils.errors import HetLoRAError
+from ...utils.errors import HetLoRAError
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -329,7 +329,7 @@ def decode_state_dict(
         if dtype not in spec.value_dtypes:
             raise MessageFormatError(
                 f"{key!r} is {dtype} but the declared message_format {name!r} allows only "
-                f"{sorted(spec.value_dtypes)}; encode the upload with peft_hetlora.federated.compression."
+                f"{sorted(spec.value_dtypes)}; encode the upload with peft_hetlora.federated.upload.encode_message."
             )
         if spec.scale_suffix is None:
             decoded = tensor.to(torch.float32)

@@ -2,7 +2,7 @@
 
 Nothing here loads a tensor: `read_safetensors_header` parses the 8-byte little-endian length and the bounded JSON
 header by hand and checks the offsets tile the data region; anything malformed raises `RejectedUpload` with a
-reason fit for the round summary. [`validation`][peft_hetlora.federated.validation] builds on these.
+reason fit for the round summary. [`validation`][peft_hetlora.federated.upload.validation] builds on these.
 
 Example:
     ```py
@@ -21,12 +21,19 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from ..utils.errors import HetLoRAError
-from ..utils.untrusted_text import brief, one_line
+from ...utils.constants import ADAPTER_FILE
+from ...utils.errors import HetLoRAError
+from ...utils.untrusted_text import brief, one_line
 
-__all__ = ["RejectedUpload", "TensorInfo", "read_safetensors_header"]
-
-ADAPTER_FILE = "adapter_model.safetensors"
+__all__ = [
+    "DTYPE_SIZES",
+    "MAX_REASON_CHARS",
+    "RejectedUpload",
+    "TensorInfo",
+    "loads_strict_json",
+    "parse_header_json",
+    "read_safetensors_header",
+]
 
 DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1}
 
@@ -76,7 +83,20 @@ def _reject_constant(name: str) -> None:
     raise RejectedUpload(f"non-finite JSON number {name}")
 
 
-def _loads_strict(raw: bytes, what: str) -> Any:
+def loads_strict_json(raw: bytes, what: str) -> Any:
+    """Parse untrusted JSON bytes strictly: UTF-8, no duplicate keys, no NaN/Infinity, bounded nesting.
+
+    Anything else raises `RejectedUpload` whose reason starts with `what` (the file's name).
+
+    Example:
+        ```py
+        >>> loads_strict_json(b'{"rank_in": 4}', "client.json")
+        {'rank_in': 4}
+        >>> loads_strict_json(b'{"a": 1, "a": 2}', "client.json")
+        Traceback (most recent call last):
+        peft_hetlora.federated.upload.bytes.RejectedUpload: client.json: duplicate JSON key 'a'
+        ```
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -95,9 +115,16 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_header_json(header: bytes) -> dict[str, TensorInfo]:
-    """Parse and type-check the JSON header of a safetensors file (without checking it against a spec)."""
-    parsed = _loads_strict(header, "safetensors header")
+def parse_header_json(header: bytes) -> dict[str, TensorInfo]:
+    """Parse and type-check the JSON header of a safetensors file (without checking it against a spec).
+
+    Example:
+        ```py
+        >>> parse_header_json(b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}')["x"].shape
+        (2,)
+        ```
+    """
+    parsed = loads_strict_json(header, "safetensors header")
     if not isinstance(parsed, dict):
         raise RejectedUpload("safetensors header is not a JSON object")
     entries: dict[str, TensorInfo] = {}
@@ -149,7 +176,7 @@ def read_safetensors_header(data: bytes, *, max_header_bytes: int) -> dict[str, 
                              "(not a safetensors file?)")
     if 8 + n > len(data):
         raise RejectedUpload(f"{ADAPTER_FILE} declares a header longer than the file ({len(data)} bytes)")
-    entries = _parse_header_json(data[8 : 8 + n])
+    entries = parse_header_json(data[8 : 8 + n])
     data_len = len(data) - 8 - n
     cursor = 0
     for key, info in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):

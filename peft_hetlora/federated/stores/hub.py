@@ -18,7 +18,7 @@ Clients never write the federation repo's `main`. Two upload modes:
 
 Example:
     ```python
-    from peft_hetlora.federated import HubStore
+    from peft_hetlora.federated.stores import HubStore
 
     coordinator = HubStore("my-org/hetlora-fed", token=coordinator_token)
     coordinator.write_federation({"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "r_min": 2, "r_max": 16})
@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,26 +50,11 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from ..utils.errors import HetLoRAError
-from .hub_access import (  # noqa: F401  (re-exported: tests import _retry_after_s from here)
-    _RETRY_STATUSES,
-    HubRepoAccess,
-    _as_bytes,
-    _cache_full,
-    _git_blob_oid,
-    _operations,
-    _retry_after_s,
-    _same_blob,
-    _Snapshot,
-)
-from .store import (
-    ADAPTER_WEIGHTS,
+from ...utils.constants import ADAPTER_FILE, CLIENT_FILE, FEDERATION_FILE, ROUND_FILE, SUMMARY_FILE
+from ...utils.errors import HetLoRAError
+from .base import (
     CLIENT_FILES,
-    CLIENT_JSON,
-    FEDERATION_JSON,
-    MODEL_CARD,
-    ROUND_JSON,
-    SUMMARY_JSON,
+    STAGED_GLOBAL,
     ClientUploadNotFoundError,
     GlobalAdapter,
     GlobalNotPublishedError,
@@ -79,9 +63,10 @@ from .store import (
     dump_json,
     file_sha256,
     global_files,
-    render_model_card,
     validate_client_id,
 )
+from .hub_requests import HubRepo, RetryPolicy, Snapshot, cache_full_error, same_blob
+from .model_card import MODEL_CARD, render_model_card
 from .temp_files import remove_abandoned, temp_prefix
 
 __all__ = ["HubStore", "UploadTooLargeError"]
@@ -90,9 +75,8 @@ logger = logging.getLogger(__name__)
 
 _PR_TITLE = "hetlora upload: round {round} client {client_id}"
 _PR_TITLE_RE = re.compile(r"hetlora upload: round (\d+) client (\S+)")
-_SUMMARY_RE = re.compile(r"rounds/(\d+)/summary\.json")
-_GLOBAL_RE = re.compile(r"rounds/(\d+)/global/adapter_model\.safetensors")
-STAGED_GLOBAL = "staged-global"
+_SUMMARY_RE = re.compile(r"rounds/(\d+)/" + re.escape(SUMMARY_FILE))
+_GLOBAL_RE = re.compile(r"rounds/(\d+)/global/" + re.escape(ADAPTER_FILE))
 _UPLOADS_DIR = ".hetlora-uploads"
 
 
@@ -100,7 +84,7 @@ class UploadTooLargeError(HetLoRAError, ValueError):
     """A client upload holds a file larger than `max_client_file_bytes` (it is not downloaded)."""
 
 
-class HubStore(HubRepoAccess):
+class HubStore:
     """A federation store on the Hugging Face Hub (or a Hub-compatible endpoint). Implements `AdapterStore`.
 
     Args:
@@ -118,6 +102,10 @@ class HubStore(HubRepoAccess):
         cache_dir: where downloads go (default: the Hugging Face cache).
         max_client_file_bytes: refuse to download a client file larger than this (None: no limit).
         max_workers: parallel requests when checking many client repos.
+
+    The Hub requests themselves (retries, commits, snapshots, downloads) go through `self.hub`, a composed
+    `HubRepo` built from `endpoint`, `token`, `private`, `cache_dir` and a `RetryPolicy(max_retries, backoff_s,
+    max_wait_s)`.
 
     Example:
         ```python
@@ -150,21 +138,27 @@ class HubStore(HubRepoAccess):
         if client_mode not in ("client_repo", "pr"):
             raise ValueError(f"client_mode must be 'client_repo' or 'pr', got {client_mode!r}.")
         self.repo_id = repo_id
-        self.api = HfApi(endpoint=endpoint, token=token)
-        self.endpoint = self.api.endpoint
+        self.hub = HubRepo(
+            HfApi(endpoint=endpoint, token=token),
+            retry=RetryPolicy(max_retries=max_retries, backoff_s=backoff_s, max_wait_s=max_wait_s),
+            private=private,
+            cache_dir=cache_dir,
+        )
         self.client_mode = client_mode
         self._client_repo_id = client_repo_id
-        self.private = private
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_wait_s = max_wait_s
-        self.cache_dir = str(cache_dir) if cache_dir is not None else None
         self.max_client_file_bytes = max_client_file_bytes
         self.max_workers = max_workers
-        self._sleep = time.sleep  # tests record the waits here
-        self._ready_repos: set[str] = set()
-        self._json_cache: dict[tuple[str, str, str], Any] = {}
         self._pending_stage: tuple[int, dict[str, bytes]] | None = None
+
+    @property
+    def api(self) -> HfApi:
+        """The `HfApi` client (endpoint and token) of `self.hub`."""
+        return self.hub.api
+
+    @property
+    def endpoint(self) -> str:
+        """The Hub endpoint."""
+        return self.hub.endpoint
 
     def __repr__(self) -> str:
         return f"HubStore({self.repo_id!r}, endpoint={self.endpoint!r}, client_mode={self.client_mode!r})"
@@ -196,29 +190,43 @@ class HubStore(HubRepoAccess):
             ) from e
         return repo
 
+    def _commit(
+        self, repo: str, build: Callable[[Snapshot], tuple[dict[str, Any], list[str]]], message: str, *,
+        card: bool = True,
+    ) -> str:
+        """`self.hub.commit`, with the federation's model card rebuilt for the new state when `card`."""
+        if not card:
+            return self.hub.commit(repo, build, message)
+
+        def build_with_card(snap: Snapshot) -> tuple[dict[str, Any], list[str]]:
+            adds, deletes = build(snap)
+            return {**adds, MODEL_CARD: self._card(snap, adds).encode()}, deletes
+
+        return self.hub.commit(repo, build_with_card, message)
+
     # ----------------------------------------------------------------------------------------- federation
     def read_federation(self) -> dict | None:
-        return self._read_json(self.repo_id, FEDERATION_JSON)
+        return self.hub.read_json(self.repo_id, FEDERATION_FILE)
 
     def write_federation(self, federation: dict) -> None:
         data = dump_json(federation)
-        self._commit(self.repo_id, lambda snap: ({FEDERATION_JSON: data}, []), "hetlora: federation settings")
+        self._commit(self.repo_id, lambda snap: ({FEDERATION_FILE: data}, []), "hetlora: federation settings")
 
     # --------------------------------------------------------------------------------------------- global
     def publish_global(self, round_idx: int, folder: str | Path) -> str:
         """Publish global `round_idx` in one commit (round folder, root copy, model card), then tag `round-<t>`."""
         round_idx = check_round(round_idx)
         files = global_files(folder, round_idx)
-        revision = file_sha256(files[ADAPTER_WEIGHTS])
+        revision = file_sha256(files[ADAPTER_FILE])
         prefix = f"rounds/{round_idx}/global/"
 
-        def build(snap: _Snapshot) -> tuple[dict[str, Any], list[str]]:
-            existing = snap.files.get(prefix + ADAPTER_WEIGHTS)
+        def build(snap: Snapshot) -> tuple[dict[str, Any], list[str]]:
+            existing = snap.files.get(prefix + ADAPTER_FILE)
             adds: dict[str, Any] = {}
             if existing is None:
                 adds = {prefix + name: path for name, path in files.items()}
                 published = dict(files)
-            elif not _same_blob(existing, files[ADAPTER_WEIGHTS]):
+            elif not same_blob(existing, files[ADAPTER_FILE]):
                 raise ValueError(
                     f"Round {round_idx} is already published in {self.repo_id} with another adapter. A published "
                     "round is immutable: publish the next round instead."
@@ -234,12 +242,12 @@ class HubStore(HubRepoAccess):
                     if existing is None:
                         adds[name] = source
                     elif name not in snap.files or snap.files[name].blob_id != snap.files[source].blob_id:
-                        adds[name] = self._download(self.repo_id, source, snap.sha)
+                        adds[name] = self.hub.download(self.repo_id, source, snap.sha)
             staged = f"rounds/{round_idx}/{STAGED_GLOBAL}/"
             return adds, [p for p in snap.files if p.startswith(staged)]
 
         oid = self._commit(self.repo_id, build, f"hetlora: publish global adapter of round {round_idx}")
-        self._retry(
+        self.hub.call(
             lambda: self.api.create_tag(self.repo_id, tag=f"round-{round_idx}", revision=oid, exist_ok=True),
             f"tag round-{round_idx}",
         )
@@ -257,16 +265,16 @@ class HubStore(HubRepoAccess):
         files = global_files(folder, round_idx)
         prefix = f"rounds/{round_idx}/{STAGED_GLOBAL}/"
         self._pending_stage = (round_idx, {prefix + name: Path(path).read_bytes() for name, path in files.items()})
-        return file_sha256(files[ADAPTER_WEIGHTS])
+        return file_sha256(files[ADAPTER_FILE])
 
     def staged_global(self, round_idx: int) -> Path | None:
         """A local folder with the staged global adapter of round `round_idx`, or None."""
         prefix = f"rounds/{check_round(round_idx)}/{STAGED_GLOBAL}/"
-        snap = self._snapshot_or_none(self.repo_id)
-        if snap is None or prefix + ADAPTER_WEIGHTS not in snap.files:
+        snap = self.hub.snapshot_or_none(self.repo_id)
+        if snap is None or prefix + ADAPTER_FILE not in snap.files:
             return None
         names = [p for p in snap.files if p.startswith(prefix) and "/" not in p[len(prefix):]]
-        paths = [self._download(self.repo_id, p, snap.sha) for p in names]
+        paths = [self.hub.download(self.repo_id, p, snap.sha) for p in names]
         return paths[0].parent
 
     def clean_temporary_files(self) -> list[Path]:
@@ -274,14 +282,14 @@ class HubStore(HubRepoAccess):
         return remove_abandoned(self._uploads_root(), (".tmp-",))
 
     def latest_global(self) -> GlobalAdapter | None:
-        snap = self._snapshot_or_none(self.repo_id)
+        snap = self.hub.snapshot_or_none(self.repo_id)
         rounds = _published_rounds(snap.files) if snap else []
         return self._download_global(snap, max(rounds)) if rounds else None
 
     def get_global(self, round_idx: int) -> GlobalAdapter:
         round_idx = check_round(round_idx)
-        snap = self._snapshot_or_none(self.repo_id)
-        if snap is None or f"rounds/{round_idx}/global/{ADAPTER_WEIGHTS}" not in snap.files:
+        snap = self.hub.snapshot_or_none(self.repo_id)
+        if snap is None or f"rounds/{round_idx}/global/{ADAPTER_FILE}" not in snap.files:
             raise GlobalNotPublishedError(
                 f"Round {round_idx} has no global adapter in {self.repo_id} on {self.endpoint}: the coordinator "
                 "must publish it first (or the repo does not exist / your token cannot read it)."
@@ -293,7 +301,7 @@ class HubStore(HubRepoAccess):
         """Upload a client's result: one commit to the client's repo, or one pull request (`client_mode`)."""
         round_idx, client_id = check_round(round_idx), validate_client_id(client_id)
         files = client_files(folder)
-        if not self._file_exists(self.repo_id, f"rounds/{round_idx}/global/{ADAPTER_WEIGHTS}", "main"):
+        if not self.hub.file_exists(self.repo_id, f"rounds/{round_idx}/global/{ADAPTER_FILE}", "main"):
             raise GlobalNotPublishedError(
                 f"Round {round_idx} has no published global adapter in {self.repo_id} on {self.endpoint}: the "
                 f"coordinator must publish round {round_idx} before clients upload to it (or your token cannot "
@@ -303,19 +311,13 @@ class HubStore(HubRepoAccess):
         adds = {prefix + name: path for name, path in files.items()}
         title = _PR_TITLE.format(round=round_idx, client_id=client_id)
         if self.client_mode == "pr":
-            self._retry(
-                lambda: self.api.create_commit(
-                    self.repo_id,
-                    _operations(adds, []),
-                    commit_message=title,
-                    commit_description=f"Client update of federation round {round_idx} (peft-hetlora).",
-                    create_pr=True,
-                ),
+            self.hub.open_pull_request(
+                self.repo_id, adds, title, f"Client update of federation round {round_idx} (peft-hetlora).",
                 f"open the upload pull request of client {client_id!r}",
             )
             return
 
-        def build(snap: _Snapshot) -> tuple[dict[str, Any], list[str]]:
+        def build(snap: Snapshot) -> tuple[dict[str, Any], list[str]]:
             stale = [p for p in snap.files if p.startswith(prefix) and p not in adds]
             return adds, stale
 
@@ -331,7 +333,7 @@ class HubStore(HubRepoAccess):
 
         def complete(candidate: tuple[str, str, str]) -> bool:
             client_id, repo, revision = candidate
-            return self._file_exists(repo, f"rounds/{round_idx}/clients/{client_id}/{CLIENT_JSON}", revision)
+            return self.hub.file_exists(repo, f"rounds/{round_idx}/clients/{client_id}/{CLIENT_FILE}", revision)
 
         if not candidates:
             return []
@@ -350,10 +352,10 @@ class HubStore(HubRepoAccess):
             repo, revision = self.repo_id, f"refs/pr/{num}"
         else:
             repo, revision = self.client_repo_for(client_id), "main"
-        snap = self._snapshot_or_none(repo, revision)
+        snap = self.hub.snapshot_or_none(repo, revision)
         prefix = f"rounds/{round_idx}/clients/{client_id}/"
         entries = {name: snap.files[prefix + name] for name in CLIENT_FILES if snap and prefix + name in snap.files}
-        if CLIENT_JSON not in entries:
+        if CLIENT_FILE not in entries:
             raise missing
         limit = self.max_client_file_bytes
         for name, entry in entries.items():
@@ -362,13 +364,13 @@ class HubStore(HubRepoAccess):
                     f"Client {client_id!r} uploaded {name} of {entry.size} bytes for round {round_idx}, over the "
                     f"limit of {limit} bytes (max_client_file_bytes); it was not downloaded."
                 )
-        return self._materialize(repo, snap.sha, prefix, {name: self._download(repo, prefix + name, snap.sha)
+        return self._materialize(repo, snap.sha, prefix, {name: self.hub.download(repo, prefix + name, snap.sha)
                                                           for name in entries})
 
     def _uploads_root(self) -> Path:
         from huggingface_hub import constants
 
-        return Path(self.cache_dir or constants.HF_HUB_CACHE) / _UPLOADS_DIR
+        return Path(self.hub.cache_dir or constants.HF_HUB_CACHE) / _UPLOADS_DIR
 
     def _materialize(self, repo: str, sha: str, prefix: str, downloaded: dict[str, Path]) -> Path:
         """Copy the files of one upload, all from commit `sha`, into a folder of regular files (no links).
@@ -391,7 +393,7 @@ class HubStore(HubRepoAccess):
                     raise
         except OSError as e:
             if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-                raise _cache_full(self._uploads_root()) from e
+                raise cache_full_error(self._uploads_root()) from e
             raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
@@ -402,14 +404,14 @@ class HubStore(HubRepoAccess):
         """Commit `rounds/<t>/summary.json` (with the global staged for round t + 1, if any: one commit)."""
         round_idx = check_round(round_idx)
         data = dump_json(summary)
-        path = f"rounds/{round_idx}/{SUMMARY_JSON}"
+        path = f"rounds/{round_idx}/{SUMMARY_FILE}"
         adds: dict[str, Any] = {path: data}
         pending = self._pending_stage
         if pending is not None and pending[0] == round_idx + 1:
             adds.update(pending[1])
         prefix = f"rounds/{round_idx + 1}/{STAGED_GLOBAL}/"
 
-        def build(snap: _Snapshot) -> tuple[dict[str, Any], list[str]]:
+        def build(snap: Snapshot) -> tuple[dict[str, Any], list[str]]:
             return adds, [p for p in snap.files if p.startswith(prefix) and p not in adds] if len(adds) > 1 else []
 
         self._commit(self.repo_id, build, f"hetlora: summary of round {round_idx}")
@@ -417,36 +419,36 @@ class HubStore(HubRepoAccess):
             self._pending_stage = None
 
     def read_summary(self, round_idx: int) -> dict | None:
-        return self._read_json(self.repo_id, f"rounds/{check_round(round_idx)}/{SUMMARY_JSON}")
+        return self.hub.read_json(self.repo_id, f"rounds/{check_round(round_idx)}/{SUMMARY_FILE}")
 
-    def _card(self, snap: _Snapshot, adds: dict[str, Any]) -> str:
+    def _card(self, snap: Snapshot, adds: dict[str, Any]) -> str:
         """The model card for the state `snap` + `adds`: federation settings and the summaries of all rounds."""
 
         def load(path: str) -> Any:
             if path in adds:
                 return json.loads(_as_bytes(adds[path]))
-            return self._json_at(self.repo_id, snap, path)
+            return self.hub.json_at(self.repo_id, snap, path)
 
         paths = set(snap.files) | set(adds)
-        federation = load(FEDERATION_JSON) if FEDERATION_JSON in paths else None
+        federation = load(FEDERATION_FILE) if FEDERATION_FILE in paths else None
         summaries = {int(m[1]): load(p) for p in paths if (m := _SUMMARY_RE.fullmatch(p))}
         latest = max(_published_rounds(paths), default=None)
         return render_model_card(self.repo_id, federation, latest, summaries)
 
 
-    def _download_global(self, snap: _Snapshot, round_idx: int) -> GlobalAdapter:
+    def _download_global(self, snap: Snapshot, round_idx: int) -> GlobalAdapter:
         prefix = f"rounds/{round_idx}/global/"
         names = [p for p in snap.files if p.startswith(prefix) and "/" not in p[len(prefix):]]
-        paths = {Path(p).name: self._download(self.repo_id, p, snap.sha) for p in names}
-        weights = paths[ADAPTER_WEIGHTS]
+        paths = {Path(p).name: self.hub.download(self.repo_id, p, snap.sha) for p in names}
+        weights = paths[ADAPTER_FILE]
         return GlobalAdapter(round=round_idx, revision=file_sha256(weights), path=weights.parent)
 
     def _participants(self, round_idx: int) -> list[str]:
-        snap = self._snapshot_or_none(self.repo_id)
-        path = f"rounds/{round_idx}/global/{ROUND_JSON}"
+        snap = self.hub.snapshot_or_none(self.repo_id)
+        path = f"rounds/{round_idx}/global/{ROUND_FILE}"
         if snap is None or path not in snap.files:
             return []
-        participants = self._json_at(self.repo_id, snap, path).get("participants")
+        participants = self.hub.json_at(self.repo_id, snap, path).get("participants")
         if not isinstance(participants, list):
             raise ValueError(
                 f"{path} in {self.repo_id} has no 'participants' list: in client_repo mode the coordinator finds "
@@ -457,7 +459,7 @@ class HubStore(HubRepoAccess):
     def _upload_prs(self, round_idx: int) -> dict[str, int]:
         """Open upload pull requests of the round: client id -> newest pull request number."""
         try:
-            discussions = self._retry(
+            discussions = self.hub.call(
                 lambda: list(
                     self.api.get_repo_discussions(
                         self.repo_id, discussion_type="pull_request", discussion_status="open"
@@ -480,5 +482,9 @@ class HubStore(HubRepoAccess):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _as_bytes(value: bytes | Path) -> bytes:
+    return value if isinstance(value, bytes) else Path(value).read_bytes()
+
+
 def _published_rounds(paths: Iterable[str]) -> list[int]:
     return [int(m[1]) for p in paths if (m := _GLOBAL_RE.fullmatch(p))]

@@ -7,7 +7,7 @@ renamed into place, so readers never see a half-written file: a client upload is
 
 Example:
     ```python
-    from peft_hetlora.federated import LocalStore
+    from peft_hetlora.federated.stores import LocalStore
 
     store = LocalStore("runs/fed", create=True)        # the coordinator creates it; clients open it
     store.publish_global(0, "out/global-0")
@@ -32,15 +32,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..utils.errors import StoreFullError
-from .store import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    CLIENT_JSON,
-    FEDERATION_JSON,
-    MODEL_CARD,
-    ROUND_JSON,
-    SUMMARY_JSON,
+from ...utils.constants import ADAPTER_FILE, CLIENT_FILE, CONFIG_FILE, FEDERATION_FILE, ROUND_FILE, SUMMARY_FILE
+from ...utils.errors import StoreFullError
+from .base import (
+    STAGED_GLOBAL,
     ClientUploadNotFoundError,
     GlobalAdapter,
     GlobalNotPublishedError,
@@ -50,15 +45,14 @@ from .store import (
     dump_json,
     file_sha256,
     global_files,
-    render_model_card,
     validate_client_id,
 )
+from .model_card import MODEL_CARD, render_model_card
 from .temp_files import remove_abandoned, temp_prefix
 
 __all__ = ["LocalStore"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-STAGED_GLOBAL = "staged-global"
 _TEMP_KINDS = (".tmp-", ".trash-")
 _FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
@@ -129,11 +123,11 @@ class LocalStore:
 
     # ----------------------------------------------------------------------------------------- federation
     def read_federation(self) -> dict | None:
-        return _read_json(self.path / FEDERATION_JSON)
+        return _read_json(self.path / FEDERATION_FILE)
 
-    @_store_full("federation.json")
+    @_store_full(FEDERATION_FILE)
     def write_federation(self, federation: dict) -> None:
-        _atomic_write(self.path / FEDERATION_JSON, dump_json(federation))
+        _atomic_write(self.path / FEDERATION_FILE, dump_json(federation))
         self._write_card()
 
     # --------------------------------------------------------------------------------------------- global
@@ -141,7 +135,7 @@ class LocalStore:
     def publish_global(self, round_idx: int, folder: str | Path) -> str:
         round_idx = check_round(round_idx)
         files = global_files(folder, round_idx)
-        revision = file_sha256(files[ADAPTER_WEIGHTS])
+        revision = file_sha256(files[ADAPTER_FILE])
         round_dir = self._round_dir(round_idx)
         target = round_dir / "global"
         if not target.is_dir():
@@ -158,7 +152,7 @@ class LocalStore:
                         raise
                     shutil.rmtree(staged, ignore_errors=True)
             _fsync_dir(round_dir)
-        existing = self._revision(target / ADAPTER_WEIGHTS)
+        existing = self._revision(target / ADAPTER_FILE)
         if existing != revision:
             raise ValueError(
                 f"Round {round_idx} is already published in {self.path} with another adapter (revision "
@@ -196,17 +190,17 @@ class LocalStore:
             _fsync_dir(staged)
             _install_dir(staged, target)
         _fsync_dir(round_dir)
-        return file_sha256(target / ADAPTER_WEIGHTS)
+        return file_sha256(target / ADAPTER_FILE)
 
     def staged_global(self, round_idx: int) -> Path | None:
         """The folder of the staged (not yet published) global adapter of round `round_idx`, or None."""
         folder = self._round_dir(check_round(round_idx)) / STAGED_GLOBAL
-        return folder if (folder / ADAPTER_WEIGHTS).is_file() else None
+        return folder if (folder / ADAPTER_FILE).is_file() else None
 
     def clean_temporary_files(self) -> list[Path]:
         """Remove the temporary files and folders that killed writers left in the store; return them.
 
-        Only entries whose writer is gone are removed (see `peft_hetlora.federated.temp_files`): a live
+        Only entries whose writer is gone are removed (see `peft_hetlora.federated.stores.temp_files`): a live
         client's or coordinator's temporary file is never touched.
 
         Example:
@@ -231,12 +225,12 @@ class LocalStore:
     def get_global(self, round_idx: int) -> GlobalAdapter:
         round_idx = check_round(round_idx)
         folder = self._round_dir(round_idx) / "global"
-        if not (folder / ADAPTER_WEIGHTS).is_file():
+        if not (folder / ADAPTER_FILE).is_file():
             raise GlobalNotPublishedError(
                 f"Round {round_idx} has no global adapter in {self.path}: the coordinator must publish it first "
                 f"(store.publish_global({round_idx}, folder))."
             )
-        return GlobalAdapter(round=round_idx, revision=self._revision(folder / ADAPTER_WEIGHTS), path=folder)
+        return GlobalAdapter(round=round_idx, revision=self._revision(folder / ADAPTER_FILE), path=folder)
 
     # -------------------------------------------------------------------------------------------- clients
     @_store_full("a client upload")
@@ -254,7 +248,7 @@ class LocalStore:
         target = clients / client_id
         staged = Path(tempfile.mkdtemp(prefix=temp_prefix(".tmp-", client_id), dir=clients))
         with _cleanup_on_error(target, staged):
-            for name in sorted(files, key=lambda n: n == CLIENT_JSON):  # client.json last
+            for name in sorted(files, key=lambda n: n == CLIENT_FILE):  # client.json last
                 _copy_file(files[name], staged / name)
             _fsync_dir(staged)
             _install_dir(staged, target)
@@ -288,11 +282,11 @@ class LocalStore:
     def write_summary(self, round_idx: int, summary: dict) -> None:
         round_dir = self._round_dir(check_round(round_idx))
         round_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(round_dir / SUMMARY_JSON, dump_json(summary))
+        _atomic_write(round_dir / SUMMARY_FILE, dump_json(summary))
         self._write_card()
 
     def read_summary(self, round_idx: int) -> dict | None:
-        return _read_json(self._round_dir(check_round(round_idx)) / SUMMARY_JSON)
+        return _read_json(self._round_dir(check_round(round_idx)) / SUMMARY_FILE)
 
     # ---------------------------------------------------------------------------------------------- inner
     def _round_dir(self, round_idx: int) -> Path:
@@ -314,7 +308,7 @@ class LocalStore:
         return sorted(int(d.name) for d in rounds.iterdir() if d.name.isdigit() and str(int(d.name)) == d.name)
 
     def _published_rounds(self) -> list[int]:
-        return [t for t in self._rounds() if (self._round_dir(t) / "global" / ADAPTER_WEIGHTS).is_file()]
+        return [t for t in self._rounds() if (self._round_dir(t) / "global" / ADAPTER_FILE).is_file()]
 
     def _revision(self, weights: Path) -> str:
         st = weights.stat()
@@ -329,7 +323,7 @@ class LocalStore:
         # Config first and round.json last: a reader of the root sees, at worst, a new config with old weights
         # for a moment (each file is replaced atomically); latest_global() reads rounds/<t>/global instead.
         names = [p.name for p in global_dir.iterdir() if p.is_file() and p.name != MODEL_CARD]
-        order = {ADAPTER_CONFIG: 0, ADAPTER_WEIGHTS: 1, ROUND_JSON: 3}
+        order = {CONFIG_FILE: 0, ADAPTER_FILE: 1, ROUND_FILE: 3}
         for name in sorted(names, key=lambda n: (order.get(n, 2), n)):
             src, dst = global_dir / name, self.path / name
             if dst.is_file() and _same_file_content(src, dst):
@@ -364,7 +358,7 @@ def _is_real_dir(path: Path) -> bool:
 
 def _is_upload_dir(folder: Path) -> bool:
     try:
-        return stat.S_ISDIR(os.lstat(folder).st_mode) and stat.S_ISREG(os.lstat(folder / CLIENT_JSON).st_mode)
+        return stat.S_ISDIR(os.lstat(folder).st_mode) and stat.S_ISREG(os.lstat(folder / CLIENT_FILE).st_mode)
     except OSError:
         return False
 
