@@ -66,6 +66,9 @@ class BaseModelMismatchError(ConfigMismatchError):
     """A client's base model is not the one its federation was created from (another checkpoint or dtype)."""
 
 
+_NOTICES_GIVEN: dict[str, bool] = {}
+"""The one-time notices already logged in this process (a notice repeated per client says nothing new)."""
+
 def _targets(config: Any, name: str, module: torch.nn.Module) -> bool:
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -195,8 +198,10 @@ def check_base_model(base_model: torch.nn.Module, config: Any, record: Mapping[s
         ```
     """
     if record is None:
-        logger.warning("This federation records no base model identity (created before it existed): the client's "
-                       "base model is not checked.")
+        if not _NOTICES_GIVEN.get("no_record"):  # once per process: a simulator builds many clients of one federation
+            _NOTICES_GIVEN["no_record"] = True
+            logger.warning("This federation records no base model identity (created before it existed, or by a "
+                           "coordinator given no base model): the client's base model is not checked.")
         return
     if not isinstance(record, Mapping) or not isinstance(record.get("weights_sha256"), Mapping):
         raise BaseModelMismatchError(

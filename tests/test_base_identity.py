@@ -185,7 +185,10 @@ def test_init_records_the_base_and_clients_are_checked(tmp_path, base_dir, capsy
     assert LocalStore(fed).read_federation()[BASE_IDENTITY_FIELD] == record
 
 
-def test_a_federation_from_before_the_record_loads_with_one_notice(tmp_path, base_dir, caplog):
+def test_a_federation_from_before_the_record_loads_with_one_notice(tmp_path, base_dir, caplog, monkeypatch):
+    import peft_hetlora.base_identity as base_identity_module
+
+    monkeypatch.setattr(base_identity_module, "_NOTICES_GIVEN", {})  # as in a fresh process
     fed = tmp_path / "fed"
     assert _init(fed, base_dir) == 0
     federation_file = fed / "federation.json"
@@ -194,6 +197,7 @@ def test_a_federation_from_before_the_record_loads_with_one_notice(tmp_path, bas
     federation_file.write_text(json.dumps(federation))
     with caplog.at_level(logging.WARNING, logger="peft_hetlora.base_identity"):
         model = peft_hetlora.get_federated_model(tiny_llama(seed=9), LocalStore(fed), max_rank=2)
+        peft_hetlora.get_federated_model(tiny_llama(seed=9), LocalStore(fed), max_rank=2)  # a second client
     assert model.get_rank() == 2
     notices = [r for r in caplog.records if r.name == "peft_hetlora.base_identity"]
     assert len(notices) == 1 and "not checked" in notices[0].getMessage()
