@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from peft_hetlora.simulation import runner
-from peft_hetlora.simulation.activation_cache import CachedCollator
-from peft_hetlora.simulation.config import SimulationConfig
+from hetlora_bench import runner
+from hetlora_bench.activation_cache import CachedCollator
+from hetlora_bench.arms import SimulationConfig
 
 
 def main() -> None:

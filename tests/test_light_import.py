@@ -66,8 +66,8 @@ def test_importing_the_package_registers_hetlora_with_peft(imports):
 # ----------------------------------------------------------------------------- the tuner stands on the leaf
 # Everything that is not the tuner (config, layer, model, export, quantisation, registration), the PEFT import hook,
 # the federation-settings reader, or the leaf `peft_hetlora.utils`.
-ENGINE_PACKAGES = ("peft_hetlora.federated", "peft_hetlora.flower", "peft_hetlora.simulation",
-                   "peft_hetlora.metrics", "peft_hetlora.commands", "peft_hetlora.cli")
+ENGINE_PACKAGES = ("peft_hetlora.federated", "peft_hetlora.flower", "peft_hetlora.model_source",
+                   "peft_hetlora.commands", "peft_hetlora.cli", "hetlora_bench")
 LEAF_ALLOWED_IMPORTS = {"__future__", "collections", "dataclasses", "json", "math", "numbers", "pathlib", "re",
                         "typing"}
 

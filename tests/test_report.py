@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from peft_hetlora.simulation.report import (
+from hetlora_bench.report import (
     default_target_method,
     format_bytes,
     homogeneous_rank,
@@ -144,7 +144,7 @@ def test_homogeneous_only_has_no_rank_plot_and_handles_missing_values(tmp_path):
 
 
 def test_read_metrics_roundtrip(tmp_path):
-    from peft_hetlora.simulation.report import read_metrics
+    from hetlora_bench.report import read_metrics
 
     write_report(example_metrics(), tmp_path / "s0", plots=False)
     write_report(example_metrics(1.0), tmp_path / "s1", plots=False)

@@ -10,9 +10,9 @@ import sys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peft_hetlora.simulation.config import DEFAULT_METHODS
-from peft_hetlora.simulation.report import _figure, _legend_below, method_styles, write_report
-from peft_hetlora.simulation.runner import RunProgress, cpu_seconds, format_duration
+from hetlora_bench.arms import DEFAULT_METHODS
+from hetlora_bench.report import _figure, _legend_below, method_styles, write_report
+from hetlora_bench.runner import RunProgress, cpu_seconds, format_duration
 
 
 class FakeClock:

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from hetlora_bench.arms import SimulationConfig
+from hetlora_bench.runner import RunFolderMismatch, run_simulation
 from peft_hetlora.cli import main
-from peft_hetlora.simulation.config import SimulationConfig
-from peft_hetlora.simulation.runner import RunFolderMismatch, run_simulation
 
 for package, hint in (
     ("chitchat_dataset", "pip install chitchat-dataset"),

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from ..federated.store import json_text
+from peft_hetlora.federated.store import json_text
+
 from .arm_report import extra_sections
 from .method_numbers import (  # noqa: F401  (re-exported: callers import these from report)
     _NAN,
@@ -396,7 +397,7 @@ def write_report(
         notes: markdown appended under the table (e.g. the run's configuration).
         seeds: labels of the seeds, for ``metrics.json`` (default 0, 1, ...).
         reference: with several seeds, the method the others are paired with per seed (default
-            ``homlora_rmax`` or the first method; see :mod:`peft_hetlora.simulation.seed_stats`).
+            ``homlora_rmax`` or the first method; see :mod:`hetlora_bench.seed_stats`).
         resources: what the run cost (``wall_s``, ``cpu_s``, ...), stored as ``resources`` in ``metrics.json``.
 
     Example:

@@ -29,20 +29,18 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
+from peft_hetlora.config import HetLoRAConfig, scaling_for
+from peft_hetlora.federated import Coordinator, LocalStore, truncate
+from peft_hetlora.federated.store import json_text
+from peft_hetlora.utils import HetLoRAError
 from trainer_callbacks import FederatedClientCallback
 
-from ..config import HetLoRAConfig, scaling_for
-from ..federated.aggregation import truncate
-from ..federated.coordinator import Coordinator
-from ..federated.errors import HetLoRAError
-from ..federated.local_store import LocalStore
-from ..federated.store import json_text
 from .activation_cache import (
     CachedBlocks,
 )
+from .arms import ARMS, SimulationConfig
 from .attacks import choose_attackers
 from .client_uploads import UploadTransform
-from .config import ARMS, SimulationConfig
 from .report import write_report
 from .workbench import Workbench, _model_folder, _ppl, prepare  # noqa: F401  (re-exported)
 
@@ -159,7 +157,7 @@ def arm_ranks(config: SimulationConfig, arm: str, initial_ranks: dict[str, int])
 
 def initial_client_ranks(config: SimulationConfig, clients: list[str], seed: int) -> dict[str, int]:
     """Each client's device rank under the configured policy (same for every arm of a seed)."""
-    from ..federated.rank_policy import RankPolicy
+    from peft_hetlora.federated import RankPolicy
 
     return RankPolicy.coerce(config.rank_policy).assign(clients, r_min=config.r_min, r_max=config.r_max, seed=seed)
 
@@ -508,7 +506,7 @@ def arm_coordinator_settings(
         "progress": False,
     }
     if "dp_epsilon" in spec:
-        from ..federated.privacy import DPConfig
+        from peft_hetlora.federated.privacy import DPConfig
 
         settings["dp"] = DPConfig(
             clip=config.dp_clip,
@@ -658,7 +656,7 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
         per_seed.append(metrics)
         cache_notes.append(f"seed {seed}: {wb.cache.describe() if wb.cache is not None else wb.cache_note}")
         if config.quantize is not None and not quant_note:
-            from ..quantization import quantization_summary
+            from peft_hetlora.quantization import quantization_summary
 
             quant_note = f"Base model quantised ({config.quantize}): {json_text(quantization_summary(wb.base_model))}."
         if wb.cache is not None and wb.cache.path is not None:

@@ -1,7 +1,7 @@
 """The numbers a simulation report shows per method: final / best perplexity, rounds and bytes to a target,
 perplexity at equal upload (`summarize`), and the helpers that read a method's evaluated rounds.
 
-Split out of [`report`][peft_hetlora.simulation.report], which re-exports every name here.
+Split out of [`report`][hetlora_bench.report], which re-exports every name here.
 
 Example:
     >>> rounds = [{"round": 0, "heldout_ppl": 80.0, "cum_upload_bytes": 0}, {"round": 1, "heldout_ppl": 60.0,

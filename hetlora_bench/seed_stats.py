@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..federated.errors import HetLoRAError
+from peft_hetlora.utils import HetLoRAError
 
 #: the default reference: HomLoRA at r_max on all clients (what a user runs when every device can afford it)
 DEFAULT_REFERENCE = "homlora_rmax"

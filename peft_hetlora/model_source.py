@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..federated.store import json_text
+from peft_hetlora.federated.store import json_text
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ..federated.aggregation import AGGREGATION_METHODS
+from peft_hetlora.federated import AGGREGATION_METHODS
 
 #: experiment arms `hetlora simulate` can run, in report order
 ARMS: dict[str, dict[str, Any]] = {
@@ -230,8 +230,8 @@ class SimulationConfig:
             raise ValueError(f"dp_clip must be a positive number, got {self.dp_clip!r}.")
         if self.dp_accountant not in ("rdp", "prv"):
             raise ValueError(f"dp_accountant must be 'rdp' or 'prv', got {self.dp_accountant!r}.")
-        from ..federated.compression import parse_message_format
-        from ..quantization import check_quantize_mode
+        from peft_hetlora.federated.compression import parse_message_format
+        from peft_hetlora.quantization import check_quantize_mode
 
         self.quantize = check_quantize_mode(self.quantize)
         self.message_format = parse_message_format(self.message_format).name

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..federated.local_store import LocalStore
-from .config import ARMS
+from peft_hetlora.federated import LocalStore
+
+from .arms import ARMS
 
 
 def load_base_model(model_dir: str) -> torch.nn.Module:
@@ -28,8 +29,9 @@ def load_base_model(model_dir: str) -> torch.nn.Module:
 
 def run_flower_arm(wb: Any, arm: str, arm_dir: Path, ranks0: dict[str, int]) -> dict[str, Any]:
     """Run one federated arm on Flower and return its metrics `{"rounds": [...], ...}`."""
-    from ..flower.local_round import LocalTrainingConfig
-    from ..flower.simulation import run_flower_simulation
+    from peft_hetlora.flower.local_round import LocalTrainingConfig
+
+    from .engines import run_flower_simulation
     from .runner import _adapter_config, arm_ranks
 
     config = wb.config

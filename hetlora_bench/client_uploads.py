@@ -29,13 +29,14 @@ from typing import Any
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
-from ..federated.compression import (
+from peft_hetlora.federated.compression import (
     MESSAGE_FORMAT_FIELD,
     decode_message,
     encode_message,
     parse_message_format,
     payload_nbytes,
 )
+
 from .attacks import poison_upload
 
 ADAPTER_FILE = "adapter_model.safetensors"
