@@ -49,11 +49,7 @@ from typing import Any
 import datasets
 
 from .clm_tokens import (  # noqa: F401  (re-exported: callers import these from data)
-    _CLM_FEATURES,
-    _TOKENIZED_CACHE,
-    _VOCAB_DIGESTS,
     CausalLMCollator,
-    _tokenizer_key,
     clear_tokenization_cache,
     corpus_token_stats,
     pad_token_id,

@@ -44,6 +44,7 @@ from peft_hetlora.federated import (
     RejectedUpload,
     RoundSettings,
     close_round,
+    get_aggregation,
     truncate,
     validate_update,
 )
@@ -370,13 +371,13 @@ def run_inprocess_simulation(
     setup = _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, r_min, training,
                    local_steps, seed, initial_state_dict, eval_dataset, data_collator, eval_batch_size)
     config = setup.config
-    if method == "fedavg" and setup.training.prune:  # as HetLoRAStrategy: homogeneous clients never prune
+    homogeneous = get_aggregation(method).homogeneous  # the method says whether every client holds one rank
+    if homogeneous and setup.training.prune:  # as HetLoRAStrategy: homogeneous clients never prune
         setup.training = dataclasses.replace(setup.training, prune=False)
     r_max, r_min_ = int(config["r"]), int(config["r_min"])
     scaling = scaling_from_config(config, r_max)
     spec = UploadSpec.from_state_dict(setup.initial, r_min=r_min_, r_max=r_max)
-    policy = RankPolicy.coerce(ranks) if ranks is not None else RankPolicy("constant" if method == "fedavg" else
-                                                                           "uniform")
+    policy = RankPolicy.coerce(ranks) if ranks is not None else RankPolicy("constant" if homogeneous else "uniform")
     client_ranks = policy.assign(setup.client_ids, r_min=r_min_, r_max=r_max, module_dims=dict(spec.modules),
                                  seed=seed)
     n = min(clients_per_round or len(setup.client_ids), len(setup.client_ids))
@@ -461,6 +462,6 @@ def _train_client(setup, state, plan, cid, seed, spec, method, failed, rounds) -
                           out.tail_norm_start, out.tail_norm_end, plan.revision)
     try:
         return validate_update(out.state_dict, report.to_json(), spec, client_id=cid, round_idx=plan.round,
-                               assigned_rank=rank, required_rank=rank if method == "fedavg" else None)
+                               assigned_rank=rank, required_rank=rank if get_aggregation(method).homogeneous else None)
     except RejectedUpload as err:
         return Rejection(cid, err.reason)

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_hetlora.federated import LocalStore
 
+from .arm_setup import arm_adapter_config, arm_ranks
 from .arms import ARMS
 
 
@@ -32,14 +33,13 @@ def run_flower_arm(wb: Any, arm: str, arm_dir: Path, ranks0: dict[str, int]) -> 
     from peft_hetlora.flower.local_round import LocalTrainingConfig
 
     from .engines import run_flower_simulation
-    from .runner import _adapter_config, arm_ranks
 
     config = wb.config
     spec = ARMS[arm]
     r_arm, ranks = arm_ranks(config, arm, ranks0)
     clients = sorted(ranks)
     run = run_flower_simulation(
-        adapter_config=_adapter_config(config, r_arm, wb, prune=spec["prune"]),
+        adapter_config=arm_adapter_config(config, r_arm, wb, prune=spec["prune"]),
         model_fn=functools.partial(load_base_model, str(wb.model_dir)),
         client_datasets={cid: wb.train[cid] for cid in clients},
         data_collator=wb.collator,

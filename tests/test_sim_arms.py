@@ -336,7 +336,8 @@ def test_window_clients_are_measured_on_the_whole_global_they_hold(tmp_path):
     bytes and its validation perplexity are those of the full rank-r_max adapter, not of a rank-k prefix."""
     from peft import get_peft_model, set_peft_model_state_dict
 
-    from hetlora_bench.runner import _adapter_config, run_simulation
+    from hetlora_bench.arm_setup import arm_adapter_config
+    from hetlora_bench.runner import run_simulation
     from hetlora_bench.workbench import prepare
 
     config = _quick(methods=["window_coverage"], num_clients=4, clients_per_round=3)
@@ -344,7 +345,7 @@ def test_window_clients_are_measured_on_the_whole_global_they_hold(tmp_path):
     arm_dir = tmp_path / "seed-0" / "window_coverage"
     rows = _jsonl(arm_dir / "rounds.jsonl")
     wb = prepare(config, 0)
-    model = get_peft_model(wb.base_model, _adapter_config(config, config.r_max, wb, prune=False))
+    model = get_peft_model(wb.base_model, arm_adapter_config(config, config.r_max, wb, prune=False))
     model.eval()
     store = arm_dir / "store" / "rounds"
     for t in (0, 1):

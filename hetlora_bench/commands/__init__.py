@@ -1,1 +1,1 @@
-"""The bench's `hetlora` subcommands (`simulate`, `report`), imported lazily by `peft_hetlora.cli.bench_command_module`."""
+"""The bench's `hetlora` subcommands (`simulate`, `report`), imported lazily by the `hetlora` CLI."""

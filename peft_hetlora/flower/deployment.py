@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import records as rec
 from .local_round import hetlora_config
+from .records import CLIENT_ID, PARTITION_ID, federation_adapter_config
 
 __all__ = ["PartitionClientIds", "initial_global_state"]
 
@@ -37,9 +37,9 @@ class PartitionClientIds:
     client_ids: Sequence[str]
 
     def __call__(self, node_config: Mapping[str, Any]) -> str:
-        if node_config.get(rec.CLIENT_ID):
-            return str(node_config[rec.CLIENT_ID])
-        return str(self.client_ids[int(node_config[rec.PARTITION_ID])])
+        if node_config.get(CLIENT_ID):
+            return str(node_config[CLIENT_ID])
+        return str(self.client_ids[int(node_config[PARTITION_ID])])
 
 
 def initial_global_state(model: nn.Module, adapter_config: Any, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -60,7 +60,7 @@ def initial_global_state(model: nn.Module, adapter_config: Any, seed: int = 0) -
     """
     from peft import get_peft_model, get_peft_model_state_dict
 
-    config = rec.federation_adapter_config(adapter_config)
+    config = federation_adapter_config(adapter_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, hetlora_config(config, int(config["r"])))
