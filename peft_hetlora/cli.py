@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 BENCH_COMMANDS: dict[str, str] = {"simulate": "simulate", "report": "report"}
 BENCH_INSTALL = "pip install 'peft-hetlora[bench]'"
 # third-party packages only the bench needs (setup.py's `bench` extra): missing one means the bench is not installed
-BENCH_DEPENDENCIES = ("matplotlib",)
+BENCH_DEPENDENCIES = ("matplotlib", "datasets", "yaml")
 _HANDLED = (ValueError, LookupError, RuntimeError, OSError, ImportError)
 
 # One exit status per kind of error (argparse itself exits 2 on a bad command line); `exit_status` maps errors.
