@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -482,20 +481,3 @@ def write_report(
         )
     (out / "metrics.json").write_text(json_text(json_safe(payload), indent=2), encoding="utf-8")
     return out / "report.md"
-
-
-def read_metrics(path: str | Path) -> Mapping[str, Any] | list[Mapping[str, Any]]:
-    """The input metrics stored in a ``metrics.json`` written by :func:`write_report` (a dict for one seed, a list
-    for several), e.g. to combine runs of different seeds into one report.
-
-    Example:
-        >>> runs = [read_metrics(f"runs/seed{s}/metrics.json") for s in (0, 1, 2)]  # doctest: +SKIP
-        >>> write_report(runs, "runs/all-seeds", seeds=[0, 1, 2])  # doctest: +SKIP
-    """
-    file = Path(path)
-    if file.is_dir():
-        file = file / "metrics.json"
-    payload = json.loads(file.read_text(encoding="utf-8"))
-    if "metrics" not in payload:
-        raise KeyError(f"{file} has no 'metrics' entry; was it written by write_report?")
-    return payload["metrics"]
