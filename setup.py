@@ -39,7 +39,7 @@ setup(
         "quant": ["bitsandbytes>=0.46"],
         "torchao": ["torchao>=0.16"],
         "docs": ["mkdocs>=1.6"],
-        # client-level DP accounting (RDP / PRV accountants) for peft_hetlora.federated.privacy
+        # client-level DP accounting (RDP / PRV accountants) for peft_hetlora.federated.aggregation.privacy
         "privacy": ["opacus>=1.5,<2"],
         "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100", "trl>=1.0"],
     },

@@ -43,12 +43,8 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from peft_hetlora.federated.aggregation import (  # noqa: E402
-    ClientUpdate,
-    StreamingAggregator,
-    aggregate,
-    update_norm,
-)
+from peft_hetlora.federated.adapter import update_norm  # noqa: E402
+from peft_hetlora.federated.aggregation import ClientUpdate, StreamingAggregator, aggregate  # noqa: E402
 
 LLAMA_1B = {"hidden": 2048, "intermediate": 8192, "kv_dim": 512, "layers": 16}
 QUICK = {"hidden": 256, "intermediate": 1024, "kv_dim": 64, "layers": 2}

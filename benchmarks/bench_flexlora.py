@@ -7,8 +7,9 @@ SVD. All three run in one process on the same in-memory client factors (Gaussian
 
 * dense: form ``W = sum_k p_k B_k A_k`` (``d_out x d_in``) and ``torch.linalg.svd`` it (of ``W^T`` when wide);
 * exact: ``FlexLoRA(svd="exact")``'s ``FactorStack`` (stacking + QRs + core SVD);
-* randomized: ``FlexLoRA(svd="randomized")`` (what ``"auto"`` picks here): a range finder with oversampling 16 and
-  2 power iterations, applied through the factors (Halko, Martinsson & Tropp 2011, arXiv 0909.4061).
+* randomized: ``FlexLoRA(svd="randomized")`` (what ``"auto"`` picked here before issue 25; it now folds into the
+  one-pass sketch): a range finder with oversampling 16 and 2 power iterations, applied through the factors
+  (Halko, Martinsson & Tropp 2011, arXiv 0909.4061).
 
 Errors: ``||W - B A||_2 / sigma_{r_max+1}(W)`` (1 is the best any rank-``r_max`` factorisation can do; from the
 eigenvalues of the residual's ``d_in x d_in`` Gram in float64) and the top-``r_max`` singular values against the dense
@@ -37,7 +38,7 @@ for _path in (REPO, REPO / "benchmarks"):
 import torch  # noqa: E402
 from bench_aggregation import client_ranks  # noqa: E402
 
-from peft_hetlora.federated.methods.flexlora import FactorStack  # noqa: E402
+from peft_hetlora.federated.aggregation.methods.flexlora import FactorStack  # noqa: E402
 
 SHAPES = {"q_proj 2048 x 2048": (2048, 2048), "up_proj 8192 x 2048": (8192, 2048)}
 QUICK_SHAPES = {"q 256 x 256": (256, 256), "up 1024 x 256": (1024, 256)}

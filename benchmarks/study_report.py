@@ -119,7 +119,7 @@ def gap_by_horizon(
 def adapter_component_norms(weights: dict[str, Any]) -> list[float]:
     """Per component j: the sum over LoRA modules of ||B[:, j]|| * ||A[j, :]|| (modules of different rank: the
     shorter ones count as zero beyond their rank)."""
-    from peft_hetlora.federated.keys import flat_a, flat_b, split_lora_keys
+    from peft_hetlora.federated.adapter import flat_a, flat_b, split_lora_keys
 
     modules, _ = split_lora_keys(weights)
     norms: list[float] = []
@@ -138,7 +138,7 @@ def component_norms(
     """Per arm, the mean over seeds of :func:`adapter_component_norms` of the global after `rounds` rounds."""
     from safetensors.torch import load_file
 
-    from peft_hetlora.federated.local_store import LocalStore
+    from peft_hetlora.federated.stores import LocalStore
 
     result = {}
     for arm, setting in sources.items():

@@ -266,7 +266,7 @@ class SimulationConfig:
             raise ValueError(f"dp_clip must be a positive number, got {self.dp_clip!r}.")
         if self.dp_accountant not in ("rdp", "prv"):
             raise ValueError(f"dp_accountant must be 'rdp' or 'prv', got {self.dp_accountant!r}.")
-        from peft_hetlora.federated.compression import parse_message_format
+        from peft_hetlora.federated.upload import parse_message_format
         from peft_hetlora.quantization import check_quantize_mode
 
         self.quantize = check_quantize_mode(self.quantize)

@@ -29,7 +29,7 @@ from typing import Any
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
-from peft_hetlora.federated.compression import (
+from peft_hetlora.federated.upload import (
     MESSAGE_FORMAT_FIELD,
     decode_message,
     encode_message,

@@ -50,7 +50,7 @@ from peft_hetlora.federated import (
 )
 from peft_hetlora.federated.federation import scaling_from_config
 from peft_hetlora.federated.protocol import NEXT_RANK_RULES, ClientReport, Rejection, plan_round
-from peft_hetlora.federated.validation import UploadSpec
+from peft_hetlora.federated.upload import UploadSpec
 from peft_hetlora.flower import (
     ClientTask,
     LocalTrainingConfig,
@@ -238,7 +238,7 @@ def run_flower_simulation(
         rounds, clients_per_round (default: all), local_steps / training, seed: the experiment settings.
         clip_norm: the influence bound (docs/aggregation.md); next_rank: ``"rank_out"`` (a client's next rank is
             the one it reported after pruning, the default) or ``"initial"`` (it keeps its assigned rank).
-        dp: a `peft_hetlora.federated.privacy.DPConfig` (client-level DP rounds; docs/privacy.md).
+        dp: a `peft_hetlora.federated.aggregation.privacy.DPConfig` (client-level DP rounds; docs/privacy.md).
         initial_state_dict: global adapter of round 0 at r_max (default: `initial_global_state` with ``seed``).
         eval_dataset: held-out data for a central evaluation of the global adapter before and after every round.
         fraction_evaluate: fraction of clients evaluating the global adapter on their ``eval_dataset`` each round.

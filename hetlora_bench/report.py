@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from peft_hetlora.federated.store import json_text
+from peft_hetlora.federated.stores import json_text
 
 from .arm_report import extra_sections
 from .figures import new_figure

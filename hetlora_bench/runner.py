@@ -30,7 +30,7 @@ from transformers.utils import logging as hf_logging
 
 from peft_hetlora.config import HetLoRAConfig
 from peft_hetlora.federated import Coordinator, LocalStore, truncate
-from peft_hetlora.federated.store import json_text
+from peft_hetlora.federated.stores import json_text
 from peft_hetlora.utils import ADAPTER_FILE, ROUND_FILE, HetLoRAError
 from trainer_callbacks import FederatedClientCallback
 
@@ -471,7 +471,7 @@ def arm_coordinator_settings(
         "progress": False,
     }
     if "dp_epsilon" in spec:
-        from peft_hetlora.federated.privacy import DPConfig
+        from peft_hetlora.federated.aggregation.privacy import DPConfig
 
         settings["dp"] = DPConfig(
             clip=config.dp_clip,

@@ -249,7 +249,7 @@ def exit_status(err: BaseException) -> int:
         (2, 1, 130)
         ```
     """
-    from .federated.errors import FederationMismatch, StoreError
+    from .utils.errors import FederationMismatch, StoreError
 
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED
@@ -263,7 +263,7 @@ def exit_status(err: BaseException) -> int:
 
 def handles(err: BaseException) -> bool:
     """Whether `err` becomes one line (a project error, bad input, storage, network) rather than a traceback."""
-    from .federated.errors import HetLoRAError
+    from .utils.errors import HetLoRAError
 
     return isinstance(err, (HetLoRAError, *_HANDLED)) or network_error(err) is not None
 
@@ -285,7 +285,7 @@ def error_line(err: BaseException) -> str:
         'no space left on device while writing fed/rounds/3: free some space and rerun the same command (it resumes).'
         ```
     """
-    from .federated.errors import HetLoRAError
+    from .utils.errors import HetLoRAError
 
     if isinstance(err, OSError) and err.errno == errno.ENOSPC and not isinstance(err, HetLoRAError):
         where = f" while writing {err.filename}" if err.filename else ""

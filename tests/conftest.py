@@ -36,10 +36,10 @@ def hub_double(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubDouble]:
 def store(request: pytest.FixtureRequest, tmp_path):
     """The coordinator's store: LocalStore, HubStore (client repos) or HubStore (pull requests) on the double."""
     if request.param == "local":
-        from peft_hetlora.federated.local_store import LocalStore
+        from peft_hetlora.federated.stores import LocalStore
 
         return LocalStore(tmp_path / "store", create=True)
-    from peft_hetlora.federated.hub_store import HubStore
+    from peft_hetlora.federated.stores import HubStore
 
     double = request.getfixturevalue("hub_double")
     return HubStore(
@@ -55,8 +55,7 @@ def store(request: pytest.FixtureRequest, tmp_path):
 def client_store(store, request: pytest.FixtureRequest, tmp_path) -> Callable[[str], object]:
     """`client_store(client_id)`: the same store as a client sees it (on the Hub: its own token, which can write
     only its own repo in client_repo mode and nothing in pr mode)."""
-    from peft_hetlora.federated.hub_store import HubStore
-    from peft_hetlora.federated.local_store import LocalStore
+    from peft_hetlora.federated.stores import HubStore, LocalStore
 
     def make(client_id: str):
         if isinstance(store, LocalStore):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from peft_hetlora.federated.coordinator import (
     Coordinator,
 )
-from peft_hetlora.federated.local_store import LocalStore
+from peft_hetlora.federated.stores import LocalStore
 
 MODULES = {  # name -> (d_in, d_out)
     "base_model.model.model.layers.0.self_attn.q_proj": (12, 10),

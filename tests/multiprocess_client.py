@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peft import get_peft_model_state_dict  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
-from peft_hetlora.federated.local_store import LocalStore  # noqa: E402
+from peft_hetlora.federated.stores import LocalStore  # noqa: E402
 from tests.test_callbacks import make_args, make_dataset, make_model  # noqa: E402
 from trainer_callbacks import FederatedClientCallback, run_client_rounds  # noqa: E402
 
@@ -70,7 +70,7 @@ def main() -> None:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     report["world_size"] = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if options.hub_endpoint:
-        from peft_hetlora.federated.hub_store import HubStore
+        from peft_hetlora.federated.stores import HubStore
 
         hub = HubStore(options.hub_repo, endpoint=options.hub_endpoint, token=options.hub_token,
                        cache_dir=out / f"hf-cache-{rank}")

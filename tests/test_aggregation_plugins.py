@@ -272,7 +272,7 @@ def test_weight_cap_leaves_ordinary_rounds_unchanged():
 
 
 def test_aggregation_errors_share_the_project_base():
-    from peft_hetlora.federated.errors import AggregationError, HetLoRAError
+    from peft_hetlora.utils.errors import AggregationError, HetLoRAError
 
     rng = np.random.default_rng(10)
     with pytest.raises(HetLoRAError, match="no client updates"):

@@ -31,7 +31,7 @@ from peft_hetlora.base_identity import (
 )
 from peft_hetlora.cli import main
 from peft_hetlora.federated import LocalStore
-from peft_hetlora.federated.errors import ConfigMismatchError
+from peft_hetlora.utils.errors import ConfigMismatchError
 from tests.tiny_models import randomize_adapter, tiny_llama, token_batch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainingArguments
 
 import peft_hetlora
 from peft_hetlora.federated.aggregation import ClientUpdate, aggregate
-from peft_hetlora.federated.local_store import LocalStore
+from peft_hetlora.federated.stores import LocalStore
 from tests.tiny_models import VOCAB_SIZE, tiny_llama
 from trainer_callbacks import FederatedClientCallback, HetLoRACallback, run_client_rounds
 
@@ -343,7 +343,7 @@ def _published_store(tmp_path, ranks, **config):
     ],
 )
 def test_client_with_other_math_settings_is_refused_before_any_step(tmp_path, field, client, shown):
-    from peft_hetlora.federated.errors import ConfigMismatchError, HetLoRAError
+    from peft_hetlora.utils.errors import ConfigMismatchError, HetLoRAError
 
     store = _published_store(tmp_path, {"alice": 4})
     settings = {"r": 8, "rank": 4, "lora_alpha": 16, "target_modules": TARGETS, **client}
@@ -363,8 +363,8 @@ def test_client_with_other_math_settings_is_refused_before_any_step(tmp_path, fi
 
 
 def test_check_matches_federation_covers_layer_math_fields():
-    from peft_hetlora.federated.errors import ConfigMismatchError
     from peft_hetlora.federation_config import check_matches_federation
+    from peft_hetlora.utils.errors import ConfigMismatchError
 
     ours = {"r": 8, "lora_alpha": 16, "target_modules": ["v_proj", "q_proj"], "layers_to_transform": 1}
     # equal up to representation: list order, int vs [int], int vs float alpha, defaults spelled out
@@ -391,7 +391,7 @@ def test_rank_above_the_device_budget_trains_at_the_budget(tmp_path):
 
 
 def test_budget_below_the_federation_r_min_is_refused(tmp_path):
-    from peft_hetlora.federated.errors import RankError
+    from peft_hetlora.utils.errors import RankError
 
     store = LocalStore(tmp_path / "fed", create=True)
     from peft import get_peft_model_state_dict
@@ -404,7 +404,7 @@ def test_budget_below_the_federation_r_min_is_refused(tmp_path):
 
 
 def test_from_federation_builds_a_config_that_cannot_differ(tmp_path):
-    from peft_hetlora.federated.errors import ConfigMismatchError
+    from peft_hetlora.utils.errors import ConfigMismatchError
 
     store = _published_store(tmp_path, {"alice": 2}, lora_alpha=32, rank_scaling="rslora", layers_to_transform=[1])
     config = peft_hetlora.HetLoRAConfig.from_federation(store, rank=3, prune_lambda=0.5)
@@ -424,7 +424,7 @@ def test_from_federation_builds_a_config_that_cannot_differ(tmp_path):
 
 
 def test_from_federation_refuses_a_budget_below_r_min(tmp_path):
-    from peft_hetlora.federated.errors import RankError
+    from peft_hetlora.utils.errors import RankError
 
     store = _published_store(tmp_path, {"alice": 4}, r_min=3)
     assert peft_hetlora.HetLoRAConfig.from_federation(store, rank=3).r_min == 3
@@ -523,7 +523,7 @@ def test_window_is_cut_to_the_budget_and_pruning_shrinks_the_uploaded_components
 
 @pytest.mark.parametrize("bad", [[1, 1], [8], [-1], [], "0,1", [True]])
 def test_malformed_components_in_round_json_are_refused_before_any_step(tmp_path, bad):
-    from peft_hetlora.federated.errors import RankError
+    from peft_hetlora.utils.errors import RankError
 
     store, _ = _publish_window(tmp_path, {"dave": bad}, ranks={"dave": 2})
     model = make_model(rank=4)

@@ -104,7 +104,7 @@ def test_full_disk_is_one_line_and_a_non_zero_exit(tmp_path, capsys, full_disk, 
 
 
 def test_project_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    from peft_hetlora.federated.errors import ConfigMismatchError
+    from peft_hetlora.utils.errors import ConfigMismatchError
 
     monkeypatch.delenv("HETLORA_DEBUG", raising=False)
 
@@ -212,7 +212,7 @@ def test_init_needs_clients_and_a_model(tmp_path, base_dir, capsys):
 
 
 def test_init_on_a_hub_store(hub_double, tmp_path, base_dir, capsys):
-    from peft_hetlora.federated.hub_store import HubStore
+    from peft_hetlora.federated.stores import HubStore
 
     hub = ["--hub-endpoint", hub_double.endpoint, "--hub-token", hub_double.token]
     assert _init("hf://hetlora/init-fed", base_dir, *hub) == 0
@@ -253,7 +253,7 @@ def _raise(err):
 
 
 def _store_full():
-    from peft_hetlora.federated.errors import StoreFullError
+    from peft_hetlora.utils.errors import StoreFullError
 
     err = StoreFullError("The disk of store runs/fed is full while writing rounds/3: free some space there and run "
                          "the same command again to resume.")
@@ -262,7 +262,7 @@ def _store_full():
 
 
 def _kinds():
-    from peft_hetlora.federated.errors import (
+    from peft_hetlora.utils.errors import (
         ConfigMismatchError,
         CoordinatorError,
         FederationMismatch,
@@ -468,3 +468,25 @@ def test_init_export_and_a_model_load_print_no_noise(tmp_path, refused_endpoint)
         found = [noise for noise in NOISE if noise in proc.stderr]
         assert not found, (command[2:4], found, proc.stderr[-3000:])
     assert "CLIENT OK" in proc.stdout
+
+
+@pytest.mark.parametrize("value, expected", [("adaptive", "adaptive"), ("off", "off"), ("2.5", 2.5)])
+def test_clip_norm_takes_the_named_bounds_and_a_number(tmp_path, value, expected):
+    """`--clip-norm off` is the operator's explicit opt-out of the default adaptive bound (issue 22)."""
+    import json
+
+    from peft_hetlora.cli import main as cli_main
+    from tests.tiny_models import saved_lora_llama
+
+    saved_lora_llama(tmp_path / "adapter")
+    assert cli_main(["coordinate", "--store", str(tmp_path / "fed"), "--init-adapter", str(tmp_path / "adapter"),
+                     "--clients", "a,b", "--rounds", "1", "--clip-norm", value]) == 0
+    assert json.loads((tmp_path / "fed" / "federation.json").read_text())["clip_norm"] == expected
+
+
+def test_clip_norm_refuses_anything_else_with_the_choices(capsys):
+    from peft_hetlora.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["coordinate", "--store", "x", "--clip-norm", "-1"])
+    assert exit_info.value.code == 2 and "adaptive" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from peft_hetlora.federated.component_selection import SELECTION_POLICIES, select_components
-from peft_hetlora.federated.errors import RankError
+from peft_hetlora.utils.errors import RankError
 
 
 def coverage(selection, r_max):

@@ -15,11 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from peft_hetlora.federated import Coordinator, LocalStore
-from peft_hetlora.federated._components import UpdateShapeError, validate_round
-from peft_hetlora.federated.aggregation import ClientUpdate
-from peft_hetlora.federated.errors import AggregationError, FederationMismatch
+from peft_hetlora.federated.aggregation import ClientUpdate, UpdateShapeError, validate_round
 from peft_hetlora.federated.protocol import RoundSettings, plan_round
-from peft_hetlora.federated.validation import RejectedUpload, UploadSpec, validate_update
+from peft_hetlora.federated.upload import RejectedUpload, UploadSpec, validate_update
+from peft_hetlora.utils.errors import AggregationError, FederationMismatch
 from tests import reference
 from tests.test_callbacks import _train, make_model
 from trainer_callbacks import FederatedClientCallback

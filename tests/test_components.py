@@ -9,11 +9,10 @@ import pytest
 import reference
 import torch
 
-from peft_hetlora.federated.aggregation import ClientUpdate, StreamingAggregator, aggregate
-from peft_hetlora.federated.components import check_components, coverage_counts, is_prefix
-from peft_hetlora.federated.errors import AggregationError, HetLoRAError, RankError
-from peft_hetlora.federated.influence import clip_to_sent_factors
-from peft_hetlora.federated.methods import AggregationMethod, register_aggregation, unregister_aggregation
+from peft_hetlora.federated.adapter import check_components, coverage_counts, is_prefix
+from peft_hetlora.federated.aggregation import ClientUpdate, StreamingAggregator, aggregate, clip_to_sent_factors
+from peft_hetlora.federated.aggregation.methods import AggregationMethod, register_aggregation, unregister_aggregation
+from peft_hetlora.utils.errors import AggregationError, HetLoRAError, RankError
 
 R_MAX = 8
 SCALE = 0.5
@@ -312,7 +311,7 @@ def test_a_rejected_indexed_update_leaves_the_aggregator_unchanged():
 
 
 def test_gather_components_is_the_sent_window_and_truncate_is_its_prefix_case():
-    from peft_hetlora.federated.keys import gather_components, truncate
+    from peft_hetlora.federated.adapter import gather_components, truncate
 
     prev = make_sd(np.random.default_rng(7), R_MAX)
     got = gather_components(prev, (6, 7, 0))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from peft_hetlora.federated.compression import (
+from peft_hetlora.federated.upload import (
     MESSAGE_FORMAT_FIELD,
     SCALE_SUFFIX,
     ErrorFeedback,
@@ -23,7 +23,7 @@ from peft_hetlora.federated.compression import (
     parse_message_format,
     payload_nbytes,
 )
-from peft_hetlora.federated.errors import HetLoRAError
+from peft_hetlora.utils.errors import HetLoRAError
 
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -207,7 +207,7 @@ def test_message_bytes_must_agree_with_the_declaration_and_parse():
 def test_module_depends_only_on_torch_safetensors_and_the_standard_library():
     import ast
 
-    import peft_hetlora.federated.compression as module
+    import peft_hetlora.federated.upload.formats as module
 
     tree = ast.parse(open(module.__file__, encoding="utf-8").read())
     roots = set()

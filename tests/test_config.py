@@ -16,9 +16,9 @@ from peft.utils.peft_types import PeftType
 
 import peft_hetlora
 from peft_hetlora import HetLoRAConfig, HetLoRAModel
-from peft_hetlora.federated.errors import ConfigMismatchError
 from peft_hetlora.federated.federation import scaling_from_config
 from peft_hetlora.utils import CONFIG_FILE, FEDERATION_FILE, scaling_for
+from peft_hetlora.utils.errors import ConfigMismatchError
 
 try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
     from tiny_models import TwoLinear, one_thread_per_module  # noqa: F401  (autouse fixture)

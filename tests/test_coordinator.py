@@ -26,8 +26,8 @@ from peft_hetlora.federated.coordinator import (
     FederationMismatch,
     global_adapter_config,
 )
-from peft_hetlora.federated.local_store import LocalStore
 from peft_hetlora.federated.rank_policy import RankPolicy
+from peft_hetlora.federated.stores import LocalStore
 from tests.coordinator_fakes import (  # noqa: F401  (the two fixtures register by import)
     ALPHA,
     CLIENTS,

@@ -19,8 +19,8 @@ from peft_hetlora.federated.coordinator import (
     Coordinator,
     FederationMismatch,
 )
-from peft_hetlora.federated.local_store import LocalStore
 from peft_hetlora.federated.rank_policy import RankPolicy
+from peft_hetlora.federated.stores import LocalStore
 from tests.coordinator_fakes import (  # noqa: F401  (the two fixtures register by import)
     ALPHA,
     Clock,
@@ -40,7 +40,7 @@ from tests.coordinator_fakes import (  # noqa: F401  (the two fixtures register 
 @pytest.mark.parametrize("mode", ["client_repo", "pr"])
 def test_rounds_on_a_hub_store(hub_double, tmp_path, init_dir, mode):
     """The same state machine on HubStore (Hub test double): clients write with their own tokens."""
-    from peft_hetlora.federated.hub_store import HubStore
+    from peft_hetlora.federated.stores import HubStore
 
     store = HubStore("hetlora/fed", endpoint=hub_double.endpoint, token=hub_double.token, client_mode=mode,
                      cache_dir=tmp_path / "hf-coordinator")
@@ -149,7 +149,7 @@ def test_global_is_a_hetlora_adapter_that_peft_loads(tmp_path):
 
 
 def test_cli_on_a_hub_store(hub_double, tmp_path, init_dir, capsys):
-    from peft_hetlora.federated.hub_store import HubStore
+    from peft_hetlora.federated.stores import HubStore
 
     hub = ["--store", "hf://hetlora/cli-fed", "--hub-endpoint", hub_double.endpoint, "--hub-token",
            hub_double.token, "--no-progress", "--log-level", "WARNING"]
@@ -238,7 +238,7 @@ def test_weighted_mean_is_overflow_safe_and_non_finite_becomes_null_with_a_reaso
 
 
 def _kill_root_refresh_of(monkeypatch, round_idx: int) -> None:
-    from peft_hetlora.federated import local_store
+    from peft_hetlora.federated.stores import local as local_store
 
     real = local_store.LocalStore._refresh_root
 
@@ -278,7 +278,7 @@ def test_restart_removes_temp_files_of_killed_coordinators_only(store, init_dir,
     import subprocess
     import sys
 
-    from peft_hetlora.federated.temp_files import _HOST, temp_prefix
+    from peft_hetlora.federated.stores.temp_files import _HOST, temp_prefix
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()

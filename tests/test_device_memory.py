@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from peft_hetlora.federated.device_memory import DeviceMemoryError, DeviceMemoryTable, default_table
-from peft_hetlora.federated.errors import HetLoRAError, RankError
+from peft_hetlora.utils.errors import HetLoRAError, RankError
 
 MIB = 2**20
 

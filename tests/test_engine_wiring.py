@@ -16,10 +16,10 @@ from test_coordinator import CLIENTS, FakeClients, initial_adapter, make_coordin
 
 from peft_hetlora.commands.coordinate import main
 from peft_hetlora.federated import AGGREGATION_METHODS, RobustMethod, register_aggregation, unregister_aggregation
-from peft_hetlora.federated.errors import AggregationError
-from peft_hetlora.federated.local_store import LocalStore
-from peft_hetlora.federated.privacy import DPConfig, privacy_spent
+from peft_hetlora.federated.aggregation.privacy import DPConfig, privacy_spent
 from peft_hetlora.federated.protocol import plan_round, poisson_sample
+from peft_hetlora.federated.stores import LocalStore
+from peft_hetlora.utils.errors import AggregationError
 
 
 def global_np(store: LocalStore, t: int) -> dict[str, np.ndarray]:

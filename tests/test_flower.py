@@ -28,7 +28,7 @@ from tiny_models import tiny_llama  # noqa: E402
 from hetlora_bench.engines import run_flower_simulation, run_inprocess_simulation  # noqa: E402
 from hetlora_bench.toy import ToyTask  # noqa: E402
 from peft_hetlora import HetLoRAConfig  # noqa: E402
-from peft_hetlora.federated.local_store import LocalStore  # noqa: E402
+from peft_hetlora.federated.stores import LocalStore  # noqa: E402
 from peft_hetlora.flower import (  # noqa: E402
     HetLoRAStrategy,
     LocalTrainingConfig,
@@ -433,7 +433,7 @@ def test_simulation_failing_node_is_reported_and_rounds_complete(simulation):
 
 
 def test_dp_rounds_on_flower_equal_the_plain_mean_without_noise_and_record_epsilon(initial, tmp_path):
-    from peft_hetlora.federated.privacy import DPConfig, privacy_spent
+    from peft_hetlora.federated.aggregation.privacy import DPConfig, privacy_spent
 
     dp = DPConfig(clip=1e9, noise_multiplier=0.0, delta=1e-5, sampling_rate=1.0, expected_clients=3)
     store = LocalStore(tmp_path / "fed", create=True)
@@ -501,7 +501,7 @@ def test_window_selection_needs_a_method_that_takes_components():
 
 
 def test_bf16_and_int8_replies_are_decoded_before_aggregation_and_lies_are_rejected(initial):
-    from peft_hetlora.federated.compression import SCALE_SUFFIX
+    from peft_hetlora.federated.upload import SCALE_SUFFIX
 
     ranks = {"client-0": 4, "client-1": 4, "client-2": 4}
     grid = inline_grid(3)

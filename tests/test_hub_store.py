@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load, load_file
 
-from peft_hetlora.federated.hub_store import HubStore, UploadTooLargeError, _retry_after_s
+from peft_hetlora.federated.stores import HubStore, RetryPolicy, UploadTooLargeError
+from peft_hetlora.federated.stores.hub_requests import HubRepo, retry_after_s
 
 try:  # tests/ as a package or as a rootdir-relative folder
     from tests.test_store_contract import KEY_A, make_client, make_global
@@ -164,7 +167,7 @@ def test_pr_mode(hub_double, tmp_path):
 
 def test_429_is_retried_after_retry_after(fed, hub_double, tmp_path):
     waits = []
-    fed._sleep = waits.append
+    fed.hub.sleep = waits.append
     hub_double.inject("commit", 429, times=2, headers={"Retry-After": "0.05"})
     fed.publish_global(0, make_global(tmp_path, 0, seed=0))
     assert waits == [0.05, 0.05]
@@ -174,15 +177,15 @@ def test_429_is_retried_after_retry_after(fed, hub_double, tmp_path):
     waits.clear()
     hub_double.inject("commit", 503, times=2)  # no Retry-After: exponential backoff
     fed.write_summary(0, {"accepted": []})
-    assert waits == [fed.backoff_s, 2 * fed.backoff_s]
+    assert waits == [fed.hub.retry.backoff_s, 2 * fed.hub.retry.backoff_s]
 
 
 def test_429_gives_up_when_asked_to_wait_too_long_or_too_often(fed, hub_double, tmp_path):
-    fed._sleep = lambda s: None
+    fed.hub.sleep = lambda s: None
     hub_double.inject("commit", 429, headers={"Retry-After": "3600"})
     with pytest.raises(HfHubHTTPError, match="max_wait_s"):
         fed.write_federation({"r_max": 4})
-    fed.max_retries = 2
+    fed.hub.retry = RetryPolicy(max_retries=2)
     hub_double.inject("commit", 429, times=3, headers={"Retry-After": "0"})
     with pytest.raises(HfHubHTTPError, match="429"):
         fed.write_federation({"r_max": 4})
@@ -198,7 +201,7 @@ def test_412_stale_parent_is_retried(fed, hub_double, tmp_path):
     head = hub_double.files(fed.repo_id)
     assert head["notes.txt"] == b"someone else" and "rounds/0/global/adapter_model.safetensors" in head
 
-    fed.max_retries = 1
+    fed.hub.retry = RetryPolicy(max_retries=1)
     hub_double.before("commit", lambda d: d.commit(fed.repo_id, {"notes.txt": b"again"}), times=2)
     with pytest.raises(HfHubHTTPError, match="412"):
         fed.write_summary(0, {"accepted": []})
@@ -233,11 +236,11 @@ def test_download_refuses_files_over_the_limit(fed, hub_double, tmp_path):
 
 
 def test_retry_after_parsing():
-    assert _retry_after_s({"Retry-After": "0.05"}) == 0.05
-    assert _retry_after_s({"Retry-After": "7"}) == 7.0
+    assert retry_after_s({"Retry-After": "0.05"}) == 0.05
+    assert retry_after_s({"Retry-After": "7"}) == 7.0
     when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
-    assert 25 < _retry_after_s({"Retry-After": when}) <= 30
-    assert _retry_after_s({}) is None
+    assert 25 < retry_after_s({"Retry-After": when}) <= 30
+    assert retry_after_s({}) is None
 
 
 def test_double_speaks_like_the_hub(hub_double):
@@ -269,22 +272,22 @@ def test_download_is_one_commit_of_regular_files_even_under_a_reupload(fed, hub_
     first = make_client(tmp_path, 0, "alice", seed=1)
     second = make_client(tmp_path, 0, "alice", seed=2)
     alice.upload_client(0, "alice", first)
-    real_download, fired = HubStore._download, []
+    real_download, fired = HubRepo.download, []
 
     def download_then_reupload(self, repo, path, revision):
         out = real_download(self, repo, path, revision)
-        if not fired and self is fed:
+        if not fired and self is fed.hub:
             fired.append(path)
             alice.upload_client(0, "alice", second)  # a new commit lands between the two downloads
         return out
 
-    monkeypatch.setattr(HubStore, "_download", download_then_reupload)
+    monkeypatch.setattr(HubRepo, "download", download_then_reupload)
     folder = fed.download_client(0, "alice")
     assert fired
     for name in ("client.json", "adapter_model.safetensors"):
         assert stat_mod.S_ISREG(os.lstat(folder / name).st_mode), name  # a copy, not a link into the cache
         assert (folder / name).read_bytes() == (first / name).read_bytes(), name
-    monkeypatch.setattr(HubStore, "_download", real_download)
+    monkeypatch.setattr(HubRepo, "download", real_download)
     again = fed.download_client(0, "alice")
     assert (again / "adapter_model.safetensors").read_bytes() == (second / "adapter_model.safetensors").read_bytes()
 
@@ -324,3 +327,47 @@ def test_a_missing_round_tag_is_created_when_the_coordinator_resumes(hub_double,
     assert not [c for c in commits if "stage" in c]  # the staged global travels in the summary's commit
     assert make_coordinator(store, None, rounds=1, clients_per_round=4).step() == "done"
     assert main_commits(hub_double, "hetlora/fed") == commits  # a restart with nothing to repair commits nothing
+
+
+# ------------------------------------------------------------------------------- HubRepo, composed (issue 23)
+def test_retry_policy_waits_follow_the_hand_formula():
+    policy = RetryPolicy(max_retries=6, backoff_s=0.25, max_wait_s=3.0)
+    expected = [0.25, 0.5, 1.0, 2.0, 3.0, 3.0]  # 0.25 * 2**k, capped at max_wait_s
+    assert [policy.wait_s(k, None) for k in range(6)] == expected
+    assert policy.wait_s(5, 0.0) == 0.0 and policy.wait_s(0, 120.0) == 120.0  # the Hub's Retry-After wins
+
+
+def test_hub_store_composes_one_hub_repo_built_from_its_arguments(tmp_path):
+    store = HubStore("org/fed", endpoint="https://hub.example", token="t", private=False, max_retries=3,
+                     backoff_s=0.5, max_wait_s=9.0, cache_dir=tmp_path / "c")
+    assert type(store).__mro__ == (HubStore, object)  # no mixin: the requests live in store.hub
+    assert isinstance(store.hub, HubRepo) and store.api is store.hub.api
+    assert store.hub.retry == RetryPolicy(max_retries=3, backoff_s=0.5, max_wait_s=9.0)
+    assert (store.endpoint, store.hub.private, store.hub.cache_dir) == ("https://hub.example", False,
+                                                                          str(tmp_path / "c"))
+
+
+def test_a_card_is_committed_by_the_store_not_by_the_requests(fed, hub_double):
+    fed.write_federation({"r_max": 4})
+    assert b"HetLoRA federation" in hub_double.files(fed.repo_id)["README.md"]
+    fed.hub.commit(fed.repo_id, lambda snap: ({"notes.txt": b"n"}, []), "plain commit")
+    files = hub_double.files(fed.repo_id)
+    assert files["notes.txt"] == b"n" and b"HetLoRA federation" in files["README.md"]
+
+
+header_values = st.one_of(st.text(max_size=40), st.floats(allow_nan=True).map(str),
+                          st.datetimes().map(lambda d: format_datetime(d.replace(tzinfo=timezone.utc), usegmt=True)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=header_values, ratelimit=st.one_of(st.none(), st.text(max_size=40)))
+def test_retry_after_never_fails_on_what_a_server_sends(value, ratelimit):
+    headers = {"Retry-After": value} if ratelimit is None else {"Retry-After": value, "RateLimit": ratelimit}
+    wait = retry_after_s(headers)
+    assert wait is None or (isinstance(wait, float) and wait >= 0.0)
+    try:
+        seconds = float(value)
+    except ValueError:
+        return
+    if value and seconds == seconds:  # a plain number of seconds (not NaN): taken as is, never negative
+        assert wait == max(0.0, seconds)

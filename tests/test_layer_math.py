@@ -337,9 +337,9 @@ def test_set_rank_rejects_invalid_ranks(bad):
 # ----------------------------------------------------------------------------- truncate / pad
 def test_truncate_then_pad_identity():
     try:
-        from peft_hetlora.federated.aggregation import pad, truncate
+        from peft_hetlora.federated.adapter import pad, truncate
     except ImportError:
-        pytest.skip("peft_hetlora.federated.aggregation (truncate / pad) is not available yet")
+        pytest.skip("peft_hetlora.federated.aggregation.streaming (truncate / pad) is not available yet")
     model = linear_model(r=8, rank=8)
     full = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     small = truncate(full, 3)

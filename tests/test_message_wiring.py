@@ -20,8 +20,7 @@ from safetensors.torch import save as save_bytes
 
 from peft_hetlora.federated import Coordinator, LocalStore
 from peft_hetlora.federated.aggregation import ClientUpdate
-from peft_hetlora.federated.compression import SCALE_SUFFIX, encode_state_dict
-from peft_hetlora.federated.validation import RejectedUpload, UploadSpec, validate_update
+from peft_hetlora.federated.upload import SCALE_SUFFIX, RejectedUpload, UploadSpec, encode_state_dict, validate_update
 from tests import reference
 from tests.test_callbacks import _train, make_model
 from tests.test_component_wiring import _initial_adapter

@@ -18,8 +18,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 import peft_hetlora
-from peft_hetlora.federated.hub_store import HubStore
-from peft_hetlora.federated.local_store import LocalStore
+from peft_hetlora.federated.stores import HubStore, LocalStore
 from tests.test_callbacks import TARGETS, make_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("opacus")
 
 from peft_hetlora.federated.aggregation import ClientUpdate, aggregate  # noqa: E402
-from peft_hetlora.federated.privacy import (  # noqa: E402
+from peft_hetlora.federated.aggregation.privacy import (  # noqa: E402
     DPConfig,
     DPConfigError,
     dp_aggregate,

@@ -21,7 +21,6 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from peft_hetlora import HetLoRAConfig, export_lora
-from peft_hetlora.federated.errors import HetLoRAError
 from peft_hetlora.quantization import (
     UnsupportedQuantizationError,
     check_quantize_mode,
@@ -36,6 +35,7 @@ from peft_hetlora.quantized_layers import (
     dispatch_quantized,
     quantized_backend,
 )
+from peft_hetlora.utils.errors import HetLoRAError
 
 try:
     from tiny_models import one_thread_per_module, randomize_adapter, tiny_llama, token_batch  # noqa: F401  (autouse fixture)
@@ -349,7 +349,7 @@ def _smollm2_cached() -> str | None:
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
 @pytest.mark.parametrize("mode", ["8bit", "4bit"])
 def test_smollm2_client_on_a_quantised_base_trains_prunes_uploads_and_reloads(mode, tmp_path):
-    from peft_hetlora.federated.compression import decode_message, encode_message
+    from peft_hetlora.federated.upload import decode_message, encode_message
 
     folder = _smollm2_cached()
     if folder is None:

@@ -187,8 +187,8 @@ def _hand_fit(peaks):
 def test_measured_memory_budget_uses_the_shipped_table_numbers():
     import pytest
 
-    from peft_hetlora.federated.errors import RankError
     from peft_hetlora.federated.rank_policy import RankPolicy
+    from peft_hetlora.utils.errors import RankError
 
     # SmolLM2-135M float32 hetlora peaks (device_memory._SMOLLM2_135M), copied here as plain numbers
     f32 = {2: 1166559232, 8: 1162876928, 16: 1165776896}

@@ -15,7 +15,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainerState
 
-from peft_hetlora.federated.local_store import LocalStore
+from peft_hetlora.federated.stores import LocalStore
 from tests.test_callbacks import _publish, make_args, make_dataset, make_model
 from trainer_callbacks import FederatedClientCallback, HetLoRACallback, run_client_rounds
 from trainer_callbacks.federated_client import CheckpointMismatchError

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from peft_hetlora.federated.aggregation import ClientUpdate, aggregate
-from peft_hetlora.federated.errors import HetLoRAError, RankError
-from peft_hetlora.federated.robust import RobustConfigError, robust_aggregate, robust_stat
+from peft_hetlora.federated.aggregation.methods.robust import RobustConfigError, robust_aggregate, robust_stat
+from peft_hetlora.utils.errors import HetLoRAError, RankError
 
 try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
     from lora_keys import EXTRA, ak, bk

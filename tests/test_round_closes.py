@@ -20,12 +20,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import peft_hetlora.federated.robust  # noqa: F401  (registers median / trimmed_mean)
-from peft_hetlora.federated.aggregation import MAX_UPDATE_NORM, ClientUpdate, aggregate, capped_weights
-from peft_hetlora.federated.influence import DEFAULT_BOUND_MULTIPLIER, DEFAULT_INFLUENCE_BOUND
-from peft_hetlora.federated.methods import AGGREGATION_METHODS, get_aggregation, register_aggregation
-from peft_hetlora.federated.methods.flexlora import FlexLoRA, FlexLoRAHeld
-from peft_hetlora.federated.privacy import DPConfig
+import peft_hetlora.federated.aggregation.methods.robust  # noqa: F401  (registers median / trimmed_mean)
+from peft_hetlora.federated.aggregation import (
+    DEFAULT_BOUND_MULTIPLIER,
+    DEFAULT_INFLUENCE_BOUND,
+    MAX_UPDATE_NORM,
+    ClientUpdate,
+    aggregate,
+    capped_weights,
+)
+from peft_hetlora.federated.aggregation.methods import AGGREGATION_METHODS, get_aggregation, register_aggregation
+from peft_hetlora.federated.aggregation.methods.flexlora import FlexLoRA, FlexLoRAHeld
+from peft_hetlora.federated.aggregation.privacy import DPConfig
 from peft_hetlora.federated.protocol import Rejection, RoundPlan, RoundSettings, close_round
 
 R_MAX = 4
@@ -290,7 +296,7 @@ def test_a_permuted_prefix_cannot_halt_a_dp_round():
 def test_a_non_finite_aggregate_is_not_published(monkeypatch):
     """The global is checked finite before it is staged: if it is not, the previous global stands and the summary
     says why (forced here: the checks per client make it unreachable with validated uploads)."""
-    from peft_hetlora.federated.methods import base
+    from peft_hetlora.federated.aggregation.methods import base
 
     real = base.PaddedSum.result
 
@@ -374,7 +380,7 @@ def test_the_coordinator_closes_the_round_and_a_restart_goes_on(tmp_path, method
     from coordinator_fakes import FakeClients, initial_adapter, make_coordinator
 
     from peft_hetlora.federated.coordinator import Coordinator
-    from peft_hetlora.federated.local_store import LocalStore
+    from peft_hetlora.federated.stores import LocalStore
 
     store = LocalStore(tmp_path / "fed", create=True)
     coord = make_coordinator(store, None, method=method, clients_per_round=4, rounds=2)

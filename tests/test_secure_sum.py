@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from peft_hetlora.federated.aggregation import ClientUpdate, aggregate
-from peft_hetlora.federated.errors import RankError
-from peft_hetlora.federated.secure_sum import SecureSumError, client_share, combine, sum_shares
+from peft_hetlora.federated.aggregation.privacy import SecureSumError, client_share, combine, sum_shares
+from peft_hetlora.utils.errors import RankError
 
 try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
     from lora_keys import EXTRA, ak, bk

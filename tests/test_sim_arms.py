@@ -208,7 +208,7 @@ def _quick(**overrides):
 
 def _stored_factors(client_dir):
     """A stored upload decoded as the server does: by the format its client.json declares (fp32 when absent)."""
-    from peft_hetlora.federated.compression import decode_message
+    from peft_hetlora.federated.upload import decode_message
 
     declared = json.loads((client_dir / "client.json").read_text()).get("message_format", "fp32")
     return decode_message((client_dir / "adapter_model.safetensors").read_bytes(), declared)
@@ -239,7 +239,7 @@ def test_new_arms_run_end_to_end(arms_run):
 
 @NEEDS_DATA
 def test_dp_arm_records_the_accountants_epsilon(arms_run):
-    from peft_hetlora.federated.privacy import DPConfig, privacy_spent
+    from peft_hetlora.federated.aggregation.privacy import DPConfig, privacy_spent
 
     out, _ = arms_run
     for arm, eps in (("dp_eps1", 1.0), ("dp_eps8", 8.0)):
@@ -381,7 +381,7 @@ def test_window_clients_are_measured_on_the_whole_global_they_hold(tmp_path):
 
 
 def test_upload_already_encoded_by_the_client_is_attacked_in_its_declared_format(tmp_path):
-    from peft_hetlora.federated.compression import decode_message, encode_message
+    from peft_hetlora.federated.upload import decode_message, encode_message
 
     state = _state(seed=2)
     folder = tmp_path / "declared"

@@ -18,16 +18,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from peft_hetlora.federated.errors import HetLoRAError, StoreFullError
-from peft_hetlora.federated.store import (
+from peft_hetlora.federated.stores import (
     AdapterStore,
     ClientUploadNotFoundError,
     GlobalNotPublishedError,
     HubStore,
     LocalStore,
+    RetryPolicy,
     StoreNotFoundError,
     validate_client_id,
 )
+from peft_hetlora.utils.errors import HetLoRAError, StoreFullError
 
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -176,7 +177,7 @@ def test_half_written_upload_is_never_listed(store, client_store, tmp_path, monk
     store.publish_global(0, make_global(tmp_path, 0, seed=0))
     up = make_client(tmp_path, 0, "alice", seed=10)
     if isinstance(store, LocalStore):
-        from peft_hetlora.federated import local_store
+        from peft_hetlora.federated.stores import local as local_store
 
         real_copy = local_store._copy_file
 
@@ -195,7 +196,7 @@ def test_half_written_upload_is_never_listed(store, client_store, tmp_path, monk
         monkeypatch.undo()
     else:
         alice = client_store("alice")
-        alice.max_retries = 0
+        alice.hub.retry = RetryPolicy(max_retries=0)
         request.getfixturevalue("hub_double").inject("commit", 500)
         with pytest.raises(Exception, match="500"):
             alice.upload_client(0, "alice", up)
@@ -283,7 +284,7 @@ def test_local_missing_folder_says_how_to_create(tmp_path):
 
 
 def test_local_full_disk_names_the_path_and_leaves_nothing(tmp_path, monkeypatch):
-    from peft_hetlora.federated import local_store
+    from peft_hetlora.federated.stores import local as local_store
 
     store = LocalStore(tmp_path / "store", create=True)
     store.publish_global(0, make_global(tmp_path, 0, seed=0))
@@ -368,13 +369,18 @@ def test_local_root_loads_with_peft(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
-def test_hub_store_is_reexported():
-    assert HubStore.__module__ == "peft_hetlora.federated.hub_store"
+def test_stores_face_exports_both_backends():
+    import peft_hetlora.federated as face
+    from peft_hetlora.federated import stores
+
+    assert HubStore.__module__ == "peft_hetlora.federated.stores.hub"
+    assert LocalStore.__module__ == "peft_hetlora.federated.stores.local"
+    assert face.HubStore is stores.HubStore is HubStore and face.LocalStore is stores.LocalStore is LocalStore
 
 
 # ------------------------------------------------------------------------------------------ issue 10 defects
 def test_store_errors_are_hetlora_errors_with_their_builtin_bases():
-    from peft_hetlora.federated.hub_store import UploadTooLargeError
+    from peft_hetlora.federated.stores import UploadTooLargeError
 
     for cls, base in ((StoreNotFoundError, FileNotFoundError), (GlobalNotPublishedError, LookupError),
                       (ClientUploadNotFoundError, LookupError), (UploadTooLargeError, ValueError)):
@@ -442,7 +448,7 @@ def _dead_pid() -> int:
 
 def test_local_temporary_files_of_dead_writers_are_cleaned_live_ones_kept(tmp_path):
     # issue 10 item 12: `.tmp-*` leaked after kill -9; the cleaner must never delete a live writer's file
-    from peft_hetlora.federated.temp_files import _HOST, temp_prefix
+    from peft_hetlora.federated.stores.temp_files import _HOST, temp_prefix
 
     store = LocalStore(tmp_path / "store", create=True)
     store.publish_global(0, make_global(tmp_path, 0, seed=0))
@@ -468,7 +474,7 @@ def test_local_temporary_files_of_dead_writers_are_cleaned_live_ones_kept(tmp_pa
 
 
 def test_local_temporary_names_carry_the_writer(tmp_path, monkeypatch):
-    from peft_hetlora.federated import local_store
+    from peft_hetlora.federated.stores import local as local_store
 
     store = LocalStore(tmp_path / "store", create=True)
     seen = []
@@ -486,7 +492,7 @@ def test_local_temporary_names_carry_the_writer(tmp_path, monkeypatch):
 
 def test_local_root_left_stale_by_a_crash_is_repaired_by_publishing_again(tmp_path, monkeypatch):
     # issue 10 item 10: a kill or ENOSPC between rounds/T/global and the root left the root at T-1
-    from peft_hetlora.federated import local_store
+    from peft_hetlora.federated.stores import local as local_store
 
     store = LocalStore(tmp_path / "store", create=True)
     store.publish_global(0, make_global(tmp_path, 0, seed=0))
@@ -504,3 +510,23 @@ def test_local_root_left_stale_by_a_crash_is_repaired_by_publishing_again(tmp_pa
     assert store.publish_global(1, latest.path) == latest.revision
     assert json.loads((store.path / "round.json").read_text())["round"] == 1
     assert sha256(store.path / "adapter_model.safetensors") == latest.revision
+
+
+# ------------------------------------------------------------------------------ the arrows of stores/ (issue 23)
+def package_imports(package: str) -> dict[str, set[str]]:
+    """module of `package` -> the package modules it imports (test_light_import's reader of the import graph)."""
+    try:
+        from tests.test_light_import import import_graph
+    except ImportError:  # pragma: no cover
+        from test_light_import import import_graph
+    return {m: deps for m, deps in import_graph().items() if m.startswith(package + ".")}
+
+
+def test_stores_import_only_each_other_and_the_leaf():
+    graph = package_imports("peft_hetlora.federated.stores")
+    assert {"peft_hetlora.federated.stores.base", "peft_hetlora.federated.stores.hub"} <= set(graph)
+    for module, deps in graph.items():
+        outside = sorted(d for d in deps if not d.startswith(("peft_hetlora.federated.stores.", "peft_hetlora.utils")))
+        assert outside == [], f"{module} imports {outside} (a store stands on the leaf alone, never on a face)"
+    assert not graph["peft_hetlora.federated.stores.base"] - {"peft_hetlora.utils.constants",
+                                                                "peft_hetlora.utils.errors"}

@@ -1,4 +1,4 @@
-"""Validation of untrusted client uploads (peft_hetlora.federated.validation)."""
+"""Validation of untrusted client uploads (peft_hetlora.federated.upload)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from peft_hetlora.federated.validation import (
+from peft_hetlora.federated.upload import (
     RejectedUpload,
     UploadSpec,
     read_safetensors_header,
@@ -218,8 +218,8 @@ def test_the_bytes_of_a_non_safetensors_file_are_never_echoed(tmp_path, spec):
 def test_one_upload_snapshot_even_if_re_uploaded_between_reads(tmp_path, spec, monkeypatch):
     # issue 10 item 11: client.json and the weights were read by path at different moments; a re-upload in
     # between paired one upload's client.json with the other's weights. The interleaving is injected, no sleeps.
-    from peft_hetlora.federated import upload_folder
-    from peft_hetlora.federated.local_store import LocalStore
+    from peft_hetlora.federated.stores import LocalStore
+    from peft_hetlora.federated.upload import folder as upload_folder
 
     store = LocalStore(tmp_path / "store", create=True)
     global_dir = tmp_path / "g"
@@ -253,7 +253,7 @@ def test_one_upload_snapshot_even_if_re_uploaded_between_reads(tmp_path, spec, m
 
 def _store_with_two_uploads(tmp_path):
     """A LocalStore with round 3 published, alice's first upload in it, and a second upload ready to replace it."""
-    from peft_hetlora.federated.local_store import LocalStore
+    from peft_hetlora.federated.stores import LocalStore
 
     store = LocalStore(tmp_path / "store", create=True)
     global_dir = tmp_path / "g"
@@ -298,7 +298,7 @@ def test_a_re_upload_replacing_the_folder_mid_read_is_read_whole(tmp_path, spec,
                                                                   expect_rank):
     import shutil
 
-    from peft_hetlora.federated import upload_folder
+    from peft_hetlora.federated.upload import folder as upload_folder
 
     store, first, second, shas = _store_with_two_uploads(tmp_path)
     keep = {"all": set(), "adapter only": {"client.json", "adapter_config.json"},
@@ -337,7 +337,7 @@ def test_a_re_upload_replacing_the_folder_mid_read_is_read_whole(tmp_path, spec,
 
 
 def test_an_upload_that_keeps_changing_is_refused_after_a_bounded_number_of_tries(tmp_path, spec, monkeypatch):
-    from peft_hetlora.federated import upload_folder
+    from peft_hetlora.federated.upload import folder as upload_folder
 
     store, first, second, _ = _store_with_two_uploads(tmp_path)
     folders, opened = [second, first], []
@@ -358,7 +358,7 @@ def test_an_upload_that_keeps_changing_is_refused_after_a_bounded_number_of_trie
 def test_an_upload_removed_for_good_mid_read_is_refused_as_missing(tmp_path, spec, monkeypatch):
     import shutil
 
-    from peft_hetlora.federated import upload_folder
+    from peft_hetlora.federated.upload import folder as upload_folder
 
     store, _, _, _ = _store_with_two_uploads(tmp_path)
     folder = store.download_client(3, "alice")
@@ -617,7 +617,8 @@ def test_validate_client_json_directly(spec):
 
 
 def test_errors_join_the_one_hierarchy():
-    from peft_hetlora.federated import coordinator, errors
+    from peft_hetlora.federated import coordinator
+    from peft_hetlora.utils import errors
 
     assert issubclass(RejectedUpload, errors.HetLoRAError)
     assert coordinator.CoordinatorError is errors.CoordinatorError
@@ -636,9 +637,12 @@ def test_a_missing_upload_folder_is_a_clear_rejection(tmp_path, spec):
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from peft_hetlora.federated.compression import MessageFormatError, parse_message_format  # noqa: E402
-from peft_hetlora.federated.upload_bytes import MAX_REASON_CHARS  # noqa: E402
-from peft_hetlora.federated.validation import validate_update  # noqa: E402
+from peft_hetlora.federated.upload import (  # noqa: E402
+    MAX_REASON_CHARS,  # noqa: E402
+    MessageFormatError,
+    parse_message_format,
+    validate_update,  # noqa: E402
+)
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIELDS = ("client_id", "round", "rank_in", "rank_out", "num_examples", "max_rank", "components", "message_format",
@@ -815,7 +819,7 @@ def test_hostile_safetensors_headers_are_refused_or_valid(header, payload):
 
 
 def _reupload_until(store_path: str, first: str, second: str, stop) -> None:
-    from peft_hetlora.federated.local_store import LocalStore
+    from peft_hetlora.federated.stores import LocalStore
 
     store, i = LocalStore(store_path), 0
     while not stop.is_set():
@@ -851,3 +855,20 @@ def test_5000_reads_against_a_re_uploading_process_are_all_whole(tmp_path, spec)
         writer.join(timeout=60)
     assert writer.exitcode == 0
     assert outcomes == {"whole": 5000}, dict(outcomes)
+
+
+# ------------------------------------------------------------------------------ the arrows of upload/ (issue 23)
+def test_upload_modules_import_no_face_and_run_one_way():
+    try:
+        from tests.test_light_import import import_graph
+    except ImportError:  # pragma: no cover
+        from test_light_import import import_graph
+    graph = {m: d for m, d in import_graph().items() if m.startswith("peft_hetlora.federated.upload.")}
+    up = "peft_hetlora.federated.upload."
+    order = [up + "bytes", up + "formats", up + "validation", up + "folder"]  # each may import only those before it
+    assert sorted(graph) == sorted(order)
+    for i, module in enumerate(order):
+        siblings = {d for d in graph[module] if d.startswith(up)}
+        assert siblings <= set(order[:i]), f"{module} imports {sorted(siblings - set(order[:i]))}"
+        faces = {"peft_hetlora.federated", "peft_hetlora.federated.upload"} & graph[module]
+        assert faces == set(), f"{module} imports the face {faces}"

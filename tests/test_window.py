@@ -17,7 +17,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from peft_hetlora import HetLoRAConfig, export_lora
-from peft_hetlora.federated.errors import HetLoRAError, RankError
+from peft_hetlora.utils.errors import HetLoRAError, RankError
 
 try:  # pytest puts tests/ on sys.path when tests/ is not a package ...
     from tiny_models import TwoLinear, one_thread_per_module, randomize_adapter, tiny_gpt2, token_batch  # noqa: F401  (autouse fixture)

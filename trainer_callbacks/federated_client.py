@@ -16,17 +16,17 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import peft_hetlora
 from peft_hetlora.base_identity import check_base_model, federation_base_identity
-from peft_hetlora.federated.aggregation import lora_module_names, truncate
-from peft_hetlora.federated.compression import (
+from peft_hetlora.federated.adapter import lora_module_names, truncate
+from peft_hetlora.federated.stores import AdapterStore, GlobalAdapter, json_text, validate_client_id
+from peft_hetlora.federated.upload import (
     MESSAGE_FORMAT_FIELD,
     ErrorFeedback,
     encode_message,
     parse_message_format,
 )
-from peft_hetlora.federated.errors import RankError
-from peft_hetlora.federated.ranks import MAX_RANK, check_rank
-from peft_hetlora.federated.store import AdapterStore, GlobalAdapter, json_text, validate_client_id
 from peft_hetlora.federation_config import check_matches_federation
+from peft_hetlora.utils.errors import RankError
+from peft_hetlora.utils.ranks import MAX_RANK, check_rank
 
 from .hetlora_callback import HetLoRACallback, checkpoint_round_start, hetlora_peft_model, hetlora_tuner
 from .processes import agree, is_main_process, refuse_sharded_training
@@ -94,7 +94,7 @@ class FederatedClientCallback(HetLoRACallback):
         frozen: how a window client keeps the global's other components: "factors" (default; also on
             quantised bases) or "merged" (float bases).
         nested: nested training (see `HetLoRACallback`); None follows the adapter's `nested` setting.
-        message_format: how the upload is encoded (`peft_hetlora.federated.compression`): "fp32" (default),
+        message_format: how the upload is encoded (`peft_hetlora.federated.upload`): "fp32" (default),
             "bf16" / "fp16" (half the bytes) or "int8-block<B>" (e.g. "int8-block64": about a quarter, blockwise
             absmax). Declared as `message_format` in `client.json`; the coordinator checks the file against it and
             decodes to float32 before aggregating. The federation may restrict the formats (`message_formats`).

@@ -23,11 +23,11 @@ def open_store(spec: str):
         return None
     kind, _, where = spec.partition(":")
     if kind == "local":
-        from peft_hetlora.federated.local_store import LocalStore
+        from peft_hetlora.federated.stores import LocalStore
 
         return LocalStore(Path(where).expanduser(), create=True)
     if kind == "hub":
-        from peft_hetlora.federated.hub_store import HubStore
+        from peft_hetlora.federated.stores import HubStore
 
         return HubStore(where, token=os.environ.get("HF_TOKEN"))
     raise ValueError(f"store must be '', 'local:PATH' or 'hub:org/name', got {spec!r}")

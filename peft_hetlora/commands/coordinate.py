@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import add_common_arguments, exit_status_epilog, run_command
-from ..federated.aggregation import AGGREGATION_METHODS
+from ..federated.aggregation import AGGREGATION_METHODS, parse_influence_bound
 from ..federated.component_selection import SELECTION_POLICIES
 from ..federated.coordinator import NEXT_RANK_RULES, Coordinator
 from ..federated.rank_policy import BUDGET_KINDS, RANK_POLICIES, RankPolicy, parse_bytes
@@ -85,6 +85,14 @@ def _client_list(text: str) -> list[str]:
     return [c.strip() for c in text.split(",") if c.strip()]
 
 
+def _influence_bound(text: str) -> float | str:
+    """``--clip-norm``: ``adaptive``, ``off`` or a positive number (checked by the federation's own parser)."""
+    try:
+        return parse_influence_bound(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _byte_size(text: str) -> int:
     try:
         return parse_bytes(text)
@@ -123,8 +131,9 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
                      help="Uploads needed to close a round (default clients-per-round; with --deadline-s, what "
                      "suffices once the deadline passed).")
     fed.add_argument("--seed", type=int, default=None, help="Seed of rank draws and client sampling (default 0).")
-    fed.add_argument("--clip-norm", type=float, default=None,
-                     help="Influence bound C: clip each factor's change from the global sent (docs/aggregation.md).")
+    fed.add_argument("--clip-norm", type=_influence_bound, default=None, metavar="{adaptive,off,C}",
+                     help="Influence bound: 'adaptive' (the default: each factor's change clipped to 4 x the round's "
+                          "median change), 'off', or a fixed C > 0 (docs/aggregation.md).")
     fed.add_argument("--message-formats", type=_name_list, default=None,
                      help="Upload formats clients may declare: comma-separated fp32,bf16,fp16,int8-block64 "
                           "(default: all; docs/on_device.md).")
@@ -227,10 +236,10 @@ def open_store(
         ```
     """
     if spec.startswith(HF_PREFIX):
-        from ..federated.hub_store import HubStore
+        from ..federated.stores import HubStore
 
         return HubStore(spec[len(HF_PREFIX):], endpoint=endpoint, token=token, client_mode=client_mode)
-    from ..federated.local_store import LocalStore
+    from ..federated.stores import LocalStore
 
     return LocalStore(spec, create=create)
 
@@ -265,7 +274,7 @@ def _dp_config(args: argparse.Namespace, clients: Sequence[str] | None) -> Any:
         return None
     if not clients:
         raise ValueError("DP needs the federation's clients (--clients or --num-clients) for its sampling rate.")
-    from ..federated.privacy import DPConfig
+    from ..federated.aggregation.privacy import DPConfig
 
     per_round = args.clients_per_round or len(clients)
     return DPConfig(clip=clip, noise_multiplier=args.dp_noise_multiplier, target_epsilon=args.dp_target_epsilon,

@@ -113,7 +113,7 @@ def build_initial_adapter(args: argparse.Namespace, out_dir: str) -> dict[str, A
 def _record_identity(store: Any, identity: dict[str, Any], *, write: bool) -> None:
     """Refuse a store whose federation records another base; with `write`, add the record where it is missing."""
     from ..base_identity import BASE_IDENTITY_FIELD, federation_base_identity
-    from ..federated.errors import FederationMismatch
+    from ..utils.errors import FederationMismatch
 
     federation = store.read_federation()
     stored = federation_base_identity(federation or {})

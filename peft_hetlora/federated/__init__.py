@@ -10,24 +10,26 @@ Example:
     ```
 """
 
-from .aggregation import AggregationResult, ClientUpdate, StreamingAggregator, aggregate
-from .coordinator import Coordinator
-from .keys import lora_module_names, pad, truncate, update_norm
-from .local_store import LocalStore
-from .methods import (
+from ..utils.ranks import check_rank
+from .adapter import lora_module_names, pad, truncate, update_norm
+from .aggregation import (
     AGGREGATION_METHODS,
     AggregationMethod,
+    AggregationResult,
+    ClientUpdate,
+    RobustMethod,
+    StreamingAggregator,
+    aggregate,
     aggregation_methods,
     get_aggregation,
     register_aggregation,
     unregister_aggregation,
 )
+from .coordinator import Coordinator
 from .protocol import RoundPlan, RoundSettings, close_round
 from .rank_policy import RankPolicy, sample_clients
-from .ranks import check_rank
-from .robust import RobustMethod
-from .store import AdapterStore, GlobalAdapter, HubStore, validate_client_id
-from .validation import RejectedUpload, validate_update, validate_upload
+from .stores import AdapterStore, GlobalAdapter, HubStore, LocalStore, validate_client_id
+from .upload import RejectedUpload, validate_update, validate_upload
 
 __all__ = [
     "AGGREGATION_METHODS",

@@ -38,9 +38,10 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .aggregation import AGGREGATION_METHODS, ClientUpdate
-from .compression import parse_message_format
-from .errors import CoordinatorError, FederationMismatch
+from ..utils.constants import ADAPTER_FILE, CONFIG_FILE
+from ..utils.errors import CoordinatorError, FederationMismatch
+from .aggregation import AGGREGATION_METHODS, DEFAULT_INFLUENCE_BOUND, ClientUpdate, parse_influence_bound
+from .aggregation.privacy import DPConfig
 from .federation import (
     FederationSettings,
     global_adapter_config,
@@ -49,8 +50,6 @@ from .federation import (
     scaling_from_config,
 )
 from .global_publisher import GlobalPublisher, _read_json
-from .influence import DEFAULT_INFLUENCE_BOUND, parse_influence_bound
-from .privacy import DPConfig
 from .protocol import (
     FEDERATION_FORMAT,
     NEXT_RANK_RULES,
@@ -68,9 +67,8 @@ from .protocol import (
 )
 from .rank_policy import RankPolicy
 from .round_settings import default_method_and_selection
-from .store import AdapterStore, GlobalAdapter, file_sha256, validate_client_id
-from .upload_folder import validate_upload
-from .validation import ADAPTER_FILE, CONFIG_FILE, DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
+from .stores import AdapterStore, GlobalAdapter, file_sha256, validate_client_id
+from .upload import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec, parse_message_format, validate_upload
 
 logger = logging.getLogger(__name__)
 

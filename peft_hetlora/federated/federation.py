@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
+from ..utils.errors import CoordinatorError, FederationMismatch
+from ..utils.ranks import check_rank
 from ..utils.scaling import scaling_for
-from .errors import CoordinatorError, FederationMismatch
-from .keys import module_ranks
-from .privacy import DPConfig, dp_config_from_dict
+from .adapter import module_ranks
+from .aggregation.privacy import DPConfig, dp_config_from_dict
 from .protocol import FEDERATION_FORMAT
 from .rank_policy import RankPolicy
-from .ranks import check_rank
-from .validation import UploadSpec
+from .upload import UploadSpec
 
 logger = logging.getLogger(__name__)
 

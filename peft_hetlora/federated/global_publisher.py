@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .errors import StoreFullError
+from ..utils.errors import StoreFullError
 from .protocol import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE, plan_round
-from .store import json_text
-from .temp_files import remove_abandoned, temp_prefix
+from .stores import json_text, remove_abandoned, temp_prefix
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ in-process simulation runner):
    which rank, from which revision;
 2. each participant uploads its adapter and its **report** (`ClientReport`, the file ``client.json``: rank in/out,
    examples, loss, tail norms, ...); validation turns the pair into a `ClientUpdate` or a `Rejection`
-   (`peft_hetlora.federated.validation`);
+   (`peft_hetlora.federated.upload`);
 3. `close_round` turns the validated updates, the global the clients were sent and the `RoundSettings` into the
    new global, the round's **summary** (``summary.json``) and the next ranks (``next_rank`` rule, ``max_rank``
    caps, ``r_min``); `plan_round` turns those ranks into the next plan.
@@ -34,10 +34,9 @@ from typing import Any
 
 import torch
 
-from .aggregation import AggregationResult, ClientUpdate, StreamingAggregator, non_finite_tensors
+from .aggregation import OFF, AggregationResult, ClientUpdate, StreamingAggregator, non_finite_tensors
+from .aggregation.methods import get_aggregation
 from .component_selection import select_components
-from .influence import OFF
-from .methods import get_aggregation
 from .rank_policy import cap_ranks, poisson_sample, sample_clients
 from .round_settings import (  # noqa: F401  (re-exported: part of the protocol's public names)
     _DP_METHOD,
@@ -354,7 +353,7 @@ def _aggregate(plan, items, previous, settings, rejected, details, strict):
         return None, accepted
     if settings.dp is None:
         return aggregator.result(), accepted
-    from .privacy import dp_aggregate  # lazy: Opacus is an optional dependency
+    from .aggregation.privacy import dp_aggregate  # lazy: Opacus is an optional dependency
 
     result = dp_aggregate(
         kept, config=settings.dp, r_max=settings.r_max, previous=previous, method=dp_method_for(settings.method),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ranks import check_rank
+from ..utils.ranks import check_rank
 
 RANK_POLICIES = ("uniform", "explicit", "constant", "budget", "tiers")
 BUDGET_KINDS = ("memory", "params")

@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..utils.errors import AggregationError
+from ..utils.ranks import check_rank
+from .aggregation import DEFAULT_BOUND_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, parse_influence_bound
+from .aggregation.methods import AGGREGATION_METHODS, get_aggregation
 from .component_selection import SELECTION_POLICIES
-from .errors import AggregationError
-from .influence import DEFAULT_BOUND_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, parse_influence_bound
-from .methods import AGGREGATION_METHODS, get_aggregation
-from .ranks import check_rank
 
 __all__ = [
     "DEFAULT_DP_METHOD",

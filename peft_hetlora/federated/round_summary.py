@@ -17,7 +17,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .aggregation import ClientUpdate, update_norm
+from .adapter import update_norm
+from .aggregation import ClientUpdate
 
 __all__ = ["NON_FINITE_REASON", "build_summary", "client_details", "finite_or_null", "weighted_mean"]
 
@@ -144,6 +145,6 @@ def build_summary(plan, settings, result, accepted, rejected, details, client_ra
 def _privacy_record(config: Any, round_idx: int) -> dict[str, Any]:
     # A round without accepted uploads (e.g. nobody drawn by Poisson sampling) still counts as a round of the
     # mechanism: the accountant's record is that of rounds 0..t, like every other round's.
-    from .privacy import privacy_spent
+    from .aggregation.privacy import privacy_spent
 
     return privacy_spent(config, round_idx + 1)

@@ -31,10 +31,10 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from peft_hetlora.federated.components import check_components
-from peft_hetlora.federated.compression import encode_state_dict, parse_message_format
-from peft_hetlora.federated.errors import RankError
-from peft_hetlora.federated.ranks import check_rank
+from peft_hetlora.federated.adapter import check_components
+from peft_hetlora.federated.upload import encode_state_dict, parse_message_format
+from peft_hetlora.utils.errors import RankError
+from peft_hetlora.utils.ranks import check_rank
 
 from . import records as rec
 from .local_round import LocalTrainingConfig, TaskFn, evaluate_global, train_local_round
@@ -105,7 +105,7 @@ def make_client_app(
         client_id_fn: ``client_id_fn(node_config) -> str``, the stable id reported to the strategy (default:
             `peft_hetlora.flower.records.node_client_id`).
         training_defaults: local settings used where the server's train config is silent.
-        message_format: how replies are encoded (`peft_hetlora.federated.compression`: "fp32", "bf16", "fp16",
+        message_format: how replies are encoded (`peft_hetlora.federated.upload`: "fp32", "bf16", "fp16",
             "int8-block<B>"); declared as ``message-format`` in the reply's ``message`` ConfigRecord (a node config
             ``message-format`` overrides it per node). The strategy checks and decodes it to float32.
 

@@ -9,9 +9,9 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from peft_hetlora.federated.keys import truncate
+from peft_hetlora.federated.adapter import truncate
 from peft_hetlora.federated.rank_policy import sample_clients
-from peft_hetlora.federated.store import json_text
+from peft_hetlora.federated.stores import json_text
 
 from . import records as rec
 from .nodes import short_reason

@@ -181,7 +181,7 @@ def build_client_model(base_model: nn.Module, adapter_config: Any, rank: int, st
     """
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    from peft_hetlora.federated.aggregation import lora_module_names, truncate
+    from peft_hetlora.federated.adapter import lora_module_names, truncate
 
     model = get_peft_model(base_model, hetlora_config(adapter_config, rank))
     ours = set(lora_module_names(get_peft_model_state_dict(model)))

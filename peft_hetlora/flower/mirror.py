@@ -14,7 +14,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from peft_hetlora.federated.protocol import ADAPTER_FILE, CONFIG_FILE, FEDERATION_FORMAT, ROUND_FILE, RoundPlan
-from peft_hetlora.federated.store import json_text
+from peft_hetlora.federated.stores import json_text
 
 
 class StoreMirror:

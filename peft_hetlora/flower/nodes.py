@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from peft_hetlora.federated.rank_policy import RankPolicy
-from peft_hetlora.federated.store import validate_client_id
+from peft_hetlora.federated.stores import validate_client_id
 
 from . import records as rec
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..federated.store import json_text
+from ..federated.stores import json_text
 
 if TYPE_CHECKING:  # flwr is needed only by the functions that build or read Flower records
     from flwr.app import ArrayRecord
@@ -102,7 +102,7 @@ def message_to_arrays(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     Example:
         ```py
         >>> import torch
-        >>> from peft_hetlora.federated.compression import encode_state_dict
+        >>> from peft_hetlora.federated.upload import encode_state_dict
         >>> record = message_to_arrays(encode_state_dict({"w": torch.ones(4)}, "bf16"))
         >>> arrays_to_message(record, "bf16")["w"].dtype
         torch.bfloat16
@@ -122,7 +122,7 @@ def arrays_to_message(record: ArrayRecord, message_format: str) -> dict[str, tor
 
     Only the view is done here; whether the dtypes, keys and scales match the declaration is validation's check.
     """
-    from peft_hetlora.federated.compression import parse_message_format
+    from peft_hetlora.federated.upload import parse_message_format
 
     tensors = arrays_to_state_dict(record)
     if parse_message_format(message_format).kind == "bf16":
@@ -163,7 +163,7 @@ def federation_adapter_config(config: Any, r_min: int | None = None) -> dict[str
         ```
     """
     from peft_hetlora.federated.federation import global_adapter_config
-    from peft_hetlora.federated.ranks import check_rank
+    from peft_hetlora.utils.ranks import check_rank
 
     data = json.loads(config) if isinstance(config, str) else json.loads(adapter_config_json(config))
     r_max = int(data["r"])

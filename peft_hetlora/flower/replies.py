@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from flwr.app import RecordDict
 
+from peft_hetlora.federated.adapter import module_ranks
 from peft_hetlora.federated.aggregation import ClientUpdate
-from peft_hetlora.federated.keys import module_ranks
-from peft_hetlora.federated.validation import RejectedUpload, UploadSpec, validate_update
+from peft_hetlora.federated.upload import RejectedUpload, UploadSpec, validate_update
 
 from . import records as rec
 

@@ -53,11 +53,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from peft_hetlora.federated.aggregation import AGGREGATION_METHODS, ClientUpdate, truncate
-from peft_hetlora.federated.compression import parse_message_format
+from peft_hetlora.federated.adapter import truncate
+from peft_hetlora.federated.aggregation import (
+    AGGREGATION_METHODS,
+    DEFAULT_INFLUENCE_BOUND,
+    ClientUpdate,
+    parse_influence_bound,
+)
+from peft_hetlora.federated.aggregation.privacy import DPConfig
 from peft_hetlora.federated.federation import scaling_from_config
-from peft_hetlora.federated.influence import DEFAULT_INFLUENCE_BOUND, parse_influence_bound
-from peft_hetlora.federated.privacy import DPConfig
 from peft_hetlora.federated.protocol import (
     NEXT_RANK_RULES,
     ROUND_FILE,
@@ -71,8 +75,8 @@ from peft_hetlora.federated.protocol import (
 )
 from peft_hetlora.federated.rank_policy import RankPolicy
 from peft_hetlora.federated.round_settings import default_method_and_selection
-from peft_hetlora.federated.store import AdapterStore, json_text, validate_client_id
-from peft_hetlora.federated.validation import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec
+from peft_hetlora.federated.stores import AdapterStore, json_text, validate_client_id
+from peft_hetlora.federated.upload import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec, parse_message_format
 
 from . import records as rec
 from .evaluation import FederatedEvaluation
@@ -109,8 +113,9 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             `influence.DEFAULT_INFLUENCE_BOUND` (``"adaptive"``); a number ``C`` fixes it; ``"off"`` turns it off.
         weighting: passed to `aggregate`.
         next_rank: ``"rank_out"`` (a client's next rank is what it reported after pruning) or ``"initial"``.
-        dp: a `peft_hetlora.federated.privacy.DPConfig`: rounds are aggregated with ``dp_aggregate`` (previous = the
-            global sent), clients are Poisson-sampled at ``dp.sampling_rate``, summaries record ``privacy``.
+        dp: a `peft_hetlora.federated.aggregation.privacy.DPConfig`: rounds are aggregated with ``dp_aggregate``
+            (previous = the global sent), clients are Poisson-sampled at ``dp.sampling_rate``, summaries record
+            ``privacy``.
         dp_noise_seed: derive the DP noise from ``seed`` (reproducible tests only).
         component_selection: which global components each sampled client trains (docs/design.md#component-rule):
         ``"prefix"``

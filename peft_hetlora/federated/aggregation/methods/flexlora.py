@@ -1,0 +1,330 @@
+"""``flexlora``: SVD of the data-weighted sum of full updates (Bai et al., arXiv 2402.11505)."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ....utils.errors import AggregationError
+from ...adapter import flat_a, flat_b, is_int
+from .base import NONE, AggregationMethod
+from .sketch import TwoSidedSketch, sketch_sizes
+
+__all__ = ["SVD_MODES", "FactorStack", "FlexLoRA", "FlexLoRAHeld"]
+
+
+SVD_MODES: tuple[str, ...] = ("auto", "exact", "randomized", "sketch")
+"""How :class:`FlexLoRA` computes the top ``r_max`` SVD of the stacked factors."""
+
+
+class FlexLoRA(AggregationMethod):
+    """Data-size weighted sum of ``B_k A_k``, then its top ``r_max`` singular triplets: ``B = U S``, ``A = V^T``.
+
+    From FlexLoRA, Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
+    Resources", arXiv 2402.11505. Computed from the stacked low-rank factors, never from a dense ``d_out x d_in``
+    matrix; truncating the global to ``r_k`` gives each client its best rank-``r_k`` approximation.
+
+    Args:
+        svd: ``"exact"``: two QRs of the stacked factors and an SVD of their ``min(d_out, R) x min(d_in, R)`` core
+            (``R = sum_k r_k``); ``"randomized"``: a randomised range finder with oversampling and power
+            iterations applied through the factors (Halko, Martinsson and Tropp, "Finding structure with
+            randomness", arXiv 0909.4061 / SIAM Review 2011), whose top-``r_max`` error is within a small factor of
+            ``sigma_{r_max+1}``; ``"auto"`` (default): exact while ``R <= min(d_out, d_in)`` (and whenever the
+            sketch would not be much smaller than the matrix); above it the stack is folded into a one-pass two-sided
+            sketch (Tropp, Yurtsever, Udell and Cevher, "Practical sketching algorithms for low-rank matrix
+            approximation", SIAM J. Matrix Anal. Appl. 2017, arXiv 1609.00048; :mod:`.sketch`) of range ``l =
+            2 r_max + 1`` and co-range ``m = 2 l + 1``, which every later client updates exactly and whose memory is
+            flat in the number of clients: ``E ||W - W_hat||_F^2 <= 4 tau_{r_max+1}^2(W)``, exact when ``rank(W) <=
+            l`` (docs/aggregation.md); ``"sketch"``: the sketch from the first client (when it is smaller than the
+            matrix, else exact).
+        oversample: extra sketch columns ``p`` (sketch size ``r_max + p``); power_iters: ``q``; seed: of the
+            Gaussian test matrix (the result is deterministic).
+
+    Component-indexed uploads are refused: FlexLoRA sums the products of the adapters clients upload, and a window
+    client's upload is not the adapter it held (use ``flexlora_held``, which adds the frozen rest back).
+
+    Example:
+        >>> FlexLoRA().weights, FlexLoRA(svd="randomized").svd
+        ('data', 'randomized')
+    """
+
+    name: ClassVar[str] = "flexlora"
+    weights: ClassVar[str] = "data"
+
+    def __init__(self, svd: str = "auto", oversample: int = 16, power_iters: int = 2, seed: int = 0) -> None:
+        if svd not in SVD_MODES:
+            raise AggregationError(f"FlexLoRA: unknown svd mode {svd!r}; choose one of {list(SVD_MODES)}")
+        if not is_int(oversample) or oversample < 0 or not is_int(power_iters) or power_iters < 0:
+            raise AggregationError(
+                f"FlexLoRA: oversample and power_iters must be ints >= 0, got {oversample!r}, {power_iters!r}"
+            )
+        self.svd, self.oversample, self.power_iters, self.seed = svd, int(oversample), int(power_iters), int(seed)
+
+    def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> FactorStack:
+        return FactorStack("", a_shape, b_shape, r_max, svd=self.svd, oversample=self.oversample,
+                           power_iters=self.power_iters, seed=self.seed)
+
+
+class FlexLoRAHeld(FlexLoRA):
+    """FlexLoRA over the adapters the clients *held*: a client's product counts the previous global's components it
+    did not upload (its frozen rest) beside the ones it trained, so nothing it did not train is erased.
+
+    ``W = sum_k n_k (sum_{i} B_k[:, i] A_k[i] + sum_{j not in I_k} B_prev[:, j] A_prev[j]) / sum_k n_k``, then the
+    top ``r_max`` singular triplets as in :class:`FlexLoRA` (``I_k``: the global components client ``k`` uploaded,
+    its window or ``0 .. r_k-1``; ``n_k`` capped like every data-weighted method). Equivalently
+    ``W = W_prev + sum_k p_k (W_k - W_prev)`` restricted to what each client trained: FedAvg's step in product
+    space. Without a previous global it is :class:`FlexLoRA`.
+
+    Why: FlexLoRA (Bai et al., arXiv 2402.11505) averages each client's product ``B_k A_k``; a rank-``r_k`` product
+    has nothing in the global's directions ``r_k+1 .. r_max``, so every weak client in a round shrinks them by its
+    weight, the erasure HetLoRA's zero-padding (arXiv 2401.06432) suffers per component. With window clients
+    (``component_selection="rolling"`` / ``"coverage"``, and ``anchor=r_max`` for "train the top ``r_k`` singular
+    directions, hold the rest"), a weak client holds the whole global with the rest frozen, as in Fed-PLoRA
+    (arXiv 2602.16936) and FedRolex (arXiv 2212.01548), and its held product is exactly what this sums. With prefix
+    clients that hold only ``r_k`` components the server adds the rest back although the client trained without
+    it (a cheaper, approximate form that needs nothing from the client).
+
+    Example:
+        >>> FlexLoRAHeld().accepts_components, FlexLoRAHeld().uses_previous
+        (True, True)
+    """
+
+    name: ClassVar[str] = "flexlora_held"
+    uses_previous: ClassVar[bool] = True
+    accepts_components: ClassVar[bool] = True
+
+    def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> FactorStack:
+        return FactorStack("", a_shape, b_shape, r_max, svd=self.svd, oversample=self.oversample,
+                           power_iters=self.power_iters, seed=self.seed, held=True)
+
+
+class FactorStack:
+    """FlexLoRA's running data-weighted sum ``sum_k w_k B_k A_k`` of one module, kept as stacked factors.
+
+    While the stack is small (``svd="auto"``: ``sum_k r_k <= min(d_out, d_in)``), ``B_cat = [w_1 B_1 | w_2 B_2 | ...]``
+    and ``A_cat = [A_1; A_2; ...]``, kept as float32 blocks of the unweighted
+    ``B_k`` with a float64 weight per column, and multiplied out in float64 only for the QRs and the SVD, so finite
+    float32 uploads never overflow there (``w_k B_k`` can exceed float32's range). When the stack exceeds ``limit``
+    components it is recompressed exactly (two QRs and a small SVD, all singular triplets kept; the block is stored
+    divided by the weight so far, which keeps it within the clients' own norms), so it never holds more than
+    ``limit + r_k`` components. ``result`` takes the top ``r_max`` triplets exactly or with the randomised
+    range finder (``svd``, see :class:`FlexLoRA`). With ``held`` (:class:`FlexLoRAHeld`) ``missing[j]`` is the weight
+    of the clients that did not upload component ``j``; ``result`` stacks the previous global's component ``j`` at
+    that weight. Above the switch (:meth:`uses_sketch`) the stack is folded into a :class:`~.sketch.TwoSidedSketch`
+    (exactly: both sketches are linear in ``W``) and dropped; later clients go into the sketch only.
+    """
+
+    def __init__(self, name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int, *,
+                 svd: str = "auto", oversample: int = 16, power_iters: int = 2, seed: int = 0,
+                 held: bool = False) -> None:
+        self.name = name
+        self.held = held
+        self.missing = np.zeros(r_max, dtype=np.float64)
+        self.svd, self.oversample, self.power_iters, self.seed = svd, oversample, power_iters, seed
+        self.a_shape = a_shape
+        self.b_shape = b_shape
+        self.r_max = r_max
+        self.d_in = math.prod(a_shape[1:])
+        self.d_out = b_shape[0]
+        self.limit = max(2 * min(self.d_in, self.d_out), r_max)
+        self.b_blocks: list[torch.Tensor] = []
+        self.w_blocks: list[torch.Tensor] = []  # float64 column weights of each B block
+        self.a_blocks: list[torch.Tensor] = []
+        self.stacked_rank = 0
+        self.added_rank = 0  # every component added at the current level (the stack's and the sketch's)
+        self.sketch: TwoSidedSketch | None = None
+        self.level = NONE
+        self.den = 0.0
+
+    def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float,
+            components: tuple[int, ...] | None = None) -> None:
+        if level < self.level:
+            return
+        if level > self.level:
+            self.b_blocks, self.w_blocks, self.a_blocks, self.stacked_rank, self.den = [], [], [], 0, 0.0
+            self.added_rank = 0
+            if self.sketch is not None:
+                self.sketch.reset()
+            self.missing[:] = 0.0
+            self.level = level
+        self.den += weight
+        if self.held:
+            # the product is index-free; the indices only say which previous components the client held frozen
+            uploaded = range(a.shape[0]) if components is None else components[: a.shape[0]]
+            rest = np.ones(self.r_max, dtype=bool)
+            rest[list(uploaded)] = False
+            self.missing[rest] += weight
+        self.added_rank += a.shape[0]
+        if self.sketch is not None:
+            self.sketch.add(flat_b(self.name, b), flat_a(a), float(weight))
+            return
+        self.b_blocks.append(flat_b(self.name, b).to(torch.float32, copy=True))
+        self.w_blocks.append(torch.full((a.shape[0],), float(weight), dtype=torch.float64))
+        self.a_blocks.append(flat_a(a).to(torch.float32, copy=True))
+        self.stacked_rank += a.shape[0]
+        if self.uses_sketch():
+            self._fold_into_sketch()
+        elif self.stacked_rank > self.limit:
+            b_fac, a_fac = self._svd_factors(keep=None)
+            k = a_fac.shape[0]
+            self.b_blocks = [(b_fac / self.den).to(torch.float32)]
+            self.w_blocks = [torch.full((k,), self.den, dtype=torch.float64)]
+            self.a_blocks, self.stacked_rank = [a_fac.to(torch.float32)], k
+
+    def sketch_sizes(self) -> tuple[int, int] | None:
+        """``(l, m)`` of this module's sketch, or ``None`` when the sketch would not be smaller than the matrix."""
+        return sketch_sizes(self.r_max, self.d_out, self.d_in)
+
+    def uses_sketch(self) -> bool:
+        """Whether the running sum is (or, after the current stack, must become) a sketch.
+
+        ``"sketch"``: always, where the sketch is smaller than the matrix; ``"auto"``: once the stack exceeds
+        ``min(d_out, d_in)`` components, where today's result would leave the exact path (:meth:`uses_randomized`).
+        """
+        if self.sketch is not None:
+            return True
+        if self.svd == "sketch":
+            return self.sketch_sizes() is not None
+        return self.svd == "auto" and self.uses_randomized() and self.sketch_sizes() is not None
+
+    def _fold_into_sketch(self) -> None:
+        """Move the stack into a fresh sketch (the same sum: ``Y`` and ``X`` are linear in it) and drop it."""
+        sketch = TwoSidedSketch(self.d_out, self.d_in, self.r_max, self.seed)
+        for b_blk, w_blk, a_blk in zip(self.b_blocks, self.w_blocks, self.a_blocks):
+            sketch.add(b_blk.to(torch.float64) * w_blk, a_blk, 1.0)
+        self.sketch = sketch
+        self.b_blocks, self.w_blocks, self.a_blocks, self.stacked_rank = [], [], [], 0
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors the accumulator holds (the stack's blocks, or the sketch), for the memory check.
+
+        Example:
+            >>> FactorStack("m", (4, 300), (200, 4), 4, svd="sketch").state_bytes() > 0
+            True
+        """
+        held = sum(t.numel() * t.element_size() for t in (*self.b_blocks, *self.w_blocks, *self.a_blocks))
+        return held + self.missing.nbytes + (0 if self.sketch is None else self.sketch.nbytes())
+
+    def describe(self) -> dict[str, object]:
+        """Which path the result takes and its sizes (for the round's ``summary.json``).
+
+        Example:
+            >>> FactorStack("m", (4, 300), (200, 4), 4).describe()
+            {'path': 'exact', 'components': 0}
+        """
+        if self.sketch is not None:
+            return {"path": "sketch", "components": self.added_rank, "range_size": self.sketch.range_size,
+                    "corange_size": self.sketch.corange_size}
+        path = "randomized" if self.uses_randomized() else "exact"
+        return {"path": path, "components": self.added_rank}
+
+    def _held_rest(self, previous: tuple[torch.Tensor, torch.Tensor] | None
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The previous global's components at their ``missing`` weights, ``(B_prev[:, J] diag(w), A_prev[J])``."""
+        if not self.held or previous is None:
+            return None
+        idx = np.nonzero(self.missing)[0]
+        if not idx.size:
+            return None
+        prev_a, prev_b = previous
+        rows = torch.from_numpy(idx)
+        scale = torch.from_numpy(self.missing[idx])
+        return flat_b(self.name, prev_b).to(torch.float64)[:, rows] * scale, flat_a(prev_a).to(torch.float64)[rows]
+
+    def _stacked(self, previous: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 ``(B_cat, A_cat)``, weights applied; with ``held`` and a previous global, its components at their
+        ``missing`` weights."""
+        b_blocks = [blk.to(torch.float64) * w for blk, w in zip(self.b_blocks, self.w_blocks)]
+        a_blocks = [blk.to(torch.float64) for blk in self.a_blocks]
+        rest = self._held_rest(previous)
+        if rest is not None:
+            b_blocks.append(rest[0])
+            a_blocks.append(rest[1])
+        b_cat = b_blocks[0] if len(b_blocks) == 1 else torch.cat(b_blocks, dim=1)  # (d_out, R)
+        a_cat = a_blocks[0] if len(a_blocks) == 1 else torch.cat(a_blocks, dim=0)  # (R, d_in)
+        return b_cat, a_cat
+
+    def _svd_factors(self, keep: int | None, previous: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U S, V^T)`` of the stacked sum (top ``keep`` triplets, all if None), from QRs of the stacked factors."""
+        b_cat, a_cat = self._stacked(previous)
+        stacked = b_cat.shape[1]
+        # Householder QRs kept in factored form (geqrf): B_cat = Q_B R_B, A_cat^T = Q_A R_A, Q never formed.
+        h_b, tau_b = torch.geqrf(b_cat)
+        h_a, tau_a = torch.geqrf(a_cat.T.contiguous())
+        p, q = min(self.d_out, stacked), min(self.d_in, stacked)
+        r_b = torch.triu(h_b[:p])  # (p, R)
+        r_a = torch.triu(h_a[:q])  # (q, R)
+        # B_cat A_cat = Q_B (R_B R_A^T) Q_A^T: only this small (p x q) matrix needs an SVD.
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        k = s.shape[0] if keep is None else min(keep, s.shape[0])
+        left = torch.zeros((self.d_out, k), dtype=torch.float64)
+        left[:p] = u[:, :k] * s[:k]
+        right = torch.zeros((self.d_in, k), dtype=torch.float64)
+        right[:q] = vh[:k].T
+        new_b = torch.ormqr(h_b, tau_b, left)  # Q_B U S   (d_out, k)
+        new_a = torch.ormqr(h_a, tau_a, right).T.contiguous()  # (Q_A V)^T   (k, d_in)
+        return new_b, new_a
+
+    def uses_randomized(self, extra: int = 0) -> bool:
+        """Whether :meth:`result` takes the randomised path for the current stack (plus ``extra`` components)."""
+        if self.sketch is not None:
+            return True
+        if self.svd != "auto":
+            return self.svd == "randomized"
+        small = min(self.d_out, self.d_in)
+        return self.stacked_rank + extra > small and 4 * (self.r_max + self.oversample) <= small
+
+    def _randomized_factors(self, keep: int, previous: tuple[torch.Tensor, torch.Tensor] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top ``keep`` triplets ``(U S, V^T)`` of ``M = B_cat A_cat`` by a randomised range finder.
+
+        Halko, Martinsson and Tropp 2011 (arXiv 0909.4061), Algorithms 4.4 (power iterations, re-orthonormalised
+        after every product) and 5.1 (direct SVD of ``Q^T M``). ``M`` is only ever applied through its factors,
+        ``O(R (d_out + d_in) l)`` per product for a sketch of ``l = keep + oversample`` columns.
+        """
+        b_cat, a_cat = self._stacked(previous)
+        width = min(keep + self.oversample, self.d_out, self.d_in)
+        gen = torch.Generator().manual_seed(self.seed)
+        omega = torch.randn((self.d_in, width), generator=gen, dtype=torch.float32).to(torch.float64)
+        q, _ = torch.linalg.qr(b_cat @ (a_cat @ omega))  # (d_out, l): the range of M, sketched
+        for _ in range(self.power_iters):
+            z, _ = torch.linalg.qr(a_cat.T @ (b_cat.T @ q))  # (d_in, l): range of M^T
+            q, _ = torch.linalg.qr(b_cat @ (a_cat @ z))
+        small = (q.T @ b_cat) @ a_cat  # Q^T M, (l, d_in)
+        u, s, vh = torch.linalg.svd(small, full_matrices=False)
+        k = min(keep, s.shape[0])
+        return q @ (u[:, :k] * s[:k]), vh[:k].contiguous()
+
+    def result(self, previous: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        prev = previous if self.held else None
+        extra = int(np.count_nonzero(self.missing)) if prev is not None else 0
+        if self.sketch is not None:
+            b_fac, a_fac = self.sketch.factors(self.r_max, self._held_rest(prev))
+        elif self.uses_randomized(extra):
+            b_fac, a_fac = self._randomized_factors(keep=self.r_max, previous=prev)
+        else:
+            b_fac, a_fac = self._svd_factors(keep=self.r_max, previous=prev)
+        b_fac = b_fac / self.den
+        got = a_fac.shape[0]
+        a = torch.zeros((self.r_max, self.d_in), dtype=torch.float32)
+        b = torch.zeros((self.d_out, self.r_max), dtype=torch.float32)
+        a[:got] = a_fac
+        b[:, :got] = b_fac
+        return a.reshape(self.r_max, *self.a_shape[1:]), b.reshape(self.d_out, self.r_max, *self.b_shape[2:])
+
+    def level_used(self) -> int | None:
+        return None if self.level == NONE else self.level
+
+    def clone(self) -> FactorStack:
+        copy = FactorStack(self.name, self.a_shape, self.b_shape, self.r_max, svd=self.svd,
+                           oversample=self.oversample, power_iters=self.power_iters, seed=self.seed, held=self.held)
+        copy.missing = self.missing.copy()
+        copy.b_blocks, copy.w_blocks, copy.a_blocks = list(self.b_blocks), list(self.w_blocks), list(self.a_blocks)
+        copy.stacked_rank, copy.level, copy.den = self.stacked_rank, self.level, self.den
+        copy.added_rank = self.added_rank
+        copy.sketch = None if self.sketch is None else self.sketch.clone()
+        return copy
