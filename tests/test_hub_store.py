@@ -474,6 +474,7 @@ def test_a_flooded_listing_is_cut_short_and_each_participant_checked(fed, hub_do
     max_entries = 1 * 2 + 3
     assert calls["GET models"] == -(-(max_entries + 1) // 2)  # pages up to the first one past the cap, no more
     assert calls["HEAD resolve"] == 1 + 2  # round.json, then one probe per participant
+    assert json.loads((fed.download_client(0, "bob") / "client.json").read_text())["client_id"] == "bob"
 
 
 names = st.sampled_from(["rounds/0/clients/alice/client.json", "rounds/0/clients/zed/client.json", ""])

@@ -355,6 +355,7 @@ class HubStore:
             if listed is not None:
                 self._listed[round_idx] = listed
                 return sorted(listed)
+            self._listed.pop(round_idx, None)  # probed repo by repo: downloads read each repo's head again
             candidates = [(cid, self.client_repo_for(cid), "main") for cid in participants]
         else:
             candidates = [(cid, self.repo_id, f"refs/pr/{num}") for cid, num in self._upload_prs(round_idx).items()]
