@@ -3,8 +3,9 @@
 The federation repo's `main` holds `federation.json`, the model card, the latest global adapter at the root (so
 `PeftModel.from_pretrained(repo_id)` loads it), `rounds/<t>/global/` and `rounds/<t>/summary.json`; every
 published round is tagged `round-<t>`. Only the coordinator writes `main`, one round per commit, each commit made
-with `parent_commit` (optimistic concurrency: a 412 answer re-reads the head and rebuilds the commit), and 429
-answers are retried after `Retry-After` with bounded exponential backoff.
+with `parent_commit` (optimistic concurrency: a 412 answer re-reads the head and rebuilds the commit), 429
+answers are retried after `Retry-After` with bounded exponential backoff, and the listing and download requests
+are paced on the Hub's `RateLimit` header before a 429 comes (`RatePacer`, keeping `rate_reserve` requests).
 
 Clients never write the federation repo's `main`. Two upload modes:
 
