@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 from peft_hetlora.config import HetLoRAConfig
 from peft_hetlora.federated import Coordinator, LocalStore, truncate
 from peft_hetlora.federated.stores import json_text
+from peft_hetlora.known_noise import peft_model_warnings
 from peft_hetlora.utils import ADAPTER_FILE, ROUND_FILE, HetLoRAError
 from trainer_callbacks import FederatedClientCallback
 
@@ -150,7 +151,8 @@ def initial_client_ranks(config: SimulationConfig, clients: list[str], seed: int
 @contextlib.contextmanager
 def _peft_model(wb: Workbench, adapter_config: HetLoRAConfig, seed: int):
     torch.manual_seed(seed)
-    model = get_peft_model(wb.base_model, adapter_config)
+    with peft_model_warnings():  # transformers' is_gradient_checkpointing notice, raised inside PEFT
+        model = get_peft_model(wb.base_model, adapter_config)
     try:
         yield model
     finally:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..known_noise import peft_model_warnings
 from .local_round import hetlora_config
 from .records import CLIENT_ID, PARTITION_ID, federation_adapter_config
 
@@ -63,6 +64,7 @@ def initial_global_state(model: nn.Module, adapter_config: Any, seed: int = 0) -
     config = federation_adapter_config(adapter_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, hetlora_config(config, int(config["r"])))
+        with peft_model_warnings():
+            peft_model = get_peft_model(model, hetlora_config(config, int(config["r"])))
     state = get_peft_model_state_dict(peft_model)
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
