@@ -32,7 +32,7 @@ from peft_hetlora.config import HetLoRAConfig
 from peft_hetlora.federated import Coordinator, LocalStore, truncate
 from peft_hetlora.federated.stores import json_text
 from peft_hetlora.known_noise import peft_model_warnings
-from peft_hetlora.utils import ADAPTER_FILE, ROUND_FILE, HetLoRAError
+from peft_hetlora.utils import ADAPTER_FILE, ROUND_FILE
 from trainer_callbacks import FederatedClientCallback
 
 from .activation_cache import (
@@ -436,10 +436,6 @@ def _write_sent(arm_dir: Path, t: int, sent: dict[str, dict[str, int]]) -> None:
     path.write_text(json.dumps(sent, sort_keys=True))
 
 
-class MissingCoordinatorOption(HetLoRAError, ValueError):
-    """An arm needs a Coordinator option this installation does not have."""
-
-
 def arm_coordinator_settings(
     config: SimulationConfig, arm: str, r_arm: int, ranks: dict[str, int], seed: int
 ) -> dict[str, Any]:
@@ -486,13 +482,6 @@ def arm_coordinator_settings(
             expected_coverage=tuple(sum(r > j for r in ranks.values()) / len(clients) for j in range(r_arm)),
         )
     if "selection" in spec:
-        accepted = inspect.signature(Coordinator.__init__).parameters
-        if "component_selection" not in accepted:
-            raise MissingCoordinatorOption(
-                f"Arm {arm!r} needs Coordinator(component_selection={spec['selection']!r}) and the 'component' "
-                "aggregation method (issue 13's server side), which this installation does not have; update "
-                "peft-hetlora or leave this arm out of --methods."
-            )
         settings["component_selection"] = spec["selection"]
         if "anchor" in spec:
             settings["anchor"] = r_arm if spec["anchor"] == "r_max" else min(int(spec["anchor"]), r_arm)

@@ -169,17 +169,13 @@ def test_dp_arm_settings_follow_the_issue():
     assert dp.delta == pytest.approx(1 / 6**1.1)
 
 
-def test_window_arms_name_the_missing_coordinator_option():
-    from hetlora_bench.runner import MissingCoordinatorOption, arm_coordinator_settings
-    from peft_hetlora.federated.coordinator import Coordinator
+def test_window_arms_set_the_coordinators_component_selection():
+    from hetlora_bench.runner import arm_coordinator_settings
 
     cfg = SimulationConfig.from_sources(profile="quick")
     ranks = {f"c{i}": 2 for i in range(6)}
-    if "component_selection" in inspect.signature(Coordinator.__init__).parameters:
-        assert arm_coordinator_settings(cfg, "window_coverage", 8, ranks, 0)["component_selection"] == "coverage"
-    else:
-        with pytest.raises(MissingCoordinatorOption, match="component_selection='rolling'"):
-            arm_coordinator_settings(cfg, "window_rolling", 8, ranks, 0)
+    assert arm_coordinator_settings(cfg, "window_coverage", 8, ranks, 0)["component_selection"] == "coverage"
+    assert arm_coordinator_settings(cfg, "window_rolling", 8, ranks, 0)["component_selection"] == "rolling"
 
 
 def test_bad_new_settings_fail_clearly():
