@@ -29,10 +29,9 @@ from typing import Any
 
 from ..cli import add_common_arguments, exit_status_epilog, run_command
 from ..federated.aggregation import AGGREGATION_METHODS, parse_influence_bound
-from ..federated.component_selection import SELECTION_POLICIES
-from ..federated.coordinator import NEXT_RANK_RULES, Coordinator
-from ..federated.rank_policy import BUDGET_KINDS, RANK_POLICIES, RankPolicy, parse_bytes
-from ..federated.round_settings import DEFAULT_METHOD, dp_methods, window_methods
+from ..federated.coordinator import Coordinator
+from ..federated.policies import BUDGET_KINDS, RANK_POLICIES, SELECTION_POLICIES, RankPolicy, parse_bytes
+from ..federated.round import DEFAULT_METHOD, NEXT_RANK_RULES, dp_methods, window_methods
 from ..federated.settings import FederationSettings
 
 HF_PREFIX = "hf://"

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 
 import peft_hetlora.flower.records as rec
 from peft_hetlora.federated.adapter import truncate
-from peft_hetlora.federated.rank_policy import sample_clients
+from peft_hetlora.federated.policies import sample_clients
 from peft_hetlora.federated.stores import json_text
 
 from .nodes import short_reason

@@ -1,4 +1,4 @@
-"""Mirrors a Flower run into an `AdapterStore` in the coordinator's layout (the records are `protocol`'s).
+"""Mirrors a Flower run into an `AdapterStore` in the coordinator's layout (the records are `round`'s).
 
 ``federation.json``, ``rounds/<t>/global/`` (adapter, ``adapter_config.json``, ``round.json``) and
 ``rounds/<t>/summary.json``, so the Hub view of a Flower federation is the coordinator's.
@@ -13,8 +13,9 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from peft_hetlora.federated.protocol import ADAPTER_FILE, CONFIG_FILE, FEDERATION_FORMAT, ROUND_FILE, RoundPlan
+from peft_hetlora.federated.round import FEDERATION_FORMAT, RoundPlan
 from peft_hetlora.federated.stores import json_text
+from peft_hetlora.utils.constants import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE
 
 
 class StoreMirror:

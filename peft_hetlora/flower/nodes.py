@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 import peft_hetlora.flower.records as rec
-from peft_hetlora.federated.rank_policy import RankPolicy
+from peft_hetlora.federated.policies import RankPolicy
 from peft_hetlora.federated.stores import validate_client_id
 
 logger = logging.getLogger(__name__)

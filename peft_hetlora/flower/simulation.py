@@ -40,17 +40,17 @@ from torch import nn
 import peft_hetlora.flower.records as rec
 from peft_hetlora.federated.adapter import truncate
 from peft_hetlora.federated.aggregation import ClientUpdate, get_aggregation
-from peft_hetlora.federated.federation import scaling_from_config
-from peft_hetlora.federated.protocol import (
+from peft_hetlora.federated.policies import RankPolicy
+from peft_hetlora.federated.round import (
     NEXT_RANK_RULES,
     ClientReport,
     Rejection,
     RoundSettings,
     close_round,
+    default_method_and_selection,
     plan_round,
 )
-from peft_hetlora.federated.rank_policy import RankPolicy
-from peft_hetlora.federated.round_settings import default_method_and_selection
+from peft_hetlora.federated.settings import scaling_from_config
 from peft_hetlora.federated.stores import AdapterStore
 from peft_hetlora.federated.upload import RejectedUpload, UploadSpec, validate_update
 

@@ -4,12 +4,12 @@ Per round ``t`` (Flower's ``server_round`` is ``t + 1``):
 
 1. ``configure_train`` identifies new nodes (a ``query`` message: each node reports its stable client id, e.g.
    ``client-<partition-id>``, and optionally a ``max-rank``), so ranks follow clients, not Flower node ids; samples
-   the round's clients with the coordinator's seeded `protocol.plan_round`; and sends every selected node the global
+   the round's clients with the coordinator's seeded `round.plan_round`; and sends every selected node the global
    adapter **truncated to that client's rank** with a `ConfigRecord` holding the rank, the adapter config and the
    local training settings.
 2. ``aggregate_train`` turns each reply into a `ClientUpdate`, validated in memory with the coordinator's upload
    checks (`validation.validate_update`: keys, shapes for the declared rank, dtype, finite values, size, metadata),
-   and closes the round with the coordinator's engine, `peft_hetlora.federated.protocol.close_round` (any
+   and closes the round with the coordinator's engine, `peft_hetlora.federated.round.close_round` (any
    registered method, ``previous`` = the current global; DP rounds with ``dp=``). Failed nodes (error replies, no
    reply) and rejected uploads are logged, listed in the round summary and counted in the returned `MetricRecord`;
    the round completes with the rest. A client's next rank follows the ``next_rank`` rule, as the coordinator's.
@@ -63,23 +63,22 @@ from peft_hetlora.federated.aggregation import (
     parse_influence_bound,
 )
 from peft_hetlora.federated.aggregation.privacy import DPConfig
-from peft_hetlora.federated.federation import scaling_from_config
-from peft_hetlora.federated.protocol import (
+from peft_hetlora.federated.policies import RankPolicy
+from peft_hetlora.federated.round import (
     NEXT_RANK_RULES,
-    ROUND_FILE,
     Rejection,
     RoundPlan,
     RoundSettings,
     check_dp,
     check_selection,
     close_round,
+    default_method_and_selection,
     plan_round,
 )
-from peft_hetlora.federated.rank_policy import RankPolicy
-from peft_hetlora.federated.round_settings import default_method_and_selection
-from peft_hetlora.federated.settings import FederationSettings
+from peft_hetlora.federated.settings import FederationSettings, scaling_from_config
 from peft_hetlora.federated.stores import AdapterStore, json_text, validate_client_id
 from peft_hetlora.federated.upload import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec, parse_message_format
+from peft_hetlora.utils.constants import ROUND_FILE
 
 from .evaluation import FederatedEvaluation
 from .local_round import LocalTrainingConfig
@@ -125,7 +124,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             ``"rolling"`` or ``"coverage"`` (the default when no method is given; a window: the
             client receives the whole global and ``components`` in its ConfigRecord, trains those components with the
             rest frozen and returns them with their indices in its MetricRecord). Needs a method that accepts
-            component-indexed uploads (the ``accepts_components`` capability: `round_settings.window_methods`)
+            component-indexed uploads (the ``accepts_components`` capability: `round.window_methods`)
             and no ``dp``.
         anchor: components ``0 .. anchor-1`` are in every window.
         message_formats: the compressed reply formats clients may declare (``message-format`` in their reply's
@@ -390,7 +389,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate the replies in memory and close the round with `protocol.close_round`; returns the global."""
+        """Validate the replies in memory and close the round with `round.close_round`; returns the global."""
         t = server_round - 1
         replies = list(replies)
         pending = self._pending.pop(t, {})
@@ -452,7 +451,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         return rec.state_dict_to_arrays(self.global_state), MetricRecord(round_metrics(outcome.summary))
 
     def round_settings(self) -> RoundSettings:
-        """The settings `protocol.close_round` closes this strategy's rounds with."""
+        """The settings `round.close_round` closes this strategy's rounds with."""
         return RoundSettings(
             method=self.method, r_max=self.r_max, r_min=self.r_min, scaling=self.scaling, clip_norm=self.clip_norm,
             weighting=self.weighting, next_rank=self.next_rank, min_accepted=self.min_replies, dp=self.dp,

@@ -158,7 +158,7 @@ def arm_ranks(config: SimulationConfig, arm: str, initial_ranks: dict[str, int])
 
 def initial_client_ranks(config: SimulationConfig, clients: list[str], seed: int) -> dict[str, int]:
     """Each client's device rank under the configured policy (same for every arm of a seed)."""
-    from ..federated.rank_policy import RankPolicy
+    from ..federated.policies import RankPolicy
 
     return RankPolicy.coerce(config.rank_policy).assign(clients, r_min=config.r_min, r_max=config.r_max, seed=seed)
 

@@ -38,51 +38,34 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..utils.constants import ADAPTER_FILE, CONFIG_FILE
-from ..utils.errors import CoordinatorError, FederationMismatch
-from .aggregation import DEFAULT_INFLUENCE_BOUND, ClientUpdate, get_aggregation, parse_influence_bound
-from .federation import (
-    ResolvedSettings,
-    global_adapter_config,
-    initial_identity,
-    new_federation,
-    scaling_from_config,
-)
-from .global_publisher import GlobalPublisher, read_json
-from .protocol import (
-    FEDERATION_FORMAT,
-    NEXT_RANK_RULES,
-    ROUND_FILE,
+from ...utils.constants import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE
+from ...utils.errors import CoordinatorError
+from ..aggregation import DEFAULT_INFLUENCE_BOUND, ClientUpdate, get_aggregation, parse_influence_bound
+from ..round import (
     CollectStatus,
     Rejection,
     RoundOutcome,
     RoundPlan,
     RoundSettings,
     close_round,
+    default_method_and_selection,
     plan_round,
     round_status,
-    weighted_mean,
 )
-from .round_settings import default_method_and_selection
-from .settings import FederationSettings
-from .stores import AdapterStore, GlobalAdapter, file_sha256
-from .upload import RejectedUpload, UploadSpec, validate_upload
+from ..settings import (
+    FederationSettings,
+    ResolvedSettings,
+    initial_identity,
+    new_federation,
+)
+from ..stores import AdapterStore, GlobalAdapter, file_sha256
+from ..upload import RejectedUpload, UploadSpec, validate_upload
+from .publisher import GlobalPublisher, read_json
 
 logger = logging.getLogger(__name__)
 
 
-__all__ = [
-    "FEDERATION_FORMAT",
-    "NEXT_RANK_RULES",
-    "CollectStatus",
-    "Coordinator",
-    "CoordinatorError",
-    "FederationMismatch",
-    "RoundPlan",
-    "global_adapter_config",
-    "scaling_from_config",
-    "weighted_mean",
-]
+__all__ = ["Coordinator"]
 
 
 class Coordinator(ResolvedSettings):
@@ -90,7 +73,7 @@ class Coordinator(ResolvedSettings):
 
     Settings left as `None` come from the store's `federation.json` when it exists (so
     `Coordinator(store).run()` resumes a federation), else from the defaults: method `DEFAULT_METHOD` (see
-    `round_settings.default_method_and_selection`),
+    `round.default_method_and_selection`),
     r_min 1, rank policy "uniform", all clients every round, `min_clients = clients_per_round`,
     seed 0, scale from the adapter config. `r_max` defaults to the initial adapter's `r`.
 
@@ -328,7 +311,7 @@ class Coordinator(ResolvedSettings):
         return {cid: int(r) for cid, r in ((previous or {}).get("client_max_ranks") or {}).items()}
 
     def round_settings(self) -> RoundSettings:
-        """The settings the round engine (`protocol.close_round`) closes this federation's rounds with."""
+        """The settings the round engine (`round.close_round`) closes this federation's rounds with."""
         return RoundSettings(
             method=self.method, r_max=self.r_max, r_min=self.r_min, scaling=self.scaling,
             clip_norm=self._clip_setting(), next_rank=self.next_rank, dp=self.dp, seed=self.seed,
@@ -388,7 +371,7 @@ class Coordinator(ResolvedSettings):
         `uploads` restricts the ids considered (default: every complete upload in the store). If the
         round already has a summary (a coordinator killed after writing it), exactly its accepted ids
         are re-aggregated and global t+1 is published; if global t+1 exists too, nothing is done.
-        Returns the summary. The decision is `protocol.close_round`'s; this method moves bytes.
+        Returns the summary. The decision is `round.close_round`'s; this method moves bytes.
 
         Example:
             ```py
