@@ -430,53 +430,70 @@ def new_federation(identity: Mapping[str, Any], config: Mapping[str, Any], modul
 
 
 class ResolvedSettings:
-    """Mixin of `Coordinator`: its settings, each the given value (its `settings.FederationSettings`), else
-    federation.json's, else the default.
+    """A federation's settings as a coordinator runs them: each the given value (the `FederationSettings` record),
+    else federation.json's, else the default. The `Coordinator` holds one (``coordinator.resolved``).
 
-    Expects ``self.store``, ``self._requested`` (``settings.requested()``), ``self.rank_policy``, ``self._federation``
-    and ``self._dp``.
+    ``requested`` is ``settings.requested()`` (``None`` = not given); ``record`` is the store's ``federation.json``
+    once read (checked against the given settings) or written.
+
+    Example:
+        ```py
+        >>> from peft_hetlora.federated.stores import LocalStore
+        >>> import tempfile
+        >>> resolved = ResolvedSettings(LocalStore(tempfile.mkdtemp()), FederationSettings(clients=("a", "b")))
+        >>> resolved.clients, resolved.seed, resolved.get("deadline_s", 60.0)
+        (['a', 'b'], 0, 60.0)
+        ```
     """
 
-    def _setting(self, name: str, default: Any = None) -> Any:
-        value = self._requested.get(name)
+    def __init__(self, store: Any, settings: FederationSettings) -> None:
+        self.store = store
+        self.requested: dict[str, Any] = settings.requested()
+        self.rank_policy = settings.rank_policy
+        self.record: dict | None = None
+        self._dp = settings.dp
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Setting ``name``: given, else federation.json's, else ``default``."""
+        value = self.requested.get(name)
         if value is None:
-            federation = self._stored_federation()
+            federation = self.stored_federation()
             if federation is not None:
                 value = federation.get(name)
         return default if value is None else value
 
-    def _stored_federation(self) -> dict | None:
+    def stored_federation(self) -> dict | None:
         """federation.json if the store has one (checked against this coordinator), else None."""
-        if self._federation is None and self.store.read_federation() is not None:
+        if self.record is None and self.store.read_federation() is not None:
             return self.federation
-        return self._federation
+        return self.record
 
     @property
     def federation(self) -> dict:
         """The store's federation.json (checked against this coordinator's settings)."""
-        if self._federation is None:
+        if self.record is None:
             stored = self.store.read_federation()
             if stored is None:
                 raise CoordinatorError("The store holds no federation yet: call `init(initial_adapter_dir)` first "
                                        "(CLI: `hetlora coordinate --init-adapter DIR ...`).")
-            self._check_identity(stored)
-            self._federation = stored
-        return self._federation
+            self.check_identity(stored)
+            self.record = stored
+        return self.record
 
-    def _check_identity(self, stored: Mapping[str, Any], incoming: Mapping[str, Any] | None = None) -> None:
+    def check_identity(self, stored: Mapping[str, Any], incoming: Mapping[str, Any] | None = None) -> None:
         """Refuse (FederationMismatch) any given setting that differs from federation.json; record extended rounds.
 
         `incoming` holds what `init()` derives from the initial adapter (r_max, base model, module shapes and
         the adapter config's math fields).
         """
-        wanted: dict[str, Any] = {name: self._requested[name] for name in SETTING_FIELDS
-                                  if self._requested.get(name) is not None}
+        wanted: dict[str, Any] = {name: self.requested[name] for name in SETTING_FIELDS
+                                  if self.requested.get(name) is not None}
         if self.rank_policy is not None:
             wanted["rank_policy"] = self.rank_policy.to_dict()
         incoming = dict(incoming or {})
         config = incoming.pop("adapter_config", None)
         wanted.update(incoming)
-        requested_rounds = self._requested.get("rounds")
+        requested_rounds = self.requested.get("rounds")
         diffs = setting_differences(stored, wanted, config, requested_rounds)
         if diffs:
             raise FederationMismatch(
@@ -492,61 +509,61 @@ class ResolvedSettings:
 
     @property
     def method(self) -> str:
-        if self._requested.get("method") is None and self._stored_federation() is None:
-            return default_method_and_selection(None, self._requested.get("component_selection"), self._dp)[0]
-        return self._setting("method", UNRECORDED_METHOD)
+        if self.requested.get("method") is None and self.stored_federation() is None:
+            return default_method_and_selection(None, self.requested.get("component_selection"), self._dp)[0]
+        return self.get("method", UNRECORDED_METHOD)
 
     @property
     def r_max(self) -> int:
-        return int(self._setting("r_max"))
+        return int(self.get("r_max"))
 
     @property
     def r_min(self) -> int:
-        return int(self._setting("r_min", 1))
+        return int(self.get("r_min", 1))
 
     @property
     def clients(self) -> list[str]:
-        return list(self._setting("clients"))
+        return list(self.get("clients"))
 
     @property
     def clients_per_round(self) -> int:
-        return int(self._setting("clients_per_round", len(self.clients)))
+        return int(self.get("clients_per_round", len(self.clients)))
 
     @property
     def min_clients(self) -> int:
-        return int(self._setting("min_clients", self.clients_per_round))
+        return int(self.get("min_clients", self.clients_per_round))
 
     @property
     def rounds(self) -> int:
-        return int(self._setting("rounds", 1))
+        return int(self.get("rounds", 1))
 
     @property
     def seed(self) -> int:
-        return int(self._setting("seed", 0))
+        return int(self.get("seed", 0))
 
     @property
     def scaling(self) -> float:
-        return float(self._setting("scaling"))
+        return float(self.get("scaling"))
 
     @property
     def next_rank(self) -> str:
-        return self._setting("next_rank", "rank_out")
+        return self.get("next_rank", "rank_out")
 
     @property
     def component_selection(self) -> str:
         """Which components each participant trains: "prefix" (default), "rolling" or "coverage"."""
-        return self._setting("component_selection", "prefix")
+        return self.get("component_selection", "prefix")
 
     @property
     def anchor(self) -> int:
         """Components 0 .. anchor-1 are in every client's window (window policies)."""
-        return int(self._setting("anchor", 0))
+        return int(self.get("anchor", 0))
 
     @property
     def dp(self) -> DPConfig | None:
         """The federation's differential-privacy settings (given, or rebuilt from federation.json), or None."""
         if self._dp is None:
-            stored = self._setting("dp")
+            stored = self.get("dp")
             if stored is not None:
                 self._dp = dp_config_from_dict(stored)
         return self._dp
