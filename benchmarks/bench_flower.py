@@ -41,13 +41,10 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from hetlora_bench.engines import run_flower_simulation, run_inprocess_simulation  # noqa: E402
+from hetlora_bench.toy import ToyTask  # noqa: E402
 from peft_hetlora import HetLoRAConfig  # noqa: E402
-from peft_hetlora.flower import (  # noqa: E402
-    LocalTrainingConfig,
-    run_flower_simulation,
-    run_inprocess_simulation,
-)
-from peft_hetlora.flower.toy import ToyTask  # noqa: E402
+from peft_hetlora.flower import LocalTrainingConfig  # noqa: E402
 
 MB = 1024 * 1024
 

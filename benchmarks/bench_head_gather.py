@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from peft_hetlora.simulation import runner
-from peft_hetlora.simulation.activation_cache import CachedCollator
-from peft_hetlora.simulation.config import SimulationConfig
+from hetlora_bench import runner
+from hetlora_bench.activation_cache import CachedCollator
+from hetlora_bench.arm_setup import arm_adapter_config
+from hetlora_bench.arms import SimulationConfig
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     wb = runner.prepare(config, 0)
     if wb.cache is None:
         raise SystemExit(f"the activation cache does not apply here ({wb.cache_note})")
-    adapter_config = runner._adapter_config(config, config.r_max, wb, prune=False)
+    adapter_config = arm_adapter_config(config, config.r_max, wb, prune=False)
     with runner._peft_model(wb, adapter_config, 0) as model:
         wrapper = wb.trainable(model)
         wrapper.train()

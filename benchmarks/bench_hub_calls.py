@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/bench_hub_calls.py --clients 4 16 64 256
     python benchmarks/bench_hub_calls.py --clients 2 4 --out /tmp/hub   # seconds
+    python benchmarks/bench_hub_calls.py --clients 4 16 --before old/hub_calls.json   # before / after columns
 """
 
 from __future__ import annotations
@@ -132,6 +133,33 @@ def count_round(num: int, work: Path) -> dict:
         double.stop()
 
 
+def coordinator_calls(row: dict) -> tuple[int, int]:
+    """(Hub API, resolver) requests of the coordinator's collect + close round in one benchmark row.
+
+    Example:
+        >>> coordinator_calls({"phases": {"collect": {"api": 3, "resolvers": 0},
+        ...                               "close round": {"api": 14, "resolvers": 10}}})
+        (17, 10)
+    """
+    return tuple(sum(row["phases"][x][kind] for x in ("collect", "close round")) for kind in ("api", "resolvers"))
+
+
+def before_after(rows: list[dict], before: list[dict]) -> str:
+    """The coordinator's collect + close round calls before / after, per K, and the share of a free account."""
+    old = {row["clients"]: row for row in before}
+    free_api, free_res = RATE_LIMITS["free user"]
+    lines = ["", "Before / after (coordinator's collect + close round; before = the previous run given by --before), "
+             f"share of a free account's 5-minute window ({free_api} API / {free_res} resolvers):", "",
+             "| K | API before | API after | resolvers before | resolvers after | free API after | "
+             "free resolvers after |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        api, res = coordinator_calls(row)
+        b_api, b_res = coordinator_calls(old[row["clients"]]) if row["clients"] in old else ("-", "-")
+        lines.append(f"| {row['clients']} | {b_api} | {api} | {b_res} | {res} | {api / free_api:.1%} "
+                     f"| {res / free_res:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "Hub requests of one round (client_repo mode) against `tests/hub_double.py`, by phase; *api* = Hub API "
@@ -184,7 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[4, 16, 64, 256])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--name", default="hub_calls")
+    parser.add_argument("--before", type=Path, default=None, help="a previous run's JSON: before / after columns")
     args = parser.parse_args(argv)
+    before = json.loads(args.before.read_text())["rows"] if args.before else []
     huggingface_hub.constants.HF_HUB_OFFLINE = False  # the double is on 127.0.0.1; nothing else is contacted
     logging.getLogger("peft_hetlora").setLevel(logging.ERROR)
     rows = []
@@ -193,9 +223,10 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             rows.append(count_round(num, Path(tmp)))
             print(f"K={num}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    table = markdown(rows)
+    table = markdown(rows) + (before_after(rows, before) if before else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"rate_limits_5min": RATE_LIMITS, "rows": rows}, indent=1))
+    (args.out / f"{args.name}.json").write_text(
+        json.dumps({"rate_limits_5min": RATE_LIMITS, "rows": rows, "before": before}, indent=1))
     (args.out / f"{args.name}.md").write_text(
         f"Command: `python benchmarks/bench_hub_calls.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
         f"{table}")

@@ -103,8 +103,8 @@ def worker(args: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
 
     import peft_hetlora
+    from peft_hetlora.model_source import resolve_model
     from peft_hetlora.quantization import load_quantized_base, quantization_summary
-    from peft_hetlora.simulation.model_source import resolve_model
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

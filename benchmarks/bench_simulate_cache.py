@@ -23,9 +23,9 @@ from pathlib import Path
 
 import transformers
 
+from hetlora_bench import runner
+from hetlora_bench.arms import SimulationConfig
 from peft_hetlora.federated import coordinator as coordinator_module
-from peft_hetlora.simulation import runner
-from peft_hetlora.simulation.config import SimulationConfig
 
 PHASES: collections.Counter = collections.Counter()
 CPU: collections.Counter = collections.Counter()

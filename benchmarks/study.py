@@ -62,7 +62,7 @@ from study_plan import (  # noqa: E402
 )
 from study_report import report  # noqa: E402
 
-from peft_hetlora.simulation.config import PROFILES, SimulationConfig  # noqa: E402
+from hetlora_bench.arms import PROFILES, SimulationConfig  # noqa: E402
 
 
 def run_piece(piece: Piece, out: Path, profile: str, threads: int) -> Piece:
@@ -121,11 +121,11 @@ def run_pieces(pieces: list[Piece], out: Path, profile: str, workers: int, desc:
 
 def revalidate(out: Path, settings: list[str] | None = None, corpora: list[str] | None = None) -> int:
     """Redo the client validation of every window arm under `out` (a study folder or one `hetlora simulate` run
-    folder) with the model its clients hold (the whole global; `peft_hetlora.simulation.runner.
+    folder) with the model its clients hold (the whole global; `hetlora_bench.runner.
     refresh_window_rows`), for folders written before that rule. Only for folders no process is writing.
     Returns how many rows changed."""
-    from peft_hetlora.simulation.runner import refresh_window_rows
-    from peft_hetlora.simulation.workbench import prepare
+    from hetlora_bench.runner import refresh_window_rows
+    from hetlora_bench.workbench import prepare
 
     changed = 0
     for config_path in sorted([*out.glob("config.json"), *out.glob("*/*/s*/config.json")]):

@@ -159,7 +159,7 @@ def horizon_report(
     out: Path, report_dir: Path, corpus: str, seeds: list[int], sources: dict[str, str], rounds: int, title: str
 ) -> Path:
     """Write one corpus's report at one horizon into ``report_dir/r<rounds>/<corpus>``; return that folder."""
-    from peft_hetlora.simulation.report import write_report
+    from hetlora_bench.report import write_report
 
     folder = report_dir / f"r{rounds}" / corpus
     per_seed = compose(out, corpus, seeds, sources, rounds)
@@ -168,7 +168,7 @@ def horizon_report(
 
 
 def report(args, out: Path) -> Path:
-    from peft_hetlora.simulation.seed_stats import merge_run_folders
+    from hetlora_bench.seed_stats import merge_run_folders
 
     chosen, table = choose_settings(args, out)
     window = best_window(table)

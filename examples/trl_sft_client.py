@@ -9,7 +9,7 @@ against the plain TRL + LoraConfig script; docs/trainer.md shows it).
 
 `--model` is the base model the federation was initialised with (`hetlora init --base-model`): `smollm2-135m`
 (the default) or a local model folder with its tokenizer, resolved by
-`peft_hetlora.simulation.model_source.resolve_model`.
+`peft_hetlora.model_source.resolve_model`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 
 import peft_hetlora  # [HetLoRA] registers PeftType.HETLORA with PEFT
 from peft_hetlora.federated import LocalStore  # [HetLoRA] or HubStore("org/federation", token=...)
-from peft_hetlora.simulation.model_source import resolve_model
+from peft_hetlora.model_source import resolve_model
 from trainer_callbacks import FederatedClientCallback, run_client_rounds  # [HetLoRA]
 
 TEXTS = [

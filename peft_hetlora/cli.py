@@ -1,6 +1,7 @@
 """The `hetlora` command: init, coordinate, simulate, export.
 
-Each subcommand lives in `peft_hetlora.commands.<name>` and is imported only when it runs, so
+Each subcommand lives in `peft_hetlora.commands.<name>` (the bench's `simulate` and `report` in
+`hetlora_bench.commands.<name>`, see `bench_command_module`) and is imported only when it runs, so
 `hetlora --help` imports neither torch, transformers nor PEFT. Errors the project raises on purpose
 (`HetLoRAError`), bad input, an unreachable Hub and a full disk print one line `hetlora: error: ...` and
 exit with the status of their kind (`EXIT_STATUS`, shown by `hetlora --help`); `--debug` (or
@@ -13,10 +14,12 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import importlib.util
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 # name -> (module in peft_hetlora.commands, parser builder, runner, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -31,6 +34,11 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "export": ("export", "add_parser", "run", "convert a HetLoRA adapter into a plain PEFT LoRA adapter"),
     "report": ("report", "add_parser", "run", "merge simulate run folders (seeds, corpora) into one table"),
 }
+# the bench's subcommands (module in hetlora_bench.commands), imported only when they run: see bench_command_module
+BENCH_COMMANDS: dict[str, str] = {"simulate": "simulate", "report": "report"}
+BENCH_INSTALL = "pip install 'peft-hetlora[bench]'"
+# third-party packages only the bench needs (setup.py's `bench` extra): missing one means the bench is not installed
+BENCH_DEPENDENCIES = ("matplotlib", "datasets", "yaml")
 _HANDLED = (ValueError, LookupError, RuntimeError, OSError, ImportError)
 
 # One exit status per kind of error (argparse itself exits 2 on a bad command line); `exit_status` maps errors.
@@ -60,7 +68,31 @@ def _chosen_command(argv: Sequence[str]) -> str | None:
 
 
 def _command_module(name: str):
+    if name in BENCH_COMMANDS:
+        return bench_command_module(name)
     return importlib.import_module(f"peft_hetlora.commands.{COMMANDS[name][0]}")
+
+
+def bench_command_module(name: str, package: str = "hetlora_bench") -> Any:
+    """The module of a bench subcommand (`simulate`, `report`), or an ImportError saying how to install the bench.
+
+    The bench (`hetlora_bench`) ships in the same wheel as the library, its third-party packages behind the `bench`
+    extra: the CLI knows its two command names only to import them lazily here (nothing in `peft_hetlora` imports
+    it otherwise), and says how to install the bench when the package or one of its packages is missing.
+
+    Example:
+        ```py
+        >>> try:
+        ...     bench_command_module("simulate", package="no_such_bench")
+        ... except ImportError as err:
+        ...     print(err)
+        `hetlora simulate` is part of the bench: pip install 'peft-hetlora[bench]' (no module named 'no_such_bench')
+        ```
+    """
+    missing = next((dep for dep in (package, *BENCH_DEPENDENCIES) if importlib.util.find_spec(dep) is None), None)
+    if missing is not None:
+        raise ImportError(f"`hetlora {name}` is part of the bench: {BENCH_INSTALL} (no module named {missing!r})")
+    return importlib.import_module(f"{package}.commands.{BENCH_COMMANDS[name]}")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -277,7 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ```
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
+    try:
+        parser = build_parser(argv)
+    except ImportError as err:  # `simulate` / `report` without the bench's packages: say how to install them
+        return report_error(err, _chosen_command(argv) or "hetlora")
+    args = parser.parse_args(argv)
     return run_command(args.command, getattr(_command_module(args.command), COMMANDS[args.command][2]), args)
 
 

@@ -13,6 +13,12 @@ Faults for tests: `inject(route, status, times=..., headers=...)` answers the ne
 (e.g. 429 with `Retry-After`); `before(route, fn)` runs `fn` inside the server just before a call is handled
 (e.g. `double.commit(...)` to make a concurrent writer win a race, so the client's `parent_commit` is stale).
 
+Listing: `GET /api/models?author=&search=` answers the readable model repos of `author` whose id contains
+`search`, `page_size` a page with a `Link: <...>; rel="next"` header, each entry with `id` plus the `expand`ed
+`sha`, `lastModified` and `siblings`. Rate limits: `set_rate_limit(bucket, quota, window_s, clock)` makes every
+answer of that bucket ("api", or "resolvers" for `/resolve/`) carry the Hub's `RateLimit` / `RateLimit-Policy`
+headers, counted in fixed windows of `clock` (a fake clock in tests), and answer 429 once the quota is spent.
+
 Example:
     ```python
     double = HubDouble().start()
@@ -37,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 
 def _now() -> str:
@@ -90,6 +96,7 @@ ROUTES: list[tuple[str, str, re.Pattern]] = [
     (method, name, re.compile(pattern))
     for method, name, pattern in [
         ("GET", "whoami", r"/api/whoami-v2"),
+        ("GET", "models", r"/api/models"),
         ("POST", "validate_yaml", r"/api/validate-yaml"),
         ("POST", "create_repo", r"/api/repos/create"),
         ("GET", "revision", _REPO + r"(?:/revision/(?P<rev>[^/]+))?"),
@@ -126,6 +133,8 @@ class HubDouble:
         self._lock = threading.RLock()
         self._counter = itertools.count()
         self._server: ThreadingHTTPServer | None = None
+        self.page_size = 1000
+        self._limits: dict[str, dict] = {}  # bucket -> quota, window_s, clock, window start, used
         self.add_token(admin_token, admin_user, write=["*"])
 
     # ------------------------------------------------------------------------------------ test controls
@@ -159,6 +168,31 @@ class HubDouble:
         """Run `fn(double)` inside the server before the next `times` calls of `route` are handled."""
         with self._lock:
             self._hooks.append({"route": route, "fn": fn, "times": times})
+
+    def set_rate_limit(self, bucket: str, quota: int, window_s: float, clock: Callable[[], float]) -> None:
+        """Limit `bucket` ("api" or "resolvers") to `quota` answers per fixed window of `window_s` of `clock`."""
+        with self._lock:
+            self._limits[bucket] = {"quota": quota, "window": window_s, "clock": clock, "start": clock(), "used": 0}
+
+    def _rate(self, name: str) -> tuple[dict, bool]:
+        """The RateLimit headers of one answer of route `name`, and whether it is over the quota (429)."""
+        bucket = "resolvers" if name == "resolve" else "api"
+        limit = self._limits.get(bucket)
+        if limit is None:
+            return {}, False
+        now = limit["clock"]()
+        if now >= limit["start"] + limit["window"]:
+            limit["start"] += limit["window"] * ((now - limit["start"]) // limit["window"])
+            limit["used"] = 0
+        over = limit["used"] >= limit["quota"]
+        if not over:
+            limit["used"] += 1
+        reset = max(0, int(-(-(limit["start"] + limit["window"] - now) // 1)))
+        headers = {"RateLimit": f'"{bucket}";r={limit["quota"] - limit["used"]};t={reset}',
+                   "RateLimit-Policy": f'"fixed window";"{bucket}";q={limit["quota"]};w={int(limit["window"])}'}
+        if over:
+            headers["Retry-After"] = str(reset)
+        return headers, over
 
     def count(self, route: str, status: int | None = None, repo_id: str | None = None) -> int:
         return sum(
@@ -236,7 +270,8 @@ class HubDouble:
 
     def handle(self, method: str, raw_path: str, headers, body: bytes) -> tuple[int, dict, bytes]:
         url = urlsplit(raw_path)
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        query: dict[str, Any] = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        query["_multi"] = parse_qs(url.query)
         found = next(((n, m) for verb, n, p in ROUTES if verb == method and (m := p.fullmatch(url.path))), None)
         if found is None:
             return _json(404, {"error": f"double: no route for {method} {url.path}"})
@@ -252,9 +287,13 @@ class HubDouble:
                 h["times"] -= 1
         for h in hooks:
             h["fn"](self)
+        with self._lock:
+            rate_headers, over = self._rate(name)
         if fault:
             status, out_headers, out = _json(fault["status"], fault["body"])
             out_headers.update(fault["headers"])
+        elif over:
+            status, out_headers, out = _json(429, {"error": "rate limit reached"})
         else:
             try:
                 with self._lock:
@@ -267,6 +306,7 @@ class HubDouble:
                     out_headers["X-Error-Code"] = e.code
                 status, hdrs, out = _json(e.status, {"error": e.message})
                 out_headers.update(hdrs)
+        out_headers = {**rate_headers, **out_headers}
         with self._lock:
             self.calls.append((method, name, repo_id, status))
         return status, out_headers, out
@@ -278,6 +318,33 @@ class HubDouble:
         return _json(200, {"type": "user", "id": user["user"], "name": user["user"], "fullname": user["user"],
                            "orgs": [], "auth": {"type": "access_token",
                                                 "accessToken": {"displayName": "double", "role": "fineGrained"}}})
+
+    def _route_models(self, user, params, query, body, **_):
+        author, search = query.get("author"), query.get("search", "")
+        expand = set(query["_multi"].get("expand", []))
+        found = []
+        for (repo_type, rid), repo in sorted(self.repos.items()):
+            if repo_type != "model" or (author and rid.split("/")[0] != author) or search not in rid:
+                continue
+            if repo.private and not (user is not None and any(fnmatch.fnmatch(rid, p) for p in user["read"])):
+                continue
+            head = repo.commits[repo.refs["refs/heads/main"]]
+            entry: dict[str, Any] = {"_id": rid, "id": rid}
+            if "sha" in expand:
+                entry["sha"] = head.oid
+            if "lastModified" in expand:
+                entry["lastModified"] = head.date
+            if "siblings" in expand:
+                entry["siblings"] = [{"rfilename": p} for p in sorted(head.files)]
+            found.append(entry)
+        start = int(query.get("cursor", 0))
+        page = found[start:start + self.page_size]
+        status, headers, out = _json(200, page)
+        if start + self.page_size < len(found):
+            rest = {k: v for k, v in query["_multi"].items() if k != "cursor"}
+            rest["cursor"] = [str(start + self.page_size)]
+            headers["Link"] = f'<{self.endpoint}/api/models?{urlencode(rest, doseq=True)}>; rel="next"'
+        return status, headers, out
 
     def _route_validate_yaml(self, user, params, query, body, **_):
         return _json(200, {"errors": [], "warnings": []})

@@ -9,16 +9,16 @@ from datasets import Dataset
 from peft import get_peft_model
 from tiny_models import LLAMA_TARGETS, one_torch_thread, randomize_adapter, tiny_gpt2, tiny_llama
 
-from peft_hetlora import HetLoRAConfig
-from peft_hetlora.metrics.loss_eval import evaluate_perplexity
-from peft_hetlora.simulation.activation_cache import (
+from hetlora_bench.activation_cache import (
     ActivationCache,
     CachedCollator,
     TopLayersCausalLM,
     cache_plan,
     cached_perplexity,
 )
-from peft_hetlora.simulation.data import CausalLMCollator
+from hetlora_bench.data import CausalLMCollator
+from hetlora_bench.metrics.loss_eval import evaluate_perplexity
+from peft_hetlora import HetLoRAConfig
 
 LAYERS = 4
 TOP = [2, 3]

@@ -302,7 +302,7 @@ def test_the_builtin_spec_exports_as_its_local_folder(tmp_path, monkeypatch):
 
     converted = tmp_path / "models" / "smollm2-135m"
     converted.mkdir(parents=True)
-    monkeypatch.setattr("peft_hetlora.simulation.model_source.resolve_model", lambda spec: converted)
+    monkeypatch.setattr("peft_hetlora.model_source.resolve_model", lambda spec: converted)
     assert usable_base("smollm2-135m") == str(converted.resolve())
     assert usable_base("./my-model") == "./my-model" and usable_base(None) is None
 

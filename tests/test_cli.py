@@ -385,9 +385,10 @@ _COMMAND_ARGS = {
 
 @pytest.mark.parametrize("command", sorted(_COMMAND_ARGS))
 def test_log_level_and_verbose_work_under_every_subcommand(command, monkeypatch, restore_logging):
-    from peft_hetlora.cli import COMMANDS
+    from peft_hetlora.cli import BENCH_COMMANDS, COMMANDS
 
     module, _, runner, _ = COMMANDS[command]
+    package = "hetlora_bench.commands" if command in BENCH_COMMANDS else "peft_hetlora.commands"
     seen = []
 
     def record(args):
@@ -395,7 +396,7 @@ def test_log_level_and_verbose_work_under_every_subcommand(command, monkeypatch,
                      logging.getLogger("peft_hetlora.federated.coordinator").getEffectiveLevel()))
         return 0
 
-    monkeypatch.setattr(f"peft_hetlora.commands.{module}.{runner}", record)
+    monkeypatch.setattr(f"{package}.{module}.{runner}", record)
     rest = _COMMAND_ARGS[command]
     for argv, root_level, coordinator_level in [
         ([command, *rest], logging.WARNING, logging.INFO),  # default: warnings, plus the round lines

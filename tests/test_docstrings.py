@@ -13,6 +13,7 @@ import re
 
 import pytest
 
+import hetlora_bench
 import peft_hetlora
 
 _FENCE = re.compile(r"^([ \t]*)```\w*[ \t]*$", re.MULTILINE)
@@ -26,7 +27,8 @@ class FencedDocTestParser(doctest.DocTestParser):
         return super().parse(_FENCE.sub(r"\1", string), name)
 
 
-MODULES = sorted(info.name for info in pkgutil.walk_packages(peft_hetlora.__path__, "peft_hetlora."))
+MODULES = sorted(info.name for package in (peft_hetlora, hetlora_bench)  # the library and the bench beside it
+                 for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."))
 
 
 def test_the_parser_ends_output_at_a_fence():

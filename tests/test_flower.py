@@ -25,19 +25,18 @@ from robust_reference import robust_global  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
+from hetlora_bench.engines import run_flower_simulation, run_inprocess_simulation  # noqa: E402
+from hetlora_bench.toy import ToyTask  # noqa: E402
 from peft_hetlora import HetLoRAConfig  # noqa: E402
 from peft_hetlora.federated.stores import LocalStore  # noqa: E402
 from peft_hetlora.flower import (  # noqa: E402
     HetLoRAStrategy,
     LocalTrainingConfig,
+    PartitionClientIds,
     initial_global_state,
     make_client_app,
-    run_flower_simulation,
-    run_inprocess_simulation,
 )
 from peft_hetlora.flower import records as rec  # noqa: E402
-from peft_hetlora.flower.simulation import PartitionClientIds  # noqa: E402
-from peft_hetlora.flower.toy import ToyTask  # noqa: E402
 
 pytestmark = [
     pytest.mark.flower,

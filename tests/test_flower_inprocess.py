@@ -11,11 +11,12 @@ pytest.importorskip("flwr")
 import torch  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
-import peft_hetlora.flower.simulation as sim  # noqa: E402
+import hetlora_bench.engines as sim  # noqa: E402
+from hetlora_bench.engines import run_inprocess_simulation  # noqa: E402
+from hetlora_bench.toy import ToyTask  # noqa: E402
 from peft_hetlora import HetLoRAConfig  # noqa: E402
-from peft_hetlora.flower import LocalTrainingConfig, run_inprocess_simulation  # noqa: E402
+from peft_hetlora.flower import LocalTrainingConfig  # noqa: E402
 from peft_hetlora.flower.local_round import LocalRoundResult  # noqa: E402
-from peft_hetlora.flower.toy import ToyTask  # noqa: E402
 
 CONFIG = HetLoRAConfig(r=8, r_min=2, lora_alpha=16, target_modules=["q_proj", "v_proj"])
 TASK = ToyTask(num_examples=8, seq_len=16, model_fn=functools.partial(tiny_llama, 0))

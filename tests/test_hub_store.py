@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
@@ -11,12 +12,14 @@ import numpy as np
 import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load, load_file
 
-from peft_hetlora.federated.stores import HubStore, RetryPolicy, UploadTooLargeError
-from peft_hetlora.federated.stores.hub_requests import HubRepo, retry_after_s
+from peft_hetlora.federated.stores import ClientUploadNotFoundError, HubStore, RetryPolicy, UploadTooLargeError
+from peft_hetlora.federated.stores import hub as hub_module
+from peft_hetlora.federated.stores.base import CLIENT_FILES
+from peft_hetlora.federated.stores.hub_requests import FileTooLargeError, HubRepo, retry_after_s
 
 try:  # tests/ as a package or as a rootdir-relative folder
     from tests.test_store_contract import KEY_A, make_client, make_global
@@ -371,3 +374,211 @@ def test_retry_after_never_fails_on_what_a_server_sends(value, ratelimit):
         return
     if value and seconds == seconds:  # a plain number of seconds (not NaN): taken as is, never negative
         assert wait == max(0.0, seconds)
+
+
+# ------------------------------------------------------------------------ Hub calls at scale (issue 25)
+def upload_round(fed: HubStore, double, tmp_path, participants: list[str], others: list[str] = (),
+                 **client_kwargs) -> None:
+    """Publish global 0 for `participants`; each of them and each of `others` (look-alikes) uploads once."""
+    fed.publish_global(0, make_global(tmp_path, 0, seed=0, participants=participants))
+    for k, cid in enumerate([*participants, *others]):
+        folder = make_client(tmp_path, 0, cid, seed=k + 1)
+        as_client(fed, double, cid, tmp_path, **client_kwargs).upload_client(0, cid, folder)
+
+
+def calls_since(double, mark: int) -> Counter:
+    return Counter(f"{verb} {route}" for verb, route, _, _ in double.calls[mark:])
+
+
+@pytest.mark.parametrize("num,page_size", [(1, 4), (5, 4), (9, 2)])
+def test_round_calls_follow_the_hand_formula(hub_double, tmp_path, num, page_size):
+    """collect (list) + close (list again, download every upload): API calls = 1 + 2 ceil(repos / page)."""
+    hub_double.page_size = page_size
+    participants, others = [f"c{k}" for k in range(num)], ["eve", "c1x"]  # look-alike repos in the listing
+    fed = HubStore("hetlora/fed", endpoint=hub_double.endpoint, token=hub_double.token, cache_dir=tmp_path / "c")
+    upload_round(fed, hub_double, tmp_path, participants, others)
+    coordinator = HubStore("hetlora/fed", endpoint=hub_double.endpoint, token=hub_double.token,
+                           cache_dir=tmp_path / "coord")
+    mark = len(hub_double.calls)
+    assert coordinator.list_client_uploads(0) == sorted(participants)  # collect
+    assert coordinator.list_client_uploads(0) == sorted(participants)  # close round lists again
+    for cid in participants:
+        folder = coordinator.download_client(0, cid)
+        assert (folder / "client.json").read_bytes() == (make_client(tmp_path / "again", 0, cid, 0) / "client.json"
+                                                          ).read_bytes()
+    files_per_client = len(set(CLIENT_FILES) & {p.name for p in make_client(tmp_path / "n", 0, "x", 0).iterdir()})
+    listing_pages = -(-(num + len(others)) // page_size)
+    calls = calls_since(hub_double, mark)
+    assert calls == Counter({
+        "GET models": 2 * listing_pages,  # one paginated listing per list call, not one probe per client
+        "GET revision": 1,  # the federation repo's head, for round.json (participants cached afterwards)
+        "HEAD resolve": 1, "GET resolve": 1 + num * files_per_client,  # round.json, then one GET per file
+    })
+    api = sum(n for k, n in calls.items() if not k.endswith("resolve"))
+    assert api == 1 + 2 * listing_pages
+
+
+def test_downloads_use_the_listed_commit_without_a_second_look_up(fed, hub_double, tmp_path):
+    upload_round(fed, hub_double, tmp_path, ["alice", "bob"])
+    assert fed.list_client_uploads(0) == ["alice", "bob"]
+    listed_sha = hub_double.repos[("model", "hetlora/fed-client-alice")].refs["refs/heads/main"]
+    # alice re-uploads after the listing: the download stays on the listed commit (one upload, never mixed)
+    hub_double.commit("hetlora/fed-client-alice", {"rounds/0/clients/alice/client.json": b"{}"})
+    mark = len(hub_double.calls)
+    folder = fed.download_client(0, "alice")
+    assert listed_sha in folder.parts
+    assert json.loads((folder / "client.json").read_text())["client_id"] == "alice"
+    assert set(calls_since(hub_double, mark)) == {"GET resolve"}  # no repo_info, no HEAD, no listing
+
+
+def test_hostile_listing_entries_are_ignored(fed, hub_double, tmp_path):
+    upload_round(fed, hub_double, tmp_path, ["alice", "bob"], others=["eve"])
+    good = {"id": "hetlora/fed-client-alice", "sha": hub_double.repos[("model", "hetlora/fed-client-alice")].refs[
+        "refs/heads/main"], "siblings": [{"rfilename": "rounds/0/clients/alice/client.json"},
+                                         {"rfilename": "rounds/0/clients/alice/adapter_model.safetensors"}]}
+    hostile = [
+        "not an object", {"id": 3}, {"id": "hetlora/fed-client-eve", "sha": "a" * 40, "siblings": []},
+        {"id": "hetlora/fed-client-bob", "sha": "../../x", "siblings": good["siblings"]},  # not a sha
+        {"id": "hetlora/fed-client-bob", "sha": "b" * 40, "siblings": "all"},  # no file list: asks the repo
+        {"id": "hetlora/fed-client-carol", "sha": "c" * 40, "siblings": [{"rfilename": "x"}]},
+        {"id": "other/fed-client-alice", "sha": "d" * 40}, good,
+        {"id": "hetlora/fed-client-alice", "sha": "e" * 40, "siblings": good["siblings"]},  # first entry wins
+    ]
+    hub_double.inject("models", 200, body=hostile)
+    assert fed.list_client_uploads(0) == ["alice"]  # bob's listed sha does not exist: not an upload
+    assert json.loads((fed.download_client(0, "alice") / "client.json").read_text())["client_id"] == "alice"
+    hub_double.inject("models", 200, body={"not": "a list"})
+    with pytest.raises(ValueError, match="not a list"):
+        fed.list_client_uploads(0)
+
+
+def test_a_listed_commit_that_is_gone_is_no_upload(fed, hub_double, tmp_path):
+    upload_round(fed, hub_double, tmp_path, ["alice"])
+    hub_double.inject("models", 200, body=[{"id": "hetlora/fed-client-alice", "sha": "f" * 40, "siblings": [
+        {"rfilename": "rounds/0/clients/alice/client.json"}]}])
+    assert fed.list_client_uploads(0) == ["alice"]
+    with pytest.raises(ClientUploadNotFoundError):
+        fed.download_client(0, "alice")
+    assert not [p for p in fed._uploads_root().rglob("*") if p.is_file()]  # nothing half-downloaded is kept
+
+
+def test_a_flooded_listing_is_cut_short_and_each_participant_checked(fed, hub_double, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub_module, "_LISTING_SLACK", (1, 3))
+    hub_double.page_size = 2
+    upload_round(fed, hub_double, tmp_path, ["alice", "bob"])
+    for k in range(40):  # look-alike repos, straight into the double
+        hub_double.create_repo(f"hetlora/fed-client-spam{k}")
+    mark = len(hub_double.calls)
+    assert fed.list_client_uploads(0) == ["alice", "bob"]
+    calls = calls_since(hub_double, mark)
+    max_entries = 1 * 2 + 3
+    assert calls["GET models"] == -(-(max_entries + 1) // 2)  # pages up to the first one past the cap, no more
+    assert calls["HEAD resolve"] == 1 + 2  # round.json, then one probe per participant
+    assert json.loads((fed.download_client(0, "bob") / "client.json").read_text())["client_id"] == "bob"
+
+
+names = st.sampled_from(["rounds/0/clients/alice/client.json", "rounds/0/clients/zed/client.json", ""])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=st.lists(st.one_of(
+    st.fixed_dictionaries({"id": st.sampled_from(["hetlora/fed-client-alice", "hetlora/fed-client-zed", "x/y"]),
+                           "sha": st.one_of(st.text(max_size=41), st.just("a" * 40)),
+                           "siblings": st.one_of(st.none(), st.lists(st.fixed_dictionaries({"rfilename": names})))}),
+    st.dictionaries(st.text(max_size=8), st.one_of(st.integers(), st.text(max_size=8), st.none()), max_size=4),
+    st.integers(), st.text(max_size=8)), max_size=12))
+def test_any_listing_yields_only_participants(hub_double, tmp_path_factory, entries):
+    tmp_path = tmp_path_factory.mktemp("listing")
+    fed = HubStore("hetlora/fed", endpoint=hub_double.endpoint, token=hub_double.token, cache_dir=tmp_path / "c")
+    if fed.hub.snapshot_or_none(fed.repo_id) is None or "rounds/0/global/round.json" not in hub_double.files(
+            fed.repo_id):
+        upload_round(fed, hub_double, tmp_path, ["alice", "bob"])
+    hub_double.inject("models", 200, body=entries)
+    listed = fed.list_client_uploads(0)
+    assert listed == sorted(set(listed)) and set(listed) <= {"alice", "bob"}
+
+
+def test_client_repo_prefix_only_for_templates_with_one_trailing_client_id():
+    assert HubStore("org/fed").client_repo_prefix() == ("org", "fed-client-")
+    assert HubStore("org/fed", client_repo_id="{namespace}/u-{client_id}").client_repo_prefix() == ("org", "u-")
+    for template in ("{namespace}-{client_id}/{name}", "{namespace}/{client_id}-x", "{namespace}/{nope}-{client_id}"):
+        assert HubStore("org/fed", client_repo_id=template).client_repo_prefix() is None
+    assert HubStore("org/fed", client_repo_id=lambda c: f"u/{c}").client_repo_prefix() is None
+
+
+def test_a_callable_client_repo_id_falls_back_to_one_probe_per_participant(hub_double, tmp_path):
+    fed = HubStore("hetlora/fed", endpoint=hub_double.endpoint, token=hub_double.token, cache_dir=tmp_path / "c",
+                   client_repo_id=lambda c: f"hetlora/up-{c}")
+    upload_round(fed, hub_double, tmp_path, ["alice", "bob"], client_repo_id=fed._client_repo_id)
+    mark = len(hub_double.calls)
+    assert fed.list_client_uploads(0) == ["alice", "bob"]
+    assert calls_since(hub_double, mark)["GET models"] == 0
+    assert (fed.download_client(0, "bob") / "client.json").is_file()
+
+
+def test_listed_download_refuses_files_over_the_limit(fed, hub_double, tmp_path):
+    upload_round(fed, hub_double, tmp_path, ["alice"])
+    assert fed.list_client_uploads(0) == ["alice"]
+    fed.max_client_file_bytes = 100
+    with pytest.raises(UploadTooLargeError, match="over the limit of 100 bytes"):
+        fed.download_client(0, "alice")
+    assert not [p for p in fed._uploads_root().rglob("*") if p.is_file()]
+
+
+def test_fetch_enforces_the_cap_while_streaming_without_a_content_length(fed, hub_double, tmp_path, monkeypatch):
+    upload_round(fed, hub_double, tmp_path, ["alice"])
+    handle = hub_double.handle
+
+    def no_length(*args):  # a server that streams without announcing the size
+        status, headers, out = handle(*args)
+        headers.pop("Content-Length", None)
+        return status, headers, out
+
+    monkeypatch.setattr(hub_double, "handle", no_length)
+    sha = hub_double.repos[("model", "hetlora/fed-client-alice")].refs["refs/heads/main"]
+    target = tmp_path / "adapter"
+    size = len(hub_double.files("hetlora/fed-client-alice")["rounds/0/clients/alice/adapter_model.safetensors"])
+    with pytest.raises(FileTooLargeError):
+        fed.hub.fetch("hetlora/fed-client-alice", "rounds/0/clients/alice/adapter_model.safetensors", sha, target,
+                      size - 1)
+    assert not target.exists()
+    fed.hub.fetch("hetlora/fed-client-alice", "rounds/0/clients/alice/adapter_model.safetensors", sha, target, size)
+    assert target.stat().st_size == size
+
+
+@pytest.mark.parametrize("quota,reserve", [(5, 1), (4, 2), (12, 10)])
+def test_downloads_are_paced_on_the_ratelimit_header_before_any_429(hub_double, tmp_path, quota, reserve):
+    """N paced GETs in windows of `quota` keeping `reserve`: ceil(N / (quota - reserve)) - 1 waits of one window."""
+    now = [0.0]
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    participants = ["alice", "bob", "carol"]
+    fed = HubStore("hetlora/fed", endpoint=hub_double.endpoint, token=hub_double.token, cache_dir=tmp_path / "c",
+                   rate_reserve=reserve)
+    fed.hub.clock, fed.hub.sleep = (lambda: now[0]), sleep
+    upload_round(fed, hub_double, tmp_path, participants)
+    assert fed.list_client_uploads(0) == participants
+    hub_double.set_rate_limit("resolvers", quota, 300.0, lambda: now[0])
+    mark = len(hub_double.calls)
+    for cid in participants:
+        fed.download_client(0, cid)
+    gets = calls_since(hub_double, mark)["GET resolve"]
+    assert gets == 3 * len(participants)  # adapter, config, client.json
+    assert waits == [300.0] * (-(-gets // (quota - reserve)) - 1)
+    assert not [c for c in hub_double.calls if c[3] == 429]
+
+
+def test_a_429_on_a_listed_download_waits_for_retry_after(fed, hub_double, tmp_path):
+    waits: list[float] = []
+    fed.hub.sleep = waits.append
+    upload_round(fed, hub_double, tmp_path, ["alice"])
+    assert fed.list_client_uploads(0) == ["alice"]
+    hub_double.inject("resolve", 429, times=2, headers={"Retry-After": "7"})
+    hub_double.inject("models", 429, headers={"Retry-After": "3"})
+    assert (fed.download_client(0, "alice") / "client.json").is_file()
+    assert fed.list_client_uploads(0) == ["alice"]
+    assert waits == [7.0, 7.0, 3.0]

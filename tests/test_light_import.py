@@ -66,8 +66,8 @@ def test_importing_the_package_registers_hetlora_with_peft(imports):
 # ----------------------------------------------------------------------------- the tuner stands on the leaf
 # Everything that is not the tuner (config, layer, model, export, quantisation, registration), the PEFT import hook,
 # the federation-settings reader, or the leaf `peft_hetlora.utils`.
-ENGINE_PACKAGES = ("peft_hetlora.federated", "peft_hetlora.flower", "peft_hetlora.simulation",
-                   "peft_hetlora.metrics", "peft_hetlora.commands", "peft_hetlora.cli")
+ENGINE_PACKAGES = ("peft_hetlora.federated", "peft_hetlora.flower", "peft_hetlora.model_source",
+                   "peft_hetlora.commands", "peft_hetlora.cli", "hetlora_bench")
 LEAF_ALLOWED_IMPORTS = {"__future__", "collections", "dataclasses", "json", "math", "numbers", "pathlib", "re",
                         "typing"}
 
@@ -185,21 +185,11 @@ def test_the_tuner_imports_only_the_tuner_and_the_leaf():
         assert outside == [], f"{module} imports {outside}"
 
 
-# The package still has import cycles today (two in the simulator, arm_report <-> report and flower_engine <->
-# runner): the bench's move (WP4) removes them. The federated core has none left (WP3 removed the package
-# face/coordinator and the flower ones; WP3b's policies/, round/, coordinator/ added none). This test pins that
-# no *new* cycle appears meanwhile; when a work package removes one, shrink the count.
-KNOWN_ENGINE_CYCLES = 2
-
-
-@pytest.mark.xfail(reason="the simulator's two cycles go with the bench's move (WP4, docs/architecture.md)",
-                   strict=False)
 def test_no_import_cycle_anywhere_in_the_package():
-    assert cycles(import_graph()) == []
-
-
-def test_no_new_import_cycle_in_the_engine():
-    assert len(cycles(import_graph())) <= KNOWN_ENGINE_CYCLES
+    """No import circle in the library, the callbacks or the bench beside them (issue 23)."""
+    graph = import_graph(("peft_hetlora", "trainer_callbacks", "hetlora_bench"))
+    assert graph["hetlora_bench.runner"], "the import graph reader found no import in the bench"
+    assert cycles(graph) == []
 
 
 # ----------------------------------------------------------------------------- the design the code cites
@@ -229,3 +219,50 @@ def test_every_design_citation_names_a_section_of_docs_design():
     assert missing == {}, f"citations of sections docs/design.md lacks: {missing}"
     stale = [p.name for p in sources if re.search(r"\bDESIGN(\.md)? ?[0-9§]", p.read_text(encoding="utf-8"))]
     assert stale == [], f"citations of the old design brief: {stale}"
+
+
+# ----------------------------------------------------------------------------- the bench beside the library
+BENCH_ONLY = ("hetlora_bench", "matplotlib")
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import peft_hetlora",
+        "import peft_hetlora.federated",
+        "import trainer_callbacks",
+        "import peft_hetlora.flower",
+        "import peft_hetlora.model_source",
+        "from peft_hetlora.cli import build_parser; build_parser(['init']); build_parser(['export', 'a', 'b'])",
+        "import contextlib, io\nfrom peft_hetlora.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n        main(['--help'])\n    except SystemExit:\n        pass",
+    ],
+)
+def test_the_library_never_imports_the_bench(code):
+    out = run(f"import sys\n{code}\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {BENCH_ONLY!r}))")
+    assert out == "[]"
+
+
+def test_nothing_in_the_library_names_the_bench_in_an_import():
+    checked = 0
+    for root in ("peft_hetlora", "trainer_callbacks"):
+        for path in (REPO / root).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    assert not any(a.name.split(".")[0] == "hetlora_bench" for a in node.names), path
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    assert (node.module or "").split(".")[0] != "hetlora_bench", path
+                checked += isinstance(node, (ast.Import, ast.ImportFrom))
+    assert checked > 100, "the reader found too few import statements"
+
+
+def test_the_bench_packages_are_an_extra_not_a_requirement():
+    setup = (REPO / "setup.py").read_text(encoding="utf-8")
+    tree = ast.parse(setup)
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    wanted = ("install_requires", "extras_require")
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in wanted}
+    names = lambda reqs: {re.split(r"[<>=\[ ]", r, maxsplit=1)[0] for r in reqs}  # noqa: E731
+    bench_only = {"matplotlib", "datasets", "evaluate", "pyyaml"}  # imported by hetlora_bench only
+    assert bench_only.isdisjoint(names(kwargs["install_requires"]))
+    assert bench_only <= names(kwargs["extras_require"]["bench"])

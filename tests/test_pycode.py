@@ -6,8 +6,8 @@ import importlib.metadata
 
 import pytest
 
-from peft_hetlora.simulation.data import load_client_corpus
-from peft_hetlora.simulation.pycode import pycode_examples, split_module
+from hetlora_bench.data import load_client_corpus
+from hetlora_bench.pycode import pycode_examples, split_module
 
 SOURCE = '''"""Doc."""
 import os

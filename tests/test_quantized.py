@@ -339,7 +339,7 @@ def test_bnb_cuda_forward_matches_the_dequantised_float_path(model_dir, mode):  
 
 # ----------------------------------------------------------------------------- the real model (slow)
 def _smollm2_cached() -> str | None:
-    from peft_hetlora.simulation.model_source import default_cache_dir
+    from peft_hetlora.model_source import default_cache_dir
 
     folder = default_cache_dir() / "smollm2-135m"
     return str(folder) if (folder / "config.json").is_file() else None

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from peft_hetlora.simulation.report import (
+from hetlora_bench.report import (
     default_target_method,
     format_bytes,
     homogeneous_rank,
@@ -143,9 +143,13 @@ def test_homogeneous_only_has_no_rank_plot_and_handles_missing_values(tmp_path):
         write_report([], tmp_path)
 
 
-def test_read_metrics_roundtrip(tmp_path):
-    from peft_hetlora.simulation.report import read_metrics
+def read_metrics(path):
+    """The input metrics stored in a `metrics.json` written by `write_report` (a folder or the file)."""
+    file = path / "metrics.json" if path.is_dir() else path
+    return json.loads(file.read_text(encoding="utf-8"))["metrics"]
 
+
+def test_read_metrics_roundtrip(tmp_path):
     write_report(example_metrics(), tmp_path / "s0", plots=False)
     write_report(example_metrics(1.0), tmp_path / "s1", plots=False)
     runs = [read_metrics(tmp_path / "s0"), read_metrics(tmp_path / "s1" / "metrics.json")]

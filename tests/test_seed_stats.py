@@ -7,9 +7,9 @@ import math
 
 import pytest
 
+from hetlora_bench.report import write_report
+from hetlora_bench.seed_stats import ReportInputError, merge_run_folders, seed_statistics
 from peft_hetlora.cli import main
-from peft_hetlora.simulation.report import write_report
-from peft_hetlora.simulation.seed_stats import ReportInputError, merge_run_folders, seed_statistics
 
 # final held-out perplexities per seed (0, 1, 2)
 REF = [10.0, 12.0, 11.0]

@@ -12,16 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peft_hetlora.simulation.arm_report import (
+from hetlora_bench.arm_report import (
     extra_sections,
     message_rows,
     poisoned_rows,
     privacy_rows,
     reference_rows,
 )
-from peft_hetlora.simulation.attacks import choose_attackers, poison_upload
-from peft_hetlora.simulation.client_uploads import UploadTransform
-from peft_hetlora.simulation.config import SimulationConfig
+from hetlora_bench.arms import SimulationConfig
+from hetlora_bench.attacks import choose_attackers, poison_upload
+from hetlora_bench.client_uploads import UploadTransform
 
 KEY_A, KEY_B = "base_model.model.m.lora_A.weight", "base_model.model.m.lora_B.weight"
 
@@ -157,7 +157,7 @@ def test_report_sections_from_synthetic_metrics(tmp_path):
 
 # --------------------------------------------------------------------------------------------- settings
 def test_dp_arm_settings_follow_the_issue():
-    from peft_hetlora.simulation.runner import arm_coordinator_settings
+    from hetlora_bench.runner import arm_coordinator_settings
 
     cfg = SimulationConfig.from_sources(profile="quick", overrides={"dp_clip": 0.5})
     ranks = {"c0": 2, "c1": 2, "c2": 4, "c3": 8, "c4": 2, "c5": 6}
@@ -170,8 +170,8 @@ def test_dp_arm_settings_follow_the_issue():
 
 
 def test_window_arms_name_the_missing_coordinator_option():
+    from hetlora_bench.runner import MissingCoordinatorOption, arm_coordinator_settings
     from peft_hetlora.federated.coordinator import Coordinator
-    from peft_hetlora.simulation.runner import MissingCoordinatorOption, arm_coordinator_settings
 
     cfg = SimulationConfig.from_sources(profile="quick")
     ranks = {f"c{i}": 2 for i in range(6)}
@@ -220,7 +220,7 @@ def _jsonl(path):
 
 @pytest.fixture(scope="module")
 def arms_run(tmp_path_factory):
-    from peft_hetlora.simulation.runner import run_simulation
+    from hetlora_bench.runner import run_simulation
 
     out = tmp_path_factory.mktemp("arms")
     return out, run_simulation(_quick(), out)
@@ -270,7 +270,7 @@ def test_poisoned_arm_sends_the_transformed_upload(arms_run):
 
 @NEEDS_DATA
 def test_bf16_messages_end_to_end_count_half_the_tensor_bytes(tmp_path):
-    from peft_hetlora.simulation.runner import run_simulation
+    from hetlora_bench.runner import run_simulation
 
     run_simulation(_quick(methods=["rankwise"], rounds=1, message_format="bf16"), tmp_path)
     row = _jsonl(tmp_path / "seed-0" / "rankwise" / "rounds.jsonl")[1]
@@ -308,7 +308,7 @@ def _has_component_selection():
 @NEEDS_DATA
 @pytest.mark.skipif(not _has_component_selection(), reason="needs Coordinator(component_selection=...)")
 def test_window_arms_run_end_to_end_and_upload_only_their_window(tmp_path):
-    from peft_hetlora.simulation.runner import run_simulation
+    from hetlora_bench.runner import run_simulation
 
     arms = ["window_rolling", "window_coverage", "homlora_rmax"]
     report = run_simulation(_quick(methods=arms), tmp_path)
@@ -336,15 +336,16 @@ def test_window_clients_are_measured_on_the_whole_global_they_hold(tmp_path):
     bytes and its validation perplexity are those of the full rank-r_max adapter, not of a rank-k prefix."""
     from peft import get_peft_model, set_peft_model_state_dict
 
-    from peft_hetlora.simulation.runner import _adapter_config, run_simulation
-    from peft_hetlora.simulation.workbench import prepare
+    from hetlora_bench.arm_setup import arm_adapter_config
+    from hetlora_bench.runner import run_simulation
+    from hetlora_bench.workbench import prepare
 
     config = _quick(methods=["window_coverage"], num_clients=4, clients_per_round=3)
     run_simulation(config, tmp_path)
     arm_dir = tmp_path / "seed-0" / "window_coverage"
     rows = _jsonl(arm_dir / "rounds.jsonl")
     wb = prepare(config, 0)
-    model = get_peft_model(wb.base_model, _adapter_config(config, config.r_max, wb, prune=False))
+    model = get_peft_model(wb.base_model, arm_adapter_config(config, config.r_max, wb, prune=False))
     model.eval()
     store = arm_dir / "store" / "rounds"
     for t in (0, 1):
@@ -363,7 +364,7 @@ def test_window_clients_are_measured_on_the_whole_global_they_hold(tmp_path):
     wb.base_model = model.unload()
 
     # a folder from before the rule (window clients measured on their prefix) is re-measured from its store
-    from peft_hetlora.simulation.runner import refresh_window_rows
+    from hetlora_bench.runner import refresh_window_rows
 
     rows_path = arm_dir / "rounds.jsonl"
     stale = [dict(r, client_val_ppl=1e9, download_bytes=1) if r["round"] else r for r in rows]

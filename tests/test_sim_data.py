@@ -7,7 +7,7 @@ import datasets
 import pytest
 import torch
 
-from peft_hetlora.simulation.data import (
+from hetlora_bench.data import (
     CausalLMCollator,
     FederatedCorpus,
     chitchat_examples,

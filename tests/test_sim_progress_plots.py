@@ -10,9 +10,10 @@ import sys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peft_hetlora.simulation.config import DEFAULT_METHODS
-from peft_hetlora.simulation.report import _figure, _legend_below, method_styles, write_report
-from peft_hetlora.simulation.runner import RunProgress, cpu_seconds, format_duration
+from hetlora_bench.arms import DEFAULT_METHODS
+from hetlora_bench.figures import new_figure
+from hetlora_bench.report import _legend_below, method_styles, write_report
+from hetlora_bench.runner import RunProgress, cpu_seconds, format_duration
 
 
 class FakeClock:
@@ -86,7 +87,7 @@ def test_every_method_of_the_main_job_has_its_own_colour_and_line_style():
 
 
 def test_the_legend_sits_below_the_axes_not_over_the_data():
-    fig, axes = _figure(ncols=2)
+    fig, axes = new_figure(ncols=2)
     styles = method_styles(DEFAULT_METHODS)
     for ax in axes[0]:
         for i, method in enumerate(DEFAULT_METHODS):

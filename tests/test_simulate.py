@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from hetlora_bench.arms import SimulationConfig
+from hetlora_bench.runner import RunFolderMismatch, run_simulation
 from peft_hetlora.cli import main
-from peft_hetlora.simulation.config import SimulationConfig
-from peft_hetlora.simulation.runner import RunFolderMismatch, run_simulation
 
 for package, hint in (
     ("chitchat_dataset", "pip install chitchat-dataset"),
@@ -159,3 +159,62 @@ def test_activation_cache_gives_the_uncached_rounds(tmp_path):
         assert want.keys() == got.keys()
         for key in want:
             assert (got[key] - want[key]).abs().max().item() < 1e-5, key
+
+
+# ----------------------------------------------------------------------------- the arms each engine runs
+def test_default_arms_are_engine_aware():
+    from hetlora_bench.arms import ARMS, DEFAULT_METHODS
+
+    inprocess = SimulationConfig.from_sources(profile="quick")
+    flower = SimulationConfig.from_sources(profile="quick", overrides={"engine": "flower"})
+    assert inprocess.methods == DEFAULT_METHODS  # the in-process engine runs every default arm, unchanged
+    # the Flower engine: the same arms in the same order less the ones with a window, DP, attack or nested setting
+    by_hand = [m for m in DEFAULT_METHODS if not {"selection", "dp_epsilon", "attack", "nested"} & ARMS[m].keys()]
+    assert flower.methods == by_hand
+    assert "window_fedavg" in DEFAULT_METHODS and "window_fedavg" not in flower.methods
+    assert len(flower.methods) == len(DEFAULT_METHODS) - 1
+
+
+def test_an_arm_the_flower_engine_cannot_run_is_refused_when_asked_for():
+    with pytest.raises(ValueError, match="window_fedavg"):
+        SimulationConfig.from_sources(profile="quick", overrides={"engine": "flower", "methods": ["window_fedavg"]})
+
+
+def test_flower_engine_parses_the_shipped_quick_command(monkeypatch, tmp_path):
+    """`hetlora simulate --engine flower --profile quick` reaches the runner with the Flower-capable default arms."""
+    import hetlora_bench.runner as runner
+
+    seen = {}
+
+    def fake_run(config, out):
+        seen["config"], seen["out"] = config, out
+        report = tmp_path / "report.md"
+        report.write_text("table\n")
+        return report
+
+    monkeypatch.setattr(runner, "run_simulation", fake_run)
+    assert main(["simulate", "--engine", "flower", "--profile", "quick", "--out", str(tmp_path / "f")]) == 0
+    assert seen["config"].engine == "flower" and "window_fedavg" not in seen["config"].methods
+
+
+# ----------------------------------------------------------------------------- the CLI reaches the bench lazily
+def test_cli_without_the_bench_says_how_to_install_it(monkeypatch, capsys):
+    import peft_hetlora.cli as cli
+
+    monkeypatch.setattr(cli, "BENCH_DEPENDENCIES", ("matplotlib", "no_such_package_for_the_bench"))
+    assert main(["simulate", "--profile", "quick"]) == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "pip install 'peft-hetlora[bench]'" in err and "no_such_package_for_the_bench" in err
+    assert main(["report", "runs/a"]) == cli.EXIT_FAILURE
+    assert "`hetlora report` is part of the bench" in capsys.readouterr().err
+    with pytest.raises(ImportError, match=r"peft-hetlora\[bench\].*no_such_bench"):
+        cli.bench_command_module("simulate", package="no_such_bench")
+
+
+def test_cli_with_the_bench_builds_its_commands():
+    from peft_hetlora.cli import build_parser
+
+    args = build_parser(["simulate"]).parse_args(["simulate", "--profile", "quick", "--engine", "flower"])
+    assert (args.profile, args.engine) == ("quick", "flower")
+    args = build_parser(["report"]).parse_args(["report", "runs/a", "runs/b"])
+    assert [str(f) for f in args.folders] == ["runs/a", "runs/b"]

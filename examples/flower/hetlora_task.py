@@ -18,9 +18,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from hetlora_bench.toy import TOY_TARGET_MODULES, ToyTask, tiny_llama
 from peft_hetlora import HetLoRAConfig
 from peft_hetlora.flower import ClientTask
-from peft_hetlora.flower.toy import TOY_TARGET_MODULES, ToyTask, tiny_llama
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,7 +51,7 @@ def toy_task(config: Mapping[str, Any]) -> ToyTask:
 
 @functools.lru_cache(maxsize=2)
 def _model_dir(spec: str) -> str:
-    from peft_hetlora.simulation.model_source import resolve_model
+    from peft_hetlora.model_source import resolve_model
 
     return str(resolve_model(spec))
 
@@ -68,7 +68,7 @@ def build_model(config: Mapping[str, Any]):
 
 @functools.lru_cache(maxsize=4)
 def _corpus(num_clients: int, seed: int, max_examples: int):
-    from peft_hetlora.simulation.data import load_client_corpus
+    from hetlora_bench.data import load_client_corpus
 
     return load_client_corpus("chitchat", num_clients=num_clients, seed=seed, max_examples_per_client=max_examples)
 
@@ -80,7 +80,7 @@ def task_fn(partition_id: int, config: Mapping[str, Any]) -> ClientTask:
         return toy_task(config)(partition_id, config)
     from transformers import AutoTokenizer
 
-    from peft_hetlora.simulation.data import CausalLMCollator, pad_token_id, tokenize_for_clm
+    from hetlora_bench.data import CausalLMCollator, pad_token_id, tokenize_for_clm
 
     num_partitions = int(config.get("num-partitions", 10))
     corpus = _corpus(num_partitions, int(config.get("seed", 0)), int(config.get("max-examples-per-client", 64)))

@@ -42,7 +42,7 @@ def usable_base(recorded: str | None) -> str | None:
         'HuggingFaceTB/SmolLM2-135M-Instruct'
         ```
     """
-    from ..simulation.model_source import is_builtin_model, resolve_model
+    from ..model_source import is_builtin_model, resolve_model
 
     if recorded is not None and is_builtin_model(recorded):
         return str(resolve_model(recorded).resolve())

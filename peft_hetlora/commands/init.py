@@ -77,7 +77,7 @@ def build_initial_adapter(args: argparse.Namespace, out_dir: str) -> dict[str, A
     from ..base_identity import base_identity
     from ..config import HetLoRAConfig
     from ..known_noise import peft_model_warnings
-    from ..simulation.model_source import model_revision, resolve_model
+    from ..model_source import model_revision, resolve_model
 
     r_max = args.r_max or DEFAULT_R_MAX
     folder = resolve_model(args.base_model)

@@ -1,4 +1,4 @@
-"""HetLoRA on Flower (`flwr`, Message API): a strategy, a client app and a simulation runner.
+"""HetLoRA on Flower (`flwr`, Message API): a strategy and a client app.
 
 Install with ``pip install "peft-hetlora[flower]"``. Importing this package sets ``FLWR_TELEMETRY_ENABLED=0`` unless
 the variable is already set (opt in to Flower's telemetry by setting it to 1 yourself).
@@ -8,20 +8,18 @@ the variable is already set (opt in to Flower's telemetry by setting it to 1 you
   mirroring to a `LocalStore` / `HubStore`.
 - `make_client_app(task_fn)`: a `flwr.clientapp.ClientApp` that trains a local round with `transformers.Trainer` +
   `HetLoRACallback` at the node's rank and replies with only the active components.
-- `run_flower_simulation(...)` / `run_inprocess_simulation(...)`: the same experiment on Flower (Ray virtual clients)
-  or in this process.
+- `initial_global_state(model, adapter_config)` (the first global) and `PartitionClientIds` (node -> client id).
 
-The local round (`train_local_round`, `ClientTask`, `LocalTrainingConfig`), `run_inprocess_simulation` and the toy
-task work without Flower installed; the strategy, the client app and `run_flower_simulation` need it.
+The simulations (`run_flower_simulation`, the in-process engine, the toy task) are the bench's:
+`hetlora_bench.engines` (``pip install "peft-hetlora[bench]"``).
+
+The local round (`train_local_round`, `ClientTask`, `LocalTrainingConfig`) works without Flower installed; the
+strategy and the client app need it.
 
 Example:
     ```py
-    from peft_hetlora import HetLoRAConfig
-    from peft_hetlora.flower import run_flower_simulation
-    from peft_hetlora.flower.toy import ToyTask
-
-    run = run_flower_simulation(ToyTask(), num_clients=10, rounds=2, local_steps=2,
-                                adapter_config=HetLoRAConfig(r=8, r_min=2, target_modules=["q_proj", "v_proj"]))
+    >>> LocalTrainingConfig(local_steps=2).local_steps
+    2
     ```
 """
 
@@ -30,28 +28,19 @@ from typing import Any
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+from .deployment import PartitionClientIds, initial_global_state  # noqa: E402
 from .local_round import ClientTask, LocalRoundResult, LocalTrainingConfig, train_local_round  # noqa: E402
-from .simulation import (  # noqa: E402
-    DatasetTask,
-    FederationRun,
-    initial_global_state,
-    run_flower_simulation,
-    run_inprocess_simulation,
-)
 
 _NEEDS_FLOWER = {"HetLoRAStrategy": ".strategy", "make_client_app": ".client_app"}
 
 __all__ = [
     "ClientTask",
-    "DatasetTask",
-    "FederationRun",
     "HetLoRAStrategy",
     "LocalRoundResult",
     "LocalTrainingConfig",
+    "PartitionClientIds",
     "initial_global_state",
     "make_client_app",
-    "run_flower_simulation",
-    "run_inprocess_simulation",
     "train_local_round",
 ]
 

@@ -183,7 +183,10 @@ def build_client_model(base_model: nn.Module, adapter_config: Any, rank: int, st
 
     from peft_hetlora.federated.adapter import lora_module_names, truncate
 
-    model = get_peft_model(base_model, hetlora_config(adapter_config, rank))
+    from ..known_noise import peft_model_warnings
+
+    with peft_model_warnings():  # transformers' is_gradient_checkpointing notice, raised inside PEFT
+        model = get_peft_model(base_model, hetlora_config(adapter_config, rank))
     ours = set(lora_module_names(get_peft_model_state_dict(model)))
     theirs = set(lora_module_names(state_dict))
     if ours != theirs:

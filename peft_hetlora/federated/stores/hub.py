@@ -3,15 +3,21 @@
 The federation repo's `main` holds `federation.json`, the model card, the latest global adapter at the root (so
 `PeftModel.from_pretrained(repo_id)` loads it), `rounds/<t>/global/` and `rounds/<t>/summary.json`; every
 published round is tagged `round-<t>`. Only the coordinator writes `main`, one round per commit, each commit made
-with `parent_commit` (optimistic concurrency: a 412 answer re-reads the head and rebuilds the commit), and 429
-answers are retried after `Retry-After` with bounded exponential backoff.
+with `parent_commit` (optimistic concurrency: a 412 answer re-reads the head and rebuilds the commit), 429
+answers are retried after `Retry-After` with bounded exponential backoff, and the listing and download requests
+are paced on the Hub's `RateLimit` header before a 429 comes (`RatePacer`, keeping `rate_reserve` requests).
 
 Clients never write the federation repo's `main`. Two upload modes:
 
 - `client_mode="client_repo"` (default, scales): each client commits `rounds/<t>/clients/<id>/` to its own repo
   (`client_repo_id`, by default `"{repo_id}-client-{client_id}"`), one commit per client per round, so a
-  federation is not bound by the Hub's per-repo commit rate. The coordinator finds uploads by checking the repo of
-  every participant listed in `rounds/<t>/global/round.json`.
+  federation is not bound by the Hub's per-repo commit rate. The coordinator finds uploads with one paginated
+  listing of the client repos (`GET /api/models?author=<namespace>&search=<prefix>`, 1000 repos a page, each with
+  its head commit sha and file names), keeps only the repos of the participants listed in
+  `rounds/<t>/global/round.json`, and downloads each upload's files by that sha (one GET per file, no HEAD, the
+  byte cap enforced while streaming). A round of K clients costs the coordinator ceil(K / 1000) listing calls,
+  not K probes. When the template does not give the client repos one prefix (a callable `client_repo_id`), or
+  the listing is flooded with look-alike repos, it falls back to checking each participant's repo.
 - `client_mode="pr"` (small federations): each client opens a pull request on the federation repo
   (`create_pr=True`) titled `hetlora upload: round <t> client <id>`; the coordinator reads the open pull requests
   and downloads from their `refs/pr/<n>` revisions (the newest pull request of a client wins).
@@ -45,6 +51,7 @@ from typing import Any, Literal
 
 from huggingface_hub import HfApi
 from huggingface_hub.errors import (
+    HfHubHTTPError,
     HFValidationError,
     RepositoryNotFoundError,
 )
@@ -65,7 +72,7 @@ from .base import (
     global_files,
     validate_client_id,
 )
-from .hub_requests import HubRepo, RetryPolicy, Snapshot, cache_full_error, same_blob
+from .hub_requests import FileTooLargeError, HubRepo, RetryPolicy, Snapshot, cache_full_error, same_blob
 from .model_card import MODEL_CARD, render_model_card
 from .temp_files import remove_abandoned, temp_prefix
 
@@ -78,6 +85,10 @@ _PR_TITLE_RE = re.compile(r"hetlora upload: round (\d+) client (\S+)")
 _SUMMARY_RE = re.compile(r"rounds/(\d+)/" + re.escape(SUMMARY_FILE))
 _GLOBAL_RE = re.compile(r"rounds/(\d+)/global/" + re.escape(ADAPTER_FILE))
 _UPLOADS_DIR = ".hetlora-uploads"
+_SENTINEL = "HETLORACLIENTIDSENTINEL"
+_SHA_RE = re.compile(r"[0-9a-f]{40}")
+#: listing entries read per participant (plus a constant) before the listing is judged flooded
+_LISTING_SLACK = (4, 1000)
 
 
 class UploadTooLargeError(HetLoRAError, ValueError):
@@ -102,6 +113,8 @@ class HubStore:
         cache_dir: where downloads go (default: the Hugging Face cache).
         max_client_file_bytes: refuse to download a client file larger than this (None: no limit).
         max_workers: parallel requests when checking many client repos.
+        rate_reserve: requests of a Hub rate-limit bucket kept in reserve: once the `RateLimit` header says only
+            this many are left in the window, the store waits for the window to reset (`RatePacer`).
 
     The Hub requests themselves (retries, commits, snapshots, downloads) go through `self.hub`, a composed
     `HubRepo` built from `endpoint`, `token`, `private`, `cache_dir` and a `RetryPolicy(max_retries, backoff_s,
@@ -131,6 +144,7 @@ class HubStore:
         cache_dir: str | Path | None = None,
         max_client_file_bytes: int | None = 1 << 30,
         max_workers: int = 8,
+        rate_reserve: int = 10,
     ) -> None:
         if not isinstance(repo_id, str) or repo_id.count("/") != 1:
             raise ValueError(f"repo_id must be 'namespace/name', got {repo_id!r}.")
@@ -143,12 +157,16 @@ class HubStore:
             retry=RetryPolicy(max_retries=max_retries, backoff_s=backoff_s, max_wait_s=max_wait_s),
             private=private,
             cache_dir=cache_dir,
+            reserve=rate_reserve,
         )
         self.client_mode = client_mode
         self._client_repo_id = client_repo_id
         self.max_client_file_bytes = max_client_file_bytes
         self.max_workers = max_workers
         self._pending_stage: tuple[int, dict[str, bytes]] | None = None
+        self._participants_cache: dict[int, list[str]] = {}
+        # round -> client id -> (repo, commit sha, its CLIENT_FILES there) of its upload, from the latest listing
+        self._listed: dict[int, dict[str, tuple[str, str, tuple[str, ...]]]] = {}
 
     @property
     def api(self) -> HfApi:
@@ -324,12 +342,24 @@ class HubStore:
         self._commit(self.client_repo_for(client_id), build, title, card=False)
 
     def list_client_uploads(self, round_idx: int) -> list[str]:
-        """Client ids with a complete upload: participants' repos (`client_repo`) or open pull requests (`pr`)."""
+        """Client ids with a complete upload: participants' repos (`client_repo`) or open pull requests (`pr`).
+
+        In `client_repo` mode one paginated listing finds the participants' repos (see the module docstring);
+        the commit sha of each upload found is kept for `download_client` (no second look-up per client).
+        """
         round_idx = check_round(round_idx)
-        if self.client_mode == "pr":
-            candidates = [(cid, self.repo_id, f"refs/pr/{num}") for cid, num in self._upload_prs(round_idx).items()]
+        if self.client_mode == "client_repo":
+            participants = self._participants(round_idx)
+            if not participants:
+                return []
+            listed = self._list_uploads(round_idx, participants)
+            if listed is not None:
+                self._listed[round_idx] = listed
+                return sorted(listed)
+            self._listed.pop(round_idx, None)  # probed repo by repo: downloads read each repo's head again
+            candidates = [(cid, self.client_repo_for(cid), "main") for cid in participants]
         else:
-            candidates = [(cid, self.client_repo_for(cid), "main") for cid in self._participants(round_idx)]
+            candidates = [(cid, self.repo_id, f"refs/pr/{num}") for cid, num in self._upload_prs(round_idx).items()]
 
         def complete(candidate: tuple[str, str, str]) -> bool:
             client_id, repo, revision = candidate
@@ -341,10 +371,72 @@ class HubStore:
             found = list(pool.map(complete, candidates))
         return sorted(c[0] for c, ok in zip(candidates, found) if ok)
 
+    def client_repo_prefix(self) -> tuple[str, str] | None:
+        """`(namespace, name prefix)` shared by every client repo, or None when the mapping gives no such prefix.
+
+        Example:
+            ```python
+            HubStore("org/fed").client_repo_prefix()   # ("org", "fed-client-")
+            ```
+        """
+        if callable(self._client_repo_id):
+            return None
+        namespace, name = self.repo_id.split("/")
+        try:
+            repo = self._client_repo_id.format(
+                repo_id=self.repo_id, namespace=namespace, name=name, client_id=_SENTINEL
+            )
+        except (KeyError, IndexError, ValueError):
+            return None
+        owner, _, rest = repo.partition("/")
+        if _SENTINEL in owner or rest.count(_SENTINEL) != 1 or not rest.endswith(_SENTINEL):
+            return None
+        return owner, rest[: -len(_SENTINEL)]
+
+    def _list_uploads(
+        self, round_idx: int, participants: list[str]
+    ) -> dict[str, tuple[str, str, tuple[str, ...]]] | None:
+        """Participants with a complete upload -> (repo, sha, files), from one listing; None to probe each repo.
+
+        Every entry of the listing is untrusted: entries that are not a participant's repo, carry no valid
+        sha, or list no `client.json` of this round are ignored; a listing longer than
+        4 x participants + 1000 entries is not read further (None: the caller checks each participant).
+        """
+        prefix = self.client_repo_prefix()
+        if prefix is None:
+            return None
+        owner, name_prefix = prefix
+        wanted = {self.client_repo_for(cid): cid for cid in participants}
+        max_entries = _LISTING_SLACK[0] * len(participants) + _LISTING_SLACK[1]
+        entries = self.hub.list_models(owner, name_prefix, ("sha", "siblings"), max_entries)
+        if entries is None:
+            logger.warning(
+                "The listing of %s/%s* holds over %d repos (look-alike repos?): checking the %d participants' "
+                "repos one by one instead.", owner, name_prefix, max_entries, len(participants),
+            )
+            return None
+        found: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+        for entry in entries:
+            repo, sha, siblings = entry.get("id"), entry.get("sha"), entry.get("siblings")
+            cid = wanted.get(repo) if isinstance(repo, str) else None
+            if cid is None or cid in found or not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
+                continue
+            prefix = f"rounds/{round_idx}/clients/{cid}/"
+            if isinstance(siblings, list):
+                names = {s.get("rfilename") for s in siblings if isinstance(s, dict)}
+                if prefix + CLIENT_FILE in names:
+                    found[cid] = (repo, sha, tuple(n for n in CLIENT_FILES if prefix + n in names))
+            elif self.hub.file_exists(repo, prefix + CLIENT_FILE, sha):  # no file names listed: ask this repo
+                found[cid] = (repo, sha, CLIENT_FILES)
+        return found
+
     def download_client(self, round_idx: int, client_id: str) -> Path:
         """Download a client's upload (only CLIENT_FILES, each within `max_client_file_bytes`); return the folder."""
         round_idx, client_id = check_round(round_idx), validate_client_id(client_id)
         missing = ClientUploadNotFoundError(f"No complete upload from client {client_id!r} for round {round_idx}.")
+        listed = self._listed.get(round_idx, {}).get(client_id) if self.client_mode == "client_repo" else None
+        if listed is not None:
+            return self._fetch_listed(round_idx, client_id, *listed)
         if self.client_mode == "pr":
             num = self._upload_prs(round_idx).get(client_id)
             if num is None:
@@ -366,6 +458,44 @@ class HubStore:
                 )
         return self._materialize(repo, snap.sha, prefix, {name: self.hub.download(repo, prefix + name, snap.sha)
                                                           for name in entries})
+
+    def _fetch_listed(self, round_idx: int, client_id: str, repo: str, sha: str, names: tuple[str, ...]) -> Path:
+        """Download an upload found by the listing: one GET per file at its commit sha, each within the cap."""
+        prefix = f"rounds/{round_idx}/clients/{client_id}/"
+        target = self._uploads_root() / repo.replace("/", "--") / sha / prefix
+        if target.is_dir() and not target.is_symlink() and (target / CLIENT_FILE).is_file():
+            return target
+        self._uploads_root().mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=temp_prefix(".tmp-", "upload"), dir=self._uploads_root()))
+        try:
+            for name in names:
+                try:
+                    self.hub.fetch(repo, prefix + name, sha, staged / name, self.max_client_file_bytes)
+                except FileTooLargeError:
+                    raise UploadTooLargeError(
+                        f"Client {client_id!r} uploaded {name} over the limit of {self.max_client_file_bytes} bytes "
+                        f"for round {round_idx} (max_client_file_bytes); it was not downloaded."
+                    ) from None
+                except HfHubHTTPError as e:
+                    if e.response is None or e.response.status_code != 404:
+                        raise
+                    if name == CLIENT_FILE:
+                        raise ClientUploadNotFoundError(
+                            f"No complete upload from client {client_id!r} for round {round_idx} in {repo}@{sha}."
+                        ) from None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(staged, target)
+            except OSError as e:  # fetched meanwhile by another process: same commit, same bytes
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise cache_full_error(self._uploads_root()) from e
+            raise
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return target
 
     def _uploads_root(self) -> Path:
         from huggingface_hub import constants
@@ -444,6 +574,8 @@ class HubStore:
         return GlobalAdapter(round=round_idx, revision=file_sha256(weights), path=weights.parent)
 
     def _participants(self, round_idx: int) -> list[str]:
+        if round_idx in self._participants_cache:  # round.json of a published round never changes
+            return self._participants_cache[round_idx]
         snap = self.hub.snapshot_or_none(self.repo_id)
         path = f"rounds/{round_idx}/global/{ROUND_FILE}"
         if snap is None or path not in snap.files:
@@ -454,7 +586,8 @@ class HubStore:
                 f"{path} in {self.repo_id} has no 'participants' list: in client_repo mode the coordinator finds "
                 "uploads by checking each participant's repo, so write the participants into round.json."
             )
-        return [validate_client_id(c) for c in participants]
+        self._participants_cache[round_idx] = [validate_client_id(c) for c in participants]
+        return self._participants_cache[round_idx]
 
     def _upload_prs(self, round_idx: int) -> dict[str, int]:
         """Open upload pull requests of the round: client id -> newest pull request number."""

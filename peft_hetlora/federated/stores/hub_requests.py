@@ -21,6 +21,7 @@ import errno
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,11 +32,15 @@ from typing import Any, TypeVar
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import RepoSibling
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from ...utils.errors import StoreFullError
 from .base import file_sha256
 
-__all__ = ["RETRY_STATUSES", "HubRepo", "RetryPolicy", "Snapshot", "cache_full_error", "retry_after_s", "same_blob"]
+__all__ = [
+    "RETRY_STATUSES", "FileTooLargeError", "HubRepo", "RatePacer", "RetryPolicy", "Snapshot", "cache_full_error",
+    "rate_bucket", "retry_after_s", "same_blob",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,86 @@ class RetryPolicy:
         return retry_after if retry_after is not None else min(self.max_wait_s, self.backoff_s * 2**attempt)
 
 
+class FileTooLargeError(ValueError):
+    """A streamed download went over its byte cap; nothing of it is kept."""
+
+
+def rate_bucket(url: str) -> str:
+    """The Hub rate-limit bucket of a request: `/resolve/` downloads are "resolvers", the rest "api".
+
+    Example:
+        ```py
+        >>> rate_bucket("https://huggingface.co/org/m/resolve/abc/x.json"), rate_bucket("https://h/api/models")
+        ('resolvers', 'api')
+        ```
+    """
+    return "resolvers" if "/resolve/" in url else "api"
+
+
+class RatePacer:
+    """Pace requests on the Hub's `RateLimit` header, before the Hub answers 429.
+
+    The Hub sends `RateLimit: "<bucket>";r=<remaining>;t=<seconds to reset>` on its answers
+    (https://huggingface.co/docs/hub/rate-limits; IETF draft httpapi-ratelimit-headers). `observe` records the
+    remaining budget of a bucket and when its window resets; `pace` is called before each request of a bucket
+    and, once `reserve` or fewer requests are left in the window, waits until the window resets (the budget left
+    is kept for retries and for the clients' own requests). Requests made since the last answer are counted
+    down locally, so parallel downloads do not overshoot. `clock` and `sleep` are injectable (tests use a fake
+    clock: no real waiting).
+
+    Example:
+        ```py
+        >>> now = [0.0]
+        >>> pacer = RatePacer(reserve=1, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+        >>> pacer.observe({"RateLimit": '"resolvers";r=2;t=30'})
+        >>> [pacer.pace("resolvers") for _ in range(3)]   # 2 left, then 1 = reserve: wait for the reset
+        [0.0, 30.0, 0.0]
+        ```
+    """
+
+    def __init__(self, *, reserve: int = 10, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.reserve = reserve
+        self.clock = clock
+        self.sleep = sleep
+        self._state: dict[str, tuple[int, float]] = {}  # bucket -> (remaining, reset at clock time)
+        self._lock = threading.Lock()
+
+    def observe(self, headers: Any) -> None:
+        """Record the `RateLimit` header of an answer (ignored when absent or malformed)."""
+        try:
+            from huggingface_hub.utils import parse_ratelimit_headers
+
+            info = parse_ratelimit_headers(headers) if headers is not None else None
+        except Exception:  # a malformed header is no reason to fail a round
+            return
+        if info is None or info.remaining < 0 or info.reset_in_seconds < 0:
+            return
+        with self._lock:
+            self._state[str(info.resource_type)] = (int(info.remaining), self.clock() + float(info.reset_in_seconds))
+
+    def pace(self, bucket: str) -> float:
+        """Before one request of `bucket`: wait for the window's reset if the budget is down to `reserve`.
+
+        Returns the seconds waited.
+        """
+        with self._lock:
+            remaining, reset_at = self._state.get(bucket, (None, 0.0))
+            now = self.clock()
+            if remaining is None or now >= reset_at:
+                self._state.pop(bucket, None)
+                return 0.0
+            wait = reset_at - now if remaining <= self.reserve else 0.0
+            self._state[bucket] = (remaining - 1, reset_at) if wait == 0.0 else (remaining, reset_at)
+        if wait > 0:
+            logger.warning("Hub %s budget down to %d requests in this window: pacing %.0f s until it resets.",
+                           bucket, remaining, wait)
+            self.sleep(wait)
+            with self._lock:
+                self._state.pop(bucket, None)
+        return wait
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """The files of one commit of a repo: path -> RepoSibling (size, blob id, LFS sha256).
@@ -93,7 +178,9 @@ class HubRepo:
         retry: how requests are retried (`RetryPolicy`).
         private: create repos private.
         cache_dir: where downloads go (default: the Hugging Face cache).
-        sleep: how to wait between retries (tests record the waits here).
+        sleep: how to wait between retries and when pacing (tests record the waits here).
+        clock: the clock the `RateLimit` pacing reads (tests pass a fake one).
+        reserve: requests of a bucket kept in reserve when pacing on the `RateLimit` header (`RatePacer`).
 
     Example:
         ```py
@@ -111,12 +198,16 @@ class HubRepo:
         private: bool = True,
         cache_dir: str | Path | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        reserve: int = 10,
     ) -> None:
         self.api = api
         self.retry = retry if retry is not None else RetryPolicy()
         self.private = private
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
         self.sleep = sleep
+        self.clock = clock
+        self.pacer = RatePacer(reserve=reserve, clock=lambda: self.clock(), sleep=lambda s: self.sleep(s))
         self._ready_repos: set[str] = set()
         self._json_cache: dict[tuple[str, str, str], Any] = {}
 
@@ -237,6 +328,77 @@ class HubRepo:
         except OSError as e:
             if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
                 raise cache_full_error(self.cache_dir or "the Hugging Face cache") from e
+            raise
+
+    # ------------------------------------------------------------------- requests made here (paced, capped)
+    def _get(self, url: str, params: dict | None = None) -> Any:
+        """One paced GET (the whole body read), its `RateLimit` header observed; errors raise `HfHubHTTPError`."""
+        self.pacer.pace(rate_bucket(url))
+        response = get_session().get(url, params=params, headers=build_hf_headers(token=self.api.token),
+                                     follow_redirects=True)
+        self.pacer.observe(response.headers)
+        hf_raise_for_status(response)
+        return response
+
+    def list_models(self, author: str, search: str, expand: tuple[str, ...], max_entries: int) -> list[dict] | None:
+        """The model repos of `author` whose id contains `search` (one paginated listing, 1000 a page).
+
+        Each entry is the Hub's JSON object (`id` and the `expand`ed properties). Returns None when the listing
+        holds more than `max_entries` entries (the pages past that are not requested): the caller falls back to
+        asking for the repos it knows of, so a flood of look-alike repos costs it at most
+        ceil(max_entries / 1000) + 1 listing calls.
+        """
+        params: dict | None = {"author": author, "search": search, "expand": list(expand)}
+        url: str | None = f"{self.endpoint}/api/models"
+        found: list[dict] = []
+        while url is not None:
+            response = self.call(lambda u=url, p=params: self._get(u, p), f"list the models of {author}")
+            page = response.json()
+            if not isinstance(page, list):
+                raise ValueError(f"{self.endpoint}/api/models answered {type(page).__name__}, not a list.")
+            found.extend(e for e in page if isinstance(e, dict))
+            if len(found) > max_entries:
+                return None
+            url, params = response.links.get("next", {}).get("url"), None
+        return found
+
+    def fetch(self, repo: str, path: str, sha: str, target: Path, max_bytes: int | None) -> Path:
+        """GET `repo`'s `path` at commit `sha` into `target` in one request (no HEAD), at most `max_bytes` bytes.
+
+        The commit sha makes the URL immutable. The byte cap is enforced while streaming: a larger file raises
+        `FileTooLargeError` and nothing of it is kept. A full disk raises `StoreFullError`.
+        """
+        url = f"{self.endpoint}/{repo}/resolve/{sha}/{path}"
+
+        def get() -> Path:
+            self.pacer.pace("resolvers")
+            headers = build_hf_headers(token=self.api.token)
+            with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response:
+                self.pacer.observe(response.headers)
+                if response.status_code >= 400:
+                    response.read()
+                    hf_raise_for_status(response)
+                declared = response.headers.get("Content-Length")
+                if max_bytes is not None and declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                    raise FileTooLargeError(f"{path} in {repo}@{sha} is {declared} bytes, over {max_bytes}.")
+                written = 0
+                try:
+                    with open(target, "wb") as out:
+                        for chunk in response.iter_bytes():
+                            written += len(chunk)
+                            if max_bytes is not None and written > max_bytes:
+                                raise FileTooLargeError(f"{path} in {repo}@{sha} is over {max_bytes} bytes.")
+                            out.write(chunk)
+                except BaseException:
+                    target.unlink(missing_ok=True)
+                    raise
+            return target
+
+        try:
+            return self.call(get, f"download {path} from {repo}@{sha}")
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise cache_full_error(target.parent) from e
             raise
 
     def json_at(self, repo: str, snap: Snapshot, path: str) -> Any:

@@ -1,6 +1,6 @@
 """The `Workbench` of one seed: the corpus, tokenised splits, base model folder and activation cache a run shares.
 
-`prepare(config, seed)` builds it once per seed; every arm of [`runner`][peft_hetlora.simulation.runner] trains and
+`prepare(config, seed)` builds it once per seed; every arm of [`runner`][hetlora_bench.runner] trains and
 evaluates through it (re-exported from `runner`).
 
 Example:
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..metrics.loss_eval import evaluate_perplexity
+from peft_hetlora.model_source import resolve_model, resolve_tokenizer, tiny_llama
+
 from .activation_cache import (
     ActivationCache,
     CachedCollator,
@@ -28,11 +29,11 @@ from .activation_cache import (
     cache_plan,
     cached_perplexity,
 )
-from .config import SimulationConfig
+from .arms import SimulationConfig
 from .data import CausalLMCollator, FederatedCorpus, load_client_corpus, pad_token_id, tokenize_for_clm
-from .model_source import resolve_model, resolve_tokenizer, tiny_llama
+from .metrics.loss_eval import evaluate_perplexity
 
-logger = logging.getLogger("peft_hetlora.simulation.runner")  # the runner's log name, unchanged by the split
+logger = logging.getLogger("hetlora_bench.runner")  # the runner's log name, unchanged by the split
 
 
 @dataclass
@@ -130,7 +131,7 @@ def prepare(config: SimulationConfig, seed: int, spill_dir: Path | None = None) 
     heldout = tokenize_for_clm(corpus.eval, tokenizer, block, pad_to_block_size=False)
     dtype = torch.float32
     if config.quantize is not None:
-        from ..quantization import load_quantized_base
+        from peft_hetlora.quantization import load_quantized_base
 
         base = load_quantized_base(str(model_dir), config.quantize, dtype=dtype)
     else:

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ..federated.aggregation import AGGREGATION_METHODS
+from peft_hetlora.federated import AGGREGATION_METHODS
 
 #: experiment arms `hetlora simulate` can run, in report order
 ARMS: dict[str, dict[str, Any]] = {
@@ -71,6 +71,38 @@ DEFAULT_METHODS = [
     "homlora_rmax_capable",
     "centralized",
 ]
+#: arm settings the Flower engine does not run yet: `run_flower_simulation` takes an arm's ranks, method, pruning and
+#: influence bound; windows, nested prefixes, DP and attackers are settings the in-process Coordinator takes (the
+#: strategy gets them with the one settings record, issue 23 WP3)
+FLOWER_UNSUPPORTED = ("dp_epsilon", "attack", "selection", "nested")
+
+
+def runs_on(arm: str, engine: str) -> bool:
+    """Whether `engine` ('inprocess' or 'flower') runs the arm named `arm` (every arm runs in-process).
+
+    Example:
+        ```py
+        >>> runs_on("window_fedavg", "inprocess"), runs_on("window_fedavg", "flower"), runs_on("flexlora", "flower")
+        (True, False, True)
+        ```
+    """
+    return engine != "flower" or not set(FLOWER_UNSUPPORTED) & set(ARMS[arm])
+
+
+def default_methods(engine: str = "inprocess") -> list[str]:
+    """The arms a run compares when `methods` is not given: `DEFAULT_METHODS` that `engine` runs, in that order.
+
+    Example:
+        ```py
+        >>> default_methods() == DEFAULT_METHODS
+        True
+        >>> [m for m in DEFAULT_METHODS if m not in default_methods("flower")]
+        ['window_fedavg']
+        ```
+    """
+    return [m for m in DEFAULT_METHODS if runs_on(m, engine)]
+
+
 #: attacks a poisoned arm's attackers apply to their upload (see `simulation.attacks.poison_upload`)
 ATTACKS = ("scale", "sign_flip", "unbalanced")
 
@@ -150,7 +182,9 @@ class SimulationConfig:
     client_val_max_examples: int = 4
     block_size: int = 64
     # federation
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    methods: list[str] | None = field(
+        default=None, metadata={"help": "arms to compare (default: default_methods(engine))"}
+    )
     rounds: int = 5
     clients_per_round: int = 4
     local_steps: int = 4
@@ -196,6 +230,8 @@ class SimulationConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.methods is None:  # engine-aware: the Flower engine leaves out the default arms it does not run
+            self.methods = default_methods(self.engine)
         unknown = [m for m in self.methods if m not in ARMS]
         if unknown:
             raise ValueError(f"Unknown method(s) {unknown}; choose from {list(ARMS)}.")
@@ -216,7 +252,7 @@ class SimulationConfig:
         if not self.seeds:
             raise ValueError("`seeds` must name at least one seed.")
         if self.engine == "flower":
-            special = [m for m in self.methods if {"dp_epsilon", "attack", "selection", "nested"} & set(ARMS[m])]
+            special = [m for m in self.methods if not runs_on(m, "flower")]
             if special or self.message_format != "fp32" or self.quantize is not None:
                 raise ValueError(
                     f"engine='flower' runs the plain arms only (not {special or 'message_format/quantize'}); "
@@ -230,8 +266,8 @@ class SimulationConfig:
             raise ValueError(f"dp_clip must be a positive number, got {self.dp_clip!r}.")
         if self.dp_accountant not in ("rdp", "prv"):
             raise ValueError(f"dp_accountant must be 'rdp' or 'prv', got {self.dp_accountant!r}.")
-        from ..federated.upload import parse_message_format
-        from ..quantization import check_quantize_mode
+        from peft_hetlora.federated.upload import parse_message_format
+        from peft_hetlora.quantization import check_quantize_mode
 
         self.quantize = check_quantize_mode(self.quantize)
         self.message_format = parse_message_format(self.message_format).name

@@ -29,16 +29,16 @@ from typing import Any
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
-from ..federated.upload import (
+from peft_hetlora.federated.upload import (
     MESSAGE_FORMAT_FIELD,
     decode_message,
     encode_message,
     parse_message_format,
     payload_nbytes,
 )
-from .attacks import poison_upload
+from peft_hetlora.utils import ADAPTER_FILE, CLIENT_FILE
 
-ADAPTER_FILE = "adapter_model.safetensors"
+from .attacks import poison_upload
 
 
 class UploadTransform:
@@ -74,7 +74,7 @@ class UploadTransform:
     def upload_client(self, round_idx: int, client_id: str, folder: str | Path) -> None:
         folder = Path(folder)
         path = folder / ADAPTER_FILE
-        meta_path = folder / "client.json"
+        meta_path = folder / CLIENT_FILE
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         # a client callback that encodes its own messages declares the format in client.json
         declared = meta.get(MESSAGE_FORMAT_FIELD) if isinstance(meta, dict) else None

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.errors import HetLoRAError
+from peft_hetlora.utils import HetLoRAError
 
 #: the default reference: HomLoRA at r_max on all clients (what a user runs when every device can afford it)
 DEFAULT_REFERENCE = "homlora_rmax"
@@ -299,20 +299,27 @@ def merge_run_folders(folders: Sequence[str | Path], out_dir: str | Path, *, ref
     plot = plot_paired(stats, out / "paired.png")
     lines += [f"![paired differences]({plot.name})", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(_json_safe({"corpora": stats}), indent=2), encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(json_safe({"corpora": stats}), indent=2), encoding="utf-8")
     return out / "report.md"
 
 
-def _json_safe(value: Any) -> Any:
-    """`value` made JSON-ready: non-finite floats -> None, numpy scalars -> Python, mappings keyed by str."""
+def json_safe(value: Any) -> Any:
+    """`value` made JSON-ready: non-finite floats -> None, numpy scalars -> Python, mappings keyed by str.
+
+    Example:
+        ```py
+        >>> json_safe({1: [float("nan"), np.float32(0.5)], "x": (float("inf"),)})
+        {'1': [None, 0.5], 'x': [None]}
+        ```
+    """
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
-        return _json_safe(value.item())
+        return json_safe(value.item())
     return value
 
 

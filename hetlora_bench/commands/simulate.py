@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..simulation.config import ARMS, PROFILES, SimulationConfig
+from ..arms import ARMS, PROFILES, SimulationConfig
 
 _SIM_FLAGS = {
     "model": str,
@@ -78,7 +78,7 @@ def add_parser(subparsers: Any, help: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) the simulation described by parsed `simulate` arguments; print the report."""
-    from ..simulation.runner import run_simulation
+    from ..runner import run_simulation
 
     overrides: dict[str, Any] = {name: getattr(args, name) for name in _SIM_FLAGS}
     if args.methods:

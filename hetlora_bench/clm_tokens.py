@@ -1,6 +1,6 @@
 """Tokenisation of client corpora for causal-LM training: `tokenize_for_clm`, its cache and the batch collator.
 
-Split out of [`data`][peft_hetlora.simulation.data], which re-exports every name here.
+Split out of [`data`][hetlora_bench.data], which re-exports every name here.
 
 Example:
     >>> ds = datasets.Dataset.from_dict({"text": ["B: hello there"]})
@@ -84,7 +84,7 @@ def tokenize_for_clm(
     Example:
         >>> import datasets
         >>> from transformers import AutoTokenizer
-        >>> from peft_hetlora.simulation.model_source import resolve_tokenizer
+        >>> from peft_hetlora.model_source import resolve_tokenizer
         >>> tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer())
         >>> texts = datasets.Dataset.from_dict({"text": ["hello there, how are you?", "fine, thanks"]})
         >>> blocks = tokenize_for_clm(texts, tokenizer, block_size=128)

@@ -10,8 +10,8 @@ engines (the benchmark).
 Example:
     ```py
     from peft_hetlora import HetLoRAConfig
-    from peft_hetlora.flower import run_flower_simulation
-    from peft_hetlora.flower.toy import ToyTask
+    from hetlora_bench.engines import run_flower_simulation
+    from hetlora_bench.toy import ToyTask
 
     result = run_flower_simulation(
         ToyTask(num_examples=16), num_clients=10,
@@ -37,24 +37,34 @@ from typing import Any
 import torch
 from torch import nn
 
-import peft_hetlora.flower.records as rec
-from peft_hetlora.federated.adapter import truncate
-from peft_hetlora.federated.aggregation import ClientUpdate, get_aggregation
-from peft_hetlora.federated.policies import RankPolicy
+from peft_hetlora.federated import (
+    AdapterStore,
+    ClientUpdate,
+    RankPolicy,
+    RejectedUpload,
+    RoundSettings,
+    close_round,
+    get_aggregation,
+    truncate,
+    validate_update,
+)
 from peft_hetlora.federated.round import (
     NEXT_RANK_RULES,
     ClientReport,
     Rejection,
-    RoundSettings,
-    close_round,
     default_method_and_selection,
     plan_round,
 )
 from peft_hetlora.federated.settings import scaling_from_config
-from peft_hetlora.federated.stores import AdapterStore
-from peft_hetlora.federated.upload import RejectedUpload, UploadSpec, validate_update
-
-from .local_round import ClientTask, LocalTrainingConfig, TaskFn, evaluate_global, hetlora_config, train_local_round
+from peft_hetlora.federated.upload import UploadSpec
+from peft_hetlora.flower import (
+    ClientTask,
+    LocalTrainingConfig,
+    PartitionClientIds,
+    initial_global_state,
+)
+from peft_hetlora.flower import records as rec
+from peft_hetlora.flower.local_round import TaskFn, evaluate_global, train_local_round
 
 logger = logging.getLogger(__name__)
 
@@ -117,36 +127,6 @@ class DatasetTask:
             eval_dataset=self.eval_datasets[partition_id] if self.eval_datasets is not None else None,
             data_collator=self.data_collator,
         )
-
-
-@dataclass
-class PartitionClientIds:
-    """``client_id_fn`` mapping a node's ``partition-id`` to ``client_ids[partition-id]``."""
-
-    client_ids: Sequence[str]
-
-    def __call__(self, node_config: Mapping[str, Any]) -> str:
-        if node_config.get(rec.CLIENT_ID):
-            return str(node_config[rec.CLIENT_ID])
-        return str(self.client_ids[int(node_config[rec.PARTITION_ID])])
-
-
-def initial_global_state(model: nn.Module, adapter_config: Any, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A fresh global adapter at r_max (PEFT's init: A random, B zero), seeded; PEFT saved keys, float32.
-
-    Example:
-        ```py
-        >>> sd = initial_global_state(tiny_llama(), HetLoRAConfig(r=8, target_modules=["q_proj"]))  # doctest: +SKIP
-        ```
-    """
-    from peft import get_peft_model, get_peft_model_state_dict
-
-    config = rec.federation_adapter_config(adapter_config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(model, hetlora_config(config, int(config["r"])))
-    state = get_peft_model_state_dict(peft_model)
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
 def central_evaluate(
@@ -294,8 +274,8 @@ def run_flower_simulation(
         raise ImportError('run_flower_simulation needs Flower with Ray: pip install "peft-hetlora[flower]" '
                           "(or use run_inprocess_simulation, which needs no Flower).") from err
 
-    from .client_app import make_client_app
-    from .strategy import HetLoRAStrategy
+    from peft_hetlora.flower.client_app import make_client_app
+    from peft_hetlora.flower.strategy import HetLoRAStrategy
 
     setup = _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, r_min, training,
                    local_steps, seed, initial_state_dict, eval_dataset, data_collator, eval_batch_size)
@@ -399,7 +379,7 @@ def run_inprocess_simulation(
                    local_steps, seed, initial_state_dict, eval_dataset, data_collator, eval_batch_size)
     config = setup.config
     method = default_method_and_selection(method, None, dp)[0]
-    homogeneous = get_aggregation(method).homogeneous
+    homogeneous = get_aggregation(method).homogeneous  # the method says whether every client holds one rank
     if homogeneous and setup.training.prune:  # as HetLoRAStrategy: homogeneous clients never prune
         setup.training = dataclasses.replace(setup.training, prune=False)
     r_max, r_min_ = int(config["r"]), int(config["r_min"])

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .local_round import ClientTask
+from peft_hetlora.flower.local_round import ClientTask
 
 TOY_TARGET_MODULES = ["q_proj", "v_proj"]
 

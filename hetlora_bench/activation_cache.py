@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from ..metrics.loss_eval import IGNORE_INDEX, perplexity_from_nll, shifted_nll
+from .metrics.loss_eval import IGNORE_INDEX, perplexity_from_nll, shifted_nll
 
 #: decoder families whose forward is embed -> layers(mask, rotary) -> norm -> lm_head, as rebuilt here
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -377,7 +377,7 @@ class ActivationCache:
 @torch.no_grad()
 def cached_perplexity(model: TopLayersCausalLM, blocks: CachedBlocks, batch_size: int = 16) -> dict[str, float]:
     """Token-weighted perplexity on cached blocks: the same numbers as
-    :func:`peft_hetlora.metrics.loss_eval.evaluate_perplexity` on the token rows they came from.
+    :func:`hetlora_bench.metrics.loss_eval.evaluate_perplexity` on the token rows they came from.
 
     Example:
         >>> cached_perplexity(wrapper, cache["heldout"], batch_size=16)["perplexity"]  # doctest: +SKIP

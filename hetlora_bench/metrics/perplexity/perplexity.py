@@ -36,7 +36,7 @@ Returns:
     loss (`float`): sum(nll_sum) / sum(num_tokens), the mean token NLL.
     num_tokens (`int`): sum(num_tokens).
 Examples:
-    >>> metric = evaluate.load("peft_hetlora/metrics/perplexity")
+    >>> metric = evaluate.load("hetlora_bench/metrics/perplexity")
     >>> metric.compute(nll_sum=[20.0, 10.0], num_tokens=[10, 5])["loss"]
     2.0
 """

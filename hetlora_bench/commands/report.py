@@ -26,7 +26,7 @@ def add_parser(subparsers: Any, help: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Merge the run folders named in the parsed arguments."""
-    from ..simulation.seed_stats import main_report
+    from ..seed_stats import main_report
 
     argv = [str(folder) for folder in args.folders] + ["--out", str(args.out)]
     if args.reference:

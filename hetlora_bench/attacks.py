@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .config import ATTACKS
+from .arms import ATTACKS
 
 
 def poison_upload(state: Mapping[str, torch.Tensor], attack: str, scale: float) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ Example:
     >>> len(corpus.clients)
     20
     >>> from transformers import AutoTokenizer
-    >>> from peft_hetlora.simulation.model_source import resolve_tokenizer
+    >>> from peft_hetlora.model_source import resolve_tokenizer
     >>> tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer())
     >>> train = tokenize_for_clm(corpus.clients[corpus.client_ids[0]], tokenizer, block_size=128)
     >>> train.column_names
@@ -49,11 +49,7 @@ from typing import Any
 import datasets
 
 from .clm_tokens import (  # noqa: F401  (re-exported: callers import these from data)
-    _CLM_FEATURES,
-    _TOKENIZED_CACHE,
-    _VOCAB_DIGESTS,
     CausalLMCollator,
-    _tokenizer_key,
     clear_tokenization_cache,
     corpus_token_stats,
     pad_token_id,
@@ -363,7 +359,7 @@ def load_client_corpus(
 
     Args:
         spec: ``"chitchat"`` (default), ``"pycode"`` (Python source by installed package, see
-            :mod:`peft_hetlora.simulation.pycode`), a folder (``save_to_disk`` output or data files), a dict of
+            :mod:`hetlora_bench.pycode`), a folder (``save_to_disk`` output or data files), a dict of
             ``datasets.load_dataset`` arguments, or a ``datasets.Dataset``.
         num_clients: how many clients to make (``ValueError`` if fewer owners are eligible).
         min_examples: the smallest number of examples an owner needs to be eligible (client or held-out).

@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,20 +33,22 @@ from typing import Any
 
 import numpy as np
 
-from ..federated.stores import json_text
+from peft_hetlora.federated.stores import json_text
+
 from .arm_report import extra_sections
+from .figures import new_figure
 from .method_numbers import (  # noqa: F401  (re-exported: callers import these from report)
-    _NAN,
-    _final,
-    _num,
-    _rank_values,
-    _rounds,
+    NAN,
+    as_number,
     default_target_method,
+    format_bytes,
     homogeneous_rank,
     ppl_at_upload,
+    rank_values,
+    round_rows,
     summarize,
 )
-from .seed_stats import _json_safe, paired_table, plot_paired, seed_statistics
+from .seed_stats import json_safe, paired_table, plot_paired, seed_statistics
 
 # ----------------------------------------------------------------------------------------------------------------
 # Formatting
@@ -71,7 +72,7 @@ _NUMERIC_FIELDS = (
 def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not finite:
-        return _NAN, _NAN, 0
+        return NAN, NAN, 0
     std = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
     return float(np.mean(finite)), std, len(finite)
 
@@ -84,22 +85,9 @@ def _fmt(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def format_bytes(num_bytes: float) -> str:
-    """Bytes as decimal megabytes (``"33.6 MB"``), ``"—"`` when unknown.
-
-    Example:
-        >>> format_bytes(33_600_000)
-        '33.6 MB'
-    """
-    if num_bytes is None or math.isnan(num_bytes):
-        return "—"
-    mb = num_bytes / 1e6
-    return f"{mb:.2f} MB" if mb < 10 else f"{mb:.1f} MB"
-
-
 def _cell(seed_summaries: list[dict[str, Any]], method: str, key: str, kind: str) -> str:
     values = [s["methods"][method].get(key) for s in seed_summaries if method in s["methods"]]
-    values = [_NAN if v is None else float(v) for v in values]
+    values = [NAN if v is None else float(v) for v in values]
     mean, std, n = _mean_std(values)
     if n == 0:
         return "—"
@@ -173,16 +161,6 @@ def markdown_table(seed_summaries: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.2):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
-
-
 #: line colours: matplotlib's ten "tab" colours, then three more that none of them resembles
 _COLOURS = (
     "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
@@ -234,11 +212,11 @@ def _curve(seeds: list[Mapping[str, Mapping[str, Any]]], method: str, x_key: str
     for metrics in seeds:
         if method not in metrics:
             continue
-        for r in _rounds(metrics[method]):
-            y = _num(r.get(y_key))
+        for r in round_rows(metrics[method]):
+            y = as_number(r.get(y_key))
             if math.isnan(y):
                 continue
-            x = _num(r.get("round")) if x_key == "round" else _num(r.get(x_key))
+            x = as_number(r.get("round")) if x_key == "round" else as_number(r.get(x_key))
             xs, ys = per_round.setdefault(r.get("round"), ([], []))
             xs.append(x)
             ys.append(y)
@@ -268,10 +246,11 @@ def plot_perplexity(seeds, out_dir: Path, summaries) -> list[Path]:
     labels = {m: seeds[0][m].get("label", m) for m in methods}
     target, _, t_n = _mean_std([s["target_ppl"] for s in summaries])
     has_val = any(
-        not math.isnan(_num(r.get("client_val_ppl"))) for m in seeds for mm in m.values() for r in mm.get("rounds", [])
+        not math.isnan(as_number(r.get("client_val_ppl")))
+        for m in seeds for mm in m.values() for r in mm.get("rounds", [])
     )
     paths = []
-    fig, axes = _figure(ncols=2 if has_val else 1, height=5.2)
+    fig, axes = new_figure(ncols=2 if has_val else 1, height=5.2)
     ax = axes[0][0]
     _plot_lines(ax, seeds, methods, labels, "round", "heldout_ppl")
     if t_n:
@@ -289,7 +268,7 @@ def plot_perplexity(seeds, out_dir: Path, summaries) -> list[Path]:
     paths.append(out_dir / "ppl_vs_round.png")
     fig.savefig(paths[-1], dpi=120)
 
-    fig, axes = _figure(height=5.2)
+    fig, axes = new_figure(height=5.2)
     ax = axes[0][0]
     _plot_lines(ax, seeds, methods, labels, "cum_upload_bytes", "heldout_ppl", x_scale=1e6)
     equal, _, e_n = _mean_std([s["equal_upload_bytes"] for s in summaries])
@@ -323,17 +302,17 @@ def plot_ranks(seeds, out_dir: Path) -> Path | None:
         m
         for m in methods
         if homogeneous_rank(metrics[m]) is None
-        and any(_rank_values(r.get("ranks")) for r in metrics[m].get("rounds", []))
+        and any(rank_values(r.get("ranks")) for r in metrics[m].get("rounds", []))
     ]
     if not hetero:
         return None
     styles = method_styles(methods)
-    fig, axes = _figure(height=1.6 + 0.42 * len(hetero))
+    fig, axes = new_figure(height=1.6 + 0.42 * len(hetero))
     ax = axes[0][0]
     for row, method in enumerate(reversed(hetero)):
-        ranked = [r.get("ranks") for r in _rounds(metrics[method]) if _rank_values(r.get("ranks"))]
+        ranked = [r.get("ranks") for r in round_rows(metrics[method]) if rank_values(r.get("ranks"))]
         first, last = ranked[0], ranked[-1]
-        start_mean, end_mean = float(np.mean(_rank_values(first))), float(np.mean(_rank_values(last)))
+        start_mean, end_mean = float(np.mean(rank_values(first))), float(np.mean(rank_values(last)))
         shrunk = sum(1 for c, v in last.items() if c in first and v < first[c])
         colour = styles[method]["color"]
         ax.plot([start_mean, end_mean], [row, row], color=colour, linewidth=2)
@@ -351,7 +330,7 @@ def plot_ranks(seeds, out_dir: Path) -> Path | None:
     lo, hi = ax.get_xlim()
     ax.set_xlim(lo, hi + 0.45 * (hi - lo))  # room for the annotations
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    rounds = _rounds(metrics[hetero[0]])
+    rounds = round_rows(metrics[hetero[0]])
     ax.set(xlabel=f"mean client rank: round {rounds[0].get('round')} (open circle) -> round {rounds[-1].get('round')}",
            title="Client ranks: what self-pruning took away")
     ax.grid(alpha=0.3, axis="x")
@@ -396,7 +375,7 @@ def write_report(
         notes: markdown appended under the table (e.g. the run's configuration).
         seeds: labels of the seeds, for ``metrics.json`` (default 0, 1, ...).
         reference: with several seeds, the method the others are paired with per seed (default
-            ``homlora_rmax`` or the first method; see :mod:`peft_hetlora.simulation.seed_stats`).
+            ``homlora_rmax`` or the first method; see :mod:`hetlora_bench.seed_stats`).
         resources: what the run cost (``wall_s``, ``cpu_s``, ...), stored as ``resources`` in ``metrics.json``.
 
     Example:
@@ -486,7 +465,7 @@ def write_report(
                             ("mean", "std", "n"),
                             _mean_std(
                                 [
-                                    _NAN if s["methods"][method].get(key) is None else float(s["methods"][method][key])
+                                    NAN if s["methods"][method].get(key) is None else float(s["methods"][method][key])
                                     for s in summaries
                                     if method in s["methods"]
                                 ]
@@ -500,22 +479,5 @@ def write_report(
             metrics=list(seed_metrics),
             paired=paired,
         )
-    (out / "metrics.json").write_text(json_text(_json_safe(payload), indent=2), encoding="utf-8")
+    (out / "metrics.json").write_text(json_text(json_safe(payload), indent=2), encoding="utf-8")
     return out / "report.md"
-
-
-def read_metrics(path: str | Path) -> Mapping[str, Any] | list[Mapping[str, Any]]:
-    """The input metrics stored in a ``metrics.json`` written by :func:`write_report` (a dict for one seed, a list
-    for several), e.g. to combine runs of different seeds into one report.
-
-    Example:
-        >>> runs = [read_metrics(f"runs/seed{s}/metrics.json") for s in (0, 1, 2)]  # doctest: +SKIP
-        >>> write_report(runs, "runs/all-seeds", seeds=[0, 1, 2])  # doctest: +SKIP
-    """
-    file = Path(path)
-    if file.is_dir():
-        file = file / "metrics.json"
-    payload = json.loads(file.read_text(encoding="utf-8"))
-    if "metrics" not in payload:
-        raise KeyError(f"{file} has no 'metrics' entry; was it written by write_report?")
-    return payload["metrics"]

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..federated.stores import LocalStore
-from .config import ARMS
+from peft_hetlora.federated import LocalStore
+
+from .arm_setup import arm_adapter_config, arm_ranks
+from .arms import ARMS
 
 
 def load_base_model(model_dir: str) -> torch.nn.Module:
@@ -28,16 +30,16 @@ def load_base_model(model_dir: str) -> torch.nn.Module:
 
 def run_flower_arm(wb: Any, arm: str, arm_dir: Path, ranks0: dict[str, int]) -> dict[str, Any]:
     """Run one federated arm on Flower and return its metrics `{"rounds": [...], ...}`."""
-    from ..flower.local_round import LocalTrainingConfig
-    from ..flower.simulation import run_flower_simulation
-    from .runner import _adapter_config, arm_ranks
+    from peft_hetlora.flower.local_round import LocalTrainingConfig
+
+    from .engines import run_flower_simulation
 
     config = wb.config
     spec = ARMS[arm]
     r_arm, ranks = arm_ranks(config, arm, ranks0)
     clients = sorted(ranks)
     run = run_flower_simulation(
-        adapter_config=_adapter_config(config, r_arm, wb, prune=spec["prune"]),
+        adapter_config=arm_adapter_config(config, r_arm, wb, prune=spec["prune"]),
         model_fn=functools.partial(load_base_model, str(wb.model_dir)),
         client_datasets={cid: wb.train[cid] for cid in clients},
         data_collator=wb.collator,

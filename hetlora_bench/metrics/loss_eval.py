@@ -5,7 +5,7 @@ whole dataset (not averaged per batch or per example). Position t predicts token
 label -100 marks tokens that are not predicted (padding).
 
 Example:
-    >>> from peft_hetlora.simulation.data import tokenize_for_clm
+    >>> from hetlora_bench.data import tokenize_for_clm
     >>> blocks = tokenize_for_clm(corpus.eval, tokenizer, block_size=128)  # doctest: +SKIP
     >>> evaluate_perplexity(model, blocks, batch_size=8)  # doctest: +SKIP
     {'perplexity': 63.8, 'loss': 4.156, 'num_tokens': 81480, 'num_examples': 2000, 'num_batches': 250}
@@ -136,7 +136,7 @@ def evaluate_perplexity(
     Args:
         model: a causal LM (a ``PeftModel`` too) whose forward takes ``input_ids`` and ``attention_mask`` and
             returns ``logits``.
-        dataset: a ``datasets.Dataset`` from :func:`peft_hetlora.simulation.data.tokenize_for_clm`, or any sequence
+        dataset: a ``datasets.Dataset`` from :func:`hetlora_bench.data.tokenize_for_clm`, or any sequence
             of such row dicts. Rows without ``labels`` use ``input_ids`` where ``attention_mask`` is 1.
         collator: turns a list of rows into tensors (default: pads to the longest row, labels -100).
 

@@ -13,7 +13,6 @@ import gc
 import inspect
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -29,21 +28,22 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
+from peft_hetlora.config import HetLoRAConfig
+from peft_hetlora.federated import Coordinator, LocalStore, truncate
+from peft_hetlora.federated.stores import json_text
+from peft_hetlora.known_noise import peft_model_warnings
+from peft_hetlora.utils import ADAPTER_FILE, ROUND_FILE, HetLoRAError
 from trainer_callbacks import FederatedClientCallback
 
-from ..config import HetLoRAConfig, scaling_for
-from ..federated.adapter import truncate
-from ..federated.coordinator import Coordinator
-from ..federated.stores import LocalStore, json_text
-from ..utils.errors import HetLoRAError
 from .activation_cache import (
     CachedBlocks,
 )
+from .arm_setup import arm_adapter_config, arm_ranks
+from .arms import ARMS, SimulationConfig
 from .attacks import choose_attackers
 from .client_uploads import UploadTransform
-from .config import ARMS, SimulationConfig
 from .report import write_report
-from .workbench import Workbench, _model_folder, _ppl, prepare  # noqa: F401  (re-exported)
+from .workbench import Workbench, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -141,52 +141,18 @@ class RunProgress:
 
 
 # ----------------------------------------------------------------------------- arms
-def arm_ranks(config: SimulationConfig, arm: str, initial_ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
-    """(r_max of the arm's adapter, {client: rank}) for an arm, from the heterogeneous assignment."""
-    kind = ARMS[arm]["ranks"]
-    if kind == "heterogeneous":
-        return config.r_max, dict(initial_ranks)
-    if kind == "r_min":
-        return config.r_min, dict.fromkeys(initial_ranks, config.r_min)
-    if kind == "r_max_capable":
-        capable = {cid: config.r_max for cid, rank in initial_ranks.items() if rank >= config.capable}
-        if not capable:
-            raise ValueError(f"No client can afford rank {config.capable}; lower capable_rank or change rank_policy.")
-        return config.r_max, capable
-    return config.r_max, dict.fromkeys(initial_ranks, config.r_max)
-
-
 def initial_client_ranks(config: SimulationConfig, clients: list[str], seed: int) -> dict[str, int]:
     """Each client's device rank under the configured policy (same for every arm of a seed)."""
-    from ..federated.policies import RankPolicy
+    from peft_hetlora.federated import RankPolicy
 
     return RankPolicy.coerce(config.rank_policy).assign(clients, r_min=config.r_min, r_max=config.r_max, seed=seed)
-
-
-def _adapter_config(config: SimulationConfig, r: int, wb: Workbench, prune: bool = True) -> HetLoRAConfig:
-    # every arm uses the same scale s = alpha / r_max of the heterogeneous federation
-    scale = scaling_for(config.lora_alpha, config.r_max, config.rank_scaling)
-    alpha = scale * r if config.rank_scaling == "fixed" else scale * math.sqrt(r)
-    return HetLoRAConfig(
-        r=r,
-        rank=r,
-        r_min=min(config.r_min, r),
-        lora_alpha=alpha,
-        rank_scaling=config.rank_scaling,
-        target_modules=list(config.target_modules),
-        layers_to_transform=wb.target_layers,
-        # arms without self-pruning train plain LoRA: no regulariser either (the paper's "w/o self-pruning")
-        prune_lambda=config.prune_lambda if prune else 0.0,
-        prune_gamma=config.prune_gamma,
-        base_model_name_or_path=str(wb.model_dir),
-        task_type="CAUSAL_LM",
-    )
 
 
 @contextlib.contextmanager
 def _peft_model(wb: Workbench, adapter_config: HetLoRAConfig, seed: int):
     torch.manual_seed(seed)
-    model = get_peft_model(wb.base_model, adapter_config)
+    with peft_model_warnings():  # transformers' is_gradient_checkpointing notice, raised inside PEFT
+        model = get_peft_model(wb.base_model, adapter_config)
     try:
         yield model
     finally:
@@ -285,7 +251,7 @@ def run_federated_arm(
     store = LocalStore(arm_dir / "store", create=True)
     rows_path = arm_dir / "rounds.jsonl"
     rows = _read_rows(rows_path)
-    adapter_config = _adapter_config(config, r_arm, wb, prune=spec["prune"])
+    adapter_config = arm_adapter_config(config, r_arm, wb, prune=spec["prune"])
     settings = arm_coordinator_settings(config, arm, r_arm, ranks, wb.seed)
     coordinator = Coordinator(store, **settings)
     with _peft_model(wb, adapter_config, wb.seed) as model:
@@ -294,7 +260,7 @@ def run_federated_arm(
                 model.save_pretrained(tmp)
                 coordinator.init(tmp)
         if not rows:
-            _load_global(model, load_file(str(store.get_global(0).path / "adapter_model.safetensors")), r_arm)
+            _load_global(model, load_file(str(store.get_global(0).path / ADAPTER_FILE)), r_arm)
             row = {
                 "round": 0,
                 "heldout_ppl": wb.initial_heldout_ppl(model),
@@ -355,14 +321,14 @@ def run_federated_arm(
                 if client_store.sent_bytes is not None:
                     sent[cid] = {"sent_bytes": client_store.sent_bytes, "payload_bytes": client_store.payload_bytes}
                     _write_sent(arm_dir, t, sent)
-            global_t = load_file(str(store.get_global(t).path / "adapter_model.safetensors"))
+            global_t = load_file(str(store.get_global(t).path / ADAPTER_FILE))
             downloads = _held_download_bytes(global_t, spec, r_arm, {c: plan.ranks[c] for c in plan.participants})
             outcome = "closed earlier" if closed else coordinator.step(wait=False)
             if not outcome.startswith("closed"):
                 raise RuntimeError(f"Round {t} of {arm} did not close ({outcome}); see {store.path}.")
             summary = store.read_summary(t)
             latest = store.get_global(t + 1)
-            latest_weights = load_file(str(latest.path / "adapter_model.safetensors"))
+            latest_weights = load_file(str(latest.path / ADAPTER_FILE))
             _load_global(model, latest_weights, r_arm)
             heldout = wb.heldout_ppl(model)
             client_ranks = summary.get("client_ranks", {})
@@ -427,16 +393,16 @@ def refresh_window_rows(wb: Workbench, arm: str, arm_dir: Path) -> int:
     if not stale:
         return 0
     store = LocalStore(arm_dir / "store")
-    with _peft_model(wb, _adapter_config(config, r_arm, wb, prune=spec["prune"]), wb.seed) as model:
+    with _peft_model(wb, arm_adapter_config(config, r_arm, wb, prune=spec["prune"]), wb.seed) as model:
         model.eval()
         for row in tqdm(stale, desc=f"{arm}: client validation of the held model", unit="round", leave=False):
             t = row["round"] - 1
-            info = json.loads((store.get_global(t).path / "round.json").read_text())
+            info = json.loads((store.get_global(t).path / ROUND_FILE).read_text())
             summary = store.read_summary(t)
-            sent_global = load_file(str(store.get_global(t).path / "adapter_model.safetensors"))
+            sent_global = load_file(str(store.get_global(t).path / ADAPTER_FILE))
             participants = {cid: int(info["ranks"][cid]) for cid in info["participants"]}
             row["download_bytes"] = _held_download_bytes(sent_global, spec, r_arm, participants)
-            weights = load_file(str(store.get_global(t + 1).path / "adapter_model.safetensors"))
+            weights = load_file(str(store.get_global(t + 1).path / ADAPTER_FILE))
             client_ranks = summary.get("client_ranks", {})
             accepted = {cid: int(client_ranks.get(cid, info["ranks"][cid])) for cid in summary["accepted"]}
             row["client_val_ppl"] = _held_validation_ppl(wb, model, weights, spec, r_arm, accepted)
@@ -507,7 +473,7 @@ def arm_coordinator_settings(
         "progress": False,
     }
     if "dp_epsilon" in spec:
-        from ..federated.aggregation.privacy import DPConfig
+        from peft_hetlora.federated.aggregation.privacy import DPConfig
 
         settings["dp"] = DPConfig(
             clip=config.dp_clip,
@@ -549,10 +515,10 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path, progress: RunProgress | No
     else:
         pooled = concatenate_datasets([wb.train[cid] for cid in order]).shuffle(seed=wb.seed)
     steps = config.local_steps * config.clients_per_round
-    with _peft_model(wb, _adapter_config(config, config.r_max, wb, prune=False), wb.seed) as model:
+    with _peft_model(wb, arm_adapter_config(config, config.r_max, wb, prune=False), wb.seed) as model:
         checkpoint = arm_dir / "adapter"
-        if rows and (checkpoint / "adapter_model.safetensors").is_file():
-            set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+        if rows and (checkpoint / ADAPTER_FILE).is_file():
+            set_peft_model_state_dict(model, load_file(str(checkpoint / ADAPTER_FILE)))
         elif rows:
             rows = []
             rows_path.unlink()
@@ -657,7 +623,7 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
         per_seed.append(metrics)
         cache_notes.append(f"seed {seed}: {wb.cache.describe() if wb.cache is not None else wb.cache_note}")
         if config.quantize is not None and not quant_note:
-            from ..quantization import quantization_summary
+            from peft_hetlora.quantization import quantization_summary
 
             quant_note = f"Base model quantised ({config.quantize}): {json_text(quantization_summary(wb.base_model))}."
         if wb.cache is not None and wb.cache.path is not None:

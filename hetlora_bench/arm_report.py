@@ -27,14 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from .figures import new_figure
+from .method_numbers import format_bytes, ppl_at_upload, round_rows
+
 REFERENCE = "homlora_rmax"
 HONEST = "rankwise"
 
 
 def _rows(arm: Mapping[str, Any]) -> list[dict[str, Any]]:
-    from .report import _rounds
-
-    return _rounds(arm)
+    return round_rows(arm)
 
 
 def _num(value: Any) -> float:
@@ -111,7 +112,6 @@ def poisoned_rows(seeds: Sequence[Mapping[str, Mapping[str, Any]]]) -> list[dict
 
 def reference_rows(seeds: Sequence[Mapping[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """Each arm against HomLoRA(r_max): Δ final ppl at equal rounds (compute) and at equal upload bytes."""
-    from .report import ppl_at_upload
 
     if REFERENCE not in seeds[0]:
         return []
@@ -159,9 +159,8 @@ def message_rows(seeds: Sequence[Mapping[str, Mapping[str, Any]]]) -> list[dict[
 
 def plot_epsilon(rows: list[dict[str, Any]], honest_ppl: float, path: Path) -> Path:
     """Final held-out perplexity against the epsilon spent (log x), the non-private arm as a line."""
-    from .report import _figure
 
-    fig, axes = _figure()
+    fig, axes = new_figure()
     ax = axes[0][0]
     xs = [r["epsilon_spent"] if not math.isnan(r["epsilon_spent"]) else r["target_epsilon"] for r in rows]
     ax.plot(xs, [r["final_ppl"] for r in rows], marker="o", label="rankwise + DP")
@@ -232,7 +231,6 @@ def extra_sections(
     if any(r["message_format"] != "fp32" for r in messages):
         lines += ["## Messages: perplexity vs bytes", "", "| arm | format | payload | sent | final ppl |",
                   "|---|---|---|---|---|"]
-        from .report import format_bytes
 
         lines += [
             f"| {r['arm']} | {r['message_format']} | {format_bytes(r['payload_bytes'])} | "

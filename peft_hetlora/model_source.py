@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..federated.stores import json_text
+from .federated.stores import json_text
 
 logger = logging.getLogger(__name__)
 

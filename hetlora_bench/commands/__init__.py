@@ -1,0 +1,1 @@
+"""The bench's `hetlora` subcommands (`simulate`, `report`), imported lazily by the `hetlora` CLI."""
