@@ -16,7 +16,7 @@ Usage:
     nice -n 5 python benchmarks/bench_memory.py --ranks 2 8 16 --quantize none 8bit 4bit \
         --out benchmarks/results/memory
 
-The JSON rows feed `peft_hetlora.federated.device_memory.DeviceMemoryTable` (`--table` prints them in
+The JSON rows feed `peft_hetlora.federated.policies.device_memory.DeviceMemoryTable` (`--table` prints them in
 that form).
 """
 

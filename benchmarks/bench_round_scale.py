@@ -43,7 +43,7 @@ import bench_scale  # noqa: E402
 import torch  # noqa: E402
 
 from peft_hetlora.federated import Coordinator, LocalStore, RankPolicy, validate_upload  # noqa: E402
-from peft_hetlora.federated.component_selection import select_components  # noqa: E402
+from peft_hetlora.federated.policies import select_components  # noqa: E402
 from peft_hetlora.federated.stores import render_model_card  # noqa: E402
 
 DECISION_FIELDS = ("accepted", "rejected", "weights", "client_ranks")

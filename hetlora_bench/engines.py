@@ -48,9 +48,14 @@ from peft_hetlora.federated import (
     truncate,
     validate_update,
 )
-from peft_hetlora.federated.federation import scaling_from_config
-from peft_hetlora.federated.protocol import NEXT_RANK_RULES, ClientReport, Rejection, plan_round
-from peft_hetlora.federated.round_settings import default_method_and_selection
+from peft_hetlora.federated.round import (
+    NEXT_RANK_RULES,
+    ClientReport,
+    Rejection,
+    default_method_and_selection,
+    plan_round,
+)
+from peft_hetlora.federated.settings import scaling_from_config
 from peft_hetlora.federated.upload import UploadSpec
 from peft_hetlora.flower import (
     ClientTask,

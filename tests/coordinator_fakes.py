@@ -12,9 +12,7 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.torch import load_file, save_file
 
-from peft_hetlora.federated.coordinator import (
-    Coordinator,
-)
+from peft_hetlora.federated.coordinator import Coordinator
 from peft_hetlora.federated.stores import LocalStore
 
 MODULES = {  # name -> (d_in, d_out)

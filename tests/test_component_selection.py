@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from peft_hetlora.federated.component_selection import SELECTION_POLICIES, select_components
+from peft_hetlora.federated.policies import SELECTION_POLICIES, select_components
 from peft_hetlora.utils.errors import RankError
 
 

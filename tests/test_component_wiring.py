@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from peft_hetlora.federated import Coordinator, LocalStore
 from peft_hetlora.federated.aggregation import ClientUpdate, UpdateShapeError, validate_round
-from peft_hetlora.federated.protocol import RoundSettings, plan_round
+from peft_hetlora.federated.round import RoundSettings, plan_round
 from peft_hetlora.federated.upload import RejectedUpload, UploadSpec, validate_update
 from peft_hetlora.utils.errors import AggregationError, FederationMismatch
 from tests import reference
@@ -178,7 +178,7 @@ def test_robust_dp_and_secure_sum_paths_refuse_indexed_uploads():
 
 
 def test_plan_round_windows_match_select_components():
-    from peft_hetlora.federated.component_selection import select_components
+    from peft_hetlora.federated.policies import select_components
 
     plan = plan_round(3, ["a", "b", "c"], RANKS, clients_per_round=2, seed=5, component_selection="rolling",
                       anchor=1, r_max=R_MAX)

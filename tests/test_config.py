@@ -16,7 +16,7 @@ from peft.utils.peft_types import PeftType
 
 import peft_hetlora
 from peft_hetlora import HetLoRAConfig, HetLoRAModel
-from peft_hetlora.federated.federation import scaling_from_config
+from peft_hetlora.federated.settings import scaling_from_config
 from peft_hetlora.utils import CONFIG_FILE, FEDERATION_FILE, scaling_for
 from peft_hetlora.utils.errors import ConfigMismatchError
 

@@ -20,14 +20,11 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.torch import load_file
 
-from peft_hetlora.federated.coordinator import (
-    Coordinator,
-    CoordinatorError,
-    FederationMismatch,
-    global_adapter_config,
-)
-from peft_hetlora.federated.rank_policy import RankPolicy
+from peft_hetlora.federated.coordinator import Coordinator
+from peft_hetlora.federated.policies import RankPolicy
+from peft_hetlora.federated.settings import global_adapter_config
 from peft_hetlora.federated.stores import LocalStore
+from peft_hetlora.utils.errors import CoordinatorError, FederationMismatch
 from tests.coordinator_fakes import (  # noqa: F401  (the two fixtures register by import)
     ALPHA,
     CLIENTS,
@@ -72,7 +69,7 @@ def test_a_new_federation_gets_the_studys_method_unless_told(store, init_dir, gi
 
 
 def test_default_method_under_dp_uploads_prefixes():
-    from peft_hetlora.federated.round_settings import default_method_and_selection, dp_method_for
+    from peft_hetlora.federated.round import default_method_and_selection, dp_method_for
 
     assert default_method_and_selection(None, None, dp=object()) == ("component", "prefix")
     assert dp_method_for("component") == "component"

@@ -15,12 +15,10 @@ from safetensors.numpy import load_file as np_load_file
 from safetensors.torch import load_file, save_file
 
 from peft_hetlora.commands.coordinate import add_coordinate_parser, main
-from peft_hetlora.federated.coordinator import (
-    Coordinator,
-    FederationMismatch,
-)
-from peft_hetlora.federated.rank_policy import RankPolicy
+from peft_hetlora.federated.coordinator import Coordinator
+from peft_hetlora.federated.policies import RankPolicy
 from peft_hetlora.federated.stores import LocalStore
+from peft_hetlora.utils.errors import FederationMismatch
 from tests.coordinator_fakes import (  # noqa: F401  (the two fixtures register by import)
     ALPHA,
     Clock,
@@ -225,8 +223,8 @@ def test_summary_is_strict_json_when_reported_losses_overflow(store, init_dir, t
 
 
 def test_weighted_mean_is_overflow_safe_and_non_finite_becomes_null_with_a_reason():
-    from peft_hetlora.federated.round_summary import finite_or_null as _finite_or_null
-    from peft_hetlora.federated.round_summary import weighted_mean
+    from peft_hetlora.federated.round import finite_or_null as _finite_or_null
+    from peft_hetlora.federated.round import weighted_mean
 
     assert weighted_mean([(1.7e308, 10**9), (1.7e308, 1)]) == pytest.approx(1.7e308, rel=1e-15)
     assert weighted_mean([(2.0, 1), (5.0, 3)]) == pytest.approx((2.0 + 15.0) / 4)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from peft_hetlora.federated.device_memory import DeviceMemoryError, DeviceMemoryTable, default_table
+from peft_hetlora.federated.policies import DeviceMemoryError, DeviceMemoryTable, default_table
 from peft_hetlora.utils.errors import HetLoRAError, RankError
 
 MIB = 2**20

@@ -17,7 +17,8 @@ from test_coordinator import CLIENTS, FakeClients, initial_adapter, make_coordin
 from peft_hetlora.commands.coordinate import main
 from peft_hetlora.federated import AGGREGATION_METHODS, RobustMethod, register_aggregation, unregister_aggregation
 from peft_hetlora.federated.aggregation.privacy import DPConfig, privacy_spent
-from peft_hetlora.federated.protocol import plan_round, poisson_sample
+from peft_hetlora.federated.policies import poisson_sample
+from peft_hetlora.federated.round import plan_round
 from peft_hetlora.federated.stores import LocalStore
 from peft_hetlora.utils.errors import AggregationError
 

@@ -248,6 +248,35 @@ def test_round_aggregates_with_aggregate_and_ranks_follow_clients_to_new_nodes(i
     assert set(strategy.node_clients) >= set(moved.node_configs)
 
 
+def test_the_strategy_is_a_fedavg_that_holds_its_helpers(initial):
+    """Composition, not mixins: the strategy's node map, ranks, upload spec and revisions are its helpers' state."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from peft_hetlora.flower.evaluation import FederatedEvaluation
+    from peft_hetlora.flower.mirror import StoreMirror
+    from peft_hetlora.flower.nodes import NodeClients
+    from peft_hetlora.flower.replies import ReplyValidator
+
+    assert HetLoRAStrategy.__bases__ == (FedAvg,)
+    ranks = {"client-0": 2, "client-1": 4, "client-2": 8}
+    strategy = strategy_for(3, ranks)
+    assert isinstance(strategy.nodes, NodeClients) and isinstance(strategy.replies, ReplyValidator)
+    assert isinstance(strategy.mirror, StoreMirror) and isinstance(strategy.evaluator, FederatedEvaluation)
+    messages = strategy.configure_train(1, ArrayRecord(initial), ConfigRecord(), inline_grid(3))
+    assert {m.content["config"]["client-id"]: m.content["config"]["rank"] for m in messages} == ranks
+    assert strategy.node_clients is strategy.nodes.node_clients and len(strategy.node_clients) == 3
+    assert strategy.client_ranks is strategy.nodes.client_ranks and strategy.client_ranks == ranks
+    # the upload spec is the first global's shapes: lora_A is (r, d_in), lora_B is (d_out, r)
+    dims = {}
+    for key, value in initial.items():
+        name, kind = key.split(".lora_")
+        dims.setdefault(name, [None, None])[0 if kind.startswith("A") else 1] = (
+            value.shape[1] if kind.startswith("A") else value.shape[0])
+    assert strategy.spec is strategy.replies.spec
+    assert {k: tuple(v) for k, v in strategy.spec.modules.items()} == {k: tuple(v) for k, v in dims.items()}
+    assert strategy.mirror.revisions == {0: "flower-round-0"}
+
+
 @pytest.mark.parametrize("method", ["hetlora", "zero_pad", "flexlora", "rankwise", "fedavg", "median"])
 def test_every_method_matches_the_numpy_reference(initial, method):
     ranks = {"client-0": 4, "client-1": 4, "client-2": 4} if method == "fedavg" else {

@@ -31,7 +31,7 @@ from safetensors.torch import save as save_bytes
 
 from peft_hetlora import cli
 from peft_hetlora.federated import LocalStore
-from peft_hetlora.federated.protocol import ClientReport
+from peft_hetlora.federated.round import ClientReport
 from peft_hetlora.federated.upload import encode_message
 
 R_MAX, ALPHA = 4, 8

@@ -27,13 +27,7 @@ from safetensors.numpy import load_file as np_load_file
 from peft_hetlora.federated import AggregationMethod, LocalStore, register_aggregation, unregister_aggregation
 from peft_hetlora.federated.aggregation import PaddedSum, get_aggregation
 from peft_hetlora.federated.aggregation.privacy import DPConfig
-from peft_hetlora.federated.round_settings import (
-    RoundSettings,
-    check_dp,
-    dp_method_for,
-    dp_methods,
-    window_methods,
-)
+from peft_hetlora.federated.round import RoundSettings, check_dp, dp_method_for, dp_methods, window_methods
 from peft_hetlora.utils.errors import AggregationError
 
 

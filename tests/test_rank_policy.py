@@ -1,10 +1,10 @@
-"""Initial rank policies and per-round client sampling (peft_hetlora.federated.rank_policy)."""
+"""Initial rank policies and per-round client sampling (peft_hetlora.federated.policies.rank_policy)."""
 
 from __future__ import annotations
 
 import pytest
 
-from peft_hetlora.federated.rank_policy import (
+from peft_hetlora.federated.policies import (
     ADAM_STATE_COPIES,
     RankPolicy,
     adapter_params,
@@ -187,7 +187,7 @@ def _hand_fit(peaks):
 def test_measured_memory_budget_uses_the_shipped_table_numbers():
     import pytest
 
-    from peft_hetlora.federated.rank_policy import RankPolicy
+    from peft_hetlora.federated.policies import RankPolicy
     from peft_hetlora.utils.errors import RankError
 
     # SmolLM2-135M float32 hetlora peaks (device_memory._SMOLLM2_135M), copied here as plain numbers
@@ -216,8 +216,7 @@ def test_measured_memory_table_from_a_file_and_misuse(tmp_path):
 
     import pytest
 
-    from peft_hetlora.federated.device_memory import DeviceMemoryTable
-    from peft_hetlora.federated.rank_policy import RankPolicy
+    from peft_hetlora.federated.policies import DeviceMemoryTable, RankPolicy
 
     table = DeviceMemoryTable()
     table.add("mine", "8bit", 2, 1000)

@@ -32,7 +32,7 @@ from peft_hetlora.federated.aggregation import (
 from peft_hetlora.federated.aggregation.methods import AGGREGATION_METHODS, get_aggregation, register_aggregation
 from peft_hetlora.federated.aggregation.methods.flexlora import FlexLoRA, FlexLoRAHeld
 from peft_hetlora.federated.aggregation.privacy import DPConfig
-from peft_hetlora.federated.protocol import Rejection, RoundPlan, RoundSettings, close_round
+from peft_hetlora.federated.round import Rejection, RoundPlan, RoundSettings, close_round
 
 R_MAX = 4
 SCALE = 2.0

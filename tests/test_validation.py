@@ -617,13 +617,14 @@ def test_validate_client_json_directly(spec):
 
 
 def test_errors_join_the_one_hierarchy():
-    from peft_hetlora.federated import coordinator
+    from peft_hetlora.federated import settings
+    from peft_hetlora.federated.coordinator import coordinator
     from peft_hetlora.utils import errors
 
     assert issubclass(RejectedUpload, errors.HetLoRAError)
     assert coordinator.CoordinatorError is errors.CoordinatorError
     assert issubclass(errors.CoordinatorError, RuntimeError)
-    assert coordinator.FederationMismatch is errors.FederationMismatch
+    assert settings.FederationMismatch is errors.FederationMismatch
     assert issubclass(errors.FederationMismatch, errors.CoordinatorError)
 
 

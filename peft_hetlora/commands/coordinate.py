@@ -29,10 +29,9 @@ from typing import Any
 
 from ..cli import add_common_arguments, exit_status_epilog, run_command
 from ..federated.aggregation import AGGREGATION_METHODS, parse_influence_bound
-from ..federated.component_selection import SELECTION_POLICIES
-from ..federated.coordinator import NEXT_RANK_RULES, Coordinator
-from ..federated.rank_policy import BUDGET_KINDS, RANK_POLICIES, RankPolicy, parse_bytes
-from ..federated.round_settings import DEFAULT_METHOD, dp_methods, window_methods
+from ..federated.coordinator import Coordinator
+from ..federated.policies import BUDGET_KINDS, RANK_POLICIES, SELECTION_POLICIES, RankPolicy, parse_bytes
+from ..federated.round import DEFAULT_METHOD, NEXT_RANK_RULES, dp_methods, window_methods
 from ..federated.settings import FederationSettings
 
 HF_PREFIX = "hf://"
@@ -83,7 +82,15 @@ def _name_list(text: str) -> list[str]:
     return names
 
 
-def _client_list(text: str) -> list[str]:
+def parse_client_list(text: str) -> list[str]:
+    """A comma-separated command-line list (``--clients``, ``--target-modules``), blanks dropped.
+
+    Example:
+        ```py
+        >>> parse_client_list("alice, bob,,carol")
+        ['alice', 'bob', 'carol']
+        ```
+    """
     return [c.strip() for c in text.split(",") if c.strip()]
 
 
@@ -124,7 +131,7 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     fed.add_argument("--r-max", type=int, default=None, help="Maximum rank (default: the initial adapter's r).")
     fed.add_argument("--r-min", type=int, default=None, help="Minimum rank (default 1).")
     clients = fed.add_mutually_exclusive_group()
-    clients.add_argument("--clients", type=_client_list, default=None, help="Comma-separated client ids.")
+    clients.add_argument("--clients", type=parse_client_list, default=None, help="Comma-separated client ids.")
     clients.add_argument("--num-clients", type=int, default=None, help="N clients named client-000 ... (or "
                          "--client-prefix).")
     fed.add_argument("--client-prefix", default="client-", help="Prefix of generated client ids.")

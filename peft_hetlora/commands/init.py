@@ -27,7 +27,7 @@ import argparse
 import tempfile
 from typing import Any
 
-from .coordinate import _client_list, add_federation_arguments, add_store_arguments, build_coordinator
+from .coordinate import add_federation_arguments, add_store_arguments, build_coordinator, parse_client_list
 
 DEFAULT_R_MAX = 16
 
@@ -55,7 +55,7 @@ def add_parser(subparsers: Any, help: str) -> argparse.ArgumentParser:
     model.add_argument("--lora-alpha", type=float, default=None, help="lora_alpha (default 2 x r_max).")
     model.add_argument("--rank-scaling", choices=("fixed", "rslora"), default="fixed",
                        help="fixed: s = lora_alpha / r_max; rslora: s = lora_alpha / sqrt(r_max).")
-    model.add_argument("--target-modules", type=_client_list, default=["q_proj", "v_proj"],
+    model.add_argument("--target-modules", type=parse_client_list, default=["q_proj", "v_proj"],
                        help="Comma-separated module names (default q_proj,v_proj).")
     layers = model.add_mutually_exclusive_group()
     layers.add_argument("--layers", type=_layers, default=None, help="Only these layer indices (e.g. 10,11).")

@@ -26,8 +26,8 @@ from .aggregation import (
     unregister_aggregation,
 )
 from .coordinator import Coordinator
-from .protocol import RoundPlan, RoundSettings, close_round
-from .rank_policy import RankPolicy, sample_clients
+from .policies import RankPolicy, sample_clients
+from .round import RoundPlan, RoundSettings, close_round
 from .settings import FederationSettings
 from .stores import AdapterStore, GlobalAdapter, HubStore, LocalStore, validate_client_id
 from .upload import RejectedUpload, validate_update, validate_upload

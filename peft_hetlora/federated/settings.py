@@ -5,7 +5,7 @@ back from any ``federation.json``, old ones included (`from_json`: fields an old
 then). Built by ``hetlora coordinate`` / ``hetlora init`` from their arguments and by the `Coordinator` (its keyword
 form ``Coordinator(store, method=..., ...)`` builds one); passed by composition: ``Coordinator(store, settings, *,
 clock, sleep, progress, poll_interval_s)``. A field left ``None`` is not given: a resumed coordinator takes it from
-``federation.json``, a new federation from the defaults (the method: `round_settings.default_method_and_selection`).
+``federation.json``, a new federation from the defaults (the method: `round.default_method_and_selection`).
 
 Example:
     ```py
@@ -15,24 +15,54 @@ Example:
     >>> FederationSettings.from_json(s.to_json()) == s
     True
     ```
+
+The same module holds the federation record itself (``federation.json``, formerly ``federation.py``): what a
+federation is, built once by `new_federation` from the initial adapter and the settings (initial ranks from the rank
+policy), and checked on every resume (`setting_differences`); `scaling_from_config`, `global_adapter_config`.
+
+    ```py
+    >>> scaling_from_config({"lora_alpha": 32, "rank_scaling": "fixed"}, 16)
+    2.0
+    ```
 """
+
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .aggregation import AGGREGATION_METHODS, parse_influence_bound
-from .aggregation.privacy import DPConfig, dp_config_from_dict
-from .rank_policy import RankPolicy
-from .round_settings import NEXT_RANK_RULES, check_dp, check_selection, default_method_and_selection
-from .stores import validate_client_id
-from .upload import DEFAULT_MAX_EXAMPLES, parse_message_format
+import torch
 
-__all__ = ["FederationSettings", "RECORDED_FIELDS"]
+from ..utils.errors import CoordinatorError, FederationMismatch
+from ..utils.ranks import check_rank
+from ..utils.scaling import scaling_for
+from .adapter import module_ranks
+from .aggregation import AGGREGATION_METHODS, get_aggregation, parse_influence_bound
+from .aggregation.privacy import DPConfig, dp_config_from_dict
+from .policies import RankPolicy
+from .round import FEDERATION_FORMAT, NEXT_RANK_RULES, check_dp, check_selection, default_method_and_selection
+from .stores import validate_client_id
+from .upload import DEFAULT_MAX_EXAMPLES, UploadSpec, parse_message_format
+
+__all__ = [
+    "ADAPTER_MATH_FIELDS",
+    "IDENTITY_FIELDS",
+    "RECORDED_FIELDS",
+    "SETTING_FIELDS",
+    "FederationSettings",
+    "ResolvedSettings",
+    "global_adapter_config",
+    "initial_identity",
+    "lora_module_dims",
+    "new_federation",
+    "scaling_from_config",
+    "setting_differences",
+]
 
 #: The fields of `FederationSettings` that ``federation.json`` records (the rest are the coordinator's upload limits
 #: and test switches, given again on every start).
@@ -109,7 +139,7 @@ class FederationSettings:
         method, selection = default_method_and_selection(self.method, self.component_selection, self.dp)
         check_dp(method, self.dp)
         if self.component_selection is not None or self.anchor is not None:
-            # the method may still come from federation.json: round_settings() checks it again then
+            # the method may still come from federation.json: the round settings check it again then
             check_selection(method, selection, self.anchor or 0, r_max=self.r_max, dp=self.dp)
         for name in ("clients", "message_formats"):
             value = getattr(self, name)
@@ -211,3 +241,329 @@ class FederationSettings:
             if value is not None and not isinstance(value, tuple) and isinstance(value, Sequence):
                 kwargs[name] = tuple(value)
         return cls(**kwargs)
+
+
+logger = logging.getLogger(__name__)
+
+
+# Settings a resumed coordinator must share with the store's federation.json.
+#: The method of a federation.json that records none: files written before the method was recorded ran HetLoRA,
+#: the default of those versions. Not a default for new federations (that is `round.DEFAULT_METHOD`).
+UNRECORDED_METHOD = "hetlora"
+IDENTITY_FIELDS = ("method", "r_max", "r_min", "base_model")
+# Every setting federation.json records; a coordinator given another value than the stored one is refused
+# (FederationMismatch), except `rounds`, which may grow (extending a federation).
+SETTING_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "seed", "scaling",
+                  "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection", "anchor",
+                  "message_formats")
+# What a federation.json without the setting means (older records).
+_SETTING_DEFAULTS = {"component_selection": "prefix", "anchor": 0}
+# Fields of the adapter config that change the math: an initial adapter that differs in one is another federation.
+ADAPTER_MATH_FIELDS = ("lora_alpha", "rank_scaling", "target_modules", "layers_to_transform", "layers_pattern",
+                       "bias", "fan_in_fan_out", "modules_to_save")
+
+
+def scaling_from_config(adapter_config: Mapping[str, Any], r_max: int) -> float:
+    """s = lora_alpha / r_max (`rank_scaling="fixed"`) or lora_alpha / sqrt(r_max) (`"rslora"`).
+
+    Example:
+        ```py
+        >>> scaling_from_config({"lora_alpha": 32, "rank_scaling": "fixed"}, 16)
+        2.0
+        ```
+    """
+    return scaling_for(float(adapter_config.get("lora_alpha", 8)), r_max, adapter_config.get("rank_scaling", "fixed"))
+
+
+def global_adapter_config(adapter_config: Mapping[str, Any], *, r_max: int, r_min: int) -> dict:
+    """The HETLORA `adapter_config.json` of the global adapter (full rank r_max).
+
+    A plain PEFT LoRA config (`"peft_type": "LORA"`) is converted: `use_rslora` becomes
+    `rank_scaling="rslora"`; per-module patterns are refused (one r_max, one alpha).
+
+    Example:
+        ```py
+        >>> cfg = global_adapter_config({"peft_type": "LORA", "r": 8, "lora_alpha": 16}, r_max=8, r_min=2)
+        >>> cfg["peft_type"], cfg["rank"], cfg["r_min"], cfg["rank_scaling"]
+        ('HETLORA', 8, 2, 'fixed')
+        ```
+    """
+    config = dict(adapter_config)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "LORA":
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise ValueError("The initial LoRA adapter uses rank_pattern/alpha_pattern; HetLoRA needs one r and one "
+                             "lora_alpha for all modules. Start from an adapter without patterns.")
+        config["rank_scaling"] = "rslora" if config.get("use_rslora") else "fixed"
+        config["use_rslora"] = False
+        config["peft_type"] = "HETLORA"
+    elif peft_type != "HETLORA":
+        raise ValueError(f"The initial adapter's peft_type is {config.get('peft_type')!r}; expected HETLORA or LORA.")
+    if config.get("r") != r_max:
+        raise ValueError(f"The initial adapter has r={config.get('r')} but the federation's r_max is {r_max}; "
+                         "save the initial adapter at r_max (HetLoRAConfig(r=r_max)).")
+    config["rank"] = r_max
+    config["r_min"] = r_min
+    config.setdefault("rank_scaling", "fixed")
+    return config
+
+
+def lora_module_dims(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """{module: (d_in, d_out)} of an adapter state dict (PEFT saved keys)."""
+    spec = UploadSpec.from_state_dict(state_dict, r_min=1, r_max=1 << 30)
+    return dict(spec.modules)
+
+
+def initial_identity(state_dict: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any], *, r_max: Any,
+                     r_min: Any) -> tuple[dict, dict, dict[str, tuple[int, int]]]:
+    """(identity, global adapter config, module dims) of a federation started from this r_max adapter.
+
+    Raises:
+        RankError: r_max / r_min not integers with 1 <= r_min <= r_max.
+        ValueError: the adapter is not at rank r_max, or its config cannot be a HetLoRA global's.
+    """
+    check_rank(r_max, 1, 1 << 30, what="r_max", hint="r_max defaults to the initial adapter's `r`")
+    check_rank(r_min, 1, r_max, what="r_min", hi_name="r_max")
+    module_dims = lora_module_dims(state_dict)
+    ranks_found = set(module_ranks(state_dict).values())
+    if ranks_found != {r_max}:
+        raise ValueError(f"The initial adapter has rank(s) {sorted(ranks_found)} but r_max is {r_max}: save it at "
+                         "full rank (set_rank(r_max) before save_pretrained).")
+    config = global_adapter_config(adapter_config, r_max=r_max, r_min=r_min)
+    identity = {
+        "r_max": r_max,
+        "base_model": config.get("base_model_name_or_path"),
+        "modules": {name: list(dims) for name, dims in module_dims.items()},
+    }
+    return identity, config, module_dims
+
+
+def _as_set_if_list(value: Any) -> Any:
+    # PEFT saves set-valued options (target_modules) as lists in hash order, which differs between processes
+    return frozenset(map(str, value)) if isinstance(value, (list, tuple, set, frozenset)) else value
+
+
+def _same_setting(name: str, stored: Any, given: Any) -> bool:
+    if name == "clients" and isinstance(stored, list) and isinstance(given, list):
+        return sorted(stored) == sorted(given)
+    return stored == given
+
+
+def setting_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], config: Any,
+                        requested_rounds: int | None) -> list[str]:
+    """The settings in ``wanted`` (and the adapter config's math fields) that differ from federation.json.
+
+    ``rounds`` may only grow: a smaller requested number is a difference.
+
+    Example:
+        ```py
+        >>> setting_differences({"r_max": 8}, {"r_max": 16}, None, None)
+        ['r_max: store has 8, this coordinator 16']
+        ```
+    """
+    # a federation.json written before these settings existed trained prefixes
+    stored = {**_SETTING_DEFAULTS, **stored}
+    diffs = [f"{name}: store has {stored[name]!r}, this coordinator {value!r}"
+             for name, value in wanted.items() if name in stored and not _same_setting(name, stored[name], value)]
+    if isinstance(config, Mapping) and isinstance(stored.get("adapter_config"), Mapping):
+        stored_config = stored["adapter_config"]
+        for name in ADAPTER_MATH_FIELDS:
+            if _as_set_if_list(stored_config.get(name)) != _as_set_if_list(config.get(name)):
+                diffs.append(f"adapter_config.{name}: store has {stored_config.get(name)!r}, the initial "
+                             f"adapter {config.get(name)!r}")
+    stored_rounds = stored.get("rounds")
+    if requested_rounds is not None and isinstance(stored_rounds, int) and requested_rounds < stored_rounds:
+        diffs.append(f"rounds: store has {stored_rounds!r}, this coordinator {requested_rounds!r} (rounds can "
+                     "only be extended)")
+    return diffs
+
+
+def new_federation(identity: Mapping[str, Any], config: Mapping[str, Any], module_dims: Mapping[str, tuple[int, int]],
+                   requested: Mapping[str, Any], policy: RankPolicy | None, created_at: float) -> dict:
+    """The federation.json record of a new federation (initial ranks drawn from the rank policy).
+
+    Raises:
+        ValueError: no clients, fedavg with unequal ranks, or inconsistent ``min_clients`` / ``clients_per_round``.
+    """
+    clients: Sequence[str] | None = requested["clients"]
+    if not clients:
+        raise ValueError("A new federation needs its client ids (clients=[...]).")
+    method = identity["method"]
+    r_min, r_max = identity["r_min"], identity["r_max"]
+    kind = get_aggregation(method)
+    policy = policy or RankPolicy(kind.default_rank_policy)
+    seed = requested["seed"] if requested["seed"] is not None else 0
+    initial_ranks = policy.assign(clients, r_min=r_min, r_max=r_max, module_dims=module_dims, seed=seed)
+    if kind.homogeneous and len(set(initial_ranks.values())) > 1:
+        raise ValueError(f"{method} is homogeneous LoRA: every client needs the same rank; use "
+                         "RankPolicy('constant', rank=r) (or a heterogeneous method such as hetlora).")
+    clients_per_round = requested["clients_per_round"] or len(clients)
+    min_clients = requested["min_clients"] or clients_per_round
+    if not 1 <= min_clients <= clients_per_round <= len(clients):
+        raise ValueError(f"Need 1 <= min_clients ({min_clients}) <= clients_per_round ({clients_per_round}) "
+                         f"<= number of clients ({len(clients)}).")
+    check_rank(r_min, 1, r_max, what="r_min", hi_name="r_max")
+    record = {
+        "format": FEDERATION_FORMAT,
+        **identity,
+        "adapter_config": dict(config),
+        "scaling": requested["scaling"] or scaling_from_config(config, r_max),
+        "clients": list(clients),
+        "rank_policy": policy.to_dict(),
+        "initial_ranks": initial_ranks,
+        "clients_per_round": clients_per_round,
+        "min_clients": min_clients,
+        "rounds": requested["rounds"] or 1,
+        "seed": seed,
+        "clip_norm": requested["clip_norm"],
+        "max_upload_bytes": requested["max_upload_bytes"],
+        "deadline_s": requested["deadline_s"],
+        "next_rank": requested["next_rank"] or "rank_out",
+        "created_at": created_at,
+    }
+    if requested.get("dp") is not None:
+        record["dp"] = requested["dp"]
+    record["component_selection"] = requested.get("component_selection") or "prefix"
+    record["anchor"] = requested.get("anchor") or 0
+    record["message_formats"] = requested.get("message_formats")  # None: every format
+    return record
+
+
+class ResolvedSettings:
+    """A federation's settings as a coordinator runs them: each the given value (the `FederationSettings` record),
+    else federation.json's, else the default. The `Coordinator` holds one (``coordinator.resolved``).
+
+    ``requested`` is ``settings.requested()`` (``None`` = not given); ``record`` is the store's ``federation.json``
+    once read (checked against the given settings) or written.
+
+    Example:
+        ```py
+        >>> from peft_hetlora.federated.stores import LocalStore
+        >>> import tempfile
+        >>> resolved = ResolvedSettings(LocalStore(tempfile.mkdtemp()), FederationSettings(clients=("a", "b")))
+        >>> resolved.clients, resolved.seed, resolved.get("deadline_s", 60.0)
+        (['a', 'b'], 0, 60.0)
+        ```
+    """
+
+    def __init__(self, store: Any, settings: FederationSettings) -> None:
+        self.store = store
+        self.requested: dict[str, Any] = settings.requested()
+        self.rank_policy = settings.rank_policy
+        self.record: dict | None = None
+        self._dp = settings.dp
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Setting ``name``: given, else federation.json's, else ``default``."""
+        value = self.requested.get(name)
+        if value is None:
+            federation = self.stored_federation()
+            if federation is not None:
+                value = federation.get(name)
+        return default if value is None else value
+
+    def stored_federation(self) -> dict | None:
+        """federation.json if the store has one (checked against this coordinator), else None."""
+        if self.record is None and self.store.read_federation() is not None:
+            return self.federation
+        return self.record
+
+    @property
+    def federation(self) -> dict:
+        """The store's federation.json (checked against this coordinator's settings)."""
+        if self.record is None:
+            stored = self.store.read_federation()
+            if stored is None:
+                raise CoordinatorError("The store holds no federation yet: call `init(initial_adapter_dir)` first "
+                                       "(CLI: `hetlora coordinate --init-adapter DIR ...`).")
+            self.check_identity(stored)
+            self.record = stored
+        return self.record
+
+    def check_identity(self, stored: Mapping[str, Any], incoming: Mapping[str, Any] | None = None) -> None:
+        """Refuse (FederationMismatch) any given setting that differs from federation.json; record extended rounds.
+
+        `incoming` holds what `init()` derives from the initial adapter (r_max, base model, module shapes and
+        the adapter config's math fields).
+        """
+        wanted: dict[str, Any] = {name: self.requested[name] for name in SETTING_FIELDS
+                                  if self.requested.get(name) is not None}
+        if self.rank_policy is not None:
+            wanted["rank_policy"] = self.rank_policy.to_dict()
+        incoming = dict(incoming or {})
+        config = incoming.pop("adapter_config", None)
+        wanted.update(incoming)
+        requested_rounds = self.requested.get("rounds")
+        diffs = setting_differences(stored, wanted, config, requested_rounds)
+        if diffs:
+            raise FederationMismatch(
+                "The store already holds a different federation (" + "; ".join(diffs) + "). Resume it "
+                "with the same settings (or leave them out to take them from federation.json), or start the new "
+                "federation in another store."
+            )
+        if isinstance(stored, dict) and requested_rounds is not None and requested_rounds > stored.get("rounds", 0):
+            # extending a federation: record it, so clients do not stop at the formerly final global
+            logger.info("Extending the federation from %s to %d rounds.", stored.get("rounds"), requested_rounds)
+            stored["rounds"] = requested_rounds
+            self.store.write_federation(stored)
+
+    @property
+    def method(self) -> str:
+        if self.requested.get("method") is None and self.stored_federation() is None:
+            return default_method_and_selection(None, self.requested.get("component_selection"), self._dp)[0]
+        return self.get("method", UNRECORDED_METHOD)
+
+    @property
+    def r_max(self) -> int:
+        return int(self.get("r_max"))
+
+    @property
+    def r_min(self) -> int:
+        return int(self.get("r_min", 1))
+
+    @property
+    def clients(self) -> list[str]:
+        return list(self.get("clients"))
+
+    @property
+    def clients_per_round(self) -> int:
+        return int(self.get("clients_per_round", len(self.clients)))
+
+    @property
+    def min_clients(self) -> int:
+        return int(self.get("min_clients", self.clients_per_round))
+
+    @property
+    def rounds(self) -> int:
+        return int(self.get("rounds", 1))
+
+    @property
+    def seed(self) -> int:
+        return int(self.get("seed", 0))
+
+    @property
+    def scaling(self) -> float:
+        return float(self.get("scaling"))
+
+    @property
+    def next_rank(self) -> str:
+        return self.get("next_rank", "rank_out")
+
+    @property
+    def component_selection(self) -> str:
+        """Which components each participant trains: "prefix" (default), "rolling" or "coverage"."""
+        return self.get("component_selection", "prefix")
+
+    @property
+    def anchor(self) -> int:
+        """Components 0 .. anchor-1 are in every client's window (window policies)."""
+        return int(self.get("anchor", 0))
+
+    @property
+    def dp(self) -> DPConfig | None:
+        """The federation's differential-privacy settings (given, or rebuilt from federation.json), or None."""
+        if self._dp is None:
+            stored = self.get("dp")
+            if stored is not None:
+                self._dp = dp_config_from_dict(stored)
+        return self._dp

@@ -2,20 +2,23 @@
 
 Flower node ids change when a device reconnects; HetLoRA ranks belong to clients. Each new node answers a ``query``
 message with its stable client id (and optionally a ``max-rank``); the mixin keeps ``node -> client`` and gives a
-client its initial rank from the rank policy the first time it is seen.
+client its initial rank from the rank policy the first time it is seen. `HetLoRAStrategy` holds one `NodeClients`
+(``strategy.nodes``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 import peft_hetlora.flower.records as rec
-from peft_hetlora.federated.rank_policy import RankPolicy
+from peft_hetlora.federated.policies import RankPolicy
 from peft_hetlora.federated.stores import validate_client_id
+from peft_hetlora.federated.upload import UploadSpec
 
 logger = logging.getLogger(__name__)
 
@@ -24,28 +27,58 @@ _WRAPPERS = ("RayTaskError", "ClientAppException", "RayActorError")
 
 
 class NodeClients:
-    """Mixin of `HetLoRAStrategy`: ``node_clients``, ``unidentified``, ``node_max_rank`` and the initial ranks."""
+    """Which node is which client, and each client's ranks (held by `HetLoRAStrategy` as ``strategy.nodes``).
 
-    def _wait_for_nodes(self, grid: Grid, minimum: int) -> list[int]:
+    Owns ``node_clients`` (node -> client id), ``unidentified`` (node -> why it is not sampled), ``node_max_rank``
+    (client -> the ``max-rank`` it reported), ``initial_ranks`` and ``client_ranks`` (the ranks of the next round).
+
+    Example:
+        ```py
+        >>> from peft_hetlora.federated.policies import RankPolicy
+        >>> nodes = NodeClients(RankPolicy("constant"), roster=None, r_min=2, r_max=8, seed=0, query_timeout=1.0,
+        ...                     sleep=lambda s: None)
+        >>> nodes.ensure_rank("a", spec=None); nodes.client_ranks
+        {'a': 8}
+        ```
+    """
+
+    def __init__(self, rank_policy: RankPolicy, *, roster: list[str] | None, r_min: int, r_max: int, seed: int,
+                 query_timeout: float, sleep: Callable[[float], None]) -> None:
+        self.rank_policy = rank_policy
+        self.roster = roster
+        self.r_min = r_min
+        self.r_max = r_max
+        self.seed = seed
+        self.query_timeout = query_timeout
+        self.sleep = sleep
+        self.node_clients: dict[int, str] = {}
+        self.node_max_rank: dict[str, int] = {}
+        self.unidentified: dict[int, str] = {}
+        self.initial_ranks: dict[str, int] = {}
+        self.client_ranks: dict[str, int] = {}
+
+    def wait_for_nodes(self, grid: Grid, minimum: int) -> list[int]:
+        """The node ids connected to ``grid`` once at least ``minimum`` are."""
         waited = 0
         while len(nodes := list(grid.get_node_ids())) < minimum:
             if waited % 30 == 0:
                 logger.info("Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), minimum)
-            self._sleep(1.0)
+            self.sleep(1.0)
             waited += 1
         return nodes
 
-    def _connected_clients(self, grid: Grid, minimum: int) -> dict[str, int]:
+    def connected_clients(self, grid: Grid, minimum: int, spec: UploadSpec | None) -> dict[str, int]:
         """``client_id -> node_id`` of the connected, identified clients that may train."""
-        nodes = self._wait_for_nodes(grid, minimum)
+        nodes = self.wait_for_nodes(grid, minimum)
         unknown = [n for n in nodes if n not in self.node_clients]
         if unknown:
-            self._identify(grid, unknown, set(nodes))
+            self.identify(grid, unknown, set(nodes), spec)
         live = set(nodes)
         out = {cid: node for node, cid in self.node_clients.items() if node in live and cid in self.client_ranks}
         return dict(sorted(out.items()))
 
-    def _identify(self, grid: Grid, nodes: list[int], live: set[int]) -> None:
+    def identify(self, grid: Grid, nodes: list[int], live: set[int], spec: UploadSpec | None) -> None:
+        """Ask ``nodes`` for their client ids; a new client gets its initial rank."""
         messages = [
             Message(
                 content=RecordDict({rec.QUERY_KEY: ConfigRecord({"ask": rec.CLIENT_ID})}),
@@ -84,7 +117,7 @@ class NodeClients:
             if max_rank is not None:
                 self.node_max_rank[cid] = max_rank
             try:
-                self._ensure_rank(cid)
+                self.ensure_rank(cid, spec)
             except ValueError as err:
                 self.unidentified[node] = f"no rank for client {cid!r}: {err}"
                 logger.warning("Node %s (client %s) gets no rank (%s); it is not sampled.", node, cid, err)
@@ -95,10 +128,12 @@ class NodeClients:
             if node not in answered:
                 self.unidentified[node] = "no answer to the identification query"
 
-    def _ensure_rank(self, cid: str) -> None:
+
+    def ensure_rank(self, cid: str, spec: UploadSpec | None) -> None:
+        """Give client ``cid`` its initial rank (from the rank policy, capped by its ``max-rank``) if it has none."""
         if cid in self.client_ranks:
             return
-        dims = dict(self.spec.modules) if self.spec is not None else None
+        dims = dict(spec.modules) if spec is not None else None
         if self.roster is not None:
             if not self.initial_ranks:
                 self.initial_ranks = self.rank_policy.assign(
@@ -125,7 +160,6 @@ class NodeClients:
             rank = min(rank, cap)
         self.initial_ranks.setdefault(cid, rank)
         self.client_ranks[cid] = rank
-
 
 
 def short_reason(reason: str | None, limit: int = 500) -> str:

@@ -162,7 +162,7 @@ def federation_adapter_config(config: Any, r_min: int | None = None) -> dict[str
         (8, 8, 2)
         ```
     """
-    from peft_hetlora.federated.federation import global_adapter_config
+    from peft_hetlora.federated.settings import global_adapter_config
     from peft_hetlora.utils.ranks import check_rank
 
     data = json.loads(config) if isinstance(config, str) else json.loads(adapter_config_json(config))

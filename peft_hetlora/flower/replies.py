@@ -13,34 +13,57 @@ from peft_hetlora.federated.aggregation import ClientUpdate, get_aggregation
 from peft_hetlora.federated.upload import RejectedUpload, UploadSpec, validate_update
 
 
-class ReplyValidation:
-    """Mixin of `HetLoRAStrategy`: ``spec`` (what an upload must look like) and the per-reply validation."""
+class ReplyValidator:
+    """The coordinator's upload checks on Flower replies, in memory (`HetLoRAStrategy` holds one, ``replies``).
 
-    def _set_global(self, state: Mapping[str, torch.Tensor]) -> None:
+    Owns ``spec`` (what an upload must look like: built from the first global) and validates each reply with
+    `upload.validate_update`; a homogeneous method (its ``homogeneous`` capability) requires the assigned rank.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> replies = ReplyValidator(method="hetlora", r_min=1, r_max=2, max_examples=10, message_formats=None)
+        >>> g = replies.checked_global({"m.lora_A.weight": torch.zeros(2, 3), "m.lora_B.weight": torch.zeros(4, 2)})
+        >>> replies.spec.modules
+        {'m': (3, 4)}
+        ```
+    """
+
+    def __init__(self, *, method: str, r_min: int, r_max: int, max_examples: int,
+                 message_formats: Sequence[str] | None) -> None:
+        self.method = method
+        self.r_min = r_min
+        self.r_max = r_max
+        self.max_examples = max_examples
+        self.message_formats = message_formats
+        self.spec: UploadSpec | None = None
+
+    def checked_global(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` as the global (float32 on the CPU); the first global fixes ``spec`` and must be at r_max."""
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         if self.spec is None:
             self.spec = UploadSpec.from_state_dict(state, r_min=self.r_min, r_max=self.r_max,
                                                    max_examples=self.max_examples,
-                                                   message_formats=getattr(self, "message_formats", None))
+                                                   message_formats=self.message_formats)
             ranks = set(module_ranks(state).values())
             if ranks != {self.r_max}:
                 raise ValueError(f"The initial global adapter has rank(s) {sorted(ranks)} but r_max is {self.r_max}: "
                                  "pass it at full rank (HetLoRAConfig(r=r_max, rank=r_max)).")
-        self.global_state = state
+        return state
 
-    def _validate_reply(self, t: int, cid: str, rank: int, content: RecordDict,
-                        assigned_components: Sequence[int] | None = None) -> ClientUpdate:
-        """The coordinator's upload checks on an in-memory reply (`validation.validate_update`: no file written)."""
-        if self.arrayrecord_key not in content or rec.METRICS_KEY not in content:
-            raise RejectedUpload(f"reply lacks its {self.arrayrecord_key!r} ArrayRecord or {rec.METRICS_KEY!r} "
+    def validate(self, t: int, cid: str, rank: int, content: RecordDict, *, arrays_key: str,
+                 revision: str | None, assigned_components: Sequence[int] | None = None) -> ClientUpdate:
+        """The coordinator's upload checks on an in-memory reply (`upload.validate_update`: no file written)."""
+        if arrays_key not in content or rec.METRICS_KEY not in content:
+            raise RejectedUpload(f"reply lacks its {arrays_key!r} ArrayRecord or {rec.METRICS_KEY!r} "
                                  "MetricRecord")
         metrics = content[rec.METRICS_KEY]
         declared = content[rec.MESSAGE_KEY].get(rec.MESSAGE_FORMAT) if rec.MESSAGE_KEY in content else None
         try:
             if declared is None:
-                state = rec.arrays_to_state_dict(content[self.arrayrecord_key])
+                state = rec.arrays_to_state_dict(content[arrays_key])
             else:
-                state = rec.arrays_to_message(content[self.arrayrecord_key], str(declared))
+                state = rec.arrays_to_message(content[arrays_key], str(declared))
         except Exception as err:  # noqa: BLE001 - undecodable arrays are a rejection, never a crash
             raise RejectedUpload(f"arrays could not be decoded: {err}") from None
         meta = {
@@ -52,7 +75,7 @@ class ReplyValidation:
             "train_loss": metrics.get(rec.TRAIN_LOSS),
             "tail_norm_start": metrics.get(rec.TAIL_NORM_START),
             "tail_norm_end": metrics.get(rec.TAIL_NORM_END),
-            "global_revision": self._revisions.get(t),
+            "global_revision": revision,
             "local_seconds": metrics.get("seconds"),
         }
         if declared is not None:

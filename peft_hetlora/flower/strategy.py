@@ -4,12 +4,12 @@ Per round ``t`` (Flower's ``server_round`` is ``t + 1``):
 
 1. ``configure_train`` identifies new nodes (a ``query`` message: each node reports its stable client id, e.g.
    ``client-<partition-id>``, and optionally a ``max-rank``), so ranks follow clients, not Flower node ids; samples
-   the round's clients with the coordinator's seeded `protocol.plan_round`; and sends every selected node the global
+   the round's clients with the coordinator's seeded `round.plan_round`; and sends every selected node the global
    adapter **truncated to that client's rank** with a `ConfigRecord` holding the rank, the adapter config and the
    local training settings.
 2. ``aggregate_train`` turns each reply into a `ClientUpdate`, validated in memory with the coordinator's upload
    checks (`validation.validate_update`: keys, shapes for the declared rank, dtype, finite values, size, metadata),
-   and closes the round with the coordinator's engine, `peft_hetlora.federated.protocol.close_round` (any
+   and closes the round with the coordinator's engine, `peft_hetlora.federated.round.close_round` (any
    registered method, ``previous`` = the current global; DP rounds with ``dp=``). Failed nodes (error replies, no
    reply) and rejected uploads are logged, listed in the round summary and counted in the returned `MetricRecord`;
    the round completes with the rest. A client's next rank follows the ``next_rank`` rule, as the coordinator's.
@@ -21,9 +21,10 @@ With ``store=`` (`LocalStore` or `HubStore`) every round is mirrored in the coor
 ``rounds/<t>/summary.json`` (written before global ``t + 1``), so the Hub view of a Flower federation is the
 coordinator's.
 
-The class is assembled from small mixins, one idea each: `nodes.NodeClients` (which node is which client, initial
-ranks), `replies.ReplyValidation` (reply -> validated `ClientUpdate`), `mirror.StoreMirror` (store layout and round
-summaries) and `evaluation.FederatedEvaluation` (the evaluate hooks); this module keeps the train hooks.
+The class subclasses only Flower's `FedAvg` and holds small helpers, one idea each: `nodes.NodeClients` (which node
+is which client, initial ranks), `replies.ReplyValidator` (reply -> validated `ClientUpdate`), `mirror.StoreMirror`
+(store layout and round summaries) and `evaluation.FederatedEvaluation` (the evaluate hooks call it); this module
+keeps the train hooks.
 
 Example:
     ```py
@@ -63,36 +64,36 @@ from peft_hetlora.federated.aggregation import (
     parse_influence_bound,
 )
 from peft_hetlora.federated.aggregation.privacy import DPConfig
-from peft_hetlora.federated.federation import scaling_from_config
-from peft_hetlora.federated.protocol import (
+from peft_hetlora.federated.policies import RankPolicy
+from peft_hetlora.federated.round import (
+    FEDERATION_FORMAT,
     NEXT_RANK_RULES,
-    ROUND_FILE,
     Rejection,
     RoundPlan,
     RoundSettings,
     check_dp,
     check_selection,
     close_round,
+    default_method_and_selection,
     plan_round,
 )
-from peft_hetlora.federated.rank_policy import RankPolicy
-from peft_hetlora.federated.round_settings import default_method_and_selection
-from peft_hetlora.federated.settings import FederationSettings
+from peft_hetlora.federated.settings import FederationSettings, scaling_from_config
 from peft_hetlora.federated.stores import AdapterStore, json_text, validate_client_id
 from peft_hetlora.federated.upload import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec, parse_message_format
+from peft_hetlora.utils.constants import ROUND_FILE
 
 from .evaluation import FederatedEvaluation
 from .local_round import LocalTrainingConfig
 from .mirror import StoreMirror, round_metrics
 from .nodes import NodeClients, short_reason
-from .replies import ReplyValidation
+from .replies import ReplyValidator
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["NEXT_RANK_RULES", "ROUND_FILE", "HetLoRAStrategy", "short_reason"]
 
 
-class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvaluation, FedAvg):
+class HetLoRAStrategy(FedAvg):
     """Federated HetLoRA on Flower: per-client ranks, truncated distribution, validated heterogeneous aggregation.
 
     Args:
@@ -125,7 +126,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             ``"rolling"`` or ``"coverage"`` (the default when no method is given; a window: the
             client receives the whole global and ``components`` in its ConfigRecord, trains those components with the
             rest frozen and returns them with their indices in its MetricRecord). Needs a method that accepts
-            component-indexed uploads (the ``accepts_components`` capability: `round_settings.window_methods`)
+            component-indexed uploads (the ``accepts_components`` capability: `round.window_methods`)
             and no ``dp``.
         anchor: components ``0 .. anchor-1`` are in every window.
         message_formats: the compressed reply formats clients may declare (``message-format`` in their reply's
@@ -137,6 +138,11 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         query_timeout: seconds to wait for nodes to report their client id.
         keep_updates: keep each round's validated `ClientUpdate`s in ``round_updates`` (tests, debugging).
         clock, sleep: the wall clock (round timestamps) and the wait between node polls; tests inject fakes.
+
+    The strategy subclasses only Flower's `FedAvg` and holds its helpers: ``nodes`` (`NodeClients`: which node is
+    which client, the ranks), ``replies`` (`ReplyValidator`: the upload spec and the in-memory upload checks),
+    ``mirror`` (`StoreMirror`: globals and ``round.json`` published, to ``store`` if any) and ``evaluator``
+    (`FederatedEvaluation`).
 
     Attributes:
         history: one summary dict per closed round (the coordinator's ``summary.json`` fields plus ``failed``).
@@ -232,24 +238,113 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         self.max_examples = max_examples
         self.keep_updates = keep_updates
         self._clock = clock
-        self._sleep = sleep
 
+        self.nodes = NodeClients(self.rank_policy, roster=self.roster, r_min=self.r_min, r_max=self.r_max,
+                                 seed=self.seed, query_timeout=query_timeout, sleep=sleep)
+        self.replies = ReplyValidator(method=method, r_min=self.r_min, r_max=self.r_max, max_examples=max_examples,
+                                      message_formats=self.message_formats)
+        self.mirror = StoreMirror(store, clock=clock)
+        self.evaluator = FederatedEvaluation(seed=self.seed)
         self.global_state: dict[str, torch.Tensor] | None = None
-        self.spec: UploadSpec | None = None
         self.num_rounds: int | None = None
-        self.node_clients: dict[int, str] = {}
-        self.node_max_rank: dict[str, int] = {}
-        self.unidentified: dict[int, str] = {}
-        self.initial_ranks: dict[str, int] = {}
-        self.client_ranks: dict[str, int] = {}
         self.history: list[dict[str, Any]] = []
-        self.evaluation: dict[int, dict[str, Any]] = {}
         self.round_updates: dict[int, list[ClientUpdate]] = {}
         self._pending: dict[int, dict[int, tuple[str, int]]] = {}
-        self._pending_eval: dict[int, dict[int, str]] = {}
         self._plans: dict[int, dict[str, Any]] = {}
-        self._revisions: dict[int, str] = {}
         self._round_started: dict[int, float] = {}
+
+    # ------------------------------------------------------------------------------------------- the helpers' state
+    @property
+    def spec(self) -> UploadSpec | None:
+        """What an upload must look like (fixed by the first global; `ReplyValidator.spec`)."""
+        return self.replies.spec
+
+    @property
+    def evaluation(self) -> dict[int, dict[str, Any]]:
+        """``round -> metrics`` of federated and central evaluation (`FederatedEvaluation.results`)."""
+        return self.evaluator.results
+
+    @property
+    def node_clients(self) -> dict[int, str]:
+        """``node_id -> client_id`` of the identified nodes (`NodeClients.node_clients`)."""
+        return self.nodes.node_clients
+
+    @node_clients.setter
+    def node_clients(self, value: dict[int, str]) -> None:
+        self.nodes.node_clients = value
+
+    @property
+    def unidentified(self) -> dict[int, str]:
+        """``node_id -> reason`` of the nodes that are not sampled (`NodeClients.unidentified`)."""
+        return self.nodes.unidentified
+
+    @property
+    def node_max_rank(self) -> dict[str, int]:
+        """``client_id -> max-rank`` the clients reported (`NodeClients.node_max_rank`)."""
+        return self.nodes.node_max_rank
+
+    @property
+    def initial_ranks(self) -> dict[str, int]:
+        """``client_id -> initial rank`` (`NodeClients.initial_ranks`)."""
+        return self.nodes.initial_ranks
+
+    @property
+    def client_ranks(self) -> dict[str, int]:
+        """``client_id -> rank`` of the next round (`NodeClients.client_ranks`)."""
+        return self.nodes.client_ranks
+
+    @client_ranks.setter
+    def client_ranks(self, value: dict[str, int]) -> None:
+        self.nodes.client_ranks = value
+
+    def _set_global(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.global_state = self.replies.checked_global(state)
+
+    def _connected_clients(self, grid: Grid, minimum: int) -> dict[str, int]:
+        return self.nodes.connected_clients(grid, minimum, self.spec)
+
+    def _publish_round(self, t: int, participants: list[str], ranks: dict[str, int], final: bool = False,
+                       components: dict[str, tuple[int, ...]] | None = None) -> str:
+        """Publish global t with its round.json (to the store if any); returns its revision."""
+        return self.mirror.publish_round(
+            t, participants, ranks, global_state=self.global_state, adapter_config=self.adapter_config,
+            round_settings=self.round_settings() if self.store is not None else None,
+            federation=lambda: self._federation(self.roster or sorted(self.client_ranks)),
+            final=final, components=components)
+
+    def _publish_final(self) -> None:
+        if self.num_rounds is None or self.global_state is None or self.store is None:
+            return
+        if not self.history or self.history[-1]["round"] != self.num_rounds - 1:
+            return
+        self._publish_round(self.num_rounds, [], {}, final=True)
+
+    def _federation(self, clients: Sequence[str]) -> dict[str, Any]:
+        """The ``federation.json`` of the mirrored run."""
+        return {
+            "format": FEDERATION_FORMAT,
+            "engine": "flower",
+            "method": self.method,
+            "r_max": self.r_max,
+            "r_min": self.r_min,
+            "base_model": self.adapter_config.get("base_model_name_or_path"),
+            "modules": {name: list(dims) for name, dims in self.spec.modules.items()},
+            "adapter_config": self.adapter_config,
+            "scaling": self.scaling,
+            "clients": list(clients),
+            "rank_policy": self.rank_policy.to_dict(),
+            "initial_ranks": dict(self.initial_ranks),
+            "clients_per_round": self.clients_per_round,
+            "min_clients": self.min_replies,
+            "rounds": self.num_rounds,
+            "seed": self.seed,
+            "clip_norm": self.clip_norm,
+            "next_rank": self.next_rank,
+            "dp": self.dp.to_dict() if self.dp is not None else None,
+            "component_selection": self.component_selection,
+            "anchor": self.anchor,
+            "created_at": self._clock(),
+        }
 
     @classmethod
     def from_settings(cls, adapter_config: Any, settings: FederationSettings, **runtime: Any) -> HetLoRAStrategy:
@@ -390,7 +485,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate the replies in memory and close the round with `protocol.close_round`; returns the global."""
+        """Validate the replies in memory and close the round with `round.close_round`; returns the global."""
         t = server_round - 1
         replies = list(replies)
         pending = self._pending.pop(t, {})
@@ -422,8 +517,9 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
         def updates() -> Iterator[ClientUpdate | Rejection]:
             for cid, rank, msg in sorted(valid, key=lambda item: item[0]):
                 try:
-                    update = self._validate_reply(t, cid, rank, msg.content,
-                                                  assigned_components=windows.get(cid))
+                    update = self.replies.validate(t, cid, rank, msg.content, arrays_key=self.arrayrecord_key,
+                                                   revision=self.mirror.revisions.get(t),
+                                                   assigned_components=windows.get(cid))
                 except RejectedUpload as err:
                     logger.warning("[ROUND %d/%s] rejected %s: %s", *self._tag(t), cid, err.reason)
                     yield Rejection(cid, err.reason)
@@ -432,7 +528,7 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
                     kept[cid] = update
                 yield update
 
-        plan = RoundPlan(t, list(plan["participants"]), dict(plan["ranks"]), self._revisions.get(t) or "",
+        plan = RoundPlan(t, list(plan["participants"]), dict(plan["ranks"]), self.mirror.revisions.get(t) or "",
                          components=plan.get("components"))
         outcome = close_round(
             plan, updates, self.global_state, self.round_settings(), client_ranks=self.client_ranks,
@@ -451,8 +547,26 @@ class HetLoRAStrategy(NodeClients, ReplyValidation, StoreMirror, FederatedEvalua
             self.store.write_summary(t, outcome.summary)
         return rec.state_dict_to_arrays(self.global_state), MetricRecord(round_metrics(outcome.summary))
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send sampled clients the global adapter truncated to their current rank for federated evaluation."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        state = rec.arrays_to_state_dict(arrays)
+        connected = self._connected_clients(grid, self.min_available_nodes)
+        return self.evaluator.messages(
+            server_round, state, connected, fraction=self.fraction_evaluate, min_nodes=self.min_evaluate_nodes,
+            client_ranks=self.client_ranks, arrays_key=self.arrayrecord_key, config_key=self.configrecord_key,
+            config={**dict(config), **self.training.to_config()},
+            adapter_config=json_text(self.adapter_config, sort_keys=True))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the clients' ``eval-loss``; failures are counted and logged."""
+        return self.evaluator.aggregate(server_round, replies, self._tag(server_round - 1))
+
     def round_settings(self) -> RoundSettings:
-        """The settings `protocol.close_round` closes this strategy's rounds with."""
+        """The settings `round.close_round` closes this strategy's rounds with."""
         return RoundSettings(
             method=self.method, r_max=self.r_max, r_min=self.r_min, scaling=self.scaling, clip_norm=self.clip_norm,
             weighting=self.weighting, next_rank=self.next_rank, min_accepted=self.min_replies, dp=self.dp,

@@ -186,7 +186,7 @@ class StreamingAggregator(UpdateChecks):
     A round is two passes over the same updates: :meth:`observe` each one (cheap: checks, sizes, factor step norms),
     then :meth:`add` each one (clip, weigh, accumulate). The first pass fixes the round's statistics (the median
     ``n_k`` of the weight cap, the median factor steps of the adaptive bound), so every client's weight and clip are
-    exact when it is added. :func:`aggregate` and ``protocol.close_round`` run both passes. Methods that need no
+    exact when it is added. :func:`aggregate` and ``round.close_round`` run both passes. Methods that need no
     statistics (sparsity weights with a fixed or no bound) may skip :meth:`observe`.
 
     Every problem that one update can cause is decided for that update alone, before it changes anything: a check

@@ -36,8 +36,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..utils.errors import RankError
-from .adapter import is_int
+from ...utils.errors import RankError
+from ..adapter import is_int
 
 __all__ = ["SELECTION_POLICIES", "select_components"]
 

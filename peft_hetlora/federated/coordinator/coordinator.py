@@ -38,59 +38,51 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..utils.constants import ADAPTER_FILE, CONFIG_FILE
-from ..utils.errors import CoordinatorError, FederationMismatch
-from .aggregation import DEFAULT_INFLUENCE_BOUND, ClientUpdate, get_aggregation, parse_influence_bound
-from .federation import (
-    ResolvedSettings,
-    global_adapter_config,
-    initial_identity,
-    new_federation,
-    scaling_from_config,
-)
-from .global_publisher import GlobalPublisher, read_json
-from .protocol import (
-    FEDERATION_FORMAT,
-    NEXT_RANK_RULES,
-    ROUND_FILE,
+from ...utils.constants import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE
+from ...utils.errors import CoordinatorError
+from ..aggregation import DEFAULT_INFLUENCE_BOUND, ClientUpdate, get_aggregation, parse_influence_bound
+from ..round import (
     CollectStatus,
     Rejection,
     RoundOutcome,
     RoundPlan,
     RoundSettings,
     close_round,
+    default_method_and_selection,
     plan_round,
     round_status,
-    weighted_mean,
 )
-from .round_settings import default_method_and_selection
-from .settings import FederationSettings
-from .stores import AdapterStore, GlobalAdapter, file_sha256
-from .upload import RejectedUpload, UploadSpec, validate_upload
+from ..settings import (
+    FederationSettings,
+    ResolvedSettings,
+    initial_identity,
+    new_federation,
+)
+from ..stores import AdapterStore, GlobalAdapter, file_sha256
+from ..upload import RejectedUpload, UploadSpec, validate_upload
+from .publisher import GlobalPublisher, read_json
 
 logger = logging.getLogger(__name__)
 
 
-__all__ = [
-    "FEDERATION_FORMAT",
-    "NEXT_RANK_RULES",
-    "CollectStatus",
-    "Coordinator",
-    "CoordinatorError",
-    "FederationMismatch",
-    "RoundPlan",
-    "global_adapter_config",
-    "scaling_from_config",
-    "weighted_mean",
-]
+__all__ = ["Coordinator"]
 
 
-class Coordinator(ResolvedSettings):
+def _resolved(name: str) -> property:
+    """A read-only view of the coordinator's `settings.ResolvedSettings` attribute ``name``."""
+
+    def get(self: Coordinator) -> Any:
+        return getattr(self.resolved, name)
+
+    return property(get, doc=f"The federation's ``{name}``: given, else federation.json's, else the default.")
+
+
+class Coordinator:
     """Runs a HetLoRA federation round by round against an `AdapterStore`.
 
     Settings left as `None` come from the store's `federation.json` when it exists (so
     `Coordinator(store).run()` resumes a federation), else from the defaults: method `DEFAULT_METHOD` (see
-    `round_settings.default_method_and_selection`),
+    `round.default_method_and_selection`),
     r_min 1, rank policy "uniform", all clients every round, `min_clients = clients_per_round`,
     seed 0, scale from the adapter config. `r_max` defaults to the initial adapter's `r`.
 
@@ -113,6 +105,22 @@ class Coordinator(ResolvedSettings):
         ```
     """
 
+    # the settings, each given, else federation.json's, else the default (`settings.ResolvedSettings`)
+    federation = _resolved("federation")
+    method = _resolved("method")
+    r_max = _resolved("r_max")
+    r_min = _resolved("r_min")
+    clients = _resolved("clients")
+    clients_per_round = _resolved("clients_per_round")
+    min_clients = _resolved("min_clients")
+    rounds = _resolved("rounds")
+    seed = _resolved("seed")
+    scaling = _resolved("scaling")
+    next_rank = _resolved("next_rank")
+    component_selection = _resolved("component_selection")
+    anchor = _resolved("anchor")
+    dp = _resolved("dp")
+
     def __init__(
         self,
         store: AdapterStore,
@@ -133,8 +141,7 @@ class Coordinator(ResolvedSettings):
             raise TypeError(f"Coordinator: settings must be a FederationSettings, got {type(settings).__name__}")
         self.store = store
         self.settings = settings
-        self._requested = settings.requested()
-        self._dp = settings.dp
+        self.resolved = ResolvedSettings(store, settings)
         self.dp_noise_seed = settings.dp_noise_seed
         self.rank_policy = settings.rank_policy
         self.max_examples = settings.max_examples
@@ -144,7 +151,6 @@ class Coordinator(ResolvedSettings):
         self.clock = clock
         self.sleep = sleep
         self.progress = progress
-        self._federation: dict | None = None
         self._spec: UploadSpec | None = None
         self.publisher = GlobalPublisher(store)
 
@@ -179,22 +185,22 @@ class Coordinator(ResolvedSettings):
             raise ValueError("init() needs an adapter folder, or both `state_dict` and `adapter_config`.")
         state_dict = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
         stored = self.store.read_federation()
-        r_max = self._requested["r_max"] or (stored or {}).get("r_max") or adapter_config.get("r")
-        r_min = self._requested["r_min"] or (stored or {}).get("r_min") or 1
+        r_max = self.resolved.requested["r_max"] or (stored or {}).get("r_max") or adapter_config.get("r")
+        r_min = self.resolved.requested["r_min"] or (stored or {}).get("r_min") or 1
         identity, config, module_dims = initial_identity(state_dict, adapter_config, r_max=r_max, r_min=r_min)
         if stored is None:
             method, selection = default_method_and_selection(
-                self._requested["method"], self._requested["component_selection"], self._dp
+                self.resolved.requested["method"], self.resolved.requested["component_selection"], self.settings.dp
             )
             identity = {"method": method, "r_min": r_min, **identity}
-            self._requested["component_selection"] = selection
-            self._federation = self._new_federation(identity, config, module_dims)
-            self.store.write_federation(self._federation)
+            self.resolved.requested["component_selection"] = selection
+            self.resolved.record = self._new_federation(identity, config, module_dims)
+            self.store.write_federation(self.resolved.record)
             logger.info("Created federation: method=%s r_max=%d r_min=%d, %d clients.", self.method, r_max, r_min,
                         len(self.clients))
         else:
-            self._check_identity(stored, {**identity, "adapter_config": config})
-            self._federation = stored
+            self.resolved.check_identity(stored, {**identity, "adapter_config": config})
+            self.resolved.record = stored
             existing = self.store.latest_global()
             if existing is not None:
                 logger.info("Federation already initialised (latest global: round %d); nothing to do.",
@@ -210,7 +216,7 @@ class Coordinator(ResolvedSettings):
                           seed=self.seed, sampling_rate=self.dp.sampling_rate if self.dp is not None else None,
                           opened_at=self.clock(), final=round_idx >= self.rounds,
                           component_selection=self.component_selection, anchor=self.anchor, r_max=self.r_max)
-        return plan.to_json(self.round_settings(), deadline_s=self._setting("deadline_s"))
+        return plan.to_json(self.round_settings(), deadline_s=self.resolved.get("deadline_s"))
 
     def _global_folder(self, round_idx: int, state_dict: Mapping[str, torch.Tensor],
                        client_ranks: Mapping[str, int]) -> contextlib.AbstractContextManager[Path]:
@@ -222,7 +228,7 @@ class Coordinator(ResolvedSettings):
             return self.publisher.publish_folder(round_idx, folder)
 
     def _new_federation(self, identity: dict, config: dict, module_dims: Mapping[str, tuple[int, int]]) -> dict:
-        return new_federation(identity, config, module_dims, self._requested, self.rank_policy, self.clock())
+        return new_federation(identity, config, module_dims, self.resolved.requested, self.rank_policy, self.clock())
 
     # ------------------------------------------------------------------ rounds
     def open_round(self, round_idx: int) -> RoundPlan:
@@ -244,7 +250,7 @@ class Coordinator(ResolvedSettings):
                                    revision=adapter.revision)
 
     def _status(self, plan: RoundPlan, listed: Sequence[str], now: float, start: float) -> CollectStatus:
-        return round_status(plan, listed, min_clients=self.min_clients, deadline_s=self._setting("deadline_s"),
+        return round_status(plan, listed, min_clients=self.min_clients, deadline_s=self.resolved.get("deadline_s"),
                             now=now, start=start)
 
     def collect(self, round_idx: int, *, wait: bool = True, timeout_s: float | None = None) -> CollectStatus:
@@ -289,9 +295,9 @@ class Coordinator(ResolvedSettings):
         if self._spec is None:
             path = Path(self.store.get_global(round_idx).path) / ADAPTER_FILE
             self._spec = UploadSpec.from_safetensors(
-                path, r_min=self.r_min, r_max=self.r_max, max_upload_bytes=self._setting("max_upload_bytes"),
+                path, r_min=self.r_min, r_max=self.r_max, max_upload_bytes=self.resolved.get("max_upload_bytes"),
                 max_examples=self.max_examples, allow_per_module_ranks=self.allow_per_module_ranks,
-                message_formats=self._setting("message_formats"),
+                message_formats=self.resolved.get("message_formats"),
             )
         return self._spec
 
@@ -328,7 +334,7 @@ class Coordinator(ResolvedSettings):
         return {cid: int(r) for cid, r in ((previous or {}).get("client_max_ranks") or {}).items()}
 
     def round_settings(self) -> RoundSettings:
-        """The settings the round engine (`protocol.close_round`) closes this federation's rounds with."""
+        """The settings the round engine (`round.close_round`) closes this federation's rounds with."""
         return RoundSettings(
             method=self.method, r_max=self.r_max, r_min=self.r_min, scaling=self.scaling,
             clip_norm=self._clip_setting(), next_rank=self.next_rank, dp=self.dp, seed=self.seed,
@@ -337,7 +343,7 @@ class Coordinator(ResolvedSettings):
 
     def _clip_setting(self) -> float | str:
         """The influence bound: the requested or stored one; a federation that names none gets the default."""
-        value = self._setting("clip_norm")
+        value = self.resolved.get("clip_norm")
         return DEFAULT_INFLUENCE_BOUND if value is None else parse_influence_bound(value)
 
     def _uploads(self, plan: RoundPlan, client_ids: Sequence[str], expect_sha: Mapping[str, str] | None
@@ -388,7 +394,7 @@ class Coordinator(ResolvedSettings):
         `uploads` restricts the ids considered (default: every complete upload in the store). If the
         round already has a summary (a coordinator killed after writing it), exactly its accepted ids
         are re-aggregated and global t+1 is published; if global t+1 exists too, nothing is done.
-        Returns the summary. The decision is `protocol.close_round`'s; this method moves bytes.
+        Returns the summary. The decision is `round.close_round`'s; this method moves bytes.
 
         Example:
             ```py

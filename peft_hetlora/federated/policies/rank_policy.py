@@ -25,7 +25,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..utils.ranks import check_rank
+from ...utils.ranks import check_rank
+
+__all__ = [
+    "ADAM_STATE_COPIES",
+    "BUDGET_KINDS",
+    "DEFAULT_TIERS",
+    "ModuleDims",
+    "RANK_POLICIES",
+    "RankPolicy",
+    "adapter_params",
+    "budget_cost",
+    "budget_ranks",
+    "cap_ranks",
+    "default_tier_ranks",
+    "explicit_ranks",
+    "parse_bytes",
+    "poisson_sample",
+    "rank_for_budget",
+    "sample_clients",
+    "tier_ranks",
+    "training_memory_bytes",
+    "uniform_ranks",
+]
 
 RANK_POLICIES = ("uniform", "explicit", "constant", "budget", "tiers")
 BUDGET_KINDS = ("memory", "params")

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..utils.errors import StoreFullError
-from .protocol import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE
-from .stores import json_text, remove_abandoned, temp_prefix
+from ...utils.constants import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE
+from ...utils.errors import StoreFullError
+from ..stores import json_text, remove_abandoned, temp_prefix
 
 logger = logging.getLogger(__name__)
 

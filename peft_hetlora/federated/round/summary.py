@@ -1,4 +1,4 @@
-"""The summary of a round (``summary.json``): the decision record `protocol.close_round` writes.
+"""The summary of a round (``summary.json``): the decision record `round.close_round` writes.
 
 Accepted and rejected clients with reasons, engine failures, weights, per-client details (ranks, examples, loss,
 bytes, sha256; norms except in DP rounds), the next ranks, round metrics, the aggregation's own summary and, for DP
@@ -17,8 +17,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .adapter import update_norm
-from .aggregation import ClientUpdate
+from ..adapter import update_norm
+from ..aggregation import ClientUpdate
 
 __all__ = ["NON_FINITE_REASON", "build_summary", "client_details", "finite_or_null", "weighted_mean"]
 
@@ -79,7 +79,7 @@ def client_details(update: ClientUpdate, revision: str) -> dict[str, Any]:
 
 def build_summary(plan, settings, result, accepted, rejected, details, client_ranks, failed, note, seconds,
                   now) -> dict:
-    """The decision record of a round (``summary.json``, JSON-ready); `protocol.close_round` calls it."""
+    """The decision record of a round (``summary.json``, JSON-ready); `round.close_round` calls it."""
     dp = settings.dp is not None
     total_examples = sum(details[c]["num_examples"] for c in accepted)
     losses = [(details[c]["train_loss"], details[c]["num_examples"]) for c in accepted
@@ -145,6 +145,6 @@ def build_summary(plan, settings, result, accepted, rejected, details, client_ra
 def _privacy_record(config: Any, round_idx: int) -> dict[str, Any]:
     # A round without accepted uploads (e.g. nobody drawn by Poisson sampling) still counts as a round of the
     # mechanism: the accountant's record is that of rounds 0..t, like every other round's.
-    from .aggregation.privacy import privacy_spent
+    from ..aggregation.privacy import privacy_spent
 
     return privacy_spent(config, round_idx + 1)

@@ -1,6 +1,6 @@
 """The settings of a round (`RoundSettings`) and the checks that refuse settings the round engine cannot run.
 
-Used by [`protocol.close_round`][peft_hetlora.federated.protocol.close_round] and re-exported from `protocol`.
+Used by [`round.close_round`][peft_hetlora.federated.round.close_round] and exported from the `round` face.
 
 Example:
     ```py
@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..utils.errors import AggregationError
-from ..utils.ranks import check_rank
-from .aggregation import DEFAULT_BOUND_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, parse_influence_bound
-from .aggregation.methods import AGGREGATION_METHODS, get_aggregation
-from .component_selection import SELECTION_POLICIES
+from ...utils.errors import AggregationError
+from ...utils.ranks import check_rank
+from ..aggregation import DEFAULT_BOUND_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, parse_influence_bound
+from ..aggregation.methods import AGGREGATION_METHODS, get_aggregation
+from ..policies import SELECTION_POLICIES
 
 __all__ = [
     "DEFAULT_DP_METHOD",

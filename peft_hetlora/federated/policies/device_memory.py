@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..utils.errors import HetLoRAError, RankError
+from ...utils.errors import HetLoRAError, RankError
 
 __all__ = ["DeviceMemoryError", "DeviceMemoryTable", "MemoryPoint", "default_table"]
 

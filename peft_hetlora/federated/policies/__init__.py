@@ -1,0 +1,68 @@
+"""Who gets which rank and which components: pure policies, no round state (the public face of the policies).
+
+`rank_policy` (initial ranks: uniform, explicit, constant, budget, tiers; client sampling), `component_selection`
+(which global components each sampled client trains: prefix, rolling, coverage) and `device_memory` (a device's
+memory budget -> the largest rank that fits). The settings record and the round import them from here.
+
+Example:
+    ```py
+    >>> from peft_hetlora.federated.policies import RankPolicy, sample_clients
+    >>> ranks = RankPolicy("uniform").assign(["a", "b", "c"], r_min=2, r_max=16, seed=0)
+    >>> all(2 <= r <= 16 for r in ranks.values())
+    True
+    >>> len(sample_clients(["a", "b", "c"], 2, seed=0, round_idx=0))
+    2
+    ```
+"""
+
+from .component_selection import SELECTION_POLICIES, select_components
+from .device_memory import DeviceMemoryError, DeviceMemoryTable, MemoryPoint, default_table
+from .rank_policy import (
+    ADAM_STATE_COPIES,
+    BUDGET_KINDS,
+    DEFAULT_TIERS,
+    RANK_POLICIES,
+    ModuleDims,
+    RankPolicy,
+    adapter_params,
+    budget_cost,
+    budget_ranks,
+    cap_ranks,
+    default_tier_ranks,
+    explicit_ranks,
+    parse_bytes,
+    poisson_sample,
+    rank_for_budget,
+    sample_clients,
+    tier_ranks,
+    training_memory_bytes,
+    uniform_ranks,
+)
+
+__all__ = [
+    "ADAM_STATE_COPIES",
+    "BUDGET_KINDS",
+    "DEFAULT_TIERS",
+    "RANK_POLICIES",
+    "SELECTION_POLICIES",
+    "DeviceMemoryError",
+    "DeviceMemoryTable",
+    "MemoryPoint",
+    "ModuleDims",
+    "RankPolicy",
+    "adapter_params",
+    "budget_cost",
+    "budget_ranks",
+    "cap_ranks",
+    "default_table",
+    "default_tier_ranks",
+    "explicit_ranks",
+    "parse_bytes",
+    "poisson_sample",
+    "rank_for_budget",
+    "sample_clients",
+    "select_components",
+    "tier_ranks",
+    "training_memory_bytes",
+    "uniform_ranks",
+]
