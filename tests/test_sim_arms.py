@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import math
 
@@ -295,14 +294,7 @@ def test_cli_quantized_base_and_int8_messages(tmp_path, capsys):
     )
 
 
-def _has_component_selection():
-    from peft_hetlora.federated.coordinator import Coordinator
-
-    return "component_selection" in inspect.signature(Coordinator.__init__).parameters
-
-
 @NEEDS_DATA
-@pytest.mark.skipif(not _has_component_selection(), reason="needs Coordinator(component_selection=...)")
 def test_window_arms_run_end_to_end_and_upload_only_their_window(tmp_path):
     from hetlora_bench.runner import run_simulation
 
@@ -326,7 +318,6 @@ def test_window_arms_run_end_to_end_and_upload_only_their_window(tmp_path):
 
 
 @NEEDS_DATA
-@pytest.mark.skipif(not _has_component_selection(), reason="needs Coordinator(component_selection=...)")
 def test_window_clients_are_measured_on_the_whole_global_they_hold(tmp_path):
     """A window client downloads the whole global and serves it (its other components frozen), so its download
     bytes and its validation perplexity are those of the full rank-r_max adapter, not of a rank-k prefix."""
