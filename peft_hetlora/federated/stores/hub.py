@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -44,7 +45,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -465,9 +466,7 @@ class HubStore:
         target = self._uploads_root() / repo.replace("/", "--") / sha / prefix
         if target.is_dir() and not target.is_symlink() and (target / CLIENT_FILE).is_file():
             return target
-        self._uploads_root().mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(prefix=temp_prefix(".tmp-", "upload"), dir=self._uploads_root()))
-        try:
+        with self._staging(target) as staged:
             for name in names:
                 try:
                     self.hub.fetch(repo, prefix + name, sha, staged / name, self.max_client_file_bytes)
@@ -483,10 +482,20 @@ class HubStore:
                         raise ClientUploadNotFoundError(
                             f"No complete upload from client {client_id!r} for round {round_idx} in {repo}@{sha}."
                         ) from None
+        return target
+
+    @contextlib.contextmanager
+    def _staging(self, target: Path) -> Iterator[Path]:
+        """A private folder to fill with one upload's files; on success it becomes `target` at once (a copy of the
+        same commit written meanwhile by another process wins: same bytes). A full disk is `cache_full_error`."""
+        self._uploads_root().mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=temp_prefix(".tmp-", "upload"), dir=self._uploads_root()))
+        try:
+            yield staged
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(staged, target)
-            except OSError as e:  # fetched meanwhile by another process: same commit, same bytes
+            except OSError as e:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
         except OSError as e:
@@ -495,7 +504,6 @@ class HubStore:
             raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        return target
 
     def _uploads_root(self) -> Path:
         from huggingface_hub import constants
@@ -511,22 +519,9 @@ class HubStore:
         target = self._uploads_root() / repo.replace("/", "--") / sha / prefix
         if target.is_dir() and not target.is_symlink():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(prefix=temp_prefix(".tmp-", "upload"), dir=self._uploads_root()))
-        try:
+        with self._staging(target) as staged:
             for name, source in downloaded.items():
                 shutil.copyfile(source, staged / name)  # the cache is ours: its link to the blob is followed
-            try:
-                os.rename(staged, target)
-            except OSError as e:  # copied meanwhile by another process: same commit, same bytes
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-                raise cache_full_error(self._uploads_root()) from e
-            raise
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
         return target
 
     # ------------------------------------------------------------------------------------------ summaries
