@@ -241,7 +241,7 @@ def run_flower_simulation(
         adapter_config: the federation's `HetLoRAConfig` (``r`` = r_max, ``lora_alpha``, ``target_modules``, ...).
         ranks: initial rank policy (`RankPolicy`, a name, or ``{client_id: rank}``; default uniform, fedavg constant).
         method: a registered aggregation method (``peft_hetlora.federated.AGGREGATION_METHODS``); None: the one
-            default of a federation that names none (`round_settings.default_method_and_selection`).
+            default of a federation that names none (`round.default_method_and_selection`).
         rounds, clients_per_round (default: all), local_steps / training, seed: the experiment settings.
         clip_norm: the influence bound (docs/aggregation.md); next_rank: ``"rank_out"`` (a client's next rank is
             the one it reported after pruning, the default) or ``"initial"`` (it keeps its assigned rank).
