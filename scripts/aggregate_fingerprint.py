@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
         print(f"{len(result)} entries saved to {argv[1]}")
         return 0
     if len(argv) == 3 and argv[0] == "compare":
-        a, b = torch.load(argv[1]), torch.load(argv[2])
+        a, b = torch.load(argv[1], weights_only=True), torch.load(argv[2], weights_only=True)
         bad = differences(a, b)
         tensors = sum(isinstance(v, torch.Tensor) for v in a.values())
         refused = sorted(k for k in a if k.endswith("/error"))
