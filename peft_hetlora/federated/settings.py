@@ -45,7 +45,14 @@ from .adapter import module_ranks
 from .aggregation import AGGREGATION_METHODS, get_aggregation, parse_influence_bound
 from .aggregation.privacy import DPConfig, dp_config_from_dict
 from .policies import RankPolicy
-from .round import FEDERATION_FORMAT, NEXT_RANK_RULES, check_dp, check_selection, default_method_and_selection
+from .round import (
+    FEDERATION_FORMAT,
+    NEXT_RANK_RULES,
+    check_dp,
+    check_selection,
+    default_method_and_selection,
+    parse_server_optimizer,
+)
 from .stores import validate_client_id
 from .upload import DEFAULT_MAX_EXAMPLES, UploadSpec, parse_message_format
 
@@ -68,7 +75,7 @@ __all__ = [
 #: and test switches, given again on every start).
 RECORDED_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "rounds", "seed",
                    "scaling", "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection",
-                   "anchor", "message_formats", "rank_policy")
+                   "anchor", "message_formats", "rank_policy", "server_optimizer", "error_feedback")
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,8 @@ class FederationSettings:
         component_selection, anchor: which components each participant trains (window policies need a method with
             ``accepts_components``).
         message_formats: the compressed upload formats clients may declare (None: all).
+        server_optimizer, error_feedback: the server step after aggregation (`round.RoundSettings`; a dict such as
+            ``{"name": "fedavgm", "lr": 1.0, "momentum": 0.9}``, and True / False; default: none, off).
         max_examples, allow_per_module_ranks, require_global_revision, dp_noise_seed: the coordinator's upload limits
             and the reproducible-DP test switch (not recorded in ``federation.json``).
 
@@ -123,6 +132,8 @@ class FederationSettings:
     component_selection: str | None = None
     anchor: int | None = None
     message_formats: tuple[str, ...] | None = None
+    server_optimizer: Mapping[str, Any] | None = None
+    error_feedback: bool | None = None
     max_examples: int = DEFAULT_MAX_EXAMPLES
     allow_per_module_ranks: bool = False
     require_global_revision: bool = False
@@ -160,6 +171,10 @@ class FederationSettings:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}.")
+        if self.server_optimizer is not None:
+            put(self, "server_optimizer", parse_server_optimizer(self.server_optimizer).to_dict())
+        if self.error_feedback is not None and not isinstance(self.error_feedback, bool):
+            raise ValueError(f"error_feedback must be True or False, got {self.error_feedback!r}.")
         if self.message_formats is not None:
             formats = tuple(sorted({parse_message_format(name).name for name in self.message_formats}))
             if not formats:
@@ -255,9 +270,9 @@ IDENTITY_FIELDS = ("method", "r_max", "r_min", "base_model")
 # (FederationMismatch), except `rounds`, which may grow (extending a federation).
 SETTING_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "seed", "scaling",
                   "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection", "anchor",
-                  "message_formats")
+                  "message_formats", "server_optimizer", "error_feedback")
 # What a federation.json without the setting means (older records).
-_SETTING_DEFAULTS = {"component_selection": "prefix", "anchor": 0}
+_SETTING_DEFAULTS = {"component_selection": "prefix", "anchor": 0, "server_optimizer": None, "error_feedback": False}
 # Fields of the adapter config that change the math: an initial adapter that differs in one is another federation.
 ADAPTER_MATH_FIELDS = ("lora_alpha", "rank_scaling", "target_modules", "layers_to_transform", "layers_pattern",
                        "bias", "fan_in_fan_out", "modules_to_save")
@@ -426,6 +441,8 @@ def new_federation(identity: Mapping[str, Any], config: Mapping[str, Any], modul
     record["component_selection"] = requested.get("component_selection") or "prefix"
     record["anchor"] = requested.get("anchor") or 0
     record["message_formats"] = requested.get("message_formats")  # None: every format
+    record["server_optimizer"] = requested.get("server_optimizer")  # None: the method's aggregate, no server step
+    record["error_feedback"] = bool(requested.get("error_feedback"))
     return record
 
 
@@ -558,6 +575,16 @@ class ResolvedSettings:
     def anchor(self) -> int:
         """Components 0 .. anchor-1 are in every client's window (window policies)."""
         return int(self.get("anchor", 0))
+
+    @property
+    def server_optimizer(self) -> dict[str, Any] | None:
+        """The server step's optimizer (`round.RoundSettings.server_optimizer`) in its dict form, or None."""
+        return self.get("server_optimizer")
+
+    @property
+    def error_feedback(self) -> bool:
+        """Whether the server step carries the truncation's residual to the next round."""
+        return bool(self.get("error_feedback", False))
 
     @property
     def dp(self) -> DPConfig | None:

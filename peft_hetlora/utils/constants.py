@@ -1,7 +1,8 @@
 """The file names of a saved adapter and of a federation's store: the one source for each name.
 
 A saved adapter is PEFT's pair (`ADAPTER_FILE`, `CONFIG_FILE`); a store adds `FEDERATION_FILE` at its root,
-`ROUND_FILE` beside each global, `CLIENT_FILE` in each upload and `SUMMARY_FILE` per closed round
+`ROUND_FILE` (and, with a server step, `SERVER_STATE_FILE`) beside each global, `CLIENT_FILE` in each upload and
+`SUMMARY_FILE` per closed round
 (the layout: docs/design.md#store-layout).
 
 Example:
@@ -14,7 +15,8 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["ADAPTER_FILE", "CLIENT_FILE", "CONFIG_FILE", "FEDERATION_FILE", "ROUND_FILE", "SUMMARY_FILE"]
+__all__ = ["ADAPTER_FILE", "CLIENT_FILE", "CONFIG_FILE", "FEDERATION_FILE", "ROUND_FILE", "SERVER_STATE_FILE",
+           "SUMMARY_FILE"]
 
 #: an adapter's weights (safetensors only: pickle formats are never loaded)
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -28,3 +30,5 @@ ROUND_FILE = "round.json"
 CLIENT_FILE = "client.json"
 #: the decision record of a closed round
 SUMMARY_FILE = "summary.json"
+#: the server step's state (momentum, second moments, truncation residual) kept beside the global it produced
+SERVER_STATE_FILE = "server_state.safetensors"

@@ -536,6 +536,25 @@ class StreamingAggregator(UpdateChecks):
                               for rec in self._clients if min(rec.factor_scales) < 1.0}
         return out
 
+    def product_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``A key -> (B, A)``: float64 factors of each module's untruncated aggregate ``W_agg / s`` (of any rank),
+        for the modules whose method keeps one (the FlexLoRA family, below its sketch switch); the server step
+        (`round.server_step`) takes its pseudo-gradient from them. Empty before any update was added.
+
+        Example:
+            >>> StreamingAggregator("hetlora", r_max=2).product_factors()
+            {}
+        """
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, spec in self._modules.items():
+            untruncated = getattr(self._accs[name], "untruncated", None)
+            if not callable(untruncated):
+                continue
+            factors = untruncated(self._previous_factors(name) if self._impl.uses_previous else None)
+            if factors is not None:
+                out[spec.a_key] = factors
+        return out
+
     def result(self) -> AggregationResult:
         """The aggregated global adapter (float32, CPU, rank ``r_max``); the aggregator can keep adding after it.
 

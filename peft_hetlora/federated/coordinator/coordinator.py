@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ...utils.constants import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE
+from ...utils.constants import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE, SERVER_STATE_FILE
 from ...utils.errors import CoordinatorError
 from ..aggregation import DEFAULT_INFLUENCE_BOUND, ClientUpdate, get_aggregation, parse_influence_bound
 from ..round import (
@@ -219,13 +219,22 @@ class Coordinator:
         return plan.to_json(self.round_settings(), deadline_s=self.resolved.get("deadline_s"))
 
     def _global_folder(self, round_idx: int, state_dict: Mapping[str, torch.Tensor],
-                       client_ranks: Mapping[str, int]) -> contextlib.AbstractContextManager[Path]:
+                       client_ranks: Mapping[str, int], server_state: Mapping[str, torch.Tensor] | None = None,
+                       ) -> contextlib.AbstractContextManager[Path]:
         return self.publisher.global_folder(round_idx, state_dict, self.federation["adapter_config"],
-                                            self._round_info(round_idx, client_ranks))
+                                            self._round_info(round_idx, client_ranks), server_state)
 
-    def _publish(self, round_idx: int, state_dict: Mapping[str, torch.Tensor], client_ranks: Mapping[str, int]) -> str:
-        with self._global_folder(round_idx, state_dict, client_ranks) as folder:
+    def _publish(self, round_idx: int, state_dict: Mapping[str, torch.Tensor], client_ranks: Mapping[str, int],
+                 server_state: Mapping[str, torch.Tensor] | None = None) -> str:
+        with self._global_folder(round_idx, state_dict, client_ranks, server_state) as folder:
             return self.publisher.publish_folder(round_idx, folder)
+
+    def _server_state(self, round_idx: int) -> dict[str, torch.Tensor] | None:
+        """The server step's state published beside global `round_idx` (None: no server step, or global 0)."""
+        if self.resolved.server_optimizer is None and not self.resolved.error_feedback:
+            return None
+        path = Path(self.store.get_global(round_idx).path) / SERVER_STATE_FILE
+        return load_file(str(path)) if path.is_file() else {}
 
     def _new_federation(self, identity: dict, config: dict, module_dims: Mapping[str, tuple[int, int]]) -> dict:
         return new_federation(identity, config, module_dims, self.resolved.requested, self.rank_policy, self.clock())
@@ -339,6 +348,7 @@ class Coordinator:
             method=self.method, r_max=self.r_max, r_min=self.r_min, scaling=self.scaling,
             clip_norm=self._clip_setting(), next_rank=self.next_rank, dp=self.dp, seed=self.seed,
             dp_noise_seed=self.dp_noise_seed, component_selection=self.component_selection, anchor=self.anchor,
+            server_optimizer=self.resolved.server_optimizer, error_feedback=self.resolved.error_feedback,
         )
 
     def _clip_setting(self) -> float | str:
@@ -385,7 +395,7 @@ class Coordinator:
             plan, items, previous,
             self.round_settings(), client_ranks=self._previous_client_ranks(plan.round),
             initial_ranks=self.federation["initial_ranks"], max_ranks=self._previous_max_ranks(plan.round),
-            clock=self.clock, strict=expect_sha is not None,
+            clock=self.clock, strict=expect_sha is not None, server_state=self._server_state(plan.round),
         )
 
     def close_round(self, round_idx: int, *, uploads: Sequence[str] | None = None) -> dict:
@@ -414,7 +424,8 @@ class Coordinator:
         participants = set(plan.participants)
         outcome = self._engine(plan, sorted(listed & participants), outsiders=sorted(listed - participants))
         summary = outcome.summary
-        with self._global_folder(round_idx + 1, outcome.state_dict, outcome.client_ranks) as folder:
+        with self._global_folder(round_idx + 1, outcome.state_dict, outcome.client_ranks,
+                                 outcome.server_state) as folder:
             stage = getattr(self.store, "stage_global", None)
             if callable(stage):
                 # staged before the summary names it: a restart publishes exactly this, never re-reading uploads
@@ -439,7 +450,8 @@ class Coordinator:
                     plan.round, plan.round + 1, len(accepted))
         expect = {cid: info.get("sha256") for cid, info in summary.get("clients", {}).items()}
         outcome = self._engine(plan, accepted, expect_sha=expect)
-        self._publish(plan.round + 1, outcome.state_dict, {k: int(v) for k, v in summary["client_ranks"].items()})
+        self._publish(plan.round + 1, outcome.state_dict, {k: int(v) for k, v in summary["client_ranks"].items()},
+                      outcome.server_state)
 
     # ------------------------------------------------------------------ driving
     def step(self, *, wait: bool = True) -> str:

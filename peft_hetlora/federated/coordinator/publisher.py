@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ...utils.constants import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE
+from ...utils.constants import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE, SERVER_STATE_FILE
 from ...utils.errors import StoreFullError
 from ..stores import json_text, remove_abandoned, temp_prefix
 
@@ -80,10 +80,13 @@ class GlobalPublisher:
 
     @contextlib.contextmanager
     def global_folder(self, round_idx: int, state_dict: Mapping[str, torch.Tensor],
-                      adapter_config: Mapping[str, Any], round_info: Mapping[str, Any]) -> Iterator[Path]:
+                      adapter_config: Mapping[str, Any], round_info: Mapping[str, Any],
+                      server_state: Mapping[str, torch.Tensor] | None = None) -> Iterator[Path]:
         """A temporary folder holding global `round_idx` as it will be published (removed afterwards).
 
-        Its name carries this process's id, so a restart after a kill removes it (`temp_files`).
+        Its name carries this process's id, so a restart after a kill removes it (`temp_files`). ``server_state``
+        (the server step's momentum / moments / residual, float64) goes beside the adapter as `SERVER_STATE_FILE`,
+        so it is published (and staged) in the same atomic step as the global it belongs to.
         """
         with tempfile.TemporaryDirectory(prefix=temp_prefix(GLOBAL_TEMP_KIND, f"r{round_idx}")) as tmp:
             folder = Path(tmp)
@@ -92,6 +95,9 @@ class GlobalPublisher:
                 save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
                 _write_json(folder / CONFIG_FILE, adapter_config)
                 _write_json(folder / ROUND_FILE, round_info)
+                if server_state is not None:
+                    state = {k: server_state[k].detach().to("cpu").contiguous() for k in sorted(server_state)}
+                    save_file(state, str(folder / SERVER_STATE_FILE), metadata={"format": "pt"})
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
                     raise

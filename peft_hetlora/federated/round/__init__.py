@@ -2,7 +2,8 @@
 
 `plan` (`RoundPlan` = ``round.json``, `ClientReport` = ``client.json``, `plan_round`, `round_status`), `settings`
 (`RoundSettings`, the round's slice of the federation's settings, and the checks that refuse what the engine cannot
-run), `close` (`close_round`: validated updates -> the new global, the summary and the next ranks) and `summary`
+run), `server_step` (the server optimizer on the product and error feedback, after aggregation),
+`close` (`close_round`: validated updates -> the new global, the summary and the next ranks) and `summary`
 (``summary.json``). Nothing here reads or writes files: the coordinator, the Flower strategy and the in-process
 runner move the bytes and call the same functions.
 
@@ -16,6 +17,7 @@ Example:
 
 from .close import Rejection, RoundOutcome, close_round, next_client_ranks
 from .plan import FEDERATION_FORMAT, ClientReport, CollectStatus, RoundPlan, plan_round, round_status
+from .server_step import SERVER_OPTIMIZERS, ServerOptimizer, ServerStep, parse_server_optimizer
 from .settings import (
     DEFAULT_DP_METHOD,
     DEFAULT_METHOD,
@@ -38,12 +40,15 @@ __all__ = [
     "FEDERATION_FORMAT",
     "NEXT_RANK_RULES",
     "NON_FINITE_REASON",
+    "SERVER_OPTIMIZERS",
     "ClientReport",
     "CollectStatus",
     "Rejection",
     "RoundOutcome",
     "RoundPlan",
     "RoundSettings",
+    "ServerOptimizer",
+    "ServerStep",
     "build_summary",
     "check_dp",
     "check_selection",
@@ -54,6 +59,7 @@ __all__ = [
     "dp_methods",
     "finite_or_null",
     "next_client_ranks",
+    "parse_server_optimizer",
     "plan_round",
     "round_status",
     "weighted_mean",

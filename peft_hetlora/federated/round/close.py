@@ -33,6 +33,7 @@ from ..aggregation import (
 )
 from ..policies import cap_ranks
 from .plan import RoundPlan
+from .server_step import ServerStep
 from .settings import RoundSettings, dp_method_for
 from .summary import build_summary, client_details
 
@@ -50,13 +51,16 @@ class Rejection:
 
 @dataclass
 class RoundOutcome:
-    """What `close_round` decided: the new global, the summary, the next ranks and caps."""
+    """What `close_round` decided: the new global, the summary, the next ranks and caps, and the server step's state
+    to keep beside the new global (``None`` without a server step; the given state when the global is carried
+    over)."""
 
     state_dict: dict[str, torch.Tensor]
     summary: dict[str, Any]
     client_ranks: dict[str, int]
     max_ranks: dict[str, int]
     result: AggregationResult | None = None
+    server_state: dict[str, torch.Tensor] | None = None
 
     @property
     def accepted(self) -> list[str]:
@@ -147,16 +151,24 @@ def _aggregate(plan, items, previous, settings, rejected, details, strict):
         if settings.dp is not None:
             kept.append(item)
     if not accepted:
-        return None, accepted
+        return None, accepted, {}
     if settings.dp is None:
-        return aggregator.result(), accepted
+        return aggregator.result(), accepted, aggregator.product_factors()
     from ..aggregation.privacy import dp_aggregate  # lazy: Opacus is an optional dependency
 
     result = dp_aggregate(
         kept, config=settings.dp, r_max=settings.r_max, previous=previous, method=dp_method_for(settings.method),
         rounds_so_far=plan.round + 1, scaling=settings.scaling, generator=_dp_generator(settings, plan.round),
     )
-    return result, accepted
+    return result, accepted, {}
+
+
+def _server_step(settings: RoundSettings, previous: Mapping[str, torch.Tensor], result: AggregationResult,
+                 products: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                 state: Mapping[str, torch.Tensor] | None) -> tuple[dict, dict, dict[str, Any]]:
+    """The server step on the method's aggregate (`server_step.ServerStep`): new global, new state, its record."""
+    step = ServerStep(settings.server_optimizer, settings.error_feedback, settings.r_max, settings.scaling)
+    return step.apply(previous, result.state_dict, products, state)
 
 
 def close_round(
@@ -172,6 +184,7 @@ def close_round(
     started: float | None = None,
     clock: Any = time.time,
     strict: bool = False,
+    server_state: Mapping[str, torch.Tensor] | None = None,
 ) -> RoundOutcome:
     """Close one round: aggregate the accepted updates into the new global and write the decision record.
 
@@ -188,6 +201,8 @@ def close_round(
         failed: engine-level failures (no reply, node error) to record; None for engines that have none.
         started, clock: the round's start time and the clock (for ``seconds`` and ``closed_at``).
         strict: re-aggregating a decided round: an aggregator refusal raises instead of rejecting.
+        server_state: the server step's state kept beside ``previous`` (``settings.server_optimizer`` /
+            ``error_feedback``: momentum, second moments, residual; None or empty at the first round).
 
     Returns:
         `RoundOutcome` (``state_dict`` is ``previous`` when nothing was accepted, fewer than
@@ -209,9 +224,18 @@ def close_round(
     started = clock() if started is None else started
     rejected: dict[str, str] = {}
     details: dict[str, dict[str, Any]] = {}
-    result, accepted = _aggregate(plan, updates, previous, settings, rejected, details, strict)
+    result, accepted, products = _aggregate(plan, updates, previous, settings, rejected, details, strict)
     note = None
+    stepped = None
     bad = non_finite_tensors(result.state_dict) if result is not None else []
+    if result is not None and not bad and (settings.server_optimizer is not None or settings.error_feedback):
+        try:
+            stepped = _server_step(settings, previous, result, products, server_state)
+        except (RuntimeError, ValueError) as err:  # an SVD that does not converge: the global is carried over
+            bad = [f"server step: {err}"]
+        else:
+            result.state_dict = stepped[0]
+            bad = non_finite_tensors(result.state_dict) + non_finite_tensors(stepped[1])
     if bad:
         note = (f"the aggregate is not finite ({len(bad)} tensor(s), e.g. {bad[0]!r}): no new global is published, "
                 "the previous global adapter is carried over unchanged")
@@ -230,4 +254,8 @@ def close_round(
     if caps:
         summary["client_max_ranks"] = dict(sorted(caps.items()))
     state = dict(result.state_dict) if result is not None else dict(previous)
-    return RoundOutcome(state, summary, ranks, caps, result)
+    new_server_state = None if server_state is None else dict(server_state)
+    if stepped is not None and result is not None:
+        summary["server_step"] = stepped[2]
+        new_server_state = stepped[1]
+    return RoundOutcome(state, summary, ranks, caps, result, new_server_state)

@@ -19,6 +19,7 @@ from ...utils.ranks import check_rank
 from ..aggregation import DEFAULT_BOUND_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, parse_influence_bound
 from ..aggregation.methods import AGGREGATION_METHODS, get_aggregation
 from ..policies import SELECTION_POLICIES
+from .server_step import ServerOptimizer, parse_server_optimizer
 
 __all__ = [
     "DEFAULT_DP_METHOD",
@@ -101,6 +102,10 @@ class RoundSettings:
             ``"prefix"`` (HetLoRA, the default), ``"rolling"`` or ``"coverage"``; a window policy needs a method
             that accepts component-indexed uploads and no DP (`check_selection`).
         anchor: components ``0 .. anchor-1`` are in every client's set (window policies).
+        server_optimizer: the server step's optimizer on the product (`server_step.parse_server_optimizer`: a
+            dict such as ``{"name": "fedavgm", "lr": 1.0, "momentum": 0.9}`` or ``{"name": "fedadam", ...}``);
+            None (the default): the method's aggregate is the new global, as before.
+        error_feedback: carry the residual of the truncation back to ``r_max`` to the next round (server-side).
     """
 
     method: str
@@ -118,6 +123,8 @@ class RoundSettings:
     component_selection: str = "prefix"
     anchor: int = 0
     bound_multiplier: float = DEFAULT_BOUND_MULTIPLIER
+    server_optimizer: ServerOptimizer | None = None
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -129,6 +136,9 @@ class RoundSettings:
         check_rank(self.r_min, 1, self.r_max, what="r_min")
         check_dp(self.method, self.dp)
         check_selection(self.method, self.component_selection, self.anchor, r_max=self.r_max, dp=self.dp)
+        object.__setattr__(self, "server_optimizer", parse_server_optimizer(self.server_optimizer))
+        if not isinstance(self.error_feedback, bool):
+            raise AggregationError(f"error_feedback must be True or False, got {self.error_feedback!r}")
 
 
 def check_selection(method: str, component_selection: str, anchor: int = 0, *, r_max: int | None = None,

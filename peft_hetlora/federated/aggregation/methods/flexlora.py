@@ -316,6 +316,25 @@ class FactorStack:
         b[:, :got] = b_fac
         return a.reshape(self.r_max, *self.a_shape[1:]), b.reshape(self.d_out, self.r_max, *self.b_shape[2:])
 
+    def untruncated(self, previous: tuple[torch.Tensor, torch.Tensor] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Float64 factors ``(B, A)`` of the whole weighted sum ``sum_k w_k B_k A_k / sum_k w_k`` (held rest
+        included), before the truncation to ``r_max``; None once the sum is a sketch (only its top part is known).
+        The server step (`round.server_step`) takes its pseudo-gradient from it. Changes nothing.
+
+        Example:
+            >>> import torch
+            >>> stack = FactorStack("m", (2, 5), (4, 2), 2)
+            >>> stack.add("a", torch.ones(2, 5), torch.ones(4, 2), 1, 3.0)
+            >>> b, a = stack.untruncated(None)
+            >>> bool(torch.allclose(b @ a, torch.full((4, 5), 2.0, dtype=torch.float64)))
+            True
+        """
+        if self.sketch is not None or not self.b_blocks:
+            return None
+        b_cat, a_cat = self._stacked(previous if self.held else None)
+        return b_cat / self.den, a_cat
+
     def level_used(self) -> int | None:
         return None if self.level == NONE else self.level
 
