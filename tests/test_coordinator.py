@@ -24,6 +24,7 @@ from peft_hetlora.federated.coordinator import Coordinator
 from peft_hetlora.federated.policies import RankPolicy
 from peft_hetlora.federated.settings import global_adapter_config
 from peft_hetlora.federated.stores import LocalStore
+from peft_hetlora.utils.constants import SERVER_STATE_FILE
 from peft_hetlora.utils.errors import CoordinatorError, FederationMismatch
 from tests.coordinator_fakes import (  # noqa: F401  (the two fixtures register by import)
     ALPHA,
@@ -275,17 +276,22 @@ class FlakyStore:
 ROUNDS_UNDER_KILL = 2  # covers every kind of step pair: init, open, collect, close, publish, the final round
 
 
-def _run_federation(root: Path, init_dir: Path, kill_at: int | None):
+def _run_federation(root: Path, init_dir: Path, kill_at: int | None, **settings):
     inner = LocalStore(root / "fed", create=True)
     clients = FakeClients(inner, root / "work", prune={"b", "d"})
     flaky = FlakyStore(inner, kill_at)
     try:
-        coord = make_coordinator(flaky, clients, rounds=ROUNDS_UNDER_KILL)
+        coord = make_coordinator(flaky, clients, rounds=ROUNDS_UNDER_KILL, **settings)
         coord.init(init_dir)
         coord.run()
     except Killed:
         return inner, clients, flaky.ops, True
     return inner, clients, flaky.ops, False
+
+
+def _server_state(store: LocalStore, t: int) -> dict[str, torch.Tensor]:
+    path = Path(store.get_global(t).path) / SERVER_STATE_FILE
+    return load_file(str(path)) if path.is_file() else {}
 
 
 def _final_state(store: LocalStore):
@@ -309,23 +315,32 @@ def fast_tmp(tmp_path):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_resume_after_a_kill_between_any_two_store_operations(fast_tmp, init_dir, monkeypatch):
+# issue 24: a server step's state (momentum, factored second moments, residual) resumes bit-identically too
+SERVER_STEPS = {"no_server_step": {},
+                "fedavgm_ef": {"method": "flexlora_held", "server_optimizer": {"name": "fedavgm", "momentum": 0.5},
+                               "error_feedback": True},
+                "fedadam": {"server_optimizer": {"name": "fedadam", "lr": 0.05}}}
+
+
+@pytest.mark.parametrize("server", list(SERVER_STEPS))
+def test_resume_after_a_kill_between_any_two_store_operations(fast_tmp, init_dir, monkeypatch, server):
     # durability is the store's own test; here fsync only costs time (dozens of federations run below)
     monkeypatch.setattr(os, "fsync", lambda fd: None)
     tmp_path = fast_tmp
-    reference, _, total_ops, killed = _run_federation(tmp_path / "ref", init_dir, None)
+    extra = SERVER_STEPS[server]
+    reference, _, total_ops, killed = _run_federation(tmp_path / "ref", init_dir, None, **extra)
     assert not killed and total_ops > 15
     ref_round, ref_tensors, ref_summaries = _final_state(reference)
     assert ref_round == ROUNDS_UNDER_KILL
     resumed_from_summary = 0
     for kill_at in range(total_ops):
         root = tmp_path / f"k{kill_at}"
-        inner, clients, _, killed = _run_federation(root, init_dir, kill_at)
+        inner, clients, _, killed = _run_federation(root, init_dir, kill_at, **extra)
         assert killed, kill_at
         latest = inner.latest_global()
         if latest is not None and inner.read_summary(latest.round) is not None:
             resumed_from_summary += 1  # killed after summary t, before global t+1
-        coord = make_coordinator(inner, clients, rounds=ROUNDS_UNDER_KILL)
+        coord = make_coordinator(inner, clients, rounds=ROUNDS_UNDER_KILL, **extra)
         coord.init(init_dir)
         final = coord.run()
         round_idx, tensors, summaries = _final_state(inner)
@@ -333,11 +348,16 @@ def test_resume_after_a_kill_between_any_two_store_operations(fast_tmp, init_dir
         assert set(tensors) == set(ref_tensors)
         for key, value in ref_tensors.items():
             assert torch.equal(tensors[key], value), (kill_at, key)
+        for t in range(1, round_idx + 1):  # every published server state, not only the last
+            assert _server_state(inner, t).keys() == _server_state(reference, t).keys()
+            for key, value in _server_state(reference, t).items():
+                assert torch.equal(_server_state(inner, t)[key], value), (kill_at, t, key)
         for got, want in zip(summaries, ref_summaries):
             assert got["accepted"] == want["accepted"] and len(set(got["accepted"])) == len(got["accepted"])
             assert got["weights"] == want["weights"] and got["client_ranks"] == want["client_ranks"]
             assert sum(got["weights"].values()) == pytest.approx(1.0)
     assert resumed_from_summary >= ROUNDS_UNDER_KILL  # "summary t without global t+1" resumed in every round
+    assert bool(_server_state(reference, ROUNDS_UNDER_KILL)) == bool(extra)
 
 
 def test_summary_without_next_global_reaggregates_exactly_the_accepted_ids(store, init_dir, tmp_path):
