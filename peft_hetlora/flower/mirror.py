@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from peft_hetlora.federated.round import RoundPlan, RoundSettings
 from peft_hetlora.federated.stores import AdapterStore, json_text
-from peft_hetlora.utils.constants import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE
+from peft_hetlora.utils.constants import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE, SERVER_STATE_FILE
 
 
 class StoreMirror:
@@ -42,8 +42,11 @@ class StoreMirror:
     def publish_round(self, t: int, participants: list[str], ranks: dict[str, int], *,
                       global_state: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any],
                       round_settings: RoundSettings | None, federation: Callable[[], dict[str, Any]],
-                      final: bool = False, components: dict[str, tuple[int, ...]] | None = None) -> str:
+                      final: bool = False, components: dict[str, tuple[int, ...]] | None = None,
+                      server_state: Mapping[str, torch.Tensor] | None = None) -> str:
         """Publish global t with its round.json (to the store if any); returns its revision.
+
+        ``server_state`` (the server step's, `round.server_step`) goes beside the adapter as `SERVER_STATE_FILE`.
 
         ``federation`` builds ``federation.json`` (called once, for round 0 of a store).
         """
@@ -67,6 +70,9 @@ class StoreMirror:
             save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
             (folder / CONFIG_FILE).write_text(json_text(adapter_config, indent=2, sort_keys=True) + "\n")
             (folder / ROUND_FILE).write_text(json_text(info, indent=2, sort_keys=True) + "\n")
+            if server_state is not None:
+                save_file({k: server_state[k].contiguous() for k in sorted(server_state)},
+                          str(folder / SERVER_STATE_FILE), metadata={"format": "pt"})
             self.revisions[t] = self.store.publish_global(t, folder)
         return self.revisions[t]
 

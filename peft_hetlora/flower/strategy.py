@@ -75,6 +75,7 @@ from peft_hetlora.federated.round import (
     check_selection,
     close_round,
     default_method_and_selection,
+    parse_server_optimizer,
     plan_round,
 )
 from peft_hetlora.federated.settings import FederationSettings, scaling_from_config
@@ -190,6 +191,8 @@ class HetLoRAStrategy(FedAvg):
         component_selection: str | None = None,
         anchor: int = 0,
         message_formats: Sequence[str] | None = None,
+        server_optimizer: Any = None,
+        error_feedback: bool = False,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -210,6 +213,10 @@ class HetLoRAStrategy(FedAvg):
                                 if message_formats is not None else None)
         self.component_selection = component_selection
         self.anchor = int(anchor)
+        # the server step after aggregation (issue 24); its state lives here and is mirrored beside each global
+        self.server_optimizer = parse_server_optimizer(server_optimizer)
+        self.error_feedback = error_feedback
+        self.server_state: dict[str, torch.Tensor] | None = None
         self.dp = dp
         self.dp_noise_seed = dp_noise_seed
         self.adapter_config: dict[str, Any] = rec.federation_adapter_config(adapter_config, r_min)
@@ -310,7 +317,7 @@ class HetLoRAStrategy(FedAvg):
             t, participants, ranks, global_state=self.global_state, adapter_config=self.adapter_config,
             round_settings=self.round_settings() if self.store is not None else None,
             federation=lambda: self._federation(self.roster or sorted(self.client_ranks)),
-            final=final, components=components)
+            final=final, components=components, server_state=self.server_state)
 
     def _publish_final(self) -> None:
         if self.num_rounds is None or self.global_state is None or self.store is None:
@@ -343,6 +350,8 @@ class HetLoRAStrategy(FedAvg):
             "dp": self.dp.to_dict() if self.dp is not None else None,
             "component_selection": self.component_selection,
             "anchor": self.anchor,
+            "server_optimizer": self.server_optimizer.to_dict() if self.server_optimizer is not None else None,
+            "error_feedback": self.error_feedback,
             "created_at": self._clock(),
         }
 
@@ -383,7 +392,8 @@ class HetLoRAStrategy(FedAvg):
                  "scaling": settings.scaling, "clip_norm": settings.clip_norm, "next_rank": settings.next_rank,
                  "dp": settings.dp, "dp_noise_seed": settings.dp_noise_seed or None,
                  "max_examples": settings.max_examples, "component_selection": settings.component_selection,
-                 "anchor": settings.anchor, "message_formats": settings.message_formats}
+                 "anchor": settings.anchor, "message_formats": settings.message_formats,
+                 "server_optimizer": settings.server_optimizer, "error_feedback": settings.error_feedback}
         return cls(adapter_config, **{k: v for k, v in given.items() if v is not None}, **runtime)
 
     # ------------------------------------------------------------------------------------------------ Flower hooks
@@ -533,8 +543,9 @@ class HetLoRAStrategy(FedAvg):
         outcome = close_round(
             plan, updates, self.global_state, self.round_settings(), client_ranks=self.client_ranks,
             initial_ranks=self.initial_ranks, max_ranks=self.node_max_rank, failed=failed,
-            started=self._round_started.get(t), clock=self._clock,
+            started=self._round_started.get(t), clock=self._clock, server_state=self.server_state,
         )
+        self.server_state = outcome.server_state
         if "note" in outcome.summary:
             logger.warning("[ROUND %d/%s] %s.", *self._tag(t), outcome.summary["note"])
         if outcome.result is not None:
@@ -572,6 +583,7 @@ class HetLoRAStrategy(FedAvg):
             weighting=self.weighting, next_rank=self.next_rank, min_accepted=self.min_replies, dp=self.dp,
             seed=self.seed, dp_noise_seed=self.dp_noise_seed, engine="flower",
             component_selection=self.component_selection, anchor=self.anchor,
+            server_optimizer=self.server_optimizer, error_feedback=self.error_feedback,
         )
 
     def _tag(self, t: int) -> tuple[int, str]:
