@@ -52,6 +52,24 @@ ARMS: dict[str, dict[str, Any]] = {
     "poisoned_mean": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": True, "attack": True},
     "poisoned_median": {"aggregation": "median", "ranks": "heterogeneous", "prune": True, "attack": True},
     "poisoned_trimmed_mean": {"aggregation": "trimmed_mean", "ranks": "heterogeneous", "prune": True, "attack": True},
+    # issue 24: a server step after aggregation (round.server_step), the homogeneous baselines with the same one;
+    # the optimizer's hyper-parameters come from `server_optimizers` (defaults: round.SERVER_OPTIMIZERS)
+    "flexlora_held_fedavgm": {"aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False,
+                              "server_optimizer": "fedavgm"},
+    "flexlora_held_fedadam": {"aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False,
+                              "server_optimizer": "fedadam"},
+    "flexlora_held_ef": {"aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False,
+                         "error_feedback": True},
+    "flexlora_held_fedavgm_ef": {"aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False,
+                                 "server_optimizer": "fedavgm", "error_feedback": True},
+    "homlora_rmin_fedavgm": {"aggregation": "fedavg", "ranks": "r_min", "prune": False, "server_optimizer": "fedavgm"},
+    "homlora_rmax_fedavgm": {"aggregation": "fedavg", "ranks": "r_max", "prune": False, "server_optimizer": "fedavgm"},
+    "homlora_rmax_capable_fedavgm": {"aggregation": "fedavg", "ranks": "r_max_capable", "prune": False,
+                                     "server_optimizer": "fedavgm"},
+    "homlora_rmin_fedadam": {"aggregation": "fedavg", "ranks": "r_min", "prune": False, "server_optimizer": "fedadam"},
+    "homlora_rmax_fedadam": {"aggregation": "fedavg", "ranks": "r_max", "prune": False, "server_optimizer": "fedadam"},
+    "homlora_rmax_capable_fedadam": {"aggregation": "fedavg", "ranks": "r_max_capable", "prune": False,
+                                     "server_optimizer": "fedadam"},
 }
 
 #: the arms a run compares when `methods` is not given, the default method first (`flexlora_held`: the study's
@@ -74,7 +92,7 @@ DEFAULT_METHODS = [
 #: arm settings the Flower engine does not run yet: `run_flower_simulation` takes an arm's ranks, method, pruning and
 #: influence bound; windows, nested prefixes, DP and attackers are settings the in-process Coordinator takes (the
 #: strategy gets them with the one settings record, issue 23 WP3)
-FLOWER_UNSUPPORTED = ("dp_epsilon", "attack", "selection", "nested")
+FLOWER_UNSUPPORTED = ("dp_epsilon", "attack", "selection", "nested", "server_optimizer", "error_feedback")
 
 
 def runs_on(arm: str, engine: str) -> bool:
@@ -213,6 +231,10 @@ class SimulationConfig:
     message_format: str = field(
         default="fp32", metadata={"help": "client upload encoding: fp32, bf16, fp16 or int8-block64"}
     )
+    # the server step of the *_fedavgm / *_fedadam arms (issue 24)
+    server_optimizers: dict[str, dict[str, Any]] | None = field(default=None, metadata={
+        "help": "server-optimizer hyper-parameters by name, e.g. {fedavgm: {lr: 1.0, momentum: 0.9}, fedadam: "
+                "{lr: 0.01, tau: 0.001}} (unset: round.SERVER_OPTIMIZERS' defaults; docs/aggregation.md)"})
     # run
     seeds: list[int] = field(default_factory=lambda: [0])
     eval_batch_size: int = 16
@@ -270,9 +292,32 @@ class SimulationConfig:
         from peft_hetlora.quantization import check_quantize_mode
 
         self.quantize = check_quantize_mode(self.quantize)
+        for name in {ARMS[m]["server_optimizer"] for m in self.methods if "server_optimizer" in ARMS[m]}:
+            self.server_optimizer(name)  # refuses bad hyper-parameters before a run starts
+        for name in self.server_optimizers or {}:
+            self.server_optimizer(name)
         self.message_format = parse_message_format(self.message_format).name
         # "component" arrives with Coordinator(component_selection=...); the runner says so if it is missing
         assert {a["aggregation"] for a in ARMS.values()} - {None, "component"} <= set(AGGREGATION_METHODS)
+
+    def server_optimizer(self, name: str) -> dict[str, Any]:
+        """The dict form of server optimizer `name` with this run's hyper-parameters (`server_optimizers`).
+
+        Example:
+            ```py
+            >>> SimulationConfig.from_sources(profile="quick").server_optimizer("fedavgm")
+            {'name': 'fedavgm', 'lr': 1.0, 'momentum': 0.9}
+            ```
+        """
+        from peft_hetlora.federated.round import parse_server_optimizer
+
+        if self.server_optimizers is not None and not isinstance(self.server_optimizers, dict):
+            raise ValueError(f"server_optimizers must map optimizer names to their settings, got "
+                             f"{type(self.server_optimizers).__name__}.")
+        given = (self.server_optimizers or {}).get(name) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"server_optimizers[{name!r}] must be a mapping of settings, got {given!r}.")
+        return parse_server_optimizer({**given, "name": name}).to_dict()
 
     @property
     def capable(self) -> int:
@@ -316,4 +361,6 @@ class SimulationConfig:
         """Hash of the settings that change results (a run folder belongs to exactly one)."""
         # rounds, methods and seeds may grow on a rerun: finished rounds stay valid
         relevant = {k: v for k, v in self.to_dict().items() if k not in _RESULT_NEUTRAL}
+        if relevant.get("server_optimizers") is None:  # unset: the fingerprints of earlier runs stay valid
+            relevant.pop("server_optimizers", None)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]

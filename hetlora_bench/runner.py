@@ -481,6 +481,10 @@ def arm_coordinator_settings(
             # public: the device ranks, not the data; component j is divided by q * N * coverage_j
             expected_coverage=tuple(sum(r > j for r in ranks.values()) / len(clients) for j in range(r_arm)),
         )
+    if "server_optimizer" in spec:
+        settings["server_optimizer"] = config.server_optimizer(spec["server_optimizer"])
+    if spec.get("error_feedback"):
+        settings["error_feedback"] = True
     if "selection" in spec:
         settings["component_selection"] = spec["selection"]
         if "anchor" in spec:

@@ -31,7 +31,14 @@ from ..cli import add_common_arguments, exit_status_epilog, run_command
 from ..federated.aggregation import AGGREGATION_METHODS, parse_influence_bound
 from ..federated.coordinator import Coordinator
 from ..federated.policies import BUDGET_KINDS, RANK_POLICIES, SELECTION_POLICIES, RankPolicy, parse_bytes
-from ..federated.round import DEFAULT_METHOD, NEXT_RANK_RULES, dp_methods, window_methods
+from ..federated.round import (
+    DEFAULT_METHOD,
+    NEXT_RANK_RULES,
+    SERVER_OPTIMIZERS,
+    dp_methods,
+    parse_server_optimizer,
+    window_methods,
+)
 from ..federated.settings import FederationSettings
 
 HF_PREFIX = "hf://"
@@ -102,6 +109,14 @@ def _influence_bound(text: str) -> float | str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _server_optimizer(text: str) -> dict[str, Any]:
+    """``--server-optimizer``: ``NAME[:key=value,...]`` (checked by the round's own parser)."""
+    try:
+        return parse_server_optimizer(text).to_dict()
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _byte_size(text: str) -> int:
     try:
         return parse_bytes(text)
@@ -143,6 +158,14 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     fed.add_argument("--clip-norm", type=_influence_bound, default=None, metavar="{adaptive,off,C}",
                      help="Influence bound: 'adaptive' (the default: each factor's change clipped to 4 x the round's "
                           "median change), 'off', or a fixed C > 0 (docs/aggregation.md).")
+    fed.add_argument("--server-optimizer", type=_server_optimizer, default=None,
+                     metavar="NAME[:key=value,...]",
+                     help=f"A server step after aggregation, on the product B A: one of {list(SERVER_OPTIMIZERS)} "
+                          "with its settings, e.g. 'fedavgm:lr=1,momentum=0.9' or 'fedadam:lr=0.01,tau=1e-3' "
+                          "(default: none, the method's aggregate; docs/aggregation.md#server-step).")
+    fed.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=None,
+                     help="Carry the residual of the truncation back to r_max to the next round, server-side "
+                          "(default off; docs/aggregation.md#server-step).")
     fed.add_argument("--message-formats", type=_name_list, default=None,
                      help="Upload formats clients may declare: comma-separated fp32,bf16,fp16,int8-block64 "
                           "(default: all; docs/on_device.md).")
@@ -322,6 +345,8 @@ def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -
         component_selection=getattr(args, "component_selection", None),
         anchor=getattr(args, "anchor", None),
         message_formats=getattr(args, "message_formats", None),
+        server_optimizer=getattr(args, "server_optimizer", None),
+        error_feedback=getattr(args, "error_feedback", None),
     )
     return Coordinator(
         open_store(args.store, endpoint=args.hub_endpoint, token=args.hub_token, client_mode=args.hub_client_mode,

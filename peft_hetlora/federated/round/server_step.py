@@ -266,7 +266,9 @@ class ServerStep:
             step_sq += norms[0]
             residual_sq += norms[1]
         info: dict[str, Any] = {"optimizer": None if self.optimizer is None else self.optimizer.to_dict(),
-                                "error_feedback": self.error_feedback, "step_norm": math.sqrt(step_sq)}
+                                "error_feedback": self.error_feedback}
+        if self.optimizer is not None:
+            info["step_norm"] = math.sqrt(step_sq)  # ||eta * step(Delta)||_F over all modules
         if self.error_feedback:
             info["residual_norm"] = math.sqrt(residual_sq)
         return out, new_state, info
