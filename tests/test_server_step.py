@@ -163,6 +163,8 @@ CASES = {
 def test_published_globals_match_the_dense_numpy_reference_over_rounds(method, ranks, opt, ef):
     if opt is None and not ef:
         pytest.skip("no server step: the method's own tests cover it")
+    if opt is None and method == "fedavg":
+        pytest.skip("refused: FedAvg's aggregate is never truncated (test_error_feedback_alone_is_refused...)")
     for t, out, want in _run(method, CASES.get(opt), ef, ranks):
         for name in SHAPES:
             got = _dense(out.state_dict, name)
@@ -269,3 +271,15 @@ def test_error_feedback_must_be_a_bool():
         RoundSettings(method="fedavg", r_max=2, r_min=1, scaling=1.0, error_feedback="yes")
     with pytest.raises(ValueError, match="error_feedback"):
         FederationSettings(error_feedback=1)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "hetlora", "rankwise"])
+def test_error_feedback_alone_is_refused_where_nothing_is_ever_truncated(method):
+    with pytest.raises(AggregationError, match="does nothing"):
+        RoundSettings(method=method, r_max=2, r_min=1, scaling=1.0, error_feedback=True)
+    with pytest.raises(ValueError, match="does nothing"):
+        FederationSettings(method=method, error_feedback=True)
+    # with a server optimizer its step is truncated: accepted; so is the FlexLoRA family on its own
+    RoundSettings(method=method, r_max=2, r_min=1, scaling=1.0, error_feedback=True,
+                  server_optimizer={"name": "fedavgm"})
+    RoundSettings(method="flexlora", r_max=2, r_min=1, scaling=1.0, error_feedback=True)

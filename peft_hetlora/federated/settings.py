@@ -50,6 +50,7 @@ from .round import (
     NEXT_RANK_RULES,
     check_dp,
     check_selection,
+    check_server_step,
     default_method_and_selection,
     parse_server_optimizer,
 )
@@ -173,8 +174,9 @@ class FederationSettings:
                 raise ValueError(f"{name} must be a positive number, got {value!r}.")
         if self.server_optimizer is not None:
             put(self, "server_optimizer", parse_server_optimizer(self.server_optimizer).to_dict())
-        if self.error_feedback is not None and not isinstance(self.error_feedback, bool):
-            raise ValueError(f"error_feedback must be True or False, got {self.error_feedback!r}.")
+        if self.error_feedback is not None:
+            # the method may still come from federation.json: the round settings check it again then
+            check_server_step(method, self.server_optimizer, self.error_feedback, dp=self.dp)
         if self.message_formats is not None:
             formats = tuple(sorted({parse_message_format(name).name for name in self.message_formats}))
             if not formats:

@@ -17,7 +17,7 @@ from typing import Any
 from ...utils.errors import AggregationError
 from ...utils.ranks import check_rank
 from ..aggregation import DEFAULT_BOUND_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, parse_influence_bound
-from ..aggregation.methods import AGGREGATION_METHODS, get_aggregation
+from ..aggregation.methods import AGGREGATION_METHODS, FlexLoRA, get_aggregation
 from ..policies import SELECTION_POLICIES
 from .server_step import ServerOptimizer, parse_server_optimizer
 
@@ -29,6 +29,7 @@ __all__ = [
     "RoundSettings",
     "check_dp",
     "check_selection",
+    "check_server_step",
     "default_method_and_selection",
     "dp_method_for",
     "dp_methods",
@@ -137,8 +138,7 @@ class RoundSettings:
         check_dp(self.method, self.dp)
         check_selection(self.method, self.component_selection, self.anchor, r_max=self.r_max, dp=self.dp)
         object.__setattr__(self, "server_optimizer", parse_server_optimizer(self.server_optimizer))
-        if not isinstance(self.error_feedback, bool):
-            raise AggregationError(f"error_feedback must be True or False, got {self.error_feedback!r}")
+        check_server_step(self.method, self.server_optimizer, self.error_feedback, dp=self.dp)
 
 
 def check_selection(method: str, component_selection: str, anchor: int = 0, *, r_max: int | None = None,
@@ -175,6 +175,38 @@ def check_selection(method: str, component_selection: str, anchor: int = 0, *, r
         raise AggregationError(
             f"component_selection={component_selection!r} with dp=...: differentially private aggregation supports "
             "prefix uploads only; use component_selection='prefix' for a DP federation."
+        )
+
+
+def check_server_step(method: str, server_optimizer: Any, error_feedback: Any, *, dp: Any = None) -> None:
+    """Refuse a server step that cannot do anything (`server_step`: docs/aggregation.md#server-step).
+
+    Error feedback carries what the truncation back to ``r_max`` dropped; without a server optimizer the only
+    truncation is the method's own, which only the FlexLoRA family (an SVD of a sum of products) has, and not
+    under DP (the DP aggregate is a rank-``r_max`` average of factors). Anything else would carry a zero residual
+    forever.
+
+    Raises:
+        AggregationError: with what to change.
+
+    Example:
+        ```py
+        >>> check_server_step("flexlora_held", None, True)
+        >>> check_server_step("fedavg", {"name": "fedavgm"}, True)
+        ```
+    """
+    if not isinstance(error_feedback, bool):
+        raise AggregationError(f"error_feedback must be True or False, got {error_feedback!r}")
+    if not error_feedback or server_optimizer is not None:
+        return
+    factorises = isinstance(get_aggregation(method), FlexLoRA) if method in AGGREGATION_METHODS else False
+    if dp is not None or not factorises:
+        takers = [m for m in AGGREGATION_METHODS if isinstance(get_aggregation(m), FlexLoRA)]
+        why = "under DP the aggregate" if dp is not None else f"the aggregate of method {method!r}"
+        raise AggregationError(
+            f"error_feedback=True without a server_optimizer does nothing here: {why} is never truncated, so the "
+            f"residual stays zero. Add server_optimizer=... (its step is truncated back to r_max), or use one of "
+            f"{takers} without DP."
         )
 
 
