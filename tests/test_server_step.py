@@ -172,7 +172,7 @@ def test_published_globals_match_the_dense_numpy_reference_over_rounds(method, r
             err = np.abs(got - want[name]).max()
             assert np.allclose(got, want[name], rtol=1e-4, atol=1e-5 * scale), (t, name, err)
         assert out.summary["server_step"]["error_feedback"] is ef
-        assert all(v.dtype == torch.float64 for v in out.server_state.values())
+        assert all(v.dtype == torch.float32 for v in out.server_state.values())
 
 
 def test_error_feedback_changes_the_global_and_keeps_a_residual_of_rank_r_max():
@@ -203,7 +203,7 @@ def test_a_carried_over_round_keeps_the_server_state():
     previous = _global(1)
     bad = _uploads(previous, 0, ranks)[0]
     bad.state_dict["m0.lora_A.weight"][0, 0] = float("nan")
-    state = {"m0.m_B": torch.ones(7, 1, dtype=torch.float64), "m0.m_A": torch.ones(1, 6, dtype=torch.float64)}
+    state = {"m0.m_B": torch.ones(7, 1), "m0.m_A": torch.ones(1, 6)}
     settings_ = RoundSettings(method="fedavg", r_max=R_MAX, r_min=1, scaling=SCALE,
                               server_optimizer={"name": "fedavgm"})
     out = close_round(RoundPlan(0, ["a"], ranks), [bad], previous, settings_, client_ranks=ranks,

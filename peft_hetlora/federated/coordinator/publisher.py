@@ -85,7 +85,7 @@ class GlobalPublisher:
         """A temporary folder holding global `round_idx` as it will be published (removed afterwards).
 
         Its name carries this process's id, so a restart after a kill removes it (`temp_files`). ``server_state``
-        (the server step's momentum / moments / residual, float64) goes beside the adapter as `SERVER_STATE_FILE`,
+        (the server step's momentum / moments / residual) goes beside the adapter as `SERVER_STATE_FILE`,
         so it is published (and staged) in the same atomic step as the global it belongs to.
         """
         with tempfile.TemporaryDirectory(prefix=temp_prefix(GLOBAL_TEMP_KIND, f"r{round_idx}")) as tmp:

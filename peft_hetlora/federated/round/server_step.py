@@ -265,6 +265,9 @@ class ServerStep:
             new_state.update(module_state)
             step_sq += norms[0]
             residual_sq += norms[1]
+        # kept in float32 (half the bytes beside each global); the next round reads exactly what was stored, so a
+        # coordinator that restarts from the store and one that keeps the state in memory compute the same
+        new_state = {k: v.to(torch.float32).contiguous() for k, v in new_state.items()}
         info: dict[str, Any] = {"optimizer": None if self.optimizer is None else self.optimizer.to_dict(),
                                 "error_feedback": self.error_feedback}
         if self.optimizer is not None:
