@@ -8,7 +8,7 @@ median seconds per round and the state's bytes against the adapter's.
 
 Usage::
 
-    python benchmarks/bench_server_step.py                  # 8 layers, 3 rounds
+    python benchmarks/bench_server_step.py                  # 8 layers, 3 rounds, 1 torch thread
     python benchmarks/bench_server_step.py --layers 30      # the whole model's attention
 """
 
@@ -67,8 +67,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared machine, spinning BLAS threads cost 30-100x)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     print(f"{args.layers} layers x {list(SHAPES)}, r_max={R_MAX}, client ranks {list(RANKS.values())}, "
           f"torch threads {torch.get_num_threads()}")
     print("| method | server step | s / round (median) | server state MB | adapter MB |")
