@@ -172,7 +172,7 @@ def test_published_globals_match_the_dense_numpy_reference_over_rounds(method, r
             err = np.abs(got - want[name]).max()
             assert np.allclose(got, want[name], rtol=1e-4, atol=1e-5 * scale), (t, name, err)
         assert out.summary["server_step"]["error_feedback"] is ef
-        assert all(v.dtype == torch.float32 for v in out.server_state.values())
+        assert all(v.dtype == (torch.float64 if ".v_" in k else torch.float32) for k, v in out.server_state.items())
 
 
 def test_error_feedback_changes_the_global_and_keeps_a_residual_of_rank_r_max():
@@ -283,3 +283,25 @@ def test_error_feedback_alone_is_refused_where_nothing_is_ever_truncated(method)
     RoundSettings(method=method, r_max=2, r_min=1, scaling=1.0, error_feedback=True,
                   server_optimizer={"name": "fedavgm"})
     RoundSettings(method="flexlora", r_max=2, r_min=1, scaling=1.0, error_feedback=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(scale_a=st.sampled_from([1e-30, 1e-8, 1.0, 1e8, 1e30]), scale_b=st.sampled_from([1e-30, 1.0, 1e30]),
+       opt=st.sampled_from(list(CASES)), ef=st.booleans(), clip=st.sampled_from(["adaptive", "off"]))
+def test_hostile_magnitudes_never_break_a_round_and_what_is_published_is_finite(scale_a, scale_b, opt, ef, clip):
+    ranks = {"a": 1, "b": 2}
+    previous = _global(5)
+    settings_ = RoundSettings(method="flexlora_held", r_max=R_MAX, r_min=1, scaling=SCALE, clip_norm=clip,
+                              server_optimizer=CASES[opt], error_feedback=ef)
+    state = None
+    for t in range(2):
+        uploads = _uploads(previous, t, ranks)
+        for u in uploads:
+            for key in u.state_dict:
+                u.state_dict[key] = u.state_dict[key] * (scale_a if ".lora_A." in key else scale_b)
+        out = close_round(RoundPlan(t, sorted(ranks), ranks), uploads, previous, settings_, client_ranks=ranks,
+                          initial_ranks=ranks, clock=lambda: 0.0, server_state=state)
+        assert all(bool(torch.isfinite(v).all()) for v in out.state_dict.values())
+        assert all(bool(torch.isfinite(v).all()) for v in (out.server_state or {}).values())
+        assert ("server_step" in out.summary) == (out.result is not None)
+        previous, state = out.state_dict, out.server_state

@@ -166,6 +166,8 @@ def parse_server_optimizer(value: Any) -> ServerOptimizer | None:
     return ServerOptimizer(name=name, rank=None if rank is None else int(rank), **params)
 
 
+_MOMENTS = (".v_row", ".v_col")
+
 _RANGES = {
     "lr": (lambda x: x > 0, "> 0"),
     "tau": (lambda x: x > 0, "> 0"),
@@ -265,9 +267,11 @@ class ServerStep:
             new_state.update(module_state)
             step_sq += norms[0]
             residual_sq += norms[1]
-        # kept in float32 (half the bytes beside each global); the next round reads exactly what was stored, so a
+        # factors kept in float32 (half the bytes beside each global; the second moments, d_out + d_in numbers a
+        # module of squared magnitudes, stay float64); the next round reads exactly what was stored, so a
         # coordinator that restarts from the store and one that keeps the state in memory compute the same
-        new_state = {k: v.to(torch.float32).contiguous() for k, v in new_state.items()}
+        new_state = {k: (v if k.endswith(_MOMENTS) else v.to(torch.float32)).contiguous()
+                     for k, v in new_state.items()}
         info: dict[str, Any] = {"optimizer": None if self.optimizer is None else self.optimizer.to_dict(),
                                 "error_feedback": self.error_feedback}
         if self.optimizer is not None:
