@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from peft_hetlora.federated import AGGREGATION_METHODS
+from peft_hetlora.flower import LocalTrainingConfig
 
 #: experiment arms `hetlora simulate` can run, in report order
 ARMS: dict[str, dict[str, Any]] = {
@@ -109,9 +110,14 @@ ATTACKS = ("scale", "sign_flip", "unbalanced")
 #: settings that do not change results: a run folder may be resumed with other values
 _RESULT_NEUTRAL = ("methods", "seeds", "engine", "rounds", "activation_cache", "activation_cache_max_mb", "reference")
 
+#: the local training settings of the study (every profile starts from them; `LocalTrainingConfig` holds the
+#: library's defaults, which a profile does not follow silently)
+STUDY_TRAINING: dict[str, Any] = {"local_steps": 4, "batch_size": 4, "learning_rate": 3e-4, "eval_batch_size": 16}
+
 PROFILES: dict[str, dict[str, Any]] = {
     # tiny random Llama with the real tokenizer: an end-to-end check in about a minute on 2 CPU cores
     "quick": {
+        **STUDY_TRAINING,
         "model": "tiny",
         "num_clients": 6,
         "clients_per_round": 3,
@@ -131,9 +137,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     # the README's main job: SmolLM2-135M on chitchat, all arms, ~11 minutes on 2 CPU cores (activation cache);
     # lr 4e-3: the default method's (flexlora_held's, as flexlora's) rate chosen on client validation data by the study
     # (benchmarks/README.md; 3e-4 and 1e-3 before it)
-    "cpu": {"learning_rate": 4e-3},
+    "cpu": {**STUDY_TRAINING, "learning_rate": 4e-3},
     # the same experiment at a size that needs a GPU: more clients, rounds and steps, longer blocks
     "gpu": {
+        **STUDY_TRAINING,
         "num_clients": 100,
         "clients_per_round": 10,
         "rounds": 50,
@@ -187,9 +194,10 @@ class SimulationConfig:
     )
     rounds: int = 5
     clients_per_round: int = 4
-    local_steps: int = 4
-    batch_size: int = 4
-    learning_rate: float = 3e-4
+    # local training: the fields of the one training-settings record (`training()`), its defaults
+    local_steps: int = LocalTrainingConfig.local_steps
+    batch_size: int = LocalTrainingConfig.batch_size
+    learning_rate: float = LocalTrainingConfig.learning_rate
     r_min: int = 2
     r_max: int = 16
     lora_alpha: float = 32.0
@@ -215,8 +223,8 @@ class SimulationConfig:
     )
     # run
     seeds: list[int] = field(default_factory=lambda: [0])
-    eval_batch_size: int = 16
-    bf16: bool = False
+    eval_batch_size: int = LocalTrainingConfig.eval_batch_size
+    bf16: bool = LocalTrainingConfig.bf16
     engine: str = "inprocess"
     reference: str | None = field(
         default=None, metadata={"help": "method the report pairs every other with per seed (default homlora_rmax)"}
@@ -278,6 +286,23 @@ class SimulationConfig:
     def capable(self) -> int:
         """The rank a client must afford to count as 'capable' (HomLoRA(r_max) on capable clients only)."""
         return self.capable_rank or self.r_max
+
+    def training(self, *, prune: bool, nested: bool = False, use_cpu: bool = False) -> LocalTrainingConfig:
+        """The local training settings of a client of an arm (`peft_hetlora.flower.LocalTrainingConfig`, the one
+        record both engines train with): this config's steps, batch sizes, rate and precision.
+
+        Example:
+            ```py
+            >>> cfg = SimulationConfig.from_sources(profile="quick")
+            >>> t = cfg.training(prune=False)
+            >>> (t.local_steps, t.batch_size, t.learning_rate, t.prune) == (cfg.local_steps, cfg.batch_size,
+            ...                                                             cfg.learning_rate, False)
+            True
+            ```
+        """
+        return LocalTrainingConfig(local_steps=self.local_steps, batch_size=self.batch_size,
+                                   learning_rate=self.learning_rate, eval_batch_size=self.eval_batch_size,
+                                   bf16=self.bf16, prune=prune, nested=nested, use_cpu=use_cpu)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 from peft_hetlora.config import HetLoRAConfig
 from peft_hetlora.federated import Coordinator, LocalStore, truncate
 from peft_hetlora.federated.stores import json_text
+from peft_hetlora.flower import LocalTrainingConfig
 from peft_hetlora.known_noise import peft_model_warnings
 from peft_hetlora.utils import ADAPTER_FILE, ROUND_FILE
 from trainer_callbacks import FederatedClientCallback
@@ -159,16 +160,19 @@ def _peft_model(wb: Workbench, adapter_config: HetLoRAConfig, seed: int):
         wb.base_model = model.unload()
 
 
-def _training_args(config: SimulationConfig, out: Path, seed: int, steps: int) -> TrainingArguments:
+def _training_args(training: LocalTrainingConfig, out: Path, seed: int, steps: int) -> TrainingArguments:
+    """The `Trainer` arguments of one simulated client (or a centralized round) from the one training record."""
     gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
         max_steps=steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler_type,
+        warmup_steps=training.warmup_steps,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
         logging_steps=max(1, steps),
         save_strategy="no",
         report_to=[],
@@ -176,7 +180,7 @@ def _training_args(config: SimulationConfig, out: Path, seed: int, steps: int) -
         seed=seed,
         data_seed=seed,
         use_cpu=not gpu,
-        bf16=bool(config.bf16 and gpu),
+        bf16=bool(training.bf16 and gpu),
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
@@ -252,6 +256,7 @@ def run_federated_arm(
     rows_path = arm_dir / "rounds.jsonl"
     rows = _read_rows(rows_path)
     adapter_config = arm_adapter_config(config, r_arm, wb, prune=spec["prune"])
+    training = config.training(prune=spec["prune"], nested=bool(spec.get("nested")))
     settings = arm_coordinator_settings(config, arm, r_arm, ranks, wb.seed)
     coordinator = Coordinator(store, **settings)
     with _peft_model(wb, adapter_config, wb.seed) as model:
@@ -305,13 +310,13 @@ def run_federated_arm(
                     client_store,
                     cid,
                     num_examples=len(wb.train[cid]),
-                    prune=spec["prune"],
-                    **_callback_options(spec, config.message_format),
+                    prune=training.prune,
+                    **_callback_options(training, config.message_format),
                 )
                 client_seed = wb.seed * 100_003 + t * 101 + clients.index(cid)
                 trainer = Trainer(
                     model=wb.trainable(model),
-                    args=_training_args(config, arm_dir / "trainer", client_seed, config.local_steps),
+                    args=_training_args(training, arm_dir / "trainer", client_seed, training.local_steps),
                     train_dataset=wb.train_set(cid),
                     data_collator=wb.train_collator(),
                     callbacks=[callback],
@@ -413,8 +418,8 @@ def refresh_window_rows(wb: Workbench, arm: str, arm_dir: Path) -> int:
     return len(stale)
 
 
-def _callback_options(spec: dict[str, Any], message_format: str) -> dict[str, Any]:
-    options: dict[str, Any] = {"nested": True} if spec.get("nested") else {}
+def _callback_options(training: LocalTrainingConfig, message_format: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"nested": True} if training.nested else {}
     # a callback that encodes its own uploads declares the format; otherwise UploadTransform round-trips it
     if message_format != "fp32" and "message_format" in inspect.signature(FederatedClientCallback).parameters:
         options["message_format"] = message_format
@@ -527,7 +532,7 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path, progress: RunProgress | No
             shard = pooled.select([(offset + i) % len(pooled) for i in range(steps * config.batch_size)])
             trainer = Trainer(
                 model=wb.trainable(model),
-                args=_training_args(config, arm_dir / "trainer", wb.seed + t, steps),
+                args=_training_args(config.training(prune=False), arm_dir / "trainer", wb.seed + t, steps),
                 train_dataset=shard,
                 data_collator=wb.train_collator(),
             )
