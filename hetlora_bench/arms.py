@@ -72,36 +72,22 @@ DEFAULT_METHODS = [
     "homlora_rmax_capable",
     "centralized",
 ]
-#: arm settings the Flower engine does not run yet: `run_flower_simulation` takes an arm's ranks, method, pruning and
-#: influence bound; windows, nested prefixes, DP and attackers are settings the in-process Coordinator takes (the
-#: strategy gets them with the one settings record, issue 23 WP3)
-FLOWER_UNSUPPORTED = ("dp_epsilon", "attack", "selection", "nested")
 
 
-def runs_on(arm: str, engine: str) -> bool:
-    """Whether `engine` ('inprocess' or 'flower') runs the arm named `arm` (every arm runs in-process).
-
-    Example:
-        ```py
-        >>> runs_on("window_fedavg", "inprocess"), runs_on("window_fedavg", "flower"), runs_on("flexlora", "flower")
-        (True, False, True)
-        ```
-    """
-    return engine != "flower" or not set(FLOWER_UNSUPPORTED) & set(ARMS[arm])
-
-
-def default_methods(engine: str = "inprocess") -> list[str]:
-    """The arms a run compares when `methods` is not given: `DEFAULT_METHODS` that `engine` runs, in that order.
+def honest_clients(arm: str) -> bool:
+    """Whether every client of `arm` uploads what it trained (False: the poisoned arms, whose attackers alter their
+    upload after training, `client_uploads.UploadTransform`, a client of the in-process engine only). The Flower
+    engine runs every arm with honest clients: windows, DP, nested prefixes and message formats are settings of the
+    arm's `FederationSettings` record and of its `LocalTrainingConfig`, which both engines take; `centralized` is
+    not a federation and trains in-process on either engine.
 
     Example:
         ```py
-        >>> default_methods() == DEFAULT_METHODS
-        True
-        >>> [m for m in DEFAULT_METHODS if m not in default_methods("flower")]
-        ['window_fedavg']
+        >>> honest_clients("window_fedavg"), honest_clients("poisoned_median")
+        (True, False)
         ```
     """
-    return [m for m in DEFAULT_METHODS if runs_on(m, engine)]
+    return not ARMS[arm].get("attack")
 
 
 #: attacks a poisoned arm's attackers apply to their upload (see `simulation.attacks.poison_upload`)
@@ -190,7 +176,7 @@ class SimulationConfig:
     block_size: int = 64
     # federation
     methods: list[str] | None = field(
-        default=None, metadata={"help": "arms to compare (default: default_methods(engine))"}
+        default=None, metadata={"help": "arms to compare (default: DEFAULT_METHODS)"}
     )
     rounds: int = 5
     clients_per_round: int = 4
@@ -238,8 +224,8 @@ class SimulationConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.methods is None:  # engine-aware: the Flower engine leaves out the default arms it does not run
-            self.methods = default_methods(self.engine)
+        if self.methods is None:
+            self.methods = list(DEFAULT_METHODS)
         unknown = [m for m in self.methods if m not in ARMS]
         if unknown:
             raise ValueError(f"Unknown method(s) {unknown}; choose from {list(ARMS)}.")
@@ -260,11 +246,11 @@ class SimulationConfig:
         if not self.seeds:
             raise ValueError("`seeds` must name at least one seed.")
         if self.engine == "flower":
-            special = [m for m in self.methods if not runs_on(m, "flower")]
-            if special or self.message_format != "fp32" or self.quantize is not None:
+            attacked = [m for m in self.methods if not honest_clients(m)]
+            if attacked or self.quantize is not None:
                 raise ValueError(
-                    f"engine='flower' runs the plain arms only (not {special or 'message_format/quantize'}); "
-                    "use engine='inprocess' for the DP, poisoned, window, nested and message-format arms."
+                    f"engine='flower' runs every arm whose clients upload what they trained, on an unquantised base "
+                    f"(not {attacked or 'quantize'}); use engine='inprocess' for the poisoned arms and --quantize."
                 )
         if self.attack not in ATTACKS:
             raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}.")

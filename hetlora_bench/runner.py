@@ -18,6 +18,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from peft_hetlora.config import HetLoRAConfig
-from peft_hetlora.federated import Coordinator, LocalStore, truncate
+from peft_hetlora.federated import Coordinator, FederationSettings, LocalStore, truncate
+from peft_hetlora.federated.round import RoundPlan
 from peft_hetlora.federated.stores import json_text
 from peft_hetlora.flower import LocalTrainingConfig
 from peft_hetlora.known_noise import peft_model_warnings
@@ -244,6 +246,39 @@ def _append_row(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def run_round(
+    coordinator: Coordinator, round_idx: int, train_client: Callable[[RoundPlan, str], None]
+) -> tuple[RoundPlan, dict[str, Any]]:
+    """One round of an in-process federation, the simulator's one loop body: every participant of round
+    `round_idx` that has not uploaded yet trains and uploads to the coordinator's store (``train_client(plan,
+    client_id)``; a client that raises, or does not upload, is left out), then the `Coordinator` closes the round
+    (`round.close_round`). A round an earlier invocation closed is not trained again. Returns the plan and the
+    round's ``summary.json``.
+
+    Used by ``hetlora simulate`` (`run_federated_arm`: Trainer + `FederatedClientCallback` clients) and by
+    `hetlora_bench.engines.run_inprocess_simulation` (the Flower engine's reference: `train_local_round` clients).
+
+    Example:
+        ```py
+        >>> plan, summary = run_round(coordinator, 0, lambda plan, cid: upload_a_round(cid))  # doctest: +SKIP
+        >>> summary["accepted"]  # doctest: +SKIP
+        ['a', 'b']
+        ```
+    """
+    store = coordinator.store
+    closed = store.latest_global().round > round_idx  # closed by an invocation that stopped before recording it
+    plan = coordinator.open_round(round_idx)
+    if not closed:
+        for cid in tqdm(plan.participants, desc=f"round {round_idx} clients", leave=False, unit="client",
+                        disable=None):
+            if cid not in store.list_client_uploads(round_idx):
+                train_client(plan, cid)
+        outcome = coordinator.step(wait=False)
+        if not outcome.startswith("closed"):
+            raise RuntimeError(f"Round {round_idx} did not close ({outcome}); see {getattr(store, 'path', store)}.")
+    return plan, store.read_summary(round_idx)
+
+
 def run_federated_arm(
     wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, int], progress: RunProgress | None = None
 ) -> dict[str, Any]:
@@ -258,7 +293,7 @@ def run_federated_arm(
     adapter_config = arm_adapter_config(config, r_arm, wb, prune=spec["prune"])
     training = config.training(prune=spec["prune"], nested=bool(spec.get("nested")))
     settings = arm_coordinator_settings(config, arm, r_arm, ranks, wb.seed)
-    coordinator = Coordinator(store, **settings)
+    coordinator = Coordinator(store, settings, progress=False)
     with _peft_model(wb, adapter_config, wb.seed) as model:
         if store.latest_global() is None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -281,57 +316,51 @@ def run_federated_arm(
             progress.start_arm(f"{arm} (seed {wb.seed})", done_rounds=min(len(rows) - 1, config.rounds))
         bar = tqdm(total=config.rounds, initial=len(rows) - 1, desc=f"{arm} (seed {wb.seed})", unit="round",
                    disable=None)  # None: a terminal only, never a log file
+        sent_by_round: dict[int, dict[str, dict[str, int]]] = {}  # bytes as sent, per round and client
+
+        def attackers_of(plan: RoundPlan) -> list[str]:
+            if not spec.get("attack"):
+                return []
+            return choose_attackers(plan.participants, config.attack_fraction, seed=wb.seed, round_idx=plan.round)
+
+        def train_client(plan: RoundPlan, cid: str) -> None:
+            client_store = UploadTransform(
+                store,
+                message_format=config.message_format,
+                attack=config.attack if cid in attackers_of(plan) else None,
+                attack_scale=config.attack_scale,
+                honest_copy=arm_dir / "honest_uploads" / f"round-{plan.round}" / f"{cid}.safetensors",
+            )
+            callback = FederatedClientCallback(
+                client_store,
+                cid,
+                num_examples=len(wb.train[cid]),
+                prune=training.prune,
+                **_callback_options(training, config.message_format),
+            )
+            client_seed = wb.seed * 100_003 + plan.round * 101 + clients.index(cid)
+            trainer = Trainer(
+                model=wb.trainable(model),
+                args=_training_args(training, arm_dir / "trainer", client_seed, training.local_steps),
+                train_dataset=wb.train_set(cid),
+                data_collator=wb.train_collator(),
+                callbacks=[callback],
+            )
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+            if client_store.sent_bytes is not None:
+                sent = sent_by_round.setdefault(plan.round, _read_sent(arm_dir, plan.round))
+                sent[cid] = {"sent_bytes": client_store.sent_bytes, "payload_bytes": client_store.payload_bytes}
+                _write_sent(arm_dir, plan.round, sent)
+
         while len(rows) - 1 < config.rounds:
             started = time.perf_counter()
             t = len(rows) - 1
-            # closed by an earlier invocation that stopped before recording it: record it, do not retrain
-            closed = store.latest_global().round > t
-            plan = coordinator.open_round(t)
-            attackers = (
-                choose_attackers(plan.participants, config.attack_fraction, seed=wb.seed, round_idx=t)
-                if spec.get("attack")
-                else []
-            )
-            sent = _read_sent(arm_dir, t)
-            for cid in tqdm(
-                [] if closed else plan.participants, desc=f"round {t} clients", leave=False, unit="client",
-                disable=None,
-            ):
-                if cid in store.list_client_uploads(t):
-                    continue
-                client_store = UploadTransform(
-                    store,
-                    message_format=config.message_format,
-                    attack=config.attack if cid in attackers else None,
-                    attack_scale=config.attack_scale,
-                    honest_copy=arm_dir / "honest_uploads" / f"round-{t}" / f"{cid}.safetensors",
-                )
-                callback = FederatedClientCallback(
-                    client_store,
-                    cid,
-                    num_examples=len(wb.train[cid]),
-                    prune=training.prune,
-                    **_callback_options(training, config.message_format),
-                )
-                client_seed = wb.seed * 100_003 + t * 101 + clients.index(cid)
-                trainer = Trainer(
-                    model=wb.trainable(model),
-                    args=_training_args(training, arm_dir / "trainer", client_seed, training.local_steps),
-                    train_dataset=wb.train_set(cid),
-                    data_collator=wb.train_collator(),
-                    callbacks=[callback],
-                )
-                trainer.remove_callback(PrinterCallback)
-                trainer.train()
-                if client_store.sent_bytes is not None:
-                    sent[cid] = {"sent_bytes": client_store.sent_bytes, "payload_bytes": client_store.payload_bytes}
-                    _write_sent(arm_dir, t, sent)
+            plan, summary = run_round(coordinator, t, train_client)
+            attackers = attackers_of(plan)
+            sent = sent_by_round.get(t) or _read_sent(arm_dir, t)
             global_t = load_file(str(store.get_global(t).path / ADAPTER_FILE))
             downloads = _held_download_bytes(global_t, spec, r_arm, {c: plan.ranks[c] for c in plan.participants})
-            outcome = "closed earlier" if closed else coordinator.step(wait=False)
-            if not outcome.startswith("closed"):
-                raise RuntimeError(f"Round {t} of {arm} did not close ({outcome}); see {store.path}.")
-            summary = store.read_summary(t)
             latest = store.get_global(t + 1)
             latest_weights = load_file(str(latest.path / ADAPTER_FILE))
             _load_global(model, latest_weights, r_arm)
@@ -376,7 +405,7 @@ def run_federated_arm(
         "message_format": config.message_format,
     }
     if "dp_epsilon" in spec:
-        info["dp"] = settings["dp"].to_dict()
+        info["dp"] = settings.dp.to_dict()
     if spec.get("attack"):
         info["attack"] = {"kind": config.attack, "fraction": config.attack_fraction, "scale": config.attack_scale}
     return info
@@ -443,8 +472,10 @@ def _write_sent(arm_dir: Path, t: int, sent: dict[str, dict[str, int]]) -> None:
 
 def arm_coordinator_settings(
     config: SimulationConfig, arm: str, r_arm: int, ranks: dict[str, int], seed: int
-) -> dict[str, Any]:
-    """The `Coordinator` keyword arguments of an arm (DP settings, component selection) besides the store.
+) -> FederationSettings:
+    """The federation settings record of an arm (`FederationSettings`): what both engines run it with (the
+    in-process `Coordinator` and the Flower `HetLoRAStrategy`): method, ranks, clients, sampling, clip, DP,
+    component selection.
 
     DP arms: `DPConfig(target_epsilon=..., rounds=config.rounds, sampling_rate=clients_per_round / N,
     population=N)` (so delta = 1 / N**1.1, Poisson sampling) with clip ``config.dp_clip`` and the expected
@@ -454,29 +485,19 @@ def arm_coordinator_settings(
     Example:
         ```py
         >>> cfg = SimulationConfig.from_sources(profile="quick")
-        >>> arm_coordinator_settings(cfg, "rankwise", 8, {"a": 2, "b": 8}, 0)["method"]
-        'rankwise'
+        >>> settings = arm_coordinator_settings(cfg, "window_fedavg", 8, {"a": 2, "b": 8}, 0)
+        >>> settings.method, settings.component_selection, settings.clients, settings.rank_policy.kind
+        ('component_fedavg', 'coverage', ('a', 'b'), 'explicit')
         ```
     """
     spec = ARMS[arm]
     clients = sorted(ranks)
     per_round = min(config.clients_per_round, len(clients))
-    settings: dict[str, Any] = {
-        "method": spec["aggregation"],
-        "r_max": r_arm,
-        "r_min": min(config.r_min, r_arm),
-        "clients": clients,
-        "rank_policy": ranks,
-        "clients_per_round": per_round,
-        "rounds": config.rounds,
-        "seed": seed,
-        "clip_norm": config.clip_norm,
-        "progress": False,
-    }
+    dp = None
     if "dp_epsilon" in spec:
         from peft_hetlora.federated.aggregation.privacy import DPConfig
 
-        settings["dp"] = DPConfig(
+        dp = DPConfig(
             clip=config.dp_clip,
             target_epsilon=float(spec["dp_epsilon"]),
             rounds=config.rounds,
@@ -486,11 +507,14 @@ def arm_coordinator_settings(
             # public: the device ranks, not the data; component j is divided by q * N * coverage_j
             expected_coverage=tuple(sum(r > j for r in ranks.values()) / len(clients) for j in range(r_arm)),
         )
-    if "selection" in spec:
-        settings["component_selection"] = spec["selection"]
-        if "anchor" in spec:
-            settings["anchor"] = r_arm if spec["anchor"] == "r_max" else min(int(spec["anchor"]), r_arm)
-    return settings
+    anchor = None
+    if "anchor" in spec:
+        anchor = r_arm if spec["anchor"] == "r_max" else min(int(spec["anchor"]), r_arm)
+    return FederationSettings.from_kwargs(
+        method=spec["aggregation"], r_max=r_arm, r_min=min(config.r_min, r_arm), clients=clients, rank_policy=ranks,
+        clients_per_round=per_round, rounds=config.rounds, seed=seed, clip_norm=config.clip_norm, dp=dp,
+        component_selection=spec.get("selection"), anchor=anchor,
+    )
 
 
 def run_centralized_arm(wb: Workbench, arm_dir: Path, progress: RunProgress | None = None) -> dict[str, Any]:
