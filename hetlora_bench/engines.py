@@ -451,8 +451,7 @@ def run_inprocess_simulation(
         if store is None:
             store = LocalStore(stack.enter_context(tempfile.TemporaryDirectory(prefix="hetlora-inprocess-")),
                                create=True)
-        # every client has its turn before a round closes: the coordinator need not wait for more than one upload
-        coordinator = Coordinator(store, setup.settings.replace(rounds=rounds, min_clients=1), progress=False)
+        coordinator = Coordinator(store, setup.settings.replace(rounds=rounds), progress=False)
         stack.callback(gc.unfreeze)
         stack.callback(torch.set_num_threads, threads)
         coordinator.init(state_dict=setup.initial, adapter_config=setup.config)

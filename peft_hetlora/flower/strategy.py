@@ -110,40 +110,49 @@ class HetLoRAStrategy(FedAvg):
     Args:
         adapter_config: the federation's `HetLoRAConfig` (or its dict / JSON): ``r`` is ``r_max``; clients get a copy
             with their own ``rank``.
-        method: aggregation method (``AGGREGATION_METHODS``; default ``DEFAULT_METHOD``, ``"flexlora_held"``, the
-            study's winner; ``"component"`` when ``component_selection`` names windows; ``"hetlora"`` for the paper's
-            rule).
-        r_min: smallest rank (default: the config's ``r_min``).
-        rank_policy: initial ranks: a `RankPolicy`, a policy name or ``{client_id: rank}`` (default: ``"uniform"``;
-            ``"constant"`` at ``r_max`` for ``fedavg``). Without ``clients`` only per-client policies work
-            (uniform, constant, explicit, budget).
-        clients: optional roster of client ids; nodes reporting other ids are not selected.
-        clients_per_round: clients sampled per round (default: ``max(fraction_train * connected, min_train_nodes)``).
+        settings: the federation's settings record (`peft_hetlora.federated.FederationSettings`, the one the
+            `Coordinator` takes; `from_settings` is the same call). Or give its fields as keywords (the keyword form
+            builds the record, then goes the same way):
+
+            - ``method``: aggregation method (``AGGREGATION_METHODS``; default ``DEFAULT_METHOD``,
+              ``"flexlora_held"``, the study's winner; ``"component"`` when ``component_selection`` names windows;
+              ``"hetlora"`` for the paper's rule).
+            - ``r_min``: smallest rank (default: the config's ``r_min``).
+            - ``rank_policy``: initial ranks: a `RankPolicy`, a policy name or ``{client_id: rank}`` (default:
+              ``"uniform"``; ``"constant"`` at ``r_max`` for ``fedavg``). Without ``clients`` only per-client
+              policies work (uniform, constant, explicit, budget).
+            - ``clients``: optional roster of client ids; nodes reporting other ids are not selected.
+            - ``clients_per_round``: clients sampled per round (default: ``max(fraction_train * connected,
+              min_train_nodes)``).
+            - ``seed``: seeds client sampling and the clients' local training seeds.
+            - ``scaling``: ``s`` for norms and clipping (default ``lora_alpha / r_max``, or rsLoRA's).
+            - ``clip_norm``: the influence bound, as in `Coordinator`: None (default) gives
+              `influence.DEFAULT_INFLUENCE_BOUND` (``"adaptive"``); a number ``C`` fixes it; ``"off"`` turns it off.
+            - ``next_rank``: ``"rank_out"`` (a client's next rank is what it reported after pruning) or
+              ``"initial"``.
+            - ``dp``: a `peft_hetlora.federated.aggregation.privacy.DPConfig`: rounds are aggregated with
+              ``dp_aggregate`` (previous = the global sent), clients are Poisson-sampled at ``dp.sampling_rate``,
+              summaries record ``privacy``; ``dp_noise_seed``: derive the DP noise from ``seed`` (reproducible tests
+              only).
+            - ``component_selection``: which global components each sampled client trains
+              (docs/design.md#component-rule): ``"prefix"`` (HetLoRA: the global truncated to its rank; the default
+              when ``method`` is given or with ``dp``), ``"rolling"`` or ``"coverage"`` (the default when no method
+              is given; a window: the client receives the whole global and ``components`` in its ConfigRecord,
+              trains those components with the rest frozen and returns them with their indices in its
+              MetricRecord). Needs a method that accepts component-indexed uploads (the ``accepts_components``
+              capability: `round.window_methods`) and no ``dp``; ``anchor``: components ``0 .. anchor-1`` are in
+              every window.
+            - ``message_formats``: the compressed reply formats clients may declare (``message-format`` in their
+              reply's ``message`` ConfigRecord: ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8-block<B>"``); None
+              allows all. Replies are checked against their declaration and decoded to float32 before aggregation;
+              the global goes out in fp32. ``max_examples``: the largest ``num-examples`` a reply may claim.
+
+            The coordinator's own settings (``min_clients``, ``max_upload_bytes``, ``deadline_s``,
+            ``allow_per_module_ranks``, ``require_global_revision``) and an ``r_max`` other than the config's ``r``
+            are refused (ValueError).
         fraction_train, min_train_nodes, min_available_nodes, fraction_evaluate, min_evaluate_nodes: as in `FedAvg`.
         min_replies: accepted uploads needed to update the global adapter (else it is carried over unchanged).
-        seed: seeds client sampling and the clients' local training seeds.
-        scaling: ``s`` for norms and clipping (default ``lora_alpha / r_max``, or rsLoRA's).
-        clip_norm: the influence bound, as in `Coordinator`: None (default) gives
-            `influence.DEFAULT_INFLUENCE_BOUND` (``"adaptive"``); a number ``C`` fixes it; ``"off"`` turns it off.
         weighting: passed to `aggregate`.
-        next_rank: ``"rank_out"`` (a client's next rank is what it reported after pruning) or ``"initial"``.
-        dp: a `peft_hetlora.federated.aggregation.privacy.DPConfig`: rounds are aggregated with ``dp_aggregate``
-            (previous = the global sent), clients are Poisson-sampled at ``dp.sampling_rate``, summaries record
-            ``privacy``.
-        dp_noise_seed: derive the DP noise from ``seed`` (reproducible tests only).
-        component_selection: which global components each sampled client trains (docs/design.md#component-rule):
-        ``"prefix"``
-            (HetLoRA: the global truncated to its rank; the default when ``method`` is given or with ``dp``),
-            ``"rolling"`` or ``"coverage"`` (the default when no method is given; a window: the
-            client receives the whole global and ``components`` in its ConfigRecord, trains those components with the
-            rest frozen and returns them with their indices in its MetricRecord). Needs a method that accepts
-            component-indexed uploads (the ``accepts_components`` capability: `round.window_methods`)
-            and no ``dp``.
-        anchor: components ``0 .. anchor-1`` are in every window.
-        message_formats: the compressed reply formats clients may declare (``message-format`` in their reply's
-            ``message`` ConfigRecord: ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8-block<B>"``); None allows all.
-            Replies are checked against their declaration and decoded to float32 before aggregation; the global goes
-            out in fp32.
         training: local training settings sent to the clients (`LocalTrainingConfig`).
         store: mirror every round to this `AdapterStore` in the coordinator's layout.
         query_timeout: seconds to wait for nodes to report their client id.
