@@ -3,9 +3,11 @@
 `run_flower_simulation` is what ``hetlora simulate --engine flower`` calls: one `HetLoRAStrategy` ServerApp, one
 HetLoRA `ClientApp` per virtual SuperNode (partition ``i`` is client ``client_ids[i]``),
 `flwr.simulation.run_simulation` with bounded Ray resources. `run_inprocess_simulation` runs the same experiment
-without Flower: the same rank policy, client sampling, local training function, seeds and `aggregate` call, so the
-two give the same global adapter up to float rounding (what the tests check) and their wall times compare the
-engines (the benchmark).
+without Flower, as a thin call into the simulator's one in-process loop (`run_round`: a
+`Coordinator` over a store) with `train_local_round` clients. Both take the federation's settings as one
+`FederationSettings` record (or keywords that build it, `simulation_settings`) and the local training as one
+`LocalTrainingConfig`, so they give the same global adapter bit for bit (what the tests check) and their wall times
+compare the engines (the benchmark).
 
 Example:
     ```py
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from peft_hetlora.federated import (
     AdapterStore,
@@ -382,6 +385,38 @@ def run_flower_simulation(
     )
 
 
+def run_round(
+    coordinator: Coordinator, round_idx: int, train_client: Callable[[RoundPlan, str], None]
+) -> tuple[RoundPlan, dict[str, Any]]:
+    """One round of an in-process federation, the simulator's one loop body: every participant of round
+    `round_idx` that has not uploaded yet trains and uploads to the coordinator's store (``train_client(plan,
+    client_id)``; a client that does not upload is left out), then the `Coordinator` closes the round
+    (`round.close_round`) with the uploads there are. A round an earlier invocation closed is not trained again.
+    Returns the plan and the round's ``summary.json``.
+
+    Used by ``hetlora simulate`` (`runner.run_federated_arm`: Trainer + `FederatedClientCallback` clients) and by
+    `run_inprocess_simulation` (the Flower engine's reference: `train_local_round` clients).
+
+    Example:
+        ```py
+        >>> plan, summary = run_round(coordinator, 0, lambda plan, cid: upload_a_round(cid))  # doctest: +SKIP
+        >>> summary["accepted"]  # doctest: +SKIP
+        ['a', 'b']
+        ```
+    """
+    store = coordinator.store
+    closed = store.latest_global().round > round_idx  # closed by an invocation that stopped before recording it
+    plan = coordinator.open_round(round_idx)
+    if not closed:
+        for cid in tqdm(plan.participants, desc=f"round {round_idx} clients", leave=False, unit="client",
+                        disable=None):
+            if cid not in store.list_client_uploads(round_idx):
+                train_client(plan, cid)
+        if coordinator.step(wait=False) == "waiting":  # every participant had its turn: close with what came
+            coordinator.close_round(round_idx)
+    return plan, store.read_summary(round_idx)
+
+
 def run_inprocess_simulation(
     task_fn: TaskFn | None = None,
     *,
@@ -412,7 +447,7 @@ def run_inprocess_simulation(
     num_threads: int | None = None,
 ) -> FederationRun:
     """The same experiment as `run_flower_simulation`, in this process, without Flower: the simulator's one
-    in-process loop (`hetlora_bench.runner.run_round`: a `Coordinator` over a store, here a temporary `LocalStore`
+    in-process loop (`run_round`: a `Coordinator` over a store, here a temporary `LocalStore`
     unless ``store`` is given) with `train_local_round` clients, one after another.
 
     The same settings record (`simulation_settings`), rank policy, seeded client sampling, windows, local training
@@ -426,8 +461,6 @@ def run_inprocess_simulation(
         ref = run_inprocess_simulation(ToyTask(), num_clients=10, adapter_config=config, rounds=2)
         ```
     """
-    from .runner import run_round
-
     setup = _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, settings,
                    dict(method=method, ranks=ranks, r_min=r_min, clients_per_round=clients_per_round, seed=seed,
                         clip_norm=clip_norm, next_rank=next_rank, dp=dp),

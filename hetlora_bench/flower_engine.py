@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_hetlora.federated import LocalStore
 
-from .arm_setup import arm_adapter_config, arm_ranks
+from .arm_setup import arm_adapter_config, arm_coordinator_settings, arm_ranks
 from .arms import ARMS
 
 
@@ -30,10 +30,9 @@ def load_base_model(model_dir: str) -> torch.nn.Module:
 
 def run_flower_arm(wb: Any, arm: str, arm_dir: Path, ranks0: dict[str, int]) -> dict[str, Any]:
     """Run one federated arm on Flower and return its metrics `{"rounds": [...], ...}`: the arm's settings record
-    (`runner.arm_coordinator_settings`, as the in-process engine's `Coordinator` takes it) and local training record
+    (`arm_setup.arm_coordinator_settings`, as the in-process engine's `Coordinator` takes it) and local training record
     (`SimulationConfig.training`)."""
     from .engines import run_flower_simulation
-    from .runner import arm_coordinator_settings
 
     config = wb.config
     spec = ARMS[arm]

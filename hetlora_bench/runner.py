@@ -18,7 +18,6 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from peft_hetlora.config import HetLoRAConfig
-from peft_hetlora.federated import Coordinator, FederationSettings, LocalStore, truncate
+from peft_hetlora.federated import Coordinator, LocalStore, truncate
 from peft_hetlora.federated.round import RoundPlan
 from peft_hetlora.federated.stores import json_text
 from peft_hetlora.flower import LocalTrainingConfig
@@ -41,10 +40,11 @@ from trainer_callbacks import FederatedClientCallback
 from .activation_cache import (
     CachedBlocks,
 )
-from .arm_setup import arm_adapter_config, arm_ranks
+from .arm_setup import arm_adapter_config, arm_coordinator_settings, arm_ranks
 from .arms import ARMS, SimulationConfig
 from .attacks import choose_attackers
 from .client_uploads import UploadTransform
+from .engines import run_round
 from .report import write_report
 from .workbench import Workbench, prepare
 
@@ -246,38 +246,6 @@ def _append_row(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def run_round(
-    coordinator: Coordinator, round_idx: int, train_client: Callable[[RoundPlan, str], None]
-) -> tuple[RoundPlan, dict[str, Any]]:
-    """One round of an in-process federation, the simulator's one loop body: every participant of round
-    `round_idx` that has not uploaded yet trains and uploads to the coordinator's store (``train_client(plan,
-    client_id)``; a client that does not upload is left out), then the `Coordinator` closes the round
-    (`round.close_round`) with the uploads there are. A round an earlier invocation closed is not trained again.
-    Returns the plan and the round's ``summary.json``.
-
-    Used by ``hetlora simulate`` (`run_federated_arm`: Trainer + `FederatedClientCallback` clients) and by
-    `hetlora_bench.engines.run_inprocess_simulation` (the Flower engine's reference: `train_local_round` clients).
-
-    Example:
-        ```py
-        >>> plan, summary = run_round(coordinator, 0, lambda plan, cid: upload_a_round(cid))  # doctest: +SKIP
-        >>> summary["accepted"]  # doctest: +SKIP
-        ['a', 'b']
-        ```
-    """
-    store = coordinator.store
-    closed = store.latest_global().round > round_idx  # closed by an invocation that stopped before recording it
-    plan = coordinator.open_round(round_idx)
-    if not closed:
-        for cid in tqdm(plan.participants, desc=f"round {round_idx} clients", leave=False, unit="client",
-                        disable=None):
-            if cid not in store.list_client_uploads(round_idx):
-                train_client(plan, cid)
-        if coordinator.step(wait=False) == "waiting":  # every participant had its turn: close with what came
-            coordinator.close_round(round_idx)
-    return plan, store.read_summary(round_idx)
-
-
 def run_federated_arm(
     wb: Workbench, arm: str, arm_dir: Path, ranks0: dict[str, int], progress: RunProgress | None = None
 ) -> dict[str, Any]:
@@ -467,53 +435,6 @@ def _write_sent(arm_dir: Path, t: int, sent: dict[str, dict[str, int]]) -> None:
     path = _sent_path(arm_dir, t)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(sent, sort_keys=True))
-
-
-def arm_coordinator_settings(
-    config: SimulationConfig, arm: str, r_arm: int, ranks: dict[str, int], seed: int
-) -> FederationSettings:
-    """The federation settings record of an arm (`FederationSettings`): what both engines run it with (the
-    in-process `Coordinator` and the Flower `HetLoRAStrategy`): method, ranks, clients, sampling, clip, DP,
-    component selection.
-
-    DP arms: `DPConfig(target_epsilon=..., rounds=config.rounds, sampling_rate=clients_per_round / N,
-    population=N)` (so delta = 1 / N**1.1, Poisson sampling) with clip ``config.dp_clip`` and the expected
-    coverage of each component from the (public) device ranks. DP arms do not self-prune: a pruned rank is a
-    data-dependent value the server would see outside the noise.
-
-    Example:
-        ```py
-        >>> cfg = SimulationConfig.from_sources(profile="quick")
-        >>> settings = arm_coordinator_settings(cfg, "window_fedavg", 8, {"a": 2, "b": 8}, 0)
-        >>> settings.method, settings.component_selection, settings.clients, settings.rank_policy.kind
-        ('component_fedavg', 'coverage', ('a', 'b'), 'explicit')
-        ```
-    """
-    spec = ARMS[arm]
-    clients = sorted(ranks)
-    per_round = min(config.clients_per_round, len(clients))
-    dp = None
-    if "dp_epsilon" in spec:
-        from peft_hetlora.federated.aggregation.privacy import DPConfig
-
-        dp = DPConfig(
-            clip=config.dp_clip,
-            target_epsilon=float(spec["dp_epsilon"]),
-            rounds=config.rounds,
-            sampling_rate=per_round / len(clients),
-            population=len(clients),
-            accountant=config.dp_accountant,
-            # public: the device ranks, not the data; component j is divided by q * N * coverage_j
-            expected_coverage=tuple(sum(r > j for r in ranks.values()) / len(clients) for j in range(r_arm)),
-        )
-    anchor = None
-    if "anchor" in spec:
-        anchor = r_arm if spec["anchor"] == "r_max" else min(int(spec["anchor"]), r_arm)
-    return FederationSettings.from_kwargs(
-        method=spec["aggregation"], r_max=r_arm, r_min=min(config.r_min, r_arm), clients=clients, rank_policy=ranks,
-        clients_per_round=per_round, rounds=config.rounds, seed=seed, clip_norm=config.clip_norm, dp=dp,
-        component_selection=spec.get("selection"), anchor=anchor,
-    )
 
 
 def run_centralized_arm(wb: Workbench, arm_dir: Path, progress: RunProgress | None = None) -> dict[str, Any]:

@@ -3,7 +3,7 @@ globals, bit for bit, for every kind of arm (prefix with self-pruning, windows, 
 
 The Flower side is `HetLoRAStrategy` driving the real HetLoRA `ClientApp` through an in-process grid (no Ray); the
 in-process side is `run_inprocess_simulation`, a `Coordinator` over a `LocalStore` closing each round in
-`hetlora_bench.runner.run_round` (what ``hetlora simulate`` runs). Both take one `FederationSettings` record and one
+`hetlora_bench.engines.run_round` (what ``hetlora simulate`` runs). Both take one `FederationSettings` record and one
 `LocalTrainingConfig`. The prefix case is also checked against the independent numpy reference of `test_flower`.
 """
 

@@ -156,7 +156,7 @@ def test_report_sections_from_synthetic_metrics(tmp_path):
 
 # --------------------------------------------------------------------------------------------- settings
 def test_dp_arm_settings_follow_the_issue():
-    from hetlora_bench.runner import arm_coordinator_settings
+    from hetlora_bench.arm_setup import arm_coordinator_settings
 
     cfg = SimulationConfig.from_sources(profile="quick", overrides={"dp_clip": 0.5})
     ranks = {"c0": 2, "c1": 2, "c2": 4, "c3": 8, "c4": 2, "c5": 6}
@@ -169,7 +169,7 @@ def test_dp_arm_settings_follow_the_issue():
 
 
 def test_window_arms_set_the_coordinators_component_selection():
-    from hetlora_bench.runner import arm_coordinator_settings
+    from hetlora_bench.arm_setup import arm_coordinator_settings
 
     cfg = SimulationConfig.from_sources(profile="quick")
     ranks = {f"c{i}": 2 for i in range(6)}

@@ -6,9 +6,8 @@ import dataclasses
 
 import pytest
 
-from hetlora_bench.arm_setup import arm_ranks
+from hetlora_bench.arm_setup import arm_coordinator_settings, arm_ranks
 from hetlora_bench.arms import ARMS, DEFAULT_METHODS, PROFILES, SimulationConfig, honest_clients
-from hetlora_bench.runner import arm_coordinator_settings
 from peft_hetlora.federated import FederationSettings
 from peft_hetlora.flower import LocalTrainingConfig
 
