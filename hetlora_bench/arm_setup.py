@@ -1,4 +1,5 @@
-"""What an arm trains: its ranks and its adapter config (shared by the in-process and the Flower engine)."""
+"""What an arm runs with: its ranks, its adapter config and its federation settings record (shared by the in-process
+and the Flower engine)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import math
 from typing import Any
 
 from peft_hetlora.config import HetLoRAConfig, scaling_for
+from peft_hetlora.federated import FederationSettings
 
 from .arms import ARMS, SimulationConfig
 
-__all__ = ["arm_adapter_config", "arm_ranks"]
+__all__ = ["arm_adapter_config", "arm_coordinator_settings", "arm_ranks"]
 
 
 def arm_ranks(config: SimulationConfig, arm: str, initial_ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
@@ -69,4 +71,53 @@ def arm_adapter_config(config: SimulationConfig, r: int, wb: Any, prune: bool = 
         prune_gamma=config.prune_gamma,
         base_model_name_or_path=str(wb.model_dir),
         task_type="CAUSAL_LM",
+    )
+
+
+def arm_coordinator_settings(
+    config: SimulationConfig, arm: str, r_arm: int, ranks: dict[str, int], seed: int
+) -> FederationSettings:
+    """The federation settings record of an arm (`FederationSettings`): what both engines run it with (the
+    in-process `Coordinator` and the Flower `HetLoRAStrategy`): method, ranks, clients, sampling, clip, DP,
+    component selection.
+
+    DP arms: `DPConfig(target_epsilon=..., rounds=config.rounds, sampling_rate=clients_per_round / N,
+    population=N)` (so delta = 1 / N**1.1, Poisson sampling) with clip ``config.dp_clip`` and the expected
+    coverage of each component from the (public) device ranks. DP arms do not self-prune: a pruned rank is a
+    data-dependent value the server would see outside the noise.
+
+    Example:
+        ```py
+        >>> cfg = SimulationConfig.from_sources(profile="quick")
+        >>> settings = arm_coordinator_settings(cfg, "window_fedavg", 8, {"a": 2, "b": 8}, 0)
+        >>> settings.method, settings.component_selection, settings.clients, settings.rank_policy.kind
+        ('component_fedavg', 'coverage', ('a', 'b'), 'explicit')
+        ```
+    """
+    spec = ARMS[arm]
+    clients = sorted(ranks)
+    per_round = min(config.clients_per_round, len(clients))
+    dp = None
+    if "dp_epsilon" in spec:
+        from peft_hetlora.federated.aggregation.privacy import DPConfig
+
+        dp = DPConfig(
+            clip=config.dp_clip,
+            target_epsilon=float(spec["dp_epsilon"]),
+            rounds=config.rounds,
+            sampling_rate=per_round / len(clients),
+            population=len(clients),
+            accountant=config.dp_accountant,
+            # public: the device ranks, not the data; component j is divided by q * N * coverage_j
+            expected_coverage=tuple(sum(r > j for r in ranks.values()) / len(clients) for j in range(r_arm)),
+        )
+    anchor = None
+    if "anchor" in spec:
+        anchor = r_arm if spec["anchor"] == "r_max" else min(int(spec["anchor"]), r_arm)
+    return FederationSettings.from_kwargs(
+        method=spec["aggregation"], r_max=r_arm, r_min=min(config.r_min, r_arm), clients=clients, rank_policy=ranks,
+        clients_per_round=per_round, rounds=config.rounds, seed=seed, clip_norm=config.clip_norm, dp=dp,
+        component_selection=spec.get("selection"), anchor=anchor,
+        server_optimizer=(config.server_optimizer(spec["server_optimizer"]) if "server_optimizer" in spec else None),
+        error_feedback=True if spec.get("error_feedback") else None,
     )

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from peft_hetlora.federated import AGGREGATION_METHODS
+from peft_hetlora.flower import LocalTrainingConfig
 
 #: experiment arms `hetlora simulate` can run, in report order
 ARMS: dict[str, dict[str, Any]] = {
@@ -89,36 +90,22 @@ DEFAULT_METHODS = [
     "homlora_rmax_capable",
     "centralized",
 ]
-#: arm settings the Flower engine does not run yet: `run_flower_simulation` takes an arm's ranks, method, pruning and
-#: influence bound; windows, nested prefixes, DP and attackers are settings the in-process Coordinator takes (the
-#: strategy gets them with the one settings record, issue 23 WP3)
-FLOWER_UNSUPPORTED = ("dp_epsilon", "attack", "selection", "nested", "server_optimizer", "error_feedback")
 
 
-def runs_on(arm: str, engine: str) -> bool:
-    """Whether `engine` ('inprocess' or 'flower') runs the arm named `arm` (every arm runs in-process).
-
-    Example:
-        ```py
-        >>> runs_on("window_fedavg", "inprocess"), runs_on("window_fedavg", "flower"), runs_on("flexlora", "flower")
-        (True, False, True)
-        ```
-    """
-    return engine != "flower" or not set(FLOWER_UNSUPPORTED) & set(ARMS[arm])
-
-
-def default_methods(engine: str = "inprocess") -> list[str]:
-    """The arms a run compares when `methods` is not given: `DEFAULT_METHODS` that `engine` runs, in that order.
+def honest_clients(arm: str) -> bool:
+    """Whether every client of `arm` uploads what it trained (False: the poisoned arms, whose attackers alter their
+    upload after training, `client_uploads.UploadTransform`, a client of the in-process engine only). The Flower
+    engine runs every arm with honest clients: windows, DP, nested prefixes and message formats are settings of the
+    arm's `FederationSettings` record and of its `LocalTrainingConfig`, which both engines take; `centralized` is
+    not a federation and trains in-process on either engine.
 
     Example:
         ```py
-        >>> default_methods() == DEFAULT_METHODS
-        True
-        >>> [m for m in DEFAULT_METHODS if m not in default_methods("flower")]
-        ['window_fedavg']
+        >>> honest_clients("window_fedavg"), honest_clients("poisoned_median")
+        (True, False)
         ```
     """
-    return [m for m in DEFAULT_METHODS if runs_on(m, engine)]
+    return not ARMS[arm].get("attack")
 
 
 #: attacks a poisoned arm's attackers apply to their upload (see `simulation.attacks.poison_upload`)
@@ -127,9 +114,14 @@ ATTACKS = ("scale", "sign_flip", "unbalanced")
 #: settings that do not change results: a run folder may be resumed with other values
 _RESULT_NEUTRAL = ("methods", "seeds", "engine", "rounds", "activation_cache", "activation_cache_max_mb", "reference")
 
+#: the local training settings of the study (every profile starts from them; `LocalTrainingConfig` holds the
+#: library's defaults, which a profile does not follow silently)
+STUDY_TRAINING: dict[str, Any] = {"local_steps": 4, "batch_size": 4, "learning_rate": 3e-4, "eval_batch_size": 16}
+
 PROFILES: dict[str, dict[str, Any]] = {
     # tiny random Llama with the real tokenizer: an end-to-end check in about a minute on 2 CPU cores
     "quick": {
+        **STUDY_TRAINING,
         "model": "tiny",
         "num_clients": 6,
         "clients_per_round": 3,
@@ -149,9 +141,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     # the README's main job: SmolLM2-135M on chitchat, all arms, ~11 minutes on 2 CPU cores (activation cache);
     # lr 4e-3: the default method's (flexlora_held's, as flexlora's) rate chosen on client validation data by the study
     # (benchmarks/README.md; 3e-4 and 1e-3 before it)
-    "cpu": {"learning_rate": 4e-3},
+    "cpu": {**STUDY_TRAINING, "learning_rate": 4e-3},
     # the same experiment at a size that needs a GPU: more clients, rounds and steps, longer blocks
     "gpu": {
+        **STUDY_TRAINING,
         "num_clients": 100,
         "clients_per_round": 10,
         "rounds": 50,
@@ -201,13 +194,14 @@ class SimulationConfig:
     block_size: int = 64
     # federation
     methods: list[str] | None = field(
-        default=None, metadata={"help": "arms to compare (default: default_methods(engine))"}
+        default=None, metadata={"help": "arms to compare (default: DEFAULT_METHODS)"}
     )
     rounds: int = 5
     clients_per_round: int = 4
-    local_steps: int = 4
-    batch_size: int = 4
-    learning_rate: float = 3e-4
+    # local training: the fields of the one training-settings record (`training()`), its defaults
+    local_steps: int = LocalTrainingConfig.local_steps
+    batch_size: int = LocalTrainingConfig.batch_size
+    learning_rate: float = LocalTrainingConfig.learning_rate
     r_min: int = 2
     r_max: int = 16
     lora_alpha: float = 32.0
@@ -237,8 +231,8 @@ class SimulationConfig:
                 "{lr: 0.01, tau: 0.001}} (unset: round.SERVER_OPTIMIZERS' defaults; docs/aggregation.md)"})
     # run
     seeds: list[int] = field(default_factory=lambda: [0])
-    eval_batch_size: int = 16
-    bf16: bool = False
+    eval_batch_size: int = LocalTrainingConfig.eval_batch_size
+    bf16: bool = LocalTrainingConfig.bf16
     engine: str = "inprocess"
     reference: str | None = field(
         default=None, metadata={"help": "method the report pairs every other with per seed (default homlora_rmax)"}
@@ -252,8 +246,8 @@ class SimulationConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.methods is None:  # engine-aware: the Flower engine leaves out the default arms it does not run
-            self.methods = default_methods(self.engine)
+        if self.methods is None:
+            self.methods = list(DEFAULT_METHODS)
         unknown = [m for m in self.methods if m not in ARMS]
         if unknown:
             raise ValueError(f"Unknown method(s) {unknown}; choose from {list(ARMS)}.")
@@ -274,11 +268,11 @@ class SimulationConfig:
         if not self.seeds:
             raise ValueError("`seeds` must name at least one seed.")
         if self.engine == "flower":
-            special = [m for m in self.methods if not runs_on(m, "flower")]
-            if special or self.message_format != "fp32" or self.quantize is not None:
+            attacked = [m for m in self.methods if not honest_clients(m)]
+            if attacked or self.quantize is not None:
                 raise ValueError(
-                    f"engine='flower' runs the plain arms only (not {special or 'message_format/quantize'}); "
-                    "use engine='inprocess' for the DP, poisoned, window, nested and message-format arms."
+                    f"engine='flower' runs every arm whose clients upload what they trained, on an unquantised base "
+                    f"(not {attacked or 'quantize'}); use engine='inprocess' for the poisoned arms and --quantize."
                 )
         if self.attack not in ATTACKS:
             raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}.")
@@ -323,6 +317,23 @@ class SimulationConfig:
     def capable(self) -> int:
         """The rank a client must afford to count as 'capable' (HomLoRA(r_max) on capable clients only)."""
         return self.capable_rank or self.r_max
+
+    def training(self, *, prune: bool, nested: bool = False, use_cpu: bool = False) -> LocalTrainingConfig:
+        """The local training settings of a client of an arm (`peft_hetlora.flower.LocalTrainingConfig`, the one
+        record both engines train with): this config's steps, batch sizes, rate and precision.
+
+        Example:
+            ```py
+            >>> cfg = SimulationConfig.from_sources(profile="quick")
+            >>> t = cfg.training(prune=False)
+            >>> (t.local_steps, t.batch_size, t.learning_rate, t.prune) == (cfg.local_steps, cfg.batch_size,
+            ...                                                             cfg.learning_rate, False)
+            True
+            ```
+        """
+        return LocalTrainingConfig(local_steps=self.local_steps, batch_size=self.batch_size,
+                                   learning_rate=self.learning_rate, eval_batch_size=self.eval_batch_size,
+                                   bf16=self.bf16, prune=prune, nested=nested, use_cpu=use_cpu)
 
     @classmethod
     def field_names(cls) -> list[str]:

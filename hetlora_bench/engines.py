@@ -3,9 +3,11 @@
 `run_flower_simulation` is what ``hetlora simulate --engine flower`` calls: one `HetLoRAStrategy` ServerApp, one
 HetLoRA `ClientApp` per virtual SuperNode (partition ``i`` is client ``client_ids[i]``),
 `flwr.simulation.run_simulation` with bounded Ray resources. `run_inprocess_simulation` runs the same experiment
-without Flower: the same rank policy, client sampling, local training function, seeds and `aggregate` call, so the
-two give the same global adapter up to float rounding (what the tests check) and their wall times compare the
-engines (the benchmark).
+without Flower, as a thin call into the simulator's one in-process loop (`run_round`: a
+`Coordinator` over a store) with `train_local_round` clients. Both take the federation's settings as one
+`FederationSettings` record (or keywords that build it, `simulation_settings`) and the local training as one
+`LocalTrainingConfig`, so they give the same global adapter bit for bit (what the tests check) and their wall times
+compare the engines (the benchmark).
 
 Example:
     ```py
@@ -24,39 +26,37 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from peft_hetlora.federated import (
     AdapterStore,
     ClientUpdate,
+    Coordinator,
+    FederationSettings,
+    LocalStore,
     RankPolicy,
-    RejectedUpload,
-    RoundSettings,
-    close_round,
     get_aggregation,
     truncate,
-    validate_update,
 )
-from peft_hetlora.federated.round import (
-    NEXT_RANK_RULES,
-    ClientReport,
-    Rejection,
-    default_method_and_selection,
-    plan_round,
-)
-from peft_hetlora.federated.settings import scaling_from_config
-from peft_hetlora.federated.upload import UploadSpec
+from peft_hetlora.federated.round import ClientReport, RoundPlan, default_method_and_selection
+from peft_hetlora.federated.stores import json_text
+from peft_hetlora.federated.upload import encode_message, parse_message_format, validate_upload
 from peft_hetlora.flower import (
     ClientTask,
     LocalTrainingConfig,
@@ -65,6 +65,7 @@ from peft_hetlora.flower import (
 )
 from peft_hetlora.flower import records as rec
 from peft_hetlora.flower.local_round import TaskFn, evaluate_global, train_local_round
+from peft_hetlora.utils import ADAPTER_FILE, CLIENT_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -165,10 +166,47 @@ class _Setup:
     training: LocalTrainingConfig
     initial: dict[str, torch.Tensor]
     evaluate: Callable[[int, Mapping[str, torch.Tensor]], dict[str, float]] | None
+    settings: FederationSettings
 
 
-def _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, r_min, training, local_steps,
-           seed, initial_state_dict, eval_dataset, data_collator, eval_batch_size) -> _Setup:
+def simulation_settings(
+    settings: FederationSettings | None = None,
+    *,
+    client_ids: Sequence[str],
+    method: str | None = None,
+    ranks: RankPolicy | str | Mapping[str, int] | None = None,
+    r_min: int | None = None,
+    clients_per_round: int | None = None,
+    seed: int | None = None,
+    clip_norm: float | str | None = None,
+    next_rank: str | None = None,
+    dp: Any = None,
+) -> FederationSettings:
+    """The `FederationSettings` record of a simulation (both engines run it): ``settings``, or the record the
+    keywords give (``ranks`` is the rank policy), with the simulation's clients and ``clients_per_round`` (default:
+    all) filled in.
+
+    Example:
+        ```py
+        >>> s = simulation_settings(client_ids=["a", "b", "c"], method="hetlora", ranks={"a": 2, "b": 4, "c": 8})
+        >>> s.clients, s.clients_per_round, s.rank_policy.kind
+        (('a', 'b', 'c'), 3, 'explicit')
+        ```
+    """
+    given = {"method": method, "rank_policy": ranks, "r_min": r_min, "clients_per_round": clients_per_round,
+             "seed": seed, "clip_norm": clip_norm, "next_rank": next_rank, "dp": dp}
+    given = {name: value for name, value in given.items() if value is not None}
+    if settings is None:
+        settings = FederationSettings.from_kwargs(**given)
+    elif given:
+        raise TypeError(f"Pass the settings record or the setting keywords, not both (got {sorted(given)}).")
+    clients = settings.clients or tuple(client_ids)
+    return settings.replace(clients=clients, clients_per_round=min(settings.clients_per_round or len(clients),
+                                                                    len(clients)))
+
+
+def _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, settings, setting_kwargs,
+           training, local_steps, initial_state_dict, eval_dataset, data_collator, eval_batch_size) -> _Setup:
     if task_fn is None:
         if model_fn is None or client_datasets is None:
             raise ValueError("Pass task_fn=..., or model_fn=... together with client_datasets=...")
@@ -186,24 +224,31 @@ def _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_
     client_ids = [str(c) for c in client_ids]
     if len(set(client_ids)) != len(client_ids):
         raise ValueError("client_ids must be unique.")
-    config = rec.federation_adapter_config(adapter_config, r_min)
+    settings = simulation_settings(settings, client_ids=client_ids, **setting_kwargs)
+    strangers = sorted(set(settings.clients) - set(client_ids))
+    if strangers:
+        raise ValueError(f"The settings name clients without a partition ({strangers[:3]}); name the simulation's "
+                         "client_ids.")
+    config = rec.federation_adapter_config(adapter_config, settings.r_min)
+    settings = settings.replace(r_min=int(config["r_min"]))
     training = training or LocalTrainingConfig()
     if local_steps is not None:
         training = dataclasses.replace(training, local_steps=int(local_steps))
     base_fn = model_fn if model_fn is not None else (lambda: task_fn(0, {rec.PARTITION_ID: 0}).model)
-    initial = dict(initial_state_dict) if initial_state_dict is not None else initial_global_state(base_fn(), config,
-                                                                                                  seed)
+    initial = (dict(initial_state_dict) if initial_state_dict is not None
+               else initial_global_state(base_fn(), config, settings.seed or 0))
     evaluate = None
     if eval_dataset is not None:
         evaluate = central_evaluate(base_fn, eval_dataset, config, batch_size=eval_batch_size,
                                     data_collator=data_collator)
-    return _Setup(task_fn, client_ids, config, training, initial, evaluate)
+    return _Setup(task_fn, client_ids, config, training, initial, evaluate, settings)
 
 
 def run_flower_simulation(
     task_fn: TaskFn | None = None,
     *,
     adapter_config: Any,
+    settings: FederationSettings | None = None,
     model_fn: Callable[[], nn.Module] | None = None,
     client_datasets: Mapping[str, Any] | Sequence[Any] | None = None,
     client_ids: Sequence[str] | None = None,
@@ -215,16 +260,17 @@ def run_flower_simulation(
     clients_per_round: int | None = None,
     local_steps: int | None = None,
     training: LocalTrainingConfig | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     initial_state_dict: Mapping[str, torch.Tensor] | None = None,
     eval_dataset: Any = None,
     eval_batch_size: int = 8,
     data_collator: Callable | None = None,
     fraction_evaluate: float = 0.0,
     min_replies: int = 1,
-    clip_norm: float | None = None,
-    next_rank: str = "rank_out",
+    clip_norm: float | str | None = None,
+    next_rank: str | None = None,
     dp: Any = None,
+    message_format: str = "fp32",
     store: AdapterStore | None = None,
     num_cpus: int | None = None,
     cpus_per_client: float = 1.0,
@@ -239,14 +285,19 @@ def run_flower_simulation(
         task_fn: ``task_fn(partition_id, node_config) -> ClientTask`` (with ``num_clients`` or ``client_ids``); or
             pass ``model_fn`` and ``client_datasets`` (``{client_id: dataset}`` or a list) instead.
         adapter_config: the federation's `HetLoRAConfig` (``r`` = r_max, ``lora_alpha``, ``target_modules``, ...).
+        settings: the federation's `FederationSettings` record (method, ranks, sampling, seed, clip, next-rank rule,
+            DP, windows, message formats), as `HetLoRAStrategy.from_settings` takes it; or give these keywords
+            instead (`simulation_settings`):
         ranks: initial rank policy (`RankPolicy`, a name, or ``{client_id: rank}``; default uniform, fedavg constant).
         method: a registered aggregation method (``peft_hetlora.federated.AGGREGATION_METHODS``); None: the one
             default of a federation that names none (`round.default_method_and_selection`).
-        rounds, clients_per_round (default: all), local_steps / training, seed: the experiment settings.
-        clip_norm: the influence bound (docs/aggregation.md); next_rank: ``"rank_out"`` (a client's next rank is
-            the one it reported after pruning, the default) or ``"initial"`` (it keeps its assigned rank).
-        dp: a `peft_hetlora.federated.aggregation.privacy.DPConfig` (client-level DP rounds; docs/privacy.md).
-        initial_state_dict: global adapter of round 0 at r_max (default: `initial_global_state` with ``seed``).
+        r_min, clients_per_round (default: all), seed (default 0), clip_norm (the influence bound,
+            docs/aggregation.md), next_rank (``"rank_out"``, the default, or ``"initial"``), dp (a
+            `peft_hetlora.federated.aggregation.privacy.DPConfig`; docs/privacy.md).
+        rounds, local_steps / training (`LocalTrainingConfig`): the experiment's length and local training.
+        message_format: how the clients encode their replies (``"fp32"``, ``"bf16"``, ``"fp16"``,
+            ``"int8-block<B>"``; `make_client_app`).
+        initial_state_dict: global adapter of round 0 at r_max (default: `initial_global_state` with the seed).
         eval_dataset: held-out data for a central evaluation of the global adapter before and after every round.
         fraction_evaluate: fraction of clients evaluating the global adapter on their ``eval_dataset`` each round.
         store: mirror every round to a `LocalStore` / `HubStore` (coordinator layout).
@@ -277,15 +328,15 @@ def run_flower_simulation(
     from peft_hetlora.flower.client_app import make_client_app
     from peft_hetlora.flower.strategy import HetLoRAStrategy
 
-    setup = _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, r_min, training,
-                   local_steps, seed, initial_state_dict, eval_dataset, data_collator, eval_batch_size)
+    setup = _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, settings,
+                   dict(method=method, ranks=ranks, r_min=r_min, clients_per_round=clients_per_round, seed=seed,
+                        clip_norm=clip_norm, next_rank=next_rank, dp=dp),
+                   training, local_steps, initial_state_dict, eval_dataset, data_collator, eval_batch_size)
     n_clients = len(setup.client_ids)
-    strategy = HetLoRAStrategy(
-        setup.config, method=method, rank_policy=ranks, clients=setup.client_ids,
-        clients_per_round=clients_per_round or n_clients, min_train_nodes=1, min_available_nodes=n_clients,
+    strategy = HetLoRAStrategy.from_settings(
+        setup.config, setup.settings, min_train_nodes=1, min_available_nodes=n_clients,
         fraction_evaluate=fraction_evaluate, min_evaluate_nodes=1 if fraction_evaluate else 0,
-        min_replies=min_replies, seed=seed, clip_norm=clip_norm, next_rank=next_rank, dp=dp, training=setup.training,
-        store=store, keep_updates=keep_updates,
+        min_replies=min_replies, training=setup.training, store=store, keep_updates=keep_updates,
         query_timeout=round_timeout,
     )
     evaluate_fn = None
@@ -306,7 +357,7 @@ def run_flower_simulation(
         )
 
     client_app = make_client_app(setup.task_fn, client_id_fn=PartitionClientIds(setup.client_ids),
-                                 training_defaults=setup.training)
+                                 training_defaults=setup.training, message_format=message_format)
     total_cpus = num_cpus or os.cpu_count() or 1
     init_args: dict[str, Any] = {"num_cpus": total_cpus, "include_dashboard": False}
     if gpus_per_client > 0:
@@ -334,10 +385,43 @@ def run_flower_simulation(
     )
 
 
+def run_round(
+    coordinator: Coordinator, round_idx: int, train_client: Callable[[RoundPlan, str], None]
+) -> tuple[RoundPlan, dict[str, Any]]:
+    """One round of an in-process federation, the simulator's one loop body: every participant of round
+    `round_idx` that has not uploaded yet trains and uploads to the coordinator's store (``train_client(plan,
+    client_id)``; a client that does not upload is left out), then the `Coordinator` closes the round
+    (`round.close_round`) with the uploads there are. A round an earlier invocation closed is not trained again.
+    Returns the plan and the round's ``summary.json``.
+
+    Used by ``hetlora simulate`` (`runner.run_federated_arm`: Trainer + `FederatedClientCallback` clients) and by
+    `run_inprocess_simulation` (the Flower engine's reference: `train_local_round` clients).
+
+    Example:
+        ```py
+        >>> plan, summary = run_round(coordinator, 0, lambda plan, cid: upload_a_round(cid))  # doctest: +SKIP
+        >>> summary["accepted"]  # doctest: +SKIP
+        ['a', 'b']
+        ```
+    """
+    store = coordinator.store
+    closed = store.latest_global().round > round_idx  # closed by an invocation that stopped before recording it
+    plan = coordinator.open_round(round_idx)
+    if not closed:
+        for cid in tqdm(plan.participants, desc=f"round {round_idx} clients", leave=False, unit="client",
+                        disable=None):
+            if cid not in store.list_client_uploads(round_idx):
+                train_client(plan, cid)
+        if coordinator.step(wait=False) == "waiting":  # every participant had its turn: close with what came
+            coordinator.close_round(round_idx)
+    return plan, store.read_summary(round_idx)
+
+
 def run_inprocess_simulation(
     task_fn: TaskFn | None = None,
     *,
     adapter_config: Any,
+    settings: FederationSettings | None = None,
     model_fn: Callable[[], nn.Module] | None = None,
     client_datasets: Mapping[str, Any] | Sequence[Any] | None = None,
     client_ids: Sequence[str] | None = None,
@@ -349,127 +433,117 @@ def run_inprocess_simulation(
     clients_per_round: int | None = None,
     local_steps: int | None = None,
     training: LocalTrainingConfig | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     initial_state_dict: Mapping[str, torch.Tensor] | None = None,
     eval_dataset: Any = None,
     eval_batch_size: int = 8,
     data_collator: Callable | None = None,
-    clip_norm: float | None = None,
-    next_rank: str = "rank_out",
+    clip_norm: float | str | None = None,
+    next_rank: str | None = None,
     dp: Any = None,
+    message_format: str = "fp32",
+    store: AdapterStore | None = None,
     keep_updates: bool = False,
     num_threads: int | None = None,
 ) -> FederationRun:
-    """The same experiment as `run_flower_simulation`, in this process, one client after another, without Flower.
+    """The same experiment as `run_flower_simulation`, in this process, without Flower: the simulator's one
+    in-process loop (`run_round`: a `Coordinator` over a store, here a temporary `LocalStore`
+    unless ``store`` is given) with `train_local_round` clients, one after another.
 
-    Same rank policy, seeded client sampling, local training function and seeds, upload validation and round
-    engine (`protocol.close_round`, so ``next_rank`` and the summaries are the coordinator's); a client whose task
-    raises is reported in ``failed`` and left out. The
-    reference for the Flower engine's results and speed. ``num_threads`` sets torch's intra-op threads for the
-    run (1 matches a Flower virtual client with one CPU, bit for bit on CPU).
+    The same settings record (`simulation_settings`), rank policy, seeded client sampling, windows, local training
+    function and seeds as the Flower engine, and the same round engine (`round.close_round`, updates in client-id
+    order), so the globals are equal (the tests check it) and the wall times compare the engines (the benchmark).
+    A client whose task raises is reported in its round's ``failed`` and left out. ``num_threads`` sets torch's
+    intra-op threads for the run (1 matches a Flower virtual client with one CPU, bit for bit on CPU).
 
     Example:
         ```py
         ref = run_inprocess_simulation(ToyTask(), num_clients=10, adapter_config=config, rounds=2)
         ```
     """
-    if next_rank not in NEXT_RANK_RULES:
-        raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
-    setup = _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, r_min, training,
-                   local_steps, seed, initial_state_dict, eval_dataset, data_collator, eval_batch_size)
-    config = setup.config
-    method = default_method_and_selection(method, None, dp)[0]
-    homogeneous = get_aggregation(method).homogeneous  # the method says whether every client holds one rank
-    if homogeneous and setup.training.prune:  # as HetLoRAStrategy: homogeneous clients never prune
+    setup = _setup(task_fn, model_fn, client_datasets, client_ids, num_clients, adapter_config, settings,
+                   dict(method=method, ranks=ranks, r_min=r_min, clients_per_round=clients_per_round, seed=seed,
+                        clip_norm=clip_norm, next_rank=next_rank, dp=dp),
+                   training, local_steps, initial_state_dict, eval_dataset, data_collator, eval_batch_size)
+    method = default_method_and_selection(setup.settings.method, setup.settings.component_selection,
+                                          setup.settings.dp)[0]
+    if get_aggregation(method).homogeneous and setup.training.prune:  # as HetLoRAStrategy: homogeneous never prune
         setup.training = dataclasses.replace(setup.training, prune=False)
-    r_max, r_min_ = int(config["r"]), int(config["r_min"])
-    scaling = scaling_from_config(config, r_max)
-    spec = UploadSpec.from_state_dict(setup.initial, r_min=r_min_, r_max=r_max)
-    policy = RankPolicy.coerce(ranks) if ranks is not None else RankPolicy(get_aggregation(method).default_rank_policy)
-    client_ranks = policy.assign(setup.client_ids, r_min=r_min_, r_max=r_max, module_dims=dict(spec.modules),
-                                 seed=seed)
-    n = min(clients_per_round or len(setup.client_ids), len(setup.client_ids))
-    state = dict(setup.initial)
-    started = time.perf_counter()
+    fmt = parse_message_format(message_format).name
+    seed = setup.settings.seed or 0
     threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
+    started = time.perf_counter()
     # The Trainer runs gc.collect() after every local round; freezing the objects that exist now keeps those
     # collections proportional to the round's garbage rather than to this whole process's heap (the Flower
     # ClientApp does the same in its process).
     gc.collect()
     gc.freeze()
-    try:
-        history, evaluation, kept, state, client_ranks = _inprocess_rounds(
-            setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates, next_rank,
-            dp)
-    finally:
-        gc.unfreeze()
-        torch.set_num_threads(threads)
+    with contextlib.ExitStack() as stack:
+        if store is None:
+            store = LocalStore(stack.enter_context(tempfile.TemporaryDirectory(prefix="hetlora-inprocess-")),
+                               create=True)
+        coordinator = Coordinator(store, setup.settings.replace(rounds=rounds), progress=False)
+        stack.callback(gc.unfreeze)
+        stack.callback(torch.set_num_threads, threads)
+        coordinator.init(state_dict=setup.initial, adapter_config=setup.config)
+        failed: dict[int, dict[str, str]] = {}
+
+        def train_client(plan: RoundPlan, cid: str) -> None:
+            t = plan.round
+            state = load_file(str(Path(store.get_global(t).path) / ADAPTER_FILE))
+            window = plan.components_of(cid)
+            pid = setup.client_ids.index(cid)
+            try:
+                task = setup.task_fn(pid, {rec.PARTITION_ID: pid, "num-partitions": len(setup.client_ids)})
+                out = train_local_round(task, state if window is not None else truncate(state, plan.ranks[cid]),
+                                        adapter_config=setup.config, rank=plan.ranks[cid], training=setup.training,
+                                        seed=rec.local_seed(seed, cid, t), components=window)
+            except Exception as err:  # noqa: BLE001 - a failing client is reported, the round goes on
+                failed.setdefault(t, {})[cid] = f"{type(err).__name__}: {err}"
+                logger.warning("[ROUND %d/%d] client %s failed: %s", t + 1, rounds, cid, failed[t][cid])
+                return
+            trained = out.extra.get("components")
+            report = ClientReport(cid, t, out.rank_in, out.rank_out, out.num_examples, out.train_loss,
+                                  out.tail_norm_start, out.tail_norm_end, plan.revision,
+                                  components=tuple(trained) if trained is not None else None, message_format=fmt)
+            with tempfile.TemporaryDirectory(prefix=f"hetlora-{cid}-") as tmp:
+                (Path(tmp) / ADAPTER_FILE).write_bytes(encode_message(out.state_dict, fmt))
+                (Path(tmp) / CLIENT_FILE).write_text(json_text(report.to_json(), nonfinite="null"))
+                store.upload_client(t, cid, tmp)
+
+        history: list[dict[str, Any]] = []
+        evaluation: dict[int, dict[str, Any]] = {}
+        kept: dict[int, list[ClientUpdate]] = {}
+        state = dict(setup.initial)
+        if setup.evaluate is not None:
+            evaluation[0] = {f"central/{k}": v for k, v in setup.evaluate(0, state).items()}
+        for t in range(rounds):
+            plan, summary = run_round(coordinator, t, train_client)
+            state = load_file(str(Path(store.get_global(t + 1).path) / ADAPTER_FILE))
+            history.append({**summary, "failed": failed.get(t, {})})
+            if keep_updates:
+                kept[t] = [_accepted_update(coordinator, plan, cid) for cid in summary["accepted"]]
+            if setup.evaluate is not None:
+                evaluation[t + 1] = {f"central/{k}": v for k, v in setup.evaluate(t + 1, state).items()}
+        client_ranks = {**store.read_federation()["initial_ranks"], **(history[-1]["client_ranks"] if history else {})}
     return FederationRun(
         engine="inprocess",
         rounds=history,
         final_state_dict=state,
         initial_state_dict=setup.initial,
         evaluation=evaluation,
-        client_ranks=client_ranks,
+        client_ranks={cid: int(r) for cid, r in client_ranks.items()},
         client_ids=setup.client_ids,
         wall_seconds=time.perf_counter() - started,
         updates=kept,
     )
 
 
-def _inprocess_rounds(setup, method, rounds, n, state, client_ranks, scaling, r_max, seed, clip_norm, keep_updates,
-                      next_rank="rank_out", dp=None):
-    history: list[dict[str, Any]] = []
-    evaluation: dict[int, dict[str, Any]] = {}
-    kept: dict[int, list[ClientUpdate]] = {}
-    config = setup.config
-    settings = RoundSettings(method=method, r_max=r_max, r_min=int(config["r_min"]), scaling=scaling,
-                             clip_norm=clip_norm, next_rank=next_rank, dp=dp, seed=seed, engine="inprocess")
-    spec = UploadSpec.from_state_dict(state, r_min=settings.r_min, r_max=r_max)
-    initial = dict(client_ranks)
-    if setup.evaluate is not None:
-        evaluation[0] = {f"central/{k}": v for k, v in setup.evaluate(0, state).items()}
-    for t in range(rounds):
-        round_start = time.perf_counter()
-        plan = plan_round(t, setup.client_ids, client_ranks, clients_per_round=n, seed=seed,
-                          sampling_rate=dp.sampling_rate if dp is not None else None, revision=f"inprocess-round-{t}")
-        failed: dict[str, str] = {}
-        updates: list[ClientUpdate | Rejection] = []
-        for cid in plan.participants:
-            update = _train_client(setup, state, plan, cid, seed, spec, method, failed, rounds)
-            if update is not None:
-                updates.append(update)
-        outcome = close_round(plan, updates, state, settings, client_ranks=client_ranks, initial_ranks=initial,
-                              failed=failed, started=round_start, clock=time.perf_counter)
-        state = {k: v.contiguous() for k, v in outcome.state_dict.items()}
-        client_ranks = outcome.client_ranks
-        if keep_updates:
-            kept[t] = [u for u in updates if isinstance(u, ClientUpdate) and u.client_id in outcome.accepted]
-        history.append(outcome.summary)
-        if setup.evaluate is not None:
-            evaluation[t + 1] = {f"central/{k}": v for k, v in setup.evaluate(t + 1, state).items()}
-    return history, evaluation, kept, state, client_ranks
-
-
-def _train_client(setup, state, plan, cid, seed, spec, method, failed, rounds) -> ClientUpdate | Rejection | None:
-    """One client's local round, its report validated as an upload would be (None when the client failed)."""
-    pid = setup.client_ids.index(cid)
-    rank = plan.ranks[cid]
-    node_config = {rec.PARTITION_ID: pid, "num-partitions": len(setup.client_ids)}
-    try:
-        task = setup.task_fn(pid, node_config)
-        out = train_local_round(task, truncate(state, rank), adapter_config=setup.config, rank=rank,
-                                training=setup.training, seed=rec.local_seed(seed, cid, plan.round))
-    except Exception as err:  # noqa: BLE001 - a failing client is reported, the round goes on
-        failed[cid] = f"{type(err).__name__}: {err}"
-        logger.warning("[ROUND %d/%d] client %s failed: %s", plan.round + 1, rounds, cid, failed[cid])
-        return None
-    report = ClientReport(cid, plan.round, out.rank_in, out.rank_out, out.num_examples, out.train_loss,
-                          out.tail_norm_start, out.tail_norm_end, plan.revision)
-    try:
-        return validate_update(out.state_dict, report.to_json(), spec, client_id=cid, round_idx=plan.round,
-                               assigned_rank=rank, required_rank=rank if get_aggregation(method).homogeneous else None)
-    except RejectedUpload as err:
-        return Rejection(cid, err.reason)
+def _accepted_update(coordinator: Coordinator, plan: RoundPlan, client_id: str) -> ClientUpdate:
+    """The validated upload of a client the coordinator accepted in round ``plan.round`` (read back from its store)."""
+    spec = coordinator.upload_spec(plan.round)
+    return validate_upload(coordinator.store.download_client(plan.round, client_id), spec, client_id=client_id,
+                           round_idx=plan.round, assigned_rank=plan.ranks.get(client_id),
+                           assigned_components=plan.components_of(client_id))

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_hetlora.federated import LocalStore
 
-from .arm_setup import arm_adapter_config, arm_ranks
+from .arm_setup import arm_adapter_config, arm_coordinator_settings, arm_ranks
 from .arms import ARMS
 
 
@@ -29,46 +29,42 @@ def load_base_model(model_dir: str) -> torch.nn.Module:
 
 
 def run_flower_arm(wb: Any, arm: str, arm_dir: Path, ranks0: dict[str, int]) -> dict[str, Any]:
-    """Run one federated arm on Flower and return its metrics `{"rounds": [...], ...}`."""
-    from peft_hetlora.flower.local_round import LocalTrainingConfig
-
+    """Run one federated arm on Flower and return its metrics `{"rounds": [...], ...}`: the arm's settings record
+    (`arm_setup.arm_coordinator_settings`, as the in-process engine's `Coordinator` takes it) and local training record
+    (`SimulationConfig.training`)."""
     from .engines import run_flower_simulation
 
     config = wb.config
     spec = ARMS[arm]
     r_arm, ranks = arm_ranks(config, arm, ranks0)
     clients = sorted(ranks)
+    settings = arm_coordinator_settings(config, arm, r_arm, ranks, wb.seed)
     run = run_flower_simulation(
         adapter_config=arm_adapter_config(config, r_arm, wb, prune=spec["prune"]),
+        settings=settings,
         model_fn=functools.partial(load_base_model, str(wb.model_dir)),
         client_datasets={cid: wb.train[cid] for cid in clients},
         data_collator=wb.collator,
-        ranks=ranks,
-        r_min=min(config.r_min, r_arm),
-        method=spec["aggregation"],
         rounds=config.rounds,
-        clients_per_round=min(config.clients_per_round, len(clients)),
-        training=LocalTrainingConfig(
-            local_steps=config.local_steps,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            prune=spec["prune"],
-            eval_batch_size=config.eval_batch_size,
-            use_cpu=not torch.cuda.is_available(),
-        ),
-        seed=wb.seed,
+        training=config.training(prune=spec["prune"], nested=bool(spec.get("nested")),
+                                 use_cpu=not torch.cuda.is_available()),
+        message_format=config.message_format,
         eval_dataset=wb.heldout,
         eval_batch_size=config.eval_batch_size,
         store=LocalStore(arm_dir / "store", create=True),
         num_cpus=os.cpu_count(),
-        clip_norm=config.clip_norm,
     )
-    return {
+    info: dict[str, Any] = {
         "rounds": _rows(run, ranks),
         "homogeneous_rank": None if spec["ranks"] == "heterogeneous" else r_arm,
         "clients": len(clients),
+        "aggregation": spec["aggregation"],
+        "message_format": config.message_format,
         "engine": "flower",
     }
+    if settings.dp is not None:
+        info["dp"] = settings.dp.to_dict()
+    return info
 
 
 def _rows(run: Any, ranks: dict[str, int]) -> list[dict[str, Any]]:
@@ -93,6 +89,7 @@ def _rows(run: Any, ranks: dict[str, int]) -> list[dict[str, Any]]:
                 "upload_bytes": summary["metrics"].get("bytes_uploaded", 0),
                 "ranks": {cid: int(r) for cid, r in current.items()},
                 "rejected": {**summary.get("rejected", {}), **summary.get("failed", {})},
+                "epsilon": (summary.get("privacy") or {}).get("epsilon"),
                 "train_loss": summary["metrics"].get("train_loss"),
                 "wall_s": summary["metrics"].get("seconds"),
             }

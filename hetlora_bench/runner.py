@@ -30,7 +30,9 @@ from transformers.utils import logging as hf_logging
 
 from peft_hetlora.config import HetLoRAConfig
 from peft_hetlora.federated import Coordinator, LocalStore, truncate
+from peft_hetlora.federated.round import RoundPlan
 from peft_hetlora.federated.stores import json_text
+from peft_hetlora.flower import LocalTrainingConfig
 from peft_hetlora.known_noise import peft_model_warnings
 from peft_hetlora.utils import ADAPTER_FILE, ROUND_FILE
 from trainer_callbacks import FederatedClientCallback
@@ -38,10 +40,11 @@ from trainer_callbacks import FederatedClientCallback
 from .activation_cache import (
     CachedBlocks,
 )
-from .arm_setup import arm_adapter_config, arm_ranks
+from .arm_setup import arm_adapter_config, arm_coordinator_settings, arm_ranks
 from .arms import ARMS, SimulationConfig
 from .attacks import choose_attackers
 from .client_uploads import UploadTransform
+from .engines import run_round
 from .report import write_report
 from .workbench import Workbench, prepare
 
@@ -159,16 +162,19 @@ def _peft_model(wb: Workbench, adapter_config: HetLoRAConfig, seed: int):
         wb.base_model = model.unload()
 
 
-def _training_args(config: SimulationConfig, out: Path, seed: int, steps: int) -> TrainingArguments:
+def _training_args(training: LocalTrainingConfig, out: Path, seed: int, steps: int) -> TrainingArguments:
+    """The `Trainer` arguments of one simulated client (or a centralized round) from the one training record."""
     gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
         max_steps=steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler_type,
+        warmup_steps=training.warmup_steps,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
         logging_steps=max(1, steps),
         save_strategy="no",
         report_to=[],
@@ -176,7 +182,7 @@ def _training_args(config: SimulationConfig, out: Path, seed: int, steps: int) -
         seed=seed,
         data_seed=seed,
         use_cpu=not gpu,
-        bf16=bool(config.bf16 and gpu),
+        bf16=bool(training.bf16 and gpu),
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
@@ -252,8 +258,9 @@ def run_federated_arm(
     rows_path = arm_dir / "rounds.jsonl"
     rows = _read_rows(rows_path)
     adapter_config = arm_adapter_config(config, r_arm, wb, prune=spec["prune"])
+    training = config.training(prune=spec["prune"], nested=bool(spec.get("nested")))
     settings = arm_coordinator_settings(config, arm, r_arm, ranks, wb.seed)
-    coordinator = Coordinator(store, **settings)
+    coordinator = Coordinator(store, settings, progress=False)
     with _peft_model(wb, adapter_config, wb.seed) as model:
         if store.latest_global() is None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -276,57 +283,51 @@ def run_federated_arm(
             progress.start_arm(f"{arm} (seed {wb.seed})", done_rounds=min(len(rows) - 1, config.rounds))
         bar = tqdm(total=config.rounds, initial=len(rows) - 1, desc=f"{arm} (seed {wb.seed})", unit="round",
                    disable=None)  # None: a terminal only, never a log file
+        sent_by_round: dict[int, dict[str, dict[str, int]]] = {}  # bytes as sent, per round and client
+
+        def attackers_of(plan: RoundPlan) -> list[str]:
+            if not spec.get("attack"):
+                return []
+            return choose_attackers(plan.participants, config.attack_fraction, seed=wb.seed, round_idx=plan.round)
+
+        def train_client(plan: RoundPlan, cid: str) -> None:
+            client_store = UploadTransform(
+                store,
+                message_format=config.message_format,
+                attack=config.attack if cid in attackers_of(plan) else None,
+                attack_scale=config.attack_scale,
+                honest_copy=arm_dir / "honest_uploads" / f"round-{plan.round}" / f"{cid}.safetensors",
+            )
+            callback = FederatedClientCallback(
+                client_store,
+                cid,
+                num_examples=len(wb.train[cid]),
+                prune=training.prune,
+                **_callback_options(training, config.message_format),
+            )
+            client_seed = wb.seed * 100_003 + plan.round * 101 + clients.index(cid)
+            trainer = Trainer(
+                model=wb.trainable(model),
+                args=_training_args(training, arm_dir / "trainer", client_seed, training.local_steps),
+                train_dataset=wb.train_set(cid),
+                data_collator=wb.train_collator(),
+                callbacks=[callback],
+            )
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+            if client_store.sent_bytes is not None:
+                sent = sent_by_round.setdefault(plan.round, _read_sent(arm_dir, plan.round))
+                sent[cid] = {"sent_bytes": client_store.sent_bytes, "payload_bytes": client_store.payload_bytes}
+                _write_sent(arm_dir, plan.round, sent)
+
         while len(rows) - 1 < config.rounds:
             started = time.perf_counter()
             t = len(rows) - 1
-            # closed by an earlier invocation that stopped before recording it: record it, do not retrain
-            closed = store.latest_global().round > t
-            plan = coordinator.open_round(t)
-            attackers = (
-                choose_attackers(plan.participants, config.attack_fraction, seed=wb.seed, round_idx=t)
-                if spec.get("attack")
-                else []
-            )
-            sent = _read_sent(arm_dir, t)
-            for cid in tqdm(
-                [] if closed else plan.participants, desc=f"round {t} clients", leave=False, unit="client",
-                disable=None,
-            ):
-                if cid in store.list_client_uploads(t):
-                    continue
-                client_store = UploadTransform(
-                    store,
-                    message_format=config.message_format,
-                    attack=config.attack if cid in attackers else None,
-                    attack_scale=config.attack_scale,
-                    honest_copy=arm_dir / "honest_uploads" / f"round-{t}" / f"{cid}.safetensors",
-                )
-                callback = FederatedClientCallback(
-                    client_store,
-                    cid,
-                    num_examples=len(wb.train[cid]),
-                    prune=spec["prune"],
-                    **_callback_options(spec, config.message_format),
-                )
-                client_seed = wb.seed * 100_003 + t * 101 + clients.index(cid)
-                trainer = Trainer(
-                    model=wb.trainable(model),
-                    args=_training_args(config, arm_dir / "trainer", client_seed, config.local_steps),
-                    train_dataset=wb.train_set(cid),
-                    data_collator=wb.train_collator(),
-                    callbacks=[callback],
-                )
-                trainer.remove_callback(PrinterCallback)
-                trainer.train()
-                if client_store.sent_bytes is not None:
-                    sent[cid] = {"sent_bytes": client_store.sent_bytes, "payload_bytes": client_store.payload_bytes}
-                    _write_sent(arm_dir, t, sent)
+            plan, summary = run_round(coordinator, t, train_client)
+            attackers = attackers_of(plan)
+            sent = sent_by_round.get(t) or _read_sent(arm_dir, t)
             global_t = load_file(str(store.get_global(t).path / ADAPTER_FILE))
             downloads = _held_download_bytes(global_t, spec, r_arm, {c: plan.ranks[c] for c in plan.participants})
-            outcome = "closed earlier" if closed else coordinator.step(wait=False)
-            if not outcome.startswith("closed"):
-                raise RuntimeError(f"Round {t} of {arm} did not close ({outcome}); see {store.path}.")
-            summary = store.read_summary(t)
             latest = store.get_global(t + 1)
             latest_weights = load_file(str(latest.path / ADAPTER_FILE))
             _load_global(model, latest_weights, r_arm)
@@ -371,7 +372,7 @@ def run_federated_arm(
         "message_format": config.message_format,
     }
     if "dp_epsilon" in spec:
-        info["dp"] = settings["dp"].to_dict()
+        info["dp"] = settings.dp.to_dict()
     if spec.get("attack"):
         info["attack"] = {"kind": config.attack, "fraction": config.attack_fraction, "scale": config.attack_scale}
     return info
@@ -413,8 +414,8 @@ def refresh_window_rows(wb: Workbench, arm: str, arm_dir: Path) -> int:
     return len(stale)
 
 
-def _callback_options(spec: dict[str, Any], message_format: str) -> dict[str, Any]:
-    options: dict[str, Any] = {"nested": True} if spec.get("nested") else {}
+def _callback_options(training: LocalTrainingConfig, message_format: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"nested": True} if training.nested else {}
     # a callback that encodes its own uploads declares the format; otherwise UploadTransform round-trips it
     if message_format != "fp32" and "message_format" in inspect.signature(FederatedClientCallback).parameters:
         options["message_format"] = message_format
@@ -434,62 +435,6 @@ def _write_sent(arm_dir: Path, t: int, sent: dict[str, dict[str, int]]) -> None:
     path = _sent_path(arm_dir, t)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(sent, sort_keys=True))
-
-
-def arm_coordinator_settings(
-    config: SimulationConfig, arm: str, r_arm: int, ranks: dict[str, int], seed: int
-) -> dict[str, Any]:
-    """The `Coordinator` keyword arguments of an arm (DP settings, component selection) besides the store.
-
-    DP arms: `DPConfig(target_epsilon=..., rounds=config.rounds, sampling_rate=clients_per_round / N,
-    population=N)` (so delta = 1 / N**1.1, Poisson sampling) with clip ``config.dp_clip`` and the expected
-    coverage of each component from the (public) device ranks. DP arms do not self-prune: a pruned rank is a
-    data-dependent value the server would see outside the noise.
-
-    Example:
-        ```py
-        >>> cfg = SimulationConfig.from_sources(profile="quick")
-        >>> arm_coordinator_settings(cfg, "rankwise", 8, {"a": 2, "b": 8}, 0)["method"]
-        'rankwise'
-        ```
-    """
-    spec = ARMS[arm]
-    clients = sorted(ranks)
-    per_round = min(config.clients_per_round, len(clients))
-    settings: dict[str, Any] = {
-        "method": spec["aggregation"],
-        "r_max": r_arm,
-        "r_min": min(config.r_min, r_arm),
-        "clients": clients,
-        "rank_policy": ranks,
-        "clients_per_round": per_round,
-        "rounds": config.rounds,
-        "seed": seed,
-        "clip_norm": config.clip_norm,
-        "progress": False,
-    }
-    if "dp_epsilon" in spec:
-        from peft_hetlora.federated.aggregation.privacy import DPConfig
-
-        settings["dp"] = DPConfig(
-            clip=config.dp_clip,
-            target_epsilon=float(spec["dp_epsilon"]),
-            rounds=config.rounds,
-            sampling_rate=per_round / len(clients),
-            population=len(clients),
-            accountant=config.dp_accountant,
-            # public: the device ranks, not the data; component j is divided by q * N * coverage_j
-            expected_coverage=tuple(sum(r > j for r in ranks.values()) / len(clients) for j in range(r_arm)),
-        )
-    if "server_optimizer" in spec:
-        settings["server_optimizer"] = config.server_optimizer(spec["server_optimizer"])
-    if spec.get("error_feedback"):
-        settings["error_feedback"] = True
-    if "selection" in spec:
-        settings["component_selection"] = spec["selection"]
-        if "anchor" in spec:
-            settings["anchor"] = r_arm if spec["anchor"] == "r_max" else min(int(spec["anchor"]), r_arm)
-    return settings
 
 
 def run_centralized_arm(wb: Workbench, arm_dir: Path, progress: RunProgress | None = None) -> dict[str, Any]:
@@ -531,7 +476,7 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path, progress: RunProgress | No
             shard = pooled.select([(offset + i) % len(pooled) for i in range(steps * config.batch_size)])
             trainer = Trainer(
                 model=wb.trainable(model),
-                args=_training_args(config, arm_dir / "trainer", wb.seed + t, steps),
+                args=_training_args(config.training(prune=False), arm_dir / "trainer", wb.seed + t, steps),
                 train_dataset=shard,
                 data_collator=wb.train_collator(),
             )

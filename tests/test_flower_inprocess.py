@@ -22,7 +22,7 @@ CONFIG = HetLoRAConfig(r=8, r_min=2, lora_alpha=16, target_modules=["q_proj", "v
 TASK = ToyTask(num_examples=8, seq_len=16, model_fn=functools.partial(tiny_llama, 0))
 
 
-def pruning_round(task, state, *, adapter_config, rank, training, seed):
+def pruning_round(task, state, *, adapter_config, rank, training, seed, components=None):
     """A local round without training that always prunes one component (rank_out = rank - 1)."""
     out = {k: (v[: rank - 1] if ".lora_A." in k else v[:, : rank - 1]) + 0.01 for k, v in state.items()}
     return LocalRoundResult(state_dict=out, num_examples=8, rank_in=rank, rank_out=rank - 1, train_loss=1.0,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from hetlora_bench.arm_setup import arm_coordinator_settings
 from hetlora_bench.arms import _RESULT_NEUTRAL, ARMS, SimulationConfig
-from hetlora_bench.runner import arm_coordinator_settings
 from peft_hetlora.commands.coordinate import main
 from peft_hetlora.federated.round import SERVER_OPTIMIZERS
 from peft_hetlora.federated.stores import LocalStore
@@ -61,12 +61,12 @@ def test_every_server_step_arm_gets_its_optimizer_and_the_config_sets_its_hyper_
         spec = ARMS[arm]
         settings = arm_coordinator_settings(config, arm, 8, ranks, 0)
         if "server_optimizer" not in spec:
-            assert "server_optimizer" not in settings and settings["error_feedback"] is True
+            assert settings.server_optimizer is None and settings.error_feedback is True
             continue
         want = {"name": spec["server_optimizer"], **SERVER_OPTIMIZERS[spec["server_optimizer"]]}
         if spec["server_optimizer"] == "fedavgm":
             want.update(lr=0.5, momentum=0.8)
-        assert settings["server_optimizer"] == want, arm
+        assert dict(settings.server_optimizer) == want, arm
         # the same arm without the server step is the baseline it is compared with
         base = arm.removesuffix("_ef").removesuffix(f"_{spec['server_optimizer']}")
         assert ARMS[base]["aggregation"] == spec["aggregation"] and ARMS[base]["ranks"] == spec["ranks"]

@@ -156,11 +156,11 @@ def test_report_sections_from_synthetic_metrics(tmp_path):
 
 # --------------------------------------------------------------------------------------------- settings
 def test_dp_arm_settings_follow_the_issue():
-    from hetlora_bench.runner import arm_coordinator_settings
+    from hetlora_bench.arm_setup import arm_coordinator_settings
 
     cfg = SimulationConfig.from_sources(profile="quick", overrides={"dp_clip": 0.5})
     ranks = {"c0": 2, "c1": 2, "c2": 4, "c3": 8, "c4": 2, "c5": 6}
-    dp = arm_coordinator_settings(cfg, "dp_eps4", 8, ranks, 0)["dp"]
+    dp = arm_coordinator_settings(cfg, "dp_eps4", 8, ranks, 0).dp
     # fraction of clients whose rank exceeds j, by hand
     assert dp.expected_coverage == pytest.approx((1, 1, 3 / 6, 3 / 6, 2 / 6, 2 / 6, 1 / 6, 1 / 6))
     assert dp.target_epsilon == 4.0 and dp.clip == 0.5
@@ -169,12 +169,12 @@ def test_dp_arm_settings_follow_the_issue():
 
 
 def test_window_arms_set_the_coordinators_component_selection():
-    from hetlora_bench.runner import arm_coordinator_settings
+    from hetlora_bench.arm_setup import arm_coordinator_settings
 
     cfg = SimulationConfig.from_sources(profile="quick")
     ranks = {f"c{i}": 2 for i in range(6)}
-    assert arm_coordinator_settings(cfg, "window_coverage", 8, ranks, 0)["component_selection"] == "coverage"
-    assert arm_coordinator_settings(cfg, "window_rolling", 8, ranks, 0)["component_selection"] == "rolling"
+    assert arm_coordinator_settings(cfg, "window_coverage", 8, ranks, 0).component_selection == "coverage"
+    assert arm_coordinator_settings(cfg, "window_rolling", 8, ranks, 0).component_selection == "rolling"
 
 
 def test_bad_new_settings_fail_clearly():

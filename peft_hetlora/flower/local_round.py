@@ -44,6 +44,7 @@ _CONFIG_KEYS = {
     "lr_scheduler_type": "lr-scheduler-type",
     "warmup_steps": "warmup-steps",
     "prune": "prune",
+    "nested": "nested",
     "eval_batch_size": "eval-batch-size",
     "bf16": "bf16",
     "use_cpu": "use-cpu",
@@ -83,7 +84,12 @@ TaskFn = Callable[[int, Mapping[str, Any]], ClientTask]
 
 @dataclass
 class LocalTrainingConfig:
-    """Settings of a local round; the server sends them in the train `ConfigRecord` (keys with dashes).
+    """Settings of a local round, defined once: the Flower `ClientApp` trains with them (the server sends them in
+    the train `ConfigRecord`, keys with dashes) and so does the simulator (``hetlora simulate``, both engines:
+    `hetlora_bench.arms.SimulationConfig.training`).
+
+    ``prune``: self-pruning (`HetLoRACallback`); ``nested``: nested-prefix training (every optimizer step trains a
+    random prefix; False follows the adapter config's ``nested``).
 
     Example:
         ```py
@@ -102,6 +108,7 @@ class LocalTrainingConfig:
     lr_scheduler_type: str = "constant"
     warmup_steps: int = 0
     prune: bool = True
+    nested: bool = False
     eval_batch_size: int = 8
     bf16: bool = False
     use_cpu: bool = False
@@ -254,7 +261,7 @@ def train_local_round(
         if len(components) != rank:
             raise ValueError(f"components {list(components)} must list exactly rank={rank} global indices.")
         model.base_model.set_components(sorted(int(j) for j in components), global_state, frozen="factors")
-    callback = HetLoRACallback(prune=training.prune)
+    callback = HetLoRACallback(prune=training.prune, nested=True if training.nested else None)
     out_dir = tempfile.mkdtemp(prefix="hetlora-flower-")
     try:
         args = TrainingArguments(

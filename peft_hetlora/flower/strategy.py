@@ -57,13 +57,10 @@ from flwr.serverapp.strategy import FedAvg
 import peft_hetlora.flower.records as rec
 from peft_hetlora.federated.adapter import truncate
 from peft_hetlora.federated.aggregation import (
-    AGGREGATION_METHODS,
     DEFAULT_INFLUENCE_BOUND,
     ClientUpdate,
     get_aggregation,
-    parse_influence_bound,
 )
-from peft_hetlora.federated.aggregation.privacy import DPConfig
 from peft_hetlora.federated.policies import RankPolicy
 from peft_hetlora.federated.round import (
     FEDERATION_FORMAT,
@@ -71,7 +68,6 @@ from peft_hetlora.federated.round import (
     Rejection,
     RoundPlan,
     RoundSettings,
-    check_dp,
     check_selection,
     close_round,
     default_method_and_selection,
@@ -79,8 +75,8 @@ from peft_hetlora.federated.round import (
     plan_round,
 )
 from peft_hetlora.federated.settings import FederationSettings, scaling_from_config
-from peft_hetlora.federated.stores import AdapterStore, json_text, validate_client_id
-from peft_hetlora.federated.upload import DEFAULT_MAX_EXAMPLES, RejectedUpload, UploadSpec, parse_message_format
+from peft_hetlora.federated.stores import AdapterStore, json_text
+from peft_hetlora.federated.upload import RejectedUpload, UploadSpec
 from peft_hetlora.utils.constants import ROUND_FILE
 
 from .evaluation import FederatedEvaluation
@@ -94,46 +90,70 @@ logger = logging.getLogger(__name__)
 __all__ = ["NEXT_RANK_RULES", "ROUND_FILE", "HetLoRAStrategy", "short_reason"]
 
 
+def _check_flower_settings(settings: FederationSettings, adapter_config: Any) -> None:
+    """Refuse what a Flower run has no place for: the coordinator's settings, an ``r_max`` other than the config's."""
+    coordinator_only = [name for name in ("min_clients", "max_upload_bytes", "deadline_s")
+                        if getattr(settings, name) is not None]
+    coordinator_only += [name for name in ("allow_per_module_ranks", "require_global_revision")
+                         if getattr(settings, name)]
+    if coordinator_only:
+        raise ValueError(f"HetLoRAStrategy: {coordinator_only} are coordinator settings a Flower run has no place "
+                         "for; leave them out of the record.")
+    r_max = adapter_config.get("r") if isinstance(adapter_config, Mapping) else getattr(adapter_config, "r", None)
+    if settings.r_max is not None and settings.r_max != r_max:
+        raise ValueError(f"HetLoRAStrategy: the record's r_max {settings.r_max} differs from the adapter config's r "
+                         f"{r_max}.")
+
+
 class HetLoRAStrategy(FedAvg):
     """Federated HetLoRA on Flower: per-client ranks, truncated distribution, validated heterogeneous aggregation.
 
     Args:
         adapter_config: the federation's `HetLoRAConfig` (or its dict / JSON): ``r`` is ``r_max``; clients get a copy
             with their own ``rank``.
-        method: aggregation method (``AGGREGATION_METHODS``; default ``DEFAULT_METHOD``, ``"flexlora_held"``, the
-            study's winner; ``"component"`` when ``component_selection`` names windows; ``"hetlora"`` for the paper's
-            rule).
-        r_min: smallest rank (default: the config's ``r_min``).
-        rank_policy: initial ranks: a `RankPolicy`, a policy name or ``{client_id: rank}`` (default: ``"uniform"``;
-            ``"constant"`` at ``r_max`` for ``fedavg``). Without ``clients`` only per-client policies work
-            (uniform, constant, explicit, budget).
-        clients: optional roster of client ids; nodes reporting other ids are not selected.
-        clients_per_round: clients sampled per round (default: ``max(fraction_train * connected, min_train_nodes)``).
+        settings: the federation's settings record (`peft_hetlora.federated.FederationSettings`, the one the
+            `Coordinator` takes; `from_settings` is the same call). Or give its fields as keywords (the keyword form
+            builds the record, then goes the same way):
+
+            - ``method``: aggregation method (``AGGREGATION_METHODS``; default ``DEFAULT_METHOD``,
+              ``"flexlora_held"``, the study's winner; ``"component"`` when ``component_selection`` names windows;
+              ``"hetlora"`` for the paper's rule).
+            - ``r_min``: smallest rank (default: the config's ``r_min``).
+            - ``rank_policy``: initial ranks: a `RankPolicy`, a policy name or ``{client_id: rank}`` (default:
+              ``"uniform"``; ``"constant"`` at ``r_max`` for ``fedavg``). Without ``clients`` only per-client
+              policies work (uniform, constant, explicit, budget).
+            - ``clients``: optional roster of client ids; nodes reporting other ids are not selected.
+            - ``clients_per_round``: clients sampled per round (default: ``max(fraction_train * connected,
+              min_train_nodes)``).
+            - ``seed``: seeds client sampling and the clients' local training seeds.
+            - ``scaling``: ``s`` for norms and clipping (default ``lora_alpha / r_max``, or rsLoRA's).
+            - ``clip_norm``: the influence bound, as in `Coordinator`: None (default) gives
+              `influence.DEFAULT_INFLUENCE_BOUND` (``"adaptive"``); a number ``C`` fixes it; ``"off"`` turns it off.
+            - ``next_rank``: ``"rank_out"`` (a client's next rank is what it reported after pruning) or
+              ``"initial"``.
+            - ``dp``: a `peft_hetlora.federated.aggregation.privacy.DPConfig`: rounds are aggregated with
+              ``dp_aggregate`` (previous = the global sent), clients are Poisson-sampled at ``dp.sampling_rate``,
+              summaries record ``privacy``; ``dp_noise_seed``: derive the DP noise from ``seed`` (reproducible tests
+              only).
+            - ``component_selection``: which global components each sampled client trains
+              (docs/design.md#component-rule): ``"prefix"`` (HetLoRA: the global truncated to its rank; the default
+              when ``method`` is given or with ``dp``), ``"rolling"`` or ``"coverage"`` (the default when no method
+              is given; a window: the client receives the whole global and ``components`` in its ConfigRecord,
+              trains those components with the rest frozen and returns them with their indices in its
+              MetricRecord). Needs a method that accepts component-indexed uploads (the ``accepts_components``
+              capability: `round.window_methods`) and no ``dp``; ``anchor``: components ``0 .. anchor-1`` are in
+              every window.
+            - ``message_formats``: the compressed reply formats clients may declare (``message-format`` in their
+              reply's ``message`` ConfigRecord: ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8-block<B>"``); None
+              allows all. Replies are checked against their declaration and decoded to float32 before aggregation;
+              the global goes out in fp32. ``max_examples``: the largest ``num-examples`` a reply may claim.
+
+            The coordinator's own settings (``min_clients``, ``max_upload_bytes``, ``deadline_s``,
+            ``allow_per_module_ranks``, ``require_global_revision``) and an ``r_max`` other than the config's ``r``
+            are refused (ValueError).
         fraction_train, min_train_nodes, min_available_nodes, fraction_evaluate, min_evaluate_nodes: as in `FedAvg`.
         min_replies: accepted uploads needed to update the global adapter (else it is carried over unchanged).
-        seed: seeds client sampling and the clients' local training seeds.
-        scaling: ``s`` for norms and clipping (default ``lora_alpha / r_max``, or rsLoRA's).
-        clip_norm: the influence bound, as in `Coordinator`: None (default) gives
-            `influence.DEFAULT_INFLUENCE_BOUND` (``"adaptive"``); a number ``C`` fixes it; ``"off"`` turns it off.
         weighting: passed to `aggregate`.
-        next_rank: ``"rank_out"`` (a client's next rank is what it reported after pruning) or ``"initial"``.
-        dp: a `peft_hetlora.federated.aggregation.privacy.DPConfig`: rounds are aggregated with ``dp_aggregate``
-            (previous = the global sent), clients are Poisson-sampled at ``dp.sampling_rate``, summaries record
-            ``privacy``.
-        dp_noise_seed: derive the DP noise from ``seed`` (reproducible tests only).
-        component_selection: which global components each sampled client trains (docs/design.md#component-rule):
-        ``"prefix"``
-            (HetLoRA: the global truncated to its rank; the default when ``method`` is given or with ``dp``),
-            ``"rolling"`` or ``"coverage"`` (the default when no method is given; a window: the
-            client receives the whole global and ``components`` in its ConfigRecord, trains those components with the
-            rest frozen and returns them with their indices in its MetricRecord). Needs a method that accepts
-            component-indexed uploads (the ``accepts_components`` capability: `round.window_methods`)
-            and no ``dp``.
-        anchor: components ``0 .. anchor-1`` are in every window.
-        message_formats: the compressed reply formats clients may declare (``message-format`` in their reply's
-            ``message`` ConfigRecord: ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8-block<B>"``); None allows all.
-            Replies are checked against their declaration and decoded to float32 before aggregation; the global goes
-            out in fp32.
         training: local training settings sent to the clients (`LocalTrainingConfig`).
         store: mirror every round to this `AdapterStore` in the coordinator's layout.
         query_timeout: seconds to wait for nodes to report their client id.
@@ -162,37 +182,22 @@ class HetLoRAStrategy(FedAvg):
     def __init__(
         self,
         adapter_config: Any,
+        settings: FederationSettings | None = None,
         *,
-        method: str | None = None,
-        r_min: int | None = None,
-        rank_policy: RankPolicy | str | Mapping[str, int] | None = None,
-        clients: Sequence[str] | None = None,
-        clients_per_round: int | None = None,
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
         min_available_nodes: int = 2,
         fraction_evaluate: float = 0.0,
         min_evaluate_nodes: int = 0,
         min_replies: int = 1,
-        seed: int = 0,
-        scaling: float | None = None,
-        clip_norm: float | str | None = None,
         weighting: str = "per_client",
-        next_rank: str = "rank_out",
-        dp: DPConfig | None = None,
-        dp_noise_seed: bool = False,
         training: LocalTrainingConfig | None = None,
         store: AdapterStore | None = None,
         query_timeout: float = 120.0,
-        max_examples: int = DEFAULT_MAX_EXAMPLES,
         keep_updates: bool = False,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
-        component_selection: str | None = None,
-        anchor: int = 0,
-        message_formats: Sequence[str] | None = None,
-        server_optimizer: Any = None,
-        error_feedback: bool = False,
+        **setting_kwargs: Any,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -202,54 +207,59 @@ class HetLoRAStrategy(FedAvg):
             min_available_nodes=min_available_nodes,
             weighted_by_key=rec.NUM_EXAMPLES,
         )
-        method, component_selection = default_method_and_selection(method, component_selection, dp)
-        if method not in AGGREGATION_METHODS:
-            raise ValueError(f"Unknown method {method!r}; use one of {AGGREGATION_METHODS}.")
-        if next_rank not in NEXT_RANK_RULES:
-            raise ValueError(f"next_rank must be one of {NEXT_RANK_RULES}, got {next_rank!r}.")
-        check_dp(method, dp)
-        check_selection(method, component_selection, anchor, dp=dp)
-        self.message_formats = (tuple(sorted({parse_message_format(m).name for m in message_formats}))
-                                if message_formats is not None else None)
+        if settings is None:  # the keyword form: the same record, built from the keywords
+            settings = FederationSettings.from_kwargs(**setting_kwargs)
+        elif setting_kwargs:
+            raise TypeError(f"HetLoRAStrategy: pass the settings record or setting keywords, not both (got "
+                            f"{sorted(setting_kwargs)} with a FederationSettings).")
+        if not isinstance(settings, FederationSettings):
+            raise TypeError(f"HetLoRAStrategy: settings must be a FederationSettings, got {type(settings).__name__}.")
+        _check_flower_settings(settings, adapter_config)
+        self.settings = settings
+        method, component_selection = default_method_and_selection(settings.method, settings.component_selection,
+                                                                   settings.dp)
+        self.message_formats = settings.message_formats
         self.component_selection = component_selection
-        self.anchor = int(anchor)
+        self.anchor = int(settings.anchor or 0)
         # the server step after aggregation (issue 24); its state lives here and is mirrored beside each global
-        self.server_optimizer = parse_server_optimizer(server_optimizer)
-        self.error_feedback = error_feedback
+        self.server_optimizer = parse_server_optimizer(settings.server_optimizer)
+        self.error_feedback = bool(settings.error_feedback)
         self.server_state: dict[str, torch.Tensor] | None = None
-        self.dp = dp
-        self.dp_noise_seed = dp_noise_seed
-        self.adapter_config: dict[str, Any] = rec.federation_adapter_config(adapter_config, r_min)
+        self.dp = settings.dp
+        self.dp_noise_seed = settings.dp_noise_seed
+        self.adapter_config: dict[str, Any] = rec.federation_adapter_config(adapter_config, settings.r_min)
         self.r_max = int(self.adapter_config["r"])
         self.r_min = int(self.adapter_config["r_min"])
+        check_selection(method, component_selection, self.anchor, r_max=self.r_max, dp=self.dp)
         self.method = method
         default_policy = RankPolicy(get_aggregation(method).default_rank_policy)
-        self.rank_policy = RankPolicy.coerce(rank_policy) if rank_policy is not None else default_policy
-        self.roster = [validate_client_id(c) for c in clients] if clients is not None else None
+        self.rank_policy = settings.rank_policy if settings.rank_policy is not None else default_policy
+        self.roster = list(settings.clients) if settings.clients is not None else None
         if self.roster is None and self.rank_policy.kind == "tiers":
             raise ValueError("The tiers rank policy splits a known set of clients: pass clients=[...] (the roster).")
-        if clients_per_round is not None and clients_per_round < 1:
-            raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}.")
-        self.clients_per_round = clients_per_round
+        if settings.clients_per_round is not None and settings.clients_per_round < 1:
+            raise ValueError(f"clients_per_round must be >= 1, got {settings.clients_per_round}.")
+        self.clients_per_round = settings.clients_per_round
         self.min_replies = max(1, int(min_replies))
-        self.seed = int(seed)
-        self.scaling = float(scaling) if scaling is not None else scaling_from_config(self.adapter_config, self.r_max)
-        self.clip_norm = DEFAULT_INFLUENCE_BOUND if clip_norm is None else parse_influence_bound(clip_norm)
+        self.seed = int(settings.seed or 0)
+        self.scaling = (float(settings.scaling) if settings.scaling is not None
+                        else scaling_from_config(self.adapter_config, self.r_max))
+        self.clip_norm = DEFAULT_INFLUENCE_BOUND if settings.clip_norm is None else settings.clip_norm
         self.weighting = weighting
-        self.next_rank = next_rank
+        self.next_rank = settings.next_rank or "rank_out"
         self.training = training or LocalTrainingConfig()
         if get_aggregation(method).homogeneous and self.training.prune:  # every client stays at its rank
             self.training = dataclasses.replace(self.training, prune=False)
         self.store = store
         self.query_timeout = query_timeout
-        self.max_examples = max_examples
+        self.max_examples = settings.max_examples
         self.keep_updates = keep_updates
         self._clock = clock
 
         self.nodes = NodeClients(self.rank_policy, roster=self.roster, r_min=self.r_min, r_max=self.r_max,
                                  seed=self.seed, query_timeout=query_timeout, sleep=sleep)
-        self.replies = ReplyValidator(method=method, r_min=self.r_min, r_max=self.r_max, max_examples=max_examples,
-                                      message_formats=self.message_formats)
+        self.replies = ReplyValidator(method=method, r_min=self.r_min, r_max=self.r_max,
+                                      max_examples=self.max_examples, message_formats=self.message_formats)
         self.mirror = StoreMirror(store, clock=clock)
         self.evaluator = FederatedEvaluation(seed=self.seed)
         self.global_state: dict[str, torch.Tensor] | None = None
@@ -357,7 +367,8 @@ class HetLoRAStrategy(FedAvg):
 
     @classmethod
     def from_settings(cls, adapter_config: Any, settings: FederationSettings, **runtime: Any) -> HetLoRAStrategy:
-        """The strategy of a federation described by the one settings record (`federated.FederationSettings`).
+        """The strategy of a federation described by the one settings record (`federated.FederationSettings`):
+        the same as ``HetLoRAStrategy(adapter_config, settings, **runtime)``.
 
         The record's method, ranks, clients, sampling, seed, scale, clip, next-rank rule, DP, windows, message formats
         and upload limit become the strategy's; ``r_max`` comes from ``adapter_config`` (a record that names another
@@ -375,26 +386,7 @@ class HetLoRAStrategy(FedAvg):
             strategy = HetLoRAStrategy.from_settings(config, FederationSettings(method="rankwise", clients=ids))
             ```
         """
-        coordinator_only = [name for name in ("min_clients", "max_upload_bytes", "deadline_s")
-                            if getattr(settings, name) is not None]
-        coordinator_only += [name for name in ("allow_per_module_ranks", "require_global_revision")
-                             if getattr(settings, name)]
-        if coordinator_only:
-            raise ValueError(f"HetLoRAStrategy.from_settings: {coordinator_only} are coordinator settings a Flower "
-                             "run has no place for; leave them out of the record.")
-        r_max = adapter_config.get("r") if isinstance(adapter_config, Mapping) else getattr(adapter_config, "r", None)
-        if settings.r_max is not None and settings.r_max != r_max:
-            raise ValueError(f"HetLoRAStrategy.from_settings: the record's r_max {settings.r_max} differs from the "
-                             f"adapter config's r {r_max}.")
-        given = {"method": settings.method, "r_min": settings.r_min, "rank_policy": settings.rank_policy,
-                 "clients": list(settings.clients) if settings.clients is not None else None,
-                 "clients_per_round": settings.clients_per_round, "seed": settings.seed,
-                 "scaling": settings.scaling, "clip_norm": settings.clip_norm, "next_rank": settings.next_rank,
-                 "dp": settings.dp, "dp_noise_seed": settings.dp_noise_seed or None,
-                 "max_examples": settings.max_examples, "component_selection": settings.component_selection,
-                 "anchor": settings.anchor, "message_formats": settings.message_formats,
-                 "server_optimizer": settings.server_optimizer, "error_feedback": settings.error_feedback}
-        return cls(adapter_config, **{k: v for k, v in given.items() if v is not None}, **runtime)
+        return cls(adapter_config, settings, **runtime)
 
     # ------------------------------------------------------------------------------------------------ Flower hooks
     def summary(self) -> None:
