@@ -28,12 +28,12 @@ class RaFLoRA(FlexLoRA):
     Heterogeneity", arXiv 2602.13486: under FlexLoRA's data-size weights (arXiv 2402.11505) a component only the
     rank-``r_max`` clients train is divided by the weight of every client, so it shrinks by their share each round
     and the global's energy collapses onto the smallest shared rank; raFLoRA splits each client's update into rank
-    partitions (the blocks between consecutive client ranks) and averages each partition over the clients that
-    contribute to it. Differences, named: the paper partitions by the distinct prefix ranks; here the partition is
-    one component, which is the same rule for prefix uploads (every component of a partition has the same
-    contributors) and extends it to component-indexed (window) uploads; a component nobody trained keeps the
-    previous global's value (the paper's top partition always has a contributor). ``svd`` as in
-    :class:`~.flexlora.FlexLoRA`, through its :class:`~.flexlora.FactorStack`.
+    partitions and averages each partition over the clients that contribute to it (implemented from the paper's
+    abstract and summaries; its method section was not available, docs/aggregation.md). Differences, named: a
+    partition here is one component, the same rule for prefix uploads as blocks between consecutive client ranks
+    (every component of such a block has the same contributors), which extends it to component-indexed (window)
+    uploads; weights are capped data sizes; a component nobody trained keeps the previous global's value. ``svd``
+    as in :class:`~.flexlora.FlexLoRA`, through its :class:`~.flexlora.FactorStack`.
 
     Memory: every client's factors are held until :meth:`ContributorStack.result` (the per-component denominators
     are known only then), ``sum_k r_k (d_out + d_in)`` float32 values per module, what FlexLoRA's stack holds below
