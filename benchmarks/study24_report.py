@@ -25,10 +25,14 @@ from typing import Any
 import numpy as np
 
 from hetlora_bench.method_numbers import ppl_at_upload, round_rows
-from hetlora_bench.seed_stats import early_stopped, early_stopping_markdown, heldout_at, horizon_table
+from hetlora_bench.seed_stats import (
+    REPORT_ROUNDS,
+    early_stopped,
+    early_stopping_markdown,
+    heldout_at,
+    horizon_table,
+)
 
-#: the rounds the issue reports at (those a run reached)
-REPORT_ROUNDS = (3, 5, 10, 15, 20)
 CAPABLE, RMIN, RMAX = "homlora_rmax_capable", "homlora_rmin", "homlora_rmax"
 #: the baselines every candidate is paired with (those present)
 PAIRED_WITH = (CAPABLE, RMIN, RMAX, "flexlora_held")

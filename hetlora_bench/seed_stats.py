@@ -193,6 +193,23 @@ def plot_paired(stats_by_group: Mapping[str, Mapping[str, Any]], path: str | Pat
 # ----------------------------------------------------------------------------------------------------------------
 
 
+#: the rounds reports give per-round and early-stopped values at (those a run reached), issue 24
+REPORT_ROUNDS: tuple[int, ...] = (3, 5, 10, 15, 20)
+
+
+def report_horizons(last_round: int, wanted: Sequence[int] = REPORT_ROUNDS) -> list[int]:
+    """The reported rounds up to ``last_round``, and ``last_round`` itself when it is none of them.
+
+    Example:
+        >>> report_horizons(12), report_horizons(5), report_horizons(0)
+        ([3, 5, 10, 12], [3, 5], [])
+    """
+    out = [h for h in wanted if h <= last_round]
+    if last_round >= 1 and last_round not in out:
+        out.append(last_round)
+    return out
+
+
 def _rows(method_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     rows = method_metrics.get("rounds", []) if isinstance(method_metrics, Mapping) else method_metrics
     return sorted((r for r in rows if isinstance(r, Mapping)), key=lambda r: r.get("round", 0))

@@ -79,3 +79,17 @@ def test_early_stopping_never_looks_at_held_out(values, horizon):
     window = [r["client_val_ppl"] for r in rows if r["round"] <= horizon]
     first_min = 1 + window.index(min(window))
     assert got["round"] == first_min and got["heldout_ppl"] == rows[first_min - 1]["heldout_ppl"]
+
+
+def test_every_simulate_report_has_the_early_stopped_table(tmp_path):
+    from hetlora_bench.report import write_report
+
+    metrics, seeds = _load(tmp_path)
+    report = write_report(metrics, tmp_path / "out", seeds=seeds, plots=False)
+    assert "[early_stopping.md](early_stopping.md)" in report.read_text()
+    lines = (tmp_path / "out" / "early_stopping.md").read_text().splitlines()
+    # the runs reach round 5: horizons 3 and 5 (hand-computed: a at 3 -> round 3, client-val 40, held-out 45)
+    assert "| a | 7 | 45.00 / 45.00 (r3) | 52.00 / 45.00 (r3) |" in lines
+    assert "| b | 7 | 60.00 / 70.00 (r1) | — |" in lines
+    payload = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert payload["early_stopping"]["horizons"] == [3, 5]
