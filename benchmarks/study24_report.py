@@ -267,7 +267,8 @@ def corpus_sections(corpus: str, runs: Runs, candidates: Sequence[str], horizons
                     ) -> tuple[list[str], dict[str, Any]]:
     """The markdown lines and the JSON record of one corpus."""
     seeds = list(runs)
-    table = horizon_table([runs[s] for s in seeds], horizons, seeds=seeds)
+    shown = [*candidates, *(b for b in PAIRED_WITH if b not in candidates)]
+    table = horizon_table([{a: runs[s][a] for a in shown if a in runs[s]} for s in seeds], horizons, seeds=seeds)
     pairs = pair_rows(runs, candidates, horizons)
     targets = target_rows(runs, candidates, horizons)
     lines = [f"## {corpus}", "",
