@@ -19,6 +19,13 @@ one float32 array of ``total_tokens x hidden_size``; past ``max_bytes`` the arra
 in the run folder instead of RAM. A row is computed the first time it is read (a batch's missing rows at once),
 so a short run pays only for the rows it uses and never more than the uncached path.
 
+Persisted (``persist_dir``, or the folder named by ``HETLORA_ACTIVATION_CACHE_DIR``): the memmap file and the
+list of computed rows live in ``<persist_dir>/<model>-L<first_layer>-<key>/``, ``key`` a SHA-256 of what the
+hidden states depend on (the model's name, config and a sample of the frozen weights, the first adapted layer, every
+token row), so every later `hetlora simulate` call on the same model, corpus and seed reads the rows an earlier one
+computed instead of refilling them; a different corpus, seed, model or layer gets another folder. Rows are
+flushed before they are marked computed, so a killed run never marks an unwritten row.
+
 Supported: Llama-architecture decoders (``model_type == "llama"``, e.g. SmolLM2). Anything else, or adapters
 that reach layer 0, falls back to the full forward (see :func:`cache_plan`).
 
@@ -32,7 +39,11 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +58,10 @@ from .metrics.loss_eval import IGNORE_INDEX, perplexity_from_nll, shifted_nll
 
 #: decoder families whose forward is embed -> layers(mask, rotary) -> norm -> lm_head, as rebuilt here
 SUPPORTED_MODEL_TYPES = ("llama",)
+
+#: environment variable naming a folder where caches persist across `hetlora simulate` calls (issue 24): one
+#: sub-folder per model / frozen layers / token rows (so per corpus and seed), keyed by what determines its content
+PERSIST_ENV = "HETLORA_ACTIVATION_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -270,6 +285,9 @@ class ActivationCache:
         self.nbytes = int(self.offsets[-1]) * int(storage.shape[1]) * storage.element_size()
         self._done = np.zeros(len(ids), dtype=bool)
         self.blocks: dict[str, CachedBlocks] = {}
+        self.done_file: Path | None = None  # set for a persisted cache: the computed rows, shared across runs
+        self.reused_rows = 0  # rows a persisted cache found already computed when it was opened
+        self._memmap: np.memmap | None = None
 
     def __getitem__(self, name: str) -> CachedBlocks:
         return self.blocks[name]
@@ -287,9 +305,10 @@ class ActivationCache:
 
     def describe(self) -> str:
         where = f"memmap file {self.path}" if self.path else "in memory"
+        reused = f", {self.reused_rows} reused from an earlier run" if self.done_file is not None else ""
         return (
             f"activation cache: hidden states entering layer {self.first_layer}, {len(self.ids)} blocks, "
-            f"{self.nbytes / 2**20:.1f} MiB reserved {where}, {self.computed_rows} blocks computed"
+            f"{self.nbytes / 2**20:.1f} MiB reserved {where}, {self.computed_rows} blocks computed{reused}"
         )
 
     def item(self, row: int) -> dict[str, Any]:
@@ -319,6 +338,25 @@ class ActivationCache:
                 n = len(self.ids[r])
                 self.storage[int(self.offsets[r]) : int(self.offsets[r]) + n] = hidden[j, :n]
                 self._done[r] = True
+        if self.done_file is not None:
+            self._save_done()
+
+    def _save_done(self) -> None:
+        """Flush the memmap, then record the computed rows (with any another run recorded meanwhile)."""
+        if self._memmap is not None:
+            self._memmap.flush()
+        assert self.done_file is not None
+        done = self._done.copy()
+        if self.done_file.is_file():
+            try:
+                other = np.load(self.done_file)
+                if other.shape == done.shape:
+                    done |= other.astype(bool)
+            except (OSError, ValueError):
+                pass  # a torn file from a killed run: ours replaces it
+        tmp = self.done_file.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, done)
+        os.replace(tmp, self.done_file)
 
     @classmethod
     def build(
@@ -331,6 +369,7 @@ class ActivationCache:
         max_bytes: int = 1 << 30,
         spill_dir: str | Path | None = None,
         eager: bool = False,
+        persist_dir: str | Path | None = None,
     ) -> ActivationCache:
         """A cache of the hidden states that embeddings + layers ``0..first_layer-1`` of ``base_model`` (which
         must carry no adapter there) give for every row of ``datasets_by_name``.
@@ -340,6 +379,9 @@ class ActivationCache:
                 ``tokenize_for_clm(..., pad_to_block_size=False)`` makes them).
             max_bytes: above this the storage is a ``numpy.memmap`` in ``spill_dir`` (required then).
             eager: compute every row now instead of on first use.
+            persist_dir: keep the cache in a sub-folder of this one keyed by what determines it (see the module
+                docstring), reusing the rows earlier runs computed; default: the folder named by
+                ``HETLORA_ACTIVATION_CACHE_DIR``, else not persisted.
         """
         all_ids: list[list[int]] = []
         all_labels: list[list[int]] = []
@@ -356,6 +398,10 @@ class ActivationCache:
         dim = int(base_model.config.hidden_size)
         nbytes = total * dim * 4
         path = None
+        persist_dir = persist_dir if persist_dir is not None else (os.environ.get(PERSIST_ENV) or None)
+        if persist_dir is not None:
+            return cls._open_persisted(base_model, first_layer, all_ids, all_labels, spans, Path(persist_dir),
+                                       batch_size, eager)
         if nbytes > max_bytes:
             if spill_dir is None:
                 raise ValueError(
@@ -372,6 +418,79 @@ class ActivationCache:
         if eager:
             cache.ensure(range(len(all_ids)))
         return cache
+
+    @classmethod
+    def _open_persisted(cls, base_model: nn.Module, first_layer: int, all_ids: list[list[int]],
+                        all_labels: list[list[int]], spans: dict[str, range], persist_dir: Path, batch_size: int,
+                        eager: bool) -> ActivationCache:
+        """Open (or create) the persisted cache of these rows under ``persist_dir``; see :func:`cache_key`."""
+        dim = int(base_model.config.hidden_size)
+        total = sum(len(x) for x in all_ids)
+        key = cache_key(base_model, first_layer, all_ids)
+        name = str(getattr(base_model.config, "name_or_path", "") or getattr(base_model.config, "model_type", "model"))
+        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.rstrip("/").split("/")[-1])[:48] or "model"
+        folder = persist_dir / f"{tag}-L{first_layer}-{key[:20]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path, meta_file, done_file = folder / "activations.f32", folder / "meta.json", folder / "done.npy"
+        shape = (max(total, 1), dim)
+        meta = {"key": key, "shape": list(shape), "rows": len(all_ids), "first_layer": first_layer, "model": name}
+        reuse = path.is_file() and meta_file.is_file() and path.stat().st_size == shape[0] * shape[1] * 4
+        if reuse:
+            try:
+                reuse = json.loads(meta_file.read_text(encoding="utf-8")).get("key") == key
+            except (OSError, ValueError):
+                reuse = False
+        if reuse:
+            array = np.memmap(path, dtype=np.float32, mode="r+", shape=shape)
+        else:
+            array = np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
+            done_file.unlink(missing_ok=True)
+            meta_file.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        cache = cls(_decoder(base_model), first_layer, all_ids, all_labels, torch.from_numpy(array), path,
+                    batch_size)
+        cache.done_file, cache._memmap = done_file, array
+        if reuse and done_file.is_file():
+            try:
+                done = np.load(done_file)
+                if done.shape == cache._done.shape:
+                    cache._done = done.astype(bool)
+            except (OSError, ValueError):
+                pass  # unreadable list: recompute (the rows themselves are only trusted when listed)
+        cache.reused_rows = cache.computed_rows
+        cache.blocks = {name: CachedBlocks(cache, list(span)) for name, span in spans.items()}
+        if eager:
+            cache.ensure(range(len(all_ids)))
+        return cache
+
+
+def cache_key(base_model: nn.Module, first_layer: int, ids: Sequence[Sequence[int]]) -> str:
+    """SHA-256 of what the cached hidden states depend on: the model's name and config, a sample of the weights
+    of the embedding and the frozen layers ``0 .. first_layer-1`` (their first 4096 values and their sums), the first
+    adapted layer and every token row (so the corpus, the seed's split and the tokenizer).
+
+    Example:
+        >>> from tiny_models import tiny_llama  # doctest: +SKIP
+        >>> cache_key(tiny_llama(), 2, [[1, 2, 3]]) == cache_key(tiny_llama(), 2, [[1, 2, 3]])  # doctest: +SKIP
+        True
+    """
+    digest = hashlib.sha256()
+    config = base_model.config
+    digest.update(json.dumps({"name": str(getattr(config, "name_or_path", "")), "config": config.to_dict(),
+                              "first_layer": int(first_layer)}, sort_keys=True, default=str).encode())
+    decoder = _decoder(base_model)
+    modules = [decoder.embed_tokens, *list(decoder.layers)[:first_layer]]
+    with torch.no_grad():
+        for module in modules:
+            for pname, param in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+                flat = param.detach().reshape(-1).to("cpu", torch.float64)
+                digest.update(pname.encode())
+                digest.update(flat[:4096].numpy().tobytes())
+                digest.update(np.float64(flat.sum().item()).tobytes())
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    digest.update(lengths.tobytes())
+    for row in ids:
+        digest.update(np.asarray(row, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
 @torch.no_grad()

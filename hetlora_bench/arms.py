@@ -44,6 +44,8 @@ ARMS: dict[str, dict[str, Any]] = {
         "aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False, "selection": "coverage",
         "anchor": "r_max",
     },
+    # issue 24: raFLoRA (arXiv 2602.13486), each component averaged over its contributors, then FlexLoRA's SVD
+    "raflora": {"aggregation": "raflora", "ranks": "heterogeneous", "prune": False},
     "nested": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": True, "nested": True},
     # issue 14: client-level DP (central model, rankwise under public weights) at three privacy budgets
     "dp_eps1": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": False, "dp_epsilon": 1.0},

@@ -48,7 +48,15 @@ from .method_numbers import (  # noqa: F401  (re-exported: callers import these 
     round_rows,
     summarize,
 )
-from .seed_stats import json_safe, paired_table, plot_paired, seed_statistics
+from .seed_stats import (
+    early_stopping_markdown,
+    horizon_table,
+    json_safe,
+    paired_table,
+    plot_paired,
+    report_horizons,
+    seed_statistics,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Formatting
@@ -420,6 +428,25 @@ def write_report(
         ]
         if plots:
             plot_paths.append(plot_paired({"final held-out perplexity": paired}, out / "paired.png"))
+    last_round = max((int(r.get("round", 0)) for m in seed_metrics for arm in m.values()
+                      for r in arm.get("rounds", []) if isinstance(r, Mapping)), default=0)
+    stopping = horizon_table(seed_metrics, report_horizons(last_round), seeds=seed_labels)
+    if stopping["horizons"]:  # its own page beside the report (per arm and seed, one row each)
+        arm_labels = {m: summaries[0]["methods"][m]["label"] for m in summaries[0]["methods"]}
+        (out / "early_stopping.md").write_text("\n".join([
+            f"# Early stopping on client validation: {title}",
+            "",
+            "Each cell: held-out perplexity after that round / held-out perplexity at the round up to it with the "
+            "lowest client-validation perplexity (that round in brackets; held-out data never chooses it).",
+            "",
+            early_stopping_markdown(stopping, arm_labels),
+            "",
+        ]), encoding="utf-8")
+        lines += [
+            "Early stopping on client validation, per arm and seed at rounds "
+            f"{', '.join(map(str, stopping['horizons']))}: [early_stopping.md](early_stopping.md).",
+            "",
+        ]
     extra_lines, extra_plots = extra_sections(seed_metrics, out, plots=plots)
     lines += extra_lines
     plot_paths.extend(extra_plots)
@@ -449,7 +476,7 @@ def write_report(
         lines += [f"![{path.stem}]({path.name})", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
-    payload: dict[str, Any] = {"title": title, "target_method": first["target_method"]}
+    payload: dict[str, Any] = {"title": title, "target_method": first["target_method"], "early_stopping": stopping}
     if resources is not None:
         payload["resources"] = dict(resources)
     if len(seed_metrics) == 1:

@@ -189,6 +189,134 @@ def plot_paired(stats_by_group: Mapping[str, Mapping[str, Any]], path: str | Pat
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Early stopping on client validation (issue 24): held-out data is never used to choose a round
+# ----------------------------------------------------------------------------------------------------------------
+
+
+#: the rounds reports give per-round and early-stopped values at (those a run reached), issue 24
+REPORT_ROUNDS: tuple[int, ...] = (3, 5, 10, 15, 20)
+
+
+def report_horizons(last_round: int, wanted: Sequence[int] = REPORT_ROUNDS) -> list[int]:
+    """The reported rounds up to ``last_round``, and ``last_round`` itself when it is none of them.
+
+    Example:
+        >>> report_horizons(12), report_horizons(5), report_horizons(0)
+        ([3, 5, 10, 12], [3, 5], [])
+    """
+    out = [h for h in wanted if h <= last_round]
+    if last_round >= 1 and last_round not in out:
+        out.append(last_round)
+    return out
+
+
+def _rows(method_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    rows = method_metrics.get("rounds", []) if isinstance(method_metrics, Mapping) else method_metrics
+    return sorted((r for r in rows if isinstance(r, Mapping)), key=lambda r: r.get("round", 0))
+
+
+def heldout_at(method_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]], round_: int) -> float | None:
+    """The held-out perplexity evaluated after round ``round_`` (``None`` when the run has no such round).
+
+    Example:
+        >>> heldout_at({"rounds": [{"round": 1, "heldout_ppl": 9.0}, {"round": 2, "heldout_ppl": 8.0}]}, 2)
+        8.0
+    """
+    for row in _rows(method_metrics):
+        if row.get("round") == round_:
+            return _finite(row.get("heldout_ppl"))
+    return None
+
+
+def early_stopped(method_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]], horizon: int
+                  ) -> dict[str, Any] | None:
+    """The round up to ``horizon`` with the lowest client-validation perplexity, and its held-out perplexity.
+
+    Early stopping on the clients' own validation data: the round is chosen on ``client_val_ppl`` alone (ties: the
+    earliest round), held-out perplexity is only read at the chosen round. Rounds without a finite client-validation
+    value (round 0, the untrained global) are never chosen. ``None`` when the run has no round ``<= horizon`` with
+    one, or has not reached ``horizon`` (a horizon the run never got to is not reported as early-stopped).
+
+    Returns:
+        ``{"round", "client_val_ppl", "heldout_ppl"}`` (``heldout_ppl`` ``None`` if that round has none).
+
+    Example:
+        >>> rows = [{"round": 1, "client_val_ppl": 30.0, "heldout_ppl": 40.0},
+        ...         {"round": 2, "client_val_ppl": 25.0, "heldout_ppl": 41.0},
+        ...         {"round": 3, "client_val_ppl": 26.0, "heldout_ppl": 35.0}]
+        >>> early_stopped(rows, 3)
+        {'round': 2, 'client_val_ppl': 25.0, 'heldout_ppl': 41.0}
+    """
+    rows = _rows(method_metrics)
+    if not any(r.get("round") is not None and r.get("round") >= horizon for r in rows):
+        return None
+    best: Mapping[str, Any] | None = None
+    best_val = math.inf
+    for row in rows:
+        round_, val = row.get("round"), _finite(row.get("client_val_ppl"))
+        if round_ is None or round_ > horizon or val is None:
+            continue
+        if val < best_val:
+            best, best_val = row, val
+    if best is None:
+        return None
+    return {"round": best["round"], "client_val_ppl": best_val, "heldout_ppl": _finite(best.get("heldout_ppl"))}
+
+
+def horizon_table(
+    metrics_per_seed: Sequence[Mapping[str, Mapping[str, Any]]],
+    horizons: Sequence[int],
+    *,
+    seeds: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Per arm, seed and horizon: the held-out perplexity at that round and the early-stopped one.
+
+    Returns:
+        ``{"seeds", "horizons", "arms": {arm: {seed: {horizon: {"at_round", "early_stopped"}}}}}``.
+
+    Example:
+        >>> t = horizon_table([{"a": {"rounds": [{"round": 1, "client_val_ppl": 3.0, "heldout_ppl": 5.0},
+        ...                                      {"round": 2, "client_val_ppl": 4.0, "heldout_ppl": 4.5}]}}], [2])
+        >>> t["arms"]["a"][0][2]["at_round"], t["arms"]["a"][0][2]["early_stopped"]["heldout_ppl"]
+        (4.5, 5.0)
+    """
+    labels = list(seeds) if seeds is not None else list(range(len(metrics_per_seed)))
+    arms: dict[str, dict[Any, dict[int, dict[str, Any]]]] = {}
+    for label, per_seed in zip(labels, metrics_per_seed):
+        for arm, method_metrics in per_seed.items():
+            arms.setdefault(arm, {})[label] = {
+                h: {"at_round": heldout_at(method_metrics, h), "early_stopped": early_stopped(method_metrics, h)}
+                for h in horizons
+            }
+    return {"seeds": labels, "horizons": list(horizons), "arms": arms}
+
+
+def early_stopping_markdown(table: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
+    """Markdown: per arm and seed, ``held-out at round h / early-stopped held-out (round chosen)`` per horizon.
+
+    Example:
+        >>> t = horizon_table([{"a": {"rounds": [{"round": 1, "client_val_ppl": 3.0, "heldout_ppl": 5.0}]}}], [1])
+        >>> print(early_stopping_markdown(t).splitlines()[-1])
+        | a | 0 | 5.00 / 5.00 (r1) |
+    """
+    labels = labels or {}
+    horizons = table["horizons"]
+    lines = ["| Arm | Seed | " + " | ".join(f"round {h}" for h in horizons) + " |",
+             "|---|---|" + "---:|" * len(horizons)]
+    for arm, per_seed in table["arms"].items():
+        for seed, cells in per_seed.items():
+            out = []
+            for h in horizons:
+                at, es = cells[h]["at_round"], cells[h]["early_stopped"]
+                text = "—" if at is None else f"{at:.2f}"
+                if es is not None and es["heldout_ppl"] is not None:
+                    text += f" / {es['heldout_ppl']:.2f} (r{es['round']})"
+                out.append(text)
+            lines.append(f"| {labels.get(arm, arm)} | {seed} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Merging run folders: `hetlora report DIR...`
 # ----------------------------------------------------------------------------------------------------------------
 
