@@ -43,6 +43,11 @@ ARMS: dict[str, dict[str, Any]] = {
         "aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False, "selection": "coverage",
         "anchor": "r_max",
     },
+    # issue 24: core clients (docs/methods.md#core-clients): clients below r_max train an r_c x r_c core inside the
+    # global's top-r_c singular subspace and upload it; capable clients train factors; flexlora_held merges both
+    "flexlora_core": {
+        "aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False, "client_training": "core",
+    },
     "nested": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": True, "nested": True},
     # issue 14: client-level DP (central model, rankwise under public weights) at three privacy budgets
     "dp_eps1": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": False, "dp_epsilon": 1.0},
@@ -74,7 +79,7 @@ DEFAULT_METHODS = [
 #: arm settings the Flower engine does not run yet: `run_flower_simulation` takes an arm's ranks, method, pruning and
 #: influence bound; windows, nested prefixes, DP and attackers are settings the in-process Coordinator takes (the
 #: strategy gets them with the one settings record, issue 23 WP3)
-FLOWER_UNSUPPORTED = ("dp_epsilon", "attack", "selection", "nested")
+FLOWER_UNSUPPORTED = ("dp_epsilon", "attack", "selection", "nested", "client_training")
 
 
 def runs_on(arm: str, engine: str) -> bool:

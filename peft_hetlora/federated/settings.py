@@ -46,6 +46,7 @@ from .aggregation import AGGREGATION_METHODS, get_aggregation, parse_influence_b
 from .aggregation.privacy import DPConfig, dp_config_from_dict
 from .policies import RankPolicy
 from .round import FEDERATION_FORMAT, NEXT_RANK_RULES, check_dp, check_selection, default_method_and_selection
+from .round.settings import check_client_training
 from .stores import validate_client_id
 from .upload import DEFAULT_MAX_EXAMPLES, UploadSpec, parse_message_format
 
@@ -68,7 +69,7 @@ __all__ = [
 #: and test switches, given again on every start).
 RECORDED_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "rounds", "seed",
                    "scaling", "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection",
-                   "anchor", "message_formats", "rank_policy")
+                   "anchor", "message_formats", "rank_policy", "client_training")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class FederationSettings:
         component_selection, anchor: which components each participant trains (window policies need a method with
             ``accepts_components``).
         message_formats: the compressed upload formats clients may declare (None: all).
+        client_training: ``"factors"`` (default) or ``"core"``: participants below ``r_max`` train a core inside the
+            global's subspace (docs/methods.md#core-clients; needs a method with ``accepts_core``).
         max_examples, allow_per_module_ranks, require_global_revision, dp_noise_seed: the coordinator's upload limits
             and the reproducible-DP test switch (not recorded in ``federation.json``).
 
@@ -123,6 +126,7 @@ class FederationSettings:
     component_selection: str | None = None
     anchor: int | None = None
     message_formats: tuple[str, ...] | None = None
+    client_training: str | None = None
     max_examples: int = DEFAULT_MAX_EXAMPLES
     allow_per_module_ranks: bool = False
     require_global_revision: bool = False
@@ -141,6 +145,8 @@ class FederationSettings:
         if self.component_selection is not None or self.anchor is not None:
             # the method may still come from federation.json: the round settings check it again then
             check_selection(method, selection, self.anchor or 0, r_max=self.r_max, dp=self.dp)
+        if self.client_training is not None:
+            check_client_training(method, self.client_training, selection, dp=self.dp)
         for name in ("clients", "message_formats"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)):
@@ -255,9 +261,9 @@ IDENTITY_FIELDS = ("method", "r_max", "r_min", "base_model")
 # (FederationMismatch), except `rounds`, which may grow (extending a federation).
 SETTING_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "seed", "scaling",
                   "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection", "anchor",
-                  "message_formats")
+                  "message_formats", "client_training")
 # What a federation.json without the setting means (older records).
-_SETTING_DEFAULTS = {"component_selection": "prefix", "anchor": 0}
+_SETTING_DEFAULTS = {"component_selection": "prefix", "anchor": 0, "client_training": "factors"}
 # Fields of the adapter config that change the math: an initial adapter that differs in one is another federation.
 ADAPTER_MATH_FIELDS = ("lora_alpha", "rank_scaling", "target_modules", "layers_to_transform", "layers_pattern",
                        "bias", "fan_in_fan_out", "modules_to_save")
@@ -426,6 +432,7 @@ def new_federation(identity: Mapping[str, Any], config: Mapping[str, Any], modul
     record["component_selection"] = requested.get("component_selection") or "prefix"
     record["anchor"] = requested.get("anchor") or 0
     record["message_formats"] = requested.get("message_formats")  # None: every format
+    record["client_training"] = requested.get("client_training") or "factors"
     return record
 
 
@@ -553,6 +560,11 @@ class ResolvedSettings:
     def component_selection(self) -> str:
         """Which components each participant trains: "prefix" (default), "rolling" or "coverage"."""
         return self.get("component_selection", "prefix")
+
+    @property
+    def client_training(self) -> str:
+        """What participants below r_max train: "factors" (default) or "core" (docs/methods.md#core-clients)."""
+        return self.get("client_training", "factors")
 
     @property
     def anchor(self) -> int:

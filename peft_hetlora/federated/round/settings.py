@@ -23,10 +23,13 @@ from ..policies import SELECTION_POLICIES
 __all__ = [
     "DEFAULT_DP_METHOD",
     "DEFAULT_METHOD",
+    "CLIENT_TRAINING",
     "DEFAULT_SELECTION",
     "NEXT_RANK_RULES",
     "RoundSettings",
+    "check_client_training",
     "check_dp",
+    "core_methods",
     "check_selection",
     "default_method_and_selection",
     "dp_method_for",
@@ -35,6 +38,10 @@ __all__ = [
 ]
 
 NEXT_RANK_RULES = ("rank_out", "initial")
+#: What clients below r_max train (docs/methods.md#core-clients): ``"factors"`` (their rank-k prefix of the global,
+#: the default) or ``"core"`` (an r_c x r_c core inside the global's top-r_c singular subspace; capable clients,
+#: rank r_max, train factors either way).
+CLIENT_TRAINING = ("factors", "core")
 
 #: The method of a federation that names none: ``flexlora_held``, FlexLoRA (SVD of the weighted sum of client
 #: products, arXiv 2402.11505) over the adapters the clients held, so weak clients do not erase the global's
@@ -101,6 +108,8 @@ class RoundSettings:
             ``"prefix"`` (HetLoRA, the default), ``"rolling"`` or ``"coverage"``; a window policy needs a method
             that accepts component-indexed uploads and no DP (`check_selection`).
         anchor: components ``0 .. anchor-1`` are in every client's set (window policies).
+        client_training: `CLIENT_TRAINING`: ``"core"`` makes every participant below ``r_max`` train a core
+            (`check_client_training`; docs/methods.md#core-clients).
     """
 
     method: str
@@ -118,6 +127,7 @@ class RoundSettings:
     component_selection: str = "prefix"
     anchor: int = 0
     bound_multiplier: float = DEFAULT_BOUND_MULTIPLIER
+    client_training: str = "factors"
 
     def __post_init__(self) -> None:
         try:
@@ -129,6 +139,46 @@ class RoundSettings:
         check_rank(self.r_min, 1, self.r_max, what="r_min")
         check_dp(self.method, self.dp)
         check_selection(self.method, self.component_selection, self.anchor, r_max=self.r_max, dp=self.dp)
+        check_client_training(self.method, self.client_training, self.component_selection, dp=self.dp)
+
+
+def check_client_training(method: str, client_training: str, component_selection: str = "prefix", *,
+                          dp: Any = None) -> None:
+    """Refuse a ``client_training`` the round engine cannot aggregate.
+
+    ``"core"`` needs a method with the ``accepts_core`` capability (`core_methods`), the ``prefix`` selection and
+    no DP.
+
+    Raises:
+        AggregationError: with what to change.
+
+    Example:
+        ```py
+        >>> check_client_training("flexlora_held", "core")
+        >>> check_client_training("fedavg", "factors")
+        ```
+    """
+    if client_training not in CLIENT_TRAINING:
+        raise AggregationError(f"client_training must be one of {list(CLIENT_TRAINING)}, got {client_training!r}.")
+    if client_training == "factors":
+        return
+    if not get_aggregation(method).accepts_core:
+        raise AggregationError(f"client_training='core' makes clients upload cores, which method {method!r} cannot "
+                               f"aggregate; use one of {list(core_methods())} (or client_training='factors').")
+    if component_selection != "prefix" or dp is not None:
+        raise AggregationError("client_training='core' needs component_selection='prefix' and no dp=...")
+
+
+def core_methods() -> tuple[str, ...]:
+    """The registered methods that take core uploads (``accepts_core``), in registration order.
+
+    Example:
+        ```py
+        >>> core_methods()
+        ('flexlora_held',)
+        ```
+    """
+    return tuple(m for m in AGGREGATION_METHODS if get_aggregation(m).accepts_core)
 
 
 def check_selection(method: str, component_selection: str, anchor: int = 0, *, r_max: int | None = None,
