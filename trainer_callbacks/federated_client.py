@@ -111,6 +111,9 @@ class FederatedClientCallback(HetLoRACallback):
             decodes to float32 before aggregating. The federation may restrict the formats (`message_formats`).
         error_feedback: keep the quantisation residual across this client's rounds and add it to the next upload
             (`compression.ErrorFeedback`, arXiv 1901.09847); the residual is reset when the trained window changes.
+        core_tokens: tokens of one micro-batch (batch size x sequence length): a core client then counts its adapter
+            activations in the budget rule (`core_rank(..., tokens=...)`) and trains a smaller core where needed; 0
+            (default) trains the core the plan assigned.
 
     Example:
         ```py
@@ -136,6 +139,7 @@ class FederatedClientCallback(HetLoRACallback):
         nested: bool | None = None,
         message_format: str = "fp32",
         error_feedback: bool = False,
+        core_tokens: int = 0,
     ) -> None:
         super().__init__(prune=prune, reset_optimizer=reset_optimizer, nested=nested)
         self.message_format = parse_message_format(message_format).name
@@ -165,6 +169,9 @@ class FederatedClientCallback(HetLoRACallback):
         self.core_rank: int | None = None  # r_c of the open round's core (None: the client trains factors)
         self._factor_rank: int | None = None  # the rank k a core client reports as rank_in / rank_out
         self._allocation: int | None = None  # the model's rank allocation before a core round grew it
+        if isinstance(core_tokens, bool) or not isinstance(core_tokens, int) or core_tokens < 0:
+            raise ValueError(f"core_tokens must be an int >= 0 (tokens per micro-batch), got {core_tokens!r}.")
+        self.core_tokens = int(core_tokens)
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint stores of this callback (`ExportableState`): the round start and the round's identity.
@@ -519,7 +526,8 @@ class FederatedClientCallback(HetLoRACallback):
         core = self.assigned_core(self.round_info, config.r) if window is None else None
         if core is not None:
             dims = [(layer.in_features, layer.out_features) for _, layer in tuner.hetlora_layers(adapter)]
-            r_c = core if rank >= assigned else min(core, core_rank(rank, config.r, dims))
+            r_c = core if rank >= assigned and not self.core_tokens else min(
+                core, core_rank(rank, config.r, dims, tokens=self.core_tokens))
             if r_c > allocated:
                 self._allocation = allocated
             start_core(peft_model, weights, r_c, adapter)

@@ -268,23 +268,28 @@ def core_budget(r_c: int, d_in: int, d_out: int) -> dict[str, int]:
             "memory": r_c * width + 4 * r_c * r_c, "activations": r_c, "upload": r_c * r_c}
 
 
-def core_rank(k: int, r_max: int, dims: Iterable[tuple[int, int]] | Mapping[str, tuple[int, int]]) -> int:
+def core_rank(k: int, r_max: int, dims: Iterable[tuple[int, int]] | Mapping[str, tuple[int, int]], *,
+              tokens: int = 0) -> int:
     """The budget rule: the largest ``r_c <= r_max`` whose core fits a rank-``k`` LoRA client on every module.
 
-    For every module ``(d_in, d_out)``, with ``w = d_in + d_out`` (fp32 counts, per module):
+    For every module ``(d_in, d_out)``, with ``w = d_in + d_out`` and ``T = tokens`` (fp32 counts, per module):
 
     ```text
-    memory:  r_c w + 4 r_c^2  <=  4 k w        (frozen bases + core + gradient + Adam's two moments vs LoRA(k)'s)
-    upload:  r_c^2            <=  k w
+    memory:  r_c w + 4 r_c^2 + r_c T  <=  4 k w + k T   (frozen bases + core + gradient + Adam's two moments
+                                                         + the adapter branch's activations, vs LoRA(k)'s)
+    upload:  r_c^2                    <=  k w
     ```
 
+    With ``tokens=0`` (the coordinator's plan) activations are left out; a client passes the tokens of its
+    micro-batch (``FederatedClientCallback(core_tokens=...)``) to count them and may then train a smaller core.
     ``r_c >= k`` always holds for ``k <= 3 w / 4`` (a core of rank ``k`` costs less than LoRA(k)); a client with
-    ``k >= r_max`` trains factors (the rule returns ``r_max``). Activation memory (``r_c`` vs ``k`` per token of the
-    adapter branch) is not in the rule; docs/methods.md#core-clients counts it.
+    ``k >= r_max`` trains factors (the rule returns ``r_max``).
 
     Example:
         >>> core_rank(2, 16, [(576, 576), (576, 192)]), core_rank(6, 16, [(576, 576)]), core_rank(16, 16, [(8, 8)])
         (7, 16, 16)
+        >>> core_rank(2, 16, [(576, 576)], tokens=512)  # 6 x 1152 + 144 + 6 x 512 = 10128 <= 9216 + 1024
+        6
     """
     items = list(dims.values()) if isinstance(dims, Mapping) else list(dims)
     if not items:
@@ -293,7 +298,8 @@ def core_rank(k: int, r_max: int, dims: Iterable[tuple[int, int]] | Mapping[str,
         return int(r_max)
     best = 0
     for r in range(1, int(r_max) + 1):
-        fits = all(r * (di + do) + 4 * r * r <= 4 * k * (di + do) and r * r <= k * (di + do)
+        fits = all(r * (di + do) + 4 * r * r + r * tokens <= 4 * k * (di + do) + k * tokens
+                   and r * r <= k * (di + do)
                    and r <= min(di, do) for di, do in items)
         if fits:
             best = r
