@@ -188,3 +188,27 @@ def test_bad_inputs_are_refused():
     bases = core_bases(a, b, 2, seed=0, scaling=1.0)
     with pytest.raises(ValueError, match="core must be"):
         expand_core(torch.zeros(3, 3), bases)
+
+
+def test_the_budget_table_in_the_docs_is_right():
+    """docs/methods.md#core-clients: every row recomputed by hand formulas (not core_budget)."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    shapes = {"SmolLM2-135M": [(576, 576), (576, 192), (576, 1536), (1536, 576)],
+              "Llama-3.2-1B": [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)]}
+    rows = [line for line in page.splitlines() if re.match(r"\| (SmolLM2-135M|Llama-3\.2-1B) \|", line)]
+    assert len(rows) == 16
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        model, module = cells[0], cells[1]
+        d_in, d_out = map(int, re.search(r"\((\d+) -> (\d+)\)", module).groups())
+        k, r_c, mem_lora, mem_core, act_lora, act_core, up_lora, up_core = (int(c.replace(",", "")) for c in cells[2:])
+        assert r_c == _reference_core_rank(k, 16, shapes[model])
+        w = d_in + d_out
+        assert mem_lora == k * w + k * w + 2 * k * w  # A and B, their gradients, Adam's 2 moments
+        assert mem_core == r_c * w + r_c**2 * 4
+        assert (act_lora, act_core) == (k, r_c)
+        assert (up_lora, up_core) == (k * w, r_c * r_c)
+        assert mem_core <= mem_lora and up_core <= up_lora
