@@ -171,3 +171,23 @@ def test_core_round_resumes_from_a_checkpoint_bit_identically(tmp_path):
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
     assert callback.core_rank == 4
+
+
+def test_a_core_round_of_a_small_device_resumes_after_its_layers_grew(tmp_path):
+    """A rank-2 device (allocated 2) trains a 4 x 4 core: its checkpoint holds rank-4 held factors, which the
+    Trainer loads truncated into a fresh rank-2 model; the callback reads them from the checkpoint instead."""
+    state = _global()
+    args = dict(max_steps=4, save_strategy="steps", save_steps=1, per_device_train_batch_size=2)
+    straight = _publish(tmp_path / "s", state, {"alice": 4}, {"alice": 2})
+    _train(straight, tmp_path / "s", make_model(rank=2, seed=5), **{**args, "save_strategy": "no"})[0].train()
+    expected = load_file(str(straight.download_client(0, "alice") / "adapter_model.safetensors"))
+    store = _publish(tmp_path / "k", state, {"alice": 4}, {"alice": 2})
+    trainer, _ = _train(store, tmp_path / "k", make_model(rank=2, seed=5), extra=[KillAfterSave(2)], **args)
+    with pytest.raises(Killed):
+        trainer.train()
+    trainer, callback = _train(store, tmp_path / "k", make_model(rank=2, seed=5), **args)
+    trainer.train(resume_from_checkpoint=True)
+    got = load_file(str(store.download_client(0, "alice") / "adapter_model.safetensors"))
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
+    assert callback.budget == 2

@@ -27,6 +27,7 @@ from peft_hetlora.federated.upload import (
     parse_message_format,
 )
 from peft_hetlora.federation_config import check_matches_federation
+from peft_hetlora.utils.constants import ADAPTER_FILE
 from peft_hetlora.utils.errors import RankError
 from peft_hetlora.utils.ranks import MAX_RANK, check_rank
 
@@ -314,6 +315,7 @@ class FederatedClientCallback(HetLoRACallback):
         if not resumed:
             self._load_global(peft_model, latest)
         else:
+            self._checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             self._resume_round(peft_model, latest, identity, checkpoint_round_start(state, type(self).__name__))
         components = hetlora_tuner(peft_model).peft_config[hetlora_tuner(peft_model).active_adapters[0]].components
         self.round_start = {
@@ -393,6 +395,13 @@ class FederatedClientCallback(HetLoRACallback):
             )
         trained = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
         self._load_global(peft_model, latest)  # checks, rank, window (and its frozen part) as at the round's start
+        checkpoint = getattr(self, "_checkpoint_dir", None)
+        shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+        if self.core_rank is not None and checkpoint is not None and (checkpoint / ADAPTER_FILE).is_file() and \
+                shapes != {k: tuple(v.shape) for k, v in trained.items()}:
+            # a core round grew the model's layers past the allocation the Trainer loaded the checkpoint into (which
+            # truncated it): read the checkpoint's held factors (rank r_c) from its file instead
+            trained = load_file(str(checkpoint / ADAPTER_FILE))
         tuner = hetlora_tuner(peft_model)
         adapter = tuner.active_adapters[0]
         components = tuner.peft_config[adapter].components
