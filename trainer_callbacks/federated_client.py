@@ -312,6 +312,7 @@ class FederatedClientCallback(HetLoRACallback):
             control.should_training_stop = True
             return
         identity = self.round_identity(latest)
+        self._checkpoint_dir: Path | None = None
         if not resumed:
             self._load_global(peft_model, latest)
         else:
@@ -395,7 +396,7 @@ class FederatedClientCallback(HetLoRACallback):
             )
         trained = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
         self._load_global(peft_model, latest)  # checks, rank, window (and its frozen part) as at the round's start
-        checkpoint = getattr(self, "_checkpoint_dir", None)
+        checkpoint = getattr(self, "_checkpoint_dir", None)  # set by on_train_begin (tests may call this directly)
         shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
         if self.core_rank is not None and checkpoint is not None and (checkpoint / ADAPTER_FILE).is_file() and \
                 shapes != {k: tuple(v.shape) for k, v in trained.items()}:
