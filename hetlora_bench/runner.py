@@ -353,6 +353,9 @@ def run_federated_arm(
                 if config.message_format != "fp32"
                 else summary["metrics"]["bytes_uploaded"],
                 "payload_bytes": sum(s["payload_bytes"] for s in accepted_sent),
+                # per accepted client, as the coordinator read them (a core client's r_c^2 per module, issue 24)
+                "client_upload_bytes": {cid: (summary.get("clients", {}).get(cid) or {}).get("upload_bytes")
+                                        for cid in summary["accepted"]},
                 "message_format": config.message_format,
                 "attackers": attackers,
                 "epsilon": (summary.get("privacy") or {}).get("epsilon"),
