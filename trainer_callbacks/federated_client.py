@@ -421,7 +421,7 @@ class FederatedClientCallback(HetLoRACallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.skipped or self.current is None:
             if kwargs.get("model") is not None and in_core_mode(hetlora_tuner(kwargs["model"])):
-                stop_core(kwargs["model"])
+                stop_core(hetlora_tuner(kwargs["model"]))
             return
         model = kwargs.get("model")
         last_step = state.global_step
@@ -456,7 +456,7 @@ class FederatedClientCallback(HetLoRACallback):
         else:
             self._upload_once(state, model, num_examples=int(num_examples), train_loss=train_loss)
         if core:  # keep the held factors U_c C, V_c^T as plain factors
-            stop_core(model)
+            stop_core(hetlora_tuner(model))
         # end of the round: forget the frozen rest of the global (restoring the base weights if merged) and go
         # back to prefix labels, so code that sets ranks or loads a global between rounds sees a plain model
         hetlora_tuner(model).clear_components()

@@ -64,10 +64,11 @@ class CoreParametrization(nn.Module):
 
 def _tuner(model: Any) -> Any:
     seen = model
-    for _ in range(4):
+    for _ in range(6):  # PeftModel -> tuner; DDP / accelerate / torch.compile / activation-cache wrappers
         if hasattr(seen, "hetlora_layers"):
             return seen
-        seen = getattr(seen, "base_model", None)
+        seen = (getattr(seen, "base_model", None) or getattr(seen, "module", None)
+                or getattr(seen, "_orig_mod", None))
         if seen is None:
             break
     raise TypeError(f"core mode needs a HetLoRA PEFT model, got {type(model).__name__}.")
