@@ -191,3 +191,13 @@ def test_a_core_round_of_a_small_device_resumes_after_its_layers_grew(tmp_path):
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
     assert callback.budget == 2
+
+
+def test_core_mode_sees_through_wrappers():
+    """The simulator's activation-cache wrapper (and DDP) hold the PEFT model as `.module`."""
+    wrapper = torch.nn.Module()
+    wrapper.module = make_model(rank=2)
+    start_core(wrapper, _global(), 3)
+    assert in_core_mode(wrapper) and all(v.shape == (3, 3) for v in core_state_dict(wrapper).values())
+    stop_core(wrapper)
+    assert not in_core_mode(wrapper.module)
