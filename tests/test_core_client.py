@@ -153,7 +153,7 @@ class KillAfterSave(TrainerCallback):
             raise Killed(self.at)
 
 
-def test_core_round_resumes_from_a_checkpoint_bit_identically(tmp_path):
+def test_core_round_resumes_from_a_checkpoint_to_the_same_upload(tmp_path):
     state = _global()
     args = dict(max_steps=4, save_strategy="steps", save_steps=1, per_device_train_batch_size=2)
     straight = _publish(tmp_path / "s", state, {"alice": 4}, {"alice": 2})
