@@ -120,4 +120,5 @@ def arm_coordinator_settings(
         component_selection=spec.get("selection"), anchor=anchor,
         server_optimizer=(config.server_optimizer(spec["server_optimizer"]) if "server_optimizer" in spec else None),
         error_feedback=True if spec.get("error_feedback") else None,
+        client_training=spec.get("client_training"),
     )

@@ -46,6 +46,11 @@ ARMS: dict[str, dict[str, Any]] = {
     },
     # issue 24: raFLoRA (arXiv 2602.13486), each component averaged over its contributors, then FlexLoRA's SVD
     "raflora": {"aggregation": "raflora", "ranks": "heterogeneous", "prune": False},
+    # issue 24: core clients (docs/methods.md#core-clients): clients below r_max train an r_c x r_c core inside the
+    # global's top-r_c singular subspace and upload it; capable clients train factors; flexlora_held merges both
+    "flexlora_core": {
+        "aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False, "client_training": "core",
+    },
     "nested": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": True, "nested": True},
     # issue 14: client-level DP (central model, rankwise under public weights) at three privacy budgets
     "dp_eps1": {"aggregation": "rankwise", "ranks": "heterogeneous", "prune": False, "dp_epsilon": 1.0},
@@ -271,10 +276,12 @@ class SimulationConfig:
             raise ValueError("`seeds` must name at least one seed.")
         if self.engine == "flower":
             attacked = [m for m in self.methods if not honest_clients(m)]
-            if attacked or self.quantize is not None:
+            cores = [m for m in self.methods if ARMS.get(m, {}).get("client_training", "factors") != "factors"]
+            if attacked or cores or self.quantize is not None:
                 raise ValueError(
-                    f"engine='flower' runs every arm whose clients upload what they trained, on an unquantised base "
-                    f"(not {attacked or 'quantize'}); use engine='inprocess' for the poisoned arms and --quantize."
+                    f"engine='flower' runs every arm whose clients train and upload factors, on an unquantised base "
+                    f"(not {attacked + cores or 'quantize'}); use engine='inprocess' for the poisoned arms, the core "
+                    "arms and --quantize."
                 )
         if self.attack not in ATTACKS:
             raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}.")

@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging
 
 from peft_hetlora.config import HetLoRAConfig
 from peft_hetlora.federated import Coordinator, LocalStore, truncate
+from peft_hetlora.federated.adapter.core import core_rank
 from peft_hetlora.federated.round import RoundPlan
 from peft_hetlora.federated.stores import json_text
 from peft_hetlora.flower import LocalTrainingConfig
@@ -199,11 +200,17 @@ def _load_global(model: Any, weights: dict[str, torch.Tensor], rank: int) -> Non
 HELD = "held"
 
 
-def held_rank(spec: dict[str, Any], r_arm: int, client_rank: int) -> int:
+def held_rank(spec: dict[str, Any], r_arm: int, client_rank: int, dims: Any = None) -> int:
     """How many components of the global a client downloads and serves: its own rank under the prefix rules
     (HetLoRA, RBLA, FlexLoRA), all ``r_arm`` in a window arm, where the components outside its window stay frozen
-    in its model (docs/design.md#component-rule)."""
-    return r_arm if spec.get("selection", "prefix") != "prefix" else client_rank
+    in its model (docs/design.md#component-rule). A core client below ``r_arm`` (docs/methods.md#core-clients)
+    downloads the whole global (its bases and their seed come from all of it) and serves the top ``r_c``
+    (``core_rank`` of the module ``dims``)."""
+    if spec.get("selection", "prefix") != "prefix":
+        return r_arm
+    if spec.get("client_training") == "core" and client_rank < r_arm:
+        return r_arm if dims is None else core_rank(client_rank, r_arm, dims)
+    return client_rank
 
 
 def _held_download_bytes(
@@ -223,8 +230,9 @@ def _held_validation_ppl(
 ) -> float | None:
     """Mean validation perplexity of the clients ``{client: rank}`` on the model each holds of the global `weights`."""
     val = []
+    dims = [(layer.in_features, layer.out_features) for _, layer in model.base_model.hetlora_layers()]
     for cid, rank in ranks.items():
-        _load_global(model, weights, held_rank(spec, r_arm, rank))
+        _load_global(model, weights, held_rank(spec, r_arm, rank, dims))
         val.append(wb.validation_ppl(model, cid))
     return sum(val) / len(val) if val else None
 
@@ -346,6 +354,9 @@ def run_federated_arm(
                 if config.message_format != "fp32"
                 else summary["metrics"]["bytes_uploaded"],
                 "payload_bytes": sum(s["payload_bytes"] for s in accepted_sent),
+                # per accepted client, as the coordinator read them (a core client's r_c^2 per module, issue 24)
+                "client_upload_bytes": {cid: (summary.get("clients", {}).get(cid) or {}).get("upload_bytes")
+                                        for cid in summary["accepted"]},
                 "message_format": config.message_format,
                 "attackers": attackers,
                 "epsilon": (summary.get("privacy") or {}).get("epsilon"),

@@ -17,6 +17,8 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 import peft_hetlora
 from peft_hetlora.base_identity import check_base_model, federation_base_identity
 from peft_hetlora.federated.adapter import lora_module_names, truncate
+from peft_hetlora.federated.adapter.core import core_rank
+from peft_hetlora.federated.adapter.core_model import core_state_dict, in_core_mode, start_core, stop_core
 from peft_hetlora.federated.stores import AdapterStore, GlobalAdapter, json_text, validate_client_id
 from peft_hetlora.federated.upload import (
     MESSAGE_FORMAT_FIELD,
@@ -25,6 +27,7 @@ from peft_hetlora.federated.upload import (
     parse_message_format,
 )
 from peft_hetlora.federation_config import check_matches_federation
+from peft_hetlora.utils.constants import ADAPTER_FILE
 from peft_hetlora.utils.errors import RankError
 from peft_hetlora.utils.ranks import MAX_RANK, check_rank
 
@@ -68,6 +71,15 @@ class FederatedClientCallback(HetLoRACallback):
     model drops the frozen part and returns to prefix labels (`last_round["components"]` keeps the
     window it trained).
 
+    Core clients (docs/methods.md#core-clients; LoRA-XS arXiv 2405.17604, Fed-SB arXiv 2502.15436, FedSVD arXiv
+    2505.12805): when `round.json` carries `cores: {client_id: r_c}`, the client trains an `r_c x r_c` core inside
+    the global's top-`r_c` singular subspace (`peft_hetlora.federated.adapter.core_model.start_core`: `lora_A` and
+    the basis of `lora_B` frozen, only the core in the optimizer), starts exactly at the global truncated to `r_c`,
+    does not prune, and uploads the cores only (`<module>.lora_core.weight`) with `core_rank` in `client.json`
+    (`rank_in` / `rank_out` stay its factor rank k). A device whose budget is below its assigned rank trains the
+    smaller core `core_rank(budget)` of the budget rule. After the upload the model keeps the held factors
+    `B = U_c C`, `A = V_c^T` as plain factors.
+
     A client restarted mid-round either calls `train()` again (it redoes the round; its upload replaces
     the earlier one atomically) or resumes: `train(resume_from_checkpoint=...)` continues the round from
     the checkpoint (weights, optimizer, scheduler, step and the round start all come from the checkpoint;
@@ -100,6 +112,9 @@ class FederatedClientCallback(HetLoRACallback):
             decodes to float32 before aggregating. The federation may restrict the formats (`message_formats`).
         error_feedback: keep the quantisation residual across this client's rounds and add it to the next upload
             (`compression.ErrorFeedback`, arXiv 1901.09847); the residual is reset when the trained window changes.
+        core_tokens: tokens of one micro-batch (batch size x sequence length): a core client then counts its adapter
+            activations in the budget rule (`core_rank(..., tokens=...)`) and trains a smaller core where needed; 0
+            (default) trains the core the plan assigned.
 
     Example:
         ```py
@@ -125,6 +140,7 @@ class FederatedClientCallback(HetLoRACallback):
         nested: bool | None = None,
         message_format: str = "fp32",
         error_feedback: bool = False,
+        core_tokens: int = 0,
     ) -> None:
         super().__init__(prune=prune, reset_optimizer=reset_optimizer, nested=nested)
         self.message_format = parse_message_format(message_format).name
@@ -151,6 +167,12 @@ class FederatedClientCallback(HetLoRACallback):
         self._start_step = 0  # global_step when the current train() call began (> 0: resumed)
         self._base_checked = False  # the base model is checked against federation.json once per client
         self._finished_weights: dict[str, torch.Tensor] | None = None
+        self.core_rank: int | None = None  # r_c of the open round's core (None: the client trains factors)
+        self._factor_rank: int | None = None  # the rank k a core client reports as rank_in / rank_out
+        self._allocation: int | None = None  # the model's rank allocation before a core round grew it
+        if isinstance(core_tokens, bool) or not isinstance(core_tokens, int) or core_tokens < 0:
+            raise ValueError(f"core_tokens must be an int >= 0 (tokens per micro-batch), got {core_tokens!r}.")
+        self.core_tokens = int(core_tokens)
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint stores of this callback (`ExportableState`): the round start and the round's identity.
@@ -216,6 +238,22 @@ class FederatedClientCallback(HetLoRACallback):
             )
         return sorted(window)
 
+    def assigned_core(self, round_info: dict[str, Any], r_max: int) -> int | None:
+        """The core rank r_c the coordinator assigned this client (`round.json` `cores`), None to train factors.
+
+        A malformed entry raises `RankError` (fix the coordinator's plan).
+        """
+        table = round_info.get("cores")
+        if table is None:
+            return None
+        if not isinstance(table, dict):
+            raise RankError(f"round.json `cores` must map client ids to core ranks, got {type(table).__name__}.")
+        value = table.get(self.client_id)
+        if value is None:
+            return None
+        return check_rank(value, 1, r_max, what=f"Client {self.client_id}: round.json core rank", hi_name="r_max",
+                          hint="fix the coordinator's plan")
+
     def nested_seed_tag(self) -> str:
         round_idx = None if self.current is None else self.current.round
         return f"{self.client_id}:round-{round_idx}"
@@ -274,9 +312,11 @@ class FederatedClientCallback(HetLoRACallback):
             control.should_training_stop = True
             return
         identity = self.round_identity(latest)
+        self._checkpoint_dir: Path | None = None
         if not resumed:
             self._load_global(peft_model, latest)
         else:
+            self._checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             self._resume_round(peft_model, latest, identity, checkpoint_round_start(state, type(self).__name__))
         components = hetlora_tuner(peft_model).peft_config[hetlora_tuner(peft_model).active_adapters[0]].components
         self.round_start = {
@@ -284,6 +324,7 @@ class FederatedClientCallback(HetLoRACallback):
             "rank": self._rank(hetlora_tuner(peft_model)),
             "components": None if components is None else list(components),
             "budget": self.budget,
+            "core_rank": self.core_rank,
         }
         super().on_train_begin(args, state, control, **kwargs)
         self._start_step = state.global_step
@@ -355,6 +396,13 @@ class FederatedClientCallback(HetLoRACallback):
             )
         trained = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
         self._load_global(peft_model, latest)  # checks, rank, window (and its frozen part) as at the round's start
+        checkpoint = getattr(self, "_checkpoint_dir", None)  # set by on_train_begin (tests may call this directly)
+        shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+        if self.core_rank is not None and checkpoint is not None and (checkpoint / ADAPTER_FILE).is_file() and \
+                shapes != {k: tuple(v.shape) for k, v in trained.items()}:
+            # a core round grew the model's layers past the allocation the Trainer loaded the checkpoint into (which
+            # truncated it): read the checkpoint's held factors (rank r_c) from its file instead
+            trained = load_file(str(checkpoint / ADAPTER_FILE))
         tuner = hetlora_tuner(peft_model)
         adapter = tuner.active_adapters[0]
         components = tuner.peft_config[adapter].components
@@ -372,6 +420,8 @@ class FederatedClientCallback(HetLoRACallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.skipped or self.current is None:
+            if kwargs.get("model") is not None and in_core_mode(hetlora_tuner(kwargs["model"])):
+                stop_core(hetlora_tuner(kwargs["model"]))
             return
         model = kwargs.get("model")
         last_step = state.global_step
@@ -380,7 +430,12 @@ class FederatedClientCallback(HetLoRACallback):
             set_peft_model_state_dict(peft_model, self._finished_weights, adapter_name=peft_model.active_adapters[0])
             self._finished_weights = None
             last_step = self._start_step
-        super().on_train_end(args, state, control, **kwargs)
+        core = in_core_mode(hetlora_tuner(model))
+        prune, self.prune = self.prune, self.prune and not core  # a core keeps its rank: nothing to prune
+        try:
+            super().on_train_end(args, state, control, **kwargs)
+        finally:
+            self.prune = prune
         num_examples = self.num_examples
         if num_examples is None:
             loader = kwargs.get("train_dataloader")
@@ -400,6 +455,8 @@ class FederatedClientCallback(HetLoRACallback):
             self.not_uploaded[self.current.round] = reason
         else:
             self._upload_once(state, model, num_examples=int(num_examples), train_loss=train_loss)
+        if core:  # keep the held factors U_c C, V_c^T as plain factors
+            stop_core(hetlora_tuner(model))
         # end of the round: forget the frozen rest of the global (restoring the base weights if merged) and go
         # back to prefix labels, so code that sets ranks or loads a global between rounds sees a plain model
         hetlora_tuner(model).clear_components()
@@ -459,6 +516,8 @@ class FederatedClientCallback(HetLoRACallback):
         if window is not None and self.forced_rank is not None:
             assigned = min(assigned, self.assigned_rank(self.round_info, config.r))
         allocated = min(layer.r[adapter] for _, layer in tuner.hetlora_layers(adapter))
+        if self._allocation is not None and allocated > self._allocation:
+            allocated = self._allocation  # a core round grew the layers; the device's budget did not change
         self.budget = allocated if self.max_rank is None else min(self.max_rank, allocated)
         rank = min(assigned, self.budget)
         if rank < assigned:
@@ -473,6 +532,19 @@ class FederatedClientCallback(HetLoRACallback):
             )
         if isinstance(federation_r_min, int) and 1 <= federation_r_min <= rank:
             config.r_min = federation_r_min  # pruning must respect the federation's r_min, not a local default
+        self.core_rank = self._factor_rank = None
+        core = self.assigned_core(self.round_info, config.r) if window is None else None
+        if core is not None:
+            dims = [(layer.in_features, layer.out_features) for _, layer in tuner.hetlora_layers(adapter)]
+            r_c = core if rank >= assigned and not self.core_tokens else min(
+                core, core_rank(rank, config.r, dims, tokens=self.core_tokens))
+            if r_c > allocated:
+                self._allocation = allocated
+            start_core(peft_model, weights, r_c, adapter)
+            self.core_rank, self._factor_rank = r_c, rank
+            logger.info("Client %s loaded global round %d: trains a %d x %d core (budget rank %d)",
+                        self.client_id, latest.round, r_c, r_c, rank)
+            return
         if window is not None:
             tuner.set_components(window[:rank], weights, adapter, frozen=self.frozen)
             logger.info(
@@ -490,7 +562,9 @@ class FederatedClientCallback(HetLoRACallback):
         peft_model = hetlora_peft_model(model)
         tuner = peft_model.base_model
         adapter = tuner.active_adapters[0]
-        state = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+        core = in_core_mode(tuner, adapter)
+        state = core_state_dict(peft_model, adapter) if core else get_peft_model_state_dict(peft_model,
+                                                                                              adapter_name=adapter)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         info = {
             "client_id": self.client_id,
@@ -505,6 +579,10 @@ class FederatedClientCallback(HetLoRACallback):
             "global_revision": self.current.revision,
             "peft_hetlora_version": peft_hetlora.__version__,
         }
+        if core:  # a core client reports its factor rank k and the core it trained
+            info["rank_in"] = info["rank_out"] = int(self._factor_rank)
+            info["core_rank"] = int(self.core_rank)
+            self.last_round.update(rank_in=info["rank_in"], rank_out=info["rank_out"], core_rank=info["core_rank"])
         components = tuner.peft_config[adapter].components
         if components is not None:  # window client: the global index of each uploaded slot
             info["components"] = list(components)

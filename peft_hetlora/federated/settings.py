@@ -48,6 +48,7 @@ from .policies import RankPolicy
 from .round import (
     FEDERATION_FORMAT,
     NEXT_RANK_RULES,
+    check_client_training,
     check_dp,
     check_selection,
     check_server_step,
@@ -76,7 +77,8 @@ __all__ = [
 #: and test switches, given again on every start).
 RECORDED_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "rounds", "seed",
                    "scaling", "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection",
-                   "anchor", "message_formats", "rank_policy", "server_optimizer", "error_feedback")
+                   "anchor", "message_formats", "rank_policy", "server_optimizer", "error_feedback",
+                   "client_training")
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class FederationSettings:
         message_formats: the compressed upload formats clients may declare (None: all).
         server_optimizer, error_feedback: the server step after aggregation (`round.RoundSettings`; a dict such as
             ``{"name": "fedavgm", "lr": 1.0, "momentum": 0.9}``, and True / False; default: none, off).
+        client_training: ``"factors"`` (default) or ``"core"``: participants below ``r_max`` train a core inside the
+            global's subspace (docs/methods.md#core-clients; needs a method with ``accepts_core``).
         max_examples, allow_per_module_ranks, require_global_revision, dp_noise_seed: the coordinator's upload limits
             and the reproducible-DP test switch (not recorded in ``federation.json``).
 
@@ -135,6 +139,7 @@ class FederationSettings:
     message_formats: tuple[str, ...] | None = None
     server_optimizer: Mapping[str, Any] | None = None
     error_feedback: bool | None = None
+    client_training: str | None = None
     max_examples: int = DEFAULT_MAX_EXAMPLES
     allow_per_module_ranks: bool = False
     require_global_revision: bool = False
@@ -153,6 +158,8 @@ class FederationSettings:
         if self.component_selection is not None or self.anchor is not None:
             # the method may still come from federation.json: the round settings check it again then
             check_selection(method, selection, self.anchor or 0, r_max=self.r_max, dp=self.dp)
+        if self.client_training is not None:
+            check_client_training(method, self.client_training, selection, dp=self.dp)
         for name in ("clients", "message_formats"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)):
@@ -272,9 +279,10 @@ IDENTITY_FIELDS = ("method", "r_max", "r_min", "base_model")
 # (FederationMismatch), except `rounds`, which may grow (extending a federation).
 SETTING_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "seed", "scaling",
                   "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection", "anchor",
-                  "message_formats", "server_optimizer", "error_feedback")
+                  "message_formats", "server_optimizer", "error_feedback", "client_training")
 # What a federation.json without the setting means (older records).
-_SETTING_DEFAULTS = {"component_selection": "prefix", "anchor": 0, "server_optimizer": None, "error_feedback": False}
+_SETTING_DEFAULTS = {"component_selection": "prefix", "anchor": 0, "server_optimizer": None, "error_feedback": False,
+                     "client_training": "factors"}
 # Fields of the adapter config that change the math: an initial adapter that differs in one is another federation.
 ADAPTER_MATH_FIELDS = ("lora_alpha", "rank_scaling", "target_modules", "layers_to_transform", "layers_pattern",
                        "bias", "fan_in_fan_out", "modules_to_save")
@@ -445,6 +453,7 @@ def new_federation(identity: Mapping[str, Any], config: Mapping[str, Any], modul
     record["message_formats"] = requested.get("message_formats")  # None: every format
     record["server_optimizer"] = requested.get("server_optimizer")  # None: the method's aggregate, no server step
     record["error_feedback"] = bool(requested.get("error_feedback"))
+    record["client_training"] = requested.get("client_training") or "factors"
     return record
 
 
@@ -572,6 +581,11 @@ class ResolvedSettings:
     def component_selection(self) -> str:
         """Which components each participant trains: "prefix" (default), "rolling" or "coverage"."""
         return self.get("component_selection", "prefix")
+
+    @property
+    def client_training(self) -> str:
+        """What participants below r_max train: "factors" (default) or "core" (docs/methods.md#core-clients)."""
+        return self.get("client_training", "factors")
 
     @property
     def anchor(self) -> int:

@@ -99,6 +99,10 @@ def _check_flower_settings(settings: FederationSettings, adapter_config: Any) ->
     if coordinator_only:
         raise ValueError(f"HetLoRAStrategy: {coordinator_only} are coordinator settings a Flower run has no place "
                          "for; leave them out of the record.")
+    if settings.client_training not in (None, "factors"):
+        raise ValueError(f"HetLoRAStrategy: client_training={settings.client_training!r} (core clients) runs on the "
+                         "Coordinator only: Flower clients train and send factors (docs/methods.md#core-clients); use "
+                         "hetlora coordinate / the in-process engine, or client_training='factors'.")
     r_max = adapter_config.get("r") if isinstance(adapter_config, Mapping) else getattr(adapter_config, "r", None)
     if settings.r_max is not None and settings.r_max != r_max:
         raise ValueError(f"HetLoRAStrategy: the record's r_max {settings.r_max} differs from the adapter config's r "

@@ -82,6 +82,7 @@ from ..adapter import (
     truncate,
     update_norm,
 )
+from ..adapter.core import CORE_SUFFIX, CoreBases, core_bases, core_seed, held_factors
 from .checks import ModuleSpec, UpdateChecks
 from .influence import (
     ADAPTIVE,
@@ -178,6 +179,7 @@ class _Observed:
     num_examples: int
     step_a: float
     step_b: float
+    core: bool = False  # a core upload: its A is the global's by construction (A step 0), not a client's choice
 
 
 class StreamingAggregator(UpdateChecks):
@@ -300,6 +302,7 @@ class StreamingAggregator(UpdateChecks):
         self._weight_limit: float | None = None
         self._bound_record: dict[str, Any] | None = None
         self._cap_record: dict[str, Any] | None = None
+        self._core_bases: dict[tuple[str, int], CoreBases] = {}
 
     @property
     def num_clients(self) -> int:
@@ -336,6 +339,61 @@ class StreamingAggregator(UpdateChecks):
         for key in extras:
             self._extras[key] = tuple(sd[key].shape)
         self._extra_sums = ExtraSum(self._extras)
+
+    def expand_core(self, update: ClientUpdate) -> ClientUpdate:
+        """A core upload (``<module>.lora_core.weight`` keys, docs/methods.md#core-clients) as the held factors of
+        rank ``r_c`` it stands for, rebuilt from ``previous`` (the global the client was sent); other updates as
+        they are. Runs before every check, clip and weight, so a core client is aggregated as a prefix client of
+        rank ``r_c``.
+
+        Raises:
+            AggregationError: the method does not take cores (``accepts_core``), no previous global, a module the
+                global lacks, or cores that are not square and of one rank.
+
+        Example:
+            >>> import torch
+            >>> prev = {"m.lora_A.weight": torch.randn(4, 6), "m.lora_B.weight": torch.zeros(5, 4)}
+            >>> agg = StreamingAggregator("flexlora_held", r_max=4, previous=prev)
+            >>> up = agg.expand_core(ClientUpdate("a", {"m.lora_core.weight": torch.eye(2)}, rank=1, num_examples=3))
+            >>> up.rank, tuple(up.state_dict["m.lora_B.weight"].shape)
+            (2, (5, 2))
+        """
+        if not isinstance(update, ClientUpdate):
+            return update
+        cores = {k: v for k, v in update.state_dict.items() if isinstance(k, str) and k.endswith(CORE_SUFFIX)}
+        if not cores:
+            return update
+        cid = update.client_id
+        if not self._impl.accepts_core:
+            raise AggregationError(f"client {cid!r} uploaded a core, which method {self.method!r} does not take; "
+                                   "only methods with accepts_core do (the round must not ask for cores)")
+        if self.previous is None:
+            raise AggregationError(f"client {cid!r} uploaded a core, but the round has no previous global to "
+                                   "expand it with")
+        ranks = {tuple(v.shape) for v in cores.values()}
+        if len(ranks) != 1 or any(len(s) != 2 or s[0] != s[1] or s[0] < 1 for s in ranks):
+            raise AggregationError(f"client {cid!r}: its cores must be square and of one rank, got {sorted(ranks)}")
+        r_c = next(iter(ranks))[0]
+        state: dict[str, torch.Tensor] = {}
+        for key, value in update.state_dict.items():
+            if key not in cores:
+                state[key] = value
+                continue
+            module = key[: -len(CORE_SUFFIX)]
+            a_key, b_key = module + ".lora_A.weight", module + ".lora_B.weight"
+            if a_key not in self.previous or b_key not in self.previous:
+                raise AggregationError(f"client {cid!r}: core {key!r} names a module the global does not have")
+            a_g, b_g = self.previous[a_key], self.previous[b_key]
+            if r_c > min(a_g.shape[1], b_g.shape[0], self.r_max):
+                raise AggregationError(f"client {cid!r}: core rank {r_c} is above r_max or the module's size")
+            bases = self._core_bases.get((module, r_c))
+            if bases is None:
+                bases = core_bases(a_g, b_g, r_c, seed=core_seed(module, a_g, b_g), scaling=self.scaling)
+                self._core_bases[(module, r_c)] = bases
+            if not bool(torch.isfinite(value).all()):
+                raise AggregationError(f"client {cid!r}: {key!r} has non-finite values; reject this upload")
+            state[a_key], state[b_key] = held_factors(value, bases, a_g)
+        return ClientUpdate(cid, state, rank=r_c, num_examples=update.num_examples, metadata=update.metadata)
 
     def _inspect(self, update: ClientUpdate, seen: set[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
         """Every check of one update that needs nothing but the update, the settings and the first client."""
@@ -387,6 +445,8 @@ class StreamingAggregator(UpdateChecks):
             raise AggregationError("observe() after add(): observe every update of the round before adding any")
         cid = getattr(update, "client_id", None)
         try:
+            core = self.expand_core(update)
+            is_core, update = core is not update, core
             modules, extras = self._inspect(update, set(self._observed) | set(self._refused))
             self._module_sq(update.client_id, {
                 name: (update.state_dict[a], update.state_dict[b]) for name, (a, b) in modules.items()})
@@ -401,7 +461,7 @@ class StreamingAggregator(UpdateChecks):
             raise
         if self._key_order is None:
             self._init_structure(update, modules, extras)
-        self._observed[update.client_id] = _Observed(int(update.num_examples), step_a, step_b)
+        self._observed[update.client_id] = _Observed(int(update.num_examples), step_a, step_b, is_core)
 
     def _freeze(self) -> None:
         """Fix the round's statistics from the observed updates (at the first :meth:`add`)."""
@@ -421,6 +481,10 @@ class StreamingAggregator(UpdateChecks):
         elif self.bound == ADAPTIVE and observed:
             rho_a, rho_b, med_a, med_b = adaptive_radii([(o.step_a, o.step_b) for o in observed.values()],
                                                         self.bound_multiplier)
+            factor_clients = [(o.step_a, o.step_b) for o in observed.values() if not o.core]
+            if factor_clients and len(factor_clients) < len(observed):
+                # core clients never move A (docs/methods.md#core-clients): A's radius follows the clients that can
+                rho_a, _, med_a, _ = adaptive_radii(factor_clients, self.bound_multiplier)
             self._radii = (rho_a, rho_b)
             self._bound_record = {"mode": ADAPTIVE, "multiplier": self.bound_multiplier, "median_step_a": med_a,
                                   "median_step_b": med_b, "radius_a": rho_a, "radius_b": rho_b,
@@ -449,6 +513,7 @@ class StreamingAggregator(UpdateChecks):
                 f"client {cid!r} was not observed in the round's first pass, which fixes the weight cap and the "
                 "influence bound; call observe() for every update before add() (aggregate() and close_round do)"
             )
+        update = self.expand_core(update)
         modules, extras = self._inspect(update, self._seen_ids)
         sd = update.state_dict
         clip_scales = (1.0, 1.0)

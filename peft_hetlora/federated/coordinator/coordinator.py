@@ -119,6 +119,7 @@ class Coordinator:
     next_rank = _resolved("next_rank")
     component_selection = _resolved("component_selection")
     anchor = _resolved("anchor")
+    client_training = _resolved("client_training")
     dp = _resolved("dp")
 
     def __init__(
@@ -215,7 +216,9 @@ class Coordinator:
         plan = plan_round(round_idx, self.clients, client_ranks, clients_per_round=self.clients_per_round,
                           seed=self.seed, sampling_rate=self.dp.sampling_rate if self.dp is not None else None,
                           opened_at=self.clock(), final=round_idx >= self.rounds,
-                          component_selection=self.component_selection, anchor=self.anchor, r_max=self.r_max)
+                          component_selection=self.component_selection, anchor=self.anchor, r_max=self.r_max,
+                          client_training=self.client_training,
+                          module_dims=self.federation.get("modules") if self.client_training == "core" else None)
         return plan.to_json(self.round_settings(), deadline_s=self.resolved.get("deadline_s"))
 
     def _global_folder(self, round_idx: int, state_dict: Mapping[str, torch.Tensor],
@@ -320,7 +323,8 @@ class Coordinator:
         update = validate_upload(
             folder, spec, client_id=client_id, round_idx=plan.round, assigned_rank=plan.ranks.get(client_id),
             required_rank=plan.ranks.get(client_id) if get_aggregation(self.method).homogeneous else None,
-            assigned_components=plan.components_of(client_id),
+            assigned_components=plan.components_of(client_id), assigned_core=plan.core_of(client_id),
+            current_revision=plan.revision,
         )
         revision = update.metadata.get("global_revision")
         if self.require_global_revision and revision != plan.revision:
@@ -349,6 +353,7 @@ class Coordinator:
             clip_norm=self._clip_setting(), next_rank=self.next_rank, dp=self.dp, seed=self.seed,
             dp_noise_seed=self.dp_noise_seed, component_selection=self.component_selection, anchor=self.anchor,
             server_optimizer=self.resolved.server_optimizer, error_feedback=self.resolved.error_feedback,
+            client_training=self.client_training,
         )
 
     def _clip_setting(self) -> float | str:

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..adapter.core import core_rank
 from ..policies import poisson_sample, sample_clients, select_components
 from .settings import RoundSettings
 
@@ -56,6 +57,7 @@ class RoundPlan:
     opened_at: float | None = None
     final: bool = False
     components: dict[str, tuple[int, ...]] | None = None
+    cores: dict[str, int] | None = None
 
     def to_json(self, settings: RoundSettings, *, deadline_s: float | None = None) -> dict[str, Any]:
         """The ``round.json`` record (``revision`` is the store's business: it is not part of the file)."""
@@ -77,6 +79,9 @@ class RoundPlan:
             out["component_selection"] = settings.component_selection
             out["components"] = {cid: [int(j) for j in self.components[cid]] for cid in self.participants
                                  if cid in self.components}
+        if self.cores is not None:
+            out["client_training"] = "core"
+            out["cores"] = {cid: int(self.cores[cid]) for cid in self.participants if cid in self.cores}
         return out
 
     @classmethod
@@ -91,11 +96,23 @@ class RoundPlan:
             final=bool(info.get("final", False)),
             components=({k: tuple(int(j) for j in v) for k, v in info["components"].items()}
                         if isinstance(info.get("components"), Mapping) else None),
+            cores=({k: int(v) for k, v in info["cores"].items()} if isinstance(info.get("cores"), Mapping) else None),
         )
 
     def components_of(self, client_id: str) -> tuple[int, ...] | None:
         """The components assigned to ``client_id`` this round (None: the prefix of its rank)."""
         return None if self.components is None else self.components.get(client_id)
+
+    def core_of(self, client_id: str) -> int | None:
+        """The core rank r_c ``client_id`` trains this round (None: it trains factors; docs/methods.md#core-clients).
+
+        Example:
+            ```py
+            >>> RoundPlan(0, ["a", "b"], {"a": 2, "b": 8}, cores={"a": 7}).core_of("a")
+            7
+            ```
+        """
+        return None if self.cores is None else self.cores.get(client_id)
 
 
 @dataclass(frozen=True)
@@ -175,6 +192,8 @@ def plan_round(
     component_selection: str = "prefix",
     anchor: int = 0,
     r_max: int | None = None,
+    client_training: str = "factors",
+    module_dims: Any = None,
 ) -> RoundPlan:
     """The plan of round ``round_idx``: a seeded sample of ``clients`` and their ranks.
 
@@ -183,6 +202,9 @@ def plan_round(
     ``component_selection`` (``"rolling"`` / ``"coverage"``, needs ``r_max``) also assigns each participant the
     global components it trains (`select_components` over the sampled clients and their ranks), recorded as
     ``RoundPlan.components``; ``"prefix"`` leaves it None (every client trains ``range(rank)``).
+    ``client_training="core"`` (needs ``r_max`` and ``module_dims``, the global's ``(d_in, d_out)`` per module) gives
+    every participant of rank ``k < r_max`` the core rank ``core_rank(k, r_max, module_dims)`` of the budget rule,
+    recorded as ``RoundPlan.cores``.
 
     Example:
         ```py
@@ -201,4 +223,9 @@ def plan_round(
             raise ValueError(f"plan_round: component_selection={component_selection!r} needs r_max=...")
         components = select_components(component_selection, ranks, r_max=r_max, round_idx=round_idx, seed=seed,
                                        anchor=anchor) if ranks else {}
-    return RoundPlan(round_idx, participants, ranks, revision, opened_at, final, components)
+    cores = None
+    if client_training == "core":
+        if r_max is None or not module_dims:
+            raise ValueError("plan_round: client_training='core' needs r_max=... and module_dims=...")
+        cores = {cid: core_rank(k, r_max, module_dims) for cid, k in ranks.items() if k < r_max}
+    return RoundPlan(round_idx, participants, ranks, revision, opened_at, final, components, cores)

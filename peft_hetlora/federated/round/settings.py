@@ -24,10 +24,13 @@ from .server_step import ServerOptimizer, parse_server_optimizer
 __all__ = [
     "DEFAULT_DP_METHOD",
     "DEFAULT_METHOD",
+    "CLIENT_TRAINING",
     "DEFAULT_SELECTION",
     "NEXT_RANK_RULES",
     "RoundSettings",
+    "check_client_training",
     "check_dp",
+    "core_methods",
     "check_selection",
     "check_server_step",
     "default_method_and_selection",
@@ -37,6 +40,10 @@ __all__ = [
 ]
 
 NEXT_RANK_RULES = ("rank_out", "initial")
+#: What clients below r_max train (docs/methods.md#core-clients): ``"factors"`` (their rank-k prefix of the global,
+#: the default) or ``"core"`` (an r_c x r_c core inside the global's top-r_c singular subspace; capable clients,
+#: rank r_max, train factors either way).
+CLIENT_TRAINING = ("factors", "core")
 
 #: The method of a federation that names none: ``flexlora_held``, FlexLoRA (SVD of the weighted sum of client
 #: products, arXiv 2402.11505) over the adapters the clients held, so weak clients do not erase the global's
@@ -107,6 +114,8 @@ class RoundSettings:
             dict such as ``{"name": "fedavgm", "lr": 1.0, "momentum": 0.9}`` or ``{"name": "fedadam", ...}``);
             None (the default): the method's aggregate is the new global, as before.
         error_feedback: carry the residual of the truncation back to ``r_max`` to the next round (server-side).
+        client_training: `CLIENT_TRAINING`: ``"core"`` makes every participant below ``r_max`` train a core
+            (`check_client_training`; docs/methods.md#core-clients).
     """
 
     method: str
@@ -126,6 +135,7 @@ class RoundSettings:
     bound_multiplier: float = DEFAULT_BOUND_MULTIPLIER
     server_optimizer: ServerOptimizer | None = None
     error_feedback: bool = False
+    client_training: str = "factors"
 
     def __post_init__(self) -> None:
         try:
@@ -139,6 +149,46 @@ class RoundSettings:
         check_selection(self.method, self.component_selection, self.anchor, r_max=self.r_max, dp=self.dp)
         object.__setattr__(self, "server_optimizer", parse_server_optimizer(self.server_optimizer))
         check_server_step(self.method, self.server_optimizer, self.error_feedback, dp=self.dp)
+        check_client_training(self.method, self.client_training, self.component_selection, dp=self.dp)
+
+
+def check_client_training(method: str, client_training: str, component_selection: str = "prefix", *,
+                          dp: Any = None) -> None:
+    """Refuse a ``client_training`` the round engine cannot aggregate.
+
+    ``"core"`` needs a method with the ``accepts_core`` capability (`core_methods`), the ``prefix`` selection and
+    no DP.
+
+    Raises:
+        AggregationError: with what to change.
+
+    Example:
+        ```py
+        >>> check_client_training("flexlora_held", "core")
+        >>> check_client_training("fedavg", "factors")
+        ```
+    """
+    if client_training not in CLIENT_TRAINING:
+        raise AggregationError(f"client_training must be one of {list(CLIENT_TRAINING)}, got {client_training!r}.")
+    if client_training == "factors":
+        return
+    if not get_aggregation(method).accepts_core:
+        raise AggregationError(f"client_training='core' makes clients upload cores, which method {method!r} cannot "
+                               f"aggregate; use one of {list(core_methods())} (or client_training='factors').")
+    if component_selection != "prefix" or dp is not None:
+        raise AggregationError("client_training='core' needs component_selection='prefix' and no dp=...")
+
+
+def core_methods() -> tuple[str, ...]:
+    """The registered methods that take core uploads (``accepts_core``), in registration order.
+
+    Example:
+        ```py
+        >>> core_methods()
+        ('flexlora_held',)
+        ```
+    """
+    return tuple(m for m in AGGREGATION_METHODS if get_aggregation(m).accepts_core)
 
 
 def check_selection(method: str, component_selection: str, anchor: int = 0, *, r_max: int | None = None,

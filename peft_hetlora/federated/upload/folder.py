@@ -219,13 +219,17 @@ def validate_upload(
     required_rank: int | None = None,
     ignore_files: frozenset[str] = frozenset(),
     assigned_components: Sequence[int] | None = None,
+    assigned_core: int | None = None,
+    current_revision: str | None = None,
 ) -> ClientUpdate:
     """Validate one client upload folder and return it as a `ClientUpdate` (float32 tensors on CPU).
 
     Raises `RejectedUpload(reason)` on the first problem. `assigned_rank` (the rank the coordinator
     gave this client for the round) bounds the declared rank_in; `required_rank` forces rank_out
     (homogeneous methods such as fedavg); `assigned_components` (the round plan's window for this client) bounds
-    the reported ``components``. `ignore_files` names files a store keeps beside the upload.
+    the reported ``components``; `assigned_core` (the plan's core rank for this client) makes it a core upload, whose
+    ``global_revision`` must be `current_revision` (docs/methods.md#core-clients). `ignore_files` names files a
+    store keeps beside the upload.
     `ClientUpdate.rank` is the declared rank_out; `metadata` is client.json plus `upload_bytes`
     (bytes of the files read) and `sha256` (of the safetensors file).
 
@@ -240,7 +244,8 @@ def validate_upload(
         # client.json first: what it declares is checked before the (large) weights are read
         raw_meta = upload.read(CLIENT_FILE, spec.max_json_bytes)
         meta = check_report(raw_meta, spec, client_id=client_id, round_idx=round_idx, assigned_rank=assigned_rank,
-                               required_rank=required_rank, assigned_components=assigned_components)
+                               required_rank=required_rank, assigned_components=assigned_components,
+                               assigned_core=assigned_core, current_revision=current_revision)
         upload_bytes = len(raw_meta)
         if CONFIG_FILE in upload.names:
             raw_config = upload.read(CONFIG_FILE, spec.max_json_bytes)

@@ -38,6 +38,7 @@ from ...utils.errors import RankError
 from ...utils.ranks import check_rank, is_rank
 from ...utils.untrusted_text import brief, one_line
 from ..adapter import check_components, is_prefix
+from ..adapter.core import CORE_SUFFIX
 from ..aggregation import ClientUpdate
 from .bytes import RejectedUpload, TensorInfo, loads_strict_json, parse_header_json, read_safetensors_header
 from .formats import (
@@ -185,6 +186,11 @@ class UploadSpec:
         return cls.from_shapes({k: v.shape for k, v in entries.items()}, r_min=r_min, r_max=r_max, **kwargs)
 
     @property
+    def expected_core_keys(self) -> set[str]:
+        """Every key a valid core upload holds (docs/methods.md#core-clients): one core per module plus the extras."""
+        return set(self.extras) | {name + CORE_SUFFIX for name in self.modules}
+
+    @property
     def expected_keys(self) -> set[str]:
         """Every key a valid upload holds: A and B of each module plus the dense extras."""
         keys = set(self.extras)
@@ -243,6 +249,39 @@ def _check_tensors_against_spec(
     return ranks
 
 
+def _check_core_tensors(entries: Mapping[str, TensorInfo], spec: UploadSpec, *, core_rank: int,
+                        message: MessageSpec | None = None) -> None:
+    """A core upload: exactly one ``(core_rank, core_rank)`` core per module (``<module>.lora_core.weight``) and the
+    extras, in the allowed (or declared) dtypes."""
+    keys = set(entries)
+    expected = spec.expected_core_keys if message is None else message.expected_keys(spec.expected_core_keys)
+    missing, extra = sorted(expected - keys), sorted(keys - expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
+        if extra:
+            parts.append(f"unexpected {len(extra)} key(s) e.g. {', '.join(brief(k) for k in extra[:3])}")
+        raise RejectedUpload("core upload keys do not match the global adapter's modules (one "
+                             f"'<module>{CORE_SUFFIX}' each): " + "; ".join(parts))
+    if message is None:
+        for key, info in entries.items():
+            if info.dtype not in spec.dtypes:
+                raise RejectedUpload(
+                    f"tensor {brief(key)} has dtype {one_line(info.dtype, limit=16)}; allowed: {sorted(spec.dtypes)}"
+                )
+    else:
+        _check_message_tensors(entries, message)
+    for key, shape in spec.extras.items():
+        if entries[key].shape != tuple(shape):
+            raise RejectedUpload(f"tensor {key!r} has shape {list(entries[key].shape)}, expected {list(shape)}")
+    for name in spec.modules:
+        shape = list(entries[name + CORE_SUFFIX].shape)
+        if shape != [core_rank, core_rank]:
+            raise RejectedUpload(f"module {name}: core {shape} is not the declared core_rank x core_rank "
+                                 f"[{core_rank}, {core_rank}]")
+
+
 def _check_message_tensors(entries: Mapping[str, TensorInfo], message: MessageSpec) -> None:
     """Every value tensor in the declared format's dtypes; every int8 scale float32 of one entry per block."""
     name = message.format.name
@@ -290,8 +329,13 @@ def validate_client_json(
     round_idx: int,
     assigned_rank: int | None = None,
     assigned_components: Sequence[int] | None = None,
+    assigned_core: int | None = None,
 ) -> dict:
     """Check the fields of a parsed client.json; returns it (a dict) or raises `RejectedUpload`.
+
+    ``core_rank`` (a core client's r_c, docs/methods.md#core-clients) is accepted only when the round asked this
+    client for a core (``assigned_core``), as an integer in ``[1, assigned_core]``; a client asked for a core must
+    report one, and a core upload has no ``components``.
 
     The optional ``components`` field (a window client's global index of each uploaded slot,
     docs/design.md#component-rule) must
@@ -333,6 +377,7 @@ def validate_client_json(
             raise RejectedUpload(f"client.json max_rank {max_rank} is below the federation's r_min={spec.r_min}: this "
                                  "device cannot train the smallest rank the federation allows")
     _check_report_components(meta, spec, assigned_rank, assigned_components)
+    _check_report_core(meta, assigned_core)
     _check_message_format(meta, spec)
     _check_number(meta, "train_loss")
     _check_number(meta, "tail_norm_start", non_negative=True)
@@ -342,6 +387,21 @@ def validate_client_json(
         if value is not None and (not isinstance(value, str) or len(value) > 256):
             raise RejectedUpload(f"client.json {name} must be a string of at most 256 characters or null")
     return meta
+
+
+def _check_report_core(meta: dict, assigned_core: int | None) -> None:
+    raw = meta.get("core_rank")
+    if assigned_core is None:
+        if raw is not None:
+            raise RejectedUpload("client.json reports a core_rank but the round did not ask this client for a core; "
+                                 "train its rank-k factors and upload lora_A / lora_B")
+        return
+    if raw is None:
+        raise RejectedUpload(f"the round asked this client for a core of rank <= {assigned_core} but client.json "
+                             f"reports no core_rank; train the core and upload '<module>{CORE_SUFFIX}' tensors")
+    _rank_or_reject(raw, 1, assigned_core, what="client.json core_rank", lo_name="1")
+    if meta.get("components") is not None:
+        raise RejectedUpload("client.json reports components with a core_rank; a core upload has no components")
 
 
 def _format_not_allowed(name: str, spec: UploadSpec, *, omitted: bool = False) -> RejectedUpload:
@@ -393,8 +453,12 @@ def _check_report_components(meta: dict, spec: UploadSpec, assigned_rank: int | 
 
 
 def check_report(raw: bytes, spec: UploadSpec, *, client_id: str, round_idx: int, assigned_rank: int | None = None,
-                 required_rank: int | None = None, assigned_components: Sequence[int] | None = None) -> dict:
+                 required_rank: int | None = None, assigned_components: Sequence[int] | None = None,
+                 assigned_core: int | None = None, current_revision: str | None = None) -> dict:
     """Check the raw bytes of a client.json (size, strict JSON, `validate_client_json`, `required_rank`).
+
+    A core upload (``assigned_core``) must name ``current_revision`` (when given) as its ``global_revision``: a
+    core means something only in the bases of the global it was trained in.
 
     The first half of `validate_update` (and of `folder.validate_upload`): what the report declares is checked
     before the (large) weights are read. Returns the parsed report or raises `RejectedUpload`.
@@ -413,7 +477,11 @@ def check_report(raw: bytes, spec: UploadSpec, *, client_id: str, round_idx: int
     if len(raw) > spec.max_json_bytes:
         raise RejectedUpload(f"{CLIENT_FILE} is {len(raw):,} bytes, above the {spec.max_json_bytes:,}-byte limit")
     meta = validate_client_json(loads_strict_json(raw, CLIENT_FILE), spec, client_id=client_id, round_idx=round_idx,
-                                assigned_rank=assigned_rank, assigned_components=assigned_components)
+                                assigned_rank=assigned_rank, assigned_components=assigned_components,
+                                assigned_core=assigned_core)
+    if assigned_core is not None and current_revision is not None and meta.get("global_revision") != current_revision:
+        raise RejectedUpload(f"core trained from global revision {brief(meta.get('global_revision'))}, not the "
+                             f"round's {brief(current_revision)}; retrain the core from the current global")
     if required_rank is not None and meta["rank_out"] != required_rank:
         raise RejectedUpload(f"rank_out {meta['rank_out']} differs from the rank {required_rank} this method "
                              "requires")
@@ -447,7 +515,11 @@ def update_from_bytes(data: bytes, meta: dict, spec: UploadSpec, *, client_id: s
     # int8 messages carry one scale tensor per value tensor: room for twice the keys
     header_limit = int(spec.max_header_bytes) * (2 if message is not None and message.scale_suffix else 1)
     entries = read_safetensors_header(data, max_header_bytes=header_limit)
-    _check_tensors_against_spec(entries, spec, rank_in=meta["rank_in"], rank_out=meta["rank_out"], message=message)
+    if meta.get("core_rank") is not None:
+        _check_core_tensors(entries, spec, core_rank=meta["core_rank"], message=message)
+    else:
+        _check_tensors_against_spec(entries, spec, rank_in=meta["rank_in"], rank_out=meta["rank_out"],
+                                    message=message)
     try:
         if message is None:
             tensors = load_safetensors_bytes(data)
@@ -491,6 +563,8 @@ def validate_update(
     assigned_rank: int | None = None,
     required_rank: int | None = None,
     assigned_components: Sequence[int] | None = None,
+    assigned_core: int | None = None,
+    current_revision: str | None = None,
 ) -> ClientUpdate:
     """Validate one in-memory upload: the adapter (safetensors bytes, or a state dict) and its report (client.json).
 
@@ -516,7 +590,8 @@ def validate_update(
         except (TypeError, ValueError) as err:
             raise RejectedUpload(f"{CLIENT_FILE} is not JSON-serialisable ({err})") from None
     meta = check_report(raw_meta, spec, client_id=client_id, round_idx=round_idx, assigned_rank=assigned_rank,
-                           required_rank=required_rank, assigned_components=assigned_components)
+                        required_rank=required_rank, assigned_components=assigned_components,
+                        assigned_core=assigned_core, current_revision=current_revision)
     if isinstance(adapter, (bytes, bytearray)):
         data = bytes(adapter)
     else:

@@ -92,6 +92,9 @@ class AggregationMethod:
     uses_previous: ClassVar[bool] = False
     streaming: ClassVar[bool] = True
     accepts_components: ClassVar[bool] = False
+    #: takes core uploads (docs/methods.md#core-clients): the round expands each core into held factors of rank r_c
+    #: with the previous global before the influence bound, the weights and the accumulators
+    accepts_core: ClassVar[bool] = False
     default_rank_policy: ClassVar[str] = "uniform"
     dp_form: ClassVar[str | None] = None
     per_component: ClassVar[bool] = False

@@ -95,6 +95,7 @@ class FlexLoRAHeld(FlexLoRA):
     name: ClassVar[str] = "flexlora_held"
     uses_previous: ClassVar[bool] = True
     accepts_components: ClassVar[bool] = True
+    accepts_core: ClassVar[bool] = True
 
     def accumulator(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int) -> FactorStack:
         return FactorStack("", a_shape, b_shape, r_max, svd=self.svd, oversample=self.oversample,
