@@ -19,14 +19,17 @@ from .close import Rejection, RoundOutcome, close_round, next_client_ranks
 from .plan import FEDERATION_FORMAT, ClientReport, CollectStatus, RoundPlan, plan_round, round_status
 from .server_step import SERVER_OPTIMIZERS, ServerOptimizer, ServerStep, parse_server_optimizer
 from .settings import (
+    CLIENT_TRAINING,
     DEFAULT_DP_METHOD,
     DEFAULT_METHOD,
     DEFAULT_SELECTION,
     NEXT_RANK_RULES,
     RoundSettings,
+    check_client_training,
     check_dp,
     check_selection,
     check_server_step,
+    core_methods,
     default_method_and_selection,
     dp_method_for,
     dp_methods,
@@ -35,6 +38,7 @@ from .settings import (
 from .summary import NON_FINITE_REASON, build_summary, client_details, finite_or_null, weighted_mean
 
 __all__ = [
+    "CLIENT_TRAINING",
     "DEFAULT_DP_METHOD",
     "DEFAULT_METHOD",
     "DEFAULT_SELECTION",
@@ -51,11 +55,13 @@ __all__ = [
     "ServerOptimizer",
     "ServerStep",
     "build_summary",
+    "check_client_training",
     "check_dp",
     "check_selection",
     "check_server_step",
     "client_details",
     "close_round",
+    "core_methods",
     "default_method_and_selection",
     "dp_method_for",
     "dp_methods",
