@@ -115,6 +115,19 @@ def honest_clients(arm: str) -> bool:
     return not ARMS[arm].get("attack")
 
 
+def runs_on_flower(arm: str) -> bool:
+    """Whether the Flower engine runs `arm`: its clients are honest (`honest_clients`) and train factors (core
+    clients, ``client_training="core"``, run on the Coordinator only: docs/methods.md#core-clients).
+
+    Example:
+        ```py
+        >>> runs_on_flower("flexlora_held"), runs_on_flower("flexlora_core"), runs_on_flower("poisoned_median")
+        (True, False, False)
+        ```
+    """
+    return honest_clients(arm) and ARMS[arm].get("client_training", "factors") == "factors"
+
+
 #: attacks a poisoned arm's attackers apply to their upload (see `simulation.attacks.poison_upload`)
 ATTACKS = ("scale", "sign_flip", "unbalanced")
 
@@ -275,12 +288,11 @@ class SimulationConfig:
         if not self.seeds:
             raise ValueError("`seeds` must name at least one seed.")
         if self.engine == "flower":
-            attacked = [m for m in self.methods if not honest_clients(m)]
-            cores = [m for m in self.methods if ARMS.get(m, {}).get("client_training", "factors") != "factors"]
-            if attacked or cores or self.quantize is not None:
+            refused = [m for m in self.methods if m in ARMS and not runs_on_flower(m)]
+            if refused or self.quantize is not None:
                 raise ValueError(
                     f"engine='flower' runs every arm whose clients train and upload factors, on an unquantised base "
-                    f"(not {attacked + cores or 'quantize'}); use engine='inprocess' for the poisoned arms, the core "
+                    f"(not {refused or 'quantize'}); use engine='inprocess' for the poisoned arms, the core "
                     "arms and --quantize."
                 )
         if self.attack not in ATTACKS:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from hetlora_bench.arm_setup import arm_coordinator_settings
 from hetlora_bench.arms import ARMS, SimulationConfig
-from hetlora_bench.runner import arm_coordinator_settings, held_rank
+from hetlora_bench.runner import held_rank
 
 
 def test_the_core_arm_asks_the_coordinator_for_cores():
     cfg = SimulationConfig.from_sources(profile="quick")
     settings = arm_coordinator_settings(cfg, "flexlora_core", 8, {"a": 2, "b": 8}, 0)
-    assert settings["method"] == "flexlora_held" and settings["client_training"] == "core"
-    assert "client_training" not in arm_coordinator_settings(cfg, "flexlora_held", 8, {"a": 2, "b": 8}, 0)
+    assert settings.method == "flexlora_held" and settings.client_training == "core"
+    assert arm_coordinator_settings(cfg, "flexlora_held", 8, {"a": 2, "b": 8}, 0).client_training is None
 
 
 def test_a_core_client_downloads_the_whole_global_and_holds_its_core_rank():

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from hetlora_bench.arm_setup import arm_coordinator_settings, arm_ranks
-from hetlora_bench.arms import ARMS, DEFAULT_METHODS, PROFILES, SimulationConfig, honest_clients
+from hetlora_bench.arms import ARMS, DEFAULT_METHODS, PROFILES, SimulationConfig, honest_clients, runs_on_flower
 from peft_hetlora.federated import FederationSettings
 from peft_hetlora.flower import LocalTrainingConfig
 
@@ -68,7 +68,7 @@ def test_each_arm_is_one_settings_record(arm):
             assert back.dp.to_dict()[key] == settings.dp.to_dict()[key], key
 
 
-@pytest.mark.parametrize("arm", [a for a in FEDERATED if honest_clients(a)])
+@pytest.mark.parametrize("arm", [a for a in FEDERATED if runs_on_flower(a)])
 def test_both_engines_resolve_an_arms_record_to_the_same_round_settings(arm, tmp_path):
     pytest.importorskip("flwr")
     import torch
