@@ -286,6 +286,8 @@ class ActivationCache:
         self._done = np.zeros(len(ids), dtype=bool)
         self.blocks: dict[str, CachedBlocks] = {}
         self.done_file: Path | None = None  # set for a persisted cache: the computed rows, shared across runs
+        # a persisted cache's file; ``path`` (the scratch spill file a run deletes when its seed is done) stays None
+        self.persist_path: Path | None = None
         self.reused_rows = 0  # rows a persisted cache found already computed when it was opened
         self._memmap: np.memmap | None = None
 
@@ -305,6 +307,8 @@ class ActivationCache:
 
     def describe(self) -> str:
         where = f"memmap file {self.path}" if self.path else "in memory"
+        if self.persist_path is not None:
+            where = f"persisted memmap file {self.persist_path}"
         reused = f", {self.reused_rows} reused from an earlier run" if self.done_file is not None else ""
         return (
             f"activation cache: hidden states entering layer {self.first_layer}, {len(self.ids)} blocks, "
@@ -446,9 +450,9 @@ class ActivationCache:
             array = np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
             done_file.unlink(missing_ok=True)
             meta_file.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        cache = cls(_decoder(base_model), first_layer, all_ids, all_labels, torch.from_numpy(array), path,
+        cache = cls(_decoder(base_model), first_layer, all_ids, all_labels, torch.from_numpy(array), None,
                     batch_size)
-        cache.done_file, cache._memmap = done_file, array
+        cache.done_file, cache._memmap, cache.persist_path = done_file, array, path
         if reuse and done_file.is_file():
             try:
                 done = np.load(done_file)

@@ -40,6 +40,8 @@ def test_a_second_run_reuses_the_rows_the_first_computed(tmp_path):
     second = ActivationCache.build(model, 2, {"x": ds}, persist_dir=tmp_path)
     assert second.reused_rows == 2 and second.computed_rows == 2
     assert "2 reused" in second.describe()
+    # not the scratch spill file a simulation deletes when its seed is done: that is `path`
+    assert second.path is None and second.persist_path is not None and second.persist_path.is_file()
     for i in range(len(ds)):  # reused rows and newly computed ones are the decoder's own hidden states
         torch.testing.assert_close(second["x"][i]["hidden_states"], _own_hidden(model, ds[i]["input_ids"]),
                                    atol=1e-5, rtol=1e-5)
