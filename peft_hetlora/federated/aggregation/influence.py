@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ..adapter import module_sq_norm
+
 __all__ = [
     "ADAPTIVE",
     "DEFAULT_BOUND_MULTIPLIER",
@@ -114,10 +116,13 @@ def factor_steps(
     previous: Mapping[str, torch.Tensor] | None,
     *,
     components: tuple[int, ...] | None = None,
+    sq_norms: dict[str, float] | None = None,
 ) -> tuple[float, float]:
     """``(||A_k - A0_k||_F, ||B_k - B0_k||_F)`` over all modules, in float64: how far a client moved each factor
     from the factors it was sent (``A0_k = truncate(previous, r_k)`` or gathered at ``components``; zeros without
-    ``previous``). Cost ``O(r_k (d_in + d_out))`` per module; no product is formed.
+    ``previous``). Cost ``O(r_k (d_in + d_out))`` per module; no product is formed. ``sq_norms``, if given,
+    receives each module's ``||B A||_F^2`` (``module_sq_norm``) from the same float64 copies, so a pass that needs
+    both converts each factor once.
 
     Example:
         >>> sd = {"m.lora_A.weight": torch.full((1, 4), 0.5), "m.lora_B.weight": torch.zeros(3, 1)}
@@ -125,9 +130,11 @@ def factor_steps(
         (1.0, 0.0)
     """
     sq_a = sq_b = 0.0
-    for a_key, b_key in modules.values():
+    for name, (a_key, b_key) in modules.items():
         a = state_dict[a_key].detach().to("cpu", torch.float64)
         b = state_dict[b_key].detach().to("cpu", torch.float64)
+        if sq_norms is not None:
+            sq_norms[name] = module_sq_norm(name, a, b)
         ref_a, ref_b = _sent_factors(previous, a_key, b_key, a, b, components)
         sq_a += float(torch.sum((a - ref_a) ** 2))
         sq_b += float(torch.sum((b - ref_b) ** 2))

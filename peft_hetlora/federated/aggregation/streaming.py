@@ -82,7 +82,7 @@ from ..adapter import (
     truncate,
     update_norm,
 )
-from .checks import ModuleSpec, UpdateChecks
+from .checks import ModuleSpec, UpdateChecks, all_finite
 from .influence import (
     ADAPTIVE,
     DEFAULT_BOUND_MULTIPLIER,
@@ -168,7 +168,7 @@ def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
         ['b']
     """
     return [key for key, value in state_dict.items()
-            if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+            if value.is_floating_point() and not all_finite(value)]
 
 
 @dataclass
@@ -355,15 +355,26 @@ class StreamingAggregator(UpdateChecks):
         if self._key_order is None and self._uses_previous():
             self._check_previous(modules, sd)
         for key in list(sd):
-            if not bool(torch.isfinite(sd[key]).all()):
+            if not all_finite(sd[key]):
                 raise AggregationError(f"client {cid!r}: {key!r} has non-finite values; reject this upload")
         return modules, extras
 
-    def _module_sq(self, cid: str, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """``||s B A||_F^2`` per module of a (clipped) contribution; refuses one that float32 cannot hold."""
+    def _module_sq(self, cid: str, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                   raw_sq: dict[str, float] | None = None) -> dict[str, float]:
+        """``||s B A||_F^2`` per module of a (clipped) contribution; refuses one that float32 cannot hold.
+
+        ``raw_sq``, if given, receives the unscaled ``||B A||_F^2`` of each module (computed once per pass and
+        handed to accumulators that need it, :attr:`FactorStack.takes_sq_norm`)."""
+        raw = {name: module_sq_norm(name, a, b) for name, (a, b) in factors.items()}
+        if raw_sq is not None:
+            raw_sq.update(raw)
+        return self._checked_sq(cid, raw)
+
+    def _checked_sq(self, cid: str, unscaled: Mapping[str, float]) -> dict[str, float]:
+        """``||s B A||_F^2`` per module from the unscaled ``||B A||_F^2``; refuses what float32 cannot hold."""
         module_sq: dict[str, float] = {}
-        for name, (a, b) in factors.items():
-            sq = max(module_sq_norm(name, a, b), 0.0)
+        for name, value in unscaled.items():
+            sq = max(value, 0.0)
             module_sq[name] = sq * self.scaling**2
         total = math.sqrt(sum(module_sq.values()))
         raw = total / self.scaling
@@ -388,10 +399,11 @@ class StreamingAggregator(UpdateChecks):
         cid = getattr(update, "client_id", None)
         try:
             modules, extras = self._inspect(update, set(self._observed) | set(self._refused))
-            self._module_sq(update.client_id, {
-                name: (update.state_dict[a], update.state_dict[b]) for name, (a, b) in modules.items()})
-            step_a, step_b = factor_steps(modules, update.state_dict, self.previous if self._uses_previous() else None,
-                                          components=update.components)
+            raw_sq: dict[str, float] = {}  # from the float64 copies factor_steps makes anyway
+            step_a, step_b = factor_steps(modules, update.state_dict,
+                                          self.previous if self._uses_previous() else None,
+                                          components=update.components, sq_norms=raw_sq)
+            self._checked_sq(update.client_id, raw_sq)
             if not (math.isfinite(step_a) and math.isfinite(step_b)):
                 raise AggregationError(f"client {update.client_id!r}: its factors are too large to measure; "
                                        "reject this upload")
@@ -458,8 +470,13 @@ class StreamingAggregator(UpdateChecks):
             factors, *scales = clip_factor_steps(modules, sd, self.previous, *self._radii,
                                                  components=update.components)
             clip_scales = (scales[0], scales[1])
-        uploaded_sq = self._module_sq(cid, {name: (sd[a], sd[b]) for name, (a, b) in modules.items()})
-        module_sq = uploaded_sq if clip_scales == (1.0, 1.0) else self._module_sq(cid, factors)
+        raw_sq: dict[str, float] = {}
+        uploaded_sq = self._module_sq(cid, {name: (sd[a], sd[b]) for name, (a, b) in modules.items()}, raw_sq)
+        if clip_scales == (1.0, 1.0):
+            module_sq = uploaded_sq
+        else:
+            raw_sq = {}
+            module_sq = self._module_sq(cid, factors, raw_sq)
         norm = math.sqrt(sum(uploaded_sq.values()))
         sparse = self._impl.weights == "sparsity"
         size = float(update.num_examples)
@@ -474,7 +491,9 @@ class StreamingAggregator(UpdateChecks):
             m_level, m_weight = level, weight
             if self.weighting == "per_module":
                 m_level, m_weight = _level_and_weight(math.sqrt(module_sq[name]), size)
-            self._accs[name].add(cid, a, b, m_level, m_weight, **indexed)
+            acc = self._accs[name]
+            norm_kw = {"sq_norm": raw_sq[name]} if getattr(acc, "takes_sq_norm", False) else {}
+            acc.add(cid, a, b, m_level, m_weight, **indexed, **norm_kw)
         self._extra_sums.add(level, weight, {key: sd[key].detach().to("cpu") for key in extras})
         self._clients.append(
             ClientRecord(
