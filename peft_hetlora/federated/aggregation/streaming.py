@@ -79,6 +79,7 @@ from ..adapter import (
     lora_module_names,
     module_sq_norm,
     pad,
+    split_lora_keys,
     truncate,
     update_norm,
 )
@@ -300,6 +301,7 @@ class StreamingAggregator(UpdateChecks):
         self._weight_limit: float | None = None
         self._bound_record: dict[str, Any] | None = None
         self._cap_record: dict[str, Any] | None = None
+        self._previous64: dict[str, torch.Tensor] | None = None
 
     @property
     def num_clients(self) -> int:
@@ -385,6 +387,18 @@ class StreamingAggregator(UpdateChecks):
             )
         return module_sq
 
+    def _step_reference(self) -> Mapping[str, torch.Tensor] | None:
+        """The previous global's factors in float64 (converted once per round, not once per client and pass), the
+        reference of the factor steps and the clip; None when the round does not use it."""
+        if not self._uses_previous():
+            return None
+        if self._previous64 is None:
+            assert self.previous is not None
+            modules, _ = split_lora_keys(self.previous)
+            self._previous64 = {key: self.previous[key].detach().to("cpu", torch.float64)
+                                for pair in modules.values() for key in pair}
+        return self._previous64
+
     # -- the first pass --------------------------------------------------------------------------------------
 
     def observe(self, update: ClientUpdate) -> None:
@@ -400,8 +414,7 @@ class StreamingAggregator(UpdateChecks):
         try:
             modules, extras = self._inspect(update, set(self._observed) | set(self._refused))
             raw_sq: dict[str, float] = {}  # from the float64 copies factor_steps makes anyway
-            step_a, step_b = factor_steps(modules, update.state_dict,
-                                          self.previous if self._uses_previous() else None,
+            step_a, step_b = factor_steps(modules, update.state_dict, self._step_reference(),
                                           components=update.components, sq_norms=raw_sq)
             self._checked_sq(update.client_id, raw_sq)
             if not (math.isfinite(step_a) and math.isfinite(step_b)):
@@ -464,14 +477,15 @@ class StreamingAggregator(UpdateChecks):
         modules, extras = self._inspect(update, self._seen_ids)
         sd = update.state_dict
         clip_scales = (1.0, 1.0)
+        raw_sq: dict[str, float] = {}
         if self._radii is None:
             factors = {name: (sd[a].detach().to("cpu"), sd[b].detach().to("cpu")) for name, (a, b) in modules.items()}
+            uploaded_sq = self._module_sq(cid, {name: (sd[a], sd[b]) for name, (a, b) in modules.items()}, raw_sq)
         else:
-            factors, *scales = clip_factor_steps(modules, sd, self.previous, *self._radii,
-                                                 components=update.components)
+            factors, *scales = clip_factor_steps(modules, sd, self._step_reference(), *self._radii,
+                                                 components=update.components, sq_norms=raw_sq)
             clip_scales = (scales[0], scales[1])
-        raw_sq: dict[str, float] = {}
-        uploaded_sq = self._module_sq(cid, {name: (sd[a], sd[b]) for name, (a, b) in modules.items()}, raw_sq)
+            uploaded_sq = self._checked_sq(cid, raw_sq)
         if clip_scales == (1.0, 1.0):
             module_sq = uploaded_sq
         else:
