@@ -82,7 +82,7 @@ def test_sketch_norm_ball_from_the_aggregator_is_the_dense_sum_of_norms():
     d_out, d_in, r_max = 120, 100, 2
     clients = [(rng.standard_normal((d_out, r)).astype(np.float32), rng.standard_normal((r, d_in)).astype(np.float32),
                 int(rng.integers(10, 20))) for r in [1, 2, 2, 1, 2] * 8]
-    agg = StreamingAggregator("flexlora", r_max=r_max)
+    agg = StreamingAggregator("flexlora", r_max=r_max, scaling=2.0)  # the ball is of B A, not of s B A
     updates = [ClientUpdate(f"c{k}", {A_KEY: torch.from_numpy(a), B_KEY: torch.from_numpy(b)}, rank=a.shape[0],
                             num_examples=n) for k, (b, a, n) in enumerate(clients)]
     for u in updates:
