@@ -186,7 +186,7 @@ class FederatedClientCallback(HetLoRACallback):
     # ------------------------------------------------------------------ round discovery
     def current_round(self) -> int | None:
         """The round the store has open (the latest published global), or None before the first."""
-        latest = self.store.latest_global()
+        latest = self.store.latest_global(server_state=False)
         return None if latest is None else latest.round
 
     def is_participant(self, round_info: dict[str, Any] | None = None) -> bool:
@@ -293,7 +293,7 @@ class FederatedClientCallback(HetLoRACallback):
                 "The store has no global adapter yet: the coordinator must publish round 0 first "
                 "(`hetlora coordinate ... --init` or Coordinator.init)."
             )
-        latest = self.store.get_global(latest_round)
+        latest = self.store.get_global(latest_round, server_state=False)
         self.current = latest
         self.round_info = self._read_round_info(latest)
         if self.federation_finished(latest.round, self.round_info):
@@ -352,7 +352,7 @@ class FederatedClientCallback(HetLoRACallback):
         """
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        latest = self.store.latest_global()
+        latest = self.store.latest_global(server_state=False)
         if latest is None or not Path(output_dir).is_dir():
             return None
         identity = self.round_identity(latest)
@@ -371,7 +371,7 @@ class FederatedClientCallback(HetLoRACallback):
         return max(found)[1] if found else None
 
     def _store_view(self) -> tuple[int | None, bool]:
-        latest = self.store.latest_global()
+        latest = self.store.latest_global(server_state=False)
         if latest is None:
             return None, False
         return latest.round, self.already_uploaded(latest.round)

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ..adapter import module_sq_norm
+
 __all__ = [
     "ADAPTIVE",
     "DEFAULT_BOUND_MULTIPLIER",
@@ -89,6 +91,11 @@ def _sent_factors(previous, a_key: str, b_key: str, a: torch.Tensor, b: torch.Te
 
     Slot ``i`` holds component ``i`` for a prefix upload (``components=None``), else component ``components[i]``.
     """
+    if previous is not None and components is None and previous[a_key].shape[0] >= a.shape[0]:
+        # the common case (a prefix of a previous at least as wide): views, no zeros and no copy
+        rank = a.shape[0]
+        return (previous[a_key].detach().to("cpu", a.dtype)[:rank],
+                previous[b_key].detach().to("cpu", b.dtype)[:, :rank])
     ref_a = torch.zeros(a.shape, dtype=a.dtype)
     ref_b = torch.zeros(b.shape, dtype=b.dtype)
     if previous is not None:
@@ -114,10 +121,13 @@ def factor_steps(
     previous: Mapping[str, torch.Tensor] | None,
     *,
     components: tuple[int, ...] | None = None,
+    sq_norms: dict[str, float] | None = None,
 ) -> tuple[float, float]:
     """``(||A_k - A0_k||_F, ||B_k - B0_k||_F)`` over all modules, in float64: how far a client moved each factor
     from the factors it was sent (``A0_k = truncate(previous, r_k)`` or gathered at ``components``; zeros without
-    ``previous``). Cost ``O(r_k (d_in + d_out))`` per module; no product is formed.
+    ``previous``). Cost ``O(r_k (d_in + d_out))`` per module; no product is formed. ``sq_norms``, if given,
+    receives each module's ``||B A||_F^2`` (``module_sq_norm``) from the same float64 copies, so a pass that needs
+    both converts each factor once.
 
     Example:
         >>> sd = {"m.lora_A.weight": torch.full((1, 4), 0.5), "m.lora_B.weight": torch.zeros(3, 1)}
@@ -125,9 +135,11 @@ def factor_steps(
         (1.0, 0.0)
     """
     sq_a = sq_b = 0.0
-    for a_key, b_key in modules.values():
+    for name, (a_key, b_key) in modules.items():
         a = state_dict[a_key].detach().to("cpu", torch.float64)
         b = state_dict[b_key].detach().to("cpu", torch.float64)
+        if sq_norms is not None:
+            sq_norms[name] = module_sq_norm(name, a, b)
         ref_a, ref_b = _sent_factors(previous, a_key, b_key, a, b, components)
         sq_a += float(torch.sum((a - ref_a) ** 2))
         sq_b += float(torch.sum((b - ref_b) ** 2))
@@ -161,12 +173,14 @@ def clip_factor_steps(
     radius_b: float,
     *,
     components: tuple[int, ...] | None = None,
+    sq_norms: dict[str, float] | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, float]:
     """Move a client's factors towards the ones it was sent until ``||A_k - A0_k||_F <= radius_a`` and
     ``||B_k - B0_k||_F <= radius_b`` (norms over all modules; computed in float64, so no finite upload overflows).
 
     Returns ``module -> (A, B)`` (the client's own tensors when nothing is clipped, else float32 copies) and the
-    scales applied to the ``A`` and ``B`` differences (``1.0`` = unclipped).
+    scales applied to the ``A`` and ``B`` differences (``1.0`` = unclipped). ``sq_norms``: as for
+    :func:`factor_steps` (of the uploaded factors).
 
     Example:
         >>> sd = {"m.lora_A.weight": torch.full((1, 2), 3.0), "m.lora_B.weight": torch.full((2, 1), 1.0)}
@@ -174,7 +188,7 @@ def clip_factor_steps(
         >>> round(sa, 6), sb
         (0.235702, 1.0)
     """
-    step_a, step_b = factor_steps(modules, state_dict, previous, components=components)
+    step_a, step_b = factor_steps(modules, state_dict, previous, components=components, sq_norms=sq_norms)
     scale_a = 1.0 if step_a <= radius_a else radius_a / step_a
     scale_b = 1.0 if step_b <= radius_b else radius_b / step_b
     clipped = {}

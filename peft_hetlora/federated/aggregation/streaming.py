@@ -79,11 +79,12 @@ from ..adapter import (
     lora_module_names,
     module_sq_norm,
     pad,
+    split_lora_keys,
     truncate,
     update_norm,
 )
 from ..adapter.core import CORE_SUFFIX, CoreBases, core_bases, core_seed, held_factors
-from .checks import ModuleSpec, UpdateChecks
+from .checks import ModuleSpec, UpdateChecks, all_finite
 from .influence import (
     ADAPTIVE,
     DEFAULT_BOUND_MULTIPLIER,
@@ -169,7 +170,7 @@ def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
         ['b']
     """
     return [key for key, value in state_dict.items()
-            if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+            if value.is_floating_point() and not all_finite(value)]
 
 
 @dataclass
@@ -303,6 +304,7 @@ class StreamingAggregator(UpdateChecks):
         self._bound_record: dict[str, Any] | None = None
         self._cap_record: dict[str, Any] | None = None
         self._core_bases: dict[tuple[str, int], CoreBases] = {}
+        self._previous64: dict[str, torch.Tensor] | None = None
 
     @property
     def num_clients(self) -> int:
@@ -413,15 +415,26 @@ class StreamingAggregator(UpdateChecks):
         if self._key_order is None and self._uses_previous():
             self._check_previous(modules, sd)
         for key in list(sd):
-            if not bool(torch.isfinite(sd[key]).all()):
+            if not all_finite(sd[key]):
                 raise AggregationError(f"client {cid!r}: {key!r} has non-finite values; reject this upload")
         return modules, extras
 
-    def _module_sq(self, cid: str, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """``||s B A||_F^2`` per module of a (clipped) contribution; refuses one that float32 cannot hold."""
+    def _module_sq(self, cid: str, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                   raw_sq: dict[str, float] | None = None) -> dict[str, float]:
+        """``||s B A||_F^2`` per module of a (clipped) contribution; refuses one that float32 cannot hold.
+
+        ``raw_sq``, if given, receives the unscaled ``||B A||_F^2`` of each module (computed once per pass and
+        handed to accumulators that need it, :attr:`FactorStack.takes_sq_norm`)."""
+        raw = {name: module_sq_norm(name, a, b) for name, (a, b) in factors.items()}
+        if raw_sq is not None:
+            raw_sq.update(raw)
+        return self._checked_sq(cid, raw)
+
+    def _checked_sq(self, cid: str, unscaled: Mapping[str, float]) -> dict[str, float]:
+        """``||s B A||_F^2`` per module from the unscaled ``||B A||_F^2``; refuses what float32 cannot hold."""
         module_sq: dict[str, float] = {}
-        for name, (a, b) in factors.items():
-            sq = max(module_sq_norm(name, a, b), 0.0)
+        for name, value in unscaled.items():
+            sq = max(value, 0.0)
             module_sq[name] = sq * self.scaling**2
         total = math.sqrt(sum(module_sq.values()))
         raw = total / self.scaling
@@ -431,6 +444,18 @@ class StreamingAggregator(UpdateChecks):
                 f"hold (limit {MAX_UPDATE_NORM:.3g}); reject this upload (an honest update is many orders smaller)"
             )
         return module_sq
+
+    def _step_reference(self) -> Mapping[str, torch.Tensor] | None:
+        """The previous global's factors in float64 (converted once per round, not once per client and pass), the
+        reference of the factor steps and the clip; None when the round does not use it."""
+        if not self._uses_previous():
+            return None
+        if self._previous64 is None:
+            assert self.previous is not None
+            modules, _ = split_lora_keys(self.previous)
+            self._previous64 = {key: self.previous[key].detach().to("cpu", torch.float64)
+                                for pair in modules.values() for key in pair}
+        return self._previous64
 
     # -- the first pass --------------------------------------------------------------------------------------
 
@@ -448,10 +473,10 @@ class StreamingAggregator(UpdateChecks):
             core = self.expand_core(update)
             is_core, update = core is not update, core
             modules, extras = self._inspect(update, set(self._observed) | set(self._refused))
-            self._module_sq(update.client_id, {
-                name: (update.state_dict[a], update.state_dict[b]) for name, (a, b) in modules.items()})
-            step_a, step_b = factor_steps(modules, update.state_dict, self.previous if self._uses_previous() else None,
-                                          components=update.components)
+            raw_sq: dict[str, float] = {}  # from the float64 copies factor_steps makes anyway
+            step_a, step_b = factor_steps(modules, update.state_dict, self._step_reference(),
+                                          components=update.components, sq_norms=raw_sq)
+            self._checked_sq(update.client_id, raw_sq)
             if not (math.isfinite(step_a) and math.isfinite(step_b)):
                 raise AggregationError(f"client {update.client_id!r}: its factors are too large to measure; "
                                        "reject this upload")
@@ -517,14 +542,20 @@ class StreamingAggregator(UpdateChecks):
         modules, extras = self._inspect(update, self._seen_ids)
         sd = update.state_dict
         clip_scales = (1.0, 1.0)
+        raw_sq: dict[str, float] = {}
         if self._radii is None:
             factors = {name: (sd[a].detach().to("cpu"), sd[b].detach().to("cpu")) for name, (a, b) in modules.items()}
+            uploaded_sq = self._module_sq(cid, {name: (sd[a], sd[b]) for name, (a, b) in modules.items()}, raw_sq)
         else:
-            factors, *scales = clip_factor_steps(modules, sd, self.previous, *self._radii,
-                                                 components=update.components)
+            factors, *scales = clip_factor_steps(modules, sd, self._step_reference(), *self._radii,
+                                                 components=update.components, sq_norms=raw_sq)
             clip_scales = (scales[0], scales[1])
-        uploaded_sq = self._module_sq(cid, {name: (sd[a], sd[b]) for name, (a, b) in modules.items()})
-        module_sq = uploaded_sq if clip_scales == (1.0, 1.0) else self._module_sq(cid, factors)
+            uploaded_sq = self._checked_sq(cid, raw_sq)
+        if clip_scales == (1.0, 1.0):
+            module_sq = uploaded_sq
+        else:
+            raw_sq = {}
+            module_sq = self._module_sq(cid, factors, raw_sq)
         norm = math.sqrt(sum(uploaded_sq.values()))
         sparse = self._impl.weights == "sparsity"
         size = float(update.num_examples)
@@ -539,7 +570,9 @@ class StreamingAggregator(UpdateChecks):
             m_level, m_weight = level, weight
             if self.weighting == "per_module":
                 m_level, m_weight = _level_and_weight(math.sqrt(module_sq[name]), size)
-            self._accs[name].add(cid, a, b, m_level, m_weight, **indexed)
+            acc = self._accs[name]
+            norm_kw = {"sq_norm": raw_sq[name]} if getattr(acc, "takes_sq_norm", False) else {}
+            acc.add(cid, a, b, m_level, m_weight, **indexed, **norm_kw)
         self._extra_sums.add(level, weight, {key: sd[key].detach().to("cpu") for key in extras})
         self._clients.append(
             ClientRecord(

@@ -123,11 +123,15 @@ class AdapterStore(Protocol):
         already published round raises ValueError.
         """
 
-    def latest_global(self) -> GlobalAdapter | None:
-        """The highest published round, or None when nothing is published yet."""
+    def latest_global(self, *, server_state: bool = True) -> GlobalAdapter | None:
+        """The highest published round, or None when nothing is published yet (`server_state`: see `get_global`)."""
 
-    def get_global(self, round_idx: int) -> GlobalAdapter:
-        """The global adapter of round `round_idx`; raises GlobalNotPublishedError if there is none."""
+    def get_global(self, round_idx: int, *, server_state: bool = True) -> GlobalAdapter:
+        """The global adapter of round `round_idx`; raises GlobalNotPublishedError if there is none.
+
+        `server_state=False` is the clients' view: the folder need not hold `SERVER_STATE_FILE` (the server
+        optimizer's state, which only the coordinator reads; a remote store does not download it).
+        """
 
     def upload_client(self, round_idx: int, client_id: str, folder: str | Path) -> None:
         """Upload a client's result (all-or-nothing; a re-upload replaces the previous one)."""

@@ -58,7 +58,14 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from ...utils.constants import ADAPTER_FILE, CLIENT_FILE, FEDERATION_FILE, ROUND_FILE, SUMMARY_FILE
+from ...utils.constants import (
+    ADAPTER_FILE,
+    CLIENT_FILE,
+    FEDERATION_FILE,
+    ROUND_FILE,
+    SERVER_STATE_FILE,
+    SUMMARY_FILE,
+)
 from ...utils.errors import HetLoRAError
 from .base import (
     CLIENT_FILES,
@@ -300,12 +307,15 @@ class HubStore:
         """Remove the half-copied upload folders killed coordinators left in the local cache; return them."""
         return remove_abandoned(self._uploads_root(), (".tmp-",))
 
-    def latest_global(self) -> GlobalAdapter | None:
+    def latest_global(self, *, server_state: bool = True) -> GlobalAdapter | None:
         snap = self.hub.snapshot_or_none(self.repo_id)
         rounds = _published_rounds(snap.files) if snap else []
-        return self._download_global(snap, max(rounds)) if rounds else None
+        return self._download_global(snap, max(rounds), server_state) if rounds else None
 
-    def get_global(self, round_idx: int) -> GlobalAdapter:
+    def get_global(self, round_idx: int, *, server_state: bool = True) -> GlobalAdapter:
+        """The global adapter of round `round_idx`, downloaded into the cache; `server_state=False` (a client)
+        skips `SERVER_STATE_FILE`, the server optimizer's state (1-3x the adapter), which only the coordinator
+        reads."""
         round_idx = check_round(round_idx)
         snap = self.hub.snapshot_or_none(self.repo_id)
         if snap is None or f"rounds/{round_idx}/global/{ADAPTER_FILE}" not in snap.files:
@@ -313,7 +323,7 @@ class HubStore:
                 f"Round {round_idx} has no global adapter in {self.repo_id} on {self.endpoint}: the coordinator "
                 "must publish it first (or the repo does not exist / your token cannot read it)."
             )
-        return self._download_global(snap, round_idx)
+        return self._download_global(snap, round_idx, server_state)
 
     # -------------------------------------------------------------------------------------------- clients
     def upload_client(self, round_idx: int, client_id: str, folder: str | Path) -> None:
@@ -561,9 +571,10 @@ class HubStore:
         return render_model_card(self.repo_id, federation, latest, summaries)
 
 
-    def _download_global(self, snap: Snapshot, round_idx: int) -> GlobalAdapter:
+    def _download_global(self, snap: Snapshot, round_idx: int, server_state: bool = True) -> GlobalAdapter:
         prefix = f"rounds/{round_idx}/global/"
-        names = [p for p in snap.files if p.startswith(prefix) and "/" not in p[len(prefix):]]
+        names = [p for p in snap.files if p.startswith(prefix) and "/" not in p[len(prefix):]
+                 and (server_state or p[len(prefix):] != SERVER_STATE_FILE)]
         paths = {Path(p).name: self.hub.download(self.repo_id, p, snap.sha) for p in names}
         weights = paths[ADAPTER_FILE]
         return GlobalAdapter(round=round_idx, revision=file_sha256(weights), path=weights.parent)

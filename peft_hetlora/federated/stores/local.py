@@ -218,11 +218,13 @@ class LocalStore:
                 removed += remove_abandoned(folder, _TEMP_KINDS)
         return removed
 
-    def latest_global(self) -> GlobalAdapter | None:
+    def latest_global(self, *, server_state: bool = True) -> GlobalAdapter | None:
         rounds = self._published_rounds()
-        return self.get_global(max(rounds)) if rounds else None
+        return self.get_global(max(rounds), server_state=server_state) if rounds else None
 
-    def get_global(self, round_idx: int) -> GlobalAdapter:
+    def get_global(self, round_idx: int, *, server_state: bool = True) -> GlobalAdapter:
+        """The published folder itself (nothing is copied, so `server_state` changes nothing here: a client that
+        passes False reads only the adapter files, as on the Hub)."""
         round_idx = check_round(round_idx)
         folder = self._round_dir(round_idx) / "global"
         if not (folder / ADAPTER_FILE).is_file():

@@ -11,7 +11,7 @@ import torch
 from ....utils.errors import AggregationError
 from ...adapter import flat_a, flat_b, is_int
 from .base import NONE, AggregationMethod
-from .sketch import TwoSidedSketch, sketch_sizes
+from .sketch import TwoSidedSketch, sketch_bytes, sketch_sizes
 
 __all__ = ["SVD_MODES", "FactorStack", "FlexLoRA", "FlexLoRAHeld"]
 
@@ -32,8 +32,10 @@ class FlexLoRA(AggregationMethod):
             (``R = sum_k r_k``); ``"randomized"``: a randomised range finder with oversampling and power
             iterations applied through the factors (Halko, Martinsson and Tropp, "Finding structure with
             randomness", arXiv 0909.4061 / SIAM Review 2011), whose top-``r_max`` error is within a small factor of
-            ``sigma_{r_max+1}``; ``"auto"`` (default): exact while ``R <= min(d_out, d_in)`` (and whenever the
-            sketch would not be much smaller than the matrix); above it the stack is folded into a one-pass two-sided
+            ``sigma_{r_max+1}``; ``"auto"`` (default): exact while ``R <= min(d_out, d_in)`` and the float32 stack
+            is no larger than the sketch, ``R <= 2 (l + m)`` (200 components at ``r_max`` 16, 776 at 64: small
+            federations such as 4 clients at ranks 2 / 6 / 16 stay exact), and whenever the sketch would not be
+            much smaller than the matrix; above it the stack is folded into a one-pass two-sided
             sketch (Tropp, Yurtsever, Udell and Cevher, "Practical sketching algorithms for low-rank matrix
             approximation", SIAM J. Matrix Anal. Appl. 2017, arXiv 1609.00048; :mod:`.sketch`) of range ``l =
             2 r_max + 1`` and co-range ``m = 2 l + 1``, which every later client updates exactly and whose memory is
@@ -105,7 +107,8 @@ class FlexLoRAHeld(FlexLoRA):
 class FactorStack:
     """FlexLoRA's running data-weighted sum ``sum_k w_k B_k A_k`` of one module, kept as stacked factors.
 
-    While the stack is small (``svd="auto"``: ``sum_k r_k <= min(d_out, d_in)``), ``B_cat = [w_1 B_1 | w_2 B_2 | ...]``
+    While the stack is small (``svd="auto"``: ``sum_k r_k <= min(d_out, d_in)`` and its float32 blocks no larger
+    than the sketch, :attr:`fold_at` components), ``B_cat = [w_1 B_1 | w_2 B_2 | ...]``
     and ``A_cat = [A_1; A_2; ...]``, kept as float32 blocks of the unweighted
     ``B_k`` with a float64 weight per column, and multiplied out in float64 only for the QRs and the SVD, so finite
     float32 uploads never overflow there (``w_k B_k`` can exceed float32's range). When the stack exceeds ``limit``
@@ -115,8 +118,13 @@ class FactorStack:
     range finder (``svd``, see :class:`FlexLoRA`). With ``held`` (:class:`FlexLoRAHeld`) ``missing[j]`` is the weight
     of the clients that did not upload component ``j``; ``result`` stacks the previous global's component ``j`` at
     that weight. Above the switch (:meth:`uses_sketch`) the stack is folded into a :class:`~.sketch.TwoSidedSketch`
-    (exactly: both sketches are linear in ``W``) and dropped; later clients go into the sketch only.
+    (exactly: both sketches are linear in ``W``) and dropped; later clients go into the sketch only. ``add`` takes
+    the client's ``||B A||_F^2`` (``sq_norm``, :attr:`takes_sq_norm`) from the aggregator, which computes it once
+    per client for its checks, so the sketch's norm ball does not recompute it.
     """
+
+    takes_sq_norm: ClassVar[bool] = True
+    """``add`` accepts ``sq_norm=`` (the aggregator passes each client's ``||B A||_F^2``)."""
 
     def __init__(self, name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r_max: int, *,
                  svd: str = "auto", oversample: int = 16, power_iters: int = 2, seed: int = 0,
@@ -131,6 +139,11 @@ class FactorStack:
         self.d_in = math.prod(a_shape[1:])
         self.d_out = b_shape[0]
         self.limit = max(2 * min(self.d_in, self.d_out), r_max)
+        sizes = self.sketch_sizes()
+        # "auto" folds the stack into the sketch once its float32 blocks (4 (d_out + d_in) bytes a component) hold
+        # more than the sketch would: 2 (l + m) components; None: no sketch smaller than the matrix
+        self.fold_at = None if sizes is None else sketch_bytes(self.d_out, self.d_in, *sizes) // (
+            4 * (self.d_out + self.d_in))
         self.b_blocks: list[torch.Tensor] = []
         self.w_blocks: list[torch.Tensor] = []  # float64 column weights of each B block
         self.a_blocks: list[torch.Tensor] = []
@@ -141,7 +154,7 @@ class FactorStack:
         self.den = 0.0
 
     def add(self, client_id: str, a: torch.Tensor, b: torch.Tensor, level: int, weight: float,
-            components: tuple[int, ...] | None = None) -> None:
+            components: tuple[int, ...] | None = None, sq_norm: float | None = None) -> None:
         if level < self.level:
             return
         if level > self.level:
@@ -160,7 +173,8 @@ class FactorStack:
             self.missing[rest] += weight
         self.added_rank += a.shape[0]
         if self.sketch is not None:
-            self.sketch.add(flat_b(self.name, b), flat_a(a), float(weight))
+            norm = None if sq_norm is None else math.sqrt(max(sq_norm, 0.0))
+            self.sketch.add(flat_b(self.name, b), flat_a(a), float(weight), norm)
             return
         self.b_blocks.append(flat_b(self.name, b).to(torch.float32, copy=True))
         self.w_blocks.append(torch.full((a.shape[0],), float(weight), dtype=torch.float64))
@@ -183,13 +197,22 @@ class FactorStack:
         """Whether the running sum is (or, after the current stack, must become) a sketch.
 
         ``"sketch"``: always, where the sketch is smaller than the matrix; ``"auto"``: once the stack exceeds
-        ``min(d_out, d_in)`` components, where today's result would leave the exact path (:meth:`uses_randomized`).
+        ``min(d_out, d_in)`` components (where the result would leave the exact path, :meth:`uses_randomized`) or
+        :attr:`fold_at` components (where the stack would hold more memory than the sketch), whichever comes first.
+
+        Example:
+            >>> stack = FactorStack("m", (16, 8192), (2048, 16), 16)
+            >>> stack.fold_at, min(stack.d_out, stack.d_in)  # Llama-3.2-1B's up_proj at r_max 16
+            (200, 2048)
         """
         if self.sketch is not None:
             return True
         if self.svd == "sketch":
             return self.sketch_sizes() is not None
-        return self.svd == "auto" and self.uses_randomized() and self.sketch_sizes() is not None
+        if self.svd != "auto" or self.fold_at is None:
+            return False
+        small = min(self.d_out, self.d_in)
+        return self.stacked_rank > min(small, self.fold_at) and 4 * (self.r_max + self.oversample) <= small
 
     def _fold_into_sketch(self) -> None:
         """Move the stack into a fresh sketch (the same sum: ``Y`` and ``X`` are linear in it) and drop it."""

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-__all__ = ["TwoSidedSketch", "product_norm", "sketch_seed", "sketch_sizes"]
+__all__ = ["TwoSidedSketch", "product_norm", "sketch_bytes", "sketch_seed", "sketch_sizes"]
 
 
 def sketch_sizes(rank: int, d_out: int, d_in: int) -> tuple[int, int] | None:
@@ -33,6 +33,17 @@ def sketch_sizes(rank: int, d_out: int, d_in: int) -> tuple[int, int] | None:
     if corange_size > d_out or range_size > d_in:
         return None
     return range_size, corange_size
+
+
+def sketch_bytes(d_out: int, d_in: int, range_size: int, corange_size: int) -> int:
+    """Bytes of a :class:`TwoSidedSketch`'s tensors: ``Y``, ``Omega`` (``l`` columns) and ``X``, ``Psi`` (``m``
+    rows), float64: ``8 (d_out + d_in)(l + m)``, whatever the number of terms.
+
+    Example:
+        >>> sketch_bytes(2048, 8192, 33, 67)  # Llama-3.2-1B's up_proj at r_max 16: 8.2 MB
+        8192000
+    """
+    return 8 * (d_out + d_in) * (range_size + corange_size)
 
 
 def sketch_seed(seed: int, d_out: int, d_in: int, rank: int) -> int:
@@ -91,12 +102,15 @@ class TwoSidedSketch:
         self.x = torch.zeros((self.corange_size, d_in), dtype=torch.float64)
         self.norm_sum = 0.0
 
-    def add(self, b: torch.Tensor, a: torch.Tensor, weight: float) -> None:
-        """``Y += w B (A Omega)``, ``X += w (Psi B) A`` (``b``: ``d_out x r``, ``a``: ``r x d_in``)."""
+    def add(self, b: torch.Tensor, a: torch.Tensor, weight: float, norm: float | None = None) -> None:
+        """``Y += w B (A Omega)``, ``X += w (Psi B) A`` (``b``: ``d_out x r``, ``a``: ``r x d_in``).
+
+        ``norm``: ``||B A||_F`` if the caller already has it (the aggregator computes it once per client for its
+        checks: the same float64 Gram formula as :func:`product_norm`, so the same bits); else computed here."""
         b64, a64 = b.to(torch.float64), a.to(torch.float64)
         self.y.addmm_(b64, a64 @ self.omega, alpha=weight)
         self.x.addmm_(self.psi @ b64, a64, alpha=weight)
-        self.norm_sum += weight * product_norm(b64, a64)
+        self.norm_sum += weight * (product_norm(b64, a64) if norm is None else norm)
 
     def reset(self) -> None:
         """Forget every term (the test matrices stay)."""
@@ -105,7 +119,7 @@ class TwoSidedSketch:
         self.norm_sum = 0.0
 
     def nbytes(self) -> int:
-        """Bytes held by the sketch's tensors (flat in the number of terms)."""
+        """Bytes held by the sketch's tensors (flat in the number of terms): :func:`sketch_bytes`."""
         return sum(t.numel() * t.element_size() for t in (self.omega, self.psi, self.y, self.x))
 
     def clone(self) -> TwoSidedSketch:
