@@ -30,7 +30,7 @@ from transformers.utils import logging as hf_logging
 
 from peft_hetlora.config import HetLoRAConfig
 from peft_hetlora.federated import Coordinator, LocalStore, truncate
-from peft_hetlora.federated.adapter.core import core_rank
+from peft_hetlora.federated.adapter import core_rank
 from peft_hetlora.federated.round import RoundPlan
 from peft_hetlora.federated.stores import json_text
 from peft_hetlora.flower import LocalTrainingConfig

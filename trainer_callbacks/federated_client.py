@@ -16,9 +16,15 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import peft_hetlora
 from peft_hetlora.base_identity import check_base_model, federation_base_identity
-from peft_hetlora.federated.adapter import lora_module_names, truncate
-from peft_hetlora.federated.adapter.core import core_rank
-from peft_hetlora.federated.adapter.core_model import core_state_dict, in_core_mode, start_core, stop_core
+from peft_hetlora.federated.adapter import (
+    core_rank,
+    core_state_dict,
+    in_core_mode,
+    lora_module_names,
+    start_core,
+    stop_core,
+    truncate,
+)
 from peft_hetlora.federated.stores import AdapterStore, GlobalAdapter, json_text, validate_client_id
 from peft_hetlora.federated.upload import (
     MESSAGE_FORMAT_FIELD,

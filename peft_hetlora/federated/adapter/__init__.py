@@ -13,6 +13,17 @@ Example:
 """
 
 from .components import check_components, coverage_counts, is_int, is_prefix, unique_indices
+from .core import (
+    CORE_SUFFIX,
+    CoreBases,
+    core_bases,
+    core_budget,
+    core_rank,
+    core_seed,
+    expand_core,
+    held_factors,
+)
+from .core_model import CoreParametrization, core_state_dict, in_core_mode, start_core, stop_core
 from .keys import (
     FACTOR_SUFFIXES,
     flat_a,
@@ -31,12 +42,23 @@ from .keys import (
 )
 
 __all__ = [
+    "CORE_SUFFIX",
     "FACTOR_SUFFIXES",
+    "CoreBases",
+    "CoreParametrization",
     "check_components",
+    "core_bases",
+    "core_budget",
+    "core_rank",
+    "core_seed",
+    "core_state_dict",
     "coverage_counts",
+    "expand_core",
     "flat_a",
     "flat_b",
     "gather_components",
+    "held_factors",
+    "in_core_mode",
     "is_int",
     "is_prefix",
     "is_real",
@@ -47,6 +69,8 @@ __all__ = [
     "pad",
     "pad_factors",
     "split_lora_keys",
+    "start_core",
+    "stop_core",
     "truncate",
     "unique_indices",
     "update_norm",

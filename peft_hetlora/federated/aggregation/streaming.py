@@ -74,7 +74,12 @@ import torch
 from ...utils.errors import AggregationError, AggregationRankError
 from ...utils.ranks import MAX_RANK, check_rank
 from ..adapter import (
+    CORE_SUFFIX,
+    CoreBases,
+    core_bases,
+    core_seed,
     coverage_counts,
+    held_factors,
     is_real,
     lora_module_names,
     module_sq_norm,
@@ -83,7 +88,6 @@ from ..adapter import (
     truncate,
     update_norm,
 )
-from ..adapter.core import CORE_SUFFIX, CoreBases, core_bases, core_seed, held_factors
 from .checks import ModuleSpec, UpdateChecks, all_finite
 from .influence import (
     ADAPTIVE,

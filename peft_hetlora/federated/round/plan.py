@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..adapter.core import core_rank
+from ..adapter import core_rank
 from ..policies import poisson_sample, sample_clients, select_components
 from .settings import RoundSettings
 

@@ -37,8 +37,7 @@ from ...utils.constants import ADAPTER_FILE, CLIENT_FILE, CONFIG_FILE
 from ...utils.errors import RankError
 from ...utils.ranks import check_rank, is_rank
 from ...utils.untrusted_text import brief, one_line
-from ..adapter import check_components, is_prefix
-from ..adapter.core import CORE_SUFFIX
+from ..adapter import CORE_SUFFIX, check_components, is_prefix
 from ..aggregation import ClientUpdate
 from .bytes import RejectedUpload, TensorInfo, loads_strict_json, parse_header_json, read_safetensors_header
 from .formats import (
