@@ -32,6 +32,7 @@ from ..federated.aggregation import AGGREGATION_METHODS, parse_influence_bound
 from ..federated.coordinator import Coordinator
 from ..federated.policies import BUDGET_KINDS, RANK_POLICIES, SELECTION_POLICIES, RankPolicy, parse_bytes
 from ..federated.round import (
+    CLIENT_TRAINING,
     DEFAULT_METHOD,
     NEXT_RANK_RULES,
     SERVER_OPTIMIZERS,
@@ -166,6 +167,10 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
     fed.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=None,
                      help="Carry the residual of the truncation back to r_max to the next round, server-side "
                           "(default off; docs/aggregation.md#server-step).")
+    fed.add_argument("--client-training", choices=list(CLIENT_TRAINING), default=None,
+                     help="'core': participants below r_max train an r_c x r_c core inside the global's subspace and "
+                          "upload only the core (needs a method that takes cores, e.g. flexlora_held); 'factors' "
+                          "(default): every client trains and uploads LoRA factors (docs/methods.md#core-clients).")
     fed.add_argument("--message-formats", type=_name_list, default=None,
                      help="Upload formats clients may declare: comma-separated fp32,bf16,fp16,int8-block64 "
                           "(default: all; docs/on_device.md).")
@@ -347,6 +352,7 @@ def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -
         message_formats=getattr(args, "message_formats", None),
         server_optimizer=getattr(args, "server_optimizer", None),
         error_feedback=getattr(args, "error_feedback", None),
+        client_training=getattr(args, "client_training", None),
     )
     return Coordinator(
         open_store(args.store, endpoint=args.hub_endpoint, token=args.hub_token, client_mode=args.hub_client_mode,
