@@ -266,6 +266,30 @@ class FederationSettings:
                 kwargs[name] = tuple(value)
         return cls(**kwargs)
 
+    @classmethod
+    def given(cls, settings: FederationSettings | None, kwargs: Mapping[str, Any], *,
+              owner: str) -> FederationSettings:
+        """The record an owner (``Coordinator``, ``HetLoRAStrategy``) was given: ``settings`` itself, or the record of
+        its setting keywords (`from_kwargs`), never both.
+
+        Raises:
+            TypeError: both were given, or ``settings`` is not a `FederationSettings`.
+
+        Example:
+            ```py
+            >>> FederationSettings.given(None, {"method": "rankwise"}, owner="Coordinator").method
+            'rankwise'
+            ```
+        """
+        if settings is None:
+            return cls.from_kwargs(**kwargs)
+        if kwargs:
+            raise TypeError(f"{owner}: pass the settings record or setting keywords, not both (got {sorted(kwargs)} "
+                            "with a FederationSettings).")
+        if not isinstance(settings, FederationSettings):
+            raise TypeError(f"{owner}: settings must be a FederationSettings, got {type(settings).__name__}.")
+        return settings
+
 
 logger = logging.getLogger(__name__)
 

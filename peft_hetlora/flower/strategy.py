@@ -211,13 +211,8 @@ class HetLoRAStrategy(FedAvg):
             min_available_nodes=min_available_nodes,
             weighted_by_key=rec.NUM_EXAMPLES,
         )
-        if settings is None:  # the keyword form: the same record, built from the keywords
-            settings = FederationSettings.from_kwargs(**setting_kwargs)
-        elif setting_kwargs:
-            raise TypeError(f"HetLoRAStrategy: pass the settings record or setting keywords, not both (got "
-                            f"{sorted(setting_kwargs)} with a FederationSettings).")
-        if not isinstance(settings, FederationSettings):
-            raise TypeError(f"HetLoRAStrategy: settings must be a FederationSettings, got {type(settings).__name__}.")
+        # the keyword form builds the same record from the keywords
+        settings = FederationSettings.given(settings, setting_kwargs, owner="HetLoRAStrategy")
         _check_flower_settings(settings, adapter_config)
         self.settings = settings
         method, component_selection = default_method_and_selection(settings.method, settings.component_selection,

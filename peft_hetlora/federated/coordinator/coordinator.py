@@ -133,13 +133,7 @@ class Coordinator:
         progress: bool = True,
         **setting_kwargs: Any,
     ):
-        if settings is None:
-            settings = FederationSettings.from_kwargs(**setting_kwargs)
-        elif setting_kwargs:
-            raise TypeError(f"Coordinator: pass the settings record or keywords, not both (got "
-                            f"{sorted(setting_kwargs)} with a FederationSettings).")
-        if not isinstance(settings, FederationSettings):
-            raise TypeError(f"Coordinator: settings must be a FederationSettings, got {type(settings).__name__}")
+        settings = FederationSettings.given(settings, setting_kwargs, owner="Coordinator")
         self.store = store
         self.settings = settings
         self.resolved = ResolvedSettings(store, settings)

@@ -212,25 +212,8 @@ def _check_tensors_against_spec(
     """Keys, dtypes and shapes against the spec (and the declared message format); returns {module: rank}."""
     keys = set(entries)
     expected = spec.expected_keys if message is None else message.expected_keys(spec.expected_keys)
-    missing, extra = sorted(expected - keys), sorted(keys - expected)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
-        if extra:
-            parts.append(f"unexpected {len(extra)} key(s) e.g. {', '.join(brief(k) for k in extra[:3])}")
-        raise RejectedUpload("adapter keys do not match the global adapter: " + "; ".join(parts))
-    if message is None:
-        for key, info in entries.items():
-            if info.dtype not in spec.dtypes:
-                raise RejectedUpload(
-                    f"tensor {brief(key)} has dtype {one_line(info.dtype, limit=16)}; allowed: {sorted(spec.dtypes)}"
-                )
-    else:
-        _check_message_tensors(entries, message)
-    for key, shape in spec.extras.items():
-        if entries[key].shape != tuple(shape):
-            raise RejectedUpload(f"tensor {key!r} has shape {list(entries[key].shape)}, expected {list(shape)}")
+    _check_keys_dtypes_extras(entries, spec, keys, expected, message,
+                              mismatch="adapter keys do not match the global adapter")
     ranks: dict[str, int] = {}
     for name, (d_in, d_out) in spec.modules.items():
         a, b = entries[name + LORA_A_SUFFIX].shape, entries[name + LORA_B_SUFFIX].shape
@@ -248,12 +231,11 @@ def _check_tensors_against_spec(
     return ranks
 
 
-def _check_core_tensors(entries: Mapping[str, TensorInfo], spec: UploadSpec, *, core_rank: int,
-                        message: MessageSpec | None = None) -> None:
-    """A core upload: exactly one ``(core_rank, core_rank)`` core per module (``<module>.lora_core.weight``) and the
-    extras, in the allowed (or declared) dtypes."""
-    keys = set(entries)
-    expected = spec.expected_core_keys if message is None else message.expected_keys(spec.expected_core_keys)
+
+def _check_keys_dtypes_extras(entries: Mapping[str, TensorInfo], spec: UploadSpec, keys: set[str],
+                              expected: set[str], message: MessageSpec | None, *, mismatch: str) -> None:
+    """The checks every upload kind shares: exactly the expected keys (``mismatch`` opens the error), the allowed
+    dtypes (or the declared message format's) and the shapes of the dense extras."""
     missing, extra = sorted(expected - keys), sorted(keys - expected)
     if missing or extra:
         parts = []
@@ -261,8 +243,7 @@ def _check_core_tensors(entries: Mapping[str, TensorInfo], spec: UploadSpec, *, 
             parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
         if extra:
             parts.append(f"unexpected {len(extra)} key(s) e.g. {', '.join(brief(k) for k in extra[:3])}")
-        raise RejectedUpload("core upload keys do not match the global adapter's modules (one "
-                             f"'<module>{CORE_SUFFIX}' each): " + "; ".join(parts))
+        raise RejectedUpload(f"{mismatch}: " + "; ".join(parts))
     if message is None:
         for key, info in entries.items():
             if info.dtype not in spec.dtypes:
@@ -274,6 +255,16 @@ def _check_core_tensors(entries: Mapping[str, TensorInfo], spec: UploadSpec, *, 
     for key, shape in spec.extras.items():
         if entries[key].shape != tuple(shape):
             raise RejectedUpload(f"tensor {key!r} has shape {list(entries[key].shape)}, expected {list(shape)}")
+
+def _check_core_tensors(entries: Mapping[str, TensorInfo], spec: UploadSpec, *, core_rank: int,
+                        message: MessageSpec | None = None) -> None:
+    """A core upload: exactly one ``(core_rank, core_rank)`` core per module (``<module>.lora_core.weight``) and the
+    extras, in the allowed (or declared) dtypes."""
+    keys = set(entries)
+    expected = spec.expected_core_keys if message is None else message.expected_keys(spec.expected_core_keys)
+    _check_keys_dtypes_extras(entries, spec, keys, expected, message,
+                              mismatch="core upload keys do not match the global adapter's modules (one "
+                                       f"'<module>{CORE_SUFFIX}' each)")
     for name in spec.modules:
         shape = list(entries[name + CORE_SUFFIX].shape)
         if shape != [core_rank, core_rank]:
