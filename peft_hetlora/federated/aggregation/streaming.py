@@ -396,7 +396,7 @@ class StreamingAggregator(UpdateChecks):
             if bases is None:
                 bases = core_bases(a_g, b_g, r_c, seed=core_seed(module, a_g, b_g), scaling=self.scaling)
                 self._core_bases[(module, r_c)] = bases
-            if not bool(torch.isfinite(value).all()):
+            if not all_finite(value):
                 raise AggregationError(f"client {cid!r}: {key!r} has non-finite values; reject this upload")
             state[a_key], state[b_key] = held_factors(value, bases, a_g)
         return ClientUpdate(cid, state, rank=r_c, num_examples=update.num_examples, metadata=update.metadata)
