@@ -41,7 +41,7 @@ from trainer_callbacks import FederatedClientCallback
 from .activation_cache import (
     CachedBlocks,
 )
-from .arm_setup import arm_adapter_config, arm_coordinator_settings, arm_ranks
+from .arm_setup import arm_adapter_config, arm_coordinator_settings, arm_ranks, record_arm_base
 from .arms import ARMS, SimulationConfig
 from .attacks import choose_attackers
 from .client_uploads import UploadTransform
@@ -274,6 +274,7 @@ def run_federated_arm(
             with tempfile.TemporaryDirectory() as tmp:
                 model.save_pretrained(tmp)
                 coordinator.init(tmp)
+        record_arm_base(store, model, adapter_config, wb)  # as `hetlora init`: the clients check their base against it
         if not rows:
             _load_global(model, load_file(str(store.get_global(0).path / ADAPTER_FILE)), r_arm)
             row = {
