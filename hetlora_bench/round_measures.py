@@ -105,8 +105,9 @@ def held_download_bytes(
 
     Example:
         ```py
-        >>> held_download_bytes({"m.lora_A.weight": torch.zeros(4, 3)}, {}, 4, {"a": 1})  # 1 x 3 float32s
-        12
+        >>> global_state = {"m.lora_A.weight": torch.zeros(4, 3), "m.lora_B.weight": torch.zeros(2, 4)}
+        >>> held_download_bytes(global_state, {}, 4, {"a": 1})  # A: 1 x 3, B: 2 x 1 float32s
+        20
         ```
     """
     return sum(_float32_bytes(truncate(dict(sent), held_rank(spec, r_arm, rank))) for rank in ranks.values())
