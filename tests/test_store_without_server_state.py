@@ -191,3 +191,10 @@ def test_client_view_docstring_examples_run():
         if test.examples:
             runner.run(test, out=report.append)
     assert runner.failures == 0, "".join(report)
+
+
+def test_the_built_in_stores_get_the_keyword():
+    from peft_hetlora.federated.stores import HubStore
+
+    for cls in (LocalStore, HubStore):
+        assert accepts_server_state(cls.get_global) and accepts_server_state(cls.latest_global), cls
