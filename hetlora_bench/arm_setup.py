@@ -1,5 +1,5 @@
-"""What an arm runs with: its ranks, its adapter config and its federation settings record (shared by the in-process
-and the Flower engine)."""
+"""What an arm runs with: its ranks, its adapter config, its federation settings record and its base model's identity
+(shared by the in-process and the Flower engine)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from peft_hetlora.federated import FederationSettings
 
 from .arms import ARMS, SimulationConfig
 
-__all__ = ["arm_adapter_config", "arm_coordinator_settings", "arm_ranks"]
+__all__ = ["arm_adapter_config", "arm_coordinator_settings", "arm_ranks", "record_arm_base"]
 
 
 def arm_ranks(config: SimulationConfig, arm: str, initial_ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
@@ -122,3 +122,38 @@ def arm_coordinator_settings(
         error_feedback=True if spec.get("error_feedback") else None,
         client_training=spec.get("client_training"),
     )
+
+
+def record_arm_base(store: Any, model: Any, adapter_config: Any, wb: Any) -> dict[str, Any] | None:
+    """Record the arm's base model in its store's federation.json, as `hetlora init` does for a real coordinator
+    (`peft_hetlora.base_identity.record_base_identity`): the simulated clients' `FederatedClientCallback` then
+    checks its base against it, as a deployed client does. Returns the record.
+
+    `model` is the base model or the arm's PEFT model on it (the adapted layers' base weights are hashed); the name
+    is the model folder the adapter config names, the revision what `model_source.model_revision` knows of
+    ``wb.config.model``. A base quantised on load (``wb.config.quantize``) has no weights to hash: nothing is
+    recorded (a client's check skips such a base with its own notice) and None is returned.
+
+    Example:
+        ```py
+        >>> import tempfile, torch
+        >>> from types import SimpleNamespace
+        >>> from peft_hetlora.federated import LocalStore
+        >>> config = SimulationConfig.from_sources(profile="quick")
+        >>> wb = SimpleNamespace(config=config, target_layers=None, model_dir="toy")
+        >>> base = torch.nn.ModuleDict({name: torch.nn.Linear(2, 2) for name in config.target_modules})
+        >>> store = LocalStore(tempfile.mkdtemp(), create=True)
+        >>> store.write_federation({"r_max": config.r_max})
+        >>> record = record_arm_base(store, base, arm_adapter_config(config, config.r_max, wb), wb)
+        >>> store.read_federation()["base_model_identity"] == record, record["modules"] == len(config.target_modules)
+        (True, True)
+        ```
+    """
+    from peft_hetlora.base_identity import base_identity, record_base_identity
+    from peft_hetlora.model_source import model_revision
+
+    if getattr(wb.config, "quantize", None) is not None:
+        return None
+    record = base_identity(model, adapter_config, name=str(wb.model_dir), revision=model_revision(wb.config.model))
+    record_base_identity(store, record)
+    return record

@@ -8,7 +8,6 @@ continues with the clients that have not uploaded yet.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import inspect
 import json
@@ -22,31 +21,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import get_peft_model, set_peft_model_state_dict
+from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from peft_hetlora.config import HetLoRAConfig
-from peft_hetlora.federated import Coordinator, LocalStore, truncate
-from peft_hetlora.federated.adapter import core_rank
+from peft_hetlora.federated import Coordinator, LocalStore
 from peft_hetlora.federated.round import RoundPlan
 from peft_hetlora.federated.stores import json_text
 from peft_hetlora.flower import LocalTrainingConfig
-from peft_hetlora.known_noise import peft_model_warnings
 from peft_hetlora.utils import ADAPTER_FILE, ROUND_FILE
 from trainer_callbacks import FederatedClientCallback
 
 from .activation_cache import (
     CachedBlocks,
 )
-from .arm_setup import arm_adapter_config, arm_coordinator_settings, arm_ranks
+from .arm_setup import arm_adapter_config, arm_coordinator_settings, arm_ranks, record_arm_base
 from .arms import ARMS, SimulationConfig
 from .attacks import choose_attackers
 from .client_uploads import UploadTransform
 from .engines import run_round
 from .report import write_report
+from .round_measures import HELD, held_rank  # noqa: F401 - held_rank: importable from the runner, as before
+from .round_measures import arm_peft_model as _peft_model
+from .round_measures import held_download_bytes as _held_download_bytes
+from .round_measures import held_validation_ppl as _held_validation_ppl
+from .round_measures import load_global as _load_global
 from .workbench import Workbench, prepare
 
 logger = logging.getLogger(__name__)
@@ -152,17 +153,6 @@ def initial_client_ranks(config: SimulationConfig, clients: list[str], seed: int
     return RankPolicy.coerce(config.rank_policy).assign(clients, r_min=config.r_min, r_max=config.r_max, seed=seed)
 
 
-@contextlib.contextmanager
-def _peft_model(wb: Workbench, adapter_config: HetLoRAConfig, seed: int):
-    torch.manual_seed(seed)
-    with peft_model_warnings():  # transformers' is_gradient_checkpointing notice, raised inside PEFT
-        model = get_peft_model(wb.base_model, adapter_config)
-    try:
-        yield model
-    finally:
-        wb.base_model = model.unload()
-
-
 def _training_args(training: LocalTrainingConfig, out: Path, seed: int, steps: int) -> TrainingArguments:
     """The `Trainer` arguments of one simulated client (or a centralized round) from the one training record."""
     gpu = torch.cuda.is_available()
@@ -187,58 +177,6 @@ def _training_args(training: LocalTrainingConfig, out: Path, seed: int, steps: i
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
-
-
-def _load_global(model: Any, weights: dict[str, torch.Tensor], rank: int) -> None:
-    """Load a global adapter's first `rank` components into the simulation's model."""
-    model.base_model.set_rank(rank)
-    set_peft_model_state_dict(model, truncate(weights, rank))
-
-
-#: ``client_val_model`` of a row whose client validation and download bytes follow `held_rank`; rows without it
-#: come from versions that measured window clients on their rank-k prefix (`refresh_window_rows` redoes them)
-HELD = "held"
-
-
-def held_rank(spec: dict[str, Any], r_arm: int, client_rank: int, dims: Any = None) -> int:
-    """How many components of the global a client downloads and serves: its own rank under the prefix rules
-    (HetLoRA, RBLA, FlexLoRA), all ``r_arm`` in a window arm, where the components outside its window stay frozen
-    in its model (docs/design.md#component-rule). A core client below ``r_arm`` (docs/methods.md#core-clients)
-    downloads the whole global (its bases and their seed come from all of it) and serves the top ``r_c``
-    (``core_rank`` of the module ``dims``)."""
-    if spec.get("selection", "prefix") != "prefix":
-        return r_arm
-    if spec.get("client_training") == "core" and client_rank < r_arm:
-        return r_arm if dims is None else core_rank(client_rank, r_arm, dims)
-    return client_rank
-
-
-def _held_download_bytes(
-    sent: dict[str, torch.Tensor], spec: dict[str, Any], r_arm: int, ranks: dict[str, int]
-) -> int:
-    """Float32 bytes the clients ``{client: rank}`` download of the global `sent` (`held_rank` of each)."""
-    return sum(_float32_bytes(truncate(sent, held_rank(spec, r_arm, rank))) for rank in ranks.values())
-
-
-def _held_validation_ppl(
-    wb: Workbench,
-    model: Any,
-    weights: dict[str, torch.Tensor],
-    spec: dict[str, Any],
-    r_arm: int,
-    ranks: dict[str, int],
-) -> float | None:
-    """Mean validation perplexity of the clients ``{client: rank}`` on the model each holds of the global `weights`."""
-    val = []
-    dims = [(layer.in_features, layer.out_features) for _, layer in model.base_model.hetlora_layers()]
-    for cid, rank in ranks.items():
-        _load_global(model, weights, held_rank(spec, r_arm, rank, dims))
-        val.append(wb.validation_ppl(model, cid))
-    return sum(val) / len(val) if val else None
-
-
-def _float32_bytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * 4 for t in state.values())
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -274,6 +212,7 @@ def run_federated_arm(
             with tempfile.TemporaryDirectory() as tmp:
                 model.save_pretrained(tmp)
                 coordinator.init(tmp)
+        record_arm_base(store, model, adapter_config, wb)  # as `hetlora init`: the clients check their base against it
         if not rows:
             _load_global(model, load_file(str(store.get_global(0).path / ADAPTER_FILE)), r_arm)
             row = {

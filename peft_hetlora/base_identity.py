@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .utils.errors import ConfigMismatchError
+from .utils.errors import ConfigMismatchError, FederationMismatch
 
 __all__ = [
     "BASE_IDENTITY_FIELD",
@@ -50,6 +50,7 @@ __all__ = [
     "base_identity",
     "check_base_model",
     "federation_base_identity",
+    "record_base_identity",
     "targeted_weights",
     "weights_sha256",
 ]
@@ -176,6 +177,41 @@ def federation_base_identity(source: Any) -> Mapping[str, Any] | None:
         federation = json.loads(path.read_text()) if path.is_file() else {}
     record = federation.get(BASE_IDENTITY_FIELD) if isinstance(federation, Mapping) else None
     return record if isinstance(record, Mapping) else None
+
+
+def record_base_identity(store: Any, identity: Mapping[str, Any], *, write: bool = True) -> None:
+    """Refuse a store whose federation.json records another base; with `write`, add `identity` where none is.
+
+    What a coordinator started with a base model does (`hetlora init`, and the simulator's coordinators,
+    `hetlora_bench.arm_setup.record_arm_base`): the record is written once, beside the settings, and a
+    store created from other weights is refused with `FederationMismatch` before anything is published.
+    A store without `federation.json` yet is left alone (`write` then has nothing to add to).
+
+    Example:
+        ```py
+        >>> import tempfile, torch
+        >>> from peft_hetlora import HetLoRAConfig
+        >>> from peft_hetlora.federated import LocalStore
+        >>> store = LocalStore(tempfile.mkdtemp(), create=True)
+        >>> store.write_federation({"r_max": 2})
+        >>> base = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(2, 2)})
+        >>> record = base_identity(base, HetLoRAConfig(r=2, target_modules=["q_proj"]), name="toy")
+        >>> record_base_identity(store, record)
+        >>> federation_base_identity(store) == record
+        True
+        ```
+    """
+    federation = store.read_federation()
+    stored = federation_base_identity(federation or {})
+    if stored is not None and stored.get("weights_sha256") != identity["weights_sha256"]:
+        raise FederationMismatch(
+            f"The store's federation was created from another base model ({stored.get('name')!r}, weights "
+            f"{str((stored.get('weights_sha256') or {}).get('float32'))[:16]}) than this one "
+            f"({identity.get('name')!r}, weights {identity['weights_sha256']['float32'][:16]}): use the same base "
+            "model, or start the new federation in another store."
+        )
+    if write and federation is not None and stored is None:
+        store.write_federation({**federation, BASE_IDENTITY_FIELD: dict(identity)})
 
 
 def check_base_model(base_model: torch.nn.Module, config: Any, record: Mapping[str, Any] | None) -> None:

@@ -37,6 +37,7 @@ from peft_hetlora.utils.constants import ADAPTER_FILE
 from peft_hetlora.utils.errors import RankError
 from peft_hetlora.utils.ranks import MAX_RANK, check_rank
 
+from .client_view import client_get_global, client_latest_global
 from .hetlora_callback import HetLoRACallback, checkpoint_round_start, hetlora_peft_model, hetlora_tuner
 from .processes import agree, is_main_process, refuse_sharded_training
 
@@ -192,7 +193,7 @@ class FederatedClientCallback(HetLoRACallback):
     # ------------------------------------------------------------------ round discovery
     def current_round(self) -> int | None:
         """The round the store has open (the latest published global), or None before the first."""
-        latest = self.store.latest_global(server_state=False)
+        latest = client_latest_global(self.store)
         return None if latest is None else latest.round
 
     def is_participant(self, round_info: dict[str, Any] | None = None) -> bool:
@@ -299,7 +300,7 @@ class FederatedClientCallback(HetLoRACallback):
                 "The store has no global adapter yet: the coordinator must publish round 0 first "
                 "(`hetlora coordinate ... --init` or Coordinator.init)."
             )
-        latest = self.store.get_global(latest_round, server_state=False)
+        latest = client_get_global(self.store, latest_round)
         self.current = latest
         self.round_info = self._read_round_info(latest)
         if self.federation_finished(latest.round, self.round_info):
@@ -358,7 +359,7 @@ class FederatedClientCallback(HetLoRACallback):
         """
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        latest = self.store.latest_global(server_state=False)
+        latest = client_latest_global(self.store)
         if latest is None or not Path(output_dir).is_dir():
             return None
         identity = self.round_identity(latest)
@@ -377,7 +378,7 @@ class FederatedClientCallback(HetLoRACallback):
         return max(found)[1] if found else None
 
     def _store_view(self) -> tuple[int | None, bool]:
-        latest = self.store.latest_global(server_state=False)
+        latest = client_latest_global(self.store)
         if latest is None:
             return None, False
         return latest.round, self.already_uploaded(latest.round)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .client_view import client_get_global, client_latest_global
 from .federated_client import FederatedClientCallback
 from .processes import agree, is_main_process
 
@@ -49,7 +50,7 @@ def run_client_rounds(
     main = is_main_process()
     while len(seen) < max_rounds:
         # a multi-process client's processes take every decision from the main process's view (in lockstep)
-        latest = client.store.latest_global(server_state=False) if main else None
+        latest = client_latest_global(client.store) if main else None
         round_idx, expired = agree(
             (None if latest is None else latest.round, deadline is not None and clock() > deadline) if main else None
         )
@@ -60,7 +61,7 @@ def run_client_rounds(
             sleep(poll_interval)
             continue
         seen.add(round_idx)
-        latest = client.store.get_global(round_idx, server_state=False)
+        latest = client_get_global(client.store, round_idx)
         info = client._read_round_info(latest)
         if client.federation_finished(latest.round, info):
             logger.info(

@@ -110,35 +110,19 @@ def build_initial_adapter(args: argparse.Namespace, out_dir: str) -> dict[str, A
     return identity
 
 
-def _record_identity(store: Any, identity: dict[str, Any], *, write: bool) -> None:
-    """Refuse a store whose federation records another base; with `write`, add the record where it is missing."""
-    from ..base_identity import BASE_IDENTITY_FIELD, federation_base_identity
-    from ..utils.errors import FederationMismatch
-
-    federation = store.read_federation()
-    stored = federation_base_identity(federation or {})
-    if stored is not None and stored.get("weights_sha256") != identity["weights_sha256"]:
-        raise FederationMismatch(
-            f"The store's federation was created from another base model ({stored.get('name')!r}, weights "
-            f"{str((stored.get('weights_sha256') or {}).get('float32'))[:16]}) than --base-model "
-            f"{identity['name']!r} (weights {identity['weights_sha256']['float32'][:16]}): rerun with the same base "
-            "model, or start the new federation in another store."
-        )
-    if write and federation is not None and stored is None:
-        store.write_federation({**federation, BASE_IDENTITY_FIELD: identity})
-
-
 def run(args: argparse.Namespace) -> int:
     """Create the federation described by parsed `init` arguments (idempotent for the same settings)."""
     if args.clients is None and args.num_clients is None:
         raise ValueError("A federation needs its clients: pass --clients a,b,c or --num-clients N.")
+    from ..base_identity import record_base_identity
+
     args.r_max = args.r_max or DEFAULT_R_MAX
     with tempfile.TemporaryDirectory(prefix="hetlora-init-") as tmp:
         identity = build_initial_adapter(args, tmp)
         coordinator = build_coordinator(args, create=True)
-        _record_identity(coordinator.store, identity, write=False)  # refuse another base before publishing
+        record_base_identity(coordinator.store, identity, write=False)  # refuse another base before publishing
         first = coordinator.init(tmp)
-        _record_identity(coordinator.store, identity, write=True)
+        record_base_identity(coordinator.store, identity)
     federation = coordinator.federation
     print(
         f"Federation ready at {args.store}: method {federation['method']}, r_max {federation['r_max']}, "

@@ -107,6 +107,11 @@ class AdapterStore(Protocol):
     `stage_global(round_idx, folder) -> sha256` and `staged_global(round_idx) -> Path | None` (the aggregate is
     staged before the summary names it, so a restart finishes the publish without re-reading uploads), and
     `clean_temporary_files() -> list[Path]` (what killed writers left behind).
+
+    A store need not subclass this: any class with these methods is one. `get_global` and `latest_global` take the
+    keyword `server_state` (the clients pass False); a store written before it existed still works with the
+    client callbacks, which call it without the keyword and warn once (`FutureWarning`: add
+    `*, server_state: bool = True`).
     """
 
     def read_federation(self) -> dict | None:
