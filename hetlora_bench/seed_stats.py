@@ -334,16 +334,19 @@ def criteria_note(table: Mapping[str, Any]) -> str:
     """One sentence naming the early-stopping criterion of a :func:`horizon_table` (and the arms that fell back).
 
     Example:
-        >>> criteria_note({"criteria": {"a": {0: "fixed_val_ppl"}, "b": {0: "client_val_ppl"}}})
-        'Early stopping reads the fixed federation validation set (`fixed_val_ppl`); fell back to the sampled clients\' validation (`client_val_ppl`, no fixed_val_ppl in every round): b (seed 0).'
+        >>> print(criteria_note({"criteria": {"a": {0: "fixed_val_ppl"}, "b": {0: "client_val_ppl"}}}))
+        Early stopping reads the fixed federation validation set (`fixed_val_ppl`), except for b (seed 0): no fixed_val_ppl in every round, so the sampled clients' validation (`client_val_ppl`).
     """  # noqa: E501
-    fallback = [f"{arm} (seed {seed})" for arm, per in table.get("criteria", {}).items()
-                for seed, c in per.items() if c != FIXED_VAL]
+    pairs = [(arm, seed, c) for arm, per in table.get("criteria", {}).items() for seed, c in per.items()]
+    fallback = [f"{arm} (seed {seed})" for arm, seed, c in pairs if c != FIXED_VAL]
+    if pairs and len(fallback) == len(pairs):
+        return ("Early stopping reads the sampled clients' validation (`client_val_ppl`): no run here has the fixed "
+                "federation validation set (`fixed_val_ppl`) in every round.")
     text = "Early stopping reads the fixed federation validation set (`fixed_val_ppl`)"
     if not fallback:
         return text + " for every arm and seed."
-    return (text + "; fell back to the sampled clients' validation (`client_val_ppl`, no fixed_val_ppl in every "
-            "round): " + ", ".join(fallback) + ".")
+    return (text + ", except for " + ", ".join(fallback) + ": no fixed_val_ppl in every round, so the sampled "
+            "clients' validation (`client_val_ppl`).")
 
 
 def early_stopping_markdown(table: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
