@@ -163,6 +163,31 @@ def test_fixed_val_early_stop_is_the_first_argmin_and_ignores_client_val_and_hel
     assert early_stopped(scrambled, horizon)["round"] == first_min
 
 
+JUNK = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3), st.booleans(),
+                 st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(JUNK, st.floats(1.0, 1e4)), min_size=1, max_size=8))
+def test_rows_with_junk_values_never_raise_and_only_all_finite_rows_use_the_fixed_set(values):
+    """Rows read from a run folder are not trusted: any value in ``fixed_val_ppl`` is read as a number or missing."""
+    rows = [{"round": i + 1, "fixed_val_ppl": f, "client_val_ppl": c, "heldout_ppl": 1.0}
+            for i, (f, c) in enumerate(values)]
+
+    def finite(v):
+        if isinstance(v, (bool, list)) or v is None:
+            return isinstance(v, bool)  # float(True) == 1.0: a bool is read as a number, as elsewhere in the reports
+        try:
+            return math.isfinite(float(v))
+        except ValueError:
+            return False
+
+    want = "fixed_val_ppl" if all(finite(f) for f, _ in values) else "client_val_ppl"
+    assert stop_criterion(rows) == want
+    got = early_stopped(rows, len(rows))
+    assert got is not None and want in got and 1 <= got["round"] <= len(rows)
+
+
 def _run(fixed: list[float] | None, client: list[float], heldout: list[float]) -> dict:
     rows = [{"round": t + 1, "client_val_ppl": c, "heldout_ppl": h} for t, (c, h) in enumerate(zip(client, heldout))]
     if fixed is not None:
