@@ -19,6 +19,10 @@ HomLoRA(r_max) capable-only, HomLoRA(r_min), HomLoRA(r_max) and flexlora_held at
 upload bytes, and the targets table (:mod:`study24_report`); ``report.md``, ``report.json``, ``curves.png``,
 ``targets.png``.
 
+Early stopping reads the fixed federation validation set (``fixed_val_ppl``, every client's validation examples)
+where both sides of a comparison have it; ``--fill-fixed-val`` adds it to run folders written before it, from their
+stored per-round globals (no training; a resumed piece gets it inside `hetlora simulate` too).
+
 Run (raFLoRA, chitchat, 3 seeds, 10 rounds; one worker):
 
     PYTHONPATH=$PWD nice -n 10 python benchmarks/study24.py --arms raflora --corpora chitchat --rounds 10 \
@@ -147,6 +151,33 @@ def run_all(pieces: list[Piece24], out: Path, profile: str, cache_dir: Path | No
     return failures
 
 
+def fill_fixed_val(pieces: list[Piece24], out: Path, cache_dir: Path | None) -> dict[str, Any]:
+    """Add ``fixed_val_ppl`` to the existing run folders of ``pieces`` whose rows lack it, from their stored
+    per-round globals (:func:`hetlora_bench.runner.fill_fixed_val_folder`; nothing is retrained), printing the
+    seconds per round. Only for folders no process is writing. Returns ``{"rows", "seconds", "folders"}``.
+
+    Example:
+        >>> fill_fixed_val([], Path("/nonexistent"), None)
+        {'rows': 0, 'seconds': 0.0, 'folders': 0}
+    """
+    from hetlora_bench.runner import fill_fixed_val_folder
+
+    if cache_dir is not None:
+        os.environ[PERSIST_ENV] = str(cache_dir)
+    total: dict[str, Any] = {"rows": 0, "seconds": 0.0, "folders": 0}
+    for folder in dict.fromkeys(p.folder(out) for p in pieces):
+        if not (folder / "config.json").is_file():
+            continue
+        got = fill_fixed_val_folder(folder)
+        if got["rows"]:
+            total["folders"] += 1
+            print(f"study24: {folder}: fixed_val_ppl for {got['rows']} rounds in {got['seconds']:.1f} s "
+                  f"({got['seconds'] / got['rows']:.2f} s a round)", flush=True)
+        total["rows"] += got["rows"]
+        total["seconds"] += got["seconds"]
+    return total
+
+
 def load_runs(out: Path, corpus: str, arms: list[str], seeds: list[int], baselines: Path,
               rerun: list[str]) -> dict[int, dict[str, dict[str, Any]]]:
     """``{seed: {arm: {"rounds": rows}}}``: the stored baselines, then this study's runs (which replace them)."""
@@ -181,7 +212,11 @@ def write_report(args: argparse.Namespace, rates: dict[str, tuple[float, str]]) 
     lines += ["- stored baselines: their rates chosen on client validation by the previous study "
               f"(`{_rel(CHOSEN)}`)", "",
               "Every value is held-out perplexity. *Early-stopped*: at the round up to the horizon with the lowest "
-              "client-validation perplexity (held-out data never chooses). *Equal upload bytes*: both sides at the "
+              "validation perplexity (held-out data never chooses): on the fixed federation validation set "
+              "(`fixed_val_ppl`: every client's validation examples, the same for every arm and round of a seed) "
+              "when both sides of a comparison have it, else on the round's sampled clients' validation "
+              "(`client_val_ppl`, marked `client_val`; the stored baselines have no fixed set). "
+              "*Equal upload bytes*: both sides at the "
               "smaller cumulative upload of the two at that round, each interpolated between its evaluated rounds.",
               ""]
     record: dict[str, Any] = {"arms": args.arms, "seeds": args.seeds, "learning_rates": rates, "corpora": {}}
@@ -231,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the persisted activation cache shared by the pieces ('' to turn it off)")
     parser.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--fill-fixed-val", action="store_true",
+                        help="first add fixed_val_ppl to existing run folders that lack it (from their stored "
+                             "globals, no training), then run / report")
     parser.add_argument("--report", type=Path, default=None)
     parser.add_argument("--results", type=Path, default=None, help="also copy the report here")
     args = parser.parse_args(argv)
@@ -245,10 +283,12 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:
             parser.error(f"--lr {item!r}: expected ARM=RATE, e.g. raflora=0.004")
     rates = learning_rates([*args.arms, *args.rerun], args.chosen, overrides)
+    pieces = [Piece24(c, arm, s, args.rounds, rates[arm][0])
+              for c in args.corpora for s in args.seeds for arm in [*args.arms, *args.rerun]]
+    cache = Path(args.cache_dir).resolve() if args.cache_dir else None
+    if args.fill_fixed_val:
+        fill_fixed_val(pieces, args.out, cache)
     if not args.report_only:
-        pieces = [Piece24(c, arm, s, args.rounds, rates[arm][0])
-                  for c in args.corpora for s in args.seeds for arm in [*args.arms, *args.rerun]]
-        cache = Path(args.cache_dir).resolve() if args.cache_dir else None
         failures = run_all(pieces, args.out, args.profile, cache, args.threads)
         if failures:
             print("\n".join(failures), file=sys.stderr)

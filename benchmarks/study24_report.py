@@ -1,8 +1,11 @@
 """The issue-24 report: new arms paired per seed with the stored baselines, per round, per upload byte, early-stopped.
 
 Inputs are per corpus ``{seed: {arm: {"rounds": [...]}}}`` (the rows `hetlora simulate` writes); every number is
-held-out perplexity, and every "best round" is chosen on client validation only
-(:func:`hetlora_bench.seed_stats.early_stopped`). The **targets** (issue 24), per candidate arm, corpus, seed and
+held-out perplexity, and every "best round" is chosen on validation data only
+(:func:`hetlora_bench.seed_stats.early_stopped`): the fixed federation validation set (``fixed_val_ppl``, every
+client's validation examples, the same for every arm and round) when both sides of a comparison have it, else the
+sampled clients' ``client_val_ppl`` (the stored baselines), marked ``client_val`` in the tables.
+The **targets** (issue 24), per candidate arm, corpus, seed and
 reported round ``h >= 5``: it beats HomLoRA(r_max) on the capable clients only and HomLoRA(r_min), both sides
 early-stopped up to ``h``; at round 20, it is within 1 % of HomLoRA(r_max) on all clients (early-stopped too).
 
@@ -26,11 +29,14 @@ import numpy as np
 
 from hetlora_bench.method_numbers import ppl_at_upload, round_rows
 from hetlora_bench.seed_stats import (
+    FIXED_VAL,
     REPORT_ROUNDS,
+    criteria_note,
     early_stopped,
     early_stopping_markdown,
     heldout_at,
     horizon_table,
+    stop_criterion,
 )
 
 CAPABLE, RMIN, RMAX = "homlora_rmax_capable", "homlora_rmin", "homlora_rmax"
@@ -43,12 +49,28 @@ WITHIN = 0.01
 Runs = Mapping[Any, Mapping[str, Mapping[str, Any]]]  # seed -> arm -> {"rounds": [...]}
 
 
-def _es(runs: Runs, seed: Any, arm: str, h: int) -> float | None:
+def _es(runs: Runs, seed: Any, arm: str, h: int, criterion: str | None = None) -> float | None:
     method = runs.get(seed, {}).get(arm)
     if method is None:
         return None
-    chosen = early_stopped(method, h)
+    chosen = early_stopped(method, h, criterion)
     return None if chosen is None else chosen["heldout_ppl"]
+
+
+def pair_criterion(runs: Runs, seed: Any, arms: Sequence[str]) -> str:
+    """The one early-stopping criterion for ``arms`` (those present) of a seed, so that a candidate and its
+    baselines are stopped alike: ``fixed_val_ppl`` when every round of each has it, else ``client_val_ppl``
+    (the stored baselines of the previous study have no fixed set: such pairs are reported on client validation
+    and marked).
+
+    Example:
+        >>> runs = {0: {"a": {"rounds": [{"round": 1, "fixed_val_ppl": 2.0, "client_val_ppl": 3.0}]},
+        ...             "b": {"rounds": [{"round": 1, "client_val_ppl": 3.0}]}}}
+        >>> pair_criterion(runs, 0, ["a"]), pair_criterion(runs, 0, ["a", "b"])
+        ('fixed_val_ppl', 'client_val_ppl')
+    """
+    per = runs.get(seed, {})
+    return stop_criterion(*(per[a] for a in arms if a in per))
 
 
 def cum_upload_at(method_metrics: Mapping[str, Any], round_: int) -> float | None:
@@ -87,12 +109,15 @@ def pair_rows(runs: Runs, candidates: Sequence[str], horizons: Sequence[int],
             for h in horizons:
                 kinds: dict[str, dict[str, list]] = {k: {"seeds": [], "diffs": []}
                                                      for k in ("at_round", "early_stopped", "equal_bytes")}
+                kinds["early_stopped"]["criteria"] = []
                 for seed, per in runs.items():
                     a, b = per.get(cand), per.get(base)
                     if a is None or b is None:
                         continue
+                    criterion = pair_criterion(runs, seed, [cand, base])
                     pairs = {"at_round": (heldout_at(a, h), heldout_at(b, h)),
-                             "early_stopped": (_es(runs, seed, cand, h), _es(runs, seed, base, h))}
+                             "early_stopped": (_es(runs, seed, cand, h, criterion),
+                                               _es(runs, seed, base, h, criterion))}
                     bytes_a, bytes_b = cum_upload_at(a, h), cum_upload_at(b, h)
                     if bytes_a is not None and bytes_b is not None and min(bytes_a, bytes_b) > 0:
                         budget = min(bytes_a, bytes_b)
@@ -102,6 +127,8 @@ def pair_rows(runs: Runs, candidates: Sequence[str], horizons: Sequence[int],
                         if x is not None and y is not None:
                             kinds[kind]["seeds"].append(seed)
                             kinds[kind]["diffs"].append(x - y)
+                            if kind == "early_stopped":
+                                kinds[kind]["criteria"].append(criterion)
                 row: dict[str, Any] = {"candidate": cand, "baseline": base, "round": h}
                 for kind, got in kinds.items():
                     diffs = got["diffs"]
@@ -130,13 +157,14 @@ def target_rows(runs: Runs, candidates: Sequence[str], horizons: Sequence[int]) 
             if cand not in runs[seed]:
                 continue
             for h in (h for h in horizons if h >= 5):
-                mine = _es(runs, seed, cand, h)
+                criterion = pair_criterion(runs, seed, [cand, CAPABLE, RMIN, *([RMAX] if h == FINAL_ROUND else [])])
+                mine = _es(runs, seed, cand, h, criterion)
                 if mine is None:
                     continue
-                cap, rmin = _es(runs, seed, CAPABLE, h), _es(runs, seed, RMIN, h)
-                rmax = _es(runs, seed, RMAX, h) if h == FINAL_ROUND else None
+                cap, rmin = _es(runs, seed, CAPABLE, h, criterion), _es(runs, seed, RMIN, h, criterion)
+                rmax = _es(runs, seed, RMAX, h, criterion) if h == FINAL_ROUND else None
                 rows.append({
-                    "candidate": cand, "seed": seed, "round": h, "ppl": mine,
+                    "candidate": cand, "seed": seed, "round": h, "ppl": mine, "criterion": criterion,
                     "capable": cap, "rmin": rmin, "rmax": rmax,
                     "beats_capable": None if cap is None else mine < cap,
                     "beats_rmin": None if rmin is None else mine < rmin,
@@ -158,11 +186,13 @@ def targets_markdown(rows: Sequence[Mapping[str, Any]], corpus: str) -> str:
     """  # noqa: E501
     lines = ["| Candidate | Corpus | Seed | Round | ppl (early-stopped) | beats capable-only r_max | beats r_min "
              "| within 1 % of r_max (round 20) |", "|---|---|---|---:|---:|---|---|---|"]
+
     def cell(r: Mapping[str, Any], flag: str, other: str) -> str:
         return _mark(r[flag]) + ("" if r[other] is None else f" ({r[other]:.2f})")
 
     for r in rows:
-        lines.append(f"| {r['candidate']} | {corpus} | {r['seed']} | {r['round']} | {r['ppl']:.2f} | "
+        mark = "" if r.get("criterion", FIXED_VAL) == FIXED_VAL else " (client_val)"
+        lines.append(f"| {r['candidate']} | {corpus} | {r['seed']} | {r['round']} | {r['ppl']:.2f}{mark} | "
                      f"{cell(r, 'beats_capable', 'capable')} | {cell(r, 'beats_rmin', 'rmin')} | "
                      f"{cell(r, 'within_1pct_rmax', 'rmax')} |")
     return "\n".join(lines)
@@ -182,7 +212,9 @@ def pairs_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         if not info["n"]:
             return "—"
         per_seed = ", ".join(f"{d:+.2f}" for d in info["diffs"])
-        return f"{info['mean']:+.2f} ({info['wins']}/{info['n']}; {per_seed})"
+        fallback = sum(c != FIXED_VAL for c in info.get("criteria", [FIXED_VAL]))
+        mark = "" if not fallback else (" client_val" if fallback == info["n"] else f" client_val on {fallback}")
+        return f"{info['mean']:+.2f} ({info['wins']}/{info['n']}; {per_seed}){mark}"
 
     for r in rows:
         lines.append(f"| {r['candidate']} | {r['baseline']} | {r['round']} | {cell(r['at_round'])} | "
@@ -272,7 +304,9 @@ def corpus_sections(corpus: str, runs: Runs, candidates: Sequence[str], horizons
     pairs = pair_rows(runs, candidates, horizons)
     targets = target_rows(runs, candidates, horizons)
     lines = [f"## {corpus}", "",
-             "### Held-out perplexity at each round / early-stopped on client validation (round chosen)", "",
+             "### Held-out perplexity at each round / early-stopped on validation data (round chosen)", "",
+             criteria_note(table) + " A pair or target row is stopped on one criterion for both sides: the fixed set "
+             "when both have it, else client validation, marked `client_val`.", "",
              early_stopping_markdown(table), "",
              "### Paired per seed (candidate − baseline; wins: seeds where the candidate is lower)", "",
              pairs_markdown(pairs), "", "### Targets (early stopping allowed on both sides)", "",

@@ -49,6 +49,7 @@ from .method_numbers import (  # noqa: F401  (re-exported: callers import these 
     summarize,
 )
 from .seed_stats import (
+    criteria_note,
     early_stopping_markdown,
     horizon_table,
     json_safe,
@@ -434,16 +435,19 @@ def write_report(
     if stopping["horizons"]:  # its own page beside the report (per arm and seed, one row each)
         arm_labels = {m: summaries[0]["methods"][m]["label"] for m in summaries[0]["methods"]}
         (out / "early_stopping.md").write_text("\n".join([
-            f"# Early stopping on client validation: {title}",
+            f"# Early stopping on validation data: {title}",
             "",
             "Each cell: held-out perplexity after that round / held-out perplexity at the round up to it with the "
-            "lowest client-validation perplexity (that round in brackets; held-out data never chooses it).",
+            "lowest validation perplexity (that round in brackets; held-out data never chooses it). "
+            + criteria_note(stopping) + " The fixed set is every client's validation examples, the same for every "
+            "arm and round of a seed (the federated evaluation over all clients); `client_val_ppl` is measured on "
+            "each round's sampled clients only and jumps with who was sampled (docs/benchmarks.md).",
             "",
             early_stopping_markdown(stopping, arm_labels),
             "",
         ]), encoding="utf-8")
         lines += [
-            "Early stopping on client validation, per arm and seed at rounds "
+            "Early stopping on validation data, per arm and seed at rounds "
             f"{', '.join(map(str, stopping['horizons']))}: [early_stopping.md](early_stopping.md).",
             "",
         ]

@@ -208,6 +208,8 @@ def run_federated_arm(
     settings = arm_coordinator_settings(config, arm, r_arm, ranks, wb.seed)
     coordinator = Coordinator(store, settings, progress=False)
     with _peft_model(wb, adapter_config, wb.seed) as model:
+        if rows and _missing_fixed_val(rows):  # a folder from before the column: filled from its globals, no training
+            rows = _fill_fixed_val(wb, model, store, r_arm, rows_path, rows)
         if store.latest_global() is None:
             with tempfile.TemporaryDirectory() as tmp:
                 model.save_pretrained(tmp)
@@ -218,6 +220,7 @@ def run_federated_arm(
             row = {
                 "round": 0,
                 "heldout_ppl": wb.initial_heldout_ppl(model),
+                FIXED_VAL: wb.initial_fixed_val_ppl(model),
                 "upload_bytes": 0,
                 "download_bytes": 0,
                 "ranks": dict(ranks),
@@ -279,6 +282,9 @@ def run_federated_arm(
             latest_weights = load_file(str(latest.path / ADAPTER_FILE))
             _load_global(model, latest_weights, r_arm)
             heldout = wb.heldout_ppl(model)
+            fixed_started = time.perf_counter()
+            fixed_val = wb.fixed_validation_ppl(model)  # before the client validation reloads other ranks
+            fixed_val_s = time.perf_counter() - fixed_started
             client_ranks = summary.get("client_ranks", {})
             accepted = {cid: int(client_ranks.get(cid, plan.ranks[cid])) for cid in summary["accepted"]}
             client_val = _held_validation_ppl(wb, model, latest_weights, spec, r_arm, accepted)
@@ -288,6 +294,8 @@ def run_federated_arm(
                 "heldout_ppl": heldout,
                 "client_val_ppl": client_val,
                 "client_val_model": HELD,
+                FIXED_VAL: fixed_val,
+                "fixed_val_s": fixed_val_s,  # its cost: seconds of this round's wall_s
                 # bytes as sent: the encoded message (message_format), plus client.json
                 "upload_bytes": sum(s["sent_bytes"] for s in accepted_sent)
                 if config.message_format != "fp32"
@@ -328,6 +336,99 @@ def run_federated_arm(
     return info
 
 
+#: the round row's column of the global's perplexity on the fixed federation validation set (every client's
+#: validation examples, the same for every arm and round of a seed; `Workbench.fixed_validation_ppl`)
+FIXED_VAL = "fixed_val_ppl"
+
+
+def _missing_fixed_val(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if FIXED_VAL not in r]
+
+
+def _write_rows(rows_path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``rounds.jsonl`` atomically (a temporary file, then a rename)."""
+    tmp = rows_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json_text(r, nonfinite="null") + "\n" for r in rows))
+    os.replace(tmp, rows_path)
+
+
+def _fill_fixed_val(
+    wb: Workbench, model: Any, store: LocalStore, r_arm: int, rows_path: Path, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Add `FIXED_VAL` to the rows lacking it, from the global each row measured (round ``n``: the store's global
+    ``n``, loaded at ``r_arm`` like the held-out evaluation); no training. Rows whose global the store no longer
+    has keep no value (early stopping then falls back to client validation for that arm)."""
+    model.eval()
+    for row in tqdm(_missing_fixed_val(rows), desc="fixed validation of the stored globals", unit="round",
+                    leave=False, disable=None):
+        try:
+            weights = load_file(str(store.get_global(int(row["round"])).path / ADAPTER_FILE))
+        except (FileNotFoundError, KeyError, ValueError):  # pragma: no cover  (a store pruned by hand)
+            logger.warning("No stored global for round %s in %s: its fixed_val_ppl stays empty.", row["round"],
+                           rows_path.parent)
+            continue
+        _load_global(model, weights, r_arm)
+        row[FIXED_VAL] = wb.fixed_validation_ppl(model)
+    _write_rows(rows_path, rows)
+    return rows
+
+
+def fill_fixed_val_rows(wb: Workbench, arm: str, arm_dir: Path) -> int:
+    """Add ``fixed_val_ppl`` to the recorded rounds of a federated arm that lack it (run folders written before
+    the column), evaluating the globals its store kept; training is not repeated. Returns how many rows were
+    filled (0 when none lacked it; then the file is not touched).
+
+    Example:
+        ```py
+        >>> fill_fixed_val_rows(wb, "homlora_rmin", Path("runs/x/seed-0/homlora_rmin"))  # doctest: +SKIP
+        11
+        ```
+    """
+    rows_path = arm_dir / "rounds.jsonl"
+    rows = _read_rows(rows_path)
+    missing = len(_missing_fixed_val(rows))
+    if not missing:
+        return 0
+    config = wb.config
+    spec = ARMS[arm]
+    r_arm, _ = arm_ranks(config, arm, initial_client_ranks(config, wb.corpus.client_ids, wb.seed))
+    store = LocalStore(arm_dir / "store")
+    with _peft_model(wb, arm_adapter_config(config, r_arm, wb, prune=spec["prune"]), wb.seed) as model:
+        rows = _fill_fixed_val(wb, model, store, r_arm, rows_path, rows)
+    return missing - len(_missing_fixed_val(rows))
+
+
+def fill_fixed_val_folder(folder: str | Path) -> dict[str, Any]:
+    """`fill_fixed_val_rows` for every federated arm and seed of a `hetlora simulate` run folder (its
+    ``config.json`` gives the settings); only for a folder no process is writing. Returns ``{"rows", "seconds",
+    "arms"}``: rows filled, wall seconds of the evaluation (setup excluded) and the arm folders visited.
+
+    Example:
+        ```py
+        >>> fill_fixed_val_folder("runs/study24/chitchat/raflora/s0")  # doctest: +SKIP
+        {'rows': 11, 'seconds': 9.8, 'arms': ['seed-0/raflora']}
+        ```
+    """
+    out = Path(folder)
+    stored = json.loads((out / "config.json").read_text())["settings"]
+    config = SimulationConfig(**stored)
+    filled, seconds, visited = 0, 0.0, []
+    for seed_dir in sorted(out.glob("seed-*")):
+        arm_dirs = [d for d in sorted(seed_dir.iterdir()) if d.name in ARMS and (d / "store").is_dir()
+                    and _missing_fixed_val(_read_rows(d / "rounds.jsonl"))]
+        if not arm_dirs:
+            continue
+        wb = prepare(config, int(seed_dir.name.split("-")[1]), spill_dir=seed_dir / "activation_cache")
+        for arm_dir in arm_dirs:
+            started = time.perf_counter()
+            filled += fill_fixed_val_rows(wb, arm_dir.name, arm_dir)
+            seconds += time.perf_counter() - started
+            visited.append(f"{seed_dir.name}/{arm_dir.name}")
+        if wb.cache is not None and wb.cache.path is not None:
+            wb.cache.path.unlink(missing_ok=True)
+    return {"rows": filled, "seconds": seconds, "arms": visited}
+
+
 def refresh_window_rows(wb: Workbench, arm: str, arm_dir: Path) -> int:
     """Redo the client validation perplexity and download bytes of a window arm's recorded rounds with the model
     its clients hold (the whole global, `held_rank`), from the globals in its store; training is not repeated.
@@ -358,9 +459,7 @@ def refresh_window_rows(wb: Workbench, arm: str, arm_dir: Path) -> int:
             accepted = {cid: int(client_ranks.get(cid, info["ranks"][cid])) for cid in summary["accepted"]}
             row["client_val_ppl"] = _held_validation_ppl(wb, model, weights, spec, r_arm, accepted)
             row["client_val_model"] = HELD
-    tmp = rows_path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json_text(r, nonfinite="null") + "\n" for r in rows))
-    os.replace(tmp, rows_path)
+    _write_rows(rows_path, rows)
     return len(stale)
 
 
@@ -411,7 +510,8 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path, progress: RunProgress | No
             rows = []
             rows_path.unlink()
         if not rows:
-            row = {"round": 0, "heldout_ppl": wb.initial_heldout_ppl(model), "upload_bytes": 0, "wall_s": 0.0}
+            row = {"round": 0, "heldout_ppl": wb.initial_heldout_ppl(model),
+                   FIXED_VAL: wb.initial_fixed_val_ppl(model), "upload_bytes": 0, "wall_s": 0.0}
             _append_row(rows_path, row)
             rows.append(row)
         hf_logging.set_verbosity_error()
@@ -434,7 +534,8 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path, progress: RunProgress | No
             trainer.train()
             model.save_pretrained(str(checkpoint))
             heldout = wb.heldout_ppl(model)
-            row = {"round": t + 1, "heldout_ppl": heldout, "upload_bytes": 0, "wall_s": time.perf_counter() - started}
+            row = {"round": t + 1, "heldout_ppl": heldout, FIXED_VAL: wb.fixed_validation_ppl(model),
+                   "upload_bytes": 0, "wall_s": time.perf_counter() - started}
             _append_row(rows_path, row)
             rows.append(row)
             bar.update(1)

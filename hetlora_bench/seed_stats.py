@@ -189,7 +189,7 @@ def plot_paired(stats_by_group: Mapping[str, Mapping[str, Any]], path: str | Pat
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Early stopping on client validation (issue 24): held-out data is never used to choose a round
+# Early stopping on validation data (issue 24): held-out data is never used to choose a round
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -228,17 +228,43 @@ def heldout_at(method_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]], 
     return None
 
 
-def early_stopped(method_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]], horizon: int
-                  ) -> dict[str, Any] | None:
-    """The round up to ``horizon`` with the lowest client-validation perplexity, and its held-out perplexity.
+#: the early-stopping criteria, best first: the fixed federation validation set (every client's validation
+#: examples, the same for every arm and round of a seed), then the round's sampled clients' validation
+FIXED_VAL, CLIENT_VAL = "fixed_val_ppl", "client_val_ppl"
+STOP_CRITERIA: tuple[str, ...] = (FIXED_VAL, CLIENT_VAL)
 
-    Early stopping on the clients' own validation data: the round is chosen on ``client_val_ppl`` alone (ties: the
-    earliest round), held-out perplexity is only read at the chosen round. Rounds without a finite client-validation
-    value (round 0, the untrained global) are never chosen. ``None`` when the run has no round ``<= horizon`` with
-    one, or has not reached ``horizon`` (a horizon the run never got to is not reported as early-stopped).
+
+def stop_criterion(*method_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
+    """The validation column early stopping reads for these runs (one criterion for all of them, so that paired
+    arms are stopped alike): ``fixed_val_ppl`` when every trained round (round >= 1) of every run has a finite
+    one, else ``client_val_ppl`` (run folders written before the fixed set, the flower engine).
+
+    Example:
+        >>> stop_criterion([{"round": 1, "fixed_val_ppl": 3.0, "client_val_ppl": 4.0}])
+        'fixed_val_ppl'
+        >>> stop_criterion([{"round": 1, "fixed_val_ppl": 3.0}], [{"round": 1, "client_val_ppl": 4.0}])
+        'client_val_ppl'
+    """
+    trained = [r for m in method_metrics for r in _rows(m) if (r.get("round") or 0) >= 1]
+    if trained and all(_finite(r.get(FIXED_VAL)) is not None for r in trained):
+        return FIXED_VAL
+    return CLIENT_VAL
+
+
+def early_stopped(method_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]], horizon: int,
+                  criterion: str | None = None) -> dict[str, Any] | None:
+    """The round up to ``horizon`` with the lowest validation perplexity, and its held-out perplexity.
+
+    Early stopping on validation data the clients hold: the round is chosen on ``criterion`` alone (default
+    :func:`stop_criterion` of this run: the fixed federation validation set ``fixed_val_ppl`` when every round has
+    it, else the sampled clients' ``client_val_ppl``; ties: the earliest round); held-out perplexity is only read at
+    the chosen round. Round 0 (the untrained global) is never chosen, nor a round without a finite value. ``None``
+    when the run has no such round ``<= horizon``, or has not reached ``horizon`` (a horizon the run never got to
+    is not reported as early-stopped).
 
     Returns:
-        ``{"round", "client_val_ppl", "heldout_ppl"}`` (``heldout_ppl`` ``None`` if that round has none).
+        ``{"round", <criterion>, "heldout_ppl"}``: the criterion's column name holds the chosen round's validation
+        value (``heldout_ppl`` ``None`` if that round has none).
 
     Example:
         >>> rows = [{"round": 1, "client_val_ppl": 30.0, "heldout_ppl": 40.0},
@@ -246,21 +272,28 @@ def early_stopped(method_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]
         ...         {"round": 3, "client_val_ppl": 26.0, "heldout_ppl": 35.0}]
         >>> early_stopped(rows, 3)
         {'round': 2, 'client_val_ppl': 25.0, 'heldout_ppl': 41.0}
+        >>> rows = [dict(r, fixed_val_ppl=v) for r, v in zip(rows, (29.0, 28.0, 27.0))]
+        >>> early_stopped(rows, 3)
+        {'round': 3, 'fixed_val_ppl': 27.0, 'heldout_ppl': 35.0}
     """
+    if criterion is None:
+        criterion = stop_criterion(method_metrics)
+    if criterion not in STOP_CRITERIA:
+        raise ValueError(f"criterion must be one of {STOP_CRITERIA}, got {criterion!r}.")
     rows = _rows(method_metrics)
     if not any(r.get("round") is not None and r.get("round") >= horizon for r in rows):
         return None
     best: Mapping[str, Any] | None = None
     best_val = math.inf
     for row in rows:
-        round_, val = row.get("round"), _finite(row.get("client_val_ppl"))
-        if round_ is None or round_ > horizon or val is None:
+        round_, val = row.get("round"), _finite(row.get(criterion))
+        if round_ is None or round_ < 1 or round_ > horizon or val is None:
             continue
         if val < best_val:
             best, best_val = row, val
     if best is None:
         return None
-    return {"round": best["round"], "client_val_ppl": best_val, "heldout_ppl": _finite(best.get("heldout_ppl"))}
+    return {"round": best["round"], criterion: best_val, "heldout_ppl": _finite(best.get("heldout_ppl"))}
 
 
 def horizon_table(
@@ -271,8 +304,11 @@ def horizon_table(
 ) -> dict[str, Any]:
     """Per arm, seed and horizon: the held-out perplexity at that round and the early-stopped one.
 
+    Each arm and seed is early-stopped on its own :func:`stop_criterion`, recorded in ``"criteria"``.
+
     Returns:
-        ``{"seeds", "horizons", "arms": {arm: {seed: {horizon: {"at_round", "early_stopped"}}}}}``.
+        ``{"seeds", "horizons", "arms": {arm: {seed: {horizon: {"at_round", "early_stopped"}}}},
+        "criteria": {arm: {seed: criterion}}}``.
 
     Example:
         >>> t = horizon_table([{"a": {"rounds": [{"round": 1, "client_val_ppl": 3.0, "heldout_ppl": 5.0},
@@ -282,17 +318,41 @@ def horizon_table(
     """
     labels = list(seeds) if seeds is not None else list(range(len(metrics_per_seed)))
     arms: dict[str, dict[Any, dict[int, dict[str, Any]]]] = {}
+    criteria: dict[str, dict[Any, str]] = {}
     for label, per_seed in zip(labels, metrics_per_seed):
         for arm, method_metrics in per_seed.items():
+            criterion = criteria.setdefault(arm, {})[label] = stop_criterion(method_metrics)
             arms.setdefault(arm, {})[label] = {
-                h: {"at_round": heldout_at(method_metrics, h), "early_stopped": early_stopped(method_metrics, h)}
+                h: {"at_round": heldout_at(method_metrics, h),
+                    "early_stopped": early_stopped(method_metrics, h, criterion)}
                 for h in horizons
             }
-    return {"seeds": labels, "horizons": list(horizons), "arms": arms}
+    return {"seeds": labels, "horizons": list(horizons), "arms": arms, "criteria": criteria}
+
+
+def criteria_note(table: Mapping[str, Any]) -> str:
+    """One sentence naming the early-stopping criterion of a :func:`horizon_table` (and the arms that fell back).
+
+    Example:
+        >>> print(criteria_note({"criteria": {"a": {0: "fixed_val_ppl"}, "b": {0: "client_val_ppl"}}}))
+        Early stopping reads the fixed federation validation set (`fixed_val_ppl`), except for b (seed 0): no fixed_val_ppl in every round, so the sampled clients' validation (`client_val_ppl`).
+    """  # noqa: E501
+    pairs = [(arm, seed, c) for arm, per in table.get("criteria", {}).items() for seed, c in per.items()]
+    fallback = [f"{arm} (seed {seed})" for arm, seed, c in pairs if c != FIXED_VAL]
+    if pairs and len(fallback) == len(pairs):
+        return ("Early stopping reads the sampled clients' validation (`client_val_ppl`): no run here has the fixed "
+                "federation validation set (`fixed_val_ppl`) in every round.")
+    text = "Early stopping reads the fixed federation validation set (`fixed_val_ppl`)"
+    if not fallback:
+        return text + " for every arm and seed."
+    return (text + ", except for " + ", ".join(fallback) + ": no fixed_val_ppl in every round, so the sampled "
+            "clients' validation (`client_val_ppl`).")
 
 
 def early_stopping_markdown(table: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> str:
-    """Markdown: per arm and seed, ``held-out at round h / early-stopped held-out (round chosen)`` per horizon.
+    """Markdown: per arm and seed, ``held-out at round h / early-stopped held-out (round chosen)`` per horizon; when
+    some arms stop on ``fixed_val_ppl`` and others fell back to ``client_val_ppl``, the latter are marked
+    ``(client_val)`` (:func:`criteria_note` says it in words).
 
     Example:
         >>> t = horizon_table([{"a": {"rounds": [{"round": 1, "client_val_ppl": 3.0, "heldout_ppl": 5.0}]}}], [1])
@@ -301,6 +361,8 @@ def early_stopping_markdown(table: Mapping[str, Any], labels: Mapping[str, str] 
     """
     labels = labels or {}
     horizons = table["horizons"]
+    criteria = table.get("criteria", {})
+    mixed = len({c for per in criteria.values() for c in per.values()}) > 1
     lines = ["| Arm | Seed | " + " | ".join(f"round {h}" for h in horizons) + " |",
              "|---|---|" + "---:|" * len(horizons)]
     for arm, per_seed in table["arms"].items():
@@ -312,7 +374,9 @@ def early_stopping_markdown(table: Mapping[str, Any], labels: Mapping[str, str] 
                 if es is not None and es["heldout_ppl"] is not None:
                     text += f" / {es['heldout_ppl']:.2f} (r{es['round']})"
                 out.append(text)
-            lines.append(f"| {labels.get(arm, arm)} | {seed} | " + " | ".join(out) + " |")
+            # where criteria are mixed, the arms that fell back to the sampled clients' validation are marked
+            mark = " (client_val)" if mixed and criteria.get(arm, {}).get(seed) == CLIENT_VAL else ""
+            lines.append(f"| {labels.get(arm, arm)}{mark} | {seed} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from peft_hetlora.model_source import resolve_model, resolve_tokenizer, tiny_lla
 
 from .activation_cache import (
     ActivationCache,
+    CachedBlocks,
     CachedCollator,
     TopLayersCausalLM,
     cache_plan,
@@ -54,6 +55,42 @@ class Workbench:
     base_heldout_ppl: float | None = None
     cache: ActivationCache | None = None
     cache_note: str = ""
+    base_fixed_val_ppl: float | None = field(default=None, repr=False)
+
+    def fixed_validation_clients(self) -> list[str]:
+        """The clients whose validation examples form the fixed federation validation set: every client of the
+        federation with at least one validation example, sorted (the same for every arm and round of a seed)."""
+        return sorted(cid for cid, ds in self.validation.items() if len(ds))
+
+    def fixed_validation_set(self) -> Any:
+        """The fixed federation validation set as tokenised rows: every client's ``client_val`` split (capped at
+        ``client_val_max_examples`` per client by `prepare`), pooled in `fixed_validation_clients` order.
+
+        Only the clients' own validation examples: held-out owners are never clients (docs/benchmarks.md).
+        """
+        from datasets import concatenate_datasets
+
+        return concatenate_datasets([self.validation[cid] for cid in self.fixed_validation_clients()])
+
+    def fixed_validation_ppl(self, model: Any) -> float:
+        """Token-weighted perplexity of `model` on the fixed federation validation set (`fixed_validation_set`):
+        ``exp(sum of token NLL / tokens)`` over all of it, like `heldout_ppl`; through the activation cache when
+        there is one. In a real federation this is the federated evaluation round over all clients (Flower's
+        evaluate round), each client reporting its NLL sum and token count."""
+        clients = self.fixed_validation_clients()
+        if not clients:
+            return float("nan")
+        if self.cache is not None:
+            view = model if isinstance(model, TopLayersCausalLM) else TopLayersCausalLM(model, self.cache.first_layer)
+            blocks = CachedBlocks.concatenate([self.cache[f"validation/{cid}"] for cid in clients])
+            return cached_perplexity(view, blocks, batch_size=self.config.eval_batch_size)["perplexity"]
+        return _ppl(model, self.fixed_validation_set(), self.config)
+
+    def initial_fixed_val_ppl(self, model: Any) -> float:
+        """`fixed_validation_ppl` before training (B = 0: the base model), computed once per seed."""
+        if self.base_fixed_val_ppl is None:
+            self.base_fixed_val_ppl = self.fixed_validation_ppl(model)
+        return self.base_fixed_val_ppl
 
     def initial_heldout_ppl(self, model: Any) -> float:
         """Held-out perplexity before training: every arm starts from B = 0, i.e. the base model."""

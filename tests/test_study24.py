@@ -56,7 +56,8 @@ def test_targets_pairs_and_equal_bytes_by_hand(tmp_path):
     targets = study24_report.target_rows(runs, ["newarm"], [3, 5])
     # round 3 is below 5: no target row; round 5: candidate early-stopped at round 3 (client-val 70) -> 60;
     # capable at round 4 (69) -> 59: not beaten; r_min at round 5 (72) -> 62: beaten
-    assert targets == [{"candidate": "newarm", "seed": 0, "round": 5, "ppl": 60.0, "capable": 59.0, "rmin": 62.0,
+    assert targets == [{"candidate": "newarm", "seed": 0, "round": 5, "ppl": 60.0, "criterion": "client_val_ppl",
+                        "capable": 59.0, "rmin": 62.0,
                         "rmax": None, "beats_capable": False, "beats_rmin": True, "within_1pct_rmax": None}]
     pairs = {(r["baseline"], r["round"]): r for r in study24_report.pair_rows(runs, ["newarm"], [3, 5])}
     cap5 = pairs[("homlora_rmax_capable", 5)]
@@ -108,7 +109,7 @@ def test_the_report_is_written_from_stored_and_new_runs(tmp_path):
                   "--chosen", str(tmp_path / "none.json"), "--lr", "raflora=0.004"])
     text = (report / "report.md").read_text()
     assert "raflora`: 0.004 (--lr)" in text
-    assert "| raflora | chitchat | 0 | 5 | 60.00 | **no** (59.00) | yes (62.00) | — |" in text
+    assert "| raflora | chitchat | 0 | 5 | 60.00 (client_val) | **no** (59.00) | yes (62.00) | — |" in text
     assert (report / "curves.png").stat().st_size > 0 and (report / "targets.png").stat().st_size > 0
     assert json.loads((report / "report.json").read_text())["learning_rates"]["raflora"][0] == 0.004
 
