@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,15 @@ from peft_hetlora.utils import ADAPTER_FILE
 
 from .arm_setup import arm_adapter_config, arm_coordinator_settings, arm_ranks
 from .arms import ARMS
-from .round_measures import HELD, arm_peft_model, held_download_bytes, held_validation_ppl, message_payload_bytes
+from .round_measures import (
+    FIXED_VAL,
+    HELD,
+    arm_peft_model,
+    held_download_bytes,
+    held_validation_ppl,
+    load_global,
+    message_payload_bytes,
+)
 
 
 def load_base_model(model_dir: str) -> torch.nn.Module:
@@ -89,6 +98,7 @@ def _rows(run: Any, ranks: dict[str, int], wb: Any, model: Any, store: LocalStor
         {
             "round": 0,
             "heldout_ppl": run.evaluation[0]["central/eval-perplexity"],
+            FIXED_VAL: wb.initial_fixed_val_ppl(model),
             "upload_bytes": 0,
             "download_bytes": 0,
             "ranks": dict(current),
@@ -104,12 +114,18 @@ def _rows(run: Any, ranks: dict[str, int], wb: Any, model: Any, store: LocalStor
         weights = load_file(str(store.get_global(t + 1).path / ADAPTER_FILE))
         accepted = {cid: int(client_ranks.get(cid, assigned[cid])) for cid in summary["accepted"]}
         updates = [u for u in run.updates.get(t, []) if u.client_id in accepted]
+        load_global(model, weights, r_arm)
+        fixed_started = time.perf_counter()
+        fixed_val = wb.fixed_validation_ppl(model)  # before the client validation reloads other ranks
+        fixed_val_s = time.perf_counter() - fixed_started
         rows.append(
             {
                 "round": t + 1,
                 "heldout_ppl": run.evaluation[t + 1]["central/eval-perplexity"],
                 "client_val_ppl": held_validation_ppl(wb, model, weights, spec, r_arm, accepted),
                 "client_val_model": HELD,
+                FIXED_VAL: fixed_val,
+                "fixed_val_s": fixed_val_s,
                 # as the server received them: the encoded message and its report
                 "upload_bytes": summary["metrics"].get("bytes_uploaded", 0),
                 "payload_bytes": sum(message_payload_bytes(u.state_dict, u.metadata.get("message_format")

@@ -28,7 +28,10 @@ from peft_hetlora.federated.adapter import core_rank
 from peft_hetlora.federated.upload import encode_state_dict, payload_nbytes
 from peft_hetlora.known_noise import peft_model_warnings
 
+from .seed_stats import FIXED_VAL  # the rows' column of the fixed federation validation set
+
 __all__ = [
+    "FIXED_VAL",
     "HELD",
     "arm_peft_model",
     "held_download_bytes",

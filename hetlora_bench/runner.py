@@ -43,7 +43,7 @@ from .attacks import choose_attackers
 from .client_uploads import UploadTransform
 from .engines import run_round
 from .report import write_report
-from .round_measures import HELD, held_rank  # noqa: F401 - held_rank: importable from the runner, as before
+from .round_measures import FIXED_VAL, HELD, held_rank  # noqa: F401 - held_rank: importable from the runner, as before
 from .round_measures import arm_peft_model as _peft_model
 from .round_measures import held_download_bytes as _held_download_bytes
 from .round_measures import held_validation_ppl as _held_validation_ppl
@@ -336,9 +336,6 @@ def run_federated_arm(
     return info
 
 
-#: the round row's column of the global's perplexity on the fixed federation validation set (every client's
-#: validation examples, the same for every arm and round of a seed; `Workbench.fixed_validation_ppl`)
-FIXED_VAL = "fixed_val_ppl"
 
 
 def _missing_fixed_val(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
