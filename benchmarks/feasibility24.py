@@ -180,6 +180,10 @@ def overlay_runs(seeds: dict[Any, dict[str, Any]], runs: Path, corpus: str) -> l
         for seed in list(seeds):
             rows = read_rows(arm_dir / f"s{seed}" / f"seed-{seed}" / arm_dir.name)
             if rows:
+                stored0, ours0 = {at_round(m, 0) for m in seeds[seed].values()} - {None}, at_round(rows, 0)
+                if stored0 and (ours0 is None or not any(abs(ours0 - v) <= 1e-6 * v for v in stored0)):
+                    raise SystemExit(f"feasibility24: {arm_dir.name} seed {seed} under {runs} saw other data than the "
+                                     f"stored baselines (round-0 held-out {ours0} against {stored0})")
                 seeds[seed][arm_dir.name] = {"rounds": rows}
                 replaced.add(arm_dir.name)
     return sorted(replaced)

@@ -178,9 +178,38 @@ def fill_fixed_val(pieces: list[Piece24], out: Path, cache_dir: Path | None) -> 
     return total
 
 
+def data_signature(rows: list[dict[str, Any]]) -> tuple[float, tuple[str, ...]] | None:
+    """What identifies the data a run saw: its round-0 held-out perplexity (the base model on the held-out set) and
+    its clients (the round-0 rank map's keys). ``None`` when the run has no round 0.
+
+    Example:
+        >>> data_signature([{"round": 0, "heldout_ppl": 24.5, "ranks": {"b": 2, "a": 16}}])
+        (24.5, ('a', 'b'))
+    """
+    for row in rows:
+        if row.get("round") == 0 and isinstance(row.get("heldout_ppl"), (int, float)):
+            return float(row["heldout_ppl"]), tuple(sorted(row.get("ranks") or {}))
+    return None
+
+
+def same_data(a: tuple[float, tuple[str, ...]] | None, b: tuple[float, tuple[str, ...]] | None) -> bool:
+    """Whether two runs saw the same data: same clients and round-0 held-out perplexity within 1e-6 relative.
+
+    Example:
+        >>> same_data((24.5, ("a",)), (24.5, ("a",))), same_data((24.5, ("a",)), (20.1, ("b",)))
+        (True, False)
+    """
+    return a is not None and b is not None and a[1] == b[1] and abs(a[0] - b[0]) <= 1e-6 * max(abs(b[0]), 1.0)
+
+
 def load_runs(out: Path, corpus: str, arms: list[str], seeds: list[int], baselines: Path,
-              rerun: list[str]) -> dict[int, dict[str, dict[str, Any]]]:
-    """``{seed: {arm: {"rounds": rows}}}``: the stored baselines, then this study's runs (which replace them)."""
+              rerun: list[str], dropped: list[str] | None = None) -> dict[int, dict[str, dict[str, Any]]]:
+    """``{seed: {arm: {"rounds": rows}}}``: the stored baselines, then this study's runs (which replace them).
+
+    A stored baseline is kept only if it saw the same data as this study's runs of that seed (`same_data`): a corpus
+    built from the environment (``pycode`` reads the installed packages) changes when the environment does, and a
+    pairing across two corpora would be silently wrong. What is dropped is appended to ``dropped``.
+    """
     runs: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in seeds}
     stored = baselines / corpus / "metrics.json"
     if stored.is_file():
@@ -190,18 +219,32 @@ def load_runs(out: Path, corpus: str, arms: list[str], seeds: list[int], baselin
                 for arm, metrics in per.items():
                     if arm not in rerun:
                         runs[seed][arm] = {"rounds": metrics.get("rounds", [])}
+    ours: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in seeds}
     for arm in [*arms, *rerun]:
         for seed in seeds:
             rows = read_rows(out / corpus / arm / f"s{seed}" / f"seed-{seed}" / arm)
             if rows:
-                runs[seed][arm] = {"rounds": rows}
+                ours[seed][arm] = {"rounds": rows}
+    for seed in seeds:
+        signatures = [data_signature(m["rounds"]) for m in ours[seed].values()]
+        if not signatures:
+            continue
+        for arm in [a for a in runs[seed] if a not in ours[seed]]:
+            theirs = data_signature(runs[seed][arm]["rounds"])
+            if not same_data(theirs, signatures[0]):
+                del runs[seed][arm]
+                if dropped is not None:
+                    dropped.append(f"{corpus} seed {seed}: stored `{arm}` saw other data (round-0 held-out "
+                                   f"{theirs[0] if theirs else float('nan'):.4g} against {signatures[0][0]:.4g})")
+        runs[seed].update(ours[seed])
     return runs
 
 
 def write_report(args: argparse.Namespace, rates: dict[str, tuple[float, str]]) -> Path:
     report_dir = args.report or args.out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
-    runs_by_corpus = {c: load_runs(args.out, c, args.arms, args.seeds, args.baselines, args.rerun)
+    dropped: list[str] = []
+    runs_by_corpus = {c: load_runs(args.out, c, args.arms, args.seeds, args.baselines, args.rerun, dropped)
                       for c in args.corpora}
     lines = ["# Issue 24 study: new arms paired per seed with the stored baselines", "",
              f"Profile `{args.profile}`, seeds {args.seeds}, candidates {args.arms}"
@@ -209,6 +252,10 @@ def write_report(args: argparse.Namespace, rates: dict[str, tuple[float, str]]) 
              + f"; baselines from `{_rel(args.baselines)}`.",
              "", "Learning rates:", ""]
     lines += [f"- `{arm}`: {rate:g} ({why})" for arm, (rate, why) in rates.items()]
+    if dropped:
+        print("study24: stored baselines not paired (other data):\n  " + "\n  ".join(dropped), file=sys.stderr)
+        lines += ["", "**Stored baselines not paired: they saw other data** (a corpus built from the environment "
+                  "changes with it; rerun them with `--rerun`):", ""] + [f"- {d}" for d in dropped]
     lines += ["- stored baselines: their rates chosen on client validation by the previous study "
               f"(`{_rel(CHOSEN)}`)", "",
               "Every value is held-out perplexity. *Early-stopped*: at the round up to the horizon with the lowest "

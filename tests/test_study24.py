@@ -118,3 +118,23 @@ def test_docstring_examples_run():
     for module in (study24_report, study24):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0
+
+
+def test_stored_baselines_on_other_data_are_not_paired(tmp_path):
+    """A corpus built from the environment (pycode) changes with it: a stored baseline whose round 0 differs (other
+    held-out perplexity or other clients) must not be paired with this study's runs."""
+    out, baselines = _study(tmp_path)
+    stored = json.loads((baselines / "chitchat" / "metrics.json").read_text())
+    other = [dict(r) for r in CAPABLE]
+    other[0] = {**other[0], "heldout_ppl": 120.0}  # the base model scored other held-out data
+    renamed = [dict(r) for r in RMIN]
+    renamed[0] = {**renamed[0], "ranks": {"someone-else": 2}}  # same ppl, other clients
+    stored["metrics"][0]["homlora_rmax_capable"] = {"rounds": other}
+    stored["metrics"][0]["homlora_rmin"] = {"rounds": renamed}
+    (baselines / "chitchat" / "metrics.json").write_text(json.dumps(stored))
+    dropped: list[str] = []
+    runs = study24.load_runs(out, "chitchat", ["newarm"], [0], baselines, rerun=[], dropped=dropped)
+    assert set(runs[0]) == {"newarm", "homlora_rmax"}
+    assert len(dropped) == 2 and any("120" in d for d in dropped)
+    assert study24.same_data((100.0, ()), (100.0 * (1 + 1e-9), ()))
+    assert not study24.same_data((100.0, ()), None)
