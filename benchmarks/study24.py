@@ -193,13 +193,16 @@ def data_signature(rows: list[dict[str, Any]]) -> tuple[float, tuple[str, ...]] 
 
 
 def same_data(a: tuple[float, tuple[str, ...]] | None, b: tuple[float, tuple[str, ...]] | None) -> bool:
-    """Whether two runs saw the same data: same clients and round-0 held-out perplexity within 1e-6 relative.
+    """Whether two runs saw the same data: round-0 held-out perplexity within 1e-6 relative, and the clients of one
+    among the other's (capable-only trains a subset of the federation's clients).
 
     Example:
-        >>> same_data((24.5, ("a",)), (24.5, ("a",))), same_data((24.5, ("a",)), (20.1, ("b",)))
+        >>> same_data((24.5, ("a",)), (24.5, ("a", "b"))), same_data((24.5, ("a",)), (20.1, ("c",)))
         (True, False)
     """
-    return a is not None and b is not None and a[1] == b[1] and abs(a[0] - b[0]) <= 1e-6 * max(abs(b[0]), 1.0)
+    if a is None or b is None or abs(a[0] - b[0]) > 1e-6 * max(abs(b[0]), 1.0):
+        return False
+    return set(a[1]) <= set(b[1]) or set(b[1]) <= set(a[1])
 
 
 def load_runs(out: Path, corpus: str, arms: list[str], seeds: list[int], baselines: Path,

@@ -128,9 +128,16 @@ def test_stored_baselines_on_other_data_are_not_paired(tmp_path):
     other = [dict(r) for r in CAPABLE]
     other[0] = {**other[0], "heldout_ppl": 120.0}  # the base model scored other held-out data
     renamed = [dict(r) for r in RMIN]
-    renamed[0] = {**renamed[0], "ranks": {"someone-else": 2}}  # same ppl, other clients
+    renamed[0] = {**renamed[0], "ranks": {"someone-else": 2}}  # same ppl, clients neither among ours nor holding ours
     stored["metrics"][0]["homlora_rmax_capable"] = {"rounds": other}
     stored["metrics"][0]["homlora_rmin"] = {"rounds": renamed}
+    cand = [dict(r) for r in CAND]
+    cand[0] = {**cand[0], "ranks": {"a": 2, "b": 16}}
+    arm_dir = out / "chitchat" / "newarm" / "s0" / "seed-0" / "newarm"
+    (arm_dir / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cand))
+    subset = [dict(r) for r in RMAX]
+    subset[0] = {**subset[0], "ranks": {"b": 16}}  # capable-only style: a subset of our clients, same data
+    stored["metrics"][0]["homlora_rmax"] = {"rounds": subset}
     (baselines / "chitchat" / "metrics.json").write_text(json.dumps(stored))
     dropped: list[str] = []
     runs = study24.load_runs(out, "chitchat", ["newarm"], [0], baselines, rerun=[], dropped=dropped)
