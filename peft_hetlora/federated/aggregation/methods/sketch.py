@@ -62,9 +62,11 @@ def sketch_seed(seed: int, d_out: int, d_in: int, rank: int) -> int:
 
 
 def _pow2_scale(max_abs: torch.Tensor) -> torch.Tensor:
-    """The smallest power of two ``>= max_abs`` per entry (1 for zero rows): dividing by it is exact."""
+    """The smallest power of two ``>= max_abs`` per entry, at least ``2^-100`` (so its inverse is a float32 too;
+    1 for zero rows): dividing by it is exact and leaves every entry at most 1 in magnitude."""
     _, exponent = torch.frexp(max_abs)
-    return torch.where(max_abs > 0, torch.ldexp(torch.ones_like(max_abs), exponent), torch.ones_like(max_abs))
+    scale = torch.ldexp(torch.ones_like(max_abs), torch.clamp(exponent, min=-100))
+    return torch.where(max_abs > 0, scale, torch.ones_like(max_abs))
 
 
 def product_norm(b: torch.Tensor, a: torch.Tensor) -> float:
@@ -122,10 +124,15 @@ class TwoSidedSketch:
         outer rank-``R`` products and every sum in float64; docs/aggregation.md bounds the rounding (1.6-1.7x
         faster than float64 products for 32-64 components on one core)."""
         a64, b64 = a.to(torch.float64), b.to(torch.float64)
-        row_scale = _pow2_scale(a64.abs().amax(dim=1))  # (R,)
-        col_scale = _pow2_scale(b64.abs().amax(dim=0))  # (R,)
-        a_omega = ((a64 / row_scale[:, None]).to(torch.float32) @ self.omega).to(torch.float64)
-        psi_b = (self.psi @ (b64 / col_scale).to(torch.float32)).to(torch.float64)
+        # float32 factors (the stack's blocks) are scaled in float32 (exact), anything else through float64
+        a_src = a if a.dtype == torch.float32 else a64
+        b_src = b if b.dtype == torch.float32 else b64
+        row_scale = _pow2_scale(a_src.abs().amax(dim=1).to(torch.float64))  # (R,)
+        col_scale = _pow2_scale(b_src.abs().amax(dim=0).to(torch.float64))  # (R,)
+        a_scaled = (a_src * (1.0 / row_scale).to(a_src.dtype)[:, None]).to(torch.float32)
+        b_scaled = (b_src * (1.0 / col_scale).to(b_src.dtype)).to(torch.float32)
+        a_omega = (a_scaled @ self.omega).to(torch.float64)
+        psi_b = (self.psi @ b_scaled).to(torch.float64)
         return (b64 * (weights * row_scale), a_omega), (psi_b * (weights * col_scale), a64)
 
     def _psi_times(self, q: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
