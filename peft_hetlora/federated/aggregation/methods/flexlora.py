@@ -18,7 +18,7 @@ from .sketch import TwoSidedSketch, product_norm, sketch_bytes, sketch_sizes
 __all__ = ["SVD_MODES", "FactorStack", "FlexLoRA", "FlexLoRAHeld"]
 
 
-FLUSH_COMPONENTS = 32
+FLUSH_COMPONENTS = 16
 """Past the fold, client components are buffered and added to the sketch this many (at least ``r_max``) at a time."""
 
 SVD_MODES: tuple[str, ...] = ("auto", "exact", "randomized", "sketch")
@@ -176,7 +176,7 @@ class FactorStack:
         self.fold_at = None if sizes is None else sketch_bytes(self.d_out, self.d_in, *sizes) // (
             4 * (self.d_out + self.d_in))
         # after the fold the stack is a buffer: clients' components wait there and go into the sketch flush_at at a
-        # time (one pass over the sketch's float64 state per flush, not per client: about 2x cheaper); never more
+        # time (one pass over the sketch's float64 state per flush, not per client: ~1.4x cheaper); never more
         # than the stack held before the fold
         self.flush_at = max(r_max, FLUSH_COMPONENTS if self.fold_at is None else min(FLUSH_COMPONENTS, self.fold_at))
         self.b_blocks: list[torch.Tensor] = []

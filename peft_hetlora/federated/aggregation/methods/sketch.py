@@ -122,7 +122,7 @@ class TwoSidedSketch:
         The inner products with the test matrices (``A Omega``, ``Psi B``) run in float32 on factors pre-scaled by a
         power of two per row of ``A`` / column of ``B`` (exact: nothing overflows or leaves float32's range), the
         outer rank-``R`` products and every sum in float64; docs/aggregation.md bounds the rounding (1.6-1.7x
-        faster than float64 products for 32-64 components on one core)."""
+        faster than float64 products for 16-64 components on one core)."""
         a64, b64 = a.to(torch.float64), b.to(torch.float64)
         # float32 factors (the stack's blocks) are scaled in float32 (exact), anything else through float64
         a_src = a if a.dtype == torch.float32 else a64
@@ -154,7 +154,8 @@ class TwoSidedSketch:
     def add_terms(self, b: torch.Tensor, weights: torch.Tensor, a: torch.Tensor, norm_sum: float) -> None:
         """Add ``B diag(w) A`` (many clients' components at once, ``w`` their float64 column weights) and
         ``norm_sum = sum_k w_k ||B_k A_k||_F`` to the norm ball. One pass over ``Y`` and ``X`` for all ``R``
-        components: for a client's small rank that pass is most of the cost, so batching clients is ~2x cheaper.
+        components: for a client's small rank that pass is most of the cost, so batching clients
+        is cheaper (1.35x at 16).
 
         Example:
             >>> sk = TwoSidedSketch(30, 20, rank=2, seed=0)
