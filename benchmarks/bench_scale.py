@@ -266,22 +266,32 @@ def read_floor(paths: list[Path]) -> float:
 
 
 def aggregate_files(method: str, paths: list[Path], metas: list[dict], r_max: int, scaling: float,
-                    previous: dict[str, torch.Tensor]):
-    """The streaming aggregation as the coordinator runs it: one client loaded at a time; a method whose round needs
-    the first pass (data-size weights: the weight cap's median) observes every file, then adds every file (each
-    file read twice, as the round reads it)."""
-    agg = StreamingAggregator(method, r_max, scaling, previous=previous)
-
+                    previous: dict[str, torch.Tensor], clip_norm: str | float | None = "adaptive"):
+    """The streaming aggregation as the round runs it (``round.close_round``): one pass, each file read once
+    (``load_file``), observed and added (``StreamingAggregator(one_pass=True)``); if ``settle()`` finds a client
+    the weight cap or the adaptive bound changes, two more passes (observe every file, then add every file). The
+    influence bound is the engines' default (``"adaptive"``). Returns the result; ``aggregate_files.passes`` is
+    how many times the files were read (1 or 3)."""
     def update(path: Path, meta: dict) -> ClientUpdate:
         return ClientUpdate(meta["client_id"], load_file(str(path)), rank=meta["rank_out"],
                             num_examples=meta["num_examples"])
 
-    if agg.needs_first_pass():
-        for path, meta in zip(paths, metas):
-            agg.observe(update(path, meta))
+    one = StreamingAggregator(method, r_max, scaling, previous=previous, clip_norm=clip_norm, one_pass=True)
+    for path, meta in zip(paths, metas):
+        one.add(update(path, meta))
+    if one.settle():
+        aggregate_files.passes = 1
+        return one.result()
+    agg = StreamingAggregator(method, r_max, scaling, previous=previous, clip_norm=clip_norm)
+    for path, meta in zip(paths, metas):
+        agg.observe(update(path, meta))
     for path, meta in zip(paths, metas):
         agg.add(update(path, meta))
+    aggregate_files.passes = 3
     return agg.result()
+
+
+aggregate_files.passes = 0
 
 
 def _timed(fn, *args):
@@ -401,7 +411,7 @@ def run_cell(folder: Path, method: str, num: int, exact_max_k: int, exact_max_el
         "aggregate_cold_s": agg_cold, "read_cold_s": read_cold, "ratio_cold": agg_cold / read_cold,
         "aggregate_warm_s": agg_warm, "read_warm_s": read_warm, "ratio_warm": agg_warm / read_warm,
         "peak_rss_mb": peak / 1e6, "peak_per_adapter": peak / one_adapter,
-        "loadavg": list(os.getloadavg()),
+        "loadavg": list(os.getloadavg()), "passes": aggregate_files.passes,
     }
     layer0 = [n for n in dims if ".layers.0." in n]
     if base_method in ("flexlora", "flexlora_held"):
@@ -439,10 +449,14 @@ def markdown(report: dict) -> str:
                                                             ORDER.index(c["method"]) if c["method"] in ORDER
                                                             else 99, c["clients"]))
     lines = [
-        "Every cell in a fresh process (`benchmarks/bench_scale.py`). *agg*: streaming aggregation (load_file + "
-        "`StreamingAggregator.add` per client + `result()`; data-weighted methods first `observe` every file, a "
-        "second read); *read*: load_file + one pass over every tensor of the "
-        "same files; cold = evicted from the page cache, warm = cached; ratios taken in the same process. *peak*: "
+        "Every cell in a fresh process (`benchmarks/bench_scale.py`). *agg*: streaming aggregation as the round "
+        "runs it, since issue 25's one-pass round (the cells the header names as rerun after it): load_file + "
+        "`StreamingAggregator.add` with `one_pass=True` per client under the engines' adaptive influence bound, "
+        "then `settle()` + `result()`; *reads* 1, or 3 when someone was capped or clipped (two more passes); upload "
+        "validation (header, sha256) not included. Older cells: no bound, data-weighted methods first `observe` "
+        "every file (*reads* 2; hetlora / rankwise / component 1). *read*: load_file + one pass over every tensor of "
+        "the "
+"same files; cold = evicted from the page cache, warm = cached; ratios taken in the same process. *peak*: "
         "VmHWM of the aggregation minus the RSS before it; *x adapter*: peak / one float32 r_max adapter of the "
         "same shapes; *flat*: peak / the same method's peak at the smallest K. *error*: flexlora / flexlora_held: "
         "max over layer-0 modules of ||BA - W_r||_F / ||W_r||_F against a float64 dense SVD (and, in brackets, "
@@ -450,8 +464,8 @@ def markdown(report: dict) -> str:
         "recomputation; '-' = not computed (K above --exact-max-k).",
         "",
         "| shapes | layers | r_max | method | K | data (MB) | agg cold (s) | read cold (s) | cold ratio "
-        "| agg warm (s) | read warm (s) | warm ratio | peak (MB) | x adapter | flat | error | load avg |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| agg warm (s) | read warm (s) | warm ratio | peak (MB) | x adapter | flat | error | load avg | reads |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     smallest: dict[tuple, float] = {}
     for c in cells:
@@ -471,7 +485,7 @@ def markdown(report: dict) -> str:
             f"| {c['aggregate_cold_s']:.2f} | {c['read_cold_s']:.2f} | {c['ratio_cold']:.2f}x "
             f"| {c['aggregate_warm_s']:.2f} | {c['read_warm_s']:.2f} | {c['ratio_warm']:.2f}x "
             f"| {c['peak_rss_mb']:.0f} | {c['peak_per_adapter']:.2f} | {flat} "
-            f"| {err_text} | {c['loadavg'][0]:.1f} |"
+            f"| {err_text} | {c['loadavg'][0]:.1f} | {c.get('passes', '-')} |"
         )
     return "\n".join(lines) + "\n"
 

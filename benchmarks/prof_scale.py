@@ -1,8 +1,9 @@
 """cProfile of one streaming aggregation over the synthetic federation of ``bench_scale.py`` (issue 25).
 
 Loads the first K uploads of a cache folder written by ``bench_scale.py`` and profiles
-``bench_scale.aggregate_files`` (the coordinator's two passes: ``observe`` then ``add`` every file, then ``result``)
-for one method; ``<method>-sketch`` profiles the FlexLoRA methods with ``svd="sketch"``. Prints the warm read time
+``bench_scale.aggregate_files`` (the round's one pass: ``add`` with ``one_pass=True`` every file, ``settle``,
+``result``; two more passes when someone is capped or clipped) for one method; ``<method>-sketch`` profiles the
+FlexLoRA methods with ``svd="sketch"``. Prints the warm read time
 of the same files, the aggregation time and the top functions by own time. Run it with one thread, as every figure
 of this project's shared machine is taken:
 

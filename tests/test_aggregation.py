@@ -546,17 +546,18 @@ def test_randomized_flexlora_error_bound(decay, power_iters, one_thread):
 
 
 def test_flexlora_auto_switches_to_randomized_above_the_matrix_rank(one_thread):
-    """The built-in flexlora: exact factored path while sum r_k <= min(d_out, d_in), the one-pass sketch above it
+    """The built-in flexlora: exact factored path while sum r_k <= fold_at (146 here), the one-pass sketch above it
     (tests/test_flexlora_sketch.py checks the sketch's bound; HMT's sharper one is svd="randomized", tested above)."""
     from peft_hetlora.federated.aggregation.methods.flexlora import FactorStack
 
     sig = np.exp(-np.arange(200) / 6.0)
     dense, updates = _known_spectrum_stack(sig)
     stack = FactorStack("m", (12, 200), (300, 12), 16)
-    for u in updates[:16]:  # 192 <= 200: exact
+    assert stack.fold_at == 146  # (8 (300 x 33 + 67 x 200) + 4 (200 x 33 + 67 x 300)) // (4 x 500)
+    for u in updates[:12]:  # 144 <= 146: exact
         stack.add(u.client_id, u.state_dict["m.lora_A.weight"], u.state_dict["m.lora_B.weight"], 1, 1.0)
     assert not stack.uses_randomized()
-    for u in updates[16:]:  # 240 > 200: randomized
+    for u in updates[12:]:  # 240 > 146: the sketch
         stack.add(u.client_id, u.state_dict["m.lora_A.weight"], u.state_dict["m.lora_B.weight"], 1, 1.0)
     assert stack.uses_randomized()
     assert not FactorStack("m", (12, 40), (30, 12), 16).uses_randomized()  # sketch not much smaller: exact

@@ -22,7 +22,6 @@ from peft_hetlora.federated.aggregation import ClientUpdate, StreamingAggregator
 from peft_hetlora.federated.aggregation.checks import all_finite
 from peft_hetlora.federated.aggregation.influence import factor_steps
 from peft_hetlora.federated.aggregation.methods.flexlora import FactorStack
-from peft_hetlora.federated.aggregation.methods.sketch import TwoSidedSketch
 from peft_hetlora.federated.stores import HubStore, LocalStore
 from peft_hetlora.utils.constants import ADAPTER_FILE, SERVER_STATE_FILE
 from peft_hetlora.utils.errors import AggregationError
@@ -90,17 +89,9 @@ def test_sketch_norm_ball_from_the_aggregator_is_the_dense_sum_of_norms():
     for u in updates:
         agg.add(u)
     stack = agg._accs["m"]
-    assert stack.sketch is not None  # 60 components > fold_at = 32
-    # the first 32+ components were folded as weighted blocks; every later client's norm came from the aggregator
-    folded = stack.fold_at + 1
-    ranks = np.cumsum([a.shape[0] for _, a, _ in clients])
-    first_late = int(np.searchsorted(ranks, folded))  # the client whose block made the stack fold
-    late = sum(n * np.linalg.norm(b.astype(np.float64) @ a.astype(np.float64))
-               for b, a, n in clients[first_late + 1:])
-    early = TwoSidedSketch(d_out, d_in, r_max, 0)
-    for b, a, n in clients[: first_late + 1]:
-        early.add(torch.from_numpy(b), torch.from_numpy(a), float(n))
-    assert stack.sketch.norm_sum == pytest.approx(early.norm_sum + late, rel=1e-9)
+    assert stack.sketch is not None  # 60 components > fold_at
+    dense = sum(n * np.linalg.norm(b.astype(np.float64) @ a.astype(np.float64)) for b, a, n in clients)
+    assert stack.sketch.norm_sum + stack.norm_pending == pytest.approx(dense, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- auto's fold
@@ -115,13 +106,16 @@ def _updates(clients):
 
 
 def test_fold_at_is_where_the_float32_stack_outgrows_the_sketch():
-    """By hand: a component costs 4 (d_out + d_in) bytes; the sketch 8 (d_out + d_in)(l + m): 2 (l + m) components."""
+    """By hand: a component costs 4 (d_out + d_in) bytes; the sketch 8 (d_out l + m d_in) (Y, X in float64) plus
+    4 (d_in l + m d_out) (Omega, Psi in float32)."""
     for (d_out, d_in, r) in [(2048, 8192, 16), (512, 2048, 16), (2048, 2048, 64), (120, 100, 2)]:
         l_size = 2 * r + 1
         m_size = 2 * l_size + 1
         stack = FactorStack("m", (r, d_in), (d_out, r), r)
-        assert stack.fold_at == 2 * (l_size + m_size)
-    assert FactorStack("m", (16, 8192), (2048, 16), 16).fold_at == 200
+        sketch = 8 * (d_out * l_size + m_size * d_in) + 4 * (d_in * l_size + m_size * d_out)
+        assert stack.fold_at == sketch // (4 * (d_out + d_in))
+    assert FactorStack("m", (16, 8192), (2048, 16), 16).fold_at == 160
+    assert FactorStack("m", (16, 2048), (2048, 16), 16).fold_at == 150  # 1.5 (l + m) for a square module
 
 
 def test_main_job_rounds_stay_exact():
@@ -135,7 +129,7 @@ def test_main_job_rounds_stay_exact():
 
 @pytest.mark.parametrize("held", [False, True])
 def test_auto_folds_past_fold_at_and_stays_exact_below(held):
-    """d = 120 x 100, r_max 2: fold_at = 32 < min(d) = 100. 30 components: exact (bit-identical to svd="exact",
+    """d = 120 x 100, r_max 2: fold_at = 23 < min(d) = 100. 21 components: exact (bit-identical to svd="exact",
     numpy's best rank 2); 60 components: the sketch (it was the exact path before issue 25), state flat at the
     sketch's size, and within Tropp et al.'s every-draw bound of numpy's best rank 2."""
     rng = np.random.default_rng(2)
@@ -156,7 +150,7 @@ def test_auto_folds_past_fold_at_and_stays_exact_below(held):
             w += n / total * prod
         return w
 
-    small = _clients(rng, d_out, d_in, [1, 2] * 10)  # 30 components
+    small = _clients(rng, d_out, d_in, [1, 2] * 7)  # 21 components
     res = aggregate(_updates(small), method=name, r_max=r_max, previous=previous)
     assert res.summary()["factorization"]["m"]["path"] == "exact"
     u, s, vh = np.linalg.svd(dense(small))
@@ -183,8 +177,12 @@ def test_auto_folds_past_fold_at_and_stays_exact_below(held):
         stack.add(f"c{k}", torch.from_numpy(a), torch.from_numpy(b), 1, 1.0)
         sizes.append(stack.state_bytes())
     l_size, m_size = 5, 11
-    assert max(sizes) <= 8 * (d_out + d_in) * (l_size + m_size) + 4 * (d_out + d_in) * (stack.fold_at + r_max) * 2
-    assert sizes[-1] == 8 * (d_out + d_in) * (l_size + m_size) + 8 * r_max  # Y, X, Omega, Psi (+ missing)
+    sketch = 8 * (d_out * l_size + m_size * d_in) + 4 * (d_in * l_size + m_size * d_out)  # Y, X f64; Omega, Psi f32
+    per_component = 4 * (d_out + d_in) + 8  # a float32 column of B and row of A, and its float64 weight
+    assert max(sizes) <= sketch + per_component * (stack.fold_at + r_max) + 8 * r_max
+    assert sizes[-1] <= sketch + per_component * (stack.flush_at + r_max) + 8 * r_max  # sketch + a flush's buffer
+    stack.result(None)
+    assert stack.state_bytes() == sketch + 8 * r_max  # + missing
 
 
 # ---------------------------------------------------------------------------------------------- stores

@@ -14,7 +14,7 @@ Example:
     (4, 3)
 """
 
-from .checks import UpdateChecks
+from .checks import UpdateChecks, all_finite
 from .component_view import UpdateShapeError, validate_round
 from .influence import (
     ADAPTIVE,
@@ -67,6 +67,7 @@ __all__ = [
     "RobustMethod",
     "StreamingAggregator",
     "UpdateChecks",
+    "all_finite",
     "UpdateShapeError",
     "aggregate",
     "aggregation_methods",

@@ -22,6 +22,7 @@ from ...utils.errors import HetLoRAError, RankError
 from ...utils.ranks import check_rank
 from ..adapter import FACTOR_SUFFIXES as _SUFFIXES
 from ..adapter import flat_a, flat_b, lora_module_names
+from .checks import all_finite
 from .records import ClientUpdate
 
 
@@ -128,7 +129,7 @@ def validate_round(updates: Iterable[ClientUpdate], r_max: int) -> tuple[list[Cl
         for key, value in sd.items():
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 raise UpdateShapeError(f"client {cid!r}: {key!r} must be a floating-point tensor; reject this upload")
-            if not bool(torch.isfinite(value).all()):
+            if not all_finite(value):
                 raise UpdateShapeError(f"client {cid!r}: {key!r} has non-finite values; reject this upload")
         keys = factor_keys(sd)
         if not keys:

@@ -226,6 +226,10 @@ class StreamingAggregator(UpdateChecks):
         bound_multiplier: ``c`` of the adaptive bound (default :data:`~peft_hetlora.federated.aggregation.influence.
             DEFAULT_BOUND_MULTIPLIER`).
         prefix_only: refuse component-indexed uploads (the DP path, whose aggregation takes prefixes only).
+        one_pass: read each update once (see :meth:`settle`): :meth:`add` observes and adds it at its uncapped,
+            unclipped weight; :meth:`settle` then fixes the round's statistics and says whether every added client
+            was within them, in which case the sums are exactly (bit for bit) the two-pass ones. Otherwise the round
+            must be aggregated again in two passes (``aggregate`` and ``close_round`` do).
 
     Raises:
         AggregationError: an unknown method or a bad setting (the message says which and what to pass).
@@ -253,6 +257,7 @@ class StreamingAggregator(UpdateChecks):
         max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO,
         bound_multiplier: float = DEFAULT_BOUND_MULTIPLIER,
         prefix_only: bool = False,
+        one_pass: bool = False,
     ) -> None:
         impl = get_aggregation(method)
         check_rank(r_max, 1, MAX_RANK, what="r_max (the global adapter's rank, HetLoRAConfig.r)",
@@ -309,6 +314,8 @@ class StreamingAggregator(UpdateChecks):
         self._cap_record: dict[str, Any] | None = None
         self._core_bases: dict[tuple[str, int], CoreBases] = {}
         self._previous64: dict[str, torch.Tensor] | None = None
+        self.one_pass = bool(one_pass)
+        self._settled: bool | None = None  # one pass: None until settle(), then whether the sums are the two-pass ones
 
     @property
     def num_clients(self) -> int:
@@ -470,8 +477,15 @@ class StreamingAggregator(UpdateChecks):
             AggregationError: the update does not fit (as for :meth:`add`); it is remembered, and adding it later
                 raises the same reason.
         """
-        if self._frozen:
-            raise AggregationError("observe() after add(): observe every update of the round before adding any")
+        if self._frozen or self.one_pass:
+            raise AggregationError("observe() after add(): observe every update of the round before adding any"
+                                   if self._frozen else "observe() in a one-pass aggregation: add() observes")
+        self._observe(update)
+
+    def _observe(self, update: ClientUpdate
+                 ) -> tuple[ClientUpdate, dict[str, tuple[str, str]], list[str], dict[str, float]]:
+        """:meth:`observe`'s work; returns the (core-expanded) update, its modules and extras, and each module's
+        ``||B A||_F^2`` from the float64 copies of the factor steps."""
         cid = getattr(update, "client_id", None)
         try:
             core = self.expand_core(update)
@@ -491,6 +505,7 @@ class StreamingAggregator(UpdateChecks):
         if self._key_order is None:
             self._init_structure(update, modules, extras)
         self._observed[update.client_id] = _Observed(int(update.num_examples), step_a, step_b, is_core)
+        return update, modules, extras, raw_sq
 
     def _freeze(self) -> None:
         """Fix the round's statistics from the observed updates (at the first :meth:`add`)."""
@@ -532,6 +547,9 @@ class StreamingAggregator(UpdateChecks):
                 rank, a duplicate client id, refused in the first pass, or not observed when the round needs its
                 statistics); the aggregator is unchanged.
         """
+        if self.one_pass:
+            self._add_one_pass(update)
+            return
         if not self._frozen:
             self._freeze()
         cid = getattr(update, "client_id", None)
@@ -544,10 +562,75 @@ class StreamingAggregator(UpdateChecks):
             )
         update = self.expand_core(update)
         modules, extras = self._inspect(update, self._seen_ids)
+        self._fold_in(update, modules, extras)
+
+    def _add_one_pass(self, update: ClientUpdate) -> None:
+        """One pass: observe the update, then add it at its uncapped weight, clipped only by a fixed bound (an
+        adaptive one is not known yet: :meth:`settle` checks that it would not have clipped it)."""
+        if self._settled is not None:
+            raise AggregationError("add() after settle() in a one-pass aggregation; aggregate the round again")
+        if not self._frozen:  # the statistics a one-pass add may use: a fixed bound's radii, no cap yet
+            self._frozen = True
+            if isinstance(self.bound, float):
+                radius = math.sqrt(self.bound / self.scaling)
+                self._radii = (radius, radius)
+        update, modules, extras, raw_sq = self._observe(update)
+        if update.client_id in self._seen_ids:
+            raise AggregationError(f"client {update.client_id!r} was already added to this aggregation; each "
+                                   "client counts once")
+        self._fold_in(update, modules, extras, None if self._radii is not None else raw_sq)
+
+    def settle(self) -> bool:
+        """One pass: fix the round's statistics (the weight cap's median, the adaptive bound's radii) from every
+        update seen, and say whether the sums are exactly the two-pass ones: no added client's weight is above the
+        cap and none would have been clipped (every factor step within its radius), so each was added with the
+        weight and factors the second pass gives it. False: aggregate the round again in two passes (a round with
+        a capped or clipped client reads its uploads three times, an honest one once). Idempotent.
+
+        Example:
+            >>> import torch
+            >>> agg = StreamingAggregator("flexlora", r_max=2, one_pass=True)
+            >>> for cid, n in [("a", 10), ("b", 20)]:
+            ...     sd = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2)}
+            ...     agg.add(ClientUpdate(cid, sd, rank=2, num_examples=n))
+            >>> agg.settle(), agg.result().weights
+            (True, {'a': 0.3333333333333333, 'b': 0.6666666666666666})
+        """
+        if not self.one_pass:
+            raise AggregationError("settle() is for one-pass aggregations (one_pass=True)")
+        if self._settled is not None:
+            return self._settled
+        fixed = self._radii
+        self._frozen = False
+        self._freeze()
+        ok = True
+        if self.bound == ADAPTIVE and self._radii is not None:
+            rho_a, rho_b = self._radii
+            ok = all(self._observed[rec.client_id].step_a <= rho_a and self._observed[rec.client_id].step_b <= rho_b
+                     for rec in self._clients)
+        elif fixed is not None:
+            self._radii = fixed
+        limit = self._weight_limit
+        if limit is not None:  # a size only weighs where a client (or, per module, a module) falls back to it
+            ok = ok and all(rec.num_examples <= limit for rec in self._clients if rec.level == DATA or (
+                self.weighting == "per_module" and min(rec.module_sq_norms.values(), default=0.0) <= 0.0))
+        self._settled = ok
+        return ok
+
+    def _fold_in(self, update: ClientUpdate, modules: dict[str, tuple[str, str]], extras: list[str],
+                 unclipped_sq: dict[str, float] | None = None) -> None:
+        """Clip (unless ``unclipped_sq``: the one-pass add of an unclipped update and its ``||B A||_F^2``), weigh
+        and accumulate one checked update."""
+        cid = update.client_id
         sd = update.state_dict
         clip_scales = (1.0, 1.0)
         raw_sq: dict[str, float] = {}
-        if self._radii is None:
+        if unclipped_sq is not None:
+            # what clip_factor_steps returns for an update within the radii: its own tensors, the same norms
+            factors = {name: (sd[a].detach().to("cpu"), sd[b].detach().to("cpu")) for name, (a, b) in modules.items()}
+            raw_sq = dict(unclipped_sq)
+            uploaded_sq = self._checked_sq(cid, raw_sq)
+        elif self._radii is None:
             factors = {name: (sd[a].detach().to("cpu"), sd[b].detach().to("cpu")) for name, (a, b) in modules.items()}
             uploaded_sq = self._module_sq(cid, {name: (sd[a], sd[b]) for name, (a, b) in modules.items()}, raw_sq)
         else:
@@ -665,6 +748,9 @@ class StreamingAggregator(UpdateChecks):
         """
         if not self._clients:
             raise AggregationError("no client updates were added; add at least one ClientUpdate before result()")
+        if self.one_pass and not self.settle():
+            raise AggregationError("this one-pass aggregation capped or clipped a client it had added at its raw "
+                                   "weight: aggregate the round again in two passes (observe, then add)")
         assert self._key_order is not None
         method_top = SPARSITY if self._impl.weights == "sparsity" else DATA
         caps, cap_messages = self._caps()
@@ -753,8 +839,10 @@ def aggregate(
 ) -> AggregationResult:
     """Aggregate client updates into a new global adapter at rank ``r_max`` (see the module docstring).
 
-    Two passes over :class:`StreamingAggregator`: :meth:`~StreamingAggregator.observe` every update, then
-    :meth:`~StreamingAggregator.add` every update. ``updates`` may be a zero-argument callable that returns a fresh
+    One pass over :class:`StreamingAggregator` (``one_pass=True``): each update read once, observed and added; when
+    :meth:`~StreamingAggregator.settle` finds a client the round's weight cap or adaptive bound would have changed,
+    two passes: :meth:`~StreamingAggregator.observe` every update, then :meth:`~StreamingAggregator.add` every
+    update (the same result bit for bit either way). ``updates`` may be a zero-argument callable that returns a fresh
     iterable (e.g. a generator function that loads one client at a time: memory stays flat); a one-shot iterator
     is read into a list first.
 
@@ -781,15 +869,23 @@ def aggregate(
     """
     if r_max is None:
         raise AggregationError("aggregate() needs r_max=... (the global adapter's rank, HetLoRAConfig.r)")
-    aggregator = StreamingAggregator(
-        method, r_max, scaling, previous, clip_norm, weighting=weighting, max_weight_ratio=max_weight_ratio,
-        bound_multiplier=bound_multiplier,
-    )
+    def make(one_pass: bool) -> StreamingAggregator:
+        return StreamingAggregator(
+            method, r_max, scaling, previous, clip_norm, weighting=weighting, max_weight_ratio=max_weight_ratio,
+            bound_multiplier=bound_multiplier, one_pass=one_pass,
+        )
+
     if callable(updates):
         source = updates
     else:
         items = updates if isinstance(updates, (list, tuple)) else list(updates)
         source = lambda: items  # noqa: E731 - a re-readable view of the same list
+    one = make(True)  # one read of each update; two passes only when someone is capped or clipped
+    for update in source():
+        one.add(update)
+    if one.num_clients and one.settle():
+        return one.result()
+    aggregator = make(False)
     for update in source():
         aggregator.observe(update)
     for update in source():

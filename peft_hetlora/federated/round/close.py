@@ -115,26 +115,57 @@ def _replayable(updates: Iterable[ClientUpdate | Rejection] | Callable[[], Itera
 
 
 def _aggregate(plan, items, previous, settings, rejected, details, strict):
-    """Two passes over the round's items: observe every update (the round's statistics), then add each one.
+    """The round's aggregation: one pass (each update read once, observed and added) when the aggregator settles
+    on it (nobody capped or clipped: the two-pass sums bit for bit), else two passes over the round's items:
+    observe every update (the round's statistics), then add each one.
 
     Every refusal of one update, in either pass, becomes a rejection of that client with the aggregator's reason
     (the one place a client's problem is turned into a decision); returns (result, accepted).
     """
-    aggregator = StreamingAggregator(
-        settings.method, r_max=settings.r_max, scaling=settings.scaling, previous=previous,
-        clip_norm=OFF if settings.dp is not None else settings.clip_norm, weighting=settings.weighting,
-        bound_multiplier=settings.bound_multiplier, prefix_only=settings.dp is not None,
-    )
+    def make(one_pass: bool) -> StreamingAggregator:
+        return StreamingAggregator(
+            settings.method, r_max=settings.r_max, scaling=settings.scaling, previous=previous,
+            clip_norm=OFF if settings.dp is not None else settings.clip_norm, weighting=settings.weighting,
+            bound_multiplier=settings.bound_multiplier, prefix_only=settings.dp is not None, one_pass=one_pass,
+        )
+
     source = _replayable(items)
+    if settings.dp is None:
+        one = make(True)
+        accepted = _add_all(plan, one, source(), rejected, details, strict, None)
+        if not accepted:
+            return None, accepted, {}
+        if one.settle():
+            return one.result(), accepted, one.product_factors()
+        logger.info("Round %d: a client was capped or clipped; aggregating in two passes", plan.round)
+        rejected.clear()
+        details.clear()
+    aggregator = make(False)
     for item in source():
         if isinstance(item, ClientUpdate):
             try:
                 aggregator.observe(item)
             except ValueError:
                 pass  # remembered: add() below raises the same reason, where the rejection is recorded
+    kept: list[ClientUpdate] | None = [] if settings.dp is not None else None
+    accepted = _add_all(plan, aggregator, source(), rejected, details, strict, kept)
+    if not accepted:
+        return None, accepted, {}
+    if settings.dp is None:
+        return aggregator.result(), accepted, aggregator.product_factors()
+    from ..aggregation.privacy import dp_aggregate  # lazy: Opacus is an optional dependency
+
+    result = dp_aggregate(
+        kept, config=settings.dp, r_max=settings.r_max, previous=previous, method=dp_method_for(settings.method),
+        rounds_so_far=plan.round + 1, scaling=settings.scaling, generator=_dp_generator(settings, plan.round),
+    )
+    return result, accepted, {}
+
+
+def _add_all(plan, aggregator, items, rejected, details, strict, kept):
+    """Add every update of ``items`` (a refusal is a rejection with the aggregator's reason); the accepted ids."""
     accepted: list[str] = []
-    kept: list[ClientUpdate] = []
-    for item in source():
+    for item in items:
         if isinstance(item, Rejection):
             rejected[item.client_id] = item.reason
             continue
@@ -148,19 +179,9 @@ def _aggregate(plan, items, previous, settings, rejected, details, strict):
             continue
         accepted.append(item.client_id)
         details[item.client_id] = client_details(item, plan.revision)
-        if settings.dp is not None:
+        if kept is not None:
             kept.append(item)
-    if not accepted:
-        return None, accepted, {}
-    if settings.dp is None:
-        return aggregator.result(), accepted, aggregator.product_factors()
-    from ..aggregation.privacy import dp_aggregate  # lazy: Opacus is an optional dependency
-
-    result = dp_aggregate(
-        kept, config=settings.dp, r_max=settings.r_max, previous=previous, method=dp_method_for(settings.method),
-        rounds_so_far=plan.round + 1, scaling=settings.scaling, generator=_dp_generator(settings, plan.round),
-    )
-    return result, accepted, {}
+    return accepted
 
 
 def _server_step(settings: RoundSettings, previous: Mapping[str, torch.Tensor], result: AggregationResult,
@@ -191,7 +212,8 @@ def close_round(
     Args:
         plan: the round's plan (participants, assigned ranks, revision).
         updates: validated `ClientUpdate`s (their ``metadata`` is the validated report plus ``upload_bytes`` /
-            ``sha256``) and `Rejection`s, consumed one at a time. The round reads them twice (first pass: the
+            ``sha256``) and `Rejection`s, consumed one at a time. The round reads them once (each update observed
+            and added in one pass) unless a client is capped or clipped, then twice more (first pass: the
             statistics of the weight cap and the adaptive bound; second: the aggregation): pass a zero-argument
             callable that yields them anew to keep memory flat; any other iterable is kept in a list.
         previous: the global the clients were sent (kept components, the clip's reference, DP's ``theta``).
