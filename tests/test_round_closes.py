@@ -29,7 +29,12 @@ from peft_hetlora.federated.aggregation import (
     aggregate,
     capped_weights,
 )
-from peft_hetlora.federated.aggregation.methods import AGGREGATION_METHODS, get_aggregation, register_aggregation
+from peft_hetlora.federated.aggregation.methods import (
+    AGGREGATION_METHODS,
+    get_aggregation,
+    register_aggregation,
+    unregister_aggregation,
+)
 from peft_hetlora.federated.aggregation.methods.flexlora import FlexLoRA, FlexLoRAHeld
 from peft_hetlora.federated.aggregation.privacy import DPConfig
 from peft_hetlora.federated.round import Rejection, RoundPlan, RoundSettings, close_round
@@ -267,9 +272,10 @@ def test_a_huge_finite_upload_never_stops_the_round_nor_poisons_the_global(metho
 
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
 @pytest.mark.parametrize("held", [False, True])
-def test_the_svd_paths_never_see_a_non_finite_matrix(svd, held):
+def test_the_svd_paths_never_see_a_non_finite_matrix(svd, held, request):
     name = f"flexlora_{'held_' if held else ''}{svd}_test"
     register_aggregation(name, (FlexLoRAHeld if held else FlexLoRA)(svd=svd), overwrite=True)
+    request.addfinalizer(lambda: unregister_aggregation(name))  # later tests list the registered methods
     honest = [_upload(f"h{k}", k % R_MAX + 1, k) for k in range(4)]
     for scale_a, scale_b in [(3e18, 3e18), (1e30, 1.0), (1.0, 1e30), (1e-30, 1e30)]:
         updates = [*honest, _upload("x", R_MAX, 99, scale_a=scale_a, scale_b=scale_b, n=10**9)]
