@@ -132,7 +132,8 @@ def runs_on_flower(arm: str) -> bool:
 ATTACKS = ("scale", "sign_flip", "unbalanced")
 
 #: settings that do not change results: a run folder may be resumed with other values
-_RESULT_NEUTRAL = ("methods", "seeds", "engine", "rounds", "activation_cache", "activation_cache_max_mb", "reference")
+_RESULT_NEUTRAL = ("methods", "seeds", "engine", "rounds", "activation_cache", "activation_cache_max_mb", "reference",
+                   "fixed_validation")
 
 #: the local training settings of the study (every profile starts from them; `LocalTrainingConfig` holds the
 #: library's defaults, which a profile does not follow silently)
@@ -263,6 +264,11 @@ class SimulationConfig:
     )
     activation_cache_max_mb: float = field(
         default=1024.0, metadata={"help": "above this the activation cache is a memmap file in the run folder"}
+    )
+    fixed_validation: bool = field(
+        default=True,
+        metadata={"help": "score every round's global on the fixed federation validation set (fixed_val_ppl, the "
+                          "early-stopping criterion; ~1.5x a held-out evaluation a round); off: client validation"},
     )
 
     def __post_init__(self) -> None:

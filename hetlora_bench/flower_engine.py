@@ -75,7 +75,7 @@ def run_flower_arm(wb: Any, arm: str, arm_dir: Path, ranks0: dict[str, int]) -> 
     )
     with arm_peft_model(wb, adapter_config, wb.seed) as model:
         model.eval()
-        rows = _rows(run, ranks, wb, model, store, arm, r_arm, config.message_format)
+        rows = _rows(run, ranks, wb, model, store, arm, r_arm, config.message_format, config.fixed_validation)
     info: dict[str, Any] = {
         "rounds": rows,
         "homogeneous_rank": None if spec["ranks"] == "heterogeneous" else r_arm,
@@ -90,7 +90,7 @@ def run_flower_arm(wb: Any, arm: str, arm_dir: Path, ranks0: dict[str, int]) -> 
 
 
 def _rows(run: Any, ranks: dict[str, int], wb: Any, model: Any, store: LocalStore, arm: str, r_arm: int,
-          message_format: str) -> list[dict[str, Any]]:
+          message_format: str, fixed_validation: bool = True) -> list[dict[str, Any]]:
     """The arm's round rows (the in-process runner's columns) from a finished Flower run and its mirrored store."""
     spec = ARMS[arm]
     current = dict(ranks)
@@ -98,7 +98,7 @@ def _rows(run: Any, ranks: dict[str, int], wb: Any, model: Any, store: LocalStor
         {
             "round": 0,
             "heldout_ppl": run.evaluation[0]["central/eval-perplexity"],
-            FIXED_VAL: wb.initial_fixed_val_ppl(model),
+            **({FIXED_VAL: wb.initial_fixed_val_ppl(model)} if fixed_validation else {}),
             "upload_bytes": 0,
             "download_bytes": 0,
             "ranks": dict(current),
@@ -116,16 +116,15 @@ def _rows(run: Any, ranks: dict[str, int], wb: Any, model: Any, store: LocalStor
         updates = [u for u in run.updates.get(t, []) if u.client_id in accepted]
         load_global(model, weights, r_arm)
         fixed_started = time.perf_counter()
-        fixed_val = wb.fixed_validation_ppl(model)  # before the client validation reloads other ranks
-        fixed_val_s = time.perf_counter() - fixed_started
+        fixed = ({FIXED_VAL: wb.fixed_validation_ppl(model),  # before the client validation reloads other ranks
+                  "fixed_val_s": time.perf_counter() - fixed_started} if fixed_validation else {})
         rows.append(
             {
                 "round": t + 1,
                 "heldout_ppl": run.evaluation[t + 1]["central/eval-perplexity"],
                 "client_val_ppl": held_validation_ppl(wb, model, weights, spec, r_arm, accepted),
                 "client_val_model": HELD,
-                FIXED_VAL: fixed_val,
-                "fixed_val_s": fixed_val_s,
+                **fixed,
                 # as the server received them: the encoded message and its report
                 "upload_bytes": summary["metrics"].get("bytes_uploaded", 0),
                 "payload_bytes": sum(message_payload_bytes(u.state_dict, u.metadata.get("message_format")

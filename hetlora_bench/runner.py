@@ -208,7 +208,7 @@ def run_federated_arm(
     settings = arm_coordinator_settings(config, arm, r_arm, ranks, wb.seed)
     coordinator = Coordinator(store, settings, progress=False)
     with _peft_model(wb, adapter_config, wb.seed) as model:
-        if rows and _missing_fixed_val(rows):  # a folder from before the column: filled from its globals, no training
+        if config.fixed_validation and rows and _missing_fixed_val(rows):  # older folder: filled, no training
             rows = _fill_fixed_val(wb, model, store, r_arm, rows_path, rows)
         if store.latest_global() is None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -220,7 +220,7 @@ def run_federated_arm(
             row = {
                 "round": 0,
                 "heldout_ppl": wb.initial_heldout_ppl(model),
-                FIXED_VAL: wb.initial_fixed_val_ppl(model),
+                **({FIXED_VAL: wb.initial_fixed_val_ppl(model)} if config.fixed_validation else {}),
                 "upload_bytes": 0,
                 "download_bytes": 0,
                 "ranks": dict(ranks),
@@ -283,8 +283,8 @@ def run_federated_arm(
             _load_global(model, latest_weights, r_arm)
             heldout = wb.heldout_ppl(model)
             fixed_started = time.perf_counter()
-            fixed_val = wb.fixed_validation_ppl(model)  # before the client validation reloads other ranks
-            fixed_val_s = time.perf_counter() - fixed_started
+            fixed = ({FIXED_VAL: wb.fixed_validation_ppl(model),  # before the client validation reloads other ranks
+                      "fixed_val_s": time.perf_counter() - fixed_started} if config.fixed_validation else {})
             client_ranks = summary.get("client_ranks", {})
             accepted = {cid: int(client_ranks.get(cid, plan.ranks[cid])) for cid in summary["accepted"]}
             client_val = _held_validation_ppl(wb, model, latest_weights, spec, r_arm, accepted)
@@ -294,8 +294,7 @@ def run_federated_arm(
                 "heldout_ppl": heldout,
                 "client_val_ppl": client_val,
                 "client_val_model": HELD,
-                FIXED_VAL: fixed_val,
-                "fixed_val_s": fixed_val_s,  # its cost: seconds of this round's wall_s
+                **fixed,  # fixed_val_ppl and its cost fixed_val_s (seconds of this round's wall_s)
                 # bytes as sent: the encoded message (message_format), plus client.json
                 "upload_bytes": sum(s["sent_bytes"] for s in accepted_sent)
                 if config.message_format != "fp32"
@@ -508,7 +507,8 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path, progress: RunProgress | No
             rows_path.unlink()
         if not rows:
             row = {"round": 0, "heldout_ppl": wb.initial_heldout_ppl(model),
-                   FIXED_VAL: wb.initial_fixed_val_ppl(model), "upload_bytes": 0, "wall_s": 0.0}
+                   **({FIXED_VAL: wb.initial_fixed_val_ppl(model)} if config.fixed_validation else {}),
+                   "upload_bytes": 0, "wall_s": 0.0}
             _append_row(rows_path, row)
             rows.append(row)
         hf_logging.set_verbosity_error()
@@ -531,7 +531,8 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path, progress: RunProgress | No
             trainer.train()
             model.save_pretrained(str(checkpoint))
             heldout = wb.heldout_ppl(model)
-            row = {"round": t + 1, "heldout_ppl": heldout, FIXED_VAL: wb.fixed_validation_ppl(model),
+            row = {"round": t + 1, "heldout_ppl": heldout,
+                   **({FIXED_VAL: wb.fixed_validation_ppl(model)} if config.fixed_validation else {}),
                    "upload_bytes": 0, "wall_s": time.perf_counter() - started}
             _append_row(rows_path, row)
             rows.append(row)

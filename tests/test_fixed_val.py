@@ -304,3 +304,27 @@ def test_every_round_of_every_arm_is_evaluated_on_the_same_pooled_clients_valida
     assert fill_fixed_val_folder(tmp_path)["rows"] == 0
     text = (tmp_path / "early_stopping.md").read_text()
     assert "fixed federation validation set (`fixed_val_ppl`) for every arm and seed" in text
+
+
+def test_fixed_validation_is_result_neutral_in_the_fingerprint():
+    """Turning the fixed set off (the main job does, for time) must not orphan a run folder, nor the reverse."""
+    assert _quick(fixed_validation=False).fingerprint() == _quick().fingerprint()
+    assert _quick(fixed_validation=False).fingerprint() != _quick(learning_rate=1.0).fingerprint()
+
+
+@NEEDS_DATA
+def test_without_the_fixed_set_rows_lack_it_and_early_stopping_says_client_val(tmp_path, monkeypatch):
+    from hetlora_bench.runner import run_simulation
+    from hetlora_bench.workbench import Workbench
+
+    calls = []
+    monkeypatch.setattr(Workbench, "fixed_validation_ppl", lambda self, model: calls.append(1) or 1.0)
+    config = _quick(methods=["homlora_rmin"], rounds=1, fixed_validation=False)
+    run_simulation(config, tmp_path)
+    rows = _jsonl(tmp_path / "seed-0" / "homlora_rmin" / "rounds.jsonl")
+    assert [r["round"] for r in rows] == [0, 1]
+    assert not calls and all("fixed_val_ppl" not in r and "fixed_val_s" not in r for r in rows)
+    assert stop_criterion(rows) == "client_val_ppl"
+    # resuming with it on fills the column from the stored globals (the fingerprint is the same)
+    run_simulation(_quick(methods=["homlora_rmin"], rounds=1), tmp_path)
+    assert all(r.get("fixed_val_ppl") == 1.0 for r in _jsonl(tmp_path / "seed-0" / "homlora_rmin" / "rounds.jsonl"))

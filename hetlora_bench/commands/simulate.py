@@ -65,6 +65,10 @@ def add_parser(subparsers: Any, help: str) -> argparse.ArgumentParser:
         "--activation-cache", dest="activation_cache", action=argparse.BooleanOptionalAction,
         help="reuse the frozen lower layers' activations across arms and rounds (exact; on where it applies)",
     )
+    p.add_argument(
+        "--fixed-validation", dest="fixed_validation", action=argparse.BooleanOptionalAction,
+        help="score every round on the fixed federation validation set (default on; early stopping reads it)",
+    )
     p.add_argument("--quantize", choices=["8bit", "4bit", "torchao-int8"], help="load the base model quantised")
     p.add_argument(
         "--message-format", dest="message_format",
@@ -92,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     overrides["client_column"] = args.client_column
     overrides["text_column"] = args.text_column
     overrides["activation_cache"] = args.activation_cache
+    overrides["fixed_validation"] = args.fixed_validation
     overrides["quantize"] = args.quantize
     overrides["message_format"] = args.message_format
     overrides["attack"] = args.attack
