@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,9 @@ from peft_hetlora.utils import ADAPTER_FILE
 from .arm_setup import arm_adapter_config, arm_coordinator_settings, arm_ranks
 from .arms import ARMS
 from .round_measures import (
-    FIXED_VAL,
     HELD,
     arm_peft_model,
+    fixed_val_columns,
     held_download_bytes,
     held_validation_ppl,
     load_global,
@@ -98,7 +97,7 @@ def _rows(run: Any, ranks: dict[str, int], wb: Any, model: Any, store: LocalStor
         {
             "round": 0,
             "heldout_ppl": run.evaluation[0]["central/eval-perplexity"],
-            **({FIXED_VAL: wb.initial_fixed_val_ppl(model)} if fixed_validation else {}),
+            **fixed_val_columns(wb, model, fixed_validation, initial=True),
             "upload_bytes": 0,
             "download_bytes": 0,
             "ranks": dict(current),
@@ -115,9 +114,7 @@ def _rows(run: Any, ranks: dict[str, int], wb: Any, model: Any, store: LocalStor
         accepted = {cid: int(client_ranks.get(cid, assigned[cid])) for cid in summary["accepted"]}
         updates = [u for u in run.updates.get(t, []) if u.client_id in accepted]
         load_global(model, weights, r_arm)
-        fixed_started = time.perf_counter()
-        fixed = ({FIXED_VAL: wb.fixed_validation_ppl(model),  # before the client validation reloads other ranks
-                  "fixed_val_s": time.perf_counter() - fixed_started} if fixed_validation else {})
+        fixed = fixed_val_columns(wb, model, fixed_validation)  # before the client validation reloads other ranks
         rows.append(
             {
                 "round": t + 1,

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ from .seed_stats import FIXED_VAL  # the rows' column of the fixed federation va
 __all__ = [
     "FIXED_VAL",
     "HELD",
+    "fixed_val_columns",
     "arm_peft_model",
     "held_download_bytes",
     "held_rank",
@@ -139,6 +141,26 @@ def held_validation_ppl(
         load_global(model, weights, held_rank(spec, r_arm, rank, dims))
         val.append(wb.validation_ppl(model, cid))
     return sum(val) / len(val) if val else None
+
+
+def fixed_val_columns(wb: Any, model: Any, enabled: bool, *, initial: bool = False) -> dict[str, float]:
+    """A round row's fixed-validation columns: `FIXED_VAL` (the loaded global on the fixed federation validation set)
+    and its cost ``fixed_val_s``; round 0 (``initial``) reuses the seed's base-model value and records no cost.
+    Empty when ``enabled`` is false (``SimulationConfig.fixed_validation``). Call it before anything reloads other
+    ranks into ``model``.
+
+    Example:
+        ```py
+        >>> row = {"round": 3, **fixed_val_columns(wb, model, True)}  # doctest: +SKIP
+        ```
+    """
+    if not enabled:
+        return {}
+    if initial:
+        return {FIXED_VAL: wb.initial_fixed_val_ppl(model)}
+    started = time.perf_counter()
+    value = wb.fixed_validation_ppl(model)
+    return {FIXED_VAL: value, "fixed_val_s": time.perf_counter() - started}
 
 
 def message_payload_bytes(state_dict: Mapping[str, torch.Tensor], message_format: str) -> int:

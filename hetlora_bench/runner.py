@@ -43,7 +43,7 @@ from .attacks import choose_attackers
 from .client_uploads import UploadTransform
 from .engines import run_round
 from .report import write_report
-from .round_measures import FIXED_VAL, HELD, held_rank  # noqa: F401 - held_rank: importable from the runner, as before
+from .round_measures import FIXED_VAL, HELD, fixed_val_columns, held_rank  # noqa: F401 - held_rank: importable from the runner, as before
 from .round_measures import arm_peft_model as _peft_model
 from .round_measures import held_download_bytes as _held_download_bytes
 from .round_measures import held_validation_ppl as _held_validation_ppl
@@ -220,7 +220,7 @@ def run_federated_arm(
             row = {
                 "round": 0,
                 "heldout_ppl": wb.initial_heldout_ppl(model),
-                **({FIXED_VAL: wb.initial_fixed_val_ppl(model)} if config.fixed_validation else {}),
+                **fixed_val_columns(wb, model, config.fixed_validation, initial=True),
                 "upload_bytes": 0,
                 "download_bytes": 0,
                 "ranks": dict(ranks),
@@ -282,9 +282,7 @@ def run_federated_arm(
             latest_weights = load_file(str(latest.path / ADAPTER_FILE))
             _load_global(model, latest_weights, r_arm)
             heldout = wb.heldout_ppl(model)
-            fixed_started = time.perf_counter()
-            fixed = ({FIXED_VAL: wb.fixed_validation_ppl(model),  # before the client validation reloads other ranks
-                      "fixed_val_s": time.perf_counter() - fixed_started} if config.fixed_validation else {})
+            fixed = fixed_val_columns(wb, model, config.fixed_validation)  # before client validation reloads ranks
             client_ranks = summary.get("client_ranks", {})
             accepted = {cid: int(client_ranks.get(cid, plan.ranks[cid])) for cid in summary["accepted"]}
             client_val = _held_validation_ppl(wb, model, latest_weights, spec, r_arm, accepted)
@@ -507,7 +505,7 @@ def run_centralized_arm(wb: Workbench, arm_dir: Path, progress: RunProgress | No
             rows_path.unlink()
         if not rows:
             row = {"round": 0, "heldout_ppl": wb.initial_heldout_ppl(model),
-                   **({FIXED_VAL: wb.initial_fixed_val_ppl(model)} if config.fixed_validation else {}),
+                   **fixed_val_columns(wb, model, config.fixed_validation, initial=True),
                    "upload_bytes": 0, "wall_s": 0.0}
             _append_row(rows_path, row)
             rows.append(row)
