@@ -32,36 +32,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # hetlora_bench, when run as a script
+
+from hetlora_bench.seed_stats import heldout_at  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # hetlora_bench, when run as a script
+
 
 ORACLE, CAPABLE, RMIN, DEFAULT = "homlora_rmax", "homlora_rmax_capable", "homlora_rmin", "flexlora_held"
 ROUNDS = (3, 5, 10, 15, 20)
-
-
-def _rows(method: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return list(method["rounds"] if isinstance(method, Mapping) else method)
-
-
-def at_round(method: Mapping[str, Any] | Sequence[Mapping[str, Any]], h: int) -> float | None:
-    """Held-out perplexity at round ``h`` (``None`` when the run has no such round).
-
-    Example:
-        >>> at_round([{"round": 1, "heldout_ppl": 9.0}], 1), at_round([{"round": 1, "heldout_ppl": 9.0}], 2)
-        (9.0, None)
-    """
-    for row in _rows(method):
-        if row.get("round") == h and isinstance(row.get("heldout_ppl"), (int, float)):
-            value = float(row["heldout_ppl"])
-            return value if math.isfinite(value) else None
-    return None
 
 
 def best_up_to(method: Mapping[str, Any] | Sequence[Mapping[str, Any]], h: int) -> float | None:
@@ -71,12 +57,9 @@ def best_up_to(method: Mapping[str, Any] | Sequence[Mapping[str, Any]], h: int) 
         >>> best_up_to([{"round": 1, "heldout_ppl": 5.0}, {"round": 2, "heldout_ppl": 6.0}], 2)
         5.0
     """
-    rows = _rows(method)
-    if at_round(rows, h) is None:
+    if heldout_at(method, h) is None:
         return None
-    values = [float(r["heldout_ppl"]) for r in rows
-              if 1 <= int(r.get("round", 0)) <= h and isinstance(r.get("heldout_ppl"), (int, float))
-              and math.isfinite(float(r["heldout_ppl"]))]
+    values = [v for t in range(1, h + 1) if (v := heldout_at(method, t)) is not None]
     return min(values) if values else None
 
 
@@ -100,7 +83,7 @@ def feasibility_rows(seeds: Mapping[Any, Mapping[str, Any]], rounds: Sequence[in
                 continue
             out.append({
                 "seed": seed, "round": h,
-                "oracle_at": at_round(arms[ORACLE], h), "capable_at": at_round(arms[CAPABLE], h),
+                "oracle_at": heldout_at(arms[ORACLE], h), "capable_at": heldout_at(arms[CAPABLE], h),
                 "oracle_best": best[ORACLE], "capable_best": best[CAPABLE],
                 "rmin_best": best[RMIN], "default_best": best[DEFAULT],
                 "oracle_beats_capable": best[ORACLE] < best[CAPABLE],
@@ -180,7 +163,7 @@ def overlay_runs(seeds: dict[Any, dict[str, Any]], runs: Path, corpus: str) -> l
         for seed in list(seeds):
             rows = read_rows(arm_dir / f"s{seed}" / f"seed-{seed}" / arm_dir.name)
             if rows:
-                stored0, ours0 = {at_round(m, 0) for m in seeds[seed].values()} - {None}, at_round(rows, 0)
+                stored0, ours0 = {heldout_at(m, 0) for m in seeds[seed].values()} - {None}, heldout_at(rows, 0)
                 if stored0 and (ours0 is None or not any(abs(ours0 - v) <= 1e-6 * v for v in stored0)):
                     raise SystemExit(f"feasibility24: {arm_dir.name} seed {seed} under {runs} saw other data than the "
                                      f"stored baselines (round-0 held-out {ours0} against {stored0})")
