@@ -40,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # hetlora_bench, when run as a script
 
-from hetlora_bench.seed_stats import heldout_at  # noqa: E402
+from hetlora_bench.seed_stats import data_signature, heldout_at, same_data  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # hetlora_bench, when run as a script
@@ -163,10 +163,10 @@ def overlay_runs(seeds: dict[Any, dict[str, Any]], runs: Path, corpus: str) -> l
         for seed in list(seeds):
             rows = read_rows(arm_dir / f"s{seed}" / f"seed-{seed}" / arm_dir.name)
             if rows:
-                stored0, ours0 = {heldout_at(m, 0) for m in seeds[seed].values()} - {None}, heldout_at(rows, 0)
-                if stored0 and (ours0 is None or not any(abs(ours0 - v) <= 1e-6 * v for v in stored0)):
+                ours = data_signature(rows)
+                if not any(same_data(data_signature(m["rounds"]), ours) for m in seeds[seed].values()):
                     raise SystemExit(f"feasibility24: {arm_dir.name} seed {seed} under {runs} saw other data than the "
-                                     f"stored baselines (round-0 held-out {ours0} against {stored0})")
+                                     f"stored baselines (round-0 held-out and clients: {ours})")
                 seeds[seed][arm_dir.name] = {"rounds": rows}
                 replaced.add(arm_dir.name)
     return sorted(replaced)

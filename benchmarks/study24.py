@@ -58,7 +58,7 @@ from study_plan import read_rows  # noqa: E402
 
 from hetlora_bench.activation_cache import PERSIST_ENV  # noqa: E402
 from hetlora_bench.arms import ARMS, PROFILES  # noqa: E402
-from hetlora_bench.seed_stats import json_safe  # noqa: E402
+from hetlora_bench.seed_stats import data_signature, json_safe, same_data  # noqa: E402
 
 BASELINES = REPO / "benchmarks" / "results" / "study" / "chosen" / "r20"
 CHOSEN = REPO / "benchmarks" / "results" / "study" / "chosen" / "study.json"
@@ -176,33 +176,6 @@ def fill_fixed_val(pieces: list[Piece24], out: Path, cache_dir: Path | None) -> 
         total["rows"] += got["rows"]
         total["seconds"] += got["seconds"]
     return total
-
-
-def data_signature(rows: list[dict[str, Any]]) -> tuple[float, tuple[str, ...]] | None:
-    """What identifies the data a run saw: its round-0 held-out perplexity (the base model on the held-out set) and
-    its clients (the round-0 rank map's keys). ``None`` when the run has no round 0.
-
-    Example:
-        >>> data_signature([{"round": 0, "heldout_ppl": 24.5, "ranks": {"b": 2, "a": 16}}])
-        (24.5, ('a', 'b'))
-    """
-    for row in rows:
-        if row.get("round") == 0 and isinstance(row.get("heldout_ppl"), (int, float)):
-            return float(row["heldout_ppl"]), tuple(sorted(row.get("ranks") or {}))
-    return None
-
-
-def same_data(a: tuple[float, tuple[str, ...]] | None, b: tuple[float, tuple[str, ...]] | None) -> bool:
-    """Whether two runs saw the same data: round-0 held-out perplexity within 1e-6 relative, and the clients of one
-    among the other's (capable-only trains a subset of the federation's clients).
-
-    Example:
-        >>> same_data((24.5, ("a",)), (24.5, ("a", "b"))), same_data((24.5, ("a",)), (20.1, ("c",)))
-        (True, False)
-    """
-    if a is None or b is None or abs(a[0] - b[0]) > 1e-6 * max(abs(b[0]), 1.0):
-        return False
-    return set(a[1]) <= set(b[1]) or set(b[1]) <= set(a[1])
 
 
 def load_runs(out: Path, corpus: str, arms: list[str], seeds: list[int], baselines: Path,

@@ -228,6 +228,33 @@ def heldout_at(method_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]], 
     return None
 
 
+def data_signature(rows: list[dict[str, Any]]) -> tuple[float, tuple[str, ...]] | None:
+    """What identifies the data a run saw: its round-0 held-out perplexity (the base model on the held-out set) and
+    its clients (the round-0 rank map's keys). ``None`` when the run has no round 0.
+
+    Example:
+        >>> data_signature([{"round": 0, "heldout_ppl": 24.5, "ranks": {"b": 2, "a": 16}}])
+        (24.5, ('a', 'b'))
+    """
+    for row in rows:
+        if row.get("round") == 0 and isinstance(row.get("heldout_ppl"), (int, float)):
+            return float(row["heldout_ppl"]), tuple(sorted(row.get("ranks") or {}))
+    return None
+
+
+def same_data(a: tuple[float, tuple[str, ...]] | None, b: tuple[float, tuple[str, ...]] | None) -> bool:
+    """Whether two runs saw the same data: round-0 held-out perplexity within 1e-6 relative, and the clients of one
+    among the other's (capable-only trains a subset of the federation's clients).
+
+    Example:
+        >>> same_data((24.5, ("a",)), (24.5, ("a", "b"))), same_data((24.5, ("a",)), (20.1, ("c",)))
+        (True, False)
+    """
+    if a is None or b is None or abs(a[0] - b[0]) > 1e-6 * max(abs(b[0]), 1.0):
+        return False
+    return set(a[1]) <= set(b[1]) or set(b[1]) <= set(a[1])
+
+
 #: the early-stopping criteria, best first: the fixed federation validation set (every client's validation
 #: examples, the same for every arm and round of a seed), then the round's sampled clients' validation
 FIXED_VAL, CLIENT_VAL = "fixed_val_ppl", "client_val_ppl"
