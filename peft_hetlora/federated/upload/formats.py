@@ -46,6 +46,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ...utils.errors import HetLoRAError
+from ..aggregation import all_finite
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -282,7 +283,7 @@ def encode_state_dict(
             raise MessageFormatError(f"Key {key!r} ends with the reserved suffix {SCALE_SUFFIX!r}; rename it.")
         value = error_feedback.add(key, tensor) if error_feedback is not None else tensor.detach().to(torch.float32)
         value = value.cpu()
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise MessageFormatError(f"Cannot encode {key!r}: it holds NaN or inf values.")
         if parsed.kind == "int8":
             codes, absmax = _quantize_blockwise(value, parsed.block_size)
@@ -292,7 +293,7 @@ def encode_state_dict(
         else:
             dtype = _FLOAT_DTYPES[parsed.kind]
             cast = value.to(dtype)
-            if not torch.isfinite(cast).all():
+            if not all_finite(cast):
                 raise MessageFormatError(
                     f"Cannot encode {key!r} as {parsed.name}: values exceed its range "
                     f"(max {torch.finfo(dtype).max:g}); use bf16 or fp32."
@@ -344,12 +345,12 @@ def decode_state_dict(
                     f"{scale_key!r} must be float32 of shape {want} (one absmax per block of "
                     f"{spec.format.block_size}), got {scale.dtype} {tuple(scale.shape)}."
                 )
-            if not torch.isfinite(scale).all() or (scale < 0).any():
+            if not all_finite(scale) or (scale < 0).any():
                 raise MessageFormatError(f"{scale_key!r} holds NaN, inf or negative scales; rejecting the upload.")
             if (tensor == -128).any():
                 raise MessageFormatError(f"{key!r} holds the int8 code -128; symmetric codes lie in [-127, 127].")
             decoded = _dequantize_blockwise(tensor, scale, spec.format.block_size)
-        if not torch.isfinite(decoded).all():
+        if not all_finite(decoded):
             raise MessageFormatError(f"{key!r} decodes to NaN or inf values; rejecting the upload.")
         out[key] = decoded
     if scales:
