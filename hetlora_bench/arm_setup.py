@@ -78,8 +78,8 @@ def arm_coordinator_settings(
     config: SimulationConfig, arm: str, r_arm: int, ranks: dict[str, int], seed: int
 ) -> FederationSettings:
     """The federation settings record of an arm (`FederationSettings`): what both engines run it with (the
-    in-process `Coordinator` and the Flower `HetLoRAStrategy`): method, ranks, clients, sampling, clip, DP,
-    component selection.
+    in-process `Coordinator` and the Flower `HetLoRAStrategy`): method, ranks, clients, sampling (the arm's
+    ``"sampling"`` policy, default uniform), clip, DP, component selection.
 
     DP arms: `DPConfig(target_epsilon=..., rounds=config.rounds, sampling_rate=clients_per_round / N,
     population=N)` (so delta = 1 / N**1.1, Poisson sampling) with clip ``config.dp_clip`` and the expected
@@ -121,6 +121,7 @@ def arm_coordinator_settings(
         server_optimizer=(config.server_optimizer(spec["server_optimizer"]) if "server_optimizer" in spec else None),
         error_feedback=True if spec.get("error_feedback") else None,
         client_training=spec.get("client_training"),
+        client_sampling=spec.get("sampling"),
     )
 
 

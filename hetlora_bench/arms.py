@@ -78,6 +78,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "homlora_rmax_fedadam": {"aggregation": "fedavg", "ranks": "r_max", "prune": False, "server_optimizer": "fedadam"},
     "homlora_rmax_capable_fedadam": {"aggregation": "fedavg", "ranks": "r_max_capable", "prune": False,
                                      "server_optimizer": "fedadam"},
+    # issue 24: capability-aware client sampling (docs/methods.md#client-sampling): each round's participants drawn
+    # in proportion to their rank ("sampling": a policy of peft_hetlora.federated.policies.CLIENT_SAMPLING)
+    "flexlora_held_ranksample": {"aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False,
+                                 "sampling": "rank"},
+    "raflora_ranksample": {"aggregation": "raflora", "ranks": "heterogeneous", "prune": False, "sampling": "rank"},
 }
 
 #: the arms a run compares when `methods` is not given, the default method first (`flexlora_held`: the study's

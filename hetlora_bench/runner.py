@@ -629,8 +629,11 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
 def _notes(config: SimulationConfig, per_seed: list[dict[str, Any]], resources: dict[str, Any]) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if k not in ("methods",) and v is not None)
     wall, cpu = resources["wall_s"], resources["cpu_s"]
+    ranked = [m for m in config.methods if ARMS[m].get("sampling", "uniform") != "uniform"]
+    sampling = "the same client sampling" if not ranked else (
+        f"the same client sampling (uniform; {', '.join(ranked)}: in proportion to rank)")
     return (
-        f"Settings: {settings}.\n\nAll arms use the same scale s = lora_alpha / r_max, the same client sampling "
+        f"Settings: {settings}.\n\nAll arms use the same scale s = lora_alpha / r_max, {sampling} "
         f"and seeds. This invocation ran for {wall:.0f} s wall ({format_duration(wall)}) and {cpu:.0f} s CPU "
         f"(this process and its children; {cpu / max(wall, 1e-9):.2f} cores busy on average, of "
         f"{resources['cpu_count']}; torch threads {resources['torch_threads']}); resumed rounds are not re-run. "

@@ -60,6 +60,7 @@ def test_a_new_federation_gets_the_studys_method_unless_told(store, init_dir, gi
     coord.init(init_dir)
     fed = store.read_federation()
     assert (fed["method"], fed["component_selection"]) == expected
+    assert fed["client_sampling"] == "uniform"  # the default, recorded so a resume keeps it
     info = round_info(store, 0)
     if expected[1] == "prefix":
         assert "components" not in info

@@ -283,6 +283,34 @@ def test_the_strategy_is_a_fedavg_that_holds_its_helpers(initial):
     assert strategy.mirror.revisions == {0: "flower-round-0"}
 
 
+def test_rank_client_sampling_plans_each_round_from_the_clients_ranks(initial):
+    """client_sampling="rank" (docs/methods.md#client-sampling) goes through the one `plan_round`: each round's
+    participants are the seeded rank-proportional draw over the connected clients and their current ranks."""
+    from peft_hetlora.federated.aggregation.privacy import DPConfig
+    from peft_hetlora.federated.policies import rank_sample_clients
+
+    ranks = {"client-0": 2, "client-1": 2, "client-2": 2, "client-3": 6, "client-4": 8}
+    strategy = strategy_for(5, ranks, method="flexlora_held", clients_per_round=2, client_sampling="rank", seed=3)
+    grid = inline_grid(5)
+    for server_round in (1, 2, 3, 4):
+        messages = strategy.configure_train(server_round, ArrayRecord(initial), ConfigRecord(), grid)
+        sent = sorted(m.content["config"]["client-id"] for m in messages)
+        assert sent == rank_sample_clients(sorted(ranks), ranks, 2, seed=3, round_idx=server_round - 1)
+    ranked = strategy_for(5, ranks, method="flexlora_held", clients_per_round=2, client_sampling="rank", seed=3)
+    ranked.start(grid=inline_grid(5, app=stub_client_app(5)), initial_arrays=ArrayRecord(initial), num_rounds=1)
+    assert ranked.history[0]["client_sampling"] == "rank"
+    assert "client_sampling" not in strategy_history_of_uniform(initial)  # uniform summaries are as before
+    dp = DPConfig(clip=0.5, noise_multiplier=1.0, delta=1e-5, sampling_rate=0.5, expected_clients=2)
+    with pytest.raises(ValueError, match="Poisson"):
+        strategy_for(5, ranks, method="rankwise", dp=dp, client_sampling="rank")
+
+
+def strategy_history_of_uniform(initial) -> dict:
+    strategy = strategy_for(3, {"client-0": 2, "client-1": 4, "client-2": 8})
+    strategy.start(grid=inline_grid(3, app=stub_client_app(3)), initial_arrays=ArrayRecord(initial), num_rounds=1)
+    return strategy.history[0]
+
+
 @pytest.mark.parametrize("method", ["hetlora", "zero_pad", "flexlora", "rankwise", "fedavg", "median"])
 def test_every_method_matches_the_numpy_reference(initial, method):
     ranks = {"client-0": 4, "client-1": 4, "client-2": 4} if method == "fedavg" else {

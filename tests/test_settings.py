@@ -28,6 +28,7 @@ ARMS = {
     "component_windows": dict(method="component", component_selection="coverage", anchor=1),
     "default_method": dict(method=None, clip_norm="off"),
     "fedavg": dict(method="fedavg", rank_policy=RankPolicy("constant", rank=2)),
+    "rank_sampling": dict(method="flexlora_held", client_sampling="rank"),
 }
 
 
@@ -76,7 +77,8 @@ def test_the_record_and_the_keyword_form_publish_the_same_bytes(tmp_path, arm):
 
 
 def test_an_old_federation_json_still_resumes(tmp_path):
-    """A federation.json written before method, component selection, anchor and message formats were recorded."""
+    """A federation.json written before method, component selection, anchor, message formats and client sampling were
+    recorded."""
     init = initial_adapter(tmp_path / "init", r_max=4)
     reference = run_old_style(tmp_path / "ref", init, {**OPTIONS, "rounds": 2})
     store = LocalStore(tmp_path / "old", create=True)
@@ -85,16 +87,17 @@ def test_an_old_federation_json_still_resumes(tmp_path):
     first.init(init)
     first.run()
     record = json.loads((store.path / "federation.json").read_text())
-    for name in ("method", "component_selection", "anchor", "message_formats"):
+    for name in ("method", "component_selection", "anchor", "message_formats", "client_sampling"):
         record.pop(name)
     store.write_federation(record)
     loaded = FederationSettings.from_json(record)
-    assert loaded.method is None and loaded.component_selection is None
+    assert loaded.method is None and loaded.component_selection is None and loaded.client_sampling is None
     assert loaded.clients == tuple(OPTIONS["clients"])
     resumed = Coordinator(store, FederationSettings(rounds=2), clock=Clock(), sleep=fake.sleep,
                           poll_interval_s=1.0, progress=False)
     assert resumed.method == "hetlora"  # what a file without a method was written by
     assert resumed.component_selection == "prefix" and resumed.anchor == 0
+    assert resumed.client_sampling == "uniform"  # what every federation did before the policy existed
     resumed.run()
     # the same globals (round.json of global 1 differs: it was the final round of the 1-round federation)
     assert [p[0] for p in published(store, 2)] == [p[0] for p in published(reference, 2)]
@@ -140,7 +143,8 @@ JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 50), st.floats
 @settings(max_examples=150, deadline=None)
 @given(st.dictionaries(st.sampled_from(["method", "r_max", "clients", "clients_per_round", "seed", "scaling",
                                         "clip_norm", "deadline_s", "next_rank", "component_selection", "anchor",
-                                        "message_formats", "dp", "format", "unknown"]), JSON_VALUES, max_size=6))
+                                        "message_formats", "dp", "format", "client_sampling", "unknown"]),
+                       JSON_VALUES, max_size=6))
 def test_a_hostile_federation_json_is_refused_with_a_clear_error_or_read(record):
     try:
         loaded = FederationSettings.from_json(record)

@@ -177,6 +177,23 @@ def test_window_arms_set_the_coordinators_component_selection():
     assert arm_coordinator_settings(cfg, "window_rolling", 8, ranks, 0).component_selection == "rolling"
 
 
+def test_rank_sampling_arms_resolve_to_rank_sampling_settings():
+    from hetlora_bench.arm_setup import arm_coordinator_settings
+    from hetlora_bench.arms import ARMS, DEFAULT_METHODS
+
+    cfg = SimulationConfig.from_sources(profile="quick")
+    ranks = {"c0": 2, "c1": 2, "c2": 4, "c3": 8, "c4": 2, "c5": 6}
+    for arm, method in (("flexlora_held_ranksample", "flexlora_held"), ("raflora_ranksample", "raflora")):
+        settings = arm_coordinator_settings(cfg, arm, 8, ranks, 0)
+        assert (settings.method, settings.client_sampling) == (method, "rank")
+        assert type(settings).from_json(settings.to_json()).client_sampling == "rank"  # federation.json keeps it
+        assert arm not in DEFAULT_METHODS  # opt-in
+        base = arm_coordinator_settings(cfg, method, 8, ranks, 0)
+        assert base.client_sampling is None  # the base arm: uniform, as its stored runs
+        assert settings.replace(client_sampling=None) == base  # rank sampling is the one difference
+        assert {k: v for k, v in ARMS[arm].items() if k != "sampling"} == ARMS[method]
+
+
 def test_bad_new_settings_fail_clearly():
     with pytest.raises(ValueError, match="attack must be one of"):
         SimulationConfig.from_sources(profile="quick", overrides={"attack": "bogus"})

@@ -30,7 +30,14 @@ from typing import Any
 from ..cli import add_common_arguments, exit_status_epilog, run_command
 from ..federated.aggregation import AGGREGATION_METHODS, parse_influence_bound
 from ..federated.coordinator import Coordinator
-from ..federated.policies import BUDGET_KINDS, RANK_POLICIES, SELECTION_POLICIES, RankPolicy, parse_bytes
+from ..federated.policies import (
+    BUDGET_KINDS,
+    CLIENT_SAMPLING,
+    RANK_POLICIES,
+    SELECTION_POLICIES,
+    RankPolicy,
+    parse_bytes,
+)
 from ..federated.round import (
     CLIENT_TRAINING,
     DEFAULT_METHOD,
@@ -185,6 +192,10 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
                      "(FedRolex-style moving windows) or coverage (every component covered; without --method a "
                      "window policy gets the component rule); window policies need a --method among "
                      f"{', '.join(window_methods())} (docs/federation.md).")
+    fed.add_argument("--client-sampling", choices=CLIENT_SAMPLING, default=None,
+                     help="How each round's --clients-per-round participants are drawn: uniform (the default) or rank "
+                          "(in proportion to each client's current rank: more capable clients a round; not with DP; "
+                          "docs/methods.md#client-sampling).")
     fed.add_argument("--anchor", type=int, default=None,
                      help="Components 0..anchor-1 are in every client's window (window policies; default 0).")
 
@@ -353,6 +364,7 @@ def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -
         server_optimizer=getattr(args, "server_optimizer", None),
         error_feedback=getattr(args, "error_feedback", None),
         client_training=getattr(args, "client_training", None),
+        client_sampling=getattr(args, "client_sampling", None),
     )
     return Coordinator(
         open_store(args.store, endpoint=args.hub_endpoint, token=args.hub_token, client_mode=args.hub_client_mode,

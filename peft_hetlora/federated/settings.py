@@ -44,7 +44,7 @@ from ..utils.scaling import scaling_for
 from .adapter import module_ranks
 from .aggregation import AGGREGATION_METHODS, get_aggregation, parse_influence_bound
 from .aggregation.privacy import DPConfig, dp_config_from_dict
-from .policies import RankPolicy
+from .policies import DEFAULT_CLIENT_SAMPLING, RankPolicy, check_client_sampling
 from .round import (
     FEDERATION_FORMAT,
     NEXT_RANK_RULES,
@@ -78,7 +78,7 @@ __all__ = [
 RECORDED_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "rounds", "seed",
                    "scaling", "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection",
                    "anchor", "message_formats", "rank_policy", "server_optimizer", "error_feedback",
-                   "client_training")
+                   "client_training", "client_sampling")
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,9 @@ class FederationSettings:
             ``{"name": "fedavgm", "lr": 1.0, "momentum": 0.9}``, and True / False; default: none, off).
         client_training: ``"factors"`` (default) or ``"core"``: participants below ``r_max`` train a core inside the
             global's subspace (docs/methods.md#core-clients; needs a method with ``accepts_core``).
+        client_sampling: how a round's participants are drawn (`policies.CLIENT_SAMPLING`): ``"uniform"`` (default)
+            or ``"rank"`` (in proportion to each client's current rank; docs/methods.md#client-sampling; not with
+            ``dp``, whose accountant assumes uniform Poisson sampling).
         max_examples, allow_per_module_ranks, require_global_revision, dp_noise_seed: the coordinator's upload limits
             and the reproducible-DP test switch (not recorded in ``federation.json``).
 
@@ -140,6 +143,7 @@ class FederationSettings:
     server_optimizer: Mapping[str, Any] | None = None
     error_feedback: bool | None = None
     client_training: str | None = None
+    client_sampling: str | None = None
     max_examples: int = DEFAULT_MAX_EXAMPLES
     allow_per_module_ranks: bool = False
     require_global_revision: bool = False
@@ -160,6 +164,8 @@ class FederationSettings:
             check_selection(method, selection, self.anchor or 0, r_max=self.r_max, dp=self.dp)
         if self.client_training is not None:
             check_client_training(method, self.client_training, selection, dp=self.dp)
+        if self.client_sampling is not None:
+            check_client_sampling(self.client_sampling, poisson=self.dp is not None)
         for name in ("clients", "message_formats"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)):
@@ -303,10 +309,10 @@ IDENTITY_FIELDS = ("method", "r_max", "r_min", "base_model")
 # (FederationMismatch), except `rounds`, which may grow (extending a federation).
 SETTING_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "seed", "scaling",
                   "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection", "anchor",
-                  "message_formats", "server_optimizer", "error_feedback", "client_training")
+                  "message_formats", "server_optimizer", "error_feedback", "client_training", "client_sampling")
 # What a federation.json without the setting means (older records).
 _SETTING_DEFAULTS = {"component_selection": "prefix", "anchor": 0, "server_optimizer": None, "error_feedback": False,
-                     "client_training": "factors"}
+                     "client_training": "factors", "client_sampling": DEFAULT_CLIENT_SAMPLING}
 # Fields of the adapter config that change the math: an initial adapter that differs in one is another federation.
 ADAPTER_MATH_FIELDS = ("lora_alpha", "rank_scaling", "target_modules", "layers_to_transform", "layers_pattern",
                        "bias", "fan_in_fan_out", "modules_to_save")
@@ -478,6 +484,7 @@ def new_federation(identity: Mapping[str, Any], config: Mapping[str, Any], modul
     record["server_optimizer"] = requested.get("server_optimizer")  # None: the method's aggregate, no server step
     record["error_feedback"] = bool(requested.get("error_feedback"))
     record["client_training"] = requested.get("client_training") or "factors"
+    record["client_sampling"] = requested.get("client_sampling") or DEFAULT_CLIENT_SAMPLING
     return record
 
 
@@ -610,6 +617,11 @@ class ResolvedSettings:
     def client_training(self) -> str:
         """What participants below r_max train: "factors" (default) or "core" (docs/methods.md#core-clients)."""
         return self.get("client_training", "factors")
+
+    @property
+    def client_sampling(self) -> str:
+        """How a round's participants are drawn: "uniform" (default) or "rank" (docs/methods.md#client-sampling)."""
+        return self.get("client_sampling", DEFAULT_CLIENT_SAMPLING)
 
     @property
     def anchor(self) -> int:

@@ -120,6 +120,7 @@ class Coordinator:
     component_selection = _resolved("component_selection")
     anchor = _resolved("anchor")
     client_training = _resolved("client_training")
+    client_sampling = _resolved("client_sampling")
     dp = _resolved("dp")
 
     def __init__(
@@ -212,7 +213,8 @@ class Coordinator:
                           opened_at=self.clock(), final=round_idx >= self.rounds,
                           component_selection=self.component_selection, anchor=self.anchor, r_max=self.r_max,
                           client_training=self.client_training,
-                          module_dims=self.federation.get("modules") if self.client_training == "core" else None)
+                          module_dims=self.federation.get("modules") if self.client_training == "core" else None,
+                          client_sampling=self.client_sampling)
         return plan.to_json(self.round_settings(), deadline_s=self.resolved.get("deadline_s"))
 
     def _global_folder(self, round_idx: int, state_dict: Mapping[str, torch.Tensor],

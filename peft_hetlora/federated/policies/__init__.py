@@ -1,6 +1,7 @@
 """Who gets which rank and which components: pure policies, no round state (the public face of the policies).
 
-`rank_policy` (initial ranks: uniform, explicit, constant, budget, tiers; client sampling), `component_selection`
+`rank_policy` (initial ranks: uniform, explicit, constant, budget, tiers; client sampling: uniform or by rank),
+`component_selection`
 (which global components each sampled client trains: prefix, rolling, coverage) and `device_memory` (a device's
 memory budget -> the largest rank that fits). The settings record and the round import them from here.
 
@@ -12,6 +13,8 @@ Example:
     True
     >>> len(sample_clients(["a", "b", "c"], 2, seed=0, round_idx=0))
     2
+    >>> len(choose_participants("rank", ["a", "b", "c"], 2, ranks={"a": 2, "b": 6, "c": 16}, seed=0, round_idx=0))
+    2
     ```
 """
 
@@ -20,6 +23,8 @@ from .device_memory import DeviceMemoryError, DeviceMemoryTable, MemoryPoint, de
 from .rank_policy import (
     ADAM_STATE_COPIES,
     BUDGET_KINDS,
+    CLIENT_SAMPLING,
+    DEFAULT_CLIENT_SAMPLING,
     DEFAULT_TIERS,
     RANK_POLICIES,
     ModuleDims,
@@ -28,11 +33,14 @@ from .rank_policy import (
     budget_cost,
     budget_ranks,
     cap_ranks,
+    check_client_sampling,
+    choose_participants,
     default_tier_ranks,
     explicit_ranks,
     parse_bytes,
     poisson_sample,
     rank_for_budget,
+    rank_sample_clients,
     sample_clients,
     tier_ranks,
     training_memory_bytes,
@@ -42,6 +50,8 @@ from .rank_policy import (
 __all__ = [
     "ADAM_STATE_COPIES",
     "BUDGET_KINDS",
+    "CLIENT_SAMPLING",
+    "DEFAULT_CLIENT_SAMPLING",
     "DEFAULT_TIERS",
     "RANK_POLICIES",
     "SELECTION_POLICIES",
@@ -54,12 +64,15 @@ __all__ = [
     "budget_cost",
     "budget_ranks",
     "cap_ranks",
+    "check_client_sampling",
+    "choose_participants",
     "default_table",
     "default_tier_ranks",
     "explicit_ranks",
     "parse_bytes",
     "poisson_sample",
     "rank_for_budget",
+    "rank_sample_clients",
     "sample_clients",
     "select_components",
     "tier_ranks",

@@ -1,4 +1,5 @@
-"""Initial client ranks (uniform, explicit, constant, device budget, tiers) and per-round client sampling.
+"""Initial client ranks (uniform, explicit, constant, device budget, tiers) and per-round client sampling
+(uniform, or in proportion to each client's rank: `CLIENT_SAMPLING`, `choose_participants`).
 
 A HetLoRA federation gives every client a rank r_k in [r_min, r_max] (docs/design.md#rank-assignment). The policies
 here
@@ -26,10 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...utils.ranks import check_rank
+from ..adapter import is_int
 
 __all__ = [
     "ADAM_STATE_COPIES",
     "BUDGET_KINDS",
+    "CLIENT_SAMPLING",
+    "DEFAULT_CLIENT_SAMPLING",
     "DEFAULT_TIERS",
     "ModuleDims",
     "RANK_POLICIES",
@@ -38,11 +42,14 @@ __all__ = [
     "budget_cost",
     "budget_ranks",
     "cap_ranks",
+    "check_client_sampling",
+    "choose_participants",
     "default_tier_ranks",
     "explicit_ranks",
     "parse_bytes",
     "poisson_sample",
     "rank_for_budget",
+    "rank_sample_clients",
     "sample_clients",
     "tier_ranks",
     "training_memory_bytes",
@@ -52,6 +59,12 @@ __all__ = [
 RANK_POLICIES = ("uniform", "explicit", "constant", "budget", "tiers")
 BUDGET_KINDS = ("memory", "params")
 DEFAULT_TIERS = {"small": 0.5, "medium": 0.3, "large": 0.2}
+#: How a round's ``clients_per_round`` participants are drawn (`choose_participants`): ``"uniform"`` (every client
+#: equally likely, `sample_clients`) or ``"rank"`` (in proportion to the client's current rank, `rank_sample_clients`:
+#: capability-aware selection, docs/methods.md#client-sampling).
+CLIENT_SAMPLING = ("uniform", "rank")
+#: The client sampling of a federation that names none (and of a federation.json written before it was recorded).
+DEFAULT_CLIENT_SAMPLING = "uniform"
 
 # Adam keeps, per trainable parameter: the weight, its gradient and two moment estimates.
 ADAM_STATE_COPIES = 1 + 1 + 2
@@ -455,6 +468,20 @@ def cap_ranks(ranks: Mapping[str, int], max_ranks: Mapping[str, int], *, r_min: 
             for cid, rank in ranks.items()}
 
 
+def _sample_pool(client_ids: Sequence[str], clients_per_round: int) -> list[str]:
+    """The sorted pool of a per-round draw, after the checks every draw shares."""
+    pool = sorted(set(client_ids))
+    if len(pool) != len(client_ids):
+        raise ValueError("Client ids must be unique.")
+    if isinstance(clients_per_round, bool) or not isinstance(clients_per_round, int) or clients_per_round < 1:
+        raise ValueError(f"clients_per_round must be a positive integer, got {clients_per_round!r}.")
+    if clients_per_round > len(pool):
+        raise ValueError(
+            f"clients_per_round={clients_per_round} exceeds the {len(pool)} clients of the federation; lower it."
+        )
+    return pool
+
+
 def sample_clients(client_ids: Sequence[str], clients_per_round: int, *, seed: int, round_idx: int) -> list[str]:
     """Seeded sample of `clients_per_round` distinct clients for round `round_idx` (sorted).
 
@@ -467,18 +494,101 @@ def sample_clients(client_ids: Sequence[str], clients_per_round: int, *, seed: i
         ['a', 'b', 'c']
         ```
     """
-    pool = sorted(set(client_ids))
-    if len(pool) != len(client_ids):
-        raise ValueError("Client ids must be unique.")
-    if isinstance(clients_per_round, bool) or not isinstance(clients_per_round, int) or clients_per_round < 1:
-        raise ValueError(f"clients_per_round must be a positive integer, got {clients_per_round!r}.")
-    if clients_per_round > len(pool):
-        raise ValueError(
-            f"clients_per_round={clients_per_round} exceeds the {len(pool)} clients of the federation; lower it."
-        )
+    pool = _sample_pool(client_ids, clients_per_round)
     rng = np.random.default_rng([_stable_int(seed, "sample"), int(round_idx)])
     chosen = rng.choice(len(pool), size=clients_per_round, replace=False)
     return sorted(pool[i] for i in chosen)
+
+
+def _sampling_ranks(pool: Sequence[str], ranks: Mapping[str, int] | None) -> np.ndarray:
+    if not isinstance(ranks, Mapping):
+        raise ValueError("client_sampling='rank' needs every client's current rank ({client_id: rank}), got "
+                         f"{type(ranks).__name__}.")
+    missing = [cid for cid in pool if cid not in ranks]
+    if missing:
+        raise ValueError(f"client_sampling='rank' has no rank for client(s) {missing[:5]}; give every client of the "
+                         "pool its current rank.")
+    bad = {cid: ranks[cid] for cid in pool if not is_int(ranks[cid]) or ranks[cid] < 1}
+    if bad:
+        raise ValueError(f"client_sampling='rank' draws in proportion to ranks, which must be positive integers; got "
+                         f"{dict(list(bad.items())[:5])}.")
+    return np.array([int(ranks[cid]) for cid in pool], dtype=np.float64)
+
+
+def rank_sample_clients(client_ids: Sequence[str], ranks: Mapping[str, int], clients_per_round: int, *, seed: int,
+                        round_idx: int) -> list[str]:
+    """Seeded sample of `clients_per_round` distinct clients, each draw in proportion to rank (sorted).
+
+    Successive sampling without replacement: the first participant is client ``k`` with probability
+    ``r_k / sum_j r_j``, each next one in proportion to rank among the clients not yet drawn. Capability-aware
+    participant selection (FedCS, Nishio & Yonetani, arXiv 1804.08333; Oort, Lai et al., OSDI 2021): a round holds
+    more of the clients that can train the high components. Updates are *not* reweighted by ``1 / pi_k``
+    (Chen, Horvath & Richtarik, arXiv 2010.13723, for that view): the federation's objective leans toward the
+    capable clients' data (docs/methods.md#client-sampling). Like `sample_clients`, the draw depends only on
+    (seed, round_idx, the set of client ids) and the ranks, so a resumed coordinator picks the same participants.
+
+    Raises:
+        ValueError: duplicate ids, ``clients_per_round`` not in ``[1, len(client_ids)]``, or a client without a
+            positive integer rank in ``ranks``.
+
+    Example:
+        ```py
+        >>> rank_sample_clients(["a", "b", "c"], {"a": 2, "b": 16, "c": 6}, 3, seed=0, round_idx=1)
+        ['a', 'b', 'c']
+        >>> len(rank_sample_clients(["a", "b", "c"], {"a": 2, "b": 16, "c": 6}, 2, seed=0, round_idx=1))
+        2
+        ```
+    """
+    pool = _sample_pool(client_ids, clients_per_round)
+    weights = _sampling_ranks(pool, ranks)
+    rng = np.random.default_rng([_stable_int(seed, "sample-rank"), int(round_idx)])
+    left = list(range(len(pool)))
+    chosen: list[str] = []
+    for u in rng.random(clients_per_round):
+        cdf = np.cumsum(weights[left])
+        at = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(left) - 1)
+        chosen.append(pool[left.pop(at)])
+    return sorted(chosen)
+
+
+def check_client_sampling(client_sampling: object, *, poisson: bool = False) -> str:
+    """``client_sampling`` if it names a policy of `CLIENT_SAMPLING` the round can run, else a ValueError that says
+    what to do. ``poisson``: the round Poisson-samples for a DP accountant (``dp.sampling_rate``), which assumes
+    every client is equally likely: only ``"uniform"`` goes with it.
+
+    Example:
+        ```py
+        >>> check_client_sampling("rank")
+        'rank'
+        ```
+    """
+    if not isinstance(client_sampling, str) or client_sampling not in CLIENT_SAMPLING:
+        raise ValueError(f"client_sampling must be one of {CLIENT_SAMPLING}, got {client_sampling!r}.")
+    if poisson and client_sampling != "uniform":
+        raise ValueError(f"client_sampling={client_sampling!r} with dp=...: the privacy accountant assumes uniform "
+                         "Poisson sampling of clients at dp.sampling_rate; use client_sampling='uniform' (the "
+                         "default) for a DP federation, or drop dp.")
+    return client_sampling
+
+
+def choose_participants(client_sampling: str, client_ids: Sequence[str], clients_per_round: int, *,
+                        ranks: Mapping[str, int] | None = None, seed: int, round_idx: int) -> list[str]:
+    """The participants of round ``round_idx`` under ``client_sampling`` (`CLIENT_SAMPLING`), sorted:
+    ``"uniform"`` is `sample_clients` exactly (the same participants as before the policy existed), ``"rank"`` is
+    `rank_sample_clients` over ``ranks`` (the round's client ranks).
+
+    Example:
+        ```py
+        >>> ids = ["a", "b", "c", "d"]
+        >>> choose_participants("uniform", ids, 2, seed=3, round_idx=4) == sample_clients(ids, 2, seed=3, round_idx=4)
+        True
+        >>> len(choose_participants("rank", ids, 2, ranks={"a": 2, "b": 2, "c": 6, "d": 16}, seed=3, round_idx=4))
+        2
+        ```
+    """
+    if check_client_sampling(client_sampling) == "rank":
+        return rank_sample_clients(client_ids, ranks, clients_per_round, seed=seed, round_idx=round_idx)
+    return sample_clients(client_ids, clients_per_round, seed=seed, round_idx=round_idx)
 
 
 def poisson_sample(client_ids: Sequence[str], rate: float, *, seed: int, round_idx: int) -> list[str]:

@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..adapter import core_rank
-from ..policies import poisson_sample, sample_clients, select_components
+from ..policies import (
+    DEFAULT_CLIENT_SAMPLING,
+    check_client_sampling,
+    choose_participants,
+    poisson_sample,
+    select_components,
+)
 from .settings import RoundSettings
 
 __all__ = [
@@ -58,6 +64,7 @@ class RoundPlan:
     final: bool = False
     components: dict[str, tuple[int, ...]] | None = None
     cores: dict[str, int] | None = None
+    client_sampling: str = DEFAULT_CLIENT_SAMPLING
 
     def to_json(self, settings: RoundSettings, *, deadline_s: float | None = None) -> dict[str, Any]:
         """The ``round.json`` record (``revision`` is the store's business: it is not part of the file)."""
@@ -82,6 +89,8 @@ class RoundPlan:
         if self.cores is not None:
             out["client_training"] = "core"
             out["cores"] = {cid: int(self.cores[cid]) for cid in self.participants if cid in self.cores}
+        if self.client_sampling != DEFAULT_CLIENT_SAMPLING:  # a uniform round's round.json stays as it was
+            out["client_sampling"] = self.client_sampling
         return out
 
     @classmethod
@@ -97,6 +106,7 @@ class RoundPlan:
             components=({k: tuple(int(j) for j in v) for k, v in info["components"].items()}
                         if isinstance(info.get("components"), Mapping) else None),
             cores=({k: int(v) for k, v in info["cores"].items()} if isinstance(info.get("cores"), Mapping) else None),
+            client_sampling=str(info.get("client_sampling") or DEFAULT_CLIENT_SAMPLING),
         )
 
     def components_of(self, client_id: str) -> tuple[int, ...] | None:
@@ -194,11 +204,14 @@ def plan_round(
     r_max: int | None = None,
     client_training: str = "factors",
     module_dims: Any = None,
+    client_sampling: str = DEFAULT_CLIENT_SAMPLING,
 ) -> RoundPlan:
     """The plan of round ``round_idx``: a seeded sample of ``clients`` and their ranks.
 
     ``sampling_rate`` (DP rounds) switches to Poisson sampling at that rate, which is what the privacy accountant
-    assumes; otherwise exactly ``clients_per_round`` clients are drawn (`sample_clients`). A window
+    assumes; otherwise exactly ``clients_per_round`` clients are drawn by ``client_sampling``
+    (`policies.choose_participants`: ``"uniform"``, `sample_clients`, the default; ``"rank"``, in proportion to each
+    client's rank in ``client_ranks``, refused with ``sampling_rate``). A window
     ``component_selection`` (``"rolling"`` / ``"coverage"``, needs ``r_max``) also assigns each participant the
     global components it trains (`select_components` over the sampled clients and their ranks), recorded as
     ``RoundPlan.components``; ``"prefix"`` leaves it None (every client trains ``range(rank)``).
@@ -212,10 +225,12 @@ def plan_round(
         {'a': 2, 'b': 4}
         ```
     """
+    check_client_sampling(client_sampling, poisson=sampling_rate is not None)
     if sampling_rate is not None:
         participants = poisson_sample(clients, sampling_rate, seed=seed, round_idx=round_idx)
     else:
-        participants = sample_clients(list(clients), clients_per_round, seed=seed, round_idx=round_idx)
+        participants = choose_participants(client_sampling, list(clients), clients_per_round, ranks=client_ranks,
+                                           seed=seed, round_idx=round_idx)
     ranks = {cid: int(client_ranks[cid]) for cid in participants}
     components = None
     if component_selection != "prefix":
@@ -228,4 +243,4 @@ def plan_round(
         if r_max is None or not module_dims:
             raise ValueError("plan_round: client_training='core' needs r_max=... and module_dims=...")
         cores = {cid: core_rank(k, r_max, module_dims) for cid, k in ranks.items() if k < r_max}
-    return RoundPlan(round_idx, participants, ranks, revision, opened_at, final, components, cores)
+    return RoundPlan(round_idx, participants, ranks, revision, opened_at, final, components, cores, client_sampling)

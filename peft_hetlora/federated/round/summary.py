@@ -19,6 +19,7 @@ from typing import Any
 
 from ..adapter import update_norm
 from ..aggregation import ClientUpdate
+from ..policies import DEFAULT_CLIENT_SAMPLING
 
 __all__ = ["NON_FINITE_REASON", "build_summary", "client_details", "finite_or_null", "weighted_mean"]
 
@@ -122,6 +123,8 @@ def build_summary(plan, settings, result, accepted, rejected, details, client_ra
     if getattr(plan, "components", None) is not None:
         summary["component_selection"] = settings.component_selection
         summary["assigned_components"] = {cid: [int(j) for j in idx] for cid, idx in plan.components.items()}
+    if getattr(plan, "client_sampling", DEFAULT_CLIENT_SAMPLING) != DEFAULT_CLIENT_SAMPLING:
+        summary["client_sampling"] = plan.client_sampling  # who was drawn, and how (uniform rounds stay as they were)
     aggregation = summary["aggregation"] or {}
     for name in ("components", "coverage"):
         if name in aggregation:
