@@ -542,13 +542,10 @@ def rank_sample_clients(client_ids: Sequence[str], ranks: Mapping[str, int], cli
     pool = _sample_pool(client_ids, clients_per_round)
     weights = _sampling_ranks(pool, ranks)
     rng = np.random.default_rng([_stable_int(seed, "sample-rank"), int(round_idx)])
-    left = list(range(len(pool)))
-    chosen: list[str] = []
-    for u in rng.random(clients_per_round):
-        cdf = np.cumsum(weights[left])
-        at = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(left) - 1)
-        chosen.append(pool[left.pop(at)])
-    return sorted(chosen)
+    # numpy's weighted draw without replacement: a draw that repeats a chosen client is redrawn, which is
+    # successive sampling in distribution
+    chosen = rng.choice(len(pool), size=clients_per_round, replace=False, p=weights / weights.sum())
+    return sorted(pool[int(i)] for i in chosen)
 
 
 def check_client_sampling(client_sampling: object, *, poisson: bool = False) -> str:
