@@ -283,7 +283,7 @@ def test_the_strategy_is_a_fedavg_that_holds_its_helpers(initial):
     assert strategy.mirror.revisions == {0: "flower-round-0"}
 
 
-def test_rank_client_sampling_plans_each_round_from_the_clients_ranks(initial):
+def test_rank_client_sampling_plans_each_round_from_the_clients_ranks(initial, tmp_path):
     """client_sampling="rank" (docs/methods.md#client-sampling) goes through the one `plan_round`: each round's
     participants are the seeded rank-proportional draw over the connected clients and their current ranks."""
     from peft_hetlora.federated.aggregation.privacy import DPConfig
@@ -299,6 +299,13 @@ def test_rank_client_sampling_plans_each_round_from_the_clients_ranks(initial):
     ranked = strategy_for(5, ranks, method="flexlora_held", clients_per_round=2, client_sampling="rank", seed=3)
     ranked.start(grid=inline_grid(5, app=stub_client_app(5)), initial_arrays=ArrayRecord(initial), num_rounds=1)
     assert ranked.history[0]["client_sampling"] == "rank"
+    store = LocalStore(tmp_path / "fed", create=True)  # a mirrored round.json names the policy, as the coordinator's
+    mirrored = strategy_for(5, ranks, method="flexlora_held", clients_per_round=2, client_sampling="rank", seed=3,
+                            store=store)
+    mirrored.start(grid=inline_grid(5, app=stub_client_app(5)), initial_arrays=ArrayRecord(initial), num_rounds=1)
+    info = json.loads((store.get_global(0).path / "round.json").read_text())
+    assert info["client_sampling"] == "rank"
+    assert info["participants"] == rank_sample_clients(sorted(ranks), ranks, 2, seed=3, round_idx=0)
     assert "client_sampling" not in strategy_history_of_uniform(initial)  # uniform summaries are as before
     dp = DPConfig(clip=0.5, noise_multiplier=1.0, delta=1e-5, sampling_rate=0.5, expected_clients=2)
     with pytest.raises(ValueError, match="Poisson"):

@@ -43,8 +43,11 @@ class StoreMirror:
                       global_state: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any],
                       round_settings: RoundSettings | None, federation: Callable[[], dict[str, Any]],
                       final: bool = False, components: dict[str, tuple[int, ...]] | None = None,
-                      server_state: Mapping[str, torch.Tensor] | None = None) -> str:
+                      server_state: Mapping[str, torch.Tensor] | None = None,
+                      client_sampling: str = "uniform") -> str:
         """Publish global t with its round.json (to the store if any); returns its revision.
+
+        ``client_sampling``: the policy that drew ``participants`` (round.json names it when it is not uniform).
 
         ``server_state`` (the server step's, `round.server_step`) goes beside the adapter as `SERVER_STATE_FILE`.
 
@@ -62,7 +65,7 @@ class StoreMirror:
                                  "(a fresh folder or Hub repo).")
             self.store.write_federation(federation())
         plan = RoundPlan(t, list(participants), {cid: int(r) for cid, r in ranks.items()}, opened_at=self.clock(),
-                         final=final, components=components)
+                         final=final, components=components, client_sampling=client_sampling)
         info = plan.to_json(round_settings)
         with tempfile.TemporaryDirectory(prefix=f"hetlora-flower-global-{t}-") as tmp:
             folder = Path(tmp)

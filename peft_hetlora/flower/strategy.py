@@ -324,13 +324,14 @@ class HetLoRAStrategy(FedAvg):
         return self.nodes.connected_clients(grid, minimum, self.spec)
 
     def _publish_round(self, t: int, participants: list[str], ranks: dict[str, int], final: bool = False,
-                       components: dict[str, tuple[int, ...]] | None = None) -> str:
+                       components: dict[str, tuple[int, ...]] | None = None,
+                       client_sampling: str = "uniform") -> str:
         """Publish global t with its round.json (to the store if any); returns its revision."""
         return self.mirror.publish_round(
             t, participants, ranks, global_state=self.global_state, adapter_config=self.adapter_config,
             round_settings=self.round_settings() if self.store is not None else None,
             federation=lambda: self._federation(self.roster or sorted(self.client_ranks)),
-            final=final, components=components, server_state=self.server_state)
+            final=final, components=components, server_state=self.server_state, client_sampling=client_sampling)
 
     def _publish_final(self) -> None:
         if self.num_rounds is None or self.global_state is None or self.store is None:
@@ -455,7 +456,8 @@ class HetLoRAStrategy(FedAvg):
         participants, ranks, windows = planned.participants, planned.ranks, planned.components or {}
         self._plans[t] = {"participants": participants, "ranks": ranks, "components": planned.components}
         self._round_started[t] = self._clock()
-        revision = self._publish_round(t, participants, ranks, components=planned.components)
+        revision = self._publish_round(t, participants, ranks, components=planned.components,
+                                       client_sampling=planned.client_sampling)
         messages = []
         pending: dict[int, tuple[str, int]] = {}
         for cid in participants:
