@@ -28,6 +28,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from peft_hetlora.federated import Coordinator, LocalStore
+from peft_hetlora.federated.policies import DEFAULT_CLIENT_SAMPLING
 from peft_hetlora.federated.round import RoundPlan
 from peft_hetlora.federated.stores import json_text
 from peft_hetlora.flower import LocalTrainingConfig
@@ -629,7 +630,8 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path) -> Path:
 def _notes(config: SimulationConfig, per_seed: list[dict[str, Any]], resources: dict[str, Any]) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if k not in ("methods",) and v is not None)
     wall, cpu = resources["wall_s"], resources["cpu_s"]
-    ranked = [m for m in config.methods if ARMS[m].get("sampling", "uniform") != "uniform"]
+    ranked = [m for m in config.methods
+              if ARMS[m].get("sampling", DEFAULT_CLIENT_SAMPLING) != DEFAULT_CLIENT_SAMPLING]
     sampling = "the same client sampling" if not ranked else (
         f"the same client sampling (uniform; {', '.join(ranked)}: in proportion to rank)")
     return (

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from peft_hetlora.federated.policies import DEFAULT_CLIENT_SAMPLING
 from peft_hetlora.federated.round import RoundPlan, RoundSettings
 from peft_hetlora.federated.stores import AdapterStore, json_text
 from peft_hetlora.utils.constants import ADAPTER_FILE, CONFIG_FILE, ROUND_FILE, SERVER_STATE_FILE
@@ -44,7 +45,7 @@ class StoreMirror:
                       round_settings: RoundSettings | None, federation: Callable[[], dict[str, Any]],
                       final: bool = False, components: dict[str, tuple[int, ...]] | None = None,
                       server_state: Mapping[str, torch.Tensor] | None = None,
-                      client_sampling: str = "uniform") -> str:
+                      client_sampling: str = DEFAULT_CLIENT_SAMPLING) -> str:
         """Publish global t with its round.json (to the store if any); returns its revision.
 
         ``client_sampling``: the policy that drew ``participants`` (round.json names it when it is not uniform).

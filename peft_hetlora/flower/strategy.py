@@ -325,7 +325,7 @@ class HetLoRAStrategy(FedAvg):
 
     def _publish_round(self, t: int, participants: list[str], ranks: dict[str, int], final: bool = False,
                        components: dict[str, tuple[int, ...]] | None = None,
-                       client_sampling: str = "uniform") -> str:
+                       client_sampling: str = DEFAULT_CLIENT_SAMPLING) -> str:
         """Publish global t with its round.json (to the store if any); returns its revision."""
         return self.mirror.publish_round(
             t, participants, ranks, global_state=self.global_state, adapter_config=self.adapter_config,
