@@ -1,16 +1,19 @@
-"""Is issue 24's first target reachable at all? The unaffordable oracle against capable-only, per seed and round.
+"""Is issue 24's first target reachable at all? The unaffordable oracle against capable-only and HomLoRA(r_min), per
+seed and round.
 
 Issue 24 asks the default to beat HomLoRA(r_max) trained on the capable clients only ("capable-only") on every seed
 from round 5 on. Every heterogeneous method trains, per round, a subset of what HomLoRA(r_max) on *all* clients
 trains (the same sampled clients, each at rank ``r_max``): that federation is the oracle no device mix can afford,
 and in every run of the project's study it is the lower envelope of the heterogeneous arms. So where the oracle
 does not beat capable-only, no aggregation rule can be expected to: the target asks for more than full rank on
-every device buys.
+every device buys. The same holds for HomLoRA(r_min): where the oracle does not beat it, full rank buys nothing
+over rank ``r_min`` at that horizon, and neither can a mix of ranks.
 
 This tool reads the stored baselines (``benchmarks/results/study/chosen/r20/<corpus>/metrics.json``, the rows
 ``hetlora simulate`` writes, every arm at its own rate chosen on client validation) and, per corpus, seed and
 reported round ``h``, compares each arm at its **best held-out round up to h** (the most favourable early stop any
-rule could pick: an upper bound on what early stopping gives each side) and at round ``h`` itself.
+rule could pick: an upper bound on what early stopping gives each side) and at round ``h`` itself. ``--chosen ''``
+reads the run folders of ``--runs`` alone (a study whose baselines were all rerun, e.g. on a corpus that changed).
 
 Outputs ``feasibility.{md,json,png}``.
 
@@ -24,8 +27,8 @@ Example:
     ...              "homlora_rmin": {"rounds": [{"round": 5, "heldout_ppl": 12.0}]},
     ...              "flexlora_held": {"rounds": [{"round": 5, "heldout_ppl": 11.0}]}}}
     >>> row = feasibility_rows(seeds, [5])[0]
-    >>> row["oracle_beats_capable"], round(row["default_vs_oracle_pct"], 1)
-    (False, 10.0)
+    >>> row["oracle_beats_capable"], row["oracle_beats_rmin"], round(row["default_vs_oracle_pct"], 1)
+    (False, True, 10.0)
 """
 
 from __future__ import annotations
@@ -70,8 +73,9 @@ def _pct(a: float | None, b: float | None) -> float | None:
 def feasibility_rows(seeds: Mapping[Any, Mapping[str, Any]], rounds: Sequence[int] = ROUNDS) -> list[dict[str, Any]]:
     """One row per (seed, round): oracle, capable-only, HomLoRA(r_min) and the default, at the round and best-so-far.
 
-    ``oracle_beats_capable`` compares the two at their best round up to ``h``; the ``*_pct`` columns are the
-    default's gap in percent of the other arm's best-so-far (negative: the default is better).
+    ``oracle_beats_capable`` / ``oracle_beats_rmin`` compare the two at their best round up to ``h`` (None without
+    an r_min curve); the ``default_vs_*_pct`` columns are the default's gap in percent of the other arm's
+    best-so-far (negative: the default is better), ``oracle_vs_*_pct`` the oracle's.
     """
     out: list[dict[str, Any]] = []
     for seed, arms in sorted(seeds.items(), key=lambda kv: str(kv[0])):
@@ -88,6 +92,8 @@ def feasibility_rows(seeds: Mapping[Any, Mapping[str, Any]], rounds: Sequence[in
                 "rmin_best": best[RMIN], "default_best": best[DEFAULT],
                 "oracle_beats_capable": best[ORACLE] < best[CAPABLE],
                 "oracle_vs_capable_pct": _pct(best[ORACLE], best[CAPABLE]),
+                "oracle_beats_rmin": None if best[RMIN] is None else best[ORACLE] < best[RMIN],
+                "oracle_vs_rmin_pct": _pct(best[ORACLE], best[RMIN]),
                 "default_vs_capable_pct": _pct(best[DEFAULT], best[CAPABLE]),
                 "default_vs_rmin_pct": _pct(best[DEFAULT], best[RMIN]),
                 "default_vs_oracle_pct": _pct(best[DEFAULT], best[ORACLE]),
@@ -103,19 +109,22 @@ def _f(value: float | None, signed: bool = False) -> str:
 
 def markdown(rows_by_corpus: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     """The table: one line per corpus and round, the seeds side by side."""
-    lines = ["| corpus | round | oracle best (s0/s1/s2) | capable-only best | oracle beats capable | "
-             "default best | default vs capable | default vs r_min | default vs oracle |",
-             "|---|---:|---|---|---|---|---|---|---|"]
+    lines = ["| corpus | round | oracle best (s0/s1/s2) | capable-only best | oracle beats capable | r_min best | "
+             "oracle beats r_min | default best | default vs capable | default vs r_min | default vs oracle |",
+             "|---|---:|---|---|---|---|---|---|---|---|---|"]
     for corpus, rows in rows_by_corpus.items():
         for h in sorted({r["round"] for r in rows}):
             rs = [r for r in rows if r["round"] == h]
             wins = sum(r["oracle_beats_capable"] for r in rs)
+            known = [r["oracle_beats_rmin"] for r in rs if r["oracle_beats_rmin"] is not None]
+            over_rmin = f"{sum(known)} of {len(known)}" if known else "-"
 
             def col(key: str, signed: bool = False, rs: Sequence[Mapping[str, Any]] = rs) -> str:
                 return " / ".join(_f(r[key], signed) for r in rs)
             lines.append(f"| {corpus} | {h} | {col('oracle_best')} | {col('capable_best')} | {wins} of {len(rs)} | "
-                         f"{col('default_best')} | {col('default_vs_capable_pct', True)} | "
-                         f"{col('default_vs_rmin_pct', True)} | {col('default_vs_oracle_pct', True)} |")
+                         f"{col('rmin_best')} | {over_rmin} | {col('default_best')} | "
+                         f"{col('default_vs_capable_pct', True)} | {col('default_vs_rmin_pct', True)} | "
+                         f"{col('default_vs_oracle_pct', True)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,12 +168,17 @@ def overlay_runs(seeds: dict[Any, dict[str, Any]], runs: Path, corpus: str) -> l
     from study_plan import read_rows
 
     replaced: set[str] = set()
+    stored = bool(seeds)
     for arm_dir in sorted((runs / corpus).glob("*")) if (runs / corpus).is_dir() else []:
+        if not stored:  # no stored baselines: every seed the run folders hold
+            for folder in arm_dir.glob("s*"):
+                if folder.name[1:].isdigit():
+                    seeds.setdefault(int(folder.name[1:]), {})
         for seed in list(seeds):
             rows = read_rows(arm_dir / f"s{seed}" / f"seed-{seed}" / arm_dir.name)
             if rows:
                 ours = data_signature(rows)
-                if not any(same_data(data_signature(m["rounds"]), ours) for m in seeds[seed].values()):
+                if seeds[seed] and not any(same_data(data_signature(m["rounds"]), ours) for m in seeds[seed].values()):
                     raise SystemExit(f"feasibility24: {arm_dir.name} seed {seed} under {runs} saw other data than the "
                                      f"stored baselines (round-0 held-out and clients: {ours})")
                 seeds[seed][arm_dir.name] = {"rounds": rows}
@@ -175,7 +189,7 @@ def overlay_runs(seeds: dict[Any, dict[str, Any]], runs: Path, corpus: str) -> l
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chosen", default="benchmarks/results/study/chosen/r20",
-                        help="folder with <corpus>/metrics.json (the stored baselines)")
+                        help="folder with <corpus>/metrics.json (the stored baselines); '' for none (--runs alone)")
     parser.add_argument("--corpora", default="chitchat,pycode")
     parser.add_argument("--runs", type=Path, default=None,
                         help="a study24.py --out folder whose arms replace the stored ones (a rerun at another rate)")
@@ -184,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = {}
     for corpus in args.corpora.split(","):
-        seeds = load(Path(args.chosen) / corpus / "metrics.json")
+        seeds = load(Path(args.chosen) / corpus / "metrics.json") if args.chosen else {}
         if args.runs is not None:
             print(f"{corpus}: arms from {args.runs}: {overlay_runs(seeds, args.runs, corpus)}")
         rows[corpus] = feasibility_rows(seeds)

@@ -49,10 +49,11 @@ def test_rows_by_hand() -> None:
     assert r["default_vs_capable_pct"] == pytest.approx(100 * (48 - 46) / 46)
     assert r["default_vs_rmin_pct"] == pytest.approx(100 * (48 - 55) / 55)
     assert r["default_vs_oracle_pct"] == pytest.approx(100 * (48 - 45) / 45)
+    assert r["oracle_beats_rmin"] is True and r["oracle_vs_rmin_pct"] == pytest.approx(100 * (45 - 55) / 55)
     assert rows[(0, 5)]["oracle_best"] == 43 and rows[(0, 5)]["capable_best"] == 46
     r = rows[(1, 5)]
     assert r["oracle_beats_capable"] is False  # 45 against 42
-    assert r["rmin_best"] is None and r["default_vs_rmin_pct"] is None
+    assert r["rmin_best"] is None and r["default_vs_rmin_pct"] is None and r["oracle_beats_rmin"] is None
     assert r["oracle_vs_capable_pct"] == pytest.approx(100 * (45 - 42) / 42)
 
 
@@ -77,3 +78,24 @@ def test_overlay_and_outputs(tmp_path: Path) -> None:
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(feasibility24).failed == 0
+
+
+def test_the_oracle_need_not_beat_r_min_and_runs_alone_need_no_stored_baselines(tmp_path: Path) -> None:
+    # round:                   0    1   2   3
+    curves = {"homlora_rmax": [99, 50, 47, 46], "homlora_rmax_capable": [99, 49, 48, 52],
+              "homlora_rmin": [99, 60, 48, 45], "flexlora_held": [99, 55, 47, 46]}
+    for arm, values in curves.items():
+        for seed in (0, 2):
+            folder = tmp_path / "runs" / "c" / arm / f"s{seed}" / f"seed-{seed}" / arm
+            folder.mkdir(parents=True)
+            (folder / "rounds.jsonl").write_text("\n".join(json.dumps(r) for r in _curve(values)["rounds"]))
+    out = tmp_path / "out"
+    assert feasibility24.main(["--chosen", "", "--corpora", "c", "--runs", str(tmp_path / "runs"), "--out", str(out),
+                               "--name", "f"]) == 0
+    rows = {(r["seed"], r["round"]): r for r in json.loads((out / "f.json").read_text())["c"]}
+    assert sorted({seed for seed, _ in rows}) == [0, 2]  # the seeds the run folders hold
+    # round 3: oracle best 46, r_min best 45: full rank buys nothing over r_min at this horizon
+    assert rows[(0, 3)]["oracle_beats_rmin"] is False
+    assert rows[(0, 3)]["oracle_vs_rmin_pct"] == pytest.approx(100 * (46 - 45) / 45)
+    assert rows[(0, 3)]["oracle_beats_capable"] is True  # 46 against 48
+    assert "| c | 3 | 46.00 / 46.00 | 48.00 / 48.00 | 2 of 2 | 45.00 / 45.00 | 0 of 2 |" in (out / "f.md").read_text()
