@@ -122,6 +122,7 @@ def arm_coordinator_settings(
         error_feedback=True if spec.get("error_feedback") else None,
         client_training=spec.get("client_training"),
         client_sampling=spec.get("sampling"),
+        rank_sampling_rounds=spec.get("sampling_rounds"),
     )
 
 

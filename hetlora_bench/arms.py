@@ -83,6 +83,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "flexlora_held_ranksample": {"aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False,
                                  "sampling": "rank"},
     "raflora_ranksample": {"aggregation": "raflora", "ranks": "heterogeneous", "prune": False, "sampling": "rank"},
+    # rank sampling for the first 5 / 10 rounds, uniform after ("sampling_rounds": `rank_sampling_rounds`)
+    "flexlora_held_ranksample5": {"aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False,
+                                  "sampling": "rank", "sampling_rounds": 5},
+    "flexlora_held_ranksample10": {"aggregation": "flexlora_held", "ranks": "heterogeneous", "prune": False,
+                                   "sampling": "rank", "sampling_rounds": 10},
 }
 
 #: the arms a run compares when `methods` is not given, the default method first (`flexlora_held`: the study's

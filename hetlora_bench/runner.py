@@ -632,8 +632,12 @@ def _notes(config: SimulationConfig, per_seed: list[dict[str, Any]], resources: 
     wall, cpu = resources["wall_s"], resources["cpu_s"]
     ranked = [m for m in config.methods
               if ARMS[m].get("sampling", DEFAULT_CLIENT_SAMPLING) != DEFAULT_CLIENT_SAMPLING]
+    def _ranked(m: str) -> str:
+        rounds = ARMS[m].get("sampling_rounds")
+        return m if rounds is None else f"{m} for the first {rounds} rounds"
+
     sampling = "the same client sampling" if not ranked else (
-        f"the same client sampling (uniform; {', '.join(ranked)}: in proportion to rank)")
+        f"the same client sampling (uniform; {', '.join(map(_ranked, ranked))}: in proportion to rank)")
     return (
         f"Settings: {settings}.\n\nAll arms use the same scale s = lora_alpha / r_max, {sampling} "
         f"and seeds. This invocation ran for {wall:.0f} s wall ({format_duration(wall)}) and {cpu:.0f} s CPU "

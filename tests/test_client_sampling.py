@@ -25,9 +25,11 @@ from peft_hetlora.federated.policies import (
     CLIENT_SAMPLING,
     DEFAULT_CLIENT_SAMPLING,
     check_client_sampling,
+    check_rank_sampling_rounds,
     choose_participants,
     rank_sample_clients,
     sample_clients,
+    sampling_for_round,
 )
 from peft_hetlora.federated.round import plan_round
 from peft_hetlora.utils.errors import FederationMismatch
@@ -293,3 +295,121 @@ def test_cli_takes_client_sampling(tmp_path, init_dir):
         ["a", "b", "c", "d"], {"a": 1, "b": 1, "c": 1, "d": 4}, 2, seed=0, round_idx=0)
     with pytest.raises(SystemExit):
         main(["--store", str(fed), "--client-sampling", "capable"])
+
+
+# ------------------------------------------------------------------------------------------------ rank, then uniform
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 50), st.integers(0, 200))
+def test_rank_sampling_rounds_draws_the_first_n_rounds_by_rank_and_the_rest_uniformly(n, round_idx):
+    expected = "rank" if round_idx < n else "uniform"  # rounds 0 .. n-1 by rank (docs/methods.md#client-sampling)
+    assert sampling_for_round("rank", round_idx, n) == expected
+    assert sampling_for_round("rank", round_idx, None) == "rank"
+    assert sampling_for_round("uniform", round_idx, None) == "uniform"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(st.integers(max_value=0), st.booleans(), st.floats(allow_nan=True), st.text(max_size=3),
+                 st.lists(st.integers(1, 3), max_size=2)))
+def test_junk_rank_sampling_rounds_is_refused_with_what_to_do(junk):
+    with pytest.raises(ValueError, match="positive integer"):
+        check_rank_sampling_rounds(junk, "rank")
+    with pytest.raises(ValueError, match="positive integer"):
+        FederationSettings(client_sampling="rank", rank_sampling_rounds=junk)
+
+
+def test_rank_sampling_rounds_needs_rank_sampling():
+    with pytest.raises(ValueError, match="set client_sampling='rank'"):
+        check_rank_sampling_rounds(3, "uniform")
+    with pytest.raises(ValueError, match="set client_sampling='rank'"):
+        FederationSettings(client_sampling="uniform", rank_sampling_rounds=3)
+    with pytest.raises(ValueError, match="set client_sampling='rank'"):
+        plan_round(0, ["a", "b"], {"a": 1, "b": 2}, clients_per_round=1, seed=0, rank_sampling_rounds=3)
+    with pytest.raises(ValueError, match="accountant assumes uniform Poisson"):
+        FederationSettings(method="rankwise", dp=DP, client_sampling="rank", rank_sampling_rounds=3)
+    record = FederationSettings(method="flexlora_held", clients=("a", "b"), client_sampling="rank",
+                                rank_sampling_rounds=4)
+    assert record.to_json()["rank_sampling_rounds"] == 4
+    assert FederationSettings.from_json(record.to_json()) == record
+
+
+def test_plan_round_switches_from_the_rank_draw_to_todays_uniform_draw_at_round_n():
+    ids = [f"c{i}" for i in range(12)]
+    ranks = {cid: (16 if i < 3 else 2) for i, cid in enumerate(ids)}
+    for t in range(8):
+        plan = plan_round(t, ids, ranks, clients_per_round=4, seed=5, client_sampling="rank", rank_sampling_rounds=3)
+        if t < 3:
+            assert plan.participants == rank_sample_clients(ids, ranks, 4, seed=5, round_idx=t)
+            assert plan.client_sampling == "rank"
+        else:
+            assert plan.participants == todays_uniform_draw(ids, 4, 5, t)
+            assert plan.client_sampling == "uniform"
+        info = plan.to_json(_round_settings())
+        assert info.get("client_sampling", "uniform") == plan.client_sampling  # round.json names who drew it
+
+
+def _round_settings():
+    from peft_hetlora.federated.round import RoundSettings
+
+    return RoundSettings(method="flexlora_held", r_max=16, r_min=2, scaling=2.0)
+
+
+def test_coordinator_persists_the_schedule_and_a_resumed_one_switches_at_the_same_round(tmp_path):
+    init = initial_adapter(tmp_path / "init", r_max=4)
+    options = dict(method="flexlora_held", clients_per_round=2, rounds=5, client_sampling="rank",
+                   rank_sampling_rounds=2)
+    store = LocalStore(tmp_path / "fed", create=True)
+    fake = FakeClients(store, tmp_path / "work", prune={"d"})
+    first = make_coordinator(store, fake, **options)
+    first.init(init)
+    assert first.step() == "closed round 0"
+    assert store.read_federation()["rank_sampling_rounds"] == 2
+    resumed = Coordinator(store, clock=Clock(), sleep=fake.sleep, poll_interval_s=1.0, progress=False)
+    assert (resumed.client_sampling, resumed.rank_sampling_rounds) == ("rank", 2)
+    resumed.run()
+    fed = store.read_federation()
+    ranks = dict(fed["initial_ranks"])
+    for t in range(5):
+        if t > 0:
+            ranks.update(store.read_summary(t - 1)["client_ranks"])
+        drawn = round_info(store, t)["participants"]
+        if t < 2:
+            assert drawn == rank_sample_clients(CLIENTS, ranks, 2, seed=7, round_idx=t)
+            assert round_info(store, t)["client_sampling"] == store.read_summary(t)["client_sampling"] == "rank"
+        else:
+            assert drawn == todays_uniform_draw(CLIENTS, 2, 7, t)
+            assert "client_sampling" not in round_info(store, t)  # a uniform round's round.json is as before
+            assert "client_sampling" not in store.read_summary(t)
+    with pytest.raises(FederationMismatch, match="rank_sampling_rounds"):
+        Coordinator(store, rank_sampling_rounds=3, progress=False).federation  # noqa: B018
+
+
+def test_an_old_federation_json_reads_as_every_round_by_rank(tmp_path):
+    init = initial_adapter(tmp_path / "init", r_max=4)
+    store = LocalStore(tmp_path / "fed", create=True)
+    coord = make_coordinator(store, None, method="flexlora_held", clients_per_round=2, rounds=3,
+                             client_sampling="rank")
+    coord.init(init)
+    fed = store.read_federation()
+    assert fed["rank_sampling_rounds"] is None
+    del fed["rank_sampling_rounds"]  # a federation.json written before the setting existed
+    store.write_federation(fed)
+    resumed = Coordinator(store, progress=False)
+    assert (resumed.client_sampling, resumed.rank_sampling_rounds) == ("rank", None)
+
+
+def test_cli_takes_rank_sampling_rounds(tmp_path, init_dir):
+    from peft_hetlora.commands.coordinate import main
+
+    fed = tmp_path / "fed"
+    args = ["--store", str(fed), "--init-adapter", str(init_dir), "--rounds", "3", "--clients", "a,b,c,d",
+            "--clients-per-round", "2", "--r-min", "1", "--rank-policy", "explicit", "--ranks", "a=1,b=1,c=1,d=4",
+            "--client-sampling", "rank", "--rank-sampling-rounds", "1", "--no-progress", "--log-level", "WARNING"]
+    assert main(args) == 0
+    assert json.loads((Path(fed) / "federation.json").read_text())["rank_sampling_rounds"] == 1
+    store = LocalStore(fed)
+    assert round_info(store, 0)["participants"] == rank_sample_clients(
+        ["a", "b", "c", "d"], {"a": 1, "b": 1, "c": 1, "d": 4}, 2, seed=0, round_idx=0)
+    assert round_info(store, 0)["client_sampling"] == "rank"
+    assert Coordinator(store, progress=False).rank_sampling_rounds == 1  # resumed from federation.json
+    with pytest.raises(SystemExit):
+        main(["--store", str(fed), "--rank-sampling-rounds", "two"])

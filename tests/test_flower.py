@@ -312,6 +312,31 @@ def test_rank_client_sampling_plans_each_round_from_the_clients_ranks(initial, t
         strategy_for(5, ranks, method="rankwise", dp=dp, client_sampling="rank")
 
 
+def test_rank_sampling_rounds_turns_flower_rounds_uniform_after_n(initial, tmp_path):
+    """``rank_sampling_rounds`` goes through the one `plan_round` under Flower too: server rounds 1 .. N draw by rank,
+    later ones uniformly, and each round's summary names the policy that drew it."""
+    from peft_hetlora.federated.policies import rank_sample_clients, sample_clients
+
+    ranks = {"client-0": 2, "client-1": 2, "client-2": 2, "client-3": 6, "client-4": 8}
+    strategy = strategy_for(5, ranks, method="flexlora_held", clients_per_round=2, client_sampling="rank", seed=3,
+                            rank_sampling_rounds=2)
+    grid = inline_grid(5)
+    for server_round in (1, 2, 3, 4):
+        messages = strategy.configure_train(server_round, ArrayRecord(initial), ConfigRecord(), grid)
+        sent = sorted(m.content["config"]["client-id"] for m in messages)
+        t = server_round - 1
+        expected = (rank_sample_clients(sorted(ranks), ranks, 2, seed=3, round_idx=t) if t < 2
+                    else sample_clients(sorted(ranks), 2, seed=3, round_idx=t))
+        assert sent == expected
+    ran = strategy_for(5, ranks, method="flexlora_held", clients_per_round=2, client_sampling="rank", seed=3,
+                       rank_sampling_rounds=1)
+    ran.start(grid=inline_grid(5, app=stub_client_app(5)), initial_arrays=ArrayRecord(initial), num_rounds=2)
+    assert ran.history[0]["client_sampling"] == "rank"
+    assert "client_sampling" not in ran.history[1]  # a uniform round's summary is as before
+    with pytest.raises(ValueError, match="set client_sampling='rank'"):
+        strategy_for(5, ranks, method="flexlora_held", rank_sampling_rounds=2)
+
+
 def strategy_history_of_uniform(initial) -> dict:
     strategy = strategy_for(3, {"client-0": 2, "client-1": 4, "client-2": 8})
     strategy.start(grid=inline_grid(3, app=stub_client_app(3)), initial_arrays=ArrayRecord(initial), num_rounds=1)

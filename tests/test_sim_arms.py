@@ -192,6 +192,12 @@ def test_rank_sampling_arms_resolve_to_rank_sampling_settings():
         assert base.client_sampling is None  # the base arm: uniform, as its stored runs
         assert settings.replace(client_sampling=None) == base  # rank sampling is the one difference
         assert {k: v for k, v in ARMS[arm].items() if k != "sampling"} == ARMS[method]
+    for arm, rounds in (("flexlora_held_ranksample5", 5), ("flexlora_held_ranksample10", 10)):
+        scheduled = arm_coordinator_settings(cfg, arm, 8, ranks, 0)
+        assert (scheduled.method, scheduled.client_sampling) == ("flexlora_held", "rank")
+        assert scheduled.rank_sampling_rounds == rounds
+        assert type(scheduled).from_json(scheduled.to_json()).rank_sampling_rounds == rounds
+        assert arm not in DEFAULT_METHODS
 
 
 def test_bad_new_settings_fail_clearly():

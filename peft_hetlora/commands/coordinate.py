@@ -196,6 +196,9 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
                      help="How each round's --clients-per-round participants are drawn: uniform (the default) or rank "
                           "(in proportion to each client's current rank: more capable clients a round; not with DP; "
                           "docs/methods.md#client-sampling).")
+    fed.add_argument("--rank-sampling-rounds", type=int, default=None, metavar="N",
+                     help="With --client-sampling rank: draw only the first N rounds by rank, then uniformly "
+                          "(default: every round by rank; docs/methods.md#client-sampling).")
     fed.add_argument("--anchor", type=int, default=None,
                      help="Components 0..anchor-1 are in every client's window (window policies; default 0).")
 
@@ -365,6 +368,7 @@ def build_coordinator(args: argparse.Namespace, *, create: bool | None = None) -
         error_feedback=getattr(args, "error_feedback", None),
         client_training=getattr(args, "client_training", None),
         client_sampling=getattr(args, "client_sampling", None),
+        rank_sampling_rounds=getattr(args, "rank_sampling_rounds", None),
     )
     return Coordinator(
         open_store(args.store, endpoint=args.hub_endpoint, token=args.hub_token, client_mode=args.hub_client_mode,

@@ -44,7 +44,7 @@ from ..utils.scaling import scaling_for
 from .adapter import module_ranks
 from .aggregation import AGGREGATION_METHODS, get_aggregation, parse_influence_bound
 from .aggregation.privacy import DPConfig, dp_config_from_dict
-from .policies import DEFAULT_CLIENT_SAMPLING, RankPolicy, check_client_sampling
+from .policies import DEFAULT_CLIENT_SAMPLING, RankPolicy, check_client_sampling, check_rank_sampling_rounds
 from .round import (
     FEDERATION_FORMAT,
     NEXT_RANK_RULES,
@@ -78,7 +78,7 @@ __all__ = [
 RECORDED_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "rounds", "seed",
                    "scaling", "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection",
                    "anchor", "message_formats", "rank_policy", "server_optimizer", "error_feedback",
-                   "client_training", "client_sampling")
+                   "client_training", "client_sampling", "rank_sampling_rounds")
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,8 @@ class FederationSettings:
         client_sampling: how a round's participants are drawn (`policies.CLIENT_SAMPLING`): ``"uniform"`` (default)
             or ``"rank"`` (in proportion to each client's current rank; docs/methods.md#client-sampling; not with
             ``dp``, whose accountant assumes uniform Poisson sampling).
+        rank_sampling_rounds: with ``client_sampling="rank"``, draw only the first N rounds by rank and the rest
+            uniformly (default None: every round by rank; `policies.sampling_for_round`).
         max_examples, allow_per_module_ranks, require_global_revision, dp_noise_seed: the coordinator's upload limits
             and the reproducible-DP test switch (not recorded in ``federation.json``).
 
@@ -144,6 +146,7 @@ class FederationSettings:
     error_feedback: bool | None = None
     client_training: str | None = None
     client_sampling: str | None = None
+    rank_sampling_rounds: int | None = None
     max_examples: int = DEFAULT_MAX_EXAMPLES
     allow_per_module_ranks: bool = False
     require_global_revision: bool = False
@@ -166,6 +169,9 @@ class FederationSettings:
             check_client_training(method, self.client_training, selection, dp=self.dp)
         if self.client_sampling is not None:
             check_client_sampling(self.client_sampling, poisson=self.dp is not None)
+        if self.rank_sampling_rounds is not None:
+            # a resumed federation may take client_sampling from federation.json: plan_round checks the pair again
+            check_rank_sampling_rounds(self.rank_sampling_rounds, self.client_sampling or "rank")
         for name in ("clients", "message_formats"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)):
@@ -309,10 +315,12 @@ IDENTITY_FIELDS = ("method", "r_max", "r_min", "base_model")
 # (FederationMismatch), except `rounds`, which may grow (extending a federation).
 SETTING_FIELDS = ("method", "r_max", "r_min", "clients", "clients_per_round", "min_clients", "seed", "scaling",
                   "clip_norm", "max_upload_bytes", "deadline_s", "next_rank", "dp", "component_selection", "anchor",
-                  "message_formats", "server_optimizer", "error_feedback", "client_training", "client_sampling")
+                  "message_formats", "server_optimizer", "error_feedback", "client_training", "client_sampling",
+                  "rank_sampling_rounds")
 # What a federation.json without the setting means (older records).
 _SETTING_DEFAULTS = {"component_selection": "prefix", "anchor": 0, "server_optimizer": None, "error_feedback": False,
-                     "client_training": "factors", "client_sampling": DEFAULT_CLIENT_SAMPLING}
+                     "client_training": "factors", "client_sampling": DEFAULT_CLIENT_SAMPLING,
+                     "rank_sampling_rounds": None}
 # Fields of the adapter config that change the math: an initial adapter that differs in one is another federation.
 ADAPTER_MATH_FIELDS = ("lora_alpha", "rank_scaling", "target_modules", "layers_to_transform", "layers_pattern",
                        "bias", "fan_in_fan_out", "modules_to_save")
@@ -485,6 +493,8 @@ def new_federation(identity: Mapping[str, Any], config: Mapping[str, Any], modul
     record["error_feedback"] = bool(requested.get("error_feedback"))
     record["client_training"] = requested.get("client_training") or "factors"
     record["client_sampling"] = requested.get("client_sampling") or DEFAULT_CLIENT_SAMPLING
+    record["rank_sampling_rounds"] = requested.get("rank_sampling_rounds")  # None: every round by rank (or uniform)
+    check_rank_sampling_rounds(record["rank_sampling_rounds"], record["client_sampling"])
     return record
 
 
@@ -622,6 +632,11 @@ class ResolvedSettings:
     def client_sampling(self) -> str:
         """How a round's participants are drawn: "uniform" (default) or "rank" (docs/methods.md#client-sampling)."""
         return self.get("client_sampling", DEFAULT_CLIENT_SAMPLING)
+
+    @property
+    def rank_sampling_rounds(self) -> int | None:
+        """With client_sampling "rank": the rounds drawn by rank before the draw turns uniform (None: every round)."""
+        return self.get("rank_sampling_rounds")
 
     @property
     def anchor(self) -> int:

@@ -61,7 +61,7 @@ from peft_hetlora.federated.aggregation import (
     ClientUpdate,
     get_aggregation,
 )
-from peft_hetlora.federated.policies import DEFAULT_CLIENT_SAMPLING, RankPolicy
+from peft_hetlora.federated.policies import DEFAULT_CLIENT_SAMPLING, RankPolicy, check_rank_sampling_rounds
 from peft_hetlora.federated.round import (
     FEDERATION_FORMAT,
     NEXT_RANK_RULES,
@@ -148,7 +148,8 @@ class HetLoRAStrategy(FedAvg):
               capability: `round.window_methods`) and no ``dp``; ``anchor``: components ``0 .. anchor-1`` are in
               every window.
             - ``client_sampling``: how each round's participants are drawn: ``"uniform"`` (the default) or ``"rank"``
-              (in proportion to each client's current rank, docs/methods.md#client-sampling; not with ``dp``).
+              (in proportion to each client's current rank, docs/methods.md#client-sampling; not with ``dp``);
+              ``rank_sampling_rounds``: with ``"rank"``, only the first N rounds are drawn by rank, the rest uniformly.
             - ``message_formats``: the compressed reply formats clients may declare (``message-format`` in their
               reply's ``message`` ConfigRecord: ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8-block<B>"``); None
               allows all. Replies are checked against their declaration and decoded to float32 before aggregation;
@@ -224,6 +225,7 @@ class HetLoRAStrategy(FedAvg):
         self.anchor = int(settings.anchor or 0)
         # how each round's participants are drawn (issue 24: "rank" puts more capable clients in a round)
         self.client_sampling = settings.client_sampling or DEFAULT_CLIENT_SAMPLING
+        self.rank_sampling_rounds = check_rank_sampling_rounds(settings.rank_sampling_rounds, self.client_sampling)
         # the server step after aggregation (issue 24); its state lives here and is mirrored beside each global
         self.server_optimizer = parse_server_optimizer(settings.server_optimizer)
         self.error_feedback = bool(settings.error_feedback)
@@ -365,6 +367,7 @@ class HetLoRAStrategy(FedAvg):
             "component_selection": self.component_selection,
             "anchor": self.anchor,
             "client_sampling": self.client_sampling,
+            "rank_sampling_rounds": self.rank_sampling_rounds,
             "server_optimizer": self.server_optimizer.to_dict() if self.server_optimizer is not None else None,
             "error_feedback": self.error_feedback,
             "created_at": self._clock(),
@@ -452,9 +455,10 @@ class HetLoRAStrategy(FedAvg):
         planned = plan_round(t, pool, self.client_ranks, clients_per_round=n, seed=self.seed,
                              sampling_rate=self.dp.sampling_rate if self.dp is not None else None,
                              component_selection=self.component_selection, anchor=self.anchor, r_max=self.r_max,
-                             client_sampling=self.client_sampling)
+                             client_sampling=self.client_sampling, rank_sampling_rounds=self.rank_sampling_rounds)
         participants, ranks, windows = planned.participants, planned.ranks, planned.components or {}
-        self._plans[t] = {"participants": participants, "ranks": ranks, "components": planned.components}
+        self._plans[t] = {"participants": participants, "ranks": ranks, "components": planned.components,
+                          "client_sampling": planned.client_sampling}
         self._round_started[t] = self._clock()
         revision = self._publish_round(t, participants, ranks, components=planned.components,
                                        client_sampling=planned.client_sampling)
@@ -538,7 +542,8 @@ class HetLoRAStrategy(FedAvg):
                 yield update
 
         plan = RoundPlan(t, list(plan["participants"]), dict(plan["ranks"]), self.mirror.revisions.get(t) or "",
-                         components=plan.get("components"), client_sampling=self.client_sampling)
+                         components=plan.get("components"),
+                         client_sampling=plan.get("client_sampling", self.client_sampling))
         outcome = close_round(
             plan, updates, self.global_state, self.round_settings(), client_ranks=self.client_ranks,
             initial_ranks=self.initial_ranks, max_ranks=self.node_max_rank, failed=failed,

@@ -121,6 +121,7 @@ class Coordinator:
     anchor = _resolved("anchor")
     client_training = _resolved("client_training")
     client_sampling = _resolved("client_sampling")
+    rank_sampling_rounds = _resolved("rank_sampling_rounds")
     dp = _resolved("dp")
 
     def __init__(
@@ -214,7 +215,7 @@ class Coordinator:
                           component_selection=self.component_selection, anchor=self.anchor, r_max=self.r_max,
                           client_training=self.client_training,
                           module_dims=self.federation.get("modules") if self.client_training == "core" else None,
-                          client_sampling=self.client_sampling)
+                          client_sampling=self.client_sampling, rank_sampling_rounds=self.rank_sampling_rounds)
         return plan.to_json(self.round_settings(), deadline_s=self.resolved.get("deadline_s"))
 
     def _global_folder(self, round_idx: int, state_dict: Mapping[str, torch.Tensor],

@@ -43,6 +43,7 @@ __all__ = [
     "budget_ranks",
     "cap_ranks",
     "check_client_sampling",
+    "check_rank_sampling_rounds",
     "choose_participants",
     "default_tier_ranks",
     "explicit_ranks",
@@ -51,6 +52,7 @@ __all__ = [
     "rank_for_budget",
     "rank_sample_clients",
     "sample_clients",
+    "sampling_for_round",
     "tier_ranks",
     "training_memory_bytes",
     "uniform_ranks",
@@ -565,6 +567,50 @@ def check_client_sampling(client_sampling: object, *, poisson: bool = False) -> 
         raise ValueError(f"client_sampling={client_sampling!r} with dp=...: the privacy accountant assumes uniform "
                          "Poisson sampling of clients at dp.sampling_rate; use client_sampling='uniform' (the "
                          "default) for a DP federation, or drop dp.")
+    return client_sampling
+
+
+def check_rank_sampling_rounds(rank_sampling_rounds: object, client_sampling: str | None) -> int | None:
+    """``rank_sampling_rounds`` if it is None or a positive integer given with ``client_sampling="rank"``, else a
+    ValueError that says what to do.
+
+    Example:
+        ```py
+        >>> check_rank_sampling_rounds(5, "rank")
+        5
+        >>> check_rank_sampling_rounds(None, "uniform") is None
+        True
+        ```
+    """
+    if rank_sampling_rounds is None:
+        return None
+    if not is_int(rank_sampling_rounds) or rank_sampling_rounds < 1:
+        raise ValueError("rank_sampling_rounds must be a positive integer (the rounds drawn by rank before the draw "
+                         f"turns uniform) or None (every round by rank), got {rank_sampling_rounds!r}.")
+    if client_sampling != "rank":
+        raise ValueError(f"rank_sampling_rounds={rank_sampling_rounds} schedules client_sampling='rank', but "
+                         f"client_sampling is {client_sampling!r}; set client_sampling='rank' or drop "
+                         "rank_sampling_rounds.")
+    return int(rank_sampling_rounds)
+
+
+def sampling_for_round(client_sampling: str, round_idx: int, rank_sampling_rounds: int | None = None) -> str:
+    """The policy that draws round ``round_idx`` (0-based): ``client_sampling``, except that a ``"rank"`` federation
+    with ``rank_sampling_rounds = N`` draws its first ``N`` rounds (``0 .. N-1``) by rank and every later round
+    uniformly (docs/methods.md#client-sampling: rank sampling buys the early rounds, uniform sampling the late ones).
+
+    Example:
+        ```py
+        >>> [sampling_for_round("rank", t, 2) for t in range(4)]
+        ['rank', 'rank', 'uniform', 'uniform']
+        >>> sampling_for_round("rank", 7)
+        'rank'
+        ```
+    """
+    check_client_sampling(client_sampling)
+    if check_rank_sampling_rounds(rank_sampling_rounds, client_sampling) is not None and \
+            int(round_idx) >= rank_sampling_rounds:
+        return "uniform"
     return client_sampling
 
 

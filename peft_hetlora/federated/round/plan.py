@@ -35,6 +35,7 @@ from ..policies import (
     check_client_sampling,
     choose_participants,
     poisson_sample,
+    sampling_for_round,
     select_components,
 )
 from .settings import RoundSettings
@@ -205,13 +206,16 @@ def plan_round(
     client_training: str = "factors",
     module_dims: Any = None,
     client_sampling: str = DEFAULT_CLIENT_SAMPLING,
+    rank_sampling_rounds: int | None = None,
 ) -> RoundPlan:
     """The plan of round ``round_idx``: a seeded sample of ``clients`` and their ranks.
 
     ``sampling_rate`` (DP rounds) switches to Poisson sampling at that rate, which is what the privacy accountant
     assumes; otherwise exactly ``clients_per_round`` clients are drawn by ``client_sampling``
     (`policies.choose_participants`: ``"uniform"``, `sample_clients`, the default; ``"rank"``, in proportion to each
-    client's rank in ``client_ranks``, refused with ``sampling_rate``). A window
+    client's rank in ``client_ranks``, refused with ``sampling_rate``; with ``rank_sampling_rounds = N`` only rounds
+    ``0 .. N-1`` are drawn by rank and later ones uniformly, `policies.sampling_for_round`; the plan's
+    ``client_sampling`` is the policy that drew this round). A window
     ``component_selection`` (``"rolling"`` / ``"coverage"``, needs ``r_max``) also assigns each participant the
     global components it trains (`select_components` over the sampled clients and their ranks), recorded as
     ``RoundPlan.components``; ``"prefix"`` leaves it None (every client trains ``range(rank)``).
@@ -226,6 +230,7 @@ def plan_round(
         ```
     """
     check_client_sampling(client_sampling, poisson=sampling_rate is not None)
+    client_sampling = sampling_for_round(client_sampling, round_idx, rank_sampling_rounds)
     if sampling_rate is not None:
         participants = poisson_sample(clients, sampling_rate, seed=seed, round_idx=round_idx)
     else:
