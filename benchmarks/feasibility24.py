@@ -129,7 +129,8 @@ def markdown(rows_by_corpus: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
 
 
 def plot(rows_by_corpus: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path:
-    """Oracle and default relative to capable-only (percent, per seed) against the round, one panel per corpus."""
+    """Oracle, default and HomLoRA(r_min) relative to capable-only (percent, per seed) against the round, one panel per
+    corpus."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,6 +144,9 @@ def plot(rows_by_corpus: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) 
                     alpha=0.7, label="HomLoRA(r_max), all clients (oracle)" if i == 0 else None)
             ax.plot([r["round"] for r in rs], [r["default_vs_capable_pct"] for r in rs], "s--", color="tab:blue",
                     alpha=0.7, label="flexlora_held (default)" if i == 0 else None)
+            if all(r["rmin_best"] is not None for r in rs):
+                ax.plot([r["round"] for r in rs], [_pct(r["rmin_best"], r["capable_best"]) for r in rs], "^:",
+                        color="tab:red", alpha=0.7, label="HomLoRA(r_min), all clients" if i == 0 else None)
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_title(f"{corpus}: best-so-far held-out ppl vs capable-only")
         ax.set_xlabel("round")

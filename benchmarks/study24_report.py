@@ -243,6 +243,7 @@ def plot_corpus(runs_by_corpus: Mapping[str, Runs], arms: Sequence[str], path: P
     fig = Figure(figsize=(6.0 * len(corpora), 8.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, len(corpora), squeeze=False)
+    colors = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}  # one colour per arm in every panel
     for col, corpus in enumerate(corpora):
         runs = runs_by_corpus[corpus]
         for arm in arms:
@@ -255,6 +256,7 @@ def plot_corpus(runs_by_corpus: Mapping[str, Runs], arms: Sequence[str], path: P
             y = np.nanmean([[float(r.get("heldout_ppl") or np.nan) for r in c] for c in rounds], axis=0)
             mb = np.mean([[r["cum_upload_bytes"] / 2**20 for r in c] for c in rounds], axis=0)
             style = {"linewidth": 2.2} if arm not in PAIRED_WITH and arm != "flexlora_held" else {"linewidth": 1.2}
+            style["color"] = colors[arm]
             axes[0][col].plot(x, y, label=arm, **style)
             axes[1][col].plot(mb, y, label=arm, **style)
         axes[0][col].set(title=f"{corpus}: held-out ppl (mean over seeds)", xlabel="round", ylabel="held-out ppl")
