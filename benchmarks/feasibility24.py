@@ -45,10 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # hetlora_bench, w
 
 from hetlora_bench.seed_stats import data_signature, heldout_at, same_data  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # hetlora_bench, when run as a script
-
-
 ORACLE, CAPABLE, RMIN, DEFAULT = "homlora_rmax", "homlora_rmax_capable", "homlora_rmin", "flexlora_held"
 ROUNDS = (3, 5, 10, 15, 20)
 
